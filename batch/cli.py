@@ -1,0 +1,259 @@
+"""The ``seedance-batch`` command line (click).
+
+Every user mistake is a :class:`~batch.errors.BatchError`: one line on stderr and its
+exit code (2 for usage/config/input, 3 when another run holds the state lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import re
+import signal
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+import structlog
+
+from batch import __version__, logs
+from batch.api import DEFAULT_BASE_URL
+from batch.client import Secret
+from batch.errors import BatchError, ConfigError
+from batch.expand import ExpandSpec, parse_param
+from batch.fake_api import FakeConfig, Fault, start_fake
+from batch.ledger import default_state_path
+from batch.pipeline import EXIT_INTERRUPTED, Interrupted, RunOptions, run_submit
+from batch.ratelimit import parse_rate
+from batch.report import render, summarize_table
+from batch.submit import SubmitConfig
+from batch.validate import TIERS
+
+FAKE_STATE = default_state_path().with_name("fake-api-state.sqlite")
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_deadline(text: str, now: datetime | None = None) -> float:
+    """A duration (``90m``, ``1h30m``, ``45s``), a clock time (``06:00``, next occurrence)
+    or an ISO date-time; returns epoch seconds."""
+    now = now or datetime.now().astimezone()
+    raw = text.strip().lower()
+    if re.fullmatch(r"\d{1,2}:\d{2}(:\d{2})?", raw):
+        parts = [int(p) for p in raw.split(":")] + [0]
+        when = now.replace(hour=parts[0], minute=parts[1], second=parts[2], microsecond=0)
+        if when <= now:
+            when += timedelta(days=1)
+        return when.timestamp()
+    match = _DURATION.match(raw)
+    if raw and match and any(match.groups()):
+        h, m, s = (float(g) if g else 0.0 for g in match.groups())
+        return now.timestamp() + h * 3600 + m * 60 + s
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(f"--deadline {text!r}: use a duration (90m, 1h30m), a clock time (06:00) "
+                          "or an ISO date-time") from None
+    if when.tzinfo is None:
+        when = when.astimezone()
+    return when.timestamp()
+
+
+def is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_key(key_file: Path | None) -> Secret:
+    if key_file is not None:
+        try:
+            value = key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"--api-key-file {key_file}: {exc.strerror}") from None
+        if not value:
+            raise ConfigError(f"--api-key-file {key_file}: file is empty")
+        return Secret(value)
+    value = os.environ.get("SEEDANCE_API_KEY", "").strip()
+    if not value:
+        raise ConfigError("no API key: set SEEDANCE_API_KEY or give --api-key-file (or use --fake-api / --dry-run)")
+    return Secret(value)
+
+
+def check_transport(base_url: str, allow_insecure: bool) -> None:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--base-url {base_url!r}: expected http(s)://host[:port]")
+    if parts.scheme == "http" and not is_loopback(base_url) and not allow_insecure:
+        raise ConfigError(f"--base-url {base_url}: refusing to send the API key over plain http to a "
+                          "non-loopback host (use https, or --allow-insecure)")
+
+
+class ExitCodeGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BatchError as exc:
+            click.echo(f"seedance-batch: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except Interrupted as exc:
+            click.echo(f"seedance-batch: interrupted by {exc}", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=ExitCodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="seedance-batch")
+def main() -> None:
+    """Turn prompt spreadsheets into Seedance text-to-video tasks, nightly and safely."""
+
+
+def submit_options(fn: Any) -> Any:
+    options = [
+        click.argument("inputs", nargs=-1, required=True, metavar="INPUT..."),
+        click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+                     envvar="SEEDANCE_BATCH_OUTPUT", help="Results table (.parquet or .csv). [env SEEDANCE_BATCH_OUTPUT]"),
+        click.option("--base-url", default=DEFAULT_BASE_URL, show_default=True, envvar="SEEDANCE_BASE_URL",
+                     help="API base URL. [env SEEDANCE_BASE_URL]"),
+        click.option("--api-key-file", type=click.Path(path_type=Path), envvar="SEEDANCE_API_KEY_FILE",
+                     help="Read the API key from this file instead of SEEDANCE_API_KEY. [env SEEDANCE_API_KEY_FILE]"),
+        click.option("--rate", default="100/min", show_default=True, envvar="SEEDANCE_BATCH_RATE",
+                     help="Max request starts: 2, 2/s, 100/min, 5000/h (bare number: per second); 0 = unpaced. "
+                          "[env SEEDANCE_BATCH_RATE]"),
+        click.option("--concurrency", type=click.IntRange(1, 4096), envvar="SEEDANCE_BATCH_CONCURRENCY",
+                     help="Max requests in flight (default: adapts to rate x observed latency). "
+                          "[env SEEDANCE_BATCH_CONCURRENCY]"),
+        click.option("--tier", type=click.Choice(TIERS), default="flex", show_default=True,
+                     envvar="SEEDANCE_BATCH_TIER", help="service_tier for rows that do not set one. [env SEEDANCE_BATCH_TIER]"),
+        click.option("--param", "params", multiple=True, metavar="FIELD=V1[,V2...]",
+                     help="Job-level value(s) for a field rows leave empty; a list expands into a grid. Repeatable."),
+        click.option("--dry-run", is_flag=True, help="Validate and expand, send nothing, still write the table."),
+        click.option("--fake-api", is_flag=True, help="Start the bundled fake API on 127.0.0.1 and submit to it (no key)."),
+        click.option("--state", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_STATE",
+                     help=f"Ledger (SQLite) of what was sent. [env SEEDANCE_BATCH_STATE; default {default_state_path()}]"),
+        click.option("--resend-unknown", is_flag=True,
+                     help="Resend requests whose earlier outcome is unknown (may pay twice for one video)."),
+        click.option("--max-attempts", type=click.IntRange(1, 50), default=5, show_default=True,
+                     envvar="SEEDANCE_BATCH_MAX_ATTEMPTS", help="Attempts per request for 429/503/connect errors."),
+        click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+                     envvar="SEEDANCE_BATCH_TIMEOUT", help="Seconds one HTTP attempt may take."),
+        click.option("--max-requests", type=click.IntRange(0), envvar="SEEDANCE_BATCH_MAX_REQUESTS",
+                     help="Send at most N new requests this run; the rest stay pending. [env SEEDANCE_BATCH_MAX_REQUESTS]"),
+        click.option("--deadline", envvar="SEEDANCE_BATCH_DEADLINE",
+                     help="Stop starting requests at a duration (90m) or clock time (06:00). [env SEEDANCE_BATCH_DEADLINE]"),
+        click.option("--grace", type=click.FloatRange(0, 3600), default=30.0, show_default=True,
+                     help="On SIGINT/SIGTERM/deadline, seconds to wait for requests in flight."),
+        click.option("--sheet", help="Excel sheet name or 1-based number (default: the first)."),
+        click.option("--allow-insecure", is_flag=True, help="Allow sending the key over plain http to a non-loopback host."),
+        click.option("--log-level", type=click.Choice(logs.LEVELS), default="info", show_default=True,
+                     envvar="SEEDANCE_LOG_LEVEL", help="Log level (JSON on stderr off a TTY). [env SEEDANCE_LOG_LEVEL]"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@submit_options
+def submit(**kw: Any) -> None:
+    """Validate, expand and submit INPUT files (.csv, .parquet, .xlsx, dirs, globs)."""
+    opts = build_options(kw, command="submit")
+    summary = run_submit(opts)
+    structlog.get_logger("batch").info("summary", **summary.as_dict())
+    click.echo(render(summary.as_dict()))
+    sys.exit(summary.exit_code)
+
+
+def build_options(kw: dict[str, Any], command: str) -> RunOptions:
+    key_file = kw.get("api_key_file")
+    needs_key = not kw["dry_run"] and not kw["fake_api"]
+    key = resolve_key(key_file) if needs_key else Secret("")
+    logs.configure(kw["log_level"], secrets=[key.reveal()])
+    if needs_key:
+        check_transport(kw["base_url"], kw["allow_insecure"])
+    try:
+        rate = parse_rate(kw["rate"])
+    except ValueError as exc:
+        raise ConfigError(f"--rate: {exc}") from None
+    params: dict[str, list[str]] = {}
+    for text in kw["params"]:
+        name, values = parse_param(text)
+        params[name] = values
+    submit_cfg = SubmitConfig(
+        base_url=kw["base_url"], api_key=key, rate=rate, concurrency=kw["concurrency"],
+        max_attempts=kw["max_attempts"], timeout=kw["timeout"], resend_unknown=kw["resend_unknown"],
+        max_requests=kw["max_requests"],
+    )
+    return RunOptions(
+        inputs=tuple(kw["inputs"]),
+        output=kw["output"],
+        expand=ExpandSpec(params=params, tier=kw["tier"]),
+        submit=submit_cfg,
+        # The fake API's task ids must never land in the real ledger (they would make
+        # tomorrow's real run skip those requests), so a fake run has its own default.
+        state=kw["state"] or (FAKE_STATE if kw["fake_api"] else default_state_path()),
+        dry_run=kw["dry_run"],
+        fake_api=kw["fake_api"],
+        deadline=parse_deadline(kw["deadline"]) if kw["deadline"] else None,
+        grace=kw["grace"],
+        sheet=kw["sheet"],
+        command=command,
+    )
+
+
+@main.command()
+@click.argument("results", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def report(results: Path, as_json: bool) -> None:
+    """Print the summary of an existing results table."""
+    try:
+        summary = summarize_table(results)
+    except Exception as exc:
+        raise ConfigError(f"{results}: cannot read results table ({type(exc).__name__})") from None
+    click.echo(json.dumps(summary, ensure_ascii=False) if as_json else render(summary))
+
+
+@main.command("fake-api")
+@click.option("--port", type=click.IntRange(0, 65535), default=8787, show_default=True, help="Port on 127.0.0.1 (0: random).")
+@click.option("--latency", type=float, default=0.0, show_default=True, help="Seconds added to every answer.")
+@click.option("--jitter", type=float, default=0.0, show_default=True, help="Extra random seconds, uniform in [0, jitter].")
+@click.option("--rate-limit", type=int, help="Answer 429 beyond N requests in any sliding 1-second window.")
+@click.option("--fault", "faults", multiple=True, metavar="SPEC",
+              help="Inject a fault: KIND[,prob=P][,match=S][,times=N][,retry_after=S][,endpoint=submit|query|download]; "
+                   "KIND is an HTTP status or code|badjson|no_task_id|drop|drop_accepted|slow. Repeatable.")
+@click.option("--task-delay", type=float, default=0.0, show_default=True, help="Seconds until a task is terminal.")
+@click.option("--api-key", help="Accept only this bearer key (default: any non-empty key).")
+def fake_api(port: int, latency: float, jitter: float, rate_limit: int | None, faults: tuple[str, ...],
+             task_delay: float, api_key: str | None) -> None:
+    """Run the bundled fake API on 127.0.0.1 until SIGINT/SIGTERM."""
+    try:
+        parsed = [Fault.parse(f) for f in faults]
+    except ValueError as exc:
+        raise ConfigError(f"--fault: {exc}") from None
+    config = FakeConfig(api_key=api_key, latency=latency, jitter=jitter, rate_limit=rate_limit,
+                        faults=parsed, task_delay=task_delay, record_bodies=False)
+
+    async def serve() -> None:
+        server = await start_fake(config, port)
+        click.echo(f"fake API listening on {server.url}", nl=True)
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(s, stop.set)
+        await stop.wait()
+        state = server.state
+        click.echo(json.dumps({"requests": len(state.records), "tasks": len(state.tasks)}))
+        await server.close()
+
+    try:
+        asyncio.run(serve())
+    except OSError as exc:
+        raise ConfigError(f"fake-api: cannot listen on 127.0.0.1:{port} ({exc.strerror})") from None

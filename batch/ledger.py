@@ -1,0 +1,299 @@
+"""The durable state store: what was sent, and what came of it, per ``request_id``.
+
+SQLite in WAL mode with ``synchronous=FULL``: a committed row survives ``kill -9``
+and power loss. A request is committed as ``sending`` *before* its HTTP request
+starts, so a process killed mid-request leaves evidence that the provider may have
+accepted it; the next run reports it ``unknown`` instead of paying for it twice.
+
+Statuses stored: ``sending``, ``submitted``, ``failed``, ``unknown`` and ``pending``
+(certainly not accepted, e.g. stopped between retries of a 429).
+
+:class:`AsyncLedger` runs every statement on one worker thread and batches writes
+(group commit): many workers waiting for their ``sending`` mark share one fsync, so
+the ledger does not cap throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from batch.errors import LockedError, StateError
+
+APPLICATION_ID = 0x5EEDBA7C  # marks the file as ours (PRAGMA application_id)
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    request_id     TEXT PRIMARY KEY,
+    status         TEXT NOT NULL,
+    run_id         TEXT NOT NULL,
+    source         TEXT,
+    row            INTEGER,
+    body           TEXT,
+    task_id        TEXT,
+    error          TEXT,
+    error_code     INTEGER,
+    http_status    INTEGER,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    submitted_at   TEXT,
+    updated_at     TEXT NOT NULL,
+    task_status    TEXT,
+    resource_urls  TEXT,
+    failure_reason TEXT,
+    completed_at   TEXT,
+    local_paths    TEXT,
+    polls          INTEGER NOT NULL DEFAULT 0,
+    next_poll_at   TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS requests_open_tasks ON requests(task_status)
+    WHERE task_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    started_at  TEXT NOT NULL,
+    finished_at TEXT,
+    command     TEXT,
+    summary     TEXT
+);
+"""
+
+LEDGER_COLUMNS = (
+    "request_id", "status", "run_id", "task_id", "error", "error_code", "http_status",
+    "attempts", "submitted_at", "task_status", "resource_urls", "failure_reason",
+    "completed_at", "local_paths",
+)
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def default_state_path() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "seedance-batch" / "state.sqlite"
+
+
+@dataclass(slots=True)
+class Entry:
+    """A ledger row as read back."""
+
+    request_id: str
+    status: str
+    run_id: str
+    task_id: str | None
+    error: str | None
+    error_code: int | None
+    http_status: int | None
+    attempts: int
+    submitted_at: str | None
+    task_status: str | None
+    resource_urls: str | None
+    failure_reason: str | None
+    completed_at: str | None
+    local_paths: str | None
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<state>.lock``: released by the kernel when the
+    process dies, so a ``kill -9`` leaves no stale lock behind."""
+
+    def __init__(self, state_path: Path) -> None:
+        self.path = state_path.with_name(state_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LockedError(
+                f"another run is using state {self.path.with_suffix('')} (pid {holder}); nothing sent"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Ledger:
+    """Synchronous access to the state file; use from one thread only."""
+
+    def __init__(self, path: Path, create: bool = True) -> None:
+        self.path = path
+        if not create and not path.exists():
+            raise StateError(f"{path}: no state file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._check_and_init()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{path}: not a usable seedance-batch state file ({exc})") from None
+        except OSError as exc:
+            raise StateError(f"{path}: cannot open state file ({exc.strerror})") from None
+
+    def _check_and_init(self) -> None:
+        db = self.db
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        if app_id != APPLICATION_ID and tables:
+            raise StateError(f"{self.path}: a SQLite file of another application, not a seedance-batch state")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StateError(f"{self.path}: state schema {version} is newer than this tool ({SCHEMA_VERSION})")
+        if tables:
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise StateError(f"{self.path}: state file is corrupt ({problem})")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=5000")
+        if not tables:
+            db.execute("BEGIN IMMEDIATE")
+            # executescript() would COMMIT first; run the statements inside our transaction.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- runs ------------------------------------------------------------------
+    def start_run(self, run_id: str, command: str) -> None:
+        self.db.execute("INSERT INTO runs(run_id, started_at, command) VALUES (?,?,?)", (run_id, utcnow(), command))
+
+    def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
+        self.db.execute(
+            "UPDATE runs SET finished_at=?, summary=? WHERE run_id=?",
+            (utcnow(), json.dumps(summary), run_id),
+        )
+
+    # -- requests ----------------------------------------------------------------
+    def lookup(self, ids: Sequence[str]) -> dict[str, Entry]:
+        found: dict[str, Entry] = {}
+        cols = ", ".join(LEDGER_COLUMNS)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.db.execute(f"SELECT {cols} FROM requests WHERE request_id IN ({marks})", chunk):
+                found[row[0]] = Entry(*row)
+        return found
+
+    def apply(self, ops: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run a batch of write statements in one transaction (one fsync)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in ops:
+                db.execute(sql, params)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def open_tasks(self) -> list[tuple[str, str, str | None]]:
+        """(request_id, task_id, body) of submitted tasks not yet terminal."""
+        return list(self.db.execute(
+            "SELECT request_id, task_id, body FROM requests WHERE task_id IS NOT NULL "
+            "AND (task_status IS NULL OR task_status = 'pending') ORDER BY submitted_at"
+        ))
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, count(*) FROM requests GROUP BY status").fetchall())
+
+
+SQL_SENDING = (
+    "INSERT INTO requests(request_id, status, run_id, source, row, body, attempts, updated_at) "
+    "VALUES (?, 'sending', ?, ?, ?, ?, 0, ?) "
+    "ON CONFLICT(request_id) DO UPDATE SET status='sending', run_id=excluded.run_id, "
+    "source=excluded.source, row=excluded.row, body=excluded.body, updated_at=excluded.updated_at"
+)
+SQL_OUTCOME = (
+    "UPDATE requests SET status=?, task_id=?, error=?, error_code=?, http_status=?, "
+    "attempts=?, submitted_at=COALESCE(?, submitted_at), updated_at=? WHERE request_id=?"
+)
+
+
+class AsyncLedger:
+    """Group-committing async front of a :class:`Ledger` (one thread owns the connection)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ledger")
+        self._queue: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[None] | None]] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._task = asyncio.get_running_loop().create_task(self._flusher())
+        self.commits = 0
+
+    async def call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def sending(self, request_id: str, run_id: str, source: str, row: int, body: str) -> None:
+        """Durably mark a request as about to be sent; returns once committed."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(((SQL_SENDING, (request_id, run_id, source, row, body, utcnow())), fut))
+        self._wake.set()
+        await fut
+
+    def outcome(
+        self, request_id: str, status: str, *, task_id: str | None = None, error: str | None = None,
+        error_code: int | None = None, http_status: int | None = None, attempts: int = 0,
+        submitted_at: str | None = None,
+    ) -> None:
+        """Queue an outcome; committed with the next batch (losing it only leaves ``sending``)."""
+        params = (status, task_id, error, error_code, http_status, attempts, submitted_at, utcnow(), request_id)
+        self._queue.append(((SQL_OUTCOME, params), None))
+        self._wake.set()
+
+    def write(self, sql: str, params: tuple[Any, ...]) -> None:
+        self._queue.append(((sql, params), None))
+        self._wake.set()
+
+    async def _flusher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            if batch:
+                try:
+                    await loop.run_in_executor(self._pool, self.ledger.apply, [op for op, _ in batch])
+                except Exception as exc:  # disk full, I/O error: fail every waiter
+                    for _, fut in batch:
+                        if fut is not None and not fut.done():
+                            fut.set_exception(StateError(f"state write failed: {exc}"))
+                    if self._closed:
+                        raise
+                    continue
+                self.commits += 1
+                for _, fut in batch:
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+            if self._closed and not self._queue:
+                return
+
+    async def close(self) -> None:
+        """Flush everything queued, then stop the writer thread (the connection stays open)."""
+        self._closed = True
+        self._wake.set()
+        await asyncio.shield(self._task)
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,248 @@
+"""outcomes → results table: one typed row per expanded request, written atomically.
+
+The table is written in a second pass over the (deterministic) expansion, in input
+order, looking outcomes up in the ledger chunk by chunk, so memory stays flat however
+many rows the input has. It is written to a temporary file in the same directory,
+fsynced and renamed over the target: a reader sees the old table or the new one,
+never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from batch.errors import ConfigError
+from batch.expand import Request, chunks
+from batch.ledger import Entry
+from batch.validate import FIELD_NAMES, FIELDS, RuleError, coerce
+
+STATUSES = ("submitted", "skipped", "failed", "invalid", "unknown", "pending", "dry_run")
+OK_STATUSES = frozenset({"submitted", "skipped", "dry_run"})
+RESULT_SUFFIXES = (".parquet", ".csv")
+# Spreadsheet tools run a cell starting with one of these as a formula (OWASP CSV injection).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+_FIELD_DTYPES: dict[str, pl.DataType] = {
+    name: {"int": pl.Int64(), "bool": pl.Boolean()}.get(f.kind, pl.String()) for name, f in FIELDS.items()
+}
+_OUTCOME_DTYPES: dict[str, pl.DataType] = {
+    "status": pl.String(), "task_id": pl.String(), "error": pl.String(), "error_code": pl.Int64(),
+    "http_status": pl.Int64(), "attempts": pl.Int64(), "submitted_at": pl.Datetime("ms", "UTC"),
+    "task_status": pl.String(), "resource_urls": pl.String(), "failure_reason": pl.String(),
+    "completed_at": pl.Datetime("ms", "UTC"), "local_paths": pl.String(),
+}
+
+
+def check_output_path(path: Path) -> None:
+    if path.suffix.lower() not in RESULT_SUFFIXES:
+        raise ConfigError(f"--output {path}: use a .parquet or .csv file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise ConfigError(f"--output {path}: directory is not writable")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How ledger entries turn into result statuses for this run."""
+
+    run_id: str | None
+    dry_run: bool = False
+    stop_reason: str | None = None
+
+
+def resolve(req: Request, entry: Entry | None, how: Resolution) -> dict[str, Any]:
+    """The outcome columns of one request's result row."""
+    if req.error is not None:
+        return {"status": "invalid", "error": req.error}
+    if how.dry_run:
+        return {"status": "dry_run"}
+    if entry is None:
+        reason = f"not sent: {how.stop_reason}" if how.stop_reason else "not sent"
+        return {"status": "pending", "error": reason}
+    out: dict[str, Any] = {
+        "task_id": entry.task_id, "error": entry.error, "error_code": entry.error_code,
+        "http_status": entry.http_status, "attempts": entry.attempts, "submitted_at": entry.submitted_at,
+        "task_status": entry.task_status, "resource_urls": entry.resource_urls,
+        "failure_reason": entry.failure_reason, "completed_at": entry.completed_at,
+        "local_paths": entry.local_paths,
+    }
+    this_run = entry.run_id == how.run_id
+    if entry.status == "submitted":
+        out["status"] = "submitted" if this_run else "skipped"
+        if not this_run:
+            out["attempts"] = 0
+    elif entry.status == "sending":
+        out["status"] = "unknown"
+        out["error"] = (
+            "interrupted after sending; the provider may have accepted it" if this_run else
+            "an earlier run stopped after sending it; outcome unknown, not resent (use --resend-unknown)"
+        )
+    elif entry.status == "unknown":
+        out["status"] = "unknown"
+        if not this_run:
+            out["error"] = f"earlier run: {entry.error}; not resent (use --resend-unknown)"
+    elif entry.status == "failed" and this_run:
+        out["status"] = "failed"
+    else:  # pending, or a failure of an earlier run not retried tonight
+        out["status"] = "pending"
+        last = f"; last error: {entry.error}" if entry.error else ""
+        out["error"] = f"not sent this run{': ' + how.stop_reason if how.stop_reason else ''}{last}"
+        if not this_run:
+            out["attempts"] = 0
+    return out
+
+
+def _typed_field(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return coerce(name, value)
+    except RuleError:
+        return str(value) if _FIELD_DTYPES[name] == pl.String() else None
+
+
+def _to_datetime(text: Any) -> datetime | None:
+    return datetime.fromisoformat(text) if isinstance(text, str) else text
+
+
+def result_schema(extra_dtypes: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
+    schema: dict[str, pl.DataType] = {"request_id": pl.String(), "source": pl.String(), "row": pl.Int64()}
+    schema.update(_FIELD_DTYPES)
+    schema.update(extra_dtypes)
+    schema.update(_OUTCOME_DTYPES)
+    return schema
+
+
+def frame(rows: Sequence[tuple[Request, dict[str, Any]]], schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Build one chunk of the results table, column by column (faster than row dicts)."""
+    columns: dict[str, list[Any]] = {name: [] for name in schema}
+    extras = [c for c in schema if c not in _FIELD_DTYPES and c not in _OUTCOME_DTYPES
+              and c not in ("request_id", "source", "row")]
+    for req, outcome in rows:
+        columns["request_id"].append(req.request_id)
+        columns["source"].append(req.source)
+        columns["row"].append(req.row)
+        body = req.body
+        for name in FIELD_NAMES:
+            value = body.get(name)
+            columns[name].append(_typed_field(name, value) if req.error else value)
+        for name in extras:
+            columns[name].append(req.extra.get(name))
+        for name in _OUTCOME_DTYPES:
+            value = outcome.get(name)
+            if name in ("submitted_at", "completed_at"):
+                value = _to_datetime(value)
+            columns[name].append(value)
+    return pl.DataFrame(columns, schema=schema, strict=False)
+
+
+def escape_formulas(df: pl.DataFrame) -> pl.DataFrame:
+    """Prefix cells that a spreadsheet would evaluate with ``'`` (CSV output only)."""
+    exprs = []
+    for name, dtype in df.schema.items():
+        if dtype == pl.String():
+            col = pl.col(name)
+            risky = pl.any_horizontal([col.str.starts_with(p) for p in FORMULA_PREFIXES])
+            exprs.append(pl.when(risky).then(pl.lit("'") + col).otherwise(col).alias(name))
+    return df.with_columns(exprs) if exprs else df
+
+
+class AtomicTableWriter:
+    """Writes chunks to ``<dir>/.<name>.tmp-<pid>``; :meth:`commit` renames it into place."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.csv = path.suffix.lower() == ".csv"
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/discard
+        self._parquet: pq.ParquetWriter | None = None
+        self._header = True
+
+    def write(self, df: pl.DataFrame) -> None:
+        if self.csv:
+            escape_formulas(df).write_csv(self._file, include_header=self._header)
+            self._header = False
+            return
+        table = df.to_arrow()
+        if self._parquet is None:
+            self._parquet = pq.ParquetWriter(self._file, table.schema, compression="zstd")
+        self._parquet.write_table(table)
+
+    def commit(self, empty_schema: dict[str, pl.DataType]) -> None:
+        if self._parquet is None and (not self.csv or self._header):
+            self.write(pl.DataFrame(schema=empty_schema))
+        if self._parquet is not None:
+            self._parquet.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_results(
+    path: Path,
+    requests: Iterable[Request],
+    extra_dtypes: dict[str, pl.DataType],
+    lookup: Callable[[list[str]], dict[str, Entry]],
+    how: Resolution,
+    chunk_size: int = 20_000,
+) -> Tally:
+    """Write the results table; return the count of requests by status and by error."""
+    schema = result_schema(extra_dtypes)
+    counts: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    writer = AtomicTableWriter(path)
+    try:
+        for chunk in chunks(requests, chunk_size):
+            ids = [r.request_id for r in chunk if r.error is None]
+            known = lookup(ids) if ids and not how.dry_run else {}
+            rows = [(r, resolve(r, known.get(r.request_id), how)) for r in chunk]
+            for _, outcome in rows:
+                counts[outcome["status"]] += 1
+                if outcome["status"] not in OK_STATUSES and outcome.get("error"):
+                    errors[outcome["error"]] += 1
+            writer.write(frame(rows, schema))
+        writer.commit(schema)
+    except BaseException:
+        writer.discard()
+        raise
+    return Tally(counts, errors)
+
+
+@dataclass
+class Tally:
+    """Requests by status, and the error messages of those not OK."""
+
+    counts: Counter[str]
+    errors: Counter[str]
+
+
+def read_results(path: Path) -> pl.DataFrame:
+    if path.suffix.lower() == ".csv":
+        return pl.read_csv(path, infer_schema=False)
+    return pl.read_parquet(path)
+
+
+def resource_urls_json(urls: list[str]) -> str:
+    return json.dumps(urls)

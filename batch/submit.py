@@ -1,0 +1,278 @@
+"""requests → outcomes: send valid requests concurrently, paced, each at most once.
+
+A producer streams requests (never the whole job) through a bounded queue to a
+fixed pool of workers; the ledger is consulted in chunks so that requests already
+``submitted`` (or of unknown outcome) in an earlier run are not sent again. Each
+attempt takes an in-flight slot, then a rate-limiter slot, is committed to the ledger
+as ``sending``, and only then goes on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from batch.client import Kind, Secret, Verdict, make_session, request_once, submit_url
+from batch.expand import Request, chunks
+from batch.ledger import AsyncLedger, utcnow
+from batch.ratelimit import SmoothLimiter
+
+log = structlog.get_logger("batch.submit")
+
+_STATUS = {Kind.OK: "submitted", Kind.FAIL: "failed", Kind.FATAL: "failed", Kind.UNKNOWN: "unknown"}
+MAX_ADAPTIVE_CONCURRENCY = 512
+UNLIMITED_RATE_CONCURRENCY = 64
+
+
+@dataclass(frozen=True)
+class SubmitConfig:
+    """Everything about how to talk to the API; built once by the CLI, passed down."""
+
+    base_url: str
+    api_key: Secret
+    rate: float | None = 100 / 60  # requests per second; None: no pacing
+    concurrency: int | None = None  # None: adapt to rate x observed latency
+    max_attempts: int = 5
+    timeout: float = 60.0
+    connect_timeout: float = 10.0
+    backoff_base: float = 0.5
+    backoff_max: float = 60.0
+    breaker_threshold: int = 10
+    resend_unknown: bool = False
+    max_requests: int | None = None
+    rate_margin: float = 0.02
+
+    @property
+    def pool_size(self) -> int:
+        if self.concurrency:
+            return self.concurrency
+        return MAX_ADAPTIVE_CONCURRENCY if self.rate else UNLIMITED_RATE_CONCURRENCY
+
+
+class InFlightGate:
+    """Caps requests in flight. Without a fixed cap it follows rate x latency:
+    to sustain r requests/s at latency L, about r x L must be in flight (Little's law);
+    1.5x headroom plus 2 absorbs latency spikes, and the provider's own concurrency
+    limit still answers 429 if we overshoot."""
+
+    def __init__(self, fixed: int | None, rate: float | None) -> None:
+        self.fixed = fixed
+        self.rate = rate
+        self.latency = 1.0  # EWMA seconds, seeded pessimistically
+        self.active = 0
+        self.limit = fixed or self._adaptive()
+        self._cond = asyncio.Condition()
+
+    def _adaptive(self) -> int:
+        if not self.rate:
+            return UNLIMITED_RATE_CONCURRENCY
+        wanted = math.ceil(self.rate * self.latency * 1.5) + 2
+        return max(2, min(MAX_ADAPTIVE_CONCURRENCY, wanted))
+
+    def observe(self, seconds: float) -> None:
+        self.latency = 0.8 * self.latency + 0.2 * seconds
+        if not self.fixed:
+            self.limit = self._adaptive()
+
+    async def __aenter__(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.active < self.limit)
+            self.active += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        async with self._cond:
+            self.active -= 1
+            self._cond.notify()
+
+
+@dataclass
+class RunStats:
+    counts: Counter[str] = field(default_factory=Counter)
+    sent: int = 0  # HTTP attempts made
+    first_send: float | None = None
+    last_answer: float | None = None
+    stop_reason: str | None = None
+
+    @property
+    def send_rate(self) -> float:
+        if self.first_send is None or self.last_answer is None or self.last_answer <= self.first_send:
+            return 0.0
+        return self.sent / (self.last_answer - self.first_send)
+
+
+class Submitter:
+    """Sends the valid requests of one run; ``halt()`` stops starting new ones."""
+
+    def __init__(self, config: SubmitConfig, ledger: AsyncLedger, run_id: str) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.run_id = run_id
+        self.limiter = SmoothLimiter(config.rate, config.rate_margin)
+        self.stats = RunStats()
+        self.stopping = asyncio.Event()
+        self._unknown_streak = 0
+        self._gate = InFlightGate(config.concurrency, config.rate)
+        self._url = submit_url(config.base_url)
+        self._workers: list[asyncio.Task[None]] = []
+
+    def halt(self, reason: str) -> None:
+        """Stop starting requests; those in flight finish and are recorded."""
+        if not self.stopping.is_set():
+            self.stats.stop_reason = reason
+            self.stopping.set()
+            log.warning("stopping", reason=reason)
+
+    def abort(self) -> None:
+        """Cancel in-flight requests now; they stay ``sending`` (unknown) in the ledger."""
+        self.halt(self.stats.stop_reason or "aborted")
+        for task in self._workers:
+            task.cancel()
+
+    async def run(self, requests: Iterable[Request], grace: float | None = None) -> RunStats:
+        cfg = self.config
+        queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=cfg.pool_size * 2)
+        async with make_session(cfg.pool_size, cfg.timeout, cfg.connect_timeout) as session:
+            self._session = session
+            self._workers = [asyncio.create_task(self._worker(queue)) for _ in range(cfg.pool_size)]
+            producer = asyncio.create_task(self._produce(requests, queue))
+            try:
+                await producer
+                await self._join(grace)
+            finally:
+                producer.cancel()
+                for task in self._workers:
+                    task.cancel()
+                await asyncio.gather(producer, *self._workers, return_exceptions=True)
+        return self.stats
+
+    async def _join(self, grace: float | None) -> None:
+        """Wait for the workers; once stopping, give in-flight requests ``grace`` seconds."""
+        workers = asyncio.gather(*self._workers)
+        stop_wait = asyncio.create_task(self.stopping.wait())
+        done, _ = await asyncio.wait({workers, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if workers in done:
+            await workers
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(workers), grace)
+        except TimeoutError:
+            log.warning("grace_expired", grace=grace, in_flight=self._gate.active)
+            workers.cancel()
+            await asyncio.gather(workers, return_exceptions=True)
+        except asyncio.CancelledError:
+            raise
+
+    async def _produce(self, requests: Iterable[Request], queue: asyncio.Queue[Request | None]) -> None:
+        budget = self.config.max_requests
+        queued = 0
+        try:
+            valid = (r for r in requests if r.error is None)
+            for chunk in chunks(valid, 256):
+                if self.stopping.is_set():
+                    break
+                known = await self.ledger.call(self.ledger.ledger.lookup, [r.request_id for r in chunk])
+                for req in chunk:
+                    entry = known.get(req.request_id)
+                    if entry is not None and (
+                        entry.status == "submitted"
+                        or (entry.status in ("sending", "unknown") and not self.config.resend_unknown)
+                    ):
+                        continue
+                    if budget is not None and queued >= budget:
+                        self.halt(f"--max-requests {budget} reached")
+                        break
+                    await queue.put(req)
+                    queued += 1
+                    if self.stopping.is_set():
+                        break
+        finally:
+            for _ in self._workers:
+                await queue.put(None)
+
+    async def _worker(self, queue: asyncio.Queue[Request | None]) -> None:
+        while True:
+            req = await queue.get()
+            if req is None:
+                return
+            if self.stopping.is_set():
+                continue  # drained unsent: reported pending
+            await self._submit(req)
+
+    def _backoff(self, attempt: int) -> float:
+        # Exponential with full jitter (AWS architecture blog): spreads retries apart.
+        cap = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
+        return random.uniform(cap / 2, cap)
+
+    async def _submit(self, req: Request) -> None:
+        """All attempts for one request. Hand-written rather than tenacity: each attempt
+        must pass the shared gate, limiter and a durable ledger mark, and the decision
+        depends on the classified answer and its Retry-After, not on an exception."""
+        cfg, ledger, loop = self.config, self.ledger, asyncio.get_running_loop()
+        body = json.dumps(req.body, ensure_ascii=False, separators=(",", ":")).encode()
+        attempts = 0
+        verdict: Verdict | None = None
+        while True:
+            async with self._gate:
+                await self.limiter.acquire()
+                if self.stopping.is_set():
+                    if verdict is not None:
+                        ledger.outcome(req.request_id, "pending", error=f"stopped before retry: {verdict.error}",
+                                       http_status=verdict.http_status, attempts=attempts)
+                    return
+                await ledger.sending(req.request_id, self.run_id, req.source, req.row, body.decode())
+                attempts += 1
+                started = loop.time()
+                if self.stats.first_send is None:
+                    self.stats.first_send = started
+                self.stats.sent += 1
+                verdict = await request_once(self._session, "POST", self._url, cfg.api_key, body)
+                self.stats.last_answer = loop.time()
+                self._gate.observe(self.stats.last_answer - started)
+            if verdict.kind is not Kind.RETRY:
+                self._finish(req, verdict, attempts)
+                return
+            wait = self._backoff(attempts)
+            if verdict.retry_after is not None:
+                wait = max(wait, verdict.retry_after)
+            if verdict.http_status == 429:
+                self.limiter.cooldown(verdict.retry_after if verdict.retry_after is not None else wait)
+            if attempts >= cfg.max_attempts:
+                verdict.error = f"gave up after {attempts} attempts: {verdict.error}"
+                verdict.kind = Kind.FAIL
+                self._finish(req, verdict, attempts)
+                return
+            ledger.outcome(req.request_id, "pending", error=verdict.error, error_code=verdict.error_code,
+                           http_status=verdict.http_status, attempts=attempts)
+            log.debug("retry", request_id=req.request_id, attempt=attempts, wait=round(wait, 3),
+                      http_status=verdict.http_status, error=verdict.error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), wait)
+
+    def _finish(self, req: Request, verdict: Verdict, attempts: int) -> None:
+        status = _STATUS[verdict.kind]
+        self.ledger.outcome(
+            req.request_id, status, task_id=verdict.task_id, error=verdict.error,
+            error_code=verdict.error_code, http_status=verdict.http_status, attempts=attempts,
+            submitted_at=utcnow(),
+        )
+        self.stats.counts[status] += 1
+        log.debug("outcome", request_id=req.request_id, status=status, task_id=verdict.task_id,
+                  http_status=verdict.http_status, error=verdict.error, attempts=attempts)
+        if verdict.kind is Kind.UNKNOWN:
+            self._unknown_streak += 1
+            if self._unknown_streak >= self.config.breaker_threshold:
+                self.halt(f"circuit breaker: {self._unknown_streak} ambiguous outcomes in a row "
+                          f"(last: {verdict.error})")
+        else:
+            self._unknown_streak = 0
+        if verdict.kind is Kind.FATAL:
+            self.halt(f"HTTP {verdict.http_status}: {verdict.error}")
