@@ -175,6 +175,9 @@ class FakeState:
         return "failed" if task["fails"] else "success"
 
 
+STATE_KEY = web.AppKey("state", FakeState)
+
+
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(
         {"code": status, "message": f"{_REASONS.get(status, 'Error')}: {detail}"},
@@ -273,11 +276,11 @@ async def _apply_fault(
 
 
 def make_app(config: FakeConfig | None = None) -> web.Application:
-    """The fake API as an aiohttp application; its state is ``app["state"]``."""
+    """The fake API as an aiohttp application; its state is ``app[STATE_KEY]``."""
     config = config or FakeConfig()
     state = FakeState(config)
     app = web.Application(client_max_size=1024 * 1024)
-    app["state"] = state
+    app[STATE_KEY] = state
 
     async def submit(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -402,7 +405,7 @@ class FakeServer:
     def __init__(self, runner: web.AppRunner, site: web.TCPSite, port: int) -> None:
         self.runner, self.site, self.port = runner, site, port
         self.url = f"http://127.0.0.1:{port}"
-        self.state: FakeState = runner.app["state"]
+        self.state: FakeState = runner.app[STATE_KEY]
 
     async def close(self) -> None:
         await self.runner.cleanup()

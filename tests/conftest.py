@@ -1,0 +1,91 @@
+"""Shared fixtures: the bundled fake API over real HTTP on 127.0.0.1, CLI runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from click.testing import CliRunner, Result
+
+from batch.cli import main
+from batch.fake_api import FakeConfig, FakeServer, Fault, fake_in_thread
+
+KEY = "sk-test-0123456789-SECRET-abcdef"
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_data"
+
+
+@pytest.fixture
+def start_fake() -> Iterator[Callable[..., FakeServer]]:
+    """Factory: ``start_fake(latency=..., faults=[...])`` → a running fake server."""
+    with ExitStack() as stack:
+        def start(**kw: Any) -> FakeServer:
+            faults = [Fault.parse(f) if isinstance(f, str) else f for f in kw.pop("faults", [])]
+            return stack.enter_context(fake_in_thread(FakeConfig(faults=faults, **kw)))
+        yield start
+
+
+@pytest.fixture
+def fake(start_fake: Callable[..., FakeServer]) -> FakeServer:
+    return start_fake()
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    pl.DataFrame(rows, schema={k: pl.String for k in rows[0]}).write_csv(path)
+    return path
+
+
+def prompts(n: int, prefix: str = "A calm lake at dawn, shot") -> list[dict[str, Any]]:
+    return [{"id": f"r{i:04d}", "prompt": f"{prefix} {i}"} for i in range(n)]
+
+
+def cli(args: list[str], env: dict[str, str] | None = None) -> Result:
+    runner = CliRunner()
+    base_env = {"SEEDANCE_API_KEY": KEY, "SEEDANCE_LOG_LEVEL": "debug"}
+    return runner.invoke(main, args, env={**base_env, **(env or {})}, catch_exceptions=False)
+
+
+def submit_args(server: FakeServer, tmp: Path, *inputs: Path, out: str = "results.parquet", rate: str = "0",
+                extra: list[str] | None = None) -> list[str]:
+    return ["submit", *map(str, inputs), "-o", str(tmp / out), "--base-url", server.url,
+            "--state", str(tmp / "state.sqlite"), "--rate", rate, *(extra or [])]
+
+
+def results(path: Path) -> pl.DataFrame:
+    return pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema=False)
+
+
+def sends_by_prompt(server: FakeServer) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in server.state.submissions():
+        p = r.body.get("prompt") if isinstance(r.body, dict) else None
+        counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+def accepted_twice(server: FakeServer) -> list[str]:
+    return [k for k, n in server.state.accepted_count_by_prompt().items() if n > 1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDANCE")}
+    env.update({"SEEDANCE_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}, **extra)
+    return env
+
+
+def run_cli_process(args: list[str], env: dict[str, str] | None = None, timeout: float = 60,
+                    **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "batch", *args], capture_output=True, text=True,
+                          env=env or subprocess_env(), timeout=timeout, **kw)
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
