@@ -413,7 +413,8 @@ class FakeServer:
 
 async def start_fake(config: FakeConfig | None = None, port: int = 0) -> FakeServer:
     """Start the fake on 127.0.0.1 (``port=0``: a random free port)."""
-    runner = web.AppRunner(make_app(config), access_log=None, handle_signals=False)
+    # In-flight handlers (an injected 30 s latency) must not hold up shutdown.
+    runner = web.AppRunner(make_app(config), access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
     await site.start()

@@ -122,6 +122,8 @@ class Submitter:
         self._gate = InFlightGate(config.concurrency, config.rate)
         self._url = submit_url(config.base_url)
         self._workers: list[asyncio.Task[None]] = []
+        self._producer: asyncio.Task[None] | None = None
+        self._error: Exception | None = None
 
     def halt(self, reason: str) -> None:
         """Stop starting requests; those in flight finish and are recorded."""
@@ -133,79 +135,86 @@ class Submitter:
     def abort(self) -> None:
         """Cancel in-flight requests now; they stay ``sending`` (unknown) in the ledger."""
         self.halt(self.stats.stop_reason or "aborted")
-        for task in self._workers:
-            task.cancel()
+        for task in (self._producer, *self._workers):
+            if task is not None:
+                task.cancel()
 
     async def run(self, requests: Iterable[Request], grace: float | None = None) -> RunStats:
         cfg = self.config
-        queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=cfg.pool_size * 2)
+        queue: asyncio.Queue[Request] = asyncio.Queue(maxsize=cfg.pool_size * 2)
         async with make_session(cfg.pool_size, cfg.timeout, cfg.connect_timeout) as session:
             self._session = session
             self._workers = [asyncio.create_task(self._worker(queue)) for _ in range(cfg.pool_size)]
-            producer = asyncio.create_task(self._produce(requests, queue))
+            self._producer = asyncio.create_task(self._produce(requests, queue))
             try:
-                await producer
-                await self._join(grace)
+                await self._until_done(queue, grace)
             finally:
-                producer.cancel()
-                for task in self._workers:
+                tasks = [self._producer, *self._workers]
+                for task in tasks:
                     task.cancel()
-                await asyncio.gather(producer, *self._workers, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
+        if self._error is not None:
+            raise self._error
         return self.stats
 
-    async def _join(self, grace: float | None) -> None:
-        """Wait for the workers; once stopping, give in-flight requests ``grace`` seconds."""
-        workers = asyncio.gather(*self._workers)
+    async def _until_done(self, queue: asyncio.Queue[Request], grace: float | None) -> None:
+        """Wait until every queued request is handled; once stopping, give in-flight
+        requests ``grace`` seconds before they are cancelled (and left ``sending``)."""
+        assert self._producer is not None
+        producer = self._producer
+
+        async def drained() -> None:
+            await producer
+            await queue.join()
+
+        done = asyncio.create_task(drained())
         stop_wait = asyncio.create_task(self.stopping.wait())
-        done, _ = await asyncio.wait({workers, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({done, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         stop_wait.cancel()
-        if workers in done:
-            await workers
+        if done.done():
+            await done
             return
         try:
-            await asyncio.wait_for(asyncio.shield(workers), grace)
+            await asyncio.wait_for(done, grace)
         except TimeoutError:
             log.warning("grace_expired", grace=grace, in_flight=self._gate.active)
-            workers.cancel()
-            await asyncio.gather(workers, return_exceptions=True)
-        except asyncio.CancelledError:
-            raise
 
-    async def _produce(self, requests: Iterable[Request], queue: asyncio.Queue[Request | None]) -> None:
+    async def _produce(self, requests: Iterable[Request], queue: asyncio.Queue[Request]) -> None:
         budget = self.config.max_requests
         queued = 0
-        try:
-            valid = (r for r in requests if r.error is None)
-            for chunk in chunks(valid, 256):
+        valid = (r for r in requests if r.error is None)
+        for chunk in chunks(valid, 256):
+            if self.stopping.is_set():
+                return
+            known = await self.ledger.call(self.ledger.ledger.lookup, [r.request_id for r in chunk])
+            for req in chunk:
+                entry = known.get(req.request_id)
+                if entry is not None and (
+                    entry.status == "submitted"
+                    or (entry.status in ("sending", "unknown") and not self.config.resend_unknown)
+                ):
+                    continue
+                if budget is not None and queued >= budget:
+                    # Not halt(): the requests already queued still go out.
+                    self.stats.stop_reason = self.stats.stop_reason or f"--max-requests {budget} reached"
+                    return
+                # Blocks while the workers are busy; they keep draining after a halt.
+                await queue.put(req)
+                queued += 1
                 if self.stopping.is_set():
-                    break
-                known = await self.ledger.call(self.ledger.ledger.lookup, [r.request_id for r in chunk])
-                for req in chunk:
-                    entry = known.get(req.request_id)
-                    if entry is not None and (
-                        entry.status == "submitted"
-                        or (entry.status in ("sending", "unknown") and not self.config.resend_unknown)
-                    ):
-                        continue
-                    if budget is not None and queued >= budget:
-                        self.halt(f"--max-requests {budget} reached")
-                        break
-                    await queue.put(req)
-                    queued += 1
-                    if self.stopping.is_set():
-                        break
-        finally:
-            for _ in self._workers:
-                await queue.put(None)
+                    return
 
-    async def _worker(self, queue: asyncio.Queue[Request | None]) -> None:
+    async def _worker(self, queue: asyncio.Queue[Request]) -> None:
         while True:
             req = await queue.get()
-            if req is None:
-                return
-            if self.stopping.is_set():
-                continue  # drained unsent: reported pending
-            await self._submit(req)
+            try:
+                if not self.stopping.is_set():  # after a halt: drained unsent, reported pending
+                    await self._submit(req)
+            except Exception as exc:  # a ledger write failed: stop the run, keep draining
+                self._error = self._error or exc
+                self.halt(f"internal error: {exc}")
+            finally:
+                queue.task_done()
 
     def _backoff(self, attempt: int) -> float:
         # Exponential with full jitter (AWS architecture blog): spreads retries apart.

@@ -9,9 +9,9 @@ from pathlib import Path
 import polars as pl
 
 ROWS = [
-    ("pq-001", "product", "A smartphone rotating on a turntable, studio lighting, reflections", ["16:9", "9:16"], "1080p", 5, None, True),
+    ("pq-001", "product", "A smartphone rotating on a turntable, studio light", ["16:9", "9:16"], "1080p", 5, None, True),
     ("pq-002", "product", "Sneakers splashing through a puddle in slow motion", ["1:1"], "720p", 4, 42, False),
-    ("pq-003", "product", "A perfume bottle on black velvet, mist spraying, dramatic rim light", ["9:16"], "1080p", 6, None, True),
+    ("pq-003", "product", "A perfume bottle on black velvet, mist spraying", ["9:16"], "1080p", 6, None, True),
     ("pq-004", "travel", "Gondolas drifting along a Venice canal at golden hour", ["21:9"], "720p", 8, None, False),
     ("pq-005", "travel", "Cherry blossom tunnel in Kyoto, people walking slowly beneath", ["16:9", "4:3"], "720p", 5, 7, None),
     ("pq-006", "travel", "雪山脚下的湖泊，晨雾缓缓散去，倒影清晰", ["16:9"], "1080p", 10, None, True),

@@ -39,7 +39,8 @@ def fake(start_fake: Callable[..., FakeServer]) -> FakeServer:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    pl.DataFrame(rows, schema={k: pl.String for k in rows[0]}).write_csv(path)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    pl.DataFrame(rows, schema=dict.fromkeys(keys, pl.String)).write_csv(path)
     return path
 
 

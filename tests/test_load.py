@@ -49,7 +49,7 @@ def test_parquet_list_columns_and_types(tmp_path: Path) -> None:
 def test_unreadable_parquet_is_input_error(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.parquet"
     path.write_bytes(content)
-    with pytest.raises(InputError, match="bad.parquet: cannot read parquet"):
+    with pytest.raises(InputError, match=r"bad\.parquet: cannot read parquet"):
         load_table(path)
 
 
@@ -57,7 +57,7 @@ def test_missing_file_and_unknown_type(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file"):
         load_table(tmp_path / "nope.csv")
     (tmp_path / "x.json").write_text("{}")
-    with pytest.raises(InputError, match="unsupported file type .json"):
+    with pytest.raises(InputError, match=r"unsupported file type \.json"):
         load_table(tmp_path / "x.json")
 
 
@@ -74,5 +74,5 @@ def test_directory_and_glob_inputs(tmp_path: Path) -> None:
     (tmp_path / "ignore.txt").write_text("nothing")
     assert [t.source for t in load_inputs([str(tmp_path)])] == ["a.csv", "b.csv"]
     assert [t.source for t in load_inputs([str(tmp_path / "*.csv")])] == ["a.csv", "b.csv"]
-    with pytest.raises(InputError, match="no .csv"):
+    with pytest.raises(InputError, match=r"no \.csv"):
         load_inputs([str(tmp_path / "*.parquet")])

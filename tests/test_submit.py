@@ -1,9 +1,9 @@
 """Each outcome class over real HTTP against the bundled fake API."""
 
+import itertools
 from pathlib import Path
 
 import pytest
-
 from conftest import KEY, accepted_twice, cli, prompts, results, sends_by_prompt, submit_args, write_csv
 
 
@@ -87,7 +87,7 @@ def test_transient_errors_are_retried_honouring_retry_after(start_fake, tmp_path
     assert (row["status"], row["attempts"]) == ("submitted", 3)
     times = fake.state.submit_times()
     assert len(times) == 3
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(g >= 0.95 for g in gaps), gaps  # Retry-After: 1 honoured each time
     assert len(fake.state.accepted_bodies()) == 1
 
@@ -154,7 +154,7 @@ def test_circuit_breaker_stops_after_consecutive_ambiguous(start_fake, tmp_path:
 
 
 def test_rate_limit_is_smooth_without_initial_burst(fake, tmp_path: Path) -> None:
-    res, df = run(fake, tmp_path, prompts(30), rate="20")
+    res, _df = run(fake, tmp_path, prompts(30), rate="20")
     assert res.exit_code == 0
     times = sorted(fake.state.submit_times())
     assert len(times) == 30
@@ -163,7 +163,7 @@ def test_rate_limit_is_smooth_without_initial_burst(fake, tmp_path: Path) -> Non
     assert worst <= 20
     first_second = sum(1 for t in times if t < times[0] + 0.5)
     assert first_second <= 11  # a leaky bucket's burst would put all 20 here
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) > 0.03  # 1.02/20 = 51 ms apart, less scheduling noise
 
 

@@ -1,0 +1,249 @@
+"""Nightly safety: reruns, appends, reorders, crashes, signals, locks, budgets."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import accepted_twice, cli, prompts, results, submit_args, subprocess_env, write_csv
+
+
+def statuses(path: Path) -> dict[str, int]:
+    counts = results(path)["status"].value_counts()
+    return dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
+
+
+def test_rerun_skips_submitted_with_earlier_task_id(fake, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", prompts(5))
+    assert cli(submit_args(fake, tmp_path, path)).exit_code == 0
+    first = results(tmp_path / "results.parquet")
+    res = cli(submit_args(fake, tmp_path, path))
+    assert res.exit_code == 0
+    second = results(tmp_path / "results.parquet")
+    assert second["status"].to_list() == ["skipped"] * 5
+    assert second["task_id"].to_list() == first["task_id"].to_list()
+    assert second["submitted_at"].to_list() == first["submitted_at"].to_list()
+    assert len(fake.state.submissions()) == 5
+
+
+def test_append_then_rerun_submits_exactly_the_new_rows(fake, tmp_path: Path) -> None:
+    rows = prompts(6)
+    path = write_csv(tmp_path / "in.csv", rows)
+    cli(submit_args(fake, tmp_path, path))
+    write_csv(path, [*rows, {"id": "new1", "prompt": "fresh one"}, {"id": "new2", "prompt": "fresh two"}])
+    assert cli(submit_args(fake, tmp_path, path)).exit_code == 0
+    assert statuses(tmp_path / "results.parquet") == {"skipped": 6, "submitted": 2}
+    assert len(fake.state.submissions()) == 8
+    assert accepted_twice(fake) == []
+
+
+def test_reorder_and_new_column_change_nothing(fake, tmp_path: Path) -> None:
+    rows = [{**r, "ratio": "16:9|9:16"} for r in prompts(5)]
+    path = write_csv(tmp_path / "in.csv", rows)
+    cli(submit_args(fake, tmp_path, path))
+    ids = set(results(tmp_path / "results.parquet")["request_id"].to_list())
+    write_csv(path, [{**r, "owner": "ops"} for r in reversed(rows)])
+    assert cli(submit_args(fake, tmp_path, path)).exit_code == 0
+    df = results(tmp_path / "results.parquet")
+    assert set(df["request_id"].to_list()) == ids
+    assert df["status"].unique().to_list() == ["skipped"]
+    assert len(fake.state.submissions()) == 10
+
+
+def test_failed_requests_are_tried_again_next_run(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(faults=["422,times=1"])
+    path = write_csv(tmp_path / "in.csv", prompts(1))
+    assert cli(submit_args(fake, tmp_path, path)).exit_code == 1
+    assert cli(submit_args(fake, tmp_path, path)).exit_code == 0
+    assert results(tmp_path / "results.parquet")["status"].to_list() == ["submitted"]
+
+
+def test_max_requests_leaves_the_rest_pending_for_next_night(fake, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", prompts(10))
+    res = cli(submit_args(fake, tmp_path, path, extra=["--max-requests", "4", "--concurrency", "2"]))
+    assert res.exit_code == 1
+    assert statuses(tmp_path / "results.parquet") == {"submitted": 4, "pending": 6}
+    df = results(tmp_path / "results.parquet")
+    assert df.filter(pl.col("status") == "pending")["error"].str.contains("--max-requests 4").all()
+    cli(submit_args(fake, tmp_path, path, extra=["--max-requests", "4"]))
+    assert statuses(tmp_path / "results.parquet") == {"skipped": 4, "submitted": 4, "pending": 2}
+    cli(submit_args(fake, tmp_path, path))
+    assert statuses(tmp_path / "results.parquet") == {"skipped": 8, "submitted": 2}
+    assert len(fake.state.submissions()) == 10
+
+
+def test_deadline_stops_starting_requests(fake, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", prompts(40))
+    t0 = time.monotonic()
+    res = cli(submit_args(fake, tmp_path, path, rate="10", extra=["--deadline", "1s"]))
+    assert time.monotonic() - t0 < 5
+    assert res.exit_code == 1
+    counts = statuses(tmp_path / "results.parquet")
+    assert 5 <= counts["submitted"] <= 13 and counts["submitted"] + counts["pending"] == 40
+    assert "deadline reached" in res.output
+
+
+@pytest.mark.parametrize("content", [b"this is not a database at all" * 100, b""])
+def test_corrupt_state_is_exit_2_and_left_untouched(fake, tmp_path: Path, content: bytes) -> None:
+    state = tmp_path / "state.sqlite"
+    if content:
+        state.write_bytes(content)
+    else:  # a truncated ledger: a valid header, torn pages
+        path = write_csv(tmp_path / "in.csv", prompts(50))
+        cli(submit_args(fake, tmp_path, path))
+        raw = state.read_bytes()
+        state.write_bytes(raw[:100] + b"\xff" * (len(raw) - 100))
+        content = state.read_bytes()
+    path = write_csv(tmp_path / "in.csv", prompts(2))
+    sent_before = len(fake.state.submissions())
+    res = cli(submit_args(fake, tmp_path, path))
+    assert res.exit_code == 2
+    errors = [line for line in res.stderr.splitlines() if not line.startswith("{")]
+    assert len(errors) == 1 and "state" in errors[0] and "Traceback" not in res.stderr
+    assert state.read_bytes() == content  # nothing overwritten: the evidence stays
+    assert len(fake.state.submissions()) == sent_before
+
+
+def test_foreign_sqlite_state_is_exit_2(fake, tmp_path: Path) -> None:
+    state = tmp_path / "state.sqlite"
+    db = sqlite3.connect(state)
+    db.execute("CREATE TABLE invoices(id INTEGER)")
+    db.commit()
+    db.close()
+    res = cli(submit_args(fake, tmp_path, write_csv(tmp_path / "in.csv", prompts(1))))
+    assert res.exit_code == 2
+    assert "another application" in res.stderr
+    assert fake.state.records == []
+
+
+# -- real processes ---------------------------------------------------------------
+
+def start_run(fake, tmp_path: Path, path: Path, *extra: str) -> subprocess.Popen[str]:
+    args = submit_args(fake, tmp_path, path, extra=list(extra))
+    return subprocess.Popen([sys.executable, "-m", "batch", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+
+
+def wait_for(predicate, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)
+
+
+def test_kill_9_mid_run_then_rerun_never_pays_twice(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(latency=0.3, jitter=0.2)
+    path = write_csv(tmp_path / "in.csv", prompts(60))
+    proc = start_run(fake, tmp_path, path, "--concurrency", "8")
+    wait_for(lambda: len(fake.state.submissions()) >= 20)
+    proc.kill()
+    proc.wait(10)
+    time.sleep(0.6)  # let the fake finish answering the requests in flight
+    killed_at = len(fake.state.submissions())
+    assert killed_at < 60
+
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+
+    rerun = start_run(fake, tmp_path, path, "--concurrency", "8")
+    _out, err = rerun.communicate(timeout=60)
+    assert rerun.returncode == 1, err  # the in-flight ones are unknown
+    assert accepted_twice(fake) == []
+    counts = statuses(tmp_path / "results.parquet")
+    assert set(counts) <= {"skipped", "submitted", "unknown"}
+    assert sum(counts.values()) == 60
+    assert 0 < counts.get("unknown", 0) <= 8  # at most what was in flight
+    # Every request the API accepted is accounted for: skipped or submitted with its task id,
+    # or unknown (accepted before the kill, answer lost).
+    df = results(tmp_path / "results.parquet")
+    assert len(fake.state.accepted_bodies()) == counts.get("skipped", 0) + counts.get("submitted", 0) + counts["unknown"]
+    assert df.filter(pl.col("status") == "unknown")["error"].str.contains("earlier run stopped after sending").all()
+
+
+def test_sigterm_finishes_in_flight_and_writes_table(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(latency=0.5)
+    path = write_csv(tmp_path / "in.csv", prompts(100))
+    proc = start_run(fake, tmp_path, path, "--concurrency", "4")
+    wait_for(lambda: len(fake.state.submissions()) >= 8)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 4, err
+    counts = statuses(tmp_path / "results.parquet")
+    assert counts.get("unknown", 0) == 0  # in-flight requests were waited for and recorded
+    assert counts["submitted"] == len(fake.state.submissions())
+    assert counts["pending"] == 100 - counts["submitted"]
+    assert "interrupted by SIGTERM" in out
+    assert '"event": "stopping"' in err
+    # The next night sends exactly the rest.
+    rerun = start_run(fake, tmp_path, path, "--concurrency", "8")
+    rerun.communicate(timeout=60)
+    assert rerun.returncode == 0
+    assert len(fake.state.submissions()) == 100 and accepted_twice(fake) == []
+
+
+def test_second_signal_aborts_at_once_leaving_ledger_consistent(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(latency=30)
+    path = write_csv(tmp_path / "in.csv", prompts(20))
+    proc = start_run(fake, tmp_path, path, "--concurrency", "3")
+    wait_for(lambda: len(fake.state.submissions()) >= 3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert proc.returncode == 4
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT count(*) FROM requests WHERE status='sending'").fetchone()[0] == 3
+    db.close()
+
+
+def test_two_concurrent_runs_the_second_exits_3_sending_nothing(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(latency=0.2)
+    path = write_csv(tmp_path / "in.csv", prompts(30))
+    first = start_run(fake, tmp_path, path, "--concurrency", "2")
+    wait_for(lambda: len(fake.state.submissions()) >= 2)
+    t0 = time.monotonic()
+    second = start_run(fake, tmp_path, path, "-o", str(tmp_path / "second.parquet"))
+    _out, err = second.communicate(timeout=30)
+    assert second.returncode == 3
+    assert time.monotonic() - t0 < 10
+    assert "another run is using state" in err
+    assert [line for line in err.splitlines() if not line.startswith("{")] == [err.strip().splitlines()[-1]]
+    assert not (tmp_path / "second.parquet").exists()
+    first.communicate(timeout=60)
+    assert first.returncode == 0
+    assert len(fake.state.submissions()) == 30 and accepted_twice(fake) == []
+
+
+def test_lock_dies_with_a_killed_process(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(latency=5)
+    path = write_csv(tmp_path / "in.csv", prompts(3))
+    proc = start_run(fake, tmp_path, path)
+    wait_for(lambda: len(fake.state.submissions()) >= 1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert (tmp_path / "state.sqlite.lock").exists()  # the file stays, the lock does not
+    res = cli(submit_args(fake, tmp_path, path, extra=["--dry-run"]))
+    assert res.exit_code == 0
+    from batch.ledger import RunLock
+
+    lock = RunLock(tmp_path / "state.sqlite")
+    lock.acquire()
+    lock.release()
+
+
+def test_no_temp_files_left_and_results_replaced_atomically(fake, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", prompts(3))
+    (tmp_path / "results.parquet").write_bytes(b"old")
+    cli(submit_args(fake, tmp_path, path))
+    assert results(tmp_path / "results.parquet").height == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []
