@@ -125,10 +125,14 @@ def _template_fields(template: str) -> list[str]:
     return names
 
 
+# One encoder reused: json.dumps() builds a new one per call when given options.
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
 def request_id_for(body: Mapping[str, Any], row_id: Any) -> str:
     """Stable id from content (and the row's ``id``), independent of row order and extra columns."""
     identity = {k: v for k, v in body.items() if k not in NON_IDENTITY_FIELDS}
-    key = json.dumps(identity, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    key = _CANONICAL.encode(identity)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     if row_id is None or (isinstance(row_id, str) and not row_id.strip()):
         return digest

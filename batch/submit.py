@@ -23,7 +23,7 @@ import structlog
 from batch.client import Kind, Secret, Verdict, make_session, request_once, submit_url
 from batch.expand import Request, chunks
 from batch.ledger import AsyncLedger, utcnow
-from batch.ratelimit import SmoothLimiter
+from batch.ratelimit import Rate, SmoothLimiter
 
 log = structlog.get_logger("batch.submit")
 
@@ -38,7 +38,7 @@ class SubmitConfig:
 
     base_url: str
     api_key: Secret
-    rate: float | None = 100 / 60  # requests per second; None: no pacing
+    rate: Rate | None = Rate(100, 60)  # None: no pacing
     concurrency: int | None = None  # None: adapt to rate x observed latency
     max_attempts: int = 5
     timeout: float = 60.0
@@ -63,10 +63,10 @@ class InFlightGate:
     1.5x headroom plus 2 absorbs latency spikes, and the provider's own concurrency
     limit still answers 429 if we overshoot."""
 
-    def __init__(self, fixed: int | None, rate: float | None) -> None:
+    def __init__(self, fixed: int | None, rate: Rate | None) -> None:
         self.fixed = fixed
-        self.rate = rate
-        self.latency = 1.0  # EWMA seconds, seeded pessimistically
+        self.rate = rate.per_second if rate else None
+        self.latency = 2.0  # EWMA seconds, seeded pessimistically until answers arrive
         self.active = 0
         self.limit = fixed or self._adaptive()
         self._cond = asyncio.Condition()

@@ -1,0 +1,270 @@
+"""Throughput, rate precision and scale of ``seedance-batch submit``, as ratios.
+
+Run: ``.venv/bin/python -m benchmarks.bench`` (``--quick`` for small sizes). It starts the
+bundled fake API (``seedance-batch fake-api``) as its own process on 127.0.0.1 for every
+phase, runs the real CLI as a subprocess against it, and reads the fake's own record of
+request timestamps. Absolute numbers on a shared 2-core machine are noise; each ratio
+compares two things measured side by side in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+PY = sys.executable
+
+BARE_LOOP = r'''
+import asyncio, json, sys
+import aiohttp
+
+async def main(url, bodies_path, concurrency):
+    bodies = [json.dumps(b).encode() for b in json.load(open(bodies_path))]
+    it = iter(bodies)
+    headers = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
+    ok = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def worker():
+            nonlocal ok
+            for body in it:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    data = await resp.json(content_type=None)
+                    ok += data.get("code") == 0
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    print(ok)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+'''
+
+
+@dataclass
+class Fake:
+    url: str
+    proc: subprocess.Popen[str]
+
+    def records(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.url}/_fake/records", timeout=60) as resp:
+            return json.loads(resp.read())
+
+    def submissions(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r["method"] == "POST"]
+
+
+@contextmanager
+def fake_api(*args: str) -> Iterator[Fake]:
+    proc = subprocess.Popen([PY, "-m", "batch", "fake-api", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "listening on" not in line:
+            raise RuntimeError(f"fake API did not start: {line!r}")
+        yield Fake(line.rsplit(" ", 1)[1].strip(), proc)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def make_input(path: Path, n: int, fmt: str = "csv") -> Path:
+    df = pl.DataFrame({
+        "id": [f"b{i:07d}" for i in range(n)],
+        "prompt": [f"A paper boat drifting down a rainy street, take {i}" for i in range(n)],
+        "duration": [5] * n,
+    })
+    if fmt == "csv":
+        df.write_csv(path)
+    else:
+        df.write_parquet(path)
+    return path
+
+
+def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
+    """Run a command; return (wall seconds, exit code, peak RSS in MiB) of that process alone."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, proc.returncode, usage.ru_maxrss // 1024
+
+
+def submit_cmd(inp: Path, tmp: Path, url: str, *extra: str, out: str = "out.parquet") -> list[str]:
+    return [PY, "-m", "batch", "submit", str(inp), "-o", str(tmp / out), "--base-url", url,
+            "--state", str(tmp / f"{out}.sqlite"), "--log-level", "warning", *extra]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "SEEDANCE_API_KEY": "bench-key"}
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def achieved_rate(times: list[float]) -> float:
+    times = sorted(times)
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+
+
+def statuses(path: Path) -> dict[str, int]:
+    counts = pl.read_parquet(path)["status"].value_counts()
+    return dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
+
+
+# -- phases -------------------------------------------------------------------------
+
+def overhead(tmp: Path, n: int, concurrency: int = 64, repeats: int = 2) -> dict[str, Any]:
+    """Whole-process rate of our submit vs a bare aiohttp loop, no pacing, no latency."""
+    inp = make_input(tmp / "overhead.csv", n)
+    bodies = tmp / "bodies.json"
+    bodies.write_text(json.dumps([
+        {"prompt": f"A paper boat drifting down a rainy street, take {i}", "duration": 5, "service_tier": "flex"}
+        for i in range(n)
+    ]))
+    bare_script = tmp / "bare.py"
+    bare_script.write_text(BARE_LOOP)
+    ours_t, bare_t = [], []
+    ok = True
+    for k in range(repeats):
+        with fake_api() as fake:
+            t, rc, _ = run_measured([PY, str(bare_script), f"{fake.url}/api/v1/text-to-video/bytedance/"
+                                     "seedance-1.0-lite-t2v/async", str(bodies), str(concurrency)])
+            bare_t.append(t)
+            ok &= rc == 0
+        with fake_api() as fake:
+            out = f"overhead{k}.parquet"
+            t, rc, _ = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", "0", "--concurrency", str(concurrency),
+                                               out=out), env())
+            ours_t.append(t)
+            ok &= rc == 0 and statuses(tmp / out) == {"submitted": n}
+            ok &= len(fake.submissions()) == n
+    ours, bare = n / min(ours_t), n / min(bare_t)
+    return {"phase": "overhead", "n": n, "ours_rps": round(ours, 1), "bare_rps": round(bare, 1),
+            "ratio": round(ours / bare, 3), "target": ">= 0.8", "ok": ok}
+
+
+def rate_precision(tmp: Path, rate: int, seconds: float, strict: bool) -> dict[str, Any]:
+    n = int(rate * seconds)
+    inp = make_input(tmp / f"rate{rate}.csv", n)
+    args = ("--rate-limit", str(rate)) if strict else ()
+    with fake_api(*args) as fake:
+        out = f"rate{rate}{'s' if strict else ''}.parquet"
+        _, rc, _ = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", str(rate), out=out), env())
+        subs = fake.submissions()
+    accepted = [r["t"] for r in subs if r["status"] == 200]
+    throttled = sum(1 for r in subs if r["status"] == 429)
+    row = {"phase": f"rate {rate}/s" + (" strict" if strict else ""), "n": n,
+           "achieved/target": round(achieved_rate([r["t"] for r in subs]) / rate, 3),
+           "max_1s_window": max_in_window([r["t"] for r in subs]),
+           "429_share": round(throttled / max(1, len(subs)), 4)}
+    row["ok"] = rc == 0 and len(accepted) == n and row["max_1s_window"] <= rate
+    if strict:
+        row["ok"] = rc == 0 and len(accepted) == n and row["429_share"] <= 0.01
+    return row
+
+
+def latency_hiding(tmp: Path, rate: int, latency: float, seconds: float) -> dict[str, Any]:
+    n = int(rate * seconds)
+    inp = make_input(tmp / "latency.csv", n)
+    with fake_api("--latency", str(latency)) as fake:
+        _, rc, _ = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", str(rate), out="latency.parquet"), env())
+        times = [r["t"] for r in fake.submissions()]
+    ratio = achieved_rate(times) / rate
+    return {"phase": f"latency {latency}s @ {rate}/s", "n": n, "achieved/target": round(ratio, 3),
+            "max_1s_window": max_in_window(times), "ok": rc == 0 and len(times) == n}
+
+
+def backpressure(tmp: Path, rate: int, n: int) -> dict[str, Any]:
+    inp = make_input(tmp / "backpressure.csv", n)
+    with fake_api("--fault", "429,prob=0.2,retry_after=1") as fake:
+        _, rc, _ = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", str(rate), "--max-attempts", "50",
+                                           out="backpressure.parquet"), env())
+        subs = fake.submissions()
+    t0 = min(r["t"] for r in subs)
+    first = [r for r in subs if r["t"] - t0 < 1.0]
+    later = [r for r in subs if r["t"] - t0 >= 1.0]
+    span = max(r["t"] for r in subs) - t0 - 1.0
+    first_429s = sum(r["status"] == 429 for r in first)
+    later_429_rate = sum(r["status"] == 429 for r in later) / max(span, 1e-9)
+    counts = statuses(tmp / "backpressure.parquet")
+    return {"phase": "backpressure 20% 429", "n": n, "429/s first second": first_429s,
+            "429/s after": round(later_429_rate, 2), "statuses": counts,
+            "ok": rc == 0 and counts == {"submitted": n} and later_429_rate < first_429s}
+
+
+def scale(tmp: Path, rows: int, submit_sizes: tuple[int, int]) -> list[dict[str, Any]]:
+    inp = make_input(tmp / "scale.parquet", rows, fmt="parquet")
+    wall, rc, rss = run_measured(submit_cmd(inp, tmp, "http://127.0.0.1:9", "--dry-run", out="scale.parquet"), env())
+    out = [{"phase": f"dry-run {rows:,} rows", "wall_s": round(wall, 1), "peak_rss_mib": rss,
+            "ok": rc == 0 and pl.scan_parquet(tmp / "scale.parquet").select(pl.len()).collect().item() == rows}]
+    peaks = []
+    for size in submit_sizes:
+        inp = make_input(tmp / f"mem{size}.parquet", size, fmt="parquet")
+        with fake_api() as fake:
+            _, rc, rss = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", "0", "--concurrency", "64",
+                                                 out=f"mem{size}.parquet"), env())
+        peaks.append(rss)
+    out.append({"phase": f"submit RSS {submit_sizes[1]:,} vs {submit_sizes[0]:,} rows",
+                "peak_rss_mib": f"{peaks[1]} vs {peaks[0]}", "ratio": round(peaks[1] / peaks[0], 2),
+                "ok": rc == 0 and peaks[1] / peaks[0] < 1.5})
+    return out
+
+
+def run_all(quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="seedance-bench-") as d:
+        tmp = Path(d)
+        rows.append(overhead(tmp, 1_000 if quick else 20_000, repeats=1 if quick else 2))
+        for rate in (20, 100, 500):
+            rows.append(rate_precision(tmp, rate, 1.5 if quick else 6.0, strict=False))
+        for rate in (20, 100, 500):
+            rows.append(rate_precision(tmp, rate, 1.5 if quick else 6.0, strict=True))
+        rows.append(latency_hiding(tmp, 100, 0.5 if quick else 2.0, 2.0 if quick else 15.0))
+        rows.append(backpressure(tmp, 50, 20 if quick else 150))
+        rows.extend(scale(tmp, 20_000 if quick else 1_000_000, (2_000, 8_000) if quick else (10_000, 40_000)))
+    return rows
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+             f"{platform.system()} {platform.release()}", ""]
+    for row in rows:
+        fields = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("phase", "ok"))
+        lines.append(f"| {row['phase']} | {fields} | {'ok' if row['ok'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    rows = run_all(args.quick)
+    print(render(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    sys.exit(0 if all(r["ok"] for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()
