@@ -25,9 +25,8 @@ from batch.expand import Request, chunks
 from batch.ledger import AsyncLedger, utcnow
 from batch.ratelimit import Rate, SmoothLimiter
 
-log = structlog.get_logger("batch.submit")
-
 _STATUS = {Kind.OK: "submitted", Kind.FAIL: "failed", Kind.FATAL: "failed", Kind.UNKNOWN: "unknown"}
+DEFAULT_RATE = Rate(100, 60)  # the provider's documented per-key limit
 MAX_ADAPTIVE_CONCURRENCY = 512
 UNLIMITED_RATE_CONCURRENCY = 64
 
@@ -38,7 +37,7 @@ class SubmitConfig:
 
     base_url: str
     api_key: Secret
-    rate: Rate | None = Rate(100, 60)  # None: no pacing
+    rate: Rate | None = DEFAULT_RATE  # None: no pacing
     concurrency: int | None = None  # None: adapt to rate x observed latency
     max_attempts: int = 5
     timeout: float = 60.0
@@ -83,14 +82,17 @@ class InFlightGate:
             self.limit = self._adaptive()
 
     async def __aenter__(self) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.active < self.limit)
-            self.active += 1
+        # With a fixed cap there is one worker per slot: counting is enough.
+        if not self.fixed:
+            async with self._cond:
+                await self._cond.wait_for(lambda: self.active < self.limit)
+        self.active += 1
 
     async def __aexit__(self, *exc: object) -> None:
-        async with self._cond:
-            self.active -= 1
-            self._cond.notify()
+        self.active -= 1
+        if not self.fixed:
+            async with self._cond:
+                self._cond.notify()
 
 
 @dataclass
@@ -118,6 +120,9 @@ class Submitter:
         self.limiter = SmoothLimiter(config.rate, config.rate_margin)
         self.stats = RunStats()
         self.stopping = asyncio.Event()
+        # Bound once per run: a module-level lazy proxy would rebuild its logger on every
+        # call (structlog's cache is off so that each CLI invocation can reconfigure).
+        self.log = structlog.get_logger("batch.submit").bind(run_id=run_id)
         self._unknown_streak = 0
         self._gate = InFlightGate(config.concurrency, config.rate)
         self._url = submit_url(config.base_url)
@@ -130,7 +135,7 @@ class Submitter:
         if not self.stopping.is_set():
             self.stats.stop_reason = reason
             self.stopping.set()
-            log.warning("stopping", reason=reason)
+            self.log.warning("stopping", reason=reason)
 
     def abort(self) -> None:
         """Cancel in-flight requests now; they stay ``sending`` (unknown) in the ledger."""
@@ -177,16 +182,17 @@ class Submitter:
         try:
             await asyncio.wait_for(done, grace)
         except TimeoutError:
-            log.warning("grace_expired", grace=grace, in_flight=self._gate.active)
+            self.log.warning("grace_expired", grace=grace, in_flight=self._gate.active)
 
     async def _produce(self, requests: Iterable[Request], queue: asyncio.Queue[Request]) -> None:
         budget = self.config.max_requests
         queued = 0
         valid = (r for r in requests if r.error is None)
         for chunk in chunks(valid, 256):
+            await asyncio.sleep(0)  # expanding a chunk is CPU work: let the workers run
             if self.stopping.is_set():
                 return
-            known = await self.ledger.call(self.ledger.ledger.lookup, [r.request_id for r in chunk])
+            known = self.ledger.lookup([r.request_id for r in chunk])
             for req in chunk:
                 entry = known.get(req.request_id)
                 if entry is not None and (
@@ -261,7 +267,7 @@ class Submitter:
                 return
             ledger.outcome(req.request_id, "pending", error=verdict.error, error_code=verdict.error_code,
                            http_status=verdict.http_status, attempts=attempts)
-            log.debug("retry", request_id=req.request_id, attempt=attempts, wait=round(wait, 3),
+            self.log.debug("retry", request_id=req.request_id, attempt=attempts, wait=round(wait, 3),
                       http_status=verdict.http_status, error=verdict.error)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), wait)
@@ -274,7 +280,7 @@ class Submitter:
             submitted_at=utcnow(),
         )
         self.stats.counts[status] += 1
-        log.debug("outcome", request_id=req.request_id, status=status, task_id=verdict.task_id,
+        self.log.debug("outcome", request_id=req.request_id, status=status, task_id=verdict.task_id,
                   http_status=verdict.http_status, error=verdict.error, attempts=attempts)
         if verdict.kind is Kind.UNKNOWN:
             self._unknown_streak += 1
