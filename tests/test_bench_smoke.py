@@ -1,0 +1,37 @@
+"""A small run of every benchmark phase: it asserts correctness (all submitted, no window
+over the limit, cooldown effective, flat memory), never speed."""
+
+from pathlib import Path
+
+from benchmarks import bench
+
+
+def test_overhead_phase_submits_everything(tmp_path: Path) -> None:
+    row = bench.overhead(tmp_path, 300, concurrency=16, repeats=1)
+    assert row["ok"], row
+    assert row["ours_rps"] > 0 and row["bare_rps"] > 0
+
+
+def test_rate_phase_never_exceeds_the_window(tmp_path: Path) -> None:
+    row = bench.rate_precision(tmp_path, 40, 1.0, strict=False)
+    assert row["ok"] and row["max_1s_window"] <= 40, row
+    strict = bench.rate_precision(tmp_path, 40, 1.0, strict=True)
+    assert strict["ok"] and strict["429_share"] <= 0.01, strict
+
+
+def test_latency_and_backpressure_phases(tmp_path: Path) -> None:
+    row = bench.latency_hiding(tmp_path, 40, 0.3, 1.0)
+    assert row["ok"] and row["max_1s_window"] <= 40, row
+    bp = bench.backpressure(tmp_path, 20, 10)
+    assert bp["statuses"] == {"submitted": 10}, bp
+
+
+def test_scale_phase(tmp_path: Path) -> None:
+    rows = bench.scale(tmp_path, 3_000, (500, 2_000))
+    assert rows[0]["ok"], rows
+    assert rows[1]["ratio"] < 1.5, rows
+
+
+def test_window_and_rate_helpers() -> None:
+    assert bench.max_in_window([0.0, 0.5, 0.99, 1.0, 1.5]) == 3
+    assert bench.achieved_rate([0.0, 1.0, 2.0]) == 1.0
