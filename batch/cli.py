@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,17 +21,21 @@ from urllib.parse import urlsplit
 
 import click
 import structlog
+from click.core import ParameterSource
 
 from batch import __version__, logs
 from batch.api import DEFAULT_BASE_URL
 from batch.client import Secret
 from batch.errors import BatchError, ConfigError
-from batch.expand import ExpandSpec, parse_param
+from batch.expand import Expander, ExpandSpec, parse_param
 from batch.fake_api import FakeConfig, Fault, start_fake
+from batch.jobfile import JobFile, load_job
 from batch.ledger import default_state_path
+from batch.load import load_inputs
 from batch.pipeline import EXIT_INTERRUPTED, Interrupted, RunOptions, run_submit
 from batch.ratelimit import parse_rate
-from batch.report import render, summarize_table
+from batch.report import prometheus, render, summarize_table
+from batch.results import Resolution, Tally, resolve
 from batch.submit import SubmitConfig
 from batch.validate import TIERS
 
@@ -115,11 +120,9 @@ def main() -> None:
     """Turn prompt spreadsheets into Seedance text-to-video tasks, nightly and safely."""
 
 
-def submit_options(fn: Any) -> Any:
+def common_options(fn: Any) -> Any:
+    """Options shared by ``submit`` and ``run`` (where they override the job file)."""
     options = [
-        click.argument("inputs", nargs=-1, required=True, metavar="INPUT..."),
-        click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-                     envvar="SEEDANCE_BATCH_OUTPUT", help="Results table (.parquet or .csv). [env SEEDANCE_BATCH_OUTPUT]"),
         click.option("--base-url", default=DEFAULT_BASE_URL, show_default=True, envvar="SEEDANCE_BASE_URL",
                      help="API base URL. [env SEEDANCE_BASE_URL]"),
         click.option("--api-key-file", type=click.Path(path_type=Path), envvar="SEEDANCE_API_KEY_FILE",
@@ -152,6 +155,11 @@ def submit_options(fn: Any) -> Any:
                      help="On SIGINT/SIGTERM/deadline, seconds to wait for requests in flight."),
         click.option("--sheet", help="Excel sheet name or 1-based number (default: the first)."),
         click.option("--allow-insecure", is_flag=True, help="Allow sending the key over plain http to a non-loopback host."),
+        click.option("--metrics-file", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_METRICS_FILE",
+                     help="Write a Prometheus textfile (node_exporter) with the run's counts. [env SEEDANCE_BATCH_METRICS_FILE]"),
+        click.option("--progress-interval", type=click.FloatRange(0.05), default=10.0, show_default=True,
+                     envvar="SEEDANCE_BATCH_PROGRESS_INTERVAL",
+                     help="Seconds between progress events when stderr is not a TTY. [env SEEDANCE_BATCH_PROGRESS_INTERVAL]"),
         click.option("--log-level", type=click.Choice(logs.LEVELS), default="info", show_default=True,
                      envvar="SEEDANCE_LOG_LEVEL", help="Log level (JSON on stderr off a TTY). [env SEEDANCE_LOG_LEVEL]"),
     ]
@@ -161,17 +169,63 @@ def submit_options(fn: Any) -> Any:
 
 
 @main.command()
-@submit_options
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, envvar="SEEDANCE_BATCH_OUTPUT",
+              help="Results table (.parquet or .csv). [env SEEDANCE_BATCH_OUTPUT]")
+@common_options
 def submit(**kw: Any) -> None:
     """Validate, expand and submit INPUT files (.csv, .parquet, .xlsx, dirs, globs)."""
-    opts = build_options(kw, command="submit")
+    finish(build_options(kw, command="submit"), kw.get("metrics_file"), "submit")
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_OUTPUT",
+              help="Results table; overrides the job's output. [env SEEDANCE_BATCH_OUTPUT]")
+@common_options
+@click.pass_context
+def run(ctx: click.Context, job: Path, **kw: Any) -> None:
+    """Run a declarative job file (TOML, see jobs/example.toml); options override the file."""
+    spec = load_job(job)
+    merged = merge_job(ctx, spec, kw)
+    finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem)
+
+
+def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any]) -> dict[str, Any]:
+    """Job-file values where the option was left at its default; CLI and env win."""
+    merged = dict(kw)
+    for key, value in spec.values.items():
+        if key in ("params", "columns", "prompt_template", "id_column"):
+            continue
+        source = ctx.get_parameter_source(key) if key in kw else None
+        if key not in kw or source in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            merged[key] = str(value) if key in ("rate", "deadline") else value
+    if not merged.get("inputs"):
+        raise ConfigError(f"{spec.path}: inputs: the job names no input files")
+    if not merged.get("output"):
+        raise ConfigError(f"{spec.path}: output: no results path (set output in the job or give -o)")
+    return merged
+
+
+def finish(opts: RunOptions, metrics_file: Path | None, job_name: str) -> None:
     summary = run_submit(opts)
-    structlog.get_logger("batch").info("summary", **summary.as_dict())
-    click.echo(render(summary.as_dict()))
+    data = summary.as_dict()
+    structlog.get_logger("batch").info("summary", **data)
+    if metrics_file is not None:
+        write_metrics(metrics_file, {**data, "finished_unix": time.time()}, job_name)
+    click.echo(render(data))
     sys.exit(summary.exit_code)
 
 
-def build_options(kw: dict[str, Any], command: str) -> RunOptions:
+def write_metrics(path: Path, summary: dict[str, Any], job_name: str) -> None:
+    """Atomically, as node_exporter's textfile collector asks (it may read at any time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(prometheus(summary, job_name), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) -> RunOptions:
     key_file = kw.get("api_key_file")
     needs_key = not kw["dry_run"] and not kw["fake_api"]
     key = resolve_key(key_file) if needs_key else Secret("")
@@ -179,10 +233,10 @@ def build_options(kw: dict[str, Any], command: str) -> RunOptions:
     if needs_key:
         check_transport(kw["base_url"], kw["allow_insecure"])
     try:
-        rate = parse_rate(kw["rate"])
+        rate = parse_rate(str(kw["rate"]))
     except ValueError as exc:
         raise ConfigError(f"--rate: {exc}") from None
-    params: dict[str, list[str]] = {}
+    params: dict[str, list[Any]] = dict(job.get("params", {})) if job else {}
     for text in kw["params"]:
         name, values = parse_param(text)
         params[name] = values
@@ -191,21 +245,68 @@ def build_options(kw: dict[str, Any], command: str) -> RunOptions:
         max_attempts=kw["max_attempts"], timeout=kw["timeout"], resend_unknown=kw["resend_unknown"],
         max_requests=kw["max_requests"],
     )
+    expand = ExpandSpec(
+        params=params, tier=kw["tier"],
+        columns=job.get("columns", {}) if job else {},
+        prompt_template=job.get("prompt_template") if job else None,
+        id_column=job.get("id_column", "id") if job else "id",
+    )
     return RunOptions(
         inputs=tuple(kw["inputs"]),
-        output=kw["output"],
-        expand=ExpandSpec(params=params, tier=kw["tier"]),
+        output=Path(kw["output"]),
+        expand=expand,
         submit=submit_cfg,
         # The fake API's task ids must never land in the real ledger (they would make
         # tomorrow's real run skip those requests), so a fake run has its own default.
-        state=kw["state"] or (FAKE_STATE if kw["fake_api"] else default_state_path()),
+        state=Path(kw["state"]) if kw["state"] else (FAKE_STATE if kw["fake_api"] else default_state_path()),
         dry_run=kw["dry_run"],
         fake_api=kw["fake_api"],
         deadline=parse_deadline(kw["deadline"]) if kw["deadline"] else None,
         grace=kw["grace"],
         sheet=kw["sheet"],
         command=command,
+        progress_interval=kw["progress_interval"],
     )
+
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True, metavar="JOB.toml|INPUT...")
+@click.option("--param", "params", multiple=True, metavar="FIELD=V1[,V2...]", help="Job-level value(s), as for submit.")
+@click.option("--tier", type=click.Choice(TIERS), help="service_tier for rows that do not set one (default flex).")
+@click.option("--sheet", help="Excel sheet name or 1-based number (default: the first).")
+@click.option("--show", type=click.IntRange(0), default=50, show_default=True, help="Print at most N invalid requests.")
+def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None, sheet: str | None, show: int) -> None:
+    """Check a job file or input files: print invalid requests with their reasons; send nothing."""
+    logs.configure("warning")
+    job = load_job(Path(targets[0])) if targets[0].endswith(".toml") else None
+    inputs = tuple(job.get("inputs", [])) + targets[1:] if job else targets
+    if not inputs:
+        raise ConfigError("validate: no input files")
+    merged: dict[str, list[Any]] = dict(job.get("params", {})) if job else {}
+    for text in params:
+        name, values = parse_param(text)
+        merged[name] = values
+    spec = ExpandSpec(
+        params=merged, tier=tier or (job.get("tier", "flex") if job else "flex"),
+        columns=job.get("columns", {}) if job else {},
+        prompt_template=job.get("prompt_template") if job else None,
+        id_column=job.get("id_column", "id") if job else "id",
+    )
+    expander = Expander(load_inputs(inputs, sheet or (job.get("sheet") if job else None)), spec)
+    tally = Tally()
+    shown = 0
+    for req in expander:
+        outcome = resolve(req, None, Resolution(None, dry_run=True))
+        tally.add(req, outcome)
+        if req.error is not None and shown < show:
+            shown += 1
+            click.echo(f"{req.source}:{req.row}\t{req.request_id}\t{req.error}")
+    invalid = tally.counts.get("invalid", 0)
+    if invalid > shown:
+        click.echo(f"... and {invalid - shown} more invalid requests")
+    summary = {"run_id": "validate", "counts": dict(tally.counts), "estimate": tally.estimate()}
+    click.echo(render(summary))
+    sys.exit(1 if invalid else 0)
 
 
 @main.command()

@@ -159,6 +159,8 @@ class Expander:
                     extras.append(out)
         #: pass-through columns of all inputs, in first-seen order, as named in results
         self.extra_columns = extras
+        self.total_rows = sum(df.height for _, df in self._frames)
+        self.rows_seen = 0  # rows read by the current iteration (for progress)
 
     def _prepare(self, table: Table) -> pl.DataFrame:
         """Apply the column mapping and check the columns a request needs."""
@@ -166,6 +168,9 @@ class Expander:
         missing = [c for c in self.spec.columns if c not in df.columns]
         if missing:
             raise InputError(f"{table.path}: mapped column {missing[0]!r} not found (columns: {', '.join(df.columns)})")
+        clash = [f"{src} -> {dst}" for src, dst in self.spec.columns.items() if dst in df.columns and dst != src]
+        if clash:
+            raise InputError(f"{table.path}: column mapping {clash[0]}: the file already has a column of that name")
         if self.spec.columns:
             df = df.rename(dict(self.spec.columns))
         for col in self._template_cols:
@@ -197,6 +202,7 @@ class Expander:
 
     def __iter__(self) -> Iterator[Request]:
         occurrences: dict[str, int] = {}
+        self.rows_seen = 0
         for table, df in self._frames:
             yield from self._rows(table.source, df, occurrences)
 
@@ -211,6 +217,7 @@ class Expander:
         template = self.spec.prompt_template
         row_no = -1
         for chunk in df.iter_slices(10_000):
+            self.rows_seen += chunk.height
             for cells in chunk.iter_rows():
                 row_no += 1
                 if all(c is None or c == "" for c in cells):

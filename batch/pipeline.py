@@ -25,6 +25,7 @@ from batch.expand import Expander, ExpandSpec
 from batch.fake_api import start_fake
 from batch.ledger import AsyncLedger, Ledger, RunLock, utcnow
 from batch.load import load_inputs
+from batch.progress import Progress
 from batch.results import OK_STATUSES, Resolution, Tally, check_output_path, write_results
 from batch.submit import SubmitConfig, Submitter
 
@@ -60,6 +61,8 @@ class RunOptions:
     grace: float = 30.0
     sheet: str | None = None
     command: str = "submit"
+    progress_interval: float = 10.0
+    progress_tty: bool | None = None  # None: decide by stderr being a TTY
 
 
 @dataclass
@@ -165,7 +168,9 @@ async def _submit_all(opts: RunOptions, expander: Expander, ledger: Ledger, run_
         config = replace(config, base_url=fake.url, api_key=Secret("fake-api-key"))
         log.info("fake_api", url=fake.url)
     aledger = AsyncLedger(ledger)
-    submitter = Submitter(config, aledger, run_id)
+    progress = Progress(lambda: (expander.rows_seen, expander.total_rows), opts.progress_tty, opts.progress_interval)
+    progress_task = asyncio.create_task(progress.run())
+    submitter = Submitter(config, aledger, run_id, progress)
     state = {"interrupted": None, "aborted": False}
 
     def on_signal(signum: int) -> None:
@@ -189,6 +194,8 @@ async def _submit_all(opts: RunOptions, expander: Expander, ledger: Ledger, run_
     except asyncio.CancelledError:
         stats = submitter.stats
     finally:
+        progress_task.cancel()
+        await asyncio.gather(progress_task, return_exceptions=True)
         if deadline_handle is not None:
             deadline_handle.cancel()
         await aledger.close()
@@ -212,6 +219,9 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
         results=str(opts.output),
         state="" if opts.dry_run else str(opts.state),
     )
+    estimate = tally.estimate()
+    if estimate:
+        summary.extra["estimate"] = estimate
     write_summary_file(opts.output, summary)
     return summary
 
@@ -223,7 +233,7 @@ def summary_path(results: Path) -> Path:
 def write_summary_file(results: Path, summary: Summary) -> None:
     path = summary_path(results)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    data = {**summary.as_dict(), "finished_at": utcnow()}
+    data = {**summary.as_dict(), "finished_at": utcnow(), "finished_unix": round(time.time(), 3)}
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 

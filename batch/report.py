@@ -28,12 +28,41 @@ def render(summary: dict[str, Any]) -> str:
     if summary.get("elapsed_s") is not None:
         lines.append(f"  elapsed {summary['elapsed_s']:.1f} s, sent {summary.get('sent', 0)} "
                      f"at {summary.get('send_rate_per_s', 0.0):.2f}/s")
+    estimate = summary.get("estimate")
+    if estimate:
+        tiers = ", ".join(f"{n} {tier}" for tier, n in estimate["requests_by_tier"].items())
+        lines.append(f"  would send: {tiers}")
+        video = ", ".join(f"{sec:g} s at {res}" for res, sec in estimate["video_seconds_by_resolution"].items())
+        lines.append(f"  video: {video}")
     for key in ("stop_reason", "interrupted"):
         if summary.get(key):
             lines.append(f"  {key.replace('_', ' ')}: {summary[key]}")
     if summary.get("results"):
         lines.append(f"  results: {summary['results']}")
     return "\n".join(lines)
+
+
+def prometheus(summary: dict[str, Any], job: str) -> str:
+    """The summary as a node_exporter textfile (``--metrics-file``)."""
+    label = job.replace("\\", "\\\\").replace('"', '\\"')
+    lines = [
+        "# HELP seedance_batch_requests Requests of the last run, by final status.",
+        "# TYPE seedance_batch_requests gauge",
+    ]
+    counts = summary.get("counts", {})
+    for status in sorted(set(STATUSES) | set(counts)):
+        lines.append(f'seedance_batch_requests{{job="{label}",status="{status}"}} {counts.get(status, 0)}')
+    scalars = [
+        ("last_run_timestamp_seconds", "Unix time the last run finished.", summary.get("finished_unix", 0)),
+        ("last_run_duration_seconds", "Wall time of the last run.", summary.get("elapsed_s", 0)),
+        ("last_run_exit_code", "Exit code of the last run.", summary.get("exit_code", 0)),
+        ("last_run_sent", "HTTP submissions made by the last run.", summary.get("sent", 0)),
+        ("last_run_send_rate", "Submissions per second achieved by the last run.", summary.get("send_rate_per_s", 0)),
+    ]
+    for name, help_text, value in scalars:
+        lines += [f"# HELP seedance_batch_{name} {help_text}", f"# TYPE seedance_batch_{name} gauge",
+                  f'seedance_batch_{name}{{job="{label}"}} {value}']
+    return "\n".join(lines) + "\n"
 
 
 def summarize_table(path: Path) -> dict[str, Any]:

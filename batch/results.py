@@ -13,7 +13,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,37 @@ class AtomicTableWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+@dataclass
+class Tally:
+    """Requests by status, the errors of those not OK, and what a dry run would send:
+    requests per tier and seconds of video per resolution (``frames`` at 24 fps where
+    set, else ``duration``, else the API's 5 s default, at its 720p default)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    by_tier: Counter[str] = field(default_factory=Counter)
+    seconds_by_resolution: Counter[str] = field(default_factory=Counter)
+
+    def add(self, req: Request, outcome: dict[str, Any]) -> None:
+        status = outcome["status"]
+        self.counts[status] += 1
+        if status not in OK_STATUSES and outcome.get("error"):
+            self.errors[outcome["error"]] += 1
+        if status == "dry_run":
+            body = req.body
+            self.by_tier[body.get("service_tier", "default")] += 1
+            seconds = body["frames"] / 24 if "frames" in body else body.get("duration", 5)
+            self.seconds_by_resolution[body.get("resolution", "720p")] += seconds
+
+    def estimate(self) -> dict[str, Any] | None:
+        if not self.by_tier:
+            return None
+        return {
+            "requests_by_tier": dict(sorted(self.by_tier.items())),
+            "video_seconds_by_resolution": {k: round(v, 1) for k, v in sorted(self.seconds_by_resolution.items())},
+        }
+
+
 def write_results(
     path: Path,
     requests: Iterable[Request],
@@ -208,34 +239,23 @@ def write_results(
     how: Resolution,
     chunk_size: int = 20_000,
 ) -> Tally:
-    """Write the results table; return the count of requests by status and by error."""
+    """Write the results table; return the tally of statuses, errors and the estimate."""
     schema = result_schema(extra_dtypes)
-    counts: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
+    tally = Tally()
     writer = AtomicTableWriter(path)
     try:
         for chunk in chunks(requests, chunk_size):
             ids = [r.request_id for r in chunk if r.error is None]
             known = lookup(ids) if ids and not how.dry_run else {}
             rows = [(r, resolve(r, known.get(r.request_id), how)) for r in chunk]
-            for _, outcome in rows:
-                counts[outcome["status"]] += 1
-                if outcome["status"] not in OK_STATUSES and outcome.get("error"):
-                    errors[outcome["error"]] += 1
+            for req, outcome in rows:
+                tally.add(req, outcome)
             writer.write(frame(rows, schema))
         writer.commit(schema)
     except BaseException:
         writer.discard()
         raise
-    return Tally(counts, errors)
-
-
-@dataclass
-class Tally:
-    """Requests by status, and the error messages of those not OK."""
-
-    counts: Counter[str]
-    errors: Counter[str]
+    return tally
 
 
 def read_results(path: Path) -> pl.DataFrame:

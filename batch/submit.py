@@ -23,6 +23,7 @@ import structlog
 from batch.client import Kind, Secret, Verdict, make_session, request_once, submit_url
 from batch.expand import Request, chunks
 from batch.ledger import AsyncLedger, utcnow
+from batch.progress import Progress
 from batch.ratelimit import Rate, SmoothLimiter
 
 _STATUS = {Kind.OK: "submitted", Kind.FAIL: "failed", Kind.FATAL: "failed", Kind.UNKNOWN: "unknown"}
@@ -113,7 +114,8 @@ class RunStats:
 class Submitter:
     """Sends the valid requests of one run; ``halt()`` stops starting new ones."""
 
-    def __init__(self, config: SubmitConfig, ledger: AsyncLedger, run_id: str) -> None:
+    def __init__(self, config: SubmitConfig, ledger: AsyncLedger, run_id: str,
+                 progress: Progress | None = None) -> None:
         self.config = config
         self.ledger = ledger
         self.run_id = run_id
@@ -127,6 +129,7 @@ class Submitter:
         self._gate = InFlightGate(config.concurrency, config.rate)
         self._url = submit_url(config.base_url)
         self._workers: list[asyncio.Task[None]] = []
+        self.progress = progress
         self._producer: asyncio.Task[None] | None = None
         self._error: Exception | None = None
 
@@ -207,8 +210,12 @@ class Submitter:
                 # Blocks while the workers are busy; they keep draining after a halt.
                 await queue.put(req)
                 queued += 1
+                if self.progress is not None:
+                    self.progress.queued += 1
                 if self.stopping.is_set():
                     return
+        if self.progress is not None:
+            self.progress.producer_done = True
 
     async def _worker(self, queue: asyncio.Queue[Request]) -> None:
         while True:
@@ -280,6 +287,8 @@ class Submitter:
             submitted_at=utcnow(),
         )
         self.stats.counts[status] += 1
+        if self.progress is not None:
+            self.progress.counts[status] += 1
         self.log.debug("outcome", request_id=req.request_id, status=status, task_id=verdict.task_id,
                   http_status=verdict.http_status, error=verdict.error, attempts=attempts)
         if verdict.kind is Kind.UNKNOWN:

@@ -207,9 +207,11 @@ def backpressure(tmp: Path, rate: int, n: int) -> dict[str, Any]:
     first_429s = sum(r["status"] == 429 for r in first)
     later_429_rate = sum(r["status"] == 429 for r in later) / max(span, 1e-9)
     counts = statuses(tmp / "backpressure.parquet")
+    # Without a shared cooldown the run would keep sending at `rate`, one in five answered 429.
+    uncooled = rate * 0.2
     return {"phase": "backpressure 20% 429", "n": n, "429/s first second": first_429s,
-            "429/s after": round(later_429_rate, 2), "statuses": counts,
-            "ok": rc == 0 and counts == {"submitted": n} and later_429_rate < first_429s}
+            "429/s after": round(later_429_rate, 2), "429/s without cooldown": uncooled, "statuses": counts,
+            "ok": rc == 0 and counts == {"submitted": n} and later_429_rate < uncooled / 2}
 
 
 def scale(tmp: Path, rows: int, submit_sizes: tuple[int, int]) -> list[dict[str, Any]]:

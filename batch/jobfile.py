@@ -1,0 +1,110 @@
+"""Declarative job files (TOML) for ``seedance-batch run`` and ``validate``.
+
+Every key is checked: an unknown key or a value of the wrong type is a
+:class:`~batch.errors.ConfigError` naming the key and the file, never silently ignored.
+Relative paths are resolved against the job file's directory, so cron's working
+directory does not matter. ``output`` may contain ``{date}`` (the run's local date,
+``YYYY-MM-DD``) and ``{datetime}`` (``YYYY-MM-DDTHHMMSS``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from batch.errors import ConfigError
+from batch.validate import FIELD_NAMES, TIERS
+
+# key -> (accepted types, description for errors)
+_TOP: dict[str, tuple[tuple[type, ...], str]] = {
+    "inputs": ((list, str), "a list of files, directories or globs"),
+    "output": ((str,), "a results path (.parquet or .csv)"),
+    "state": ((str,), "a state file path"),
+    "sheet": ((str, int), "an Excel sheet name or number"),
+    "base_url": ((str,), "a URL"),
+    "tier": ((str,), f"one of {', '.join(TIERS)}"),
+    "rate": ((str, int, float), "a rate such as 100/min"),
+    "concurrency": ((int,), "an integer"),
+    "max_attempts": ((int,), "an integer"),
+    "timeout": ((int, float), "seconds"),
+    "max_requests": ((int,), "an integer"),
+    "deadline": ((str,), "a duration or clock time"),
+    "grace": ((int, float), "seconds"),
+    "id_column": ((str,), "a column name"),
+    "prompt_template": ((str,), "a template with {column} placeholders"),
+    "metrics_file": ((str,), "a path"),
+    "columns": ((dict,), "a table mapping input columns to API fields"),
+    "params": ((dict,), "a table of API field values"),
+}
+PATH_KEYS = ("output", "state", "metrics_file")
+
+
+@dataclass(frozen=True)
+class JobFile:
+    path: Path
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+
+def _fail(path: Path, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {key}: {message}")
+
+
+def load_job(path: Path, now: datetime | None = None) -> JobFile:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such job file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read job file ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _TOP:
+            raise _fail(path, key, f"unknown key (known: {', '.join(sorted(_TOP))})")
+        types, what = _TOP[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise _fail(path, key, f"expected {what}, got {type(value).__name__}")
+        values[key] = value
+    base = path.parent
+    inputs = values.get("inputs", [])
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not all(isinstance(i, str) for i in inputs):
+        raise _fail(path, "inputs", "expected a list of strings")
+    values["inputs"] = [os.path.normpath(base / i) for i in inputs]
+    now = now or datetime.now()
+    for key in PATH_KEYS:
+        if key in values:
+            text = values[key]
+            if key == "output":
+                try:
+                    text = text.format(date=now.strftime("%Y-%m-%d"), datetime=now.strftime("%Y-%m-%dT%H%M%S"))
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise _fail(path, key, f"only {{date}} and {{datetime}} may be used ({exc})") from None
+            values[key] = Path(os.path.normpath(base / text))
+    if "tier" in values and values["tier"] not in TIERS:
+        raise _fail(path, "tier", f"expected one of {', '.join(TIERS)}, got {values['tier']!r}")
+    columns = values.get("columns", {})
+    for src, dst in columns.items():
+        if not isinstance(dst, str) or (dst not in FIELD_NAMES and dst != values.get("id_column", "id")):
+            raise _fail(path, f"columns.{src}", f"must name an API field ({', '.join(FIELD_NAMES)}) or the id column")
+    params: dict[str, list[Any]] = {}
+    for name, value in values.get("params", {}).items():
+        if name not in FIELD_NAMES:
+            raise _fail(path, f"params.{name}", f"unknown API field (known: {', '.join(FIELD_NAMES)})")
+        items = value if isinstance(value, list) else [value]
+        if not items or any(isinstance(v, (dict, list)) for v in items):
+            raise _fail(path, f"params.{name}", "expected a value or a list of values")
+        params[name] = items
+    values["params"] = params
+    if "sheet" in values:
+        values["sheet"] = str(values["sheet"])
+    return JobFile(path, values)
