@@ -26,15 +26,16 @@ from click.core import ParameterSource
 from batch import __version__, logs
 from batch.api import DEFAULT_BASE_URL
 from batch.client import Secret
+from batch.collect import CollectConfig
 from batch.errors import BatchError, ConfigError
 from batch.expand import Expander, ExpandSpec, parse_param
 from batch.fake_api import FakeConfig, Fault, start_fake
 from batch.jobfile import JobFile, load_job
 from batch.ledger import default_state_path
 from batch.load import load_inputs
-from batch.pipeline import EXIT_INTERRUPTED, Interrupted, RunOptions, run_submit
+from batch.pipeline import EXIT_INTERRUPTED, CollectOptions, Interrupted, RunOptions, run_collect, run_submit
 from batch.ratelimit import parse_rate
-from batch.report import prometheus, render, summarize_table
+from batch.report import prometheus, render, render_collect, summarize_table
 from batch.results import Resolution, Tally, resolve
 from batch.submit import SubmitConfig
 from batch.validate import TIERS
@@ -160,12 +161,31 @@ def common_options(fn: Any) -> Any:
         click.option("--progress-interval", type=click.FloatRange(0.05), default=10.0, show_default=True,
                      envvar="SEEDANCE_BATCH_PROGRESS_INTERVAL",
                      help="Seconds between progress events when stderr is not a TTY. [env SEEDANCE_BATCH_PROGRESS_INTERVAL]"),
-        click.option("--log-level", type=click.Choice(logs.LEVELS), default="info", show_default=True,
-                     envvar="SEEDANCE_LOG_LEVEL", help="Log level (JSON on stderr off a TTY). [env SEEDANCE_LOG_LEVEL]"),
+        click.option("--wait", is_flag=True,
+                     help="After submitting, follow this run's tasks to completion (collect --wait) in the same process."),
+        click.option("--wait-timeout", default="6h", show_default=True, help="With --wait: give up polling after this long."),
+        click.option("--download", "download_dir", type=click.Path(path_type=Path, file_okay=False),
+                     envvar="SEEDANCE_BATCH_DOWNLOAD_DIR",
+                     help="With --wait: download outputs here. [env SEEDANCE_BATCH_DOWNLOAD_DIR]"),
+        *log_option(),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def log_option() -> list[Any]:
+    return [click.option("--log-level", type=click.Choice(logs.LEVELS), default="info", show_default=True,
+                         envvar="SEEDANCE_LOG_LEVEL", help="Log level (JSON on stderr off a TTY). [env SEEDANCE_LOG_LEVEL]")]
+
+
+def parse_duration(text: str, option: str) -> float:
+    """``90``, ``90s``, ``15m``, ``6h``, ``1h30m`` → seconds."""
+    match = _DURATION.match(text.strip().lower())
+    if not text.strip() or not match or not any(match.groups()):
+        raise ConfigError(f"{option} {text!r}: use a duration such as 90s, 15m or 6h")
+    h, m, sec = (float(g) if g else 0.0 for g in match.groups())
+    return h * 3600 + m * 60 + sec
 
 
 @main.command()
@@ -266,6 +286,12 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         sheet=kw["sheet"],
         command=command,
         progress_interval=kw["progress_interval"],
+        collect=CollectConfig(
+            base_url=kw["base_url"], api_key=key, rate=rate, wait=True,
+            wait_timeout=parse_duration(kw["wait_timeout"], "--wait-timeout"),
+            download_dir=kw["download_dir"], http_timeout=kw["timeout"],
+            poll_min=2.0 if kw["fake_api"] else 10.0,
+        ) if kw["wait"] else None,
     )
 
 
@@ -307,6 +333,57 @@ def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None
     summary = {"run_id": "validate", "counts": dict(tally.counts), "estimate": tally.estimate()}
     click.echo(render(summary))
     sys.exit(1 if invalid else 0)
+
+
+@main.command()
+@click.option("--state", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_STATE",
+              help=f"The ledger written by submit. [env SEEDANCE_BATCH_STATE; default {default_state_path()}]")
+@click.option("--results", type=click.Path(path_type=Path, dir_okay=False),
+              help="Follow this results table's tasks and rewrite it with their status (tasks the ledger lacks are adopted).")
+@click.option("--download", "download_dir", type=click.Path(path_type=Path, file_okay=False),
+              envvar="SEEDANCE_BATCH_DOWNLOAD_DIR", help="Download ready outputs to DIR/<request_id>.<ext>. "
+              "[env SEEDANCE_BATCH_DOWNLOAD_DIR]")
+@click.option("--wait", is_flag=True, help="Keep polling until every task is terminal or --timeout passes (default: one pass).")
+@click.option("--timeout", "wait_timeout", default="6h", show_default=True, help="With --wait: stop polling after this long.")
+@click.option("--poll-interval", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="First wait between polls of a pending task; grows 1.5x per poll up to 10 min.")
+@click.option("--base-url", default=DEFAULT_BASE_URL, show_default=True, envvar="SEEDANCE_BASE_URL",
+              help="API base URL. [env SEEDANCE_BASE_URL]")
+@click.option("--api-key-file", type=click.Path(path_type=Path), envvar="SEEDANCE_API_KEY_FILE",
+              help="Read the API key from this file instead of SEEDANCE_API_KEY. [env SEEDANCE_API_KEY_FILE]")
+@click.option("--rate", default="100/min", show_default=True, envvar="SEEDANCE_BATCH_RATE",
+              help="Max polls started, shared per key with submissions: 2/s, 100/min... [env SEEDANCE_BATCH_RATE]")
+@click.option("--concurrency", type=click.IntRange(1, 512), default=8, show_default=True, help="Polls in flight.")
+@click.option("--download-concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Downloads in flight.")
+@click.option("--http-timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+              help="Seconds one poll may take; for downloads, the longest pause between bytes.")
+@click.option("--allow-insecure", is_flag=True, help="Allow sending the key over plain http to a non-loopback host.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@log_option()[0]
+def collect(state: Path | None, results: Path | None, download_dir: Path | None, wait: bool, wait_timeout: str,
+            poll_interval: float, base_url: str, api_key_file: Path | None, rate: str, concurrency: int,
+            download_concurrency: int, http_timeout: float, allow_insecure: bool, as_json: bool, log_level: str) -> None:
+    """Follow submitted tasks to completion and download their outputs before they expire."""
+    key = resolve_key(api_key_file)
+    logs.configure(log_level, secrets=[key.reveal()])
+    check_transport(base_url, allow_insecure)
+    try:
+        parsed_rate = parse_rate(rate)
+    except ValueError as exc:
+        raise ConfigError(f"--rate: {exc}") from None
+    config = CollectConfig(
+        base_url=base_url, api_key=key, rate=parsed_rate, concurrency=concurrency, http_timeout=http_timeout,
+        wait=wait, wait_timeout=parse_duration(wait_timeout, "--timeout"), poll_min=poll_interval,
+        download_dir=download_dir, download_concurrency=download_concurrency,
+    )
+    summary = run_collect(CollectOptions(state or default_state_path(), config, results))
+    structlog.get_logger("batch").info("collect_summary", **summary)
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(render_collect(summary))
+    sys.exit(summary["exit_code"])
 
 
 @main.command()

@@ -33,7 +33,7 @@ T = TypeVar("T")
 RESULT_COLUMNS = (
     "request_id", "source", "row", "status", "task_id", "error", "error_code",
     "http_status", "attempts", "submitted_at",
-    "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths",
+    "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error",
 )
 # Fields that change how or how long a task runs, not which video it makes: a rerun
 # with another tier must not pay again for the same video, so they are not identity.

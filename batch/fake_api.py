@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -92,6 +93,7 @@ class FakeConfig:
     task_delay: float = 0.0  # seconds from submission to a terminal task state
     fail_match: str = "FAILTASK"  # prompts containing this end as failed tasks
     video_bytes: int = 4096
+    download_bps: float | None = None  # throttle downloads (bytes/s) to test interrupted ones
     seed: int = 0
     record_bodies: bool = True
 
@@ -356,30 +358,46 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         return web.json_response({"code": 0, "message": "success", "data": data})
 
     async def download(request: web.Request) -> web.StreamResponse:
+        """Serves a task's output, with ``Range: bytes=N-`` for resumed downloads."""
         name = request.match_info["name"]
         task_id, _, ext = name.rpartition(".")
-        record = Record(time.monotonic(), "GET", request.path, None, 0, None)
+        record = Record(time.monotonic(), "GET", request.path, request.headers.get("Range"), 0, None)
         state.records.append(record)
         if task_id not in state.tasks or state.task_status(task_id) != "success":
             record.status = 404
             return _error(404, "no such file")
+        data = fake_file_bytes(task_id, ext, config.video_bytes)
+        start = 0
+        match = re.fullmatch(r"bytes=(\d+)-", request.headers.get("Range", ""))
+        if match and int(match.group(1)) < len(data):
+            start = int(match.group(1))
+        part = data[start:]
+        headers = {"Content-Type": "video/mp4" if ext == "mp4" else "image/png", "Content-Length": str(len(part))}
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         fault = state.pick_fault("download", task_id)
         if fault is not None:
             if fault.kind in ("drop", "drop_accepted"):
-                # Send part of the file, then cut the connection: a truncated download.
-                data = fake_file_bytes(task_id, ext, config.video_bytes)
-                response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+                # Send half of what was asked, then cut the connection: a truncated download.
+                response = web.StreamResponse(status=206 if start else 200, headers=headers)
                 await response.prepare(request)
-                await response.write(data[: len(data) // 2])
+                await response.write(part[: len(part) // 2])
                 record.status = 0
                 return _drop(request)
             answer = await _apply_fault(fault, request, state, record, lambda: None)
             if answer is not None:
                 return answer
-        data = fake_file_bytes(task_id, ext, config.video_bytes)
-        record.status = 200
-        content_type = "video/mp4" if ext == "mp4" else "image/png"
-        return web.Response(body=data, content_type=content_type)
+        record.status = 206 if start else 200
+        if config.download_bps:
+            response = web.StreamResponse(status=record.status, headers=headers)
+            await response.prepare(request)
+            step = max(1, int(config.download_bps / 20))
+            for offset in range(0, len(part), step):
+                await response.write(part[offset : offset + step])
+                await asyncio.sleep(0.05)
+            await response.write_eof()
+            return response
+        return web.Response(body=part, status=record.status, headers=headers)
 
     async def records(request: web.Request) -> web.Response:
         return web.json_response([r.__dict__ for r in state.records])

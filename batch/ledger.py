@@ -48,11 +48,12 @@ CREATE TABLE IF NOT EXISTS requests (
     updated_at     TEXT NOT NULL,
     task_status    TEXT,
     resource_urls  TEXT,
+    resources      TEXT,
     failure_reason TEXT,
     completed_at   TEXT,
     local_paths    TEXT,
-    polls          INTEGER NOT NULL DEFAULT 0,
-    next_poll_at   TEXT
+    download_error TEXT,
+    polls          INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_open_tasks ON requests(task_status)
     WHERE task_id IS NOT NULL;
@@ -68,7 +69,7 @@ CREATE TABLE IF NOT EXISTS runs (
 LEDGER_COLUMNS = (
     "request_id", "status", "run_id", "task_id", "error", "error_code", "http_status",
     "attempts", "submitted_at", "task_status", "resource_urls", "failure_reason",
-    "completed_at", "local_paths",
+    "completed_at", "local_paths", "download_error", "body", "polls", "resources",
 )
 
 
@@ -99,14 +100,21 @@ class Entry:
     failure_reason: str | None
     completed_at: str | None
     local_paths: str | None
+    download_error: str | None
+    body: str | None
+    polls: int
+    resources: str | None
 
 
 class RunLock:
     """An exclusive ``flock`` on ``<state>.lock``: released by the kernel when the
     process dies, so a ``kill -9`` leaves no stale lock behind."""
 
-    def __init__(self, state_path: Path) -> None:
-        self.path = state_path.with_name(state_path.name + ".lock")
+    def __init__(self, state_path: Path, kind: str = "") -> None:
+        # submit and collect take different locks: a 15-minute collect cron must not
+        # wait for (or block) the nightly submit; SQLite serialises their writes.
+        self.path = state_path.with_name(state_path.name + (f".{kind}" if kind else "") + ".lock")
+        self.kind = kind or "submit"
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -118,7 +126,7 @@ class RunLock:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise LockedError(
-                f"another run is using state {self.path.with_suffix('')} (pid {holder}); nothing sent"
+                f"another {self.kind} run is using state {self.path.with_suffix('')} (pid {holder}); nothing sent"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
@@ -196,12 +204,23 @@ class Ledger:
                 found[row[0]] = Entry(*row)
         return found
 
-    def open_tasks(self) -> list[tuple[str, str, str | None]]:
-        """(request_id, task_id, body) of submitted tasks not yet terminal."""
-        return list(self.db.execute(
-            "SELECT request_id, task_id, body FROM requests WHERE task_id IS NOT NULL "
-            "AND (task_status IS NULL OR task_status = 'pending') ORDER BY submitted_at"
-        ))
+    def tasks_to_follow(self, include_success: bool) -> list[Entry]:
+        """Submitted tasks not yet terminal (and, for downloads, the successful ones)."""
+        wanted = "('pending', 'success')" if include_success else "('pending')"
+        cols = ", ".join(LEDGER_COLUMNS)
+        return [Entry(*row) for row in self.db.execute(
+            f"SELECT {cols} FROM requests WHERE task_id IS NOT NULL AND status = 'submitted' "
+            f"AND (task_status IS NULL OR task_status IN {wanted}) ORDER BY submitted_at"
+        )]
+
+    def import_task(self, request_id: str, task_id: str, source: str | None, row: int | None,
+                    body: str, submitted_at: str | None) -> None:
+        """Adopt a task known only from a results table (collect --results on another machine)."""
+        self.db.execute(
+            "INSERT INTO requests(request_id, status, run_id, source, row, body, task_id, submitted_at, updated_at) "
+            "VALUES (?, 'submitted', 'imported', ?, ?, ?, ?, ?, ?) ON CONFLICT(request_id) DO NOTHING",
+            (request_id, source, row, body, task_id, submitted_at, utcnow()),
+        )
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT status, count(*) FROM requests GROUP BY status").fetchall())
@@ -267,6 +286,14 @@ class AsyncLedger:
     def write(self, sql: str, params: tuple[Any, ...]) -> None:
         self._other.append((sql, params))
         self._wake.set()
+
+    async def flush(self) -> None:
+        """Return once everything queued so far is committed."""
+        if self._committed is None:
+            self._committed = asyncio.get_running_loop().create_future()
+        fut = self._committed
+        self._wake.set()
+        await fut
 
     def _apply(self, sending: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]],
                other: list[tuple[str, tuple[Any, ...]]]) -> None:

@@ -14,20 +14,24 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import structlog
 
 from batch.client import Secret
-from batch.errors import BatchError
+from batch.collect import CollectConfig, Collector, CollectStats, Task
+from batch.errors import BatchError, InputError, StateError
 from batch.expand import Expander, ExpandSpec
 from batch.fake_api import start_fake
-from batch.ledger import AsyncLedger, Ledger, RunLock, utcnow
+from batch.ledger import AsyncLedger, Entry, Ledger, RunLock, utcnow
 from batch.load import load_inputs
 from batch.progress import Progress
-from batch.results import OK_STATUSES, Resolution, Tally, check_output_path, write_results
+from batch.results import OK_STATUSES, AtomicTableWriter, Resolution, Tally, check_output_path, read_results, write_results
 from batch.submit import SubmitConfig, Submitter
+from batch.validate import FIELD_NAMES
 
 log = structlog.get_logger("batch")
 
@@ -63,6 +67,7 @@ class RunOptions:
     command: str = "submit"
     progress_interval: float = 10.0
     progress_tty: bool | None = None  # None: decide by stderr being a TTY
+    collect: CollectConfig | None = None  # submit --wait: follow this run's tasks too
 
 
 @dataclass
@@ -83,6 +88,9 @@ class Summary:
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
+        collect = self.extra.get("collect")
+        if collect is not None and not collect_ok(collect):
+            return EXIT_INCOMPLETE
         return EXIT_OK if set(self.counts) <= OK_STATUSES else EXIT_INCOMPLETE
 
     def as_dict(self) -> dict[str, Any]:
@@ -158,6 +166,7 @@ class _Outcome:
     stop_reason: str | None
     interrupted: str | None
     aborted: bool
+    collected: CollectStats | None = None
 
 
 async def _submit_all(opts: RunOptions, expander: Expander, ledger: Ledger, run_id: str) -> _Outcome:
@@ -171,13 +180,15 @@ async def _submit_all(opts: RunOptions, expander: Expander, ledger: Ledger, run_
     progress = Progress(lambda: (expander.rows_seen, expander.total_rows), opts.progress_tty, opts.progress_interval)
     progress_task = asyncio.create_task(progress.run())
     submitter = Submitter(config, aledger, run_id, progress)
-    state = {"interrupted": None, "aborted": False}
+    state: dict[str, Any] = {"interrupted": None, "aborted": False, "on_halt": None}
 
     def on_signal(signum: int) -> None:
         name = signal.Signals(signum).name
         if state["interrupted"] is None:
             state["interrupted"] = name
             submitter.halt(f"interrupted by {name}")
+            if state.get("on_halt"):
+                state["on_halt"](f"interrupted by {name}")
         else:
             state["aborted"] = True
             log.warning("abort", signal=name)
@@ -189,8 +200,16 @@ async def _submit_all(opts: RunOptions, expander: Expander, ledger: Ledger, run_
     if opts.deadline is not None:
         delay = max(0.0, opts.deadline - time.time())
         deadline_handle = loop.call_later(delay, submitter.halt, "deadline reached")
+    collected: CollectStats | None = None
     try:
         stats = await submitter.run(expander, grace=opts.grace)
+        if opts.collect is not None and not submitter.stopping.is_set():
+            progress_task.cancel()
+            collector = Collector(replace(opts.collect, base_url=config.base_url, api_key=config.api_key), aledger)
+            current = [t for t in await _follow(aledger, opts.collect) if t.run_id == run_id]
+            halt_collect = collector.halt
+            state["on_halt"] = halt_collect
+            collected = await collector.run([Task.from_entry(e) for e in current])
     except asyncio.CancelledError:
         stats = submitter.stats
     finally:
@@ -203,7 +222,8 @@ async def _submit_all(opts: RunOptions, expander: Expander, ledger: Ledger, run_
             loop.remove_signal_handler(s)
         if fake is not None:
             await fake.close()
-    return _Outcome(stats.sent, stats.send_rate, stats.stop_reason, state["interrupted"], bool(state["aborted"]))
+    return _Outcome(stats.sent, stats.send_rate, stats.stop_reason, state["interrupted"], bool(state["aborted"]),
+                    collected)
 
 
 def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outcome: _Outcome | None) -> Summary:
@@ -222,8 +242,130 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
     estimate = tally.estimate()
     if estimate:
         summary.extra["estimate"] = estimate
+    if outcome is not None and outcome.collected is not None:
+        summary.extra["collect"] = outcome.collected.as_dict()
     write_summary_file(opts.output, summary)
     return summary
+
+
+def collect_ok(stats: dict[str, Any]) -> bool:
+    """Every followed task succeeded, and no download failed."""
+    return set(stats["task_status"]) <= {"success"} and not stats["download_failed"] and not stats["stop_reason"]
+
+
+async def _follow(aledger: AsyncLedger, config: CollectConfig) -> list[Entry]:
+    await aledger.flush()  # the outcomes just received must be readable
+    return aledger.ledger.tasks_to_follow(include_success=config.download_dir is not None)
+
+
+@dataclass(frozen=True)
+class CollectOptions:
+    state: Path
+    config: CollectConfig
+    results: Path | None = None
+
+
+def run_collect(opts: CollectOptions) -> dict[str, Any]:
+    """Poll (and download) the ledger's open tasks; update the results table if given."""
+    started = time.monotonic()
+    lock = RunLock(opts.state, "collect")
+    lock.acquire()
+    try:
+        if opts.results is None and not opts.state.exists():
+            raise StateError(f"{opts.state}: no state file (nothing submitted yet?)")
+        ledger = Ledger(opts.state)
+        try:
+            only: set[str] | None = None
+            table = None
+            if opts.results is not None:
+                table = _read_table(opts.results)
+                only = _import_from_table(ledger, table)
+            entries = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None)
+            if only is not None:
+                entries = [e for e in entries if e.request_id in only]
+            stats = asyncio.run(_collect_all(opts.config, ledger, [Task.from_entry(e) for e in entries]))
+            if opts.results is not None and table is not None:
+                with interruptible():
+                    update_table(opts.results, table, ledger)
+            summary = {"run_id": "collect", "followed": len(entries), **stats.as_dict(),
+                       "elapsed_s": round(time.monotonic() - started, 3), "state": str(opts.state),
+                       "results": str(opts.results or "")}
+            summary["exit_code"] = EXIT_INTERRUPTED if stats.stop_reason and "interrupted" in stats.stop_reason \
+                else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE)
+            return summary
+        finally:
+            ledger.close()
+    finally:
+        lock.release()
+
+
+async def _collect_all(config: CollectConfig, ledger: Ledger, tasks: list[Task]) -> CollectStats:
+    loop = asyncio.get_running_loop()
+    aledger = AsyncLedger(ledger)
+    collector = Collector(config, aledger)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(s, collector.halt, f"interrupted by {signal.Signals(s).name}")
+    try:
+        return await collector.run(tasks)
+    finally:
+        await aledger.close()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(s)
+
+
+def _read_table(path: Path) -> pl.DataFrame:
+    try:
+        return read_results(path)
+    except Exception as exc:  # polars raises many types for a bad file
+        raise InputError(f"{path}: cannot read results table ({type(exc).__name__})") from None
+
+
+def _import_from_table(ledger: Ledger, table: pl.DataFrame) -> set[str]:
+    """Request ids of the table's submitted tasks; tasks the ledger lacks are adopted."""
+    needed = {"request_id", "task_id", "status"}
+    if not needed <= set(table.columns):
+        raise InputError(f"results table lacks columns: {', '.join(sorted(needed - set(table.columns)))}")
+    rows = table.filter(pl.col("task_id").is_not_null() & pl.col("status").is_in(["submitted", "skipped"]))
+    ids = rows["request_id"].to_list()
+    known = ledger.lookup(ids)
+    fields = [c for c in rows.columns if c in FIELD_NAMES]
+    for row in rows.iter_rows(named=True):
+        if row["request_id"] in known:
+            continue
+        body = {k: row[k] for k in fields if row[k] is not None and row[k] != ""}
+        submitted = row.get("submitted_at")
+        ledger.import_task(row["request_id"], row["task_id"], row.get("source"), row.get("row"),
+                           json.dumps(body, default=str), str(submitted) if submitted else None)
+    return set(ids)
+
+
+COLLECT_COLUMNS = ("task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error")
+
+
+def update_table(path: Path, table: pl.DataFrame, ledger: Ledger) -> None:
+    """Rewrite the results table with the ledger's collect columns, atomically."""
+    entries = ledger.lookup(table["request_id"].to_list())
+    updates: dict[str, list[Any]] = {c: [] for c in COLLECT_COLUMNS}
+    for rid in table["request_id"].to_list():
+        e = entries.get(rid)
+        for c in COLLECT_COLUMNS:
+            value = getattr(e, c) if e is not None else None
+            if c == "completed_at" and value is not None and path.suffix.lower() != ".csv":
+                value = datetime.fromisoformat(value)
+            updates[c].append(value)
+    columns = []
+    for c in COLLECT_COLUMNS:
+        dtype = table.schema.get(c, pl.String())
+        columns.append(pl.Series(c, updates[c], dtype=dtype if path.suffix.lower() != ".csv" else pl.String(),
+                                 strict=False))
+    updated = table.with_columns(columns)
+    writer = AtomicTableWriter(path)
+    try:
+        writer.write(updated)
+        writer.commit(dict(updated.schema))
+    except BaseException:
+        writer.discard()
+        raise
 
 
 def summary_path(results: Path) -> Path:

@@ -28,6 +28,10 @@ def render(summary: dict[str, Any]) -> str:
     if summary.get("elapsed_s") is not None:
         lines.append(f"  elapsed {summary['elapsed_s']:.1f} s, sent {summary.get('sent', 0)} "
                      f"at {summary.get('send_rate_per_s', 0.0):.2f}/s")
+    collected = summary.get("collect")
+    if collected:
+        states = ", ".join(f"{n} {status}" for status, n in collected["task_status"].items()) or "none"
+        lines.append(f"  tasks: {states}; downloaded {collected['downloaded']}, failed {collected['download_failed']}")
     estimate = summary.get("estimate")
     if estimate:
         tiers = ", ".join(f"{n} {tier}" for tier, n in estimate["requests_by_tier"].items())
@@ -39,6 +43,19 @@ def render(summary: dict[str, Any]) -> str:
             lines.append(f"  {key.replace('_', ' ')}: {summary[key]}")
     if summary.get("results"):
         lines.append(f"  results: {summary['results']}")
+    return "\n".join(lines)
+
+
+def render_collect(summary: dict[str, Any]) -> str:
+    lines = [f"seedance-batch collect: {summary['followed']} tasks followed, {summary['polls']} polls"]
+    for status, n in summary["task_status"].items():
+        mark = "" if status == "success" else "  <-"
+        lines.append(f"  {status:<10} {n:>8}{mark}")
+    lines.append(f"  downloaded {summary['downloaded']}, already present {summary['download_skipped']}, "
+                 f"failed {summary['download_failed']}")
+    if summary.get("stop_reason"):
+        lines.append(f"  stop reason: {summary['stop_reason']}")
+    lines.append(f"  elapsed {summary['elapsed_s']:.1f} s")
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ _OUTCOME_DTYPES: dict[str, pl.DataType] = {
     "status": pl.String(), "task_id": pl.String(), "error": pl.String(), "error_code": pl.Int64(),
     "http_status": pl.Int64(), "attempts": pl.Int64(), "submitted_at": pl.Datetime("ms", "UTC"),
     "task_status": pl.String(), "resource_urls": pl.String(), "failure_reason": pl.String(),
-    "completed_at": pl.Datetime("ms", "UTC"), "local_paths": pl.String(),
+    "completed_at": pl.Datetime("ms", "UTC"), "local_paths": pl.String(), "download_error": pl.String(),
 }
 
 
@@ -74,7 +74,7 @@ def resolve(req: Request, entry: Entry | None, how: Resolution) -> dict[str, Any
         "http_status": entry.http_status, "attempts": entry.attempts, "submitted_at": entry.submitted_at,
         "task_status": entry.task_status, "resource_urls": entry.resource_urls,
         "failure_reason": entry.failure_reason, "completed_at": entry.completed_at,
-        "local_paths": entry.local_paths,
+        "local_paths": entry.local_paths, "download_error": entry.download_error,
     }
     this_run = entry.run_id == how.run_id
     if entry.status == "submitted":

@@ -216,7 +216,7 @@ def test_two_concurrent_runs_the_second_exits_3_sending_nothing(start_fake, tmp_
     _out, err = second.communicate(timeout=30)
     assert second.returncode == 3
     assert time.monotonic() - t0 < 10
-    assert "another run is using state" in err
+    assert "another submit run is using state" in err
     assert [line for line in err.splitlines() if not line.startswith("{")] == [err.strip().splitlines()[-1]]
     assert not (tmp_path / "second.parquet").exists()
     first.communicate(timeout=60)
