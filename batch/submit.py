@@ -29,6 +29,7 @@ from batch.ratelimit import Rate, SmoothLimiter
 _STATUS = {Kind.OK: "submitted", Kind.FAIL: "failed", Kind.FATAL: "failed", Kind.UNKNOWN: "unknown"}
 DEFAULT_RATE = Rate(100, 60)  # the provider's documented per-key limit
 MAX_ADAPTIVE_CONCURRENCY = 512
+WARM_UP_MAX = 0.5
 UNLIMITED_RATE_CONCURRENCY = 64
 
 
@@ -133,7 +134,8 @@ class Submitter:
         # The first request of a run pays for connection set-up and aiohttp's lazy
         # initialisation (~10-20 ms here); the ones scheduled after it on warm
         # connections then reach the server bunched up: at 500/s the fake API saw 503
-        # starts in one second. So the schedule starts once the first answer is in.
+        # starts in one second. So the schedule starts once the first answer is in, or
+        # after WARM_UP_MAX seconds (a slow provider must not stall the run).
         self._warm = asyncio.Event()
         self._warming = False
         self._producer: asyncio.Task[None] | None = None
@@ -251,7 +253,9 @@ class Submitter:
         while True:
             if not self._warm.is_set():
                 if self._warming:
-                    await self._warm.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._warm.wait(), WARM_UP_MAX)
+                    self._warm.set()
                 else:
                     self._warming = True
             async with self._gate:
