@@ -37,9 +37,8 @@ import structlog
 from batch.api import TASK_PATH
 from batch.client import Kind, Secret, make_session, request_once
 from batch.ledger import AsyncLedger, Entry, utcnow
-from batch.ratelimit import Rate, SmoothLimiter
+from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
 
-DEFAULT_RATE = Rate(100, 60)
 TERMINAL = frozenset({"success", "failed", "expired"})
 CHUNK = 1 << 16
 T = TypeVar("T")

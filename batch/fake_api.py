@@ -284,14 +284,8 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
     app = web.Application(client_max_size=1024 * 1024)
     app[STATE_KEY] = state
 
-    async def submit(request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body: Any = json.loads(raw)
-        except ValueError:
-            body = raw.decode("utf-8", "replace")
-        record = Record(time.monotonic(), "POST", SUBMIT_PATH, body if config.record_bodies else None, 0, None)
-        state.records.append(record)
+    async def admit(request: web.Request, record: Record) -> web.Response | None:
+        """What the provider checks before the endpoint: the key, the per-key rate; then latency."""
         if not _authorized(request, config):
             record.status = 401
             return _error(401, "invalid or missing API key")
@@ -300,6 +294,19 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             record.status = 429
             return _error(429, "rate limit exceeded", {"Retry-After": str(max(1, int(wait + 0.999)))})
         await _latency(config, state)
+        return None
+
+    async def submit(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        record = Record(time.monotonic(), "POST", SUBMIT_PATH, body if config.record_bodies else None, 0, None)
+        state.records.append(record)
+        refused = await admit(request, record)
+        if refused is not None:
+            return refused
 
         def accept() -> str:
             record.task_id = state.new_task(body)
@@ -326,14 +333,9 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         task_id = request.match_info["task_id"]
         record = Record(time.monotonic(), "GET", request.path, None, 0, None)
         state.records.append(record)
-        if not _authorized(request, config):
-            record.status = 401
-            return _error(401, "invalid or missing API key")
-        wait = state.over_rate_limit(record.t)
-        if wait is not None:
-            record.status = 429
-            return _error(429, "rate limit exceeded", {"Retry-After": str(max(1, int(wait + 0.999)))})
-        await _latency(config, state)
+        refused = await admit(request, record)
+        if refused is not None:
+            return refused
         fault = state.pick_fault("query", task_id)
         if fault is not None:
             answer = await _apply_fault(fault, request, state, record, lambda: None)

@@ -222,9 +222,6 @@ class Ledger:
             (request_id, source, row, body, task_id, submitted_at, utcnow()),
         )
 
-    def counts(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT status, count(*) FROM requests GROUP BY status").fetchall())
-
 
 SQL_SENDING = (
     "INSERT INTO requests(request_id, status, run_id, source, row, body, attempts, updated_at) "

@@ -29,6 +29,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from batch.api import DOCUMENTED_RATE_PER_MIN
+
 
 @dataclass(frozen=True)
 class Rate:
@@ -44,6 +46,9 @@ class Rate:
     def __str__(self) -> str:
         unit = {1.0: "s", 60.0: "min", 3600.0: "h"}.get(self.period, f"{self.period:g}s")
         return f"{self.count:g}/{unit}"
+
+
+DEFAULT_RATE = Rate(DOCUMENTED_RATE_PER_MIN, 60.0)
 
 
 class SmoothLimiter:

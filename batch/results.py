@@ -9,7 +9,6 @@ never half of one.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -262,7 +261,3 @@ def read_results(path: Path) -> pl.DataFrame:
     if path.suffix.lower() == ".csv":
         return pl.read_csv(path, infer_schema=False)
     return pl.read_parquet(path)
-
-
-def resource_urls_json(urls: list[str]) -> str:
-    return json.dumps(urls)

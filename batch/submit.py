@@ -24,12 +24,11 @@ from batch.client import Kind, Secret, Verdict, make_session, request_once, subm
 from batch.expand import Request, chunks
 from batch.ledger import AsyncLedger, utcnow
 from batch.progress import Progress
-from batch.ratelimit import Rate, SmoothLimiter
+from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
 
 _STATUS = {Kind.OK: "submitted", Kind.FAIL: "failed", Kind.FATAL: "failed", Kind.UNKNOWN: "unknown"}
-DEFAULT_RATE = Rate(100, 60)  # the provider's documented per-key limit
 MAX_ADAPTIVE_CONCURRENCY = 512
-WARM_UP_MAX = 0.5
+WARM_UP_MAX = 0.1
 UNLIMITED_RATE_CONCURRENCY = 64
 
 
@@ -238,7 +237,8 @@ class Submitter:
                 queue.task_done()
 
     def _backoff(self, attempt: int) -> float:
-        # Exponential with full jitter (AWS architecture blog): spreads retries apart.
+        # Exponential with "equal jitter" (AWS architecture blog): at least half the
+        # step, so retries never hammer, and spread so that workers do not retry in step.
         cap = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
         return random.uniform(cap / 2, cap)
 
@@ -247,7 +247,8 @@ class Submitter:
         must pass the shared gate, limiter and a durable ledger mark, and the decision
         depends on the classified answer and its Retry-After, not on an exception."""
         cfg, ledger, loop = self.config, self.ledger, asyncio.get_running_loop()
-        body = json.dumps(req.body, ensure_ascii=False, separators=(",", ":")).encode()
+        text = json.dumps(req.body, ensure_ascii=False, separators=(",", ":"))
+        body = text.encode()
         attempts = 0
         verdict: Verdict | None = None
         while True:
@@ -265,7 +266,7 @@ class Submitter:
                         ledger.outcome(req.request_id, "pending", error=f"stopped before retry: {verdict.error}",
                                        http_status=verdict.http_status, attempts=attempts)
                     return
-                await ledger.sending(req.request_id, self.run_id, req.source, req.row, body.decode())
+                await ledger.sending(req.request_id, self.run_id, req.source, req.row, text)
                 attempts += 1
                 started = loop.time()
                 if self.stats.first_send is None:
@@ -293,7 +294,7 @@ class Submitter:
             ledger.outcome(req.request_id, "pending", error=verdict.error, error_code=verdict.error_code,
                            http_status=verdict.http_status, attempts=attempts)
             self.log.debug("retry", request_id=req.request_id, attempt=attempts, wait=round(wait, 3),
-                      http_status=verdict.http_status, error=verdict.error)
+                           http_status=verdict.http_status, error=verdict.error)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), wait)
 

@@ -160,7 +160,7 @@ def overhead(tmp: Path, n: int, concurrency: int = 64, repeats: int = 2) -> dict
             ok &= len(fake.submissions()) == n
     ours, bare = n / min(ours_t), n / min(bare_t)
     return {"phase": "overhead", "n": n, "ours_rps": round(ours, 1), "bare_rps": round(bare, 1),
-            "ratio": round(ours / bare, 3), "target": ">= 0.8", "ok": ok}
+            "ratio": round(ours / bare, 3), "ok": ok, "target": ">= 0.8", "met": ours / bare >= 0.8}
 
 
 def rate_precision(tmp: Path, rate: int, seconds: float, strict: bool) -> dict[str, Any]:
@@ -177,9 +177,10 @@ def rate_precision(tmp: Path, rate: int, seconds: float, strict: bool) -> dict[s
            "achieved/target": round(achieved_rate([r["t"] for r in subs]) / rate, 3),
            "max_1s_window": max_in_window([r["t"] for r in subs]),
            "429_share": round(throttled / max(1, len(subs)), 4)}
-    row["ok"] = rc == 0 and len(accepted) == n and row["max_1s_window"] <= rate
-    if strict:
-        row["ok"] = rc == 0 and len(accepted) == n and row["429_share"] <= 0.01
+    row["ok"] = rc == 0 and len(accepted) == n
+    row["target"] = "0.97-1.00, " + ("429 share <= 1%" if strict else f"window <= {rate}")
+    in_band = 0.97 <= row["achieved/target"] <= 1.0
+    row["met"] = in_band and (row["429_share"] <= 0.01 if strict else row["max_1s_window"] <= rate)
     return row
 
 
@@ -191,7 +192,8 @@ def latency_hiding(tmp: Path, rate: int, latency: float, seconds: float) -> dict
         times = [r["t"] for r in fake.submissions()]
     ratio = achieved_rate(times) / rate
     return {"phase": f"latency {latency}s @ {rate}/s", "n": n, "achieved/target": round(ratio, 3),
-            "max_1s_window": max_in_window(times), "ok": rc == 0 and len(times) == n}
+            "max_1s_window": max_in_window(times), "ok": rc == 0 and len(times) == n,
+            "target": ">= 0.97", "met": ratio >= 0.97}
 
 
 def backpressure(tmp: Path, rate: int, n: int) -> dict[str, Any]:
@@ -211,14 +213,16 @@ def backpressure(tmp: Path, rate: int, n: int) -> dict[str, Any]:
     uncooled = rate * 0.2
     return {"phase": "backpressure 20% 429", "n": n, "429/s first second": first_429s,
             "429/s after": round(later_429_rate, 2), "429/s without cooldown": uncooled, "statuses": counts,
-            "ok": rc == 0 and counts == {"submitted": n} and later_429_rate < uncooled / 2}
+            "ok": rc == 0 and counts == {"submitted": n}, "target": "429/s falls",
+            "met": later_429_rate < uncooled / 2}
 
 
 def scale(tmp: Path, rows: int, submit_sizes: tuple[int, int]) -> list[dict[str, Any]]:
     inp = make_input(tmp / "scale.parquet", rows, fmt="parquet")
     wall, rc, rss = run_measured(submit_cmd(inp, tmp, "http://127.0.0.1:9", "--dry-run", out="scale.parquet"), env())
     out = [{"phase": f"dry-run {rows:,} rows", "wall_s": round(wall, 1), "peak_rss_mib": rss,
-            "ok": rc == 0 and pl.scan_parquet(tmp / "scale.parquet").select(pl.len()).collect().item() == rows}]
+            "ok": rc == 0 and pl.scan_parquet(tmp / "scale.parquet").select(pl.len()).collect().item() == rows,
+            "target": "< 30 s, < 2 GiB", "met": wall < 30 and rss < 2048}]
     peaks = []
     for size in submit_sizes:
         inp = make_input(tmp / f"mem{size}.parquet", size, fmt="parquet")
@@ -228,7 +232,7 @@ def scale(tmp: Path, rows: int, submit_sizes: tuple[int, int]) -> list[dict[str,
         peaks.append(rss)
     out.append({"phase": f"submit RSS {submit_sizes[1]:,} vs {submit_sizes[0]:,} rows",
                 "peak_rss_mib": f"{peaks[1]} vs {peaks[0]}", "ratio": round(peaks[1] / peaks[0], 2),
-                "ok": rc == 0 and peaks[1] / peaks[0] < 1.5})
+                "ok": rc == 0, "target": "flat (< 1.5x)", "met": peaks[1] / peaks[0] < 1.5})
     return out
 
 
@@ -249,10 +253,12 @@ def run_all(quick: bool) -> list[dict[str, Any]]:
 
 def render(rows: list[dict[str, Any]]) -> str:
     lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-             f"{platform.system()} {platform.release()}", ""]
+             f"{platform.system()} {platform.release()}", "",
+             "| phase | measured | target | met | correct |", "|---|---|---|---|---|"]
     for row in rows:
-        fields = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("phase", "ok"))
-        lines.append(f"| {row['phase']} | {fields} | {'ok' if row['ok'] else 'FAIL'} |")
+        fields = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("phase", "ok", "target", "met"))
+        lines.append(f"| {row['phase']} | {fields} | {row.get('target', '')} | {'yes' if row.get('met') else 'NO'} "
+                     f"| {'ok' if row['ok'] else 'FAIL'} |")
     return "\n".join(lines)
 
 
@@ -265,6 +271,7 @@ def main() -> None:
     print(render(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    # Exit 1 only for wrong results; a missed performance target is shown in the table.
     sys.exit(0 if all(r["ok"] for r in rows) else 1)
 
 

@@ -14,7 +14,7 @@ def test_overhead_phase_submits_everything(tmp_path: Path) -> None:
 
 def test_rate_phase_never_exceeds_the_window(tmp_path: Path) -> None:
     row = bench.rate_precision(tmp_path, 40, 1.0, strict=False)
-    assert row["ok"] and row["max_1s_window"] <= 40, row
+    assert row["ok"] and row["max_1s_window"] <= 40, row  # the hard guarantee, unlike the achieved rate
     strict = bench.rate_precision(tmp_path, 40, 1.0, strict=True)
     assert strict["ok"] and strict["429_share"] <= 0.01, strict
 
@@ -23,12 +23,12 @@ def test_latency_and_backpressure_phases(tmp_path: Path) -> None:
     row = bench.latency_hiding(tmp_path, 40, 0.3, 1.0)
     assert row["ok"] and row["max_1s_window"] <= 40, row
     bp = bench.backpressure(tmp_path, 20, 10)
-    assert bp["statuses"] == {"submitted": 10}, bp
+    assert bp["ok"] and bp["statuses"] == {"submitted": 10}, bp
 
 
 def test_scale_phase(tmp_path: Path) -> None:
     rows = bench.scale(tmp_path, 3_000, (500, 2_000))
-    assert rows[0]["ok"], rows
+    assert rows[0]["ok"] and rows[1]["ok"], rows
     assert rows[1]["ratio"] < 1.5, rows
 
 

@@ -232,13 +232,10 @@ def test_lock_dies_with_a_killed_process(start_fake, tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     assert (tmp_path / "state.sqlite.lock").exists()  # the file stays, the lock does not
-    res = cli(submit_args(fake, tmp_path, path, extra=["--dry-run"]))
-    assert res.exit_code == 0
-    from batch.ledger import RunLock
-
-    lock = RunLock(tmp_path / "state.sqlite")
-    lock.acquire()
-    lock.release()
+    fake.state.config.latency = 0
+    res = cli(submit_args(fake, tmp_path, path))
+    assert res.exit_code == 1, res.output  # not 3: it ran; 1 because the killed run's sends are unknown
+    assert "unknown" in res.output and "skipped" not in res.output
 
 
 def test_no_temp_files_left_and_results_replaced_atomically(fake, tmp_path: Path) -> None:
