@@ -120,3 +120,28 @@ def test_subprocess_exit_codes_and_one_line_errors(fake, tmp_path: Path) -> None
     proc = run_cli_process(submit_args(fake, tmp_path, path))
     assert proc.returncode == 0, proc.stderr
     assert KEY not in proc.stderr + proc.stdout
+
+
+def test_transport_check() -> None:
+    from batch.cli import check_transport
+    from batch.errors import ConfigError
+
+    for ok in ("https://api.example.com", "http://127.0.0.1:8787", "http://localhost:1", "http://[::1]:80"):
+        check_transport(ok, allow_insecure=False)
+    with pytest.raises(ConfigError, match="plain http"):
+        check_transport("http://10.0.0.5", allow_insecure=False)
+    check_transport("http://10.0.0.5", allow_insecure=True)  # the operator's explicit choice
+    with pytest.raises(ConfigError, match="expected http"):
+        check_transport("ftp://x", allow_insecure=True)
+
+
+def test_deadline_forms() -> None:
+    from datetime import datetime, timedelta
+
+    from batch.cli import parse_deadline
+
+    now = datetime(2026, 11, 25, 23, 0).astimezone()
+    assert parse_deadline("90m", now) == (now + timedelta(minutes=90)).timestamp()
+    assert parse_deadline("1h30m", now) == (now + timedelta(minutes=90)).timestamp()
+    assert parse_deadline("06:00", now) == now.replace(hour=6, minute=0).timestamp() + 86400  # tomorrow
+    assert parse_deadline("2026-11-26T05:00", now) == datetime(2026, 11, 26, 5, 0).astimezone().timestamp()
