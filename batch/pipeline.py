@@ -123,15 +123,15 @@ def run_submit(opts: RunOptions) -> Summary:
     started = time.monotonic()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     check_output_path(opts.output)
-    tables = load_inputs(opts.inputs, opts.sheet)
-    expander = Expander(tables, opts.expand)
-    log.info("loaded", files=len(tables), rows=sum(t.df.height for t in tables), run_id=run_id,
-             dry_run=opts.dry_run)
-
-    if opts.dry_run:
-        tally = write_results(opts.output, expander, expander.extra_dtypes, lambda ids: {},
-                              Resolution(None, dry_run=True))
-        return _summarize(run_id, tally, started, opts, None)
+    with interruptible():  # Ctrl-C while a large file loads: exit 4, not a traceback
+        tables = load_inputs(opts.inputs, opts.sheet)
+        expander = Expander(tables, opts.expand)
+        log.info("loaded", files=len(tables), rows=sum(t.df.height for t in tables), run_id=run_id,
+                 dry_run=opts.dry_run)
+        if opts.dry_run:
+            tally = write_results(opts.output, expander, expander.extra_dtypes, lambda ids: {},
+                                  Resolution(None, dry_run=True))
+            return _summarize(run_id, tally, started, opts, None)
 
     lock = RunLock(opts.state)
     lock.acquire()

@@ -244,3 +244,18 @@ def test_no_temp_files_left_and_results_replaced_atomically(fake, tmp_path: Path
     cli(submit_args(fake, tmp_path, path))
     assert results(tmp_path / "results.parquet").height == 3
     assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []
+
+
+def test_ctrl_c_during_a_dry_run_exits_4_without_traceback_or_temp_file(tmp_path: Path) -> None:
+    big = tmp_path / "big.parquet"
+    pl.DataFrame({"prompt": [f"p{i}" for i in range(400_000)]}).write_parquet(big)
+    proc = subprocess.Popen([sys.executable, "-m", "batch", "submit", str(big), "--dry-run", "-o",
+                             str(tmp_path / "r.parquet")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env())
+    wait_for(lambda: any(".tmp-" in p.name for p in tmp_path.iterdir()))  # writing the table
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 4, err
+    assert "Traceback" not in err and "interrupted by SIGINT" in err
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    assert not (tmp_path / "r.parquet").exists()
