@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,20 @@ def write_metrics(path: Path, summary: dict[str, Any], job_name: str) -> None:
     os.replace(tmp, path)
 
 
+def expand_spec(job: JobFile | None, cli_params: Iterable[str], tier: str) -> ExpandSpec:
+    """The job's expansion settings, with each ``--param`` replacing the job's value for its field."""
+    params: dict[str, list[Any]] = dict(job.get("params", {})) if job else {}
+    for text in cli_params:
+        name, values = parse_param(text)
+        params[name] = values
+    return ExpandSpec(
+        params=params, tier=tier,
+        columns=job.get("columns", {}) if job else {},
+        prompt_template=job.get("prompt_template") if job else None,
+        id_column=job.get("id_column", "id") if job else "id",
+    )
+
+
 def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) -> RunOptions:
     key_file = kw.get("api_key_file")
     needs_key = not kw["dry_run"] and not kw["fake_api"]
@@ -256,25 +271,15 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         rate = parse_rate(str(kw["rate"]))
     except ValueError as exc:
         raise ConfigError(f"--rate: {exc}") from None
-    params: dict[str, list[Any]] = dict(job.get("params", {})) if job else {}
-    for text in kw["params"]:
-        name, values = parse_param(text)
-        params[name] = values
     submit_cfg = SubmitConfig(
         base_url=kw["base_url"], api_key=key, rate=rate, concurrency=kw["concurrency"],
         max_attempts=kw["max_attempts"], timeout=kw["timeout"], resend_unknown=kw["resend_unknown"],
         max_requests=kw["max_requests"],
     )
-    expand = ExpandSpec(
-        params=params, tier=kw["tier"],
-        columns=job.get("columns", {}) if job else {},
-        prompt_template=job.get("prompt_template") if job else None,
-        id_column=job.get("id_column", "id") if job else "id",
-    )
     return RunOptions(
         inputs=tuple(kw["inputs"]),
         output=Path(kw["output"]),
-        expand=expand,
+        expand=expand_spec(job, kw["params"], kw["tier"]),
         submit=submit_cfg,
         # The fake API's task ids must never land in the real ledger (they would make
         # tomorrow's real run skip those requests), so a fake run has its own default.
@@ -308,16 +313,7 @@ def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None
     inputs = tuple(job.get("inputs", [])) + targets[1:] if job else targets
     if not inputs:
         raise ConfigError("validate: no input files")
-    merged: dict[str, list[Any]] = dict(job.get("params", {})) if job else {}
-    for text in params:
-        name, values = parse_param(text)
-        merged[name] = values
-    spec = ExpandSpec(
-        params=merged, tier=tier or (job.get("tier", "flex") if job else "flex"),
-        columns=job.get("columns", {}) if job else {},
-        prompt_template=job.get("prompt_template") if job else None,
-        id_column=job.get("id_column", "id") if job else "id",
-    )
+    spec = expand_spec(job, params, tier or (job.get("tier", "flex") if job else "flex"))
     expander = Expander(load_inputs(inputs, sheet or (job.get("sheet") if job else None)), spec)
     tally = Tally()
     shown = 0
