@@ -326,7 +326,8 @@ def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None
     invalid = tally.counts.get("invalid", 0)
     if invalid > shown:
         click.echo(f"... and {invalid - shown} more invalid requests")
-    summary = {"run_id": "validate", "counts": dict(tally.counts), "estimate": tally.estimate()}
+    counts = {("valid" if k == "dry_run" else k): v for k, v in tally.counts.items()}
+    summary = {"title": "seedance-batch validate", "counts": counts, "estimate": tally.estimate()}
     click.echo(render(summary))
     sys.exit(1 if invalid else 0)
 

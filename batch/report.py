@@ -15,10 +15,11 @@ def render(summary: dict[str, Any]) -> str:
     """A plain-text table: counts by status, top errors, elapsed, achieved rate."""
     counts: dict[str, int] = summary.get("counts", {})
     total = sum(counts.values())
-    lines = [f"seedance-batch run {summary.get('run_id', '-')}: {total} requests"]
-    order = [s for s in STATUSES if s in counts] + sorted(set(counts) - set(STATUSES))
+    title = summary.get("title") or f"seedance-batch run {summary.get('run_id', '-')}"
+    lines = [f"{title}: {total} requests"]
+    order = [s for s in (*STATUSES, "valid") if s in counts] + sorted(set(counts) - {*STATUSES, "valid"})
     for status in order:
-        mark = "" if status in OK_STATUSES else "  <-"
+        mark = "" if status in OK_STATUSES or status == "valid" else "  <-"
         lines.append(f"  {status:<10} {counts[status]:>8}{mark}")
     errors = summary.get("top_errors") or []
     if errors:
