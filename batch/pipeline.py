@@ -193,6 +193,8 @@ async def _submit_all(opts: RunOptions, expander: Expander, ledger: Ledger, run_
             state["aborted"] = True
             log.warning("abort", signal=name)
             submitter.abort()
+            if state.get("on_halt"):
+                state["on_halt"](f"aborted by a second {name}")
 
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, on_signal, s)
@@ -207,8 +209,7 @@ async def _submit_all(opts: RunOptions, expander: Expander, ledger: Ledger, run_
             progress_task.cancel()
             collector = Collector(replace(opts.collect, base_url=config.base_url, api_key=config.api_key), aledger)
             current = [t for t in await _follow(aledger, opts.collect) if t.run_id == run_id]
-            halt_collect = collector.halt
-            state["on_halt"] = halt_collect
+            state["on_halt"] = collector.halt
             collected = await collector.run([Task.from_entry(e) for e in current])
     except asyncio.CancelledError:
         stats = submitter.stats
