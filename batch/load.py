@@ -77,6 +77,8 @@ def load_table(path: Path, sheet: str | None = None) -> Table:
         raise
     except Exception as exc:  # polars/pyarrow/fastexcel raise many unrelated types
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "utf-8" in detail.lower() or "utf8" in detail.lower():
+            detail += " (save it as UTF-8: in Excel, 'CSV UTF-8')"
         raise InputError(f"{path}: cannot read {suffix[1:]} file: {detail[:200]}") from None
     df = df.rename({c: c.strip() for c in df.columns if c != c.strip()})
     return Table(source=path.name, path=path, df=df)

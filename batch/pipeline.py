@@ -23,7 +23,7 @@ import structlog
 
 from batch.client import Secret
 from batch.collect import CollectConfig, Collector, CollectStats, Task
-from batch.errors import BatchError, InputError, StateError
+from batch.errors import BatchError, ConfigError, InputError, StateError
 from batch.expand import Expander, ExpandSpec
 from batch.fake_api import start_fake
 from batch.ledger import AsyncLedger, Entry, Ledger, RunLock, utcnow
@@ -125,6 +125,8 @@ def run_submit(opts: RunOptions) -> Summary:
     check_output_path(opts.output)
     with interruptible():  # Ctrl-C while a large file loads: exit 4, not a traceback
         tables = load_inputs(opts.inputs, opts.sheet)
+        if any(t.path.resolve() == opts.output.resolve() for t in tables):
+            raise ConfigError(f"--output {opts.output} is also an input: it would overwrite tonight's prompts")
         expander = Expander(tables, opts.expand)
         log.info("loaded", files=len(tables), rows=sum(t.df.height for t in tables), run_id=run_id,
                  dry_run=opts.dry_run)

@@ -24,15 +24,19 @@ def one_line_error(res) -> str:
     (["submit", "{dir}/ok.csv", "-o", "r.csv", "--deadline", "tomorrowish"], "--deadline"),
     (["submit", "{dir}/ok.csv", "-o", "r.csv", "--base-url", "http://api.example.com"], "plain http"),
     (["submit", "{dir}/ok.csv", "-o", "r.csv", "--api-key-file", "{dir}/nokey"], "--api-key-file"),
+    (["submit", "{dir}/ok.csv", "-o", "{dir}/ok.csv", "--dry-run"], "is also an input"),
+    (["submit", "{dir}/gbk.csv", "-o", "r.csv", "--dry-run"], "save it as UTF-8"),
 ])
 def test_user_mistakes_exit_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "noprompt.csv").write_text("id,text\n1,x\n")
     (tmp_path / "ok.csv").write_text("prompt\nx\n")
+    (tmp_path / "gbk.csv").write_bytes("prompt\n中文\n".encode("gbk"))
     args = [a.format(dir=tmp_path) for a in args]
     res = cli([*args, "--state", str(tmp_path / "s.sqlite")])
     assert res.exit_code == 2
     assert message in one_line_error(res)
     assert not (tmp_path / "r.csv").exists()
+    assert (tmp_path / "ok.csv").read_text() == "prompt\nx\n"
 
 
 def test_missing_key_is_exit_2_before_anything_is_sent(fake, tmp_path: Path) -> None:
