@@ -219,20 +219,23 @@ def backpressure(tmp: Path, rate: int, n: int) -> dict[str, Any]:
 
 def scale(tmp: Path, rows: int, submit_sizes: tuple[int, int]) -> list[dict[str, Any]]:
     inp = make_input(tmp / "scale.parquet", rows, fmt="parquet")
-    wall, rc, rss = run_measured(submit_cmd(inp, tmp, "http://127.0.0.1:9", "--dry-run", out="scale.parquet"), env())
+    wall, rc, rss = run_measured(submit_cmd(inp, tmp, "http://127.0.0.1:9", "--dry-run", out="scale.results.parquet"),
+                                 env())
     out = [{"phase": f"dry-run {rows:,} rows", "wall_s": round(wall, 1), "peak_rss_mib": rss,
-            "ok": rc == 0 and pl.scan_parquet(tmp / "scale.parquet").select(pl.len()).collect().item() == rows,
+            "ok": rc == 0 and pl.scan_parquet(tmp / "scale.results.parquet").select(pl.len()).collect().item() == rows,
             "target": "< 30 s, < 2 GiB", "met": wall < 30 and rss < 2048}]
     peaks = []
+    ok = True
     for size in submit_sizes:
         inp = make_input(tmp / f"mem{size}.parquet", size, fmt="parquet")
         with fake_api() as fake:
             _, rc, rss = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", "0", "--concurrency", "64",
-                                                 out=f"mem{size}.parquet"), env())
+                                                 out=f"mem{size}.results.parquet"), env())
+        ok &= rc == 0 and statuses(tmp / f"mem{size}.results.parquet") == {"submitted": size}
         peaks.append(rss)
     out.append({"phase": f"submit RSS {submit_sizes[1]:,} vs {submit_sizes[0]:,} rows",
                 "peak_rss_mib": f"{peaks[1]} vs {peaks[0]}", "ratio": round(peaks[1] / peaks[0], 2),
-                "ok": rc == 0, "target": "flat (< 1.5x)", "met": peaks[1] / peaks[0] < 1.5})
+                "ok": ok, "target": "flat (< 1.5x)", "met": peaks[1] / peaks[0] < 1.5})
     return out
 
 
@@ -247,7 +250,7 @@ def run_all(quick: bool) -> list[dict[str, Any]]:
             rows.append(rate_precision(tmp, rate, 1.5 if quick else 6.0, strict=True))
         rows.append(latency_hiding(tmp, 100, 0.5 if quick else 2.0, 2.0 if quick else 15.0))
         rows.append(backpressure(tmp, 50, 20 if quick else 150))
-        rows.extend(scale(tmp, 20_000 if quick else 1_000_000, (2_000, 8_000) if quick else (10_000, 40_000)))
+        rows.extend(scale(tmp, 20_000 if quick else 1_000_000, (2_000, 8_000) if quick else (10_000, 100_000)))
     return rows
 
 
