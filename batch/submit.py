@@ -101,14 +101,15 @@ class RunStats:
     counts: Counter[str] = field(default_factory=Counter)
     sent: int = 0  # HTTP attempts made
     first_send: float | None = None
-    last_answer: float | None = None
+    last_send: float | None = None
     stop_reason: str | None = None
 
     @property
     def send_rate(self) -> float:
-        if self.first_send is None or self.last_answer is None or self.last_answer <= self.first_send:
+        """Starts per second, start to start: comparable with --rate (n starts span n-1 gaps)."""
+        if self.first_send is None or self.last_send is None or self.last_send <= self.first_send:
             return 0.0
-        return self.sent / (self.last_answer - self.first_send)
+        return (self.sent - 1) / (self.last_send - self.first_send)
 
 
 class Submitter:
@@ -266,18 +267,19 @@ class Submitter:
                         ledger.outcome(req.request_id, "pending", error=f"stopped before retry: {verdict.error}",
                                        http_status=verdict.http_status, attempts=attempts)
                     return
+                paced_at = loop.time()  # when the limiter let it go: the rate's own clock
                 await ledger.sending(req.request_id, self.run_id, req.source, req.row, text)
                 attempts += 1
                 started = loop.time()
                 if self.stats.first_send is None:
-                    self.stats.first_send = started
+                    self.stats.first_send = paced_at
+                self.stats.last_send = paced_at
                 self.stats.sent += 1
                 try:
                     verdict = await request_once(self._session, "POST", self._url, cfg.api_key, body)
                 finally:
                     self._warm.set()
-                self.stats.last_answer = loop.time()
-                self._gate.observe(self.stats.last_answer - started)
+                self._gate.observe(loop.time() - started)
             if verdict.kind is not Kind.RETRY:
                 self._finish(req, verdict, attempts)
                 return
