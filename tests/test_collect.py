@@ -197,3 +197,15 @@ def test_kill_9_during_download_then_rerun_fetches_only_whats_missing(start_fake
         video = tmp_path / "v" / f"{row['request_id'].replace(':', '_')}.mp4"
         assert video.read_bytes() == fake_file_bytes(row["task_id"], "mp4", 60_000)
     assert list((tmp_path / "v").glob(".*.part")) == []
+
+
+def test_collect_rewrites_a_csv_table_without_double_escaping(fake, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", [{"id": "a", "prompt": "=SUM(A1) as a prompt"}, {"id": "b", "prompt": "fine"}])
+    assert cli(submit_args(fake, tmp_path, path, out="r.csv")).exit_code == 0
+    res = cli(["collect", "--state", str(tmp_path / "state.sqlite"), "--base-url", fake.url, "--rate", "0",
+               "--results", str(tmp_path / "r.csv")])
+    assert res.exit_code == 0, res.output
+    df = results(tmp_path / "r.csv")
+    assert df["prompt"].to_list() == ["'=SUM(A1) as a prompt", "fine"]
+    assert df["task_status"].to_list() == ["success", "success"]
+    assert df["id"].to_list() == ["a", "b"]
