@@ -35,7 +35,7 @@ from batch.jobfile import JobFile, load_job
 from batch.ledger import default_state_path
 from batch.load import load_inputs
 from batch.pipeline import EXIT_INTERRUPTED, CollectOptions, Interrupted, RunOptions, run_collect, run_submit
-from batch.ratelimit import parse_rate
+from batch.ratelimit import Rate, parse_rate
 from batch.report import prometheus, render, render_collect, summarize_table
 from batch.results import Resolution, Tally, resolve
 from batch.submit import SubmitConfig
@@ -93,6 +93,23 @@ def resolve_key(key_file: Path | None) -> Secret:
     if not value:
         raise ConfigError("no API key: set SEEDANCE_API_KEY or give --api-key-file (or use --fake-api / --dry-run)")
     return Secret(value)
+
+
+def connection(key_file: Path | None, base_url: str, allow_insecure: bool, log_level: str,
+               needs_key: bool = True) -> Secret:
+    """The key (when one is needed), logging that scrubs it, and a transport safe to send it over."""
+    key = resolve_key(key_file) if needs_key else Secret("")
+    logs.configure(log_level, secrets=[key.reveal()])
+    if needs_key:
+        check_transport(base_url, allow_insecure)
+    return key
+
+
+def rate_option(text: str) -> Rate | None:
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise ConfigError(f"--rate: {exc}") from None
 
 
 def check_transport(base_url: str, allow_insecure: bool) -> None:
@@ -261,16 +278,9 @@ def expand_spec(job: JobFile | None, cli_params: Iterable[str], tier: str) -> Ex
 
 
 def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) -> RunOptions:
-    key_file = kw.get("api_key_file")
-    needs_key = not kw["dry_run"] and not kw["fake_api"]
-    key = resolve_key(key_file) if needs_key else Secret("")
-    logs.configure(kw["log_level"], secrets=[key.reveal()])
-    if needs_key:
-        check_transport(kw["base_url"], kw["allow_insecure"])
-    try:
-        rate = parse_rate(str(kw["rate"]))
-    except ValueError as exc:
-        raise ConfigError(f"--rate: {exc}") from None
+    key = connection(kw.get("api_key_file"), kw["base_url"], kw["allow_insecure"], kw["log_level"],
+                     needs_key=not kw["dry_run"] and not kw["fake_api"])
+    rate = rate_option(str(kw["rate"]))
     submit_cfg = SubmitConfig(
         base_url=kw["base_url"], api_key=key, rate=rate, concurrency=kw["concurrency"],
         max_attempts=kw["max_attempts"], timeout=kw["timeout"], resend_unknown=kw["resend_unknown"],
@@ -362,15 +372,9 @@ def collect(state: Path | None, results: Path | None, download_dir: Path | None,
             poll_interval: float, base_url: str, api_key_file: Path | None, rate: str, concurrency: int,
             download_concurrency: int, http_timeout: float, allow_insecure: bool, as_json: bool, log_level: str) -> None:
     """Follow submitted tasks to completion and download their outputs before they expire."""
-    key = resolve_key(api_key_file)
-    logs.configure(log_level, secrets=[key.reveal()])
-    check_transport(base_url, allow_insecure)
-    try:
-        parsed_rate = parse_rate(rate)
-    except ValueError as exc:
-        raise ConfigError(f"--rate: {exc}") from None
+    key = connection(api_key_file, base_url, allow_insecure, log_level)
     config = CollectConfig(
-        base_url=base_url, api_key=key, rate=parsed_rate, concurrency=concurrency, http_timeout=http_timeout,
+        base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=concurrency, http_timeout=http_timeout,
         wait=wait, wait_timeout=parse_duration(wait_timeout, "--timeout"), poll_min=poll_interval,
         download_dir=download_dir, download_concurrency=download_concurrency,
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import random
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -70,6 +71,14 @@ PERMANENT = frozenset({400, 403, 404, 413, 422})
 TRANSIENT = frozenset({429, 503})
 FATAL_STATUSES = frozenset({401, 402})
 MAX_RETRY_AFTER = 600.0
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Seconds before retry ``attempt`` (1-based): exponential with "equal jitter" (AWS
+    architecture blog), at least half the step so retries never hammer, spread so that
+    workers do not retry in step."""
+    step = min(cap, base * 2 ** (attempt - 1))
+    return random.uniform(step / 2, step)
 
 
 def retry_after_seconds(headers: Any, now: float | None = None) -> float | None:

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -35,7 +34,7 @@ import aiohttp
 import structlog
 
 from batch.api import TASK_PATH
-from batch.client import Kind, Secret, make_session, request_once
+from batch.client import Kind, Secret, backoff_delay, make_session, request_once
 from batch.ledger import AsyncLedger, Entry, utcnow
 from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
 
@@ -68,6 +67,7 @@ class CollectConfig:
     download_attempts: int = 5
     output_ttl: float = 24 * 3600.0
     backoff_base: float = 0.5
+    backoff_max: float = 30.0
 
 
 @dataclass
@@ -209,7 +209,7 @@ class Collector:
                 self.log.warning("poll_rejected", request_id=task.request_id, http_status=verdict.http_status,
                                  error=verdict.error)
                 break
-            wait = random.uniform(0.5, 1.0) * min(30.0, cfg.backoff_base * 2 ** (attempt - 1))
+            wait = backoff_delay(attempt, cfg.backoff_base, cfg.backoff_max)
             if verdict.retry_after is not None:
                 wait = max(wait, verdict.retry_after)
                 if verdict.http_status == 429:
@@ -317,7 +317,7 @@ class Collector:
             except (_Retry, aiohttp.ClientError, TimeoutError, OSError) as exc:
                 last_error = str(exc) or type(exc).__name__
                 self.log.debug("download_retry", url_path=urlsplit(url).path, attempt=attempt, error=last_error)
-                await asyncio.sleep(random.uniform(0.5, 1.0) * min(30.0, self.config.backoff_base * 2 ** (attempt - 1)))
+                await asyncio.sleep(backoff_delay(attempt, self.config.backoff_base, self.config.backoff_max))
         raise DownloadError(f"gave up after {self.config.download_attempts} attempts: {last_error}")
 
 

@@ -13,14 +13,13 @@ import asyncio
 import contextlib
 import json
 import math
-import random
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import structlog
 
-from batch.client import Kind, Secret, Verdict, make_session, request_once, submit_url
+from batch.client import Kind, Secret, Verdict, backoff_delay, make_session, request_once, submit_url
 from batch.expand import Request, chunks
 from batch.ledger import AsyncLedger, utcnow
 from batch.progress import Progress
@@ -237,12 +236,6 @@ class Submitter:
             finally:
                 queue.task_done()
 
-    def _backoff(self, attempt: int) -> float:
-        # Exponential with "equal jitter" (AWS architecture blog): at least half the
-        # step, so retries never hammer, and spread so that workers do not retry in step.
-        cap = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
-        return random.uniform(cap / 2, cap)
-
     async def _submit(self, req: Request) -> None:
         """All attempts for one request. Hand-written rather than tenacity: each attempt
         must pass the shared gate, limiter and a durable ledger mark, and the decision
@@ -283,7 +276,7 @@ class Submitter:
             if verdict.kind is not Kind.RETRY:
                 self._finish(req, verdict, attempts)
                 return
-            wait = self._backoff(attempts)
+            wait = backoff_delay(attempts, cfg.backoff_base, cfg.backoff_max)
             if verdict.retry_after is not None:
                 wait = max(wait, verdict.retry_after)
             if verdict.http_status == 429:
