@@ -99,6 +99,7 @@ class CollectStats:
     download_skipped: int = 0
     download_failed: int = 0
     stop_reason: str | None = None
+    interrupted: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"task_status": dict(sorted(self.task_status.items())), "polls": self.polls,
@@ -151,6 +152,10 @@ class Collector:
         self.stats = CollectStats()
         self.stopping = asyncio.Event()
         self.log = structlog.get_logger("batch.collect")
+
+    def interrupt(self, signame: str) -> None:
+        self.stats.interrupted = True
+        self.halt(f"interrupted by {signame}")
 
     def halt(self, reason: str) -> None:
         if not self.stopping.is_set():

@@ -151,14 +151,6 @@ class Expander:
         self.spec = spec
         self._template_cols = _template_fields(spec.prompt_template) if spec.prompt_template else []
         self._frames = [(t, self._prepare(t)) for t in self.tables]
-        extras: list[str] = []
-        for _, df in self._frames:
-            for name in df.columns:
-                out = self.extra_name(name)
-                if name not in FIELD_NAMES and out not in extras:
-                    extras.append(out)
-        #: pass-through columns of all inputs, in first-seen order, as named in results
-        self.extra_columns = extras
         self.total_rows = sum(df.height for _, df in self._frames)
         self.rows_seen = 0  # rows read by the current iteration (for progress)
 
@@ -180,6 +172,11 @@ class Expander:
                 and not self.spec.prompt_template:
             raise InputError(f"{table.path}: no 'prompt' column (columns: {', '.join(df.columns) or 'none'})")
         return df
+
+    @property
+    def extra_columns(self) -> list[str]:
+        """Pass-through columns of all inputs, in first-seen order, as named in results."""
+        return list(self.extra_dtypes)
 
     @property
     def extra_dtypes(self) -> dict[str, pl.DataType]:

@@ -293,7 +293,7 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
             summary = {"run_id": "collect", "followed": len(entries), **stats.as_dict(),
                        "elapsed_s": round(time.monotonic() - started, 3), "state": str(opts.state),
                        "results": str(opts.results or "")}
-            summary["exit_code"] = EXIT_INTERRUPTED if stats.stop_reason and "interrupted" in stats.stop_reason \
+            summary["exit_code"] = EXIT_INTERRUPTED if stats.interrupted \
                 else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE)
             return summary
         finally:
@@ -307,7 +307,7 @@ async def _collect_all(config: CollectConfig, ledger: Ledger, tasks: list[Task])
     aledger = AsyncLedger(ledger)
     collector = Collector(config, aledger)
     for s in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(s, collector.halt, f"interrupted by {signal.Signals(s).name}")
+        loop.add_signal_handler(s, collector.interrupt, signal.Signals(s).name)
     try:
         return await collector.run(tasks)
     finally:

@@ -209,3 +209,21 @@ def test_collect_rewrites_a_csv_table_without_double_escaping(fake, tmp_path: Pa
     assert df["prompt"].to_list() == ["'=SUM(A1) as a prompt", "fine"]
     assert df["task_status"].to_list() == ["success", "success"]
     assert df["id"].to_list() == ["a", "b"]
+
+
+def test_sigterm_stops_collect_wait_with_exit_4(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(task_delay=60)
+    table = submit(fake, tmp_path, prompts(2))
+    proc = subprocess.Popen([sys.executable, "-m", "batch", "collect", "--state", str(tmp_path / "state.sqlite"),
+                             "--base-url", fake.url, "--rate", "0", "--results", str(table), "--wait",
+                             "--poll-interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env())
+    deadline = time.monotonic() + 20
+    while polls(fake) < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 4, err
+    assert "interrupted by SIGTERM" in out
+    assert results(table)["task_status"].to_list() == ["pending", "pending"]
