@@ -157,6 +157,9 @@ def make_session(concurrency: int, timeout: float, connect_timeout: float) -> ai
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout),
         raise_for_status=False,
+        # A bearer-key API sets no cookies we need, and pre-signed download URLs must not
+        # receive any: a dummy jar also skips cookie filtering on every request and answer.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
 
 
