@@ -328,8 +328,8 @@ def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None
     tally = Tally()
     shown = 0
     for req in expander:
-        outcome = resolve(req, None, Resolution(None, dry_run=True))
-        tally.add(req, outcome)
+        outcome = resolve(req.error, None, Resolution(None, dry_run=True))
+        tally.add(outcome, req.body)
         if req.error is not None and shown < show:
             shown += 1
             click.echo(f"{req.source}:{req.row}\t{req.request_id}\t{req.error}")

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -24,12 +24,23 @@ import structlog
 from batch.client import Secret
 from batch.collect import CollectConfig, Collector, CollectStats, Task
 from batch.errors import BatchError, ConfigError, InputError, StateError
-from batch.expand import Expander, ExpandSpec
+from batch.expand import Expander, ExpandSpec, Request
 from batch.fake_api import start_fake
 from batch.ledger import AsyncLedger, Entry, Ledger, RunLock, utcnow
 from batch.load import load_inputs
 from batch.progress import Progress
-from batch.results import OK_STATUSES, AtomicTableWriter, Resolution, Tally, check_output_path, read_results, write_results
+from batch.results import (
+    OK_STATUSES,
+    AtomicTableWriter,
+    RequestSpool,
+    Resolution,
+    Tally,
+    check_output_path,
+    read_results,
+    request_frames,
+    request_schema,
+    write_results,
+)
 from batch.submit import SubmitConfig, Submitter
 from batch.validate import FIELD_NAMES
 
@@ -130,9 +141,10 @@ def run_submit(opts: RunOptions) -> Summary:
         expander = Expander(tables, opts.expand)
         log.info("loaded", files=len(tables), rows=sum(t.df.height for t in tables), run_id=run_id,
                  dry_run=opts.dry_run)
+        schema = request_schema(expander.extra_dtypes)
         if opts.dry_run:
-            tally = write_results(opts.output, expander, expander.extra_dtypes, lambda ids: {},
-                                  Resolution(None, dry_run=True))
+            tally = write_results(opts.output, request_frames(expander, schema), expander.extra_dtypes,
+                                  lambda ids: {}, Resolution(None, dry_run=True))
             return _summarize(run_id, tally, started, opts, None)
 
     lock = RunLock(opts.state)
@@ -141,24 +153,33 @@ def run_submit(opts: RunOptions) -> Summary:
         ledger = Ledger(opts.state)
         try:
             ledger.start_run(run_id, opts.command)
-            outcome = asyncio.run(_submit_all(opts, expander, ledger, run_id))
-            resolution = Resolution(run_id, stop_reason=outcome.stop_reason)
-            if outcome.aborted:
-                # A second signal: leave now. The ledger is consistent; the table is not rewritten.
-                summary = Summary(run_id, {}, [], time.monotonic() - started, outcome.sent,
-                                  outcome.rate, outcome.stop_reason, outcome.interrupted,
-                                  "", str(opts.state))
-                ledger.finish_run(run_id, summary.as_dict())
-                return summary
-            with interruptible():
-                tally = write_results(opts.output, expander, expander.extra_dtypes, ledger.lookup, resolution)
-            summary = _summarize(run_id, tally, started, opts, outcome)
+            spool = RequestSpool(opts.output.parent, schema)
+            try:
+                outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), ledger, run_id))
+                summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started)
+            finally:
+                spool.close()
             ledger.finish_run(run_id, summary.as_dict())
             return summary
         finally:
             ledger.close()
     finally:
         lock.release()
+
+
+def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: Ledger, run_id: str,
+                   outcome: _Outcome, started: float) -> Summary:
+    """Write the results table (unless a second signal aborted the run) and summarize."""
+    if outcome.aborted:
+        # A second signal: leave now. The ledger is consistent; the table is not rewritten.
+        return Summary(run_id, {}, [], time.monotonic() - started, outcome.sent, outcome.rate,
+                       outcome.stop_reason, outcome.interrupted, "", str(opts.state))
+    # A run that stopped early has not read every request: expand the input again.
+    frames = spool.frames() if spool.complete else request_frames(expander, spool.schema)
+    with interruptible():
+        tally = write_results(opts.output, frames, expander.extra_dtypes, ledger.lookup,
+                              Resolution(run_id, stop_reason=outcome.stop_reason))
+    return _summarize(run_id, tally, started, opts, outcome)
 
 
 @dataclass
@@ -171,7 +192,8 @@ class _Outcome:
     collected: CollectStats | None = None
 
 
-async def _submit_all(opts: RunOptions, expander: Expander, ledger: Ledger, run_id: str) -> _Outcome:
+async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: Ledger,
+                      run_id: str) -> _Outcome:
     loop = asyncio.get_running_loop()
     fake = await start_fake() if opts.fake_api else None
     config = opts.submit
@@ -206,7 +228,7 @@ async def _submit_all(opts: RunOptions, expander: Expander, ledger: Ledger, run_
         deadline_handle = loop.call_later(delay, submitter.halt, "deadline reached")
     collected: CollectStats | None = None
     try:
-        stats = await submitter.run(expander, grace=opts.grace)
+        stats = await submitter.run(requests, grace=opts.grace)
         if opts.collect is not None and not submitter.stopping.is_set():
             progress_task.cancel()
             collector = Collector(replace(opts.collect, base_url=config.base_url, api_key=config.api_key), aledger)

@@ -1,24 +1,30 @@
 """outcomes → results table: one typed row per expanded request, written atomically.
 
-The table is written in a second pass over the (deterministic) expansion, in input
-order, looking outcomes up in the ledger chunk by chunk, so memory stays flat however
-many rows the input has. It is written to a temporary file in the same directory,
-fsynced and renamed over the target: a reader sees the old table or the new one,
-never half of one.
+The table is written after the run, in input order, chunk by chunk, looking outcomes
+up in the ledger, so memory stays flat however many rows the input has. Its request
+columns come from a :class:`RequestSpool` filled while the requests streamed to the
+workers (or, when the run stopped before reading them all, from a second pass over
+the deterministic expansion). It is written to a temporary file in the same
+directory, fsynced and renamed over the target: a reader sees the old table or the
+new one, never half of one.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+import structlog
 
 from batch.errors import ConfigError
 from batch.expand import Request, chunks
@@ -59,10 +65,10 @@ class Resolution:
     stop_reason: str | None = None
 
 
-def resolve(req: Request, entry: Entry | None, how: Resolution) -> dict[str, Any]:
-    """The outcome columns of one request's result row."""
-    if req.error is not None:
-        return {"status": "invalid", "error": req.error}
+def resolve(invalid: str | None, entry: Entry | None, how: Resolution) -> dict[str, Any]:
+    """The outcome columns of one request's result row (``invalid``: its validation error)."""
+    if invalid is not None:
+        return {"status": "invalid", "error": invalid}
     if how.dry_run:
         return {"status": "dry_run"}
     if entry is None:
@@ -115,18 +121,27 @@ def _to_datetime(text: Any) -> datetime | None:
 
 
 def result_schema(extra_dtypes: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
-    schema: dict[str, pl.DataType] = {"request_id": pl.String(), "source": pl.String(), "row": pl.Int64()}
-    schema.update(_FIELD_DTYPES)
-    schema.update(extra_dtypes)
+    schema = request_schema(extra_dtypes)
+    del schema[INVALID]
     schema.update(_OUTCOME_DTYPES)
     return schema
 
 
-def frame(rows: Sequence[tuple[Request, dict[str, Any]]], schema: dict[str, pl.DataType]) -> pl.DataFrame:
-    """Build one chunk of the results table column by column: one list comprehension per
-    column is about twice as fast as appending row by row (cProfile, 200k rows)."""
-    reqs = [r for r, _ in rows]
-    outs = [o for _, o in rows]
+INVALID = "__invalid"  # a request frame's validation error; becomes status/error in the table
+
+
+def request_schema(extra_dtypes: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
+    """The columns a request contributes to its row, before its outcome is known."""
+    schema: dict[str, pl.DataType] = {"request_id": pl.String(), "source": pl.String(), "row": pl.Int64()}
+    schema.update(_FIELD_DTYPES)
+    schema.update(extra_dtypes)
+    schema[INVALID] = pl.String()
+    return schema
+
+
+def request_frame(reqs: Sequence[Request], schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """The request columns of a chunk of requests, built column by column: one list
+    comprehension per column is about twice as fast as appending row by row (cProfile)."""
     columns: dict[str, list[Any]] = {
         "request_id": [r.request_id for r in reqs],
         "source": [r.source for r in reqs],
@@ -135,14 +150,89 @@ def frame(rows: Sequence[tuple[Request, dict[str, Any]]], schema: dict[str, pl.D
     for name in FIELD_NAMES:
         columns[name] = [_typed_field(name, r.body.get(name)) if r.error else r.body.get(name) for r in reqs]
     for name in schema:
-        if name not in columns and name not in _OUTCOME_DTYPES:
+        if name not in columns and name != INVALID:
             columns[name] = [r.extra.get(name) for r in reqs]
+    columns[INVALID] = [r.error for r in reqs]
+    return pl.DataFrame(columns, schema=schema, strict=False)
+
+
+def request_frames(requests: Iterable[Request], schema: dict[str, pl.DataType],
+                   chunk_size: int = 20_000) -> Iterator[pl.DataFrame]:
+    for chunk in chunks(requests, chunk_size):
+        yield request_frame(chunk, schema)
+
+
+def outcome_frame(outs: Sequence[dict[str, Any]]) -> pl.DataFrame:
+    columns: dict[str, list[Any]] = {}
     for name in _OUTCOME_DTYPES:
         if name in ("submitted_at", "completed_at"):
             columns[name] = [_to_datetime(o.get(name)) for o in outs]
         else:
             columns[name] = [o.get(name) for o in outs]
-    return pl.DataFrame(columns, schema=schema, strict=False)
+    return pl.DataFrame(columns, schema=_OUTCOME_DTYPES, strict=False)
+
+
+class RequestSpool:
+    """The request frames of a run, kept in an anonymous temporary file while the
+    requests stream to the workers, so that the results table is written without
+    expanding the input a second time (that second pass was ~0.2 s of a 4 s, 20k-request
+    run, benchmarks/bench.py). Memory stays flat: a frame is spooled every ``chunk_size``
+    requests. :attr:`complete` is true only once every request has passed through;
+    a write error turns the spool off (the caller then expands again), never the run.
+    """
+
+    def __init__(self, directory: Path, schema: dict[str, pl.DataType], chunk_size: int = 2_048) -> None:
+        self.schema = schema
+        self.chunk_size = chunk_size
+        self.complete = False
+        self._buffer: list[Request] = []
+        self._writer: ipc.RecordBatchStreamWriter | None = None
+        self._failed = False
+        # Unlinked at once: nothing is left behind, even after kill -9.
+        self._file = tempfile.TemporaryFile(dir=directory if directory.is_dir() else None)  # noqa: SIM115
+
+    def tee(self, requests: Iterable[Request]) -> Iterator[Request]:
+        for req in requests:
+            yield req
+            self._buffer.append(req)
+            if len(self._buffer) >= self.chunk_size:
+                self._spill()
+        self._spill()
+        self.complete = not self._failed
+
+    def _spill(self) -> None:
+        if self._failed or not self._buffer:
+            self._buffer.clear()
+            return
+        try:
+            table = request_frame(self._buffer, self.schema).to_arrow()
+            if self._writer is None:
+                self._writer = ipc.new_stream(self._file, table.schema)
+            self._writer.write_table(table)
+        except (OSError, ValueError, pa.ArrowException) as exc:  # disk full, closed: expand again at the end
+            self._failed = True
+            structlog.get_logger("batch.results").warning("spool_failed", error=str(exc))
+        self._buffer.clear()
+
+    def frames(self, chunk_size: int = 20_000) -> Iterator[pl.DataFrame]:
+        """The spooled request frames, in order, regrouped into ``chunk_size`` rows."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._file.seek(0)
+        pending: list[pa.RecordBatch] = []
+        rows = 0
+        for batch in ipc.open_stream(self._file):
+            pending.append(batch)
+            rows += batch.num_rows
+            if rows >= chunk_size:
+                yield pl.from_arrow(pa.Table.from_batches(pending))  # type: ignore[misc]
+                pending, rows = [], 0
+        if pending:
+            yield pl.from_arrow(pa.Table.from_batches(pending))  # type: ignore[misc]
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def escape_formulas(df: pl.DataFrame) -> pl.DataFrame:
@@ -210,16 +300,17 @@ class Tally:
     by_tier: Counter[str] = field(default_factory=Counter)
     seconds_by_resolution: Counter[str] = field(default_factory=Counter)
 
-    def add(self, req: Request, outcome: dict[str, Any]) -> None:
+    def add(self, outcome: dict[str, Any], body: Mapping[str, Any] | None = None) -> None:
+        """Count one request; ``body`` (its fields, ``None`` where unset) feeds the estimate."""
         status = outcome["status"]
         self.counts[status] += 1
         if status not in OK_STATUSES and outcome.get("error"):
             self.errors[outcome["error"]] += 1
-        if status == "dry_run":
-            body = req.body
-            self.by_tier[body.get("service_tier", "default")] += 1
-            seconds = body["frames"] / 24 if "frames" in body else body.get("duration", 5)
-            self.seconds_by_resolution[body.get("resolution", "720p")] += seconds
+        if status == "dry_run" and body is not None:
+            self.by_tier[body.get("service_tier") or "default"] += 1
+            frames, duration = body.get("frames"), body.get("duration")
+            seconds = frames / 24 if frames is not None else duration if duration is not None else 5
+            self.seconds_by_resolution[body.get("resolution") or "720p"] += seconds
 
     def estimate(self) -> dict[str, Any] | None:
         if not self.by_tier:
@@ -232,24 +323,30 @@ class Tally:
 
 def write_results(
     path: Path,
-    requests: Iterable[Request],
+    frames: Iterable[pl.DataFrame],
     extra_dtypes: dict[str, pl.DataType],
     lookup: Callable[[list[str]], dict[str, Entry]],
     how: Resolution,
-    chunk_size: int = 20_000,
 ) -> Tally:
-    """Write the results table; return the tally of statuses, errors and the estimate."""
+    """Write the results table from request frames; return the tally of statuses,
+    errors and the estimate."""
     schema = result_schema(extra_dtypes)
     tally = Tally()
     writer = AtomicTableWriter(path)
     try:
-        for chunk in chunks(requests, chunk_size):
-            ids = [r.request_id for r in chunk if r.error is None]
-            known = lookup(ids) if ids and not how.dry_run else {}
-            rows = [(r, resolve(r, known.get(r.request_id), how)) for r in chunk]
-            for req, outcome in rows:
-                tally.add(req, outcome)
-            writer.write(frame(rows, schema))
+        for frame in frames:
+            ids, invalid = frame["request_id"].to_list(), frame[INVALID].to_list()
+            valid = [rid for rid, err in zip(ids, invalid, strict=True) if err is None]
+            known = lookup(valid) if valid and not how.dry_run else {}
+            outs = [resolve(err, known.get(rid), how) for rid, err in zip(ids, invalid, strict=True)]
+            if how.dry_run:
+                bodies = frame.select("service_tier", "frames", "duration", "resolution").iter_rows(named=True)
+                for outcome, body in zip(outs, bodies, strict=True):
+                    tally.add(outcome, body)
+            else:
+                for outcome in outs:
+                    tally.add(outcome)
+            writer.write(pl.concat([frame.drop(INVALID), outcome_frame(outs)], how="horizontal").select(list(schema)))
         writer.commit(schema)
     except BaseException:
         writer.discard()
