@@ -143,7 +143,7 @@ class Expander:
     """Iterable of :class:`Request` over the input tables, in input order.
 
     Iterating twice yields the same requests with the same ids (the occurrence
-    counter restarts), which is how the results table is written in a second pass.
+    counter restarts): a run that stopped early writes its results table that way.
     """
 
     def __init__(self, tables: Sequence[Table], spec: ExpandSpec) -> None:

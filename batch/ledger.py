@@ -243,9 +243,14 @@ class AsyncLedger:
     batch awaits the same future, resolved once the transaction is durable.
 
     The statements run on the event-loop thread, blocking it for one commit (~0.3 ms with
-    fsync here): measured with benchmarks/bench.py, a writer thread was slower (20k
-    requests in 5.8 s vs 4.1 s) because it fought the loop for the GIL and, on 2 cores,
-    the fake API for a core.
+    fsync here). Alternatives measured with benchmarks/bench.py (20k unpaced requests,
+    2 cores): a writer thread was slower (5.8 s vs 4.1 s: it fought the loop for the GIL
+    around every ``sqlite3_step``); only the COMMIT in an executor thread, no faster;
+    a writer child process fed over a pipe, with group commit in the child, cut this
+    process's CPU by ~0.4 s but not the wall time (ratio 0.48 vs 0.47): the fake API
+    keeps the other core busy and every ``sending`` mark then waited for the child's
+    turn on a CPU. Yielding two or three loop turns before a commit (940 or 840 commits
+    instead of 1,560) changed nothing measurable either.
     """
 
     def __init__(self, ledger: Ledger) -> None:
