@@ -226,13 +226,19 @@ class RequestSpool:
             pending.append(batch)
             rows += batch.num_rows
             if rows >= chunk_size:
-                yield pl.from_arrow(pa.Table.from_batches(pending))  # type: ignore[misc]
+                yield _frame_of(pending)
                 pending, rows = [], 0
         if pending:
-            yield pl.from_arrow(pa.Table.from_batches(pending))  # type: ignore[misc]
+            yield _frame_of(pending)
 
     def close(self) -> None:
         self._file.close()
+
+
+def _frame_of(batches: list[pa.RecordBatch]) -> pl.DataFrame:
+    df = pl.from_arrow(pa.Table.from_batches(batches))
+    assert isinstance(df, pl.DataFrame)  # a Table always gives a DataFrame
+    return df
 
 
 def escape_formulas(df: pl.DataFrame) -> pl.DataFrame:
