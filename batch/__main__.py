@@ -1,4 +1,4 @@
-from batch.cli import main
+from batch.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -149,3 +149,19 @@ def test_deadline_forms() -> None:
     assert parse_deadline("1h30m", now) == (now + timedelta(minutes=90)).timestamp()
     assert parse_deadline("06:00", now) == now.replace(hour=6, minute=0).timestamp() + 86400  # tomorrow
     assert parse_deadline("2026-11-26T05:00", now) == datetime(2026, 11, 26, 5, 0).astimezone().timestamp()
+
+
+def test_installed_console_script_runs(tmp_path: Path) -> None:
+    """The script pip generates (what cron calls) reaches the same CLI as ``python -m batch``."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "seedance-batch"
+    assert script.exists(), "install the project (pip install -e .) to get the console script"
+    path = write_csv(tmp_path / "in.csv", [{"prompt": "a fox"}, {"prompt": "b", "duration": "99"}])
+    done = subprocess.run([str(script), "validate", str(path)], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=60)
+    assert done.returncode == 1, done.stderr  # one invalid row
+    assert "duration='99'" in done.stdout
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and "seedance-batch" in version.stdout
