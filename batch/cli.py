@@ -31,7 +31,6 @@ from batch.client import Secret
 from batch.collect import CollectConfig
 from batch.errors import BatchError, ConfigError
 from batch.expand import Expander, ExpandSpec, parse_param
-from batch.fake_api import FakeConfig, Fault, start_fake
 from batch.jobfile import JobFile, load_job
 from batch.ledger import default_state_path
 from batch.load import load_inputs
@@ -429,6 +428,8 @@ def report(results: Path, as_json: bool) -> None:
 def fake_api(port: int, latency: float, jitter: float, rate_limit: int | None, faults: tuple[str, ...],
              task_delay: float, api_key: str | None) -> None:
     """Run the bundled fake API on 127.0.0.1 until SIGINT/SIGTERM."""
+    from batch.fake_api import FakeConfig, Fault, start_fake  # aiohttp.web: ~20 ms no real run needs
+
     try:
         parsed = [Fault.parse(f) for f in faults]
     except ValueError as exc:

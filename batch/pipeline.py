@@ -25,7 +25,6 @@ from batch.client import Secret
 from batch.collect import CollectConfig, Collector, CollectStats, Task
 from batch.errors import BatchError, ConfigError, InputError, StateError
 from batch.expand import Expander, ExpandSpec, Request
-from batch.fake_api import start_fake
 from batch.ledger import AsyncLedger, Entry, Ledger, RunLock, utcnow
 from batch.load import load_inputs
 from batch.progress import Progress
@@ -195,7 +194,11 @@ class _Outcome:
 async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: Ledger,
                       run_id: str) -> _Outcome:
     loop = asyncio.get_running_loop()
-    fake = await start_fake() if opts.fake_api else None
+    fake = None
+    if opts.fake_api:
+        from batch.fake_api import start_fake  # aiohttp.web: ~20 ms that a real run does not need
+
+        fake = await start_fake()
     config = opts.submit
     if fake is not None:
         config = replace(config, base_url=fake.url, api_key=Secret("fake-api-key"))
