@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import click
+import polars as pl
 import structlog
 from click.core import ParameterSource
 
@@ -37,7 +38,7 @@ from batch.load import load_inputs
 from batch.pipeline import EXIT_INTERRUPTED, CollectOptions, Interrupted, RunOptions, run_collect, run_submit
 from batch.ratelimit import Rate, parse_rate
 from batch.report import prometheus, render, render_collect, summarize_table
-from batch.results import Resolution, Tally, resolve
+from batch.results import Resolution, Tally, request_frames, request_schema, resolve_frame
 from batch.submit import SubmitConfig
 from batch.validate import TIERS
 
@@ -343,12 +344,13 @@ def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None
     expander = Expander(load_inputs(inputs, sheet or (job.get("sheet") if job else None)), spec)
     tally = Tally()
     shown = 0
-    for req in expander:
-        outcome = resolve(req.error, None, Resolution(None, dry_run=True))
-        tally.add(outcome, req.body)
-        if req.error is not None and shown < show:
-            shown += 1
-            click.echo(f"{req.source}:{req.row}\t{req.request_id}\t{req.error}")
+    for frame in request_frames(expander, request_schema(expander.extra_dtypes)):
+        rows = resolve_frame(frame, None, Resolution(None, dry_run=True))
+        tally.add(rows)
+        invalid_rows = rows.filter(pl.col("status") == "invalid").head(max(0, show - shown))
+        for source, row, request_id, error in invalid_rows.select("source", "row", "request_id", "error").iter_rows():
+            click.echo(f"{source}:{row}\t{request_id}\t{error}")
+        shown += invalid_rows.height
     invalid = tally.counts.get("invalid", 0)
     if invalid > shown:
         click.echo(f"... and {invalid - shown} more invalid requests")

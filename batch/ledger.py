@@ -73,6 +73,14 @@ LEDGER_COLUMNS = (
 )
 
 
+# A row as the results table reads it (Ledger.outcome_rows).
+OUTCOME_COLUMNS = (
+    "request_id", "status", "run_id", "task_id", "error", "error_code", "http_status", "attempts",
+    "submitted_at", "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths",
+    "download_error",
+)
+
+
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -203,6 +211,16 @@ class Ledger:
             for row in self.db.execute(f"SELECT {cols} FROM requests WHERE request_id IN ({marks})", chunk):
                 found[row[0]] = Entry(*row)
         return found
+
+    def outcome_rows(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Rows of ``ids`` as the results table reads them (``OUTCOME_COLUMNS``)."""
+        cols = ", ".join(OUTCOME_COLUMNS)
+        rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += self.db.execute(f"SELECT {cols} FROM requests WHERE request_id IN ({marks})", chunk).fetchall()
+        return rows
 
     def tasks_to_follow(self, include_success: bool) -> list[Entry]:
         """Submitted tasks not yet terminal (and, for downloads, the successful ones)."""

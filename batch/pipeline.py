@@ -143,7 +143,7 @@ def run_submit(opts: RunOptions) -> Summary:
         schema = request_schema(expander.extra_dtypes)
         if opts.dry_run:
             tally = write_results(opts.output, request_frames(expander, schema), expander.extra_dtypes,
-                                  lambda ids: {}, Resolution(None, dry_run=True))
+                                  None, Resolution(None, dry_run=True))
             return _summarize(run_id, tally, started, opts, None)
 
     lock = RunLock(opts.state)
@@ -176,7 +176,7 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     # A run that stopped early has not read every request: expand the input again.
     frames = spool.frames() if spool.complete else request_frames(expander, spool.schema)
     with interruptible():
-        tally = write_results(opts.output, frames, expander.extra_dtypes, ledger.lookup,
+        tally = write_results(opts.output, frames, expander.extra_dtypes, ledger.outcome_rows,
                               Resolution(run_id, stop_reason=outcome.stop_reason))
     return _summarize(run_id, tally, started, opts, outcome)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +28,7 @@ import structlog
 
 from batch.errors import ConfigError
 from batch.expand import Request, chunks
-from batch.ledger import Entry
+from batch.ledger import OUTCOME_COLUMNS
 from batch.validate import FIELD_NAMES, FIELDS, RuleError, coerce
 
 STATUSES = ("submitted", "skipped", "failed", "invalid", "unknown", "pending", "dry_run")
@@ -65,46 +65,68 @@ class Resolution:
     stop_reason: str | None = None
 
 
-def resolve(invalid: str | None, entry: Entry | None, how: Resolution) -> dict[str, Any]:
-    """The outcome columns of one request's result row (``invalid``: its validation error)."""
-    if invalid is not None:
-        return {"status": "invalid", "error": invalid}
-    if how.dry_run:
-        return {"status": "dry_run"}
-    if entry is None:
-        reason = f"not sent: {how.stop_reason}" if how.stop_reason else "not sent"
-        return {"status": "pending", "error": reason}
-    out: dict[str, Any] = {
-        "task_id": entry.task_id, "error": entry.error, "error_code": entry.error_code,
-        "http_status": entry.http_status, "attempts": entry.attempts, "submitted_at": entry.submitted_at,
-        "task_status": entry.task_status, "resource_urls": entry.resource_urls,
-        "failure_reason": entry.failure_reason, "completed_at": entry.completed_at,
-        "local_paths": entry.local_paths, "download_error": entry.download_error,
-    }
-    this_run = entry.run_id == how.run_id
-    if entry.status == "submitted":
-        out["status"] = "submitted" if this_run else "skipped"
-        if not this_run:
-            out["attempts"] = 0
-    elif entry.status == "sending":
-        out["status"] = "unknown"
-        out["error"] = (
-            "interrupted after sending; the provider may have accepted it" if this_run else
-            "an earlier run stopped after sending it; outcome unknown, not resent (use --resend-unknown)"
-        )
-    elif entry.status == "unknown":
-        out["status"] = "unknown"
-        if not this_run:
-            out["error"] = f"earlier run: {entry.error}; not resent (use --resend-unknown)"
-    elif entry.status == "failed" and this_run:
-        out["status"] = "failed"
-    else:  # pending, or a failure of an earlier run not retried tonight
-        out["status"] = "pending"
-        last = f"; last error: {entry.error}" if entry.error else ""
-        out["error"] = f"not sent this run{': ' + how.stop_reason if how.stop_reason else ''}{last}"
-        if not this_run:
-            out["attempts"] = 0
-    return out
+# Ledger.outcome_rows, typed; the ledger's status and run_id only decide the row's status.
+_ENTRY_SCHEMA: dict[str, pl.DataType] = {
+    "request_id": pl.String(), "_status": pl.String(), "_run_id": pl.String(),
+    **{c: _OUTCOME_DTYPES[c] for c in OUTCOME_COLUMNS[3:]},
+}
+_TIMESTAMPS = ("submitted_at", "completed_at")
+
+
+def entries_frame(rows: Sequence[tuple[Any, ...]]) -> pl.DataFrame:
+    """Ledger rows (``OUTCOME_COLUMNS``) as a typed frame. Timestamps are parsed with
+    ``datetime.fromisoformat``: tasks adopted from another machine's table may carry
+    another ISO spelling than ours."""
+    as_text = {c: (pl.String() if c in _TIMESTAMPS else t) for c, t in _ENTRY_SCHEMA.items()}
+    df = pl.DataFrame(rows, schema=as_text, orient="row")
+    return df.with_columns(
+        pl.Series(c, [_to_datetime(v) for v in df[c].to_list()], dtype=_ENTRY_SCHEMA[c]) for c in _TIMESTAMPS
+    )
+
+
+def resolve_frame(frame: pl.DataFrame, entries: pl.DataFrame | None, how: Resolution) -> pl.DataFrame:
+    """A chunk of result rows: its request columns, and each request's status, error and
+    ledger columns as this run sees them:
+
+    * ``invalid`` (the rule it broke), ``dry_run``, or ``pending`` if the ledger has no row;
+    * ``submitted`` this run, or ``skipped`` (an earlier run's, attempts 0 tonight);
+    * ``unknown`` if it is or was ``sending``/``unknown``: it may have been accepted;
+    * ``failed`` this run; otherwise ``pending`` (certainly not accepted), with the last error.
+    """
+    if entries is None:
+        entries = pl.DataFrame(schema=_ENTRY_SCHEMA)
+    rows = frame.join(entries, on="request_id", how="left", maintain_order="left")
+    invalid, st, err = pl.col(INVALID), pl.col("_status"), pl.col("error")
+    this_run = pl.col("_run_id") == pl.lit(how.run_id, pl.String())
+    stop = f": {how.stop_reason}" if how.stop_reason else ""
+    has_error = err.is_not_null() & (err != "")
+    status = (
+        pl.when(invalid.is_not_null()).then(pl.lit("invalid"))
+        .when(pl.lit(how.dry_run)).then(pl.lit("dry_run"))
+        .when(st.is_null()).then(pl.lit("pending"))
+        .when(st == "submitted").then(pl.when(this_run).then(pl.lit("submitted")).otherwise(pl.lit("skipped")))
+        .when(st.is_in(["sending", "unknown"])).then(pl.lit("unknown"))
+        .when((st == "failed") & this_run).then(pl.lit("failed"))
+        .otherwise(pl.lit("pending"))
+    )
+    error = (
+        pl.when(invalid.is_not_null()).then(invalid)
+        .when(pl.lit(how.dry_run)).then(pl.lit(None, pl.String()))
+        .when(st.is_null()).then(pl.lit(f"not sent{stop}"))
+        .when(st == "sending").then(
+            pl.when(this_run).then(pl.lit("interrupted after sending; the provider may have accepted it"))
+            .otherwise(pl.lit("an earlier run stopped after sending it; outcome unknown, not resent "
+                              "(use --resend-unknown)")))
+        .when((st == "unknown") & ~this_run).then(
+            pl.lit("earlier run: ") + err.fill_null("outcome unknown") + pl.lit("; not resent (use --resend-unknown)"))
+        .when(st.is_in(["submitted", "unknown"]) | ((st == "failed") & this_run)).then(err)
+        .otherwise(pl.lit(f"not sent this run{stop}")
+                   + pl.when(has_error).then(pl.lit("; last error: ") + err).otherwise(pl.lit("")))
+    )
+    earlier = ~this_run & (st == "submitted")
+    not_retried = ~this_run & ~st.is_in(["submitted", "sending", "unknown"]) & ~((st == "failed") & this_run)
+    attempts = pl.when(earlier | not_retried).then(pl.lit(0, pl.Int64())).otherwise(pl.col("attempts"))
+    return rows.with_columns(status=status, error=error, attempts=attempts).drop("_status", "_run_id")
 
 
 def _typed_field(name: str, value: Any) -> Any:
@@ -160,16 +182,6 @@ def request_frames(requests: Iterable[Request], schema: dict[str, pl.DataType],
                    chunk_size: int = 20_000) -> Iterator[pl.DataFrame]:
     for chunk in chunks(requests, chunk_size):
         yield request_frame(chunk, schema)
-
-
-def outcome_frame(outs: Sequence[dict[str, Any]]) -> pl.DataFrame:
-    columns: dict[str, list[Any]] = {}
-    for name in _OUTCOME_DTYPES:
-        if name in ("submitted_at", "completed_at"):
-            columns[name] = [_to_datetime(o.get(name)) for o in outs]
-        else:
-            columns[name] = [o.get(name) for o in outs]
-    return pl.DataFrame(columns, schema=_OUTCOME_DTYPES, strict=False)
 
 
 class RequestSpool:
@@ -306,17 +318,23 @@ class Tally:
     by_tier: Counter[str] = field(default_factory=Counter)
     seconds_by_resolution: Counter[str] = field(default_factory=Counter)
 
-    def add(self, outcome: dict[str, Any], body: Mapping[str, Any] | None = None) -> None:
-        """Count one request; ``body`` (its fields, ``None`` where unset) feeds the estimate."""
-        status = outcome["status"]
-        self.counts[status] += 1
-        if status not in OK_STATUSES and outcome.get("error"):
-            self.errors[outcome["error"]] += 1
-        if status == "dry_run" and body is not None:
-            self.by_tier[body.get("service_tier") or "default"] += 1
-            frames, duration = body.get("frames"), body.get("duration")
-            seconds = frames / 24 if frames is not None else duration if duration is not None else 5
-            self.seconds_by_resolution[body.get("resolution") or "720p"] += seconds
+    def add(self, rows: pl.DataFrame) -> None:
+        """Count a chunk of result rows (``status``, ``error`` and the API fields)."""
+        for status, n in rows["status"].value_counts().iter_rows():
+            self.counts[status] += n
+        failed = rows.filter(~pl.col("status").is_in(list(OK_STATUSES)) & (pl.col("error").fill_null("") != ""))
+        for error, n in failed["error"].value_counts().iter_rows():
+            self.errors[error] += n
+        planned = rows.filter(pl.col("status") == "dry_run")
+        if planned.height:
+            seconds = (pl.when(pl.col("frames").is_not_null()).then(pl.col("frames") / 24)
+                       .otherwise(pl.col("duration").fill_null(5).cast(pl.Float64())))
+            by = planned.select(tier=pl.col("service_tier").fill_null("default"),
+                                resolution=pl.col("resolution").fill_null("720p"), seconds=seconds)
+            for tier, n in by["tier"].value_counts().iter_rows():
+                self.by_tier[tier] += n
+            for resolution, total in by.group_by("resolution").agg(pl.col("seconds").sum()).iter_rows():
+                self.seconds_by_resolution[resolution] += total
 
     def estimate(self) -> dict[str, Any] | None:
         if not self.by_tier:
@@ -331,28 +349,23 @@ def write_results(
     path: Path,
     frames: Iterable[pl.DataFrame],
     extra_dtypes: dict[str, pl.DataType],
-    lookup: Callable[[list[str]], dict[str, Entry]],
+    outcome_rows: Callable[[list[str]], list[tuple[Any, ...]]] | None,
     how: Resolution,
 ) -> Tally:
-    """Write the results table from request frames; return the tally of statuses,
-    errors and the estimate."""
+    """Write the results table from request frames, with outcomes from ``outcome_rows``
+    (``Ledger.outcome_rows``; ``None`` for a dry run); return the tally."""
     schema = result_schema(extra_dtypes)
     tally = Tally()
     writer = AtomicTableWriter(path)
     try:
         for frame in frames:
-            ids, invalid = frame["request_id"].to_list(), frame[INVALID].to_list()
-            valid = [rid for rid, err in zip(ids, invalid, strict=True) if err is None]
-            known = lookup(valid) if valid and not how.dry_run else {}
-            outs = [resolve(err, known.get(rid), how) for rid, err in zip(ids, invalid, strict=True)]
-            if how.dry_run:
-                bodies = frame.select("service_tier", "frames", "duration", "resolution").iter_rows(named=True)
-                for outcome, body in zip(outs, bodies, strict=True):
-                    tally.add(outcome, body)
-            else:
-                for outcome in outs:
-                    tally.add(outcome)
-            writer.write(pl.concat([frame.drop(INVALID), outcome_frame(outs)], how="horizontal").select(list(schema)))
+            entries = None
+            if outcome_rows is not None and not how.dry_run:
+                valid = frame.filter(pl.col(INVALID).is_null())["request_id"].to_list()
+                entries = entries_frame(outcome_rows(valid)) if valid else None
+            rows = resolve_frame(frame, entries, how)
+            tally.add(rows)
+            writer.write(rows.select(list(schema)))
         writer.commit(schema)
     except BaseException:
         writer.discard()

@@ -61,10 +61,61 @@ def test_table_from_spool_has_outcomes_in_input_order(tmp_path: Path) -> None:
     spool = RequestSpool(tmp_path, schema, chunk_size=5)
     list(spool.tee(ex))
     out = tmp_path / "results.parquet"
-    tally = write_results(out, spool.frames(chunk_size=4), ex.extra_dtypes, lambda ids: {}, Resolution("run"))
+    tally = write_results(out, spool.frames(chunk_size=4), ex.extra_dtypes, lambda ids: [], Resolution("run"))
     df = pl.read_parquet(out)
     assert df["row"].to_list() == [0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert INVALID not in df.columns
     assert df.schema["duration"] == pl.Int64 and df.schema["shot"] == pl.Float64
     assert df["status"].to_list().count("invalid") == 2
     assert tally.counts == {"pending": 10, "invalid": 2}
+
+
+def test_status_of_every_ledger_state_as_tonight_sees_it() -> None:
+    """Each branch of the resolution: the ledger's status, whose run wrote it, its error."""
+    from datetime import UTC, datetime
+
+    from batch.results import entries_frame, resolve_frame
+
+    cases = {  # id: (ledger status, run, error, attempts) -> (status, error, attempts)
+        "none": (None, ("pending", "not sent: deadline reached", None)),
+        "sub_now": (("submitted", "tonight", None, 1), ("submitted", None, 1)),
+        "sub_old": (("submitted", "monday", None, 2), ("skipped", None, 0)),
+        "send_now": (("sending", "tonight", None, 1),
+                     ("unknown", "interrupted after sending; the provider may have accepted it", 1)),
+        "send_old": (("sending", "monday", None, 1), ("unknown", "an earlier run stopped after sending it; "
+                                                      "outcome unknown, not resent (use --resend-unknown)", 1)),
+        "unk_now": (("unknown", "tonight", "timeout", 1), ("unknown", "timeout", 1)),
+        "unk_old": (("unknown", "monday", "timeout", 1),
+                    ("unknown", "earlier run: timeout; not resent (use --resend-unknown)", 1)),
+        "fail_now": (("failed", "tonight", "bad prompt", 1), ("failed", "bad prompt", 1)),
+        "fail_old": (("failed", "monday", "bad prompt", 1),
+                     ("pending", "not sent this run: deadline reached; last error: bad prompt", 0)),
+        "pend_now": (("pending", "tonight", "HTTP 429", 3),
+                     ("pending", "not sent this run: deadline reached; last error: HTTP 429", 3)),
+        "pend_old": (("pending", "monday", "", 2), ("pending", "not sent this run: deadline reached", 0)),
+    }
+    ids = [*cases, "bad"]
+    frame = pl.DataFrame({"request_id": ids, INVALID: [None] * len(cases) + ["duration=99: must be ..."]})
+    stamp = "2026-11-25T23:22:44.123+00:00"
+    rows = [(rid, st, run, f"task-{rid}", err, None, 200, attempts, stamp if rid != "sub_old" else
+             "2026-11-24 22:00:00.500000+00:00", None, None, None, None, None, None)
+            for rid, (entry, _) in cases.items() if entry is not None for st, run, err, attempts in [entry]]
+    out = resolve_frame(frame, entries_frame(rows), Resolution("tonight", stop_reason="deadline reached"))
+    got = {r["request_id"]: (r["status"], r["error"], r["attempts"]) for r in out.iter_rows(named=True)}
+    assert got == {**{rid: want for rid, (_, want) in cases.items()}, "bad": ("invalid", "duration=99: must be ...", None)}
+    assert out["request_id"].to_list() == ids  # input order
+    by_id = {r["request_id"]: r for r in out.iter_rows(named=True)}
+    assert by_id["sub_now"]["task_id"] == "task-sub_now" and by_id["none"]["task_id"] is None
+    assert by_id["sub_now"]["submitted_at"] == datetime(2026, 11, 25, 23, 22, 44, 123000, tzinfo=UTC)
+    assert by_id["sub_old"]["submitted_at"] == datetime(2026, 11, 24, 22, 0, 0, 500000, tzinfo=UTC)
+    # Without a stop reason the wording loses its suffix.
+    quiet = resolve_frame(frame, entries_frame(rows), Resolution("tonight"))
+    errors = dict(zip(quiet["request_id"], quiet["error"], strict=True))
+    assert errors["none"] == "not sent" and errors["pend_old"] == "not sent this run"
+    from batch.results import Tally
+
+    tally = Tally()
+    tally.add(out)
+    assert tally.counts == {"pending": 4, "submitted": 1, "skipped": 1, "unknown": 4, "failed": 1, "invalid": 1}
+    assert sum(tally.errors.values()) == 10  # every row not OK carries its reason; OK rows never count
+    assert tally.errors["not sent: deadline reached"] == 1 and tally.estimate() is None
