@@ -29,6 +29,8 @@ _STATUS = {Kind.OK: "submitted", Kind.FAIL: "failed", Kind.FATAL: "failed", Kind
 MAX_ADAPTIVE_CONCURRENCY = 512
 WARM_UP_MAX = 0.1
 UNLIMITED_RATE_CONCURRENCY = 64
+# One encoder for every body: json.dumps() with options builds a new one per call.
+_WIRE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,7 @@ class Submitter:
         must pass the shared gate, limiter and a durable ledger mark, and the decision
         depends on the classified answer and its Retry-After, not on an exception."""
         cfg, ledger, loop = self.config, self.ledger, asyncio.get_running_loop()
-        text = json.dumps(req.body, ensure_ascii=False, separators=(",", ":"))
+        text = _WIRE.encode(req.body)
         body = text.encode()
         attempts = 0
         verdict: Verdict | None = None
