@@ -319,11 +319,12 @@ class Tally:
     seconds_by_resolution: Counter[str] = field(default_factory=Counter)
 
     def add(self, rows: pl.DataFrame) -> None:
-        """Count a chunk of result rows (``status``, ``error`` and the API fields)."""
-        for status, n in rows["status"].value_counts().iter_rows():
+        """Count a chunk of result rows (``status``, ``error`` and the API fields), in order
+        of first appearance: equal counts then rank as they came, run after run."""
+        for status, n in rows.group_by("status", maintain_order=True).len().iter_rows():
             self.counts[status] += n
         failed = rows.filter(~pl.col("status").is_in(list(OK_STATUSES)) & (pl.col("error").fill_null("") != ""))
-        for error, n in failed["error"].value_counts().iter_rows():
+        for error, n in failed.group_by("error", maintain_order=True).len().iter_rows():
             self.errors[error] += n
         planned = rows.filter(pl.col("status") == "dry_run")
         if planned.height:
@@ -331,9 +332,10 @@ class Tally:
                        .otherwise(pl.col("duration").fill_null(5).cast(pl.Float64())))
             by = planned.select(tier=pl.col("service_tier").fill_null("default"),
                                 resolution=pl.col("resolution").fill_null("720p"), seconds=seconds)
-            for tier, n in by["tier"].value_counts().iter_rows():
+            for tier, n in by.group_by("tier", maintain_order=True).len().iter_rows():
                 self.by_tier[tier] += n
-            for resolution, total in by.group_by("resolution").agg(pl.col("seconds").sum()).iter_rows():
+            totals = by.group_by("resolution", maintain_order=True).agg(pl.col("seconds").sum())
+            for resolution, total in totals.iter_rows():
                 self.seconds_by_resolution[resolution] += total
 
     def estimate(self) -> dict[str, Any] | None:

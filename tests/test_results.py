@@ -119,3 +119,14 @@ def test_status_of_every_ledger_state_as_tonight_sees_it() -> None:
     assert tally.counts == {"pending": 4, "submitted": 1, "skipped": 1, "unknown": 4, "failed": 1, "invalid": 1}
     assert sum(tally.errors.values()) == 10  # every row not OK carries its reason; OK rows never count
     assert tally.errors["not sent: deadline reached"] == 1 and tally.estimate() is None
+
+
+def test_top_errors_rank_ties_in_input_order_every_run(tmp_path: Path) -> None:
+    frame = pl.DataFrame({"request_id": [f"r{i}" for i in range(6)],
+                          INVALID: ["z rule", "a rule", "m rule", "a rule", "z rule", "m rule"]})
+    from batch.results import Tally, resolve_frame
+
+    for _ in range(5):
+        tally = Tally()
+        tally.add(resolve_frame(frame, None, Resolution("run")))
+        assert [e for e, _ in tally.errors.most_common(3)] == ["z rule", "a rule", "m rule"]
