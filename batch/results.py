@@ -123,9 +123,9 @@ def resolve_frame(frame: pl.DataFrame, entries: pl.DataFrame | None, how: Resolu
         .otherwise(pl.lit(f"not sent this run{stop}")
                    + pl.when(has_error).then(pl.lit("; last error: ") + err).otherwise(pl.lit("")))
     )
-    earlier = ~this_run & (st == "submitted")
-    not_retried = ~this_run & ~st.is_in(["submitted", "sending", "unknown"]) & ~((st == "failed") & this_run)
-    attempts = pl.when(earlier | not_retried).then(pl.lit(0, pl.Int64())).otherwise(pl.col("attempts"))
+    # Attempts count tonight's: none for an earlier run's success, failure or pending row.
+    earlier = ~this_run & ~st.is_in(["sending", "unknown"])
+    attempts = pl.when(earlier).then(pl.lit(0, pl.Int64())).otherwise(pl.col("attempts"))
     return rows.with_columns(status=status, error=error, attempts=attempts).drop("_status", "_run_id")
 
 
