@@ -20,7 +20,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,25 +202,20 @@ class Ledger:
         )
 
     # -- requests ----------------------------------------------------------------
-    def lookup(self, ids: Sequence[str]) -> dict[str, Entry]:
-        found: dict[str, Entry] = {}
-        cols = ", ".join(LEDGER_COLUMNS)
+    def _rows_of(self, columns: Sequence[str], ids: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+        """``columns`` of the rows of ``ids`` (500 ids per query: SQLite's parameter limit)."""
+        cols = ", ".join(columns)
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self.db.execute(f"SELECT {cols} FROM requests WHERE request_id IN ({marks})", chunk):
-                found[row[0]] = Entry(*row)
-        return found
+            yield from self.db.execute(f"SELECT {cols} FROM requests WHERE request_id IN ({marks})", chunk)
+
+    def lookup(self, ids: Sequence[str]) -> dict[str, Entry]:
+        return {row[0]: Entry(*row) for row in self._rows_of(LEDGER_COLUMNS, ids)}
 
     def outcome_rows(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         """Rows of ``ids`` as the results table reads them (``OUTCOME_COLUMNS``)."""
-        cols = ", ".join(OUTCOME_COLUMNS)
-        rows: list[tuple[Any, ...]] = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows += self.db.execute(f"SELECT {cols} FROM requests WHERE request_id IN ({marks})", chunk).fetchall()
-        return rows
+        return list(self._rows_of(OUTCOME_COLUMNS, ids))
 
     def tasks_to_follow(self, include_success: bool) -> list[Entry]:
         """Submitted tasks not yet terminal (and, for downloads, the successful ones)."""
