@@ -12,6 +12,13 @@ Guarantee, for ``Rate(count, period)`` and ``margin`` m:
   starts, measured on the actual start times. The scheduled spacing leaves another
   ``m/2`` of the period for starts to reach the server unevenly (network jitter).
 
+:meth:`~SmoothLimiter.acquire` is both steps. A caller with work between its turn and
+the wire (the submitter commits its durable ``sending`` mark there, which an fsync can
+stretch to 100 ms) calls :meth:`~SmoothLimiter.schedule` before that work and
+:meth:`~SmoothLimiter.admit` right before sending, so the guard counts the moments
+requests really leave: a stalled disk cannot release a bunch that the provider's own
+window would count together.
+
 Why not ``aiolimiter``: ``AsyncLimiter(count, period)`` lets a burst of ``count`` through
 at once, exactly what a provider's sliding window answers with 429; with capacity 1
 (``AsyncLimiter(1, period / count)``) every late wake-up is lost time. Measured with
@@ -67,6 +74,12 @@ class SmoothLimiter:
         self._resume_at = max(self._resume_at, loop.time() + seconds)
 
     async def acquire(self) -> None:
+        """Wait for this caller's turn, then for room in the window (:meth:`schedule`, :meth:`admit`)."""
+        await self.schedule()
+        await self.admit()
+
+    async def schedule(self) -> None:
+        """Wait for this caller's slot on the ideal timeline, and out any cooldown."""
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
@@ -79,13 +92,19 @@ class SmoothLimiter:
             self._next = slot + self._interval
             if slot > now:
                 await asyncio.sleep(slot - now)
-            if loop.time() < self._resume_at:
-                continue  # a 429 arrived while this caller waited: take a new slot
-            starts = self._starts
-            while len(starts) == starts.maxlen and (wait := starts[0] + self._window - loop.time()) > 0:
-                await asyncio.sleep(wait)
-            starts.append(loop.time())
+            if loop.time() >= self._resume_at:
+                return
+            # a 429 arrived while this caller waited: take a new slot
+
+    async def admit(self) -> None:
+        """Wait until one more start keeps every window within the rate; record it as now."""
+        if self.rate is None:
             return
+        loop = asyncio.get_running_loop()
+        starts = self._starts
+        while len(starts) == starts.maxlen and (wait := starts[0] + self._window - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        starts.append(loop.time())
 
 
 def parse_rate(text: str) -> Rate | None:

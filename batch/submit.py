@@ -256,7 +256,7 @@ class Submitter:
                 else:
                     self._warming = True
             async with self._gate:
-                await self.limiter.acquire()
+                await self.limiter.schedule()
                 if self.stopping.is_set():
                     if verdict is not None:
                         ledger.outcome(req.request_id, "pending", error=f"stopped before retry: {verdict.error}",
@@ -264,6 +264,9 @@ class Submitter:
                     return
                 paced_at = loop.time()  # when the limiter let it go: the rate's own clock
                 await ledger.sending(req.request_id, self.run_id, req.source, req.row, text)
+                # The window guard counts wire times: a slow commit must not bunch requests.
+                # (Waiting here leaves the mark: only after a stall, for under one window.)
+                await self.limiter.admit()
                 attempts += 1
                 started = loop.time()
                 if self.stats.first_send is None:

@@ -67,3 +67,31 @@ def test_cooldown_pauses_every_caller() -> None:
 
 def test_rate_str() -> None:
     assert str(Rate(100, 60)) == "100/min" and str(Rate(2, 1)) == "2/s"
+
+
+def test_window_counts_admissions_even_when_work_between_stalls() -> None:
+    """A caller stalls between its turn and the wire (an fsync spike): the guard must count
+    when requests really leave, so that the stalled ones cannot go out in a bunch."""
+    rate = Rate(10, 1)
+    limiter = SmoothLimiter(rate)
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        sent: list[float] = []
+        it = iter(range(40))
+
+        async def caller(k: int) -> None:
+            for i in it:
+                await limiter.schedule()
+                if i < 8:  # the first eight stall into the next second's turns
+                    await asyncio.sleep(0.8)
+                await limiter.admit()
+                sent.append(loop.time())
+
+        await asyncio.gather(*(caller(k) for k in range(8)))
+        return sent
+
+    sent = sorted(asyncio.run(main()))
+    assert len(sent) == 40
+    window = rate.period * 1.01
+    assert max(sum(1 for u in sent if t <= u < t + window) for t in sent) <= 10
