@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -90,3 +91,17 @@ def run_cli_process(args: list[str], env: dict[str, str] | None = None, timeout:
 
 def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def steady_clock() -> Iterator[None]:
+    """No collector pauses while a test times requests: here the CLI and the fake share
+    the test process, whose heap after a few hundred tests makes a full collection a
+    pause of up to ~60 ms (measured with gc.callbacks over the suite) that bunches the
+    fake's timestamps; benchmarks/bench.py measures with each in its own process."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

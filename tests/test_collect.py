@@ -114,7 +114,7 @@ def test_gone_output_is_expired(start_fake, tmp_path: Path) -> None:
     assert results(table)["task_status"].to_list() == ["expired"]
 
 
-def test_wait_polls_until_terminal_with_growing_interval(start_fake, tmp_path: Path) -> None:
+def test_wait_polls_until_terminal_with_growing_interval(start_fake, tmp_path: Path, steady_clock: None) -> None:
     fake = start_fake(task_delay=1.5)
     table = submit(fake, tmp_path, prompts(2))
     t0 = time.monotonic()
