@@ -283,11 +283,7 @@ class AsyncLedger:
     async def sending(self, request_id: str, run_id: str, source: str, row: int, body: str) -> None:
         """Durably mark a request as about to be sent; returns once committed."""
         self._sending.append((request_id, run_id, source, row, body))
-        if self._committed is None:
-            self._committed = asyncio.get_running_loop().create_future()
-        fut = self._committed
-        self._wake.set()
-        await fut
+        await self.flush()
 
     def outcome(
         self, request_id: str, status: str, *, task_id: str | None = None, error: str | None = None,
