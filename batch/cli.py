@@ -38,7 +38,7 @@ from batch.load import load_inputs
 from batch.pipeline import EXIT_INTERRUPTED, CollectOptions, Interrupted, RunOptions, run_collect, run_submit
 from batch.ratelimit import Rate, parse_rate
 from batch.report import prometheus, render, render_collect, summarize_table
-from batch.results import Resolution, Tally, request_frames, request_schema, resolve_frame
+from batch.results import Resolution, Tally, request_frames, request_schema, resolve_frame, write_text_atomically
 from batch.submit import SubmitConfig
 from batch.validate import TIERS
 
@@ -274,10 +274,7 @@ def finish(opts: RunOptions, metrics_file: Path | None, job_name: str) -> None:
 
 def write_metrics(path: Path, summary: dict[str, Any], job_name: str) -> None:
     """Atomically, as node_exporter's textfile collector asks (it may read at any time)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(prometheus(summary, job_name), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, prometheus(summary, job_name))
 
 
 def expand_spec(job: JobFile | None, cli_params: Iterable[str], tier: str) -> ExpandSpec:

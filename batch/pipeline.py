@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 import uuid
@@ -39,6 +38,7 @@ from batch.results import (
     request_frames,
     request_schema,
     write_results,
+    write_text_atomically,
 )
 from batch.submit import SubmitConfig, Submitter
 from batch.validate import FIELD_NAMES
@@ -47,9 +47,7 @@ log = structlog.get_logger("batch")
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1
-EXIT_USAGE = 2
-EXIT_LOCKED = 3
-EXIT_INTERRUPTED = 4
+EXIT_INTERRUPTED = 4  # 2 and 3 come with a BatchError (errors.py)
 
 
 class Interrupted(BaseException):
@@ -401,11 +399,8 @@ def summary_path(results: Path) -> Path:
 
 
 def write_summary_file(results: Path, summary: Summary) -> None:
-    path = summary_path(results)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     data = {**summary.as_dict(), "finished_at": utcnow(), "finished_unix": round(time.time(), 3)}
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(summary_path(results), json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 __all__ = ["BatchError", "RunOptions", "Summary", "run_submit"]

@@ -264,6 +264,15 @@ def escape_formulas(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(exprs) if exprs else df
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write to a temporary name beside ``path`` and rename it over: a reader (a person,
+    node_exporter's textfile collector) sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class AtomicTableWriter:
     """Writes chunks to ``<dir>/.<name>.tmp-<pid>``; :meth:`commit` renames it into place."""
 
