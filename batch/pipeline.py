@@ -10,7 +10,7 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -126,6 +126,34 @@ def interruptible() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+@contextmanager
+def signals_to(callback: Callable[[int], None]) -> Iterator[None]:
+    """Inside the event loop, hand SIGINT/SIGTERM to ``callback(signum)``."""
+    loop = asyncio.get_running_loop()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(s, callback, s)
+    try:
+        yield
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(s)
+
+
+@contextmanager
+def locked_ledger(state: Path, kind: str = "") -> Iterator[Ledger]:
+    """The state file, open under its run lock (``kind``: submit and collect lock apart)."""
+    lock = RunLock(state, kind)
+    lock.acquire()
+    try:
+        ledger = Ledger(state)
+        try:
+            yield ledger
+        finally:
+            ledger.close()
+    finally:
+        lock.release()
+
+
 def run_submit(opts: RunOptions) -> Summary:
     """Load, expand, submit and write the results; raise BatchError before sending on bad input."""
     started = time.monotonic()
@@ -144,24 +172,16 @@ def run_submit(opts: RunOptions) -> Summary:
                                   None, Resolution(None, dry_run=True))
             return _summarize(run_id, tally, started, opts, None)
 
-    lock = RunLock(opts.state)
-    lock.acquire()
-    try:
-        ledger = Ledger(opts.state)
+    with locked_ledger(opts.state) as ledger:
+        ledger.start_run(run_id, opts.command)
+        spool = RequestSpool(opts.output.parent, schema)
         try:
-            ledger.start_run(run_id, opts.command)
-            spool = RequestSpool(opts.output.parent, schema)
-            try:
-                outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), ledger, run_id))
-                summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started)
-            finally:
-                spool.close()
-            ledger.finish_run(run_id, summary.as_dict())
-            return summary
+            outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), ledger, run_id))
+            summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started)
         finally:
-            ledger.close()
-    finally:
-        lock.release()
+            spool.close()
+        ledger.finish_run(run_id, summary.as_dict())
+        return summary
 
 
 def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: Ledger, run_id: str,
@@ -221,33 +241,30 @@ async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[R
             if state.get("on_halt"):
                 state["on_halt"](f"aborted by a second {name}")
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(s, on_signal, s)
     deadline_handle = None
     if opts.deadline is not None:
         delay = max(0.0, opts.deadline - time.time())
         deadline_handle = loop.call_later(delay, submitter.halt, "deadline reached")
     collected: CollectStats | None = None
-    try:
-        stats = await submitter.run(requests, grace=opts.grace)
-        if opts.collect is not None and not submitter.stopping.is_set():
+    with signals_to(on_signal):
+        try:
+            stats = await submitter.run(requests, grace=opts.grace)
+            if opts.collect is not None and not submitter.stopping.is_set():
+                progress_task.cancel()
+                collector = Collector(replace(opts.collect, base_url=config.base_url, api_key=config.api_key), aledger)
+                current = [t for t in await _follow(aledger, opts.collect) if t.run_id == run_id]
+                state["on_halt"] = collector.halt
+                collected = await collector.run([Task.from_entry(e) for e in current])
+        except asyncio.CancelledError:
+            stats = submitter.stats
+        finally:
             progress_task.cancel()
-            collector = Collector(replace(opts.collect, base_url=config.base_url, api_key=config.api_key), aledger)
-            current = [t for t in await _follow(aledger, opts.collect) if t.run_id == run_id]
-            state["on_halt"] = collector.halt
-            collected = await collector.run([Task.from_entry(e) for e in current])
-    except asyncio.CancelledError:
-        stats = submitter.stats
-    finally:
-        progress_task.cancel()
-        await asyncio.gather(progress_task, return_exceptions=True)
-        if deadline_handle is not None:
-            deadline_handle.cancel()
-        await aledger.close()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(s)
-        if fake is not None:
-            await fake.close()
+            await asyncio.gather(progress_task, return_exceptions=True)
+            if deadline_handle is not None:
+                deadline_handle.cancel()
+            await aledger.close()
+            if fake is not None:
+                await fake.close()
     return _Outcome(stats.sent, stats.send_rate, stats.stop_reason, state["interrupted"], bool(state["aborted"]),
                     collected)
 
@@ -294,49 +311,37 @@ class CollectOptions:
 def run_collect(opts: CollectOptions) -> dict[str, Any]:
     """Poll (and download) the ledger's open tasks; update the results table if given."""
     started = time.monotonic()
-    lock = RunLock(opts.state, "collect")
-    lock.acquire()
-    try:
-        if opts.results is None and not opts.state.exists():
-            raise StateError(f"{opts.state}: no state file (nothing submitted yet?)")
-        ledger = Ledger(opts.state)
-        try:
-            only: set[str] | None = None
-            table = None
-            if opts.results is not None:
-                table = _read_table(opts.results)
-                only = _import_from_table(ledger, table)
-            entries = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None)
-            if only is not None:
-                entries = [e for e in entries if e.request_id in only]
-            stats = asyncio.run(_collect_all(opts.config, ledger, [Task.from_entry(e) for e in entries]))
-            if opts.results is not None and table is not None:
-                with interruptible():
-                    update_table(opts.results, table, ledger)
-            summary = {"run_id": "collect", "followed": len(entries), **stats.as_dict(),
-                       "elapsed_s": round(time.monotonic() - started, 3), "state": str(opts.state),
-                       "results": str(opts.results or "")}
-            summary["exit_code"] = EXIT_INTERRUPTED if stats.interrupted \
-                else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE)
-            return summary
-        finally:
-            ledger.close()
-    finally:
-        lock.release()
+    if opts.results is None and not opts.state.exists():
+        raise StateError(f"{opts.state}: no state file (nothing submitted yet?)")
+    with locked_ledger(opts.state, "collect") as ledger:
+        only: set[str] | None = None
+        table = None
+        if opts.results is not None:
+            table = _read_table(opts.results)
+            only = _import_from_table(ledger, table)
+        entries = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None)
+        if only is not None:
+            entries = [e for e in entries if e.request_id in only]
+        stats = asyncio.run(_collect_all(opts.config, ledger, [Task.from_entry(e) for e in entries]))
+        if opts.results is not None and table is not None:
+            with interruptible():
+                update_table(opts.results, table, ledger)
+        summary = {"run_id": "collect", "followed": len(entries), **stats.as_dict(),
+                   "elapsed_s": round(time.monotonic() - started, 3), "state": str(opts.state),
+                   "results": str(opts.results or "")}
+        summary["exit_code"] = EXIT_INTERRUPTED if stats.interrupted \
+            else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE)
+        return summary
 
 
 async def _collect_all(config: CollectConfig, ledger: Ledger, tasks: list[Task]) -> CollectStats:
-    loop = asyncio.get_running_loop()
     aledger = AsyncLedger(ledger)
     collector = Collector(config, aledger)
-    for s in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(s, collector.interrupt, signal.Signals(s).name)
-    try:
-        return await collector.run(tasks)
-    finally:
-        await aledger.close()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(s)
+    with signals_to(lambda signum: collector.interrupt(signal.Signals(signum).name)):
+        try:
+            return await collector.run(tasks)
+        finally:
+            await aledger.close()
 
 
 def _read_table(path: Path) -> pl.DataFrame:
