@@ -57,10 +57,9 @@ def parse_deadline(text: str, now: datetime | None = None) -> float:
         if when <= now:
             when += timedelta(days=1)
         return when.timestamp()
-    match = _DURATION.match(raw)
-    if raw and match and any(match.groups()):
-        h, m, s = (float(g) if g else 0.0 for g in match.groups())
-        return now.timestamp() + h * 3600 + m * 60 + s
+    seconds = _duration_seconds(raw)
+    if seconds is not None:
+        return now.timestamp() + seconds
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -156,13 +155,26 @@ def entry() -> None:
     main()
 
 
+def base_url_option() -> Any:
+    return click.option("--base-url", default=DEFAULT_BASE_URL, show_default=True, envvar="SEEDANCE_BASE_URL",
+                        help="API base URL. [env SEEDANCE_BASE_URL]")
+
+
+def api_key_file_option() -> Any:
+    return click.option("--api-key-file", type=click.Path(path_type=Path), envvar="SEEDANCE_API_KEY_FILE",
+                        help="Read the API key from this file instead of SEEDANCE_API_KEY. [env SEEDANCE_API_KEY_FILE]")
+
+
+def allow_insecure_option() -> Any:
+    return click.option("--allow-insecure", is_flag=True,
+                        help="Allow sending the key over plain http to a non-loopback host.")
+
+
 def common_options(fn: Any) -> Any:
     """Options shared by ``submit`` and ``run`` (where they override the job file)."""
     options = [
-        click.option("--base-url", default=DEFAULT_BASE_URL, show_default=True, envvar="SEEDANCE_BASE_URL",
-                     help="API base URL. [env SEEDANCE_BASE_URL]"),
-        click.option("--api-key-file", type=click.Path(path_type=Path), envvar="SEEDANCE_API_KEY_FILE",
-                     help="Read the API key from this file instead of SEEDANCE_API_KEY. [env SEEDANCE_API_KEY_FILE]"),
+        base_url_option(),
+        api_key_file_option(),
         click.option("--rate", default="100/min", show_default=True, envvar="SEEDANCE_BATCH_RATE",
                      help="Max request starts: 2, 2/s, 100/min, 5000/h (bare number: per second); 0 = unpaced. "
                           "[env SEEDANCE_BATCH_RATE]"),
@@ -190,7 +202,7 @@ def common_options(fn: Any) -> Any:
         click.option("--grace", type=click.FloatRange(0, 3600), default=30.0, show_default=True,
                      help="On SIGINT/SIGTERM/deadline, seconds to wait for requests in flight."),
         click.option("--sheet", help="Excel sheet name or 1-based number (default: the first)."),
-        click.option("--allow-insecure", is_flag=True, help="Allow sending the key over plain http to a non-loopback host."),
+        allow_insecure_option(),
         click.option("--metrics-file", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_METRICS_FILE",
                      help="Write a Prometheus textfile (node_exporter) with the run's counts. [env SEEDANCE_BATCH_METRICS_FILE]"),
         click.option("--progress-interval", type=click.FloatRange(0.05), default=10.0, show_default=True,
@@ -202,25 +214,33 @@ def common_options(fn: Any) -> Any:
         click.option("--download", "download_dir", type=click.Path(path_type=Path, file_okay=False),
                      envvar="SEEDANCE_BATCH_DOWNLOAD_DIR",
                      help="With --wait: download outputs here. [env SEEDANCE_BATCH_DOWNLOAD_DIR]"),
-        *log_option(),
+        log_option(),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def log_option() -> list[Any]:
-    return [click.option("--log-level", type=click.Choice(logs.LEVELS), default="info", show_default=True,
-                         envvar="SEEDANCE_LOG_LEVEL", help="Log level (JSON on stderr off a TTY). [env SEEDANCE_LOG_LEVEL]")]
+def log_option() -> Any:
+    return click.option("--log-level", type=click.Choice(logs.LEVELS), default="info", show_default=True,
+                        envvar="SEEDANCE_LOG_LEVEL", help="Log level (JSON on stderr off a TTY). [env SEEDANCE_LOG_LEVEL]")
+
+
+def _duration_seconds(text: str) -> float | None:
+    """``90``, ``90s``, ``15m``, ``6h``, ``1h30m`` → seconds; ``None`` if not a duration."""
+    raw = text.strip().lower()
+    match = _DURATION.match(raw)
+    if not raw or not match or not any(match.groups()):
+        return None
+    h, m, sec = (float(g) if g else 0.0 for g in match.groups())
+    return h * 3600 + m * 60 + sec
 
 
 def parse_duration(text: str, option: str) -> float:
-    """``90``, ``90s``, ``15m``, ``6h``, ``1h30m`` → seconds."""
-    match = _DURATION.match(text.strip().lower())
-    if not text.strip() or not match or not any(match.groups()):
+    seconds = _duration_seconds(text)
+    if seconds is None:
         raise ConfigError(f"{option} {text!r}: use a duration such as 90s, 15m or 6h")
-    h, m, sec = (float(g) if g else 0.0 for g in match.groups())
-    return h * 3600 + m * 60 + sec
+    return seconds
 
 
 @main.command()
@@ -369,10 +389,8 @@ def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None
 @click.option("--timeout", "wait_timeout", default="6h", show_default=True, help="With --wait: stop polling after this long.")
 @click.option("--poll-interval", type=click.FloatRange(0.1), default=10.0, show_default=True,
               help="First wait between polls of a pending task; grows 1.5x per poll up to 10 min.")
-@click.option("--base-url", default=DEFAULT_BASE_URL, show_default=True, envvar="SEEDANCE_BASE_URL",
-              help="API base URL. [env SEEDANCE_BASE_URL]")
-@click.option("--api-key-file", type=click.Path(path_type=Path), envvar="SEEDANCE_API_KEY_FILE",
-              help="Read the API key from this file instead of SEEDANCE_API_KEY. [env SEEDANCE_API_KEY_FILE]")
+@base_url_option()
+@api_key_file_option()
 @click.option("--rate", default="100/min", show_default=True, envvar="SEEDANCE_BATCH_RATE",
               help="Max polls started, shared per key with submissions: 2/s, 100/min... [env SEEDANCE_BATCH_RATE]")
 @click.option("--concurrency", type=click.IntRange(1, 512), default=8, show_default=True, help="Polls in flight.")
@@ -380,9 +398,9 @@ def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None
               help="Downloads in flight.")
 @click.option("--http-timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
               help="Seconds one poll may take; for downloads, the longest pause between bytes.")
-@click.option("--allow-insecure", is_flag=True, help="Allow sending the key over plain http to a non-loopback host.")
+@allow_insecure_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@log_option()[0]
+@log_option()
 def collect(state: Path | None, results: Path | None, download_dir: Path | None, wait: bool, wait_timeout: str,
             poll_interval: float, base_url: str, api_key_file: Path | None, rate: str, concurrency: int,
             download_concurrency: int, http_timeout: float, allow_insecure: bool, as_json: bool, log_level: str) -> None:
