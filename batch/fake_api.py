@@ -117,6 +117,12 @@ class FakeState:
         self._ids = itertools.count(1)
         self._window: collections.deque[float] = collections.deque()
 
+    def arrive(self, method: str, path: str, detail: Any = None) -> Record:
+        """Record a request as its handler starts; the handler fills in status and task id."""
+        record = Record(time.monotonic(), method, path, detail, 0, None)
+        self.records.append(record)
+        return record
+
     # -- views for assertions -------------------------------------------------
     def submissions(self) -> list[Record]:
         return [r for r in self.records if r.method == "POST" and r.path == SUBMIT_PATH]
@@ -302,8 +308,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             body: Any = json.loads(raw)
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        record = Record(time.monotonic(), "POST", SUBMIT_PATH, body if config.record_bodies else None, 0, None)
-        state.records.append(record)
+        record = state.arrive("POST", SUBMIT_PATH, body if config.record_bodies else None)
         refused = await admit(request, record)
         if refused is not None:
             return refused
@@ -331,8 +336,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
 
     async def query(request: web.Request) -> web.StreamResponse:
         task_id = request.match_info["task_id"]
-        record = Record(time.monotonic(), "GET", request.path, None, 0, None)
-        state.records.append(record)
+        record = state.arrive("GET", request.path)
         refused = await admit(request, record)
         if refused is not None:
             return refused
@@ -363,8 +367,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         """Serves a task's output, with ``Range: bytes=N-`` for resumed downloads."""
         name = request.match_info["name"]
         task_id, _, ext = name.rpartition(".")
-        record = Record(time.monotonic(), "GET", request.path, request.headers.get("Range"), 0, None)
-        state.records.append(record)
+        record = state.arrive("GET", request.path, request.headers.get("Range"))
         if task_id not in state.tasks or state.task_status(task_id) != "success":
             record.status = 404
             return _error(404, "no such file")

@@ -137,11 +137,17 @@ def wait_for(predicate, timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
+def run_until_sent(fake, tmp_path: Path, rows: int, sent: int, *extra: str) -> tuple[Path, subprocess.Popen[str]]:
+    """Start a real submit of ``rows`` prompts and return once the fake has seen ``sent`` of them."""
+    path = write_csv(tmp_path / "in.csv", prompts(rows))
+    proc = start_run(fake, tmp_path, path, *extra)
+    wait_for(lambda: len(fake.state.submissions()) >= sent)
+    return path, proc
+
+
 def test_kill_9_mid_run_then_rerun_never_pays_twice(start_fake, tmp_path: Path) -> None:
     fake = start_fake(latency=0.3, jitter=0.2)
-    path = write_csv(tmp_path / "in.csv", prompts(60))
-    proc = start_run(fake, tmp_path, path, "--concurrency", "8")
-    wait_for(lambda: len(fake.state.submissions()) >= 20)
+    path, proc = run_until_sent(fake, tmp_path, 60, 20, "--concurrency", "8")
     proc.kill()
     proc.wait(10)
     time.sleep(0.6)  # let the fake finish answering the requests in flight
@@ -169,9 +175,7 @@ def test_kill_9_mid_run_then_rerun_never_pays_twice(start_fake, tmp_path: Path) 
 
 def test_sigterm_finishes_in_flight_and_writes_table(start_fake, tmp_path: Path) -> None:
     fake = start_fake(latency=0.5)
-    path = write_csv(tmp_path / "in.csv", prompts(100))
-    proc = start_run(fake, tmp_path, path, "--concurrency", "4")
-    wait_for(lambda: len(fake.state.submissions()) >= 8)
+    path, proc = run_until_sent(fake, tmp_path, 100, 8, "--concurrency", "4")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 4, err
@@ -190,9 +194,7 @@ def test_sigterm_finishes_in_flight_and_writes_table(start_fake, tmp_path: Path)
 
 def test_second_signal_aborts_at_once_leaving_ledger_consistent(start_fake, tmp_path: Path) -> None:
     fake = start_fake(latency=30)
-    path = write_csv(tmp_path / "in.csv", prompts(20))
-    proc = start_run(fake, tmp_path, path, "--concurrency", "3")
-    wait_for(lambda: len(fake.state.submissions()) >= 3)
+    _path, proc = run_until_sent(fake, tmp_path, 20, 3, "--concurrency", "3")
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     t0 = time.monotonic()
@@ -208,9 +210,7 @@ def test_second_signal_aborts_at_once_leaving_ledger_consistent(start_fake, tmp_
 
 def test_two_concurrent_runs_the_second_exits_3_sending_nothing(start_fake, tmp_path: Path) -> None:
     fake = start_fake(latency=0.2)
-    path = write_csv(tmp_path / "in.csv", prompts(30))
-    first = start_run(fake, tmp_path, path, "--concurrency", "2")
-    wait_for(lambda: len(fake.state.submissions()) >= 2)
+    path, first = run_until_sent(fake, tmp_path, 30, 2, "--concurrency", "2")
     t0 = time.monotonic()
     second = start_run(fake, tmp_path, path, "-o", str(tmp_path / "second.parquet"))
     _out, err = second.communicate(timeout=30)
@@ -226,9 +226,7 @@ def test_two_concurrent_runs_the_second_exits_3_sending_nothing(start_fake, tmp_
 
 def test_lock_dies_with_a_killed_process(start_fake, tmp_path: Path) -> None:
     fake = start_fake(latency=5)
-    path = write_csv(tmp_path / "in.csv", prompts(3))
-    proc = start_run(fake, tmp_path, path)
-    wait_for(lambda: len(fake.state.submissions()) >= 1)
+    path, proc = run_until_sent(fake, tmp_path, 3, 1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     assert (tmp_path / "state.sqlite.lock").exists()  # the file stays, the lock does not
