@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import ipaddress
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,22 +27,22 @@ import structlog
 from click.core import ParameterSource
 
 from batch import __version__, logs
-from batch.api import DEFAULT_BASE_URL
+from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slug, is_loopback
 from batch.client import Secret
 from batch.collect import CollectConfig
-from batch.errors import BatchError, ConfigError
+from batch.download import DownloadPolicy
+from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError
 from batch.expand import Expander, ExpandSpec, parse_param
 from batch.jobfile import JobFile, load_job
-from batch.ledger import default_state_path
+from batch.ledger import default_state_path, fake_state_path, state_home
 from batch.load import load_inputs
-from batch.pipeline import EXIT_INTERRUPTED, CollectOptions, Interrupted, RunOptions, run_collect, run_submit
+from batch.pipeline import CollectOptions, Interrupted, RunOptions, run_collect, run_submit
 from batch.ratelimit import Rate, parse_rate
 from batch.report import prometheus, render, render_collect, summarize_table
-from batch.results import Resolution, Tally, request_frames, request_schema, resolve_frame, write_text_atomically
+from batch.results import LABEL, Resolution, Tally, request_frames, request_schema, resolve_frame, write_text_atomically
 from batch.submit import SubmitConfig
 from batch.validate import TIERS
 
-FAKE_STATE = default_state_path().with_name("fake-api-state.sqlite")
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
 
@@ -68,16 +68,6 @@ def parse_deadline(text: str, now: datetime | None = None) -> float:
     if when.tzinfo is None:
         when = when.astimezone()
     return when.timestamp()
-
-
-def is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def resolve_key(key_file: Path | None) -> Secret:
@@ -174,6 +164,12 @@ def common_options(fn: Any) -> Any:
     """Options shared by ``submit`` and ``run`` (where they override the job file)."""
     options = [
         base_url_option(),
+        click.option("--model", default=DEFAULT_MODEL, show_default=True, envvar="SEEDANCE_BATCH_MODEL",
+                     help="Model slug provider/model for rows that do not name one. [env SEEDANCE_BATCH_MODEL]"),
+        click.option("--endpoint", default="seed", show_default=True, envvar="SEEDANCE_BATCH_ENDPOINT",
+                     help="Submit route: seed ({base}/api/v1/text-to-video/{provider}/{model}/async), async "
+                          "({base}/api/v1/{provider}/{model}/async), v1 ({base}/api/v1/{provider}/{model}), or a "
+                          "template with those placeholders. [env SEEDANCE_BATCH_ENDPOINT]"),
         api_key_file_option(),
         click.option("--rate", default="100/min", show_default=True, envvar="SEEDANCE_BATCH_RATE",
                      help="Max request starts: 2, 2/s, 100/min, 5000/h (bare number: per second); 0 = unpaced. "
@@ -191,6 +187,9 @@ def common_options(fn: Any) -> Any:
                      help=f"Ledger (SQLite) of what was sent. [env SEEDANCE_BATCH_STATE; default {default_state_path()}]"),
         click.option("--resend-unknown", is_flag=True,
                      help="Resend requests whose earlier outcome is unknown (may pay twice for one video)."),
+        click.option("--moved-from", "moved_from", multiple=True, metavar="OLD_BASE_URL",
+                     help="The ledger's requests sent to OLD_BASE_URL count as sent to --base-url (the same provider "
+                          "at another host): nothing is resubmitted. Repeatable."),
         click.option("--max-attempts", type=click.IntRange(1, 50), default=5, show_default=True,
                      envvar="SEEDANCE_BATCH_MAX_ATTEMPTS", help="Attempts per request for 429/503/connect errors."),
         click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
@@ -315,19 +314,24 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
     key = connection(kw.get("api_key_file"), kw["base_url"], kw["allow_insecure"], kw["log_level"],
                      needs_key=not kw["dry_run"] and not kw["fake_api"])
     rate = rate_option(str(kw["rate"]))
+    try:
+        model = check_slug(kw["model"])
+        check_endpoint(kw["endpoint"], kw["base_url"])
+    except ValueError as exc:
+        raise ConfigError(f"--{str(exc).partition(' ')[0]} {str(exc).partition(' ')[2]}") from None
     submit_cfg = SubmitConfig(
-        base_url=kw["base_url"], api_key=key, rate=rate, concurrency=kw["concurrency"],
+        base_url=kw["base_url"], api_key=key, endpoint=kw["endpoint"], rate=rate, concurrency=kw["concurrency"],
         max_attempts=kw["max_attempts"], timeout=kw["timeout"], resend_unknown=kw["resend_unknown"],
         max_requests=kw["max_requests"],
     )
     return RunOptions(
         inputs=tuple(kw["inputs"]),
         output=Path(kw["output"]),
-        expand=expand_spec(job, kw["params"], kw["tier"]),
+        expand=replace(expand_spec(job, kw["params"], kw["tier"]), model=model),
         submit=submit_cfg,
         # The fake API's task ids must never land in the real ledger (they would make
         # tomorrow's real run skip those requests), so a fake run has its own default.
-        state=Path(kw["state"]) if kw["state"] else (FAKE_STATE if kw["fake_api"] else default_state_path()),
+        state=Path(kw["state"]) if kw["state"] else (fake_state_path() if kw["fake_api"] else default_state_path()),
         dry_run=kw["dry_run"],
         fake_api=kw["fake_api"],
         deadline=parse_deadline(kw["deadline"]) if kw["deadline"] else None,
@@ -340,7 +344,10 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
             wait_timeout=parse_duration(kw["wait_timeout"], "--wait-timeout"),
             download_dir=kw["download_dir"], http_timeout=kw["timeout"],
             poll_min=2.0 if kw["fake_api"] else 10.0,
+            download=DownloadPolicy(allow_local=kw["fake_api"] or is_loopback(kw["base_url"])),
         ) if kw["wait"] else None,
+        moved_from=tuple(kw.get("moved_from") or ()),
+        budget_dir=state_home(),
     )
 
 
@@ -365,8 +372,8 @@ def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None
         rows = resolve_frame(frame, None, Resolution(None, dry_run=True))
         tally.add(rows)
         invalid_rows = rows.filter(pl.col("status") == "invalid").head(max(0, show - shown))
-        for source, row, request_id, error in invalid_rows.select("source", "row", "request_id", "error").iter_rows():
-            click.echo(f"{source}:{row}\t{request_id}\t{error}")
+        for source, row, label, error in invalid_rows.select("source", "row", LABEL, "error").iter_rows():
+            click.echo(f"{source}:{row}\t{label or '-'}\t{error}")
         shown += invalid_rows.height
     invalid = tally.counts.get("invalid", 0)
     if invalid > shown:
@@ -410,6 +417,7 @@ def collect(state: Path | None, results: Path | None, download_dir: Path | None,
         base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=concurrency, http_timeout=http_timeout,
         wait=wait, wait_timeout=parse_duration(wait_timeout, "--timeout"), poll_min=poll_interval,
         download_dir=download_dir, download_concurrency=download_concurrency,
+        download=DownloadPolicy(allow_local=is_loopback(base_url)),
     )
     summary = run_collect(CollectOptions(state or default_state_path(), config, results))
     structlog.get_logger("batch").info("collect_summary", **summary)

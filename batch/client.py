@@ -1,18 +1,25 @@
 """One HTTP attempt against the API, and what it means.
 
-:func:`classify` maps an HTTP answer to a :class:`Verdict`; :func:`post_once` makes
+:func:`classify` maps an HTTP answer to a :class:`Verdict`; :func:`request_once` makes
 one attempt and never raises for a network problem. The decisive question for a
-paid, non-idempotent submission is whether the provider *may* have accepted it:
+paid, non-idempotent submission is whether the provider *may* have accepted it. The
+rules are at least as safe as the provider's official CLI (``modellix-client.ts``),
+which treats every answer it does not list as a definite rejection as "outcome unknown":
 
-* ``OK``        HTTP 2xx, ``code == 0`` and a non-empty ``data.task_id``.
+* ``OK``        HTTP 2xx, ``code == 0`` and ``data.task_id`` a plain token.
 * ``RETRY``     certainly not accepted, transient: 429, 503, or a connection that
-                could not be set up (so nothing was written).
-* ``FAIL``      certainly not accepted, permanent: 400/403/404/413/422, another 4xx,
-                or HTTP 200 with ``code != 0``.
+                could not be set up (so nothing was written). 503 is retried although
+                the official CLI does not retry POSTs: the provider's error page names
+                it retryable ("service temporarily unavailable, circuit breaker open").
+* ``FAIL``      certainly not accepted, permanent: 400, 403, 404, 405, 413, 415, 422.
 * ``FATAL``     401 (bad key), 402 (no balance): nothing else can succeed.
-* ``UNKNOWN``   the task may exist: 500/502/504 and other 5xx, a timeout or dropped
-                connection once connected, a 2xx without a usable
-                task id or with a body that is not JSON.
+* ``UNKNOWN``   the task may exist: 2xx with ``code != 0`` or without a usable task id
+                or not JSON, 3xx, any other 4xx (408, 409, 425 ...), 5xx but 503, a
+                timeout or dropped connection once connected, an answer over 1 MiB.
+
+Provider text enters the process here and only here: every answer is read with a size
+cap, and every string in it has the API key scrubbed and control characters removed
+before anything else sees it, so no output and no stored row can carry the key.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import asyncio
 import email.utils
 import json
 import random
+import re
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -28,7 +36,7 @@ from typing import Any
 
 import aiohttp
 
-from batch.api import SUBMIT_PATH
+from batch.api import check_task_id
 
 
 class Secret:
@@ -41,6 +49,12 @@ class Secret:
 
     def reveal(self) -> str:
         return self._value
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every occurrence of the key replaced by ``***``."""
+        if self._value and self._value in text:
+            return text.replace(self._value, "***")
+        return text
 
     def __repr__(self) -> str:
         return "Secret('***')"
@@ -64,13 +78,21 @@ class Verdict:
     error: str | None = None
     error_code: int | None = None
     retry_after: float | None = None  # seconds the provider asked us to wait
-    data: dict[str, Any] | None = None  # ``data`` of a successful answer
+    data: dict[str, Any] | None = None  # ``data`` of a successful answer, scrubbed
+    body: Any = None  # the whole answer, parsed and scrubbed (None when not JSON)
+    rate_remaining: int | None = None  # X-RateLimit-Remaining
+    rate_limit: int | None = None  # X-RateLimit-Limit
+    rate_reset: float | None = None  # seconds until X-RateLimit-Reset
 
 
-PERMANENT = frozenset({400, 403, 404, 413, 422})
+# Definite rejections, as the official CLI lists them (429 and 401/402 apart).
+PERMANENT = frozenset({400, 403, 404, 405, 413, 415, 422})
 TRANSIENT = frozenset({429, 503})
 FATAL_STATUSES = frozenset({401, 402})
 MAX_RETRY_AFTER = 600.0
+MAX_ANSWER_BYTES = 1 << 20  # a submit or task answer is a few KB
+MESSAGE_CHARS = 300
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
@@ -79,6 +101,22 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     workers do not retry in step."""
     step = min(cap, base * 2 ** (attempt - 1))
     return random.uniform(step / 2, step)
+
+
+def _reset_seconds(value: str, now: float) -> float | None:
+    """``X-RateLimit-Reset`` as seconds to wait: providers send a delta in seconds, or an
+    epoch time in seconds or milliseconds."""
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    if number != number or number in (float("inf"), float("-inf")):
+        return None
+    if number > 1e12:
+        return number / 1000 - now
+    if number > 1e9:
+        return number - now
+    return number
 
 
 def retry_after_seconds(headers: Any, now: float | None = None) -> float | None:
@@ -98,55 +136,110 @@ def retry_after_seconds(headers: Any, now: float | None = None) -> float | None:
                 pass
     reset = headers.get("X-RateLimit-Reset")
     if reset:
-        try:
-            number = float(reset.strip())
-            # Providers send either an epoch timestamp or a delta in seconds.
-            waits.append(number - now if number > 1e9 else number)
-        except ValueError:
-            pass
+        seconds = _reset_seconds(reset, now)
+        if seconds is not None:
+            waits.append(seconds)
+    waits = [w for w in waits if w == w]  # no NaN
     if not waits:
         return None
     return min(max(max(waits), 0.0), MAX_RETRY_AFTER)
 
 
-def _provider_message(raw: bytes, fallback: str) -> tuple[str, int | None]:
+def _int_header(headers: Any, name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
     try:
-        body = json.loads(raw)
-    except ValueError:
-        return fallback, None
+        return int(float(value.strip()))
+    except (ValueError, OverflowError):
+        return None
+
+
+def clean_text(text: str, secret: Secret | None, limit: int = MESSAGE_CHARS) -> str:
+    """Provider text made safe to store and print: key scrubbed, controls removed, capped."""
+    if secret is not None:
+        text = secret.scrub(text)
+    text = _CONTROL.sub(" ", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_NOT_JSON = object()  # an answer body that did not parse
+
+
+def _scrub_json(value: Any, secret: Secret) -> Any:
+    """Every string of a parsed answer, keys included, with the key replaced."""
+    if isinstance(value, str):
+        return secret.scrub(value)
+    if isinstance(value, list):
+        return [_scrub_json(v, secret) for v in value]
+    if isinstance(value, dict):
+        return {secret.scrub(k): _scrub_json(v, secret) for k, v in value.items()}
+    return value
+
+
+def parse_answer(raw: bytes, secret: Secret | None) -> Any:
+    """The JSON value of an answer with the key scrubbed, or ``ValueError``."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ValueError("not JSON") from None
+    return _scrub_json(value, secret) if secret is not None and secret.reveal() else value
+
+
+def _provider_message(body: Any, fallback: str, secret: Secret | None) -> tuple[str, int | None]:
     if isinstance(body, dict):
         message = body.get("message")
         code = body.get("code")
-        return (str(message)[:300] if message else fallback), (code if isinstance(code, int) else None)
+        text = clean_text(str(message), secret) if message else fallback
+        return text, (code if isinstance(code, int) and not isinstance(code, bool) else None)
     return fallback, None
 
 
-def classify(status: int, raw: bytes, headers: Any) -> Verdict:
+def classify(status: int, raw: bytes, headers: Any, secret: Secret | None = None) -> Verdict:
     """What an HTTP answer to a submission or query means (see the module docstring)."""
+    try:
+        body: Any = parse_answer(raw, secret)
+    except ValueError:
+        body = _NOT_JSON
+    verdict = _classify(status, body, headers, secret)
+    verdict.body = None if body is _NOT_JSON else body
+    verdict.rate_remaining = _int_header(headers, "X-RateLimit-Remaining")
+    verdict.rate_limit = _int_header(headers, "X-RateLimit-Limit")
+    reset = headers.get("X-RateLimit-Reset")
+    verdict.rate_reset = _reset_seconds(reset, time.time()) if reset else None
+    return verdict
+
+
+def _classify(status: int, body: Any, headers: Any, secret: Secret | None) -> Verdict:
     if 200 <= status < 300:
-        try:
-            body = json.loads(raw)
-        except ValueError:
+        if body is _NOT_JSON:
             return Verdict(Kind.UNKNOWN, status, error=f"HTTP {status} with a body that is not JSON")
         if not isinstance(body, dict) or "code" not in body:
             return Verdict(Kind.UNKNOWN, status, error=f"HTTP {status} without a 'code' field")
         code = body.get("code")
-        if code == 0:
-            data = body.get("data")
-            task_id = data.get("task_id") if isinstance(data, dict) else None
-            if isinstance(task_id, str) and task_id.strip():
-                return Verdict(Kind.OK, status, task_id=task_id, data=data)
+        if code != 0 or isinstance(code, bool):
+            message, _ = _provider_message(body, "no message", secret)
+            return Verdict(Kind.UNKNOWN, status, error=f"HTTP {status} with code {clean_text(str(code), secret, 40)}: "
+                           f"{message} (an undocumented answer: the task may exist)",
+                           error_code=code if isinstance(code, int) and not isinstance(code, bool) else None)
+        data = body.get("data")
+        task_id = data.get("task_id") if isinstance(data, dict) else None
+        if task_id is None or task_id == "":
             return Verdict(Kind.UNKNOWN, status, error=f"HTTP {status}, code 0 but no task_id")
-        message = str(body.get("message") or "rejected")[:300]
-        return Verdict(Kind.FAIL, status, error=message, error_code=code if isinstance(code, int) else None)
-    message, code = _provider_message(raw, f"HTTP {status}")
+        if check_task_id(task_id) is None:
+            shown = clean_text(repr(task_id), None, 60)
+            return Verdict(Kind.UNKNOWN, status, error=f"HTTP {status}, code 0 with a task id that is not a plain "
+                           f"token ({shown}): not stored, outcome unknown")
+        assert isinstance(data, dict)
+        return Verdict(Kind.OK, status, task_id=task_id, data=data)
+    message, code = _provider_message(body, f"HTTP {status}", secret)
     code = code if code is not None else status
     if status in TRANSIENT:
         return Verdict(Kind.RETRY, status, error=message, error_code=code,
                        retry_after=retry_after_seconds(headers))
     if status in FATAL_STATUSES:
         return Verdict(Kind.FATAL, status, error=message, error_code=code)
-    if status in PERMANENT or 400 <= status < 500:
+    if status in PERMANENT:
         return Verdict(Kind.FAIL, status, error=message, error_code=code)
     return Verdict(Kind.UNKNOWN, status, error=message, error_code=code)
 
@@ -170,7 +263,7 @@ def make_session(concurrency: int, timeout: float, connect_timeout: float) -> ai
 NOT_SENT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     # The type and the OS reason only: aiohttp's messages may quote the request.
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return "timeout"
@@ -179,8 +272,29 @@ def _describe(exc: BaseException) -> str:
     return f"{name}: {reason}" if isinstance(reason, str) and reason else name
 
 
+class TooLarge(Exception):
+    """An answer body over its size cap."""
+
+
+async def read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The whole body, or :class:`TooLarge` as soon as it passes ``cap`` bytes
+    (announced or received: a missing or lying ``Content-Length`` does not help)."""
+    length = response.content_length
+    if length is not None and length > cap:
+        raise TooLarge(f"answer of {length} bytes, over the {cap}-byte limit")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.content.iter_any():
+        total += len(chunk)
+        if total > cap:
+            raise TooLarge(f"answer over the {cap}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def request_once(
-    session: aiohttp.ClientSession, method: str, url: str, key: Secret, body: bytes | None = None
+    session: aiohttp.ClientSession, method: str, url: str, key: Secret, body: bytes | None = None,
+    cap: int = MAX_ANSWER_BYTES,
 ) -> Verdict:
     """One attempt; a network failure becomes RETRY (nothing sent) or UNKNOWN (maybe sent)."""
     headers = {"Authorization": f"Bearer {key.reveal()}"}
@@ -190,13 +304,12 @@ async def request_once(
         async with session.request(
             method, url, data=body, headers=headers, allow_redirects=False
         ) as response:
-            raw = await response.read()
-            return classify(response.status, raw, response.headers)
+            try:
+                raw = await read_capped(response, cap)
+            except TooLarge as exc:
+                return Verdict(Kind.UNKNOWN, response.status, error=f"HTTP {response.status}: {exc}")
+            return classify(response.status, raw, response.headers, key)
     except NOT_SENT_ERRORS as exc:
-        return Verdict(Kind.RETRY, error=f"connection failed before sending ({_describe(exc)})")
+        return Verdict(Kind.RETRY, error=f"connection failed before sending ({describe(exc)})")
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        return Verdict(Kind.UNKNOWN, error=f"no answer after sending ({_describe(exc)})")
-
-
-def submit_url(base_url: str) -> str:
-    return base_url.rstrip("/") + SUBMIT_PATH
+        return Verdict(Kind.UNKNOWN, error=f"no answer after sending ({describe(exc)})")

@@ -6,10 +6,20 @@ same :class:`~batch.ratelimit.SmoothLimiter` as submissions: they count against 
 per-key limit. A task still pending is polled again after an interval that grows with
 the number of polls (``poll_min * 1.5**polls``, capped at ``poll_max``).
 
-Downloads stream to ``DIR/.<name>.part`` in 64 KiB chunks (never a whole file in memory),
-resume with ``Range`` after a failure, are checked against the announced size, fsynced
-and renamed to ``DIR/<request_id>.<ext>``: a final name only ever holds a whole file. The
-API key is never sent to resource URLs (they may be a CDN's).
+Guarantees:
+
+* **One bad answer costs one task.** Each task answer is validated on its own
+  (:func:`read_task`): a malformed one is recorded on that task (it stays non-terminal, or
+  fails with the reason) and every other task goes on; an unexpected error while handling
+  one task is logged and that task is polled again next pass.
+* **Task states as the provider has them.** ``pending`` and ``processing`` are not terminal;
+  ``success`` (also ``succeeded``/``completed``) is; ``failed``, ``cancelled``/``canceled``,
+  ``error`` and ``expired`` are terminal failures with the reason the answer carries; an
+  unknown state is logged once per value and kept non-terminal.
+* **A success must be downloadable.** A success without a usable video URL is a
+  ``download_error`` ("success without a downloadable output"), never a quiet exit 0.
+* **Bounded.** ``--timeout`` bounds the whole collect, downloads included; SIGTERM stops
+  polls and downloads at once (partial files stay for a resume); see :mod:`batch.download`.
 
 The provider deletes outputs 24 hours after completion; a success seen more than
 ``output_ttl`` ago whose files are still missing is ``expired``.
@@ -20,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -28,26 +37,38 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-import aiohttp
 import structlog
 
-from batch.api import TASK_PATH
-from batch.client import Kind, Secret, backoff_delay, make_session, request_once
+from batch.api import FAKE_API, task_url
+from batch.client import Kind, Secret, Verdict, backoff_delay, clean_text, make_session, request_once
+from batch.download import (
+    DownloadError,
+    DownloadPolicy,
+    contained,
+    extension,
+    fetch,
+    file_stem,
+    make_download_session,
+)
 from batch.ledger import AsyncLedger, Entry, utcnow
 from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
 
 TERMINAL = frozenset({"success", "failed", "expired"})
-CHUNK = 1 << 16
+SUCCESS_STATES = frozenset({"success", "succeeded", "completed"})
+FAILURE_STATES = frozenset({"failed", "cancelled", "canceled", "error", "expired"})
+RUNNING_STATES = frozenset({"pending", "processing", "queued", "running"})
+MAX_RESOURCES = 100
+NO_OUTPUT = "success without a downloadable output"
 T = TypeVar("T")
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_.:/+-]{1,32}")
 
 SQL_TASK = (
     "UPDATE requests SET task_status=?, resource_urls=COALESCE(?, resource_urls), resources=COALESCE(?, resources), "
-    "failure_reason=?, "
-    "completed_at=COALESCE(completed_at, ?), polls=polls+1, updated_at=? WHERE request_id=?"
+    "failure_reason=?, completed_at=COALESCE(completed_at, ?), polls=polls+1, updated_at=? WHERE api=? AND request_id=?"
 )
-SQL_DOWNLOAD = "UPDATE requests SET local_paths=?, download_error=?, task_status=?, updated_at=? WHERE request_id=?"
+SQL_DOWNLOAD = ("UPDATE requests SET local_paths=?, download_error=?, task_status=?, updated_at=? "
+                "WHERE api=? AND request_id=?")
 
 
 @dataclass(frozen=True)
@@ -68,14 +89,18 @@ class CollectConfig:
     output_ttl: float = 24 * 3600.0
     backoff_base: float = 0.5
     backoff_max: float = 30.0
+    download: DownloadPolicy = field(default_factory=DownloadPolicy)
 
 
 @dataclass
 class Task:
+    api: str
     request_id: str
     task_id: str
+    label: str | None
+    poll_url: str | None
     return_last_frame: bool
-    status: str | None  # task_status: None (never polled), pending, success, failed, expired
+    status: str | None  # task_status: None (never polled), pending, processing, success, failed, expired
     resources: list[dict[str, Any]]
     completed_at: str | None
     local_paths: dict[str, Any] | None
@@ -85,10 +110,101 @@ class Task:
 
     @classmethod
     def from_entry(cls, e: Entry) -> Task:
-        body = json.loads(e.body) if e.body else {}
-        resources = json.loads(e.resources) if e.resources else []
-        return cls(e.request_id, str(e.task_id), bool(body.get("return_last_frame")), e.task_status,
-                   resources, e.completed_at, json.loads(e.local_paths) if e.local_paths else None, e.polls)
+        body = _json(e.body, {})
+        resources = _json(e.resources, [])
+        paths = _json(e.local_paths, None)
+        return cls(e.api, e.request_id, str(e.task_id), e.label, e.poll_url,
+                   bool(body.get("return_last_frame")) if isinstance(body, dict) else False, e.task_status,
+                   resources if isinstance(resources, list) else [], e.completed_at,
+                   paths if isinstance(paths, dict) else None, e.polls)
+
+
+def _json(text: str | None, default: Any) -> Any:
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """What one task answer says, after validation."""
+
+    status: str | None  # pending, processing, success, failed; None: unusable answer
+    resources: list[dict[str, Any]] | None = None
+    reason: str | None = None  # why it failed, or what is wrong with the answer
+    unknown_state: str | None = None
+
+
+def _word(value: Any) -> str | None:
+    return value if isinstance(value, str) and _SAFE_WORD.fullmatch(value) else None
+
+
+def read_resources(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The usable outputs of a success: dicts (or bare strings) with an http(s) URL."""
+    result = data.get("result")
+    raw = result.get("resources") if isinstance(result, dict) else data.get("resources")
+    if not isinstance(raw, list):
+        return []
+    found = []
+    for item in raw[:MAX_RESOURCES]:
+        resource = {"url": item} if isinstance(item, str) else item
+        if not isinstance(resource, dict):
+            continue
+        url = resource.get("url")
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")) or len(url) > 4096:
+            continue
+        kept = {"url": url}
+        for key in ("type", "role", "format"):
+            if (value := _word(resource.get(key))) is not None:
+                kept[key] = value
+        found.append(kept)
+    return found
+
+
+def failure_reason(body: dict[str, Any], data: dict[str, Any], state: str) -> str:
+    """Whatever text a failed task's answer carries: the nested error's code and message,
+    the task's own message or reason, the envelope's message when it is not "success"."""
+    parts: list[str] = []
+    err = data.get("error")
+    if isinstance(err, dict):
+        code, message = err.get("code"), err.get("message")
+        parts.append(": ".join(str(p) for p in (code, message) if p not in (None, "")))
+    elif isinstance(err, (str, int)) and not isinstance(err, bool):
+        parts.append(str(err))
+    for key in ("message", "reason", "failure_reason", "error_message", "fail_reason"):
+        if isinstance(data.get(key), str):
+            parts.append(data[key])
+    if isinstance(data.get("code"), (str, int)) and not isinstance(data.get("code"), bool):
+        parts.append(f"code {data['code']}")
+    envelope = body.get("message")
+    if isinstance(envelope, str) and envelope.lower() not in ("success", "ok", ""):
+        parts.append(envelope)
+    text = "; ".join(p for p in dict.fromkeys(parts) if p) or "no reason given"
+    return clean_text(text if state == "failed" else f"{state}: {text}", None)
+
+
+def read_task(body: Any, task_id: str) -> TaskView:
+    """Validate one task answer (the whole JSON body) on its own."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, dict):
+        return TaskView(None, reason="answer without a data object")
+    raw = data.get("status")
+    if not isinstance(raw, str) or not raw.strip() or len(raw) > 64:
+        return TaskView(None, reason="answer without a usable status")
+    echoed = data.get("task_id")
+    if echoed is not None and echoed != task_id:
+        return TaskView(None, reason="answer about another task id")
+    state = clean_text(raw.strip().lower(), None, 64)
+    if state in SUCCESS_STATES:
+        return TaskView("success", resources=read_resources(data))
+    if state in FAILURE_STATES:
+        return TaskView("failed", reason=failure_reason(body, data, state))
+    if state in RUNNING_STATES:
+        return TaskView("processing" if state in ("processing", "running") else "pending")
+    return TaskView("pending", unknown_state=state)
 
 
 @dataclass
@@ -98,13 +214,16 @@ class CollectStats:
     downloaded: int = 0
     download_skipped: int = 0
     download_failed: int = 0
+    no_output: int = 0
     stop_reason: str | None = None
     interrupted: bool = False
+    fatal: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"task_status": dict(sorted(self.task_status.items())), "polls": self.polls,
                 "downloaded": self.downloaded, "download_skipped": self.download_skipped,
-                "download_failed": self.download_failed, "stop_reason": self.stop_reason}
+                "download_failed": self.download_failed + self.no_output, "no_output": self.no_output,
+                "stop_reason": self.stop_reason}
 
 
 async def bounded(items: Iterable[T], fn: Callable[[T], Awaitable[None]], workers: int) -> None:
@@ -118,19 +237,21 @@ async def bounded(items: Iterable[T], fn: Callable[[T], Awaitable[None]], worker
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
 
 
-def safe_name(request_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", request_id)
-
-
 def _age_seconds(iso: str | None) -> float:
     if not iso:
         return 0.0
-    return (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
+    try:
+        return (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
+    except ValueError:
+        return 0.0
 
 
 def wanted_files(task: Task, directory: Path) -> list[tuple[str, str, Path]]:
-    """(role, url, final path) of each output to download for a successful task."""
+    """(role, url, final path) of each output to download for a successful task: the
+    name from our request id and label, the extension from an allow-list."""
     files = []
+    stem = file_stem(task.request_id, task.label)
+    seen: Counter[str] = Counter()
     for res in task.resources:
         url = res.get("url")
         if not isinstance(url, str):
@@ -138,104 +259,148 @@ def wanted_files(task: Task, directory: Path) -> list[tuple[str, str, Path]]:
         is_frame = res.get("role") == "last_frame" or res.get("type") == "image"
         if is_frame and not task.return_last_frame:
             continue
-        ext = res.get("format") or Path(urlsplit(url).path).suffix.lstrip(".") or ("png" if is_frame else "mp4")
-        stem = safe_name(task.request_id) + (".last_frame" if is_frame else "")
-        files.append(("last_frame" if is_frame else "video", url, directory / f"{stem}.{ext}"))
+        kind = "last_frame" if is_frame else "video"
+        seen[kind] += 1
+        n = seen[kind]
+        role = kind if n == 1 else f"{kind}_{n}"
+        suffix = (".last_frame" if is_frame else "") + (f".{n}" if n > 1 else "")
+        files.append((role, url, contained(directory, f"{stem}{suffix}.{extension(res, is_frame)}")))
     return files
 
 
+def has_video(task: Task) -> bool:
+    return any(not (r.get("role") == "last_frame" or r.get("type") == "image") for r in task.resources)
+
+
 class Collector:
-    def __init__(self, config: CollectConfig, ledger: AsyncLedger) -> None:
+    def __init__(self, config: CollectConfig, ledger: AsyncLedger, limiter: SmoothLimiter | None = None) -> None:
         self.config = config
         self.ledger = ledger
-        self.limiter = SmoothLimiter(config.rate)
+        self.limiter = limiter or SmoothLimiter(config.rate)
         self.stats = CollectStats()
         self.stopping = asyncio.Event()
         self.log = structlog.get_logger("batch.collect")
+        self._main: asyncio.Task[None] | None = None
+        self._unknown_states: set[str] = set()
 
     def interrupt(self, signame: str) -> None:
         self.stats.interrupted = True
-        self.halt(f"interrupted by {signame}")
+        self.halt(f"interrupted by {signame}", at_once=True)
 
-    def halt(self, reason: str) -> None:
+    def halt(self, reason: str, at_once: bool = False, fatal: bool = False) -> None:
+        """Stop polling; ``at_once`` also cancels polls and downloads under way."""
         if not self.stopping.is_set():
             self.stats.stop_reason = reason
+            self.stats.fatal = fatal
             self.stopping.set()
             self.log.warning("stopping", reason=reason)
+        if at_once and self._main is not None and self._main is not asyncio.current_task():
+            self._main.cancel()
+
+    def base_for(self, task: Task) -> str:
+        """The API that issued the task: the bundled fake is wherever it runs now."""
+        return self.config.base_url if task.api == FAKE_API else task.api
 
     async def run(self, tasks: list[Task]) -> CollectStats:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + cfg.wait_timeout
+        expire = loop.call_later(cfg.wait_timeout, lambda: self.halt(
+            f"--timeout {cfg.wait_timeout:g}s reached with "
+            f"{sum(1 for t in tasks if t.status not in TERMINAL)} tasks pending", at_once=True))
+        self._main = asyncio.create_task(self._loop(tasks))
+        try:
+            await asyncio.wait({self._main})
+            if not self._main.cancelled():
+                self._main.result()
+        finally:
+            expire.cancel()
+        for t in tasks:
+            self.stats.task_status[t.status or "pending"] += 1
+        return self.stats
+
+    async def _loop(self, tasks: list[Task]) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
         async with make_session(cfg.concurrency, cfg.http_timeout, min(10.0, cfg.http_timeout)) as session, \
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=cfg.http_timeout,
-                                                                    sock_connect=10)) as plain:
+                make_download_session(cfg.download) as plain:
             self._session, self._plain = session, plain
             while not self.stopping.is_set():
                 now = loop.time()
                 due = [t for t in tasks if t.status not in TERMINAL and t.next_poll <= now]
                 await bounded(due, self._poll, cfg.concurrency)
+                ready = [t for t in tasks if t.status == "success" and not t.download_tried]
+                for t in ready:
+                    if not has_video(t):
+                        self._no_output(t)
                 if cfg.download_dir is not None:
-                    ready = [t for t in tasks if t.status == "success" and not t.download_tried]
+                    ready = [t for t in ready if has_video(t)]
                     await bounded(ready, self._download, cfg.download_concurrency)
                 waiting = [t for t in tasks if t.status not in TERMINAL]
                 if not cfg.wait or not waiting:
                     break
-                if loop.time() >= deadline:
-                    self.halt(f"--timeout {cfg.wait_timeout:g}s reached with {len(waiting)} tasks pending")
-                    break
-                nap = min(min(t.next_poll for t in waiting), deadline) - loop.time()
+                nap = min(t.next_poll for t in waiting) - loop.time()
                 if nap > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.stopping.wait(), nap)
-        for t in tasks:
-            self.stats.task_status[t.status or "pending"] += 1
-        return self.stats
 
     async def _poll(self, task: Task) -> None:
-        cfg, loop = self.config, asyncio.get_running_loop()
-        url = cfg.base_url.rstrip("/") + TASK_PATH.format(task_id=task.task_id)
+        try:
+            await self._poll_once(task)
+        except Exception as exc:  # one task's surprise must not cost the others
+            self.log.error("task_error", request_id=task.request_id, error=f"{type(exc).__name__}: {exc}")
+        cfg = self.config
+        task.polls += 1
+        task.next_poll = asyncio.get_running_loop().time() + min(cfg.poll_max, cfg.poll_min * 1.5 ** min(task.polls, 30))
+
+    async def _poll_once(self, task: Task) -> None:
+        cfg = self.config
+        url = task.poll_url or task_url(self.base_for(task), task.task_id)
         for attempt in range(1, cfg.max_attempts + 1):
             if self.stopping.is_set():
                 return
             await self.limiter.acquire()
             verdict = await request_once(self._session, "GET", url, cfg.api_key)
             self.stats.polls += 1
-            if verdict.kind is Kind.OK:
-                self._record(task, verdict.data or {})
-                break
+            if verdict.rate_remaining is not None and verdict.rate_reset is not None:
+                self.limiter.slow_down(verdict.rate_remaining, verdict.rate_limit, verdict.rate_reset)
+            status = verdict.http_status or 0
+            if 200 <= status < 300 and isinstance(verdict.body, dict) and "data" in verdict.body:
+                self._record(task, read_task(verdict.body, task.task_id))
+                return
             if verdict.kind is Kind.FATAL:
-                self.halt(f"HTTP {verdict.http_status}: {verdict.error}")
+                self.halt(f"HTTP {verdict.http_status}: {verdict.error}", fatal=True)
                 return
             if verdict.kind is Kind.FAIL:
-                if verdict.http_status == 404:
+                if status == 404:
                     self._set(task, "failed", None, "the provider does not know this task (HTTP 404)")
-                    break
-                self.log.warning("poll_rejected", request_id=task.request_id, http_status=verdict.http_status,
-                                 error=verdict.error)
-                break
-            wait = backoff_delay(attempt, cfg.backoff_base, cfg.backoff_max)
-            if verdict.retry_after is not None:
-                wait = max(wait, verdict.retry_after)
-                if verdict.http_status == 429:
-                    self.limiter.cooldown(verdict.retry_after)
+                else:
+                    self.log.warning("poll_rejected", request_id=task.request_id, http_status=status,
+                                     error=verdict.error)
+                return
+            wait = self._retry_wait(attempt, verdict)
             self.log.debug("poll_retry", request_id=task.request_id, attempt=attempt, error=verdict.error)
             await asyncio.sleep(wait)
-        task.polls += 1
-        task.next_poll = loop.time() + min(cfg.poll_max, cfg.poll_min * 1.5 ** min(task.polls, 30))
 
-    def _record(self, task: Task, data: dict[str, Any]) -> None:
-        status = data.get("status")
-        if status == "success":
-            result = data.get("result") if isinstance(data.get("result"), dict) else {}
-            resources = [r for r in (result or {}).get("resources", []) if isinstance(r, dict)]
-            self._set(task, "success", resources, None)
-        elif status == "failed":
-            err = data.get("error")
-            reason = (err.get("message") or err.get("code")) if isinstance(err, dict) else err
-            self._set(task, "failed", None, str(reason or data.get("message") or "failed"))
-        else:
-            self._set(task, "pending", None, None)
+    def _retry_wait(self, attempt: int, verdict: Verdict) -> float:
+        """As the submitter does: backoff with jitter, at least Retry-After; a 429 pauses
+        every caller of the shared limiter."""
+        wait = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_max)
+        if verdict.retry_after is not None:
+            wait = max(wait, verdict.retry_after)
+        if verdict.http_status == 429:
+            self.limiter.cooldown(verdict.retry_after if verdict.retry_after is not None else wait)
+        return wait
+
+    def _record(self, task: Task, view: TaskView) -> None:
+        if view.status is None:
+            self.log.warning("task_answer_unusable", request_id=task.request_id, problem=view.reason)
+            self._set(task, task.status or "pending", None, f"last answer unusable: {view.reason}")
+            return
+        if view.unknown_state and view.unknown_state not in self._unknown_states:
+            self._unknown_states.add(view.unknown_state)
+            self.log.warning("task_state_unknown", state=view.unknown_state, request_id=task.request_id,
+                             handling="kept non-terminal")
+        self._set(task, view.status, view.resources, view.reason)
 
     def _set(self, task: Task, status: str, resources: list[dict[str, Any]] | None, reason: str | None) -> None:
         now = utcnow()
@@ -249,18 +414,28 @@ class Collector:
         urls = json.dumps([r.get("url") for r in resources]) if resources is not None else None
         full = json.dumps(resources) if resources is not None else None
         self.ledger.write(SQL_TASK, (status, urls, full, reason, task.completed_at if status in TERMINAL else None,
-                                     now, task.request_id))
+                                     now, task.api, task.request_id))
         self.log.debug("task", request_id=task.request_id, task_id=task.task_id, task_status=status)
+
+    def _no_output(self, task: Task) -> None:
+        task.download_tried = True
+        self.stats.no_output += 1
+        self.ledger.write(SQL_DOWNLOAD, (None, NO_OUTPUT, task.status, utcnow(), task.api, task.request_id))
+        self.log.warning("no_output", request_id=task.request_id, task_id=task.task_id, error=NO_OUTPUT)
 
     async def _download(self, task: Task) -> None:
         directory = self.config.download_dir
         assert directory is not None
         task.download_tried = True
-        directory.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Any] = dict(task.local_paths or {})
         error = None
         fetched = False
-        for role, url, final in wanted_files(task, directory):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            files = wanted_files(task, directory)
+        except (OSError, DownloadError) as exc:
+            files, error = [], f"{exc}"
+        for role, url, final in files:
             known = paths.get(role)
             if isinstance(known, dict) and final.exists() and final.stat().st_size == known.get("bytes"):
                 continue  # already here with the right size
@@ -282,63 +457,21 @@ class Collector:
         if fetched or error is not None or paths != (task.local_paths or {}):
             task.local_paths = paths or None
             self.ledger.write(SQL_DOWNLOAD, (json.dumps(paths) if paths else None, error, task.status, utcnow(),
-                                             task.request_id))
+                                             task.api, task.request_id))
         if error is not None:
             self.log.warning("download_failed", request_id=task.request_id, error=error)
 
     async def _fetch(self, url: str, final: Path) -> int:
-        """Download ``url`` to ``final`` via a resumable ``.part`` file; return its size."""
-        part = final.with_name(f".{final.name}.part")
-        last_error = "no attempt"
+        last: DownloadError | None = None
         for attempt in range(1, self.config.download_attempts + 1):
             if self.stopping.is_set():
-                raise DownloadError(f"stopped ({last_error})")
-            have = part.stat().st_size if part.exists() else 0
-            headers = {"Range": f"bytes={have}-"} if have else {}
+                raise DownloadError(f"stopped ({last or 'before the first attempt'})")
             try:
-                async with self._plain.get(url, headers=headers, allow_redirects=True) as resp:
-                    if resp.status in (403, 404, 410):
-                        raise DownloadError(f"HTTP {resp.status}: output no longer available", gone=True)
-                    if resp.status == 416 and have:
-                        part.unlink()  # our partial file is longer than the output: start over
-                        last_error = "HTTP 416"
-                        continue
-                    if resp.status not in (200, 206):
-                        raise _Retry(f"HTTP {resp.status}")
-                    total = _total_size(resp, have)
-                    mode = "ab" if resp.status == 206 else "wb"
-                    with open(part, mode) as out:
-                        async for chunk in resp.content.iter_chunked(CHUNK):
-                            out.write(chunk)
-                        out.flush()
-                        os.fsync(out.fileno())
-                size = part.stat().st_size
-                if total is not None and size != total:
-                    raise _Retry(f"got {size} of {total} bytes")
-                os.replace(part, final)
-                return size
-            except DownloadError:
-                raise
-            except (_Retry, aiohttp.ClientError, TimeoutError, OSError) as exc:
-                last_error = str(exc) or type(exc).__name__
-                self.log.debug("download_retry", url_path=urlsplit(url).path, attempt=attempt, error=last_error)
+                return await fetch(self._plain, url, final, self.config.download)
+            except DownloadError as exc:
+                if not exc.retry:
+                    raise
+                last = exc
+                self.log.debug("download_retry", attempt=attempt, error=str(exc))
                 await asyncio.sleep(backoff_delay(attempt, self.config.backoff_base, self.config.backoff_max))
-        raise DownloadError(f"gave up after {self.config.download_attempts} attempts: {last_error}")
-
-
-class DownloadError(Exception):
-    def __init__(self, message: str, gone: bool = False) -> None:
-        super().__init__(message)
-        self.gone = gone
-
-
-class _Retry(Exception):
-    pass
-
-
-def _total_size(resp: aiohttp.ClientResponse, have: int) -> int | None:
-    if resp.status == 206:
-        match = re.search(r"/(\d+)$", resp.headers.get("Content-Range", ""))
-        return int(match.group(1)) if match else None
-    length = resp.headers.get("Content-Length")
-    return int(length) if length and length.isdigit() else None
+        raise DownloadError(f"gave up after {self.config.download_attempts} attempts: {last}")

@@ -1,16 +1,24 @@
-"""The exception hierarchy: every user-facing failure is a :class:`BatchError`.
+"""The exception hierarchy and exit codes: every user-facing failure is a :class:`BatchError`.
 
-The CLI turns a ``BatchError`` into one line on stderr and its ``exit_code``;
-anything else escaping is a bug and keeps its traceback.
+The CLI turns a ``BatchError`` into one line on stderr (a JSON event off a TTY) and its
+``exit_code``; anything else escaping is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1  # finished, but some request or task is not OK
+EXIT_USAGE = 2  # usage, configuration, input or state error: nothing was sent
+EXIT_LOCKED = 3  # another run holds the ledger: nothing was sent
+EXIT_INTERRUPTED = 4  # SIGINT/SIGTERM
+EXIT_PROVIDER = 5  # the provider refused the night: bad key, no balance, no such route or model
+EXIT_LOCAL_FAULT = 6  # a local write failed after sending (disk full, read-only): see the message
 
 
 class BatchError(Exception):
     """Base of every error the tool reports to its user."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class InputError(BatchError):
@@ -22,10 +30,22 @@ class ConfigError(BatchError):
 
 
 class StateError(BatchError):
-    """The state file is corrupt, foreign, or from an unknown schema version."""
+    """The state file is corrupt, foreign, unwritable, or from an unknown schema version."""
 
 
 class LockedError(BatchError):
     """Another run holds the state lock; nothing was sent."""
 
-    exit_code = 3
+    exit_code = EXIT_LOCKED
+
+
+class ProviderError(BatchError):
+    """The provider definitely refuses the night (preflight): nothing was sent."""
+
+    exit_code = EXIT_PROVIDER
+
+
+class LocalFaultError(BatchError):
+    """A local write failed after requests were sent; the message says where the outcomes are."""
+
+    exit_code = EXIT_LOCAL_FAULT

@@ -12,7 +12,6 @@ writer without the whole job ever being materialised as Python objects.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import string
@@ -22,7 +21,9 @@ from typing import Any, TypeVar
 
 import polars as pl
 
+from batch.api import DEFAULT_MODEL
 from batch.errors import ConfigError, InputError
+from batch.identity import content_key, with_repeat
 from batch.load import Table
 from batch.validate import DEFAULT_TIER, FIELD_NAMES, RuleError, coerce
 
@@ -31,13 +32,10 @@ T = TypeVar("T")
 # Columns the results table defines itself; an input column of the same name is
 # carried through as ``input_<name>`` so that nothing is silently overwritten.
 RESULT_COLUMNS = (
-    "request_id", "source", "row", "status", "task_id", "error", "error_code",
+    "request_id", "source", "row", "model", "endpoint", "status", "task_id", "error", "error_code",
     "http_status", "attempts", "submitted_at",
     "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error",
 )
-# Fields that change how or how long a task runs, not which video it makes: a rerun
-# with another tier must not pay again for the same video, so they are not identity.
-NON_IDENTITY_FIELDS = frozenset({"service_tier", "execution_expires_after"})
 
 
 @dataclass(frozen=True)
@@ -49,11 +47,13 @@ class ExpandSpec:
     columns: Mapping[str, str] = field(default_factory=dict)  # input column -> API field
     prompt_template: str | None = None
     id_column: str = "id"
+    model: str = DEFAULT_MODEL
 
 
 @dataclass(slots=True)
 class Request:
-    """One expanded request. ``body`` is what would be sent (raw values when invalid)."""
+    """One expanded request. ``body`` is what would be sent (raw values when invalid).
+    ``request_id`` is its content key (:mod:`batch.identity`); ``label`` the row's id."""
 
     request_id: str
     source: str
@@ -61,6 +61,8 @@ class Request:
     body: dict[str, Any]
     extra: dict[str, Any]
     error: str | None = None
+    label: str | None = None
+    model: str = DEFAULT_MODEL
 
 
 def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -125,18 +127,12 @@ def _template_fields(template: str) -> list[str]:
     return names
 
 
-# One encoder reused: json.dumps() builds a new one per call when given options.
-_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-
-
-def request_id_for(body: Mapping[str, Any], row_id: Any) -> str:
-    """Stable id from content (and the row's ``id``), independent of row order and extra columns."""
-    identity = {k: v for k, v in body.items() if k not in NON_IDENTITY_FIELDS}
-    key = _CANONICAL.encode(identity)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    if row_id is None or (isinstance(row_id, str) and not row_id.strip()):
-        return digest
-    return f"{str(row_id).strip()}:{digest}"
+def label_of(value: Any) -> str | None:
+    """The row's id as a label: text, trimmed; ``None`` when empty."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
 
 
 class Expander:
@@ -239,7 +235,8 @@ class Expander:
                 row_id = cells[id_pos] if id_pos is not None else None
                 names = list(choices)
                 for combo in itertools.product(*(choices[n] for n in names)):
-                    yield self._make(dict(zip(names, combo, strict=True)), errors, source, row_no, extra, row_id, occurrences)
+                    yield self._make(dict(zip(names, combo, strict=True)), errors, source, row_no, extra, row_id,
+                                     occurrences, self.spec.model)
 
     @staticmethod
     def _fill(template: str, tmpl_idx: list[tuple[str, int]], cells: tuple[Any, ...]) -> str:
@@ -260,6 +257,7 @@ class Expander:
         extra: dict[str, Any],
         row_id: Any,
         occurrences: dict[str, int],
+        model: str,
     ) -> Request:
         errors = list(row_errors)
         body: dict[str, Any] = {}
@@ -270,8 +268,8 @@ class Expander:
                 errors.append(str(exc))
         if errors:
             body = raw
-        base = request_id_for(body, row_id)
-        n = occurrences.get(base, 0)
-        occurrences[base] = n + 1
-        rid = base if n == 0 else f"{base}#{n}"
-        return Request(rid, source, row_no, body, extra, "; ".join(errors) if errors else None)
+        key = content_key(model, body)
+        n = occurrences.get(key, 0)
+        occurrences[key] = n + 1
+        return Request(with_repeat(key, n), source, row_no, body, extra, "; ".join(errors) if errors else None,
+                       label_of(row_id), model)

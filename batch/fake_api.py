@@ -1,14 +1,23 @@
-"""A fake of the Seedance API on aiohttp.web: the tests' peer, the demo's backend,
+"""A fake of the Modellix API on aiohttp.web: the tests' peer, the demo's backend,
 the benchmark's target.
 
-It validates submissions exactly as the provider documents them, answers with the
-documented bodies, keeps tasks that move from ``pending`` to ``success`` (serving a
-small MP4-like file on loopback) or ``failed``, and can inject by configuration:
-latency, a strict sliding-window rate limit (429 + ``Retry-After``), any HTTP error,
-``code != 0``, non-JSON bodies, a 2xx without task id and dropped connections.
+It speaks the provider's dialect as ``shared/api/provider-today.md`` records it: the
+three submit route forms, ``data.get_result.url``, tasks that move ``pending`` →
+``processing`` → ``success`` (serving a small MP4-like file on loopback), ``failed``
+with a reason in the documented error envelope, or ``cancelled``; ``X-RateLimit-*``
+headers over a per-minute window; a concurrency limit (429); and the read-only
+endpoints (models, balance, key validation). It validates submissions as the provider
+documents them.
 
-Every request it receives is recorded in :attr:`FakeState.records`, so tests assert
-on what the server saw, e.g. how many times the same body was *accepted*.
+Task ids carry their own creation time and fate, signed, so any instance of the fake
+(a later ``collect --fake-api`` in another process) answers for tasks an earlier one
+issued.
+
+By configuration it injects latency, a strict sliding-window rate limit (429 +
+``Retry-After``), any HTTP error, ``code != 0``, non-JSON bodies, a 2xx without task id
+and dropped connections. Every request it receives is recorded in
+:attr:`FakeState.records`, so tests assert on what the server saw, e.g. how many times
+the same body was *accepted*.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import hmac
 import itertools
 import json
 import random
@@ -29,16 +39,23 @@ from typing import Any
 
 from aiohttp import web
 
-from batch.api import MODEL_ID, SUBMIT_PATH, TASK_PATH
+from batch.api import DEFAULT_MODEL, TASK_PATH
 
 _REASONS = {
     400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
-    404: "Not Found", 413: "Payload Too Large", 422: "Unprocessable Entity",
+    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large",
+    415: "Unsupported Media Type", 422: "Unprocessable Entity", 425: "Too Early",
     429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
     503: "Service Unavailable", 504: "Gateway Timeout",
 }
 # Kinds a fault may have besides an HTTP status.
 FAULT_KINDS = ("code", "badjson", "no_task_id", "drop", "drop_accepted", "slow")
+ROUTES = {
+    "seed": "/api/v1/text-to-video/{provider}/{model}/async",
+    "async": "/api/v1/{provider}/{model}/async",
+    "v1": "/api/v1/{provider}/{model}",
+}
+_SIGNING_KEY = b"seedance-batch fake API"  # a fake's ids need no secret, only a check
 
 
 @dataclass
@@ -89,13 +106,21 @@ class FakeConfig:
     latency: float = 0.0
     jitter: float = 0.0
     rate_limit: int | None = None  # strict: at most N requests in any sliding 1 s window
+    minute_limit: int | None = None  # X-RateLimit-* over a sliding 60 s window; 429 beyond it
+    reset_form: str = "delta"  # X-RateLimit-Reset as seconds to wait ("delta") or an epoch time ("epoch")
+    max_concurrent: int | None = None  # requests handled at once; 429 beyond it
     faults: list[Fault] = field(default_factory=list)
     task_delay: float = 0.0  # seconds from submission to a terminal task state
     fail_match: str = "FAILTASK"  # prompts containing this end as failed tasks
+    cancel_match: str = "CANCELTASK"  # ... as cancelled tasks
     video_bytes: int = 4096
     download_bps: float | None = None  # throttle downloads (bytes/s) to test interrupted ones
     seed: int = 0
     record_bodies: bool = True
+    routes: tuple[str, ...] = ("seed", "async", "v1")  # the submit route forms served
+    models: tuple[str, ...] = (DEFAULT_MODEL,)  # listed by /api/v1/models and accepted on submit
+    balance: float = 100.0
+    get_result: bool = True  # answer submissions with data.get_result.url
 
 
 @dataclass
@@ -106,6 +131,9 @@ class Record:
     body: Any
     status: int  # HTTP status answered; 0 for a dropped connection
     task_id: str | None  # set when a task was created (the request was accepted)
+    kind: str = ""  # submit, query, download, models, balance, validate
+    wall: float = 0.0  # time.time() when the handler started
+    model: str | None = None
 
 
 class FakeState:
@@ -116,16 +144,19 @@ class FakeState:
         self.rng = random.Random(config.seed)
         self._ids = itertools.count(1)
         self._window: collections.deque[float] = collections.deque()
+        self._minute: collections.deque[float] = collections.deque()
+        self.active = 0
+        self.max_active = 0
 
-    def arrive(self, method: str, path: str, detail: Any = None) -> Record:
+    def arrive(self, method: str, path: str, detail: Any = None, kind: str = "") -> Record:
         """Record a request as its handler starts; the handler fills in status and task id."""
-        record = Record(time.monotonic(), method, path, detail, 0, None)
+        record = Record(time.monotonic(), method, path, detail, 0, None, kind, time.time())
         self.records.append(record)
         return record
 
     # -- views for assertions -------------------------------------------------
     def submissions(self) -> list[Record]:
-        return [r for r in self.records if r.method == "POST" and r.path == SUBMIT_PATH]
+        return [r for r in self.records if r.kind == "submit"]
 
     def accepted_bodies(self) -> list[Any]:
         """Bodies for which a task was created (each one a paid task)."""
@@ -138,6 +169,9 @@ class FakeState:
 
     def submit_times(self) -> list[float]:
         return [r.t for r in self.submissions()]
+
+    def polls(self) -> list[Record]:
+        return [r for r in self.records if r.kind == "query"]
 
     # -- behaviour --------------------------------------------------------------
     def pick_fault(self, endpoint: str, subject: str) -> Fault | None:
@@ -154,7 +188,7 @@ class FakeState:
         return None
 
     def over_rate_limit(self, now: float) -> float | None:
-        """Seconds until a slot frees if this request breaks the sliding window."""
+        """Seconds until a slot frees if this request breaks the sliding 1 s window."""
         limit = self.config.rate_limit
         if limit is None:
             return None
@@ -166,24 +200,61 @@ class FakeState:
         window.append(now)
         return None
 
-    def new_task(self, body: dict[str, Any]) -> str:
-        task_id = f"task-video-{next(self._ids):08d}-{self.rng.getrandbits(32):08x}"
-        prompt = body.get("prompt", "")
-        self.tasks[task_id] = {
-            "created": time.monotonic(),
-            "body": body,
-            "fails": self.config.fail_match in prompt,
-        }
+    def minute_window(self, now: float) -> tuple[int, float, bool]:
+        """(remaining, seconds until the oldest request leaves the window, over the limit)."""
+        limit = self.config.minute_limit or 0
+        window = self._minute
+        while window and window[0] <= now - 60.0:
+            window.popleft()
+        over = len(window) >= limit
+        if not over:
+            window.append(now)
+        reset = (window[0] + 60.0 - now) if window else 60.0
+        return max(0, limit - len(window)), reset, over
+
+    def new_task(self, body: dict[str, Any], model: str) -> str:
+        prompt = str(body.get("prompt", ""))
+        flags = "".join(flag for flag, on in (
+            ("f", self.config.fail_match in prompt), ("c", self.config.cancel_match in prompt),
+            ("l", bool(body.get("return_last_frame"))),
+        ) if on) or "n"
+        core = f"{next(self._ids):08d}-{int(time.time() * 1000):x}-{flags}-{self.rng.getrandbits(32):08x}"
+        task_id = f"task-video-{core}-{_sign(core)}"
+        self.tasks[task_id] = {"created": time.time(), "body": body, "model": model}
         return task_id
 
-    def task_status(self, task_id: str) -> str:
-        task = self.tasks[task_id]
-        if time.monotonic() - task["created"] < self.config.task_delay:
-            return "pending"
-        return "failed" if task["fails"] else "success"
+    def task_status(self, task_id: str) -> str | None:
+        """The task's state now, from its id alone; ``None`` for an id this fake never issued."""
+        parsed = parse_task_id(task_id)
+        if parsed is None:
+            return None
+        created, flags = parsed
+        age = time.time() - created
+        delay = self.config.task_delay
+        if age < delay:
+            return "pending" if age < delay / 2 else "processing"
+        if "c" in flags:
+            return "cancelled"
+        return "failed" if "f" in flags else "success"
+
+
+def _sign(core: str) -> str:
+    return hmac.new(_SIGNING_KEY, core.encode(), hashlib.sha256).hexdigest()[:8]
+
+
+_TASK_ID = re.compile(r"task-video-(\d{8}-([0-9a-f]+)-([a-z]+)-[0-9a-f]{8})-([0-9a-f]{8})")
+
+
+def parse_task_id(task_id: str) -> tuple[float, str] | None:
+    """(creation time, fate flags) of an id this fake issued, checked by its signature."""
+    match = _TASK_ID.fullmatch(task_id)
+    if match is None or not hmac.compare_digest(_sign(match.group(1)), match.group(4)):
+        return None
+    return int(match.group(2), 16) / 1000, match.group(3)
 
 
 STATE_KEY = web.AppKey("state", FakeState)
+RATE_KEY = "rate_headers"  # X-RateLimit-* of this request, set by admit()
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -192,6 +263,10 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> w
         status=status,
         headers=headers,
     )
+
+
+def _ok(data: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"code": 0, "message": "success", "data": data}, headers=headers)
 
 
 def validate_body(body: Any) -> str | None:
@@ -295,12 +370,40 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         if not _authorized(request, config):
             record.status = 401
             return _error(401, "invalid or missing API key")
+        if config.max_concurrent is not None and state.active > config.max_concurrent:
+            record.status = 429
+            return _error(429, "concurrency limit exceeded")
         wait = state.over_rate_limit(record.t)
         if wait is not None:
             record.status = 429
             return _error(429, "rate limit exceeded", {"Retry-After": str(max(1, int(wait + 0.999)))})
+        if config.minute_limit is not None:
+            remaining, reset, over = state.minute_window(record.t)
+            request[RATE_KEY] = rate_headers(remaining, reset)
+            if over:
+                record.status = 429
+                return _error(429, "rate limit exceeded", request[RATE_KEY])
         await _latency(config, state)
         return None
+
+    def rate_headers(remaining: int, reset: float) -> dict[str, str]:
+        value = f"{reset:.0f}" if config.reset_form == "delta" else f"{time.time() + reset:.0f}"
+        return {"X-RateLimit-Limit": str(config.minute_limit), "X-RateLimit-Remaining": str(remaining),
+                "X-RateLimit-Reset": value}
+
+    @web.middleware
+    async def counting(request: web.Request, handler: Any) -> web.StreamResponse:
+        state.active += 1
+        state.max_active = max(state.max_active, state.active)
+        try:
+            response = await handler(request)
+        finally:
+            state.active -= 1
+        if RATE_KEY in request and not response.prepared:
+            response.headers.update(request[RATE_KEY])
+        return response
+
+    app.middlewares.append(counting)
 
     async def submit(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -308,13 +411,18 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             body: Any = json.loads(raw)
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        record = state.arrive("POST", SUBMIT_PATH, body if config.record_bodies else None)
+        record = state.arrive("POST", request.path, body if config.record_bodies else None, "submit")
+        slug = f"{request.match_info['provider']}/{request.match_info['model']}"
+        record.model = slug
         refused = await admit(request, record)
         if refused is not None:
             return refused
+        if slug not in config.models:
+            record.status = 404
+            return _error(404, f"model {slug} not found")
 
         def accept() -> str:
-            record.task_id = state.new_task(body)
+            record.task_id = state.new_task(body, slug)
             return record.task_id
 
         prompt = body.get("prompt", "") if isinstance(body, dict) else ""
@@ -329,14 +437,15 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             return _error(400, problem)
         task_id = accept()
         record.status = 200
-        return web.json_response(
-            {"code": 0, "message": "success",
-             "data": {"status": "pending", "task_id": task_id, "model_id": MODEL_ID}}
-        )
+        data: dict[str, Any] = {"status": "pending", "task_id": task_id, "model_id": slug.partition("/")[2]}
+        if config.get_result:
+            data["get_result"] = {"method": "GET",
+                                  "url": f"{request.scheme}://{request.host}{TASK_PATH.format(task_id=task_id)}"}
+        return _ok(data)
 
     async def query(request: web.Request) -> web.StreamResponse:
         task_id = request.match_info["task_id"]
-        record = state.arrive("GET", request.path)
+        record = state.arrive("GET", request.path, kind="query")
         refused = await admit(request, record)
         if refused is not None:
             return refused
@@ -345,30 +454,33 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             answer = await _apply_fault(fault, request, state, record, lambda: None)
             if answer is not None:
                 return answer
-        if task_id not in state.tasks:
+        status = state.task_status(task_id)
+        if status is None:
             record.status = 404
             return _error(404, f"task {task_id} not found")
-        status = state.task_status(task_id)
-        data: dict[str, Any] = {"status": status, "task_id": task_id, "model_id": MODEL_ID}
+        data: dict[str, Any] = {"status": status, "task_id": task_id}
+        flags = (parse_task_id(task_id) or (0.0, ""))[1]
         if status == "success":
             base = f"{request.scheme}://{request.host}"
             resources = [{"url": f"{base}/files/{task_id}.mp4", "type": "video", "format": "mp4",
                           "width": 1280, "height": 720, "role": "video"}]
-            if state.tasks[task_id]["body"].get("return_last_frame"):
+            if "l" in flags:
                 resources.append({"url": f"{base}/files/{task_id}.png", "type": "image",
                                   "format": "png", "role": "last_frame"})
             data["result"] = {"resources": resources}
         elif status == "failed":
-            data["error"] = {"code": "generation_failed", "message": "content moderation rejected the prompt"}
+            data["error"] = {"code": 400, "message": "Content Moderation: the prompt was rejected"}
+        elif status == "cancelled":
+            data["error"] = {"code": 499, "message": "Cancelled: the task was cancelled"}
         record.status = 200
-        return web.json_response({"code": 0, "message": "success", "data": data})
+        return _ok(data)
 
     async def download(request: web.Request) -> web.StreamResponse:
         """Serves a task's output, with ``Range: bytes=N-`` for resumed downloads."""
         name = request.match_info["name"]
         task_id, _, ext = name.rpartition(".")
-        record = state.arrive("GET", request.path, request.headers.get("Range"))
-        if task_id not in state.tasks or state.task_status(task_id) != "success":
+        record = state.arrive("GET", request.path, request.headers.get("Range"), "download")
+        if state.task_status(task_id) != "success":
             record.status = 404
             return _error(404, "no such file")
         data = fake_file_bytes(task_id, ext, config.video_bytes)
@@ -404,12 +516,39 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             return response
         return web.Response(body=part, status=record.status, headers=headers)
 
+    async def models(request: web.Request) -> web.StreamResponse:
+        record = state.arrive("GET", request.path, kind="models")
+        refused = await admit(request, record)
+        if refused is not None:
+            return refused
+        record.status = 200
+        return _ok({"models": [{"slug": slug, "type": "text-to-video", "status": "active",
+                                "docs_url": f"https://docs.modellix.ai/{slug.replace('.', '-')}"}
+                               for slug in config.models]})
+
+    async def balance(request: web.Request) -> web.StreamResponse:
+        record = state.arrive("GET", request.path, kind="balance")
+        refused = await admit(request, record)
+        if refused is not None:
+            return refused
+        record.status = 200
+        return _ok({"balance": config.balance, "currency": "USD"})
+
+    async def validate_key(request: web.Request) -> web.StreamResponse:
+        record = state.arrive("GET", request.path, kind="validate")
+        record.status = 200
+        return _ok({"is_valid": _authorized(request, config)})
+
     async def records(request: web.Request) -> web.Response:
         return web.json_response([r.__dict__ for r in state.records])
 
-    app.router.add_post(SUBMIT_PATH, submit)
+    for form in config.routes:
+        app.router.add_post(ROUTES[form], submit)
     app.router.add_get(TASK_PATH, query)
     app.router.add_get("/files/{name}", download)
+    app.router.add_get("/api/v1/models", models)
+    app.router.add_get("/api/v1/team/balance", balance)
+    app.router.add_get("/api/v1/apikey/validate", validate_key)
     app.router.add_get("/_fake/records", records)
     return app
 

@@ -1,13 +1,20 @@
 """The whole run, one function per arrow:
 file → rows (:mod:`load`) → requests (:mod:`expand`) → outcomes (:mod:`submit`)
 → results table (:mod:`results`), with the ledger and the run lock around it.
+
+Guarantees kept here: a request counts as sent only for the API that took it (another
+API's entries in the same ledger are refused, or moved on purpose with ``--moved-from``);
+a dry run never overwrites a table that holds task ids; a disk that fails after sending
+costs no accepted task id (exit 6, the outcomes in the table and a rescue file).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -20,13 +27,25 @@ from typing import Any
 import polars as pl
 import structlog
 
+from batch.api import FAKE_API, api_identity, origin
 from batch.client import Secret
 from batch.collect import CollectConfig, Collector, CollectStats, Task
-from batch.errors import BatchError, ConfigError, InputError, StateError
+from batch.errors import (
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_LOCAL_FAULT,
+    EXIT_OK,
+    EXIT_PROVIDER,
+    BatchError,
+    ConfigError,
+    InputError,
+    StateError,
+)
 from batch.expand import Expander, ExpandSpec, Request
-from batch.ledger import AsyncLedger, Entry, Ledger, RunLock, utcnow
+from batch.ledger import AsyncLedger, Entry, Ledger, locked_ledger, utcnow
 from batch.load import load_inputs
 from batch.progress import Progress
+from batch.ratelimit import SharedBudget, SmoothLimiter
 from batch.results import (
     OK_STATUSES,
     AtomicTableWriter,
@@ -40,14 +59,10 @@ from batch.results import (
     write_results,
     write_text_atomically,
 )
-from batch.submit import SubmitConfig, Submitter
+from batch.submit import RunStats, SubmitConfig, Submitter
 from batch.validate import FIELD_NAMES
 
 log = structlog.get_logger("batch")
-
-EXIT_OK = 0
-EXIT_INCOMPLETE = 1
-EXIT_INTERRUPTED = 4  # 2 and 3 come with a BatchError (errors.py)
 
 
 class Interrupted(BaseException):
@@ -76,6 +91,12 @@ class RunOptions:
     progress_interval: float = 10.0
     progress_tty: bool | None = None  # None: decide by stderr being a TTY
     collect: CollectConfig | None = None  # submit --wait: follow this run's tasks too
+    moved_from: tuple[str, ...] = ()  # other hosts of the same provider this ledger's entries count for
+    budget_dir: Path | None = None  # where the per-key rate budget is shared; None: not shared
+
+    @property
+    def api(self) -> str:
+        return api_identity(self.submit.base_url, self.fake_api)
 
 
 @dataclass
@@ -90,12 +111,18 @@ class Summary:
     interrupted: str | None = None
     results: str = ""
     state: str = ""
+    fatal: bool = False
+    local_fault: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
+        if self.local_fault:
+            return EXIT_LOCAL_FAULT
         if self.interrupted:
             return EXIT_INTERRUPTED
+        if self.fatal:
+            return EXIT_PROVIDER
         collect = self.extra.get("collect")
         if collect is not None and not collect_ok(collect):
             return EXIT_INCOMPLETE
@@ -108,7 +135,7 @@ class Summary:
             "elapsed_s": round(self.elapsed_s, 3), "sent": self.sent,
             "send_rate_per_s": round(self.send_rate_per_s, 3), "stop_reason": self.stop_reason,
             "interrupted": self.interrupted, "results": self.results, "state": self.state,
-            "exit_code": self.exit_code, **self.extra,
+            "local_fault": self.local_fault, "exit_code": self.exit_code, **self.extra,
         }
 
 
@@ -139,25 +166,52 @@ def signals_to(callback: Callable[[int], None]) -> Iterator[None]:
             loop.remove_signal_handler(s)
 
 
-@contextmanager
-def locked_ledger(state: Path, kind: str = "") -> Iterator[Ledger]:
-    """The state file, open under its run lock (``kind``: submit and collect lock apart)."""
-    lock = RunLock(state, kind)
-    lock.acquire()
+def settle_apis(ledger: Ledger, api: str, moved_from: Iterable[str]) -> None:
+    """Refuse a ledger whose entries were sent to another real API, unless the operator
+    says that API is this one at another host (``--moved-from``): then its entries are
+    moved, and count as sent here. The fake's entries are simply kept apart."""
+    for old in moved_from:
+        old_api = origin(old)
+        if old_api != api:
+            moved = ledger.move_api(old_api, api)
+            log.warning("api_moved", old=old_api, new=api, requests=moved)
+    known = ledger.apis()
+    others = {a: n for a, n in known.items() if a not in (api, FAKE_API)}
+    if others and api != FAKE_API:
+        other, count = max(others.items(), key=lambda item: item[1])
+        raise StateError(
+            f"{ledger.path}: holds {count} requests sent to {other}, but this run targets {api}. If {api} is the "
+            f"same provider at another host, add --moved-from {other} (those requests then count as sent, nothing "
+            f"is resubmitted); if it is another account or environment, give this run its own --state")
+    if FAKE_API in known and api != FAKE_API:
+        log.info("fake_entries_ignored", count=known[FAKE_API], reason="the bundled fake's task ids never count here")
+
+
+def dry_run_output(path: Path) -> Path:
+    """Where a dry run writes: ``path``, unless that table holds task ids (then beside it)."""
+    if not path.exists():
+        return path
     try:
-        ledger = Ledger(state)
-        try:
-            yield ledger
-        finally:
-            ledger.close()
-    finally:
-        lock.release()
+        table = read_results(path)
+        holds_ids = "task_id" in table.columns and table["task_id"].drop_nulls().len() > 0
+    except Exception:  # not a results table we can read: leave it alone too
+        holds_ids = True
+    if not holds_ids:
+        return path
+    beside = path.with_name(f"{path.stem}.dry-run{path.suffix}")
+    log.warning("dry_run_beside", results=str(path), written=str(beside),
+                reason="the results table holds task ids; a dry run never overwrites it")
+    return beside
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 
 def run_submit(opts: RunOptions) -> Summary:
     """Load, expand, submit and write the results; raise BatchError before sending on bad input."""
     started = time.monotonic()
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    run_id = new_run_id()
     check_output_path(opts.output)
     with interruptible():  # Ctrl-C while a large file loads: exit 4, not a traceback
         tables = load_inputs(opts.inputs, opts.sheet)
@@ -168,45 +222,63 @@ def run_submit(opts: RunOptions) -> Summary:
                  dry_run=opts.dry_run)
         schema = request_schema(expander.extra_dtypes)
         if opts.dry_run:
-            tally = write_results(opts.output, request_frames(expander, schema), expander.extra_dtypes,
-                                  None, Resolution(None, dry_run=True))
-            return _summarize(run_id, tally, started, opts, None)
+            output = dry_run_output(opts.output)
+            tally, _ = write_results(output, request_frames(expander, schema), expander.extra_dtypes,
+                                     None, Resolution(None, dry_run=True))
+            return _summarize(run_id, tally, started, replace(opts, output=output), None)
 
-    with locked_ledger(opts.state) as ledger:
-        ledger.start_run(run_id, opts.command)
+    with locked_ledger(opts.state, opts.api) as ledger:
+        settle_apis(ledger, opts.api, opts.moved_from)
+        try:
+            ledger.start_run(run_id, opts.command)
+        except sqlite3.Error as exc:
+            raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
         spool = RequestSpool(opts.output.parent, schema)
         try:
             outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), ledger, run_id))
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started)
         finally:
             spool.close()
-        ledger.finish_run(run_id, summary.as_dict())
+        with contextlib.suppress(sqlite3.Error):  # a full disk: the summary already says so
+            ledger.finish_run(run_id, summary.as_dict())
         return summary
+
+
+@dataclass
+class _Outcome:
+    stats: RunStats
+    interrupted: str | None
+    aborted: bool
+    collected: CollectStats | None = None
+    rescue: Path | None = None
+    unsaved: int = 0
+    task_ids: int = 0
 
 
 def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: Ledger, run_id: str,
                    outcome: _Outcome, started: float) -> Summary:
     """Write the results table (unless a second signal aborted the run) and summarize."""
+    stats = outcome.stats
     if outcome.aborted:
         # A second signal: leave now. The ledger is consistent; the table is not rewritten.
-        return Summary(run_id, {}, [], time.monotonic() - started, outcome.sent, outcome.rate,
-                       outcome.stop_reason, outcome.interrupted, "", str(opts.state))
+        return Summary(run_id, {}, [], time.monotonic() - started, stats.sent, stats.send_rate,
+                       stats.stop_reason, outcome.interrupted, "", str(opts.state))
     # A run that stopped early has not read every request: expand the input again.
     frames = spool.frames() if spool.complete else request_frames(expander, spool.schema)
     with interruptible():
-        tally = write_results(opts.output, frames, expander.extra_dtypes, ledger.outcome_rows,
-                              Resolution(run_id, stop_reason=outcome.stop_reason))
-    return _summarize(run_id, tally, started, opts, outcome)
-
-
-@dataclass
-class _Outcome:
-    sent: int
-    rate: float
-    stop_reason: str | None
-    interrupted: str | None
-    aborted: bool
-    collected: CollectStats | None = None
+        tally, table_error = write_results(opts.output, frames, expander.extra_dtypes, ledger.outcome_rows,
+                                           Resolution(run_id, stop_reason=stats.stop_reason), tolerate_io=True)
+    faults = []
+    if stats.state_error:
+        where = f"in {opts.output}" if not table_error else "in the summary below"
+        kept = f" and {outcome.rescue}" if outcome.rescue else " (the rescue file could not be written either)"
+        faults.append(f"{stats.state_error} after {stats.sent} requests were sent; their outcomes "
+                      f"({outcome.unsaved} not in the ledger) are {where}{kept if outcome.unsaved else ''}; "
+                      f"the next run replays the rescue file before sending")
+    if table_error:
+        faults.append(f"{table_error}; every outcome is in the ledger {opts.state}: rerun to write the table "
+                      f"(nothing is sent twice)")
+    return _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None)
 
 
 async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: Ledger,
@@ -221,10 +293,12 @@ async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[R
     if fake is not None:
         config = replace(config, base_url=fake.url, api_key=Secret("fake-api-key"))
         log.info("fake_api", url=fake.url)
-    aledger = AsyncLedger(ledger)
+    aledger = AsyncLedger(ledger, resend_unknown=config.resend_unknown)
     progress = Progress(lambda: (expander.rows_seen, expander.total_rows), opts.progress_tty, opts.progress_interval)
     progress_task = asyncio.create_task(progress.run())
-    submitter = Submitter(config, aledger, run_id, progress)
+    budget = shared_budget(opts.budget_dir, config.api_key) if fake is None and config.rate else None
+    limiter = SmoothLimiter(config.rate, config.rate_margin, budget)
+    submitter = Submitter(config, aledger, run_id, progress, limiter)
     state: dict[str, Any] = {"interrupted": None, "aborted": False, "on_halt": None}
 
     def on_signal(signum: int) -> None:
@@ -251,8 +325,9 @@ async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[R
             stats = await submitter.run(requests, grace=opts.grace)
             if opts.collect is not None and not submitter.stopping.is_set():
                 progress_task.cancel()
-                collector = Collector(replace(opts.collect, base_url=config.base_url, api_key=config.api_key), aledger)
-                current = [t for t in await _follow(aledger, opts.collect) if t.run_id == run_id]
+                collector = Collector(replace(opts.collect, base_url=config.base_url, api_key=config.api_key),
+                                      aledger, limiter)
+                current = [t for t in await _follow(aledger, opts.collect, opts.api) if t.run_id == run_id]
                 state["on_halt"] = collector.halt
                 collected = await collector.run([Task.from_entry(e) for e in current])
         except asyncio.CancelledError:
@@ -263,31 +338,57 @@ async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[R
             if deadline_handle is not None:
                 deadline_handle.cancel()
             await aledger.close()
+            if budget is not None:
+                budget.close()
             if fake is not None:
                 await fake.close()
-    return _Outcome(stats.sent, stats.send_rate, stats.stop_reason, state["interrupted"], bool(state["aborted"]),
-                    collected)
+    if aledger.broken is not None and stats.state_error is None:
+        stats.state_error = str(aledger.broken)
+    return _Outcome(stats, state["interrupted"], bool(state["aborted"]), collected, aledger.rescue_path,
+                    aledger.unsaved_count, aledger.committed_task_ids)
 
 
-def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outcome: _Outcome | None) -> Summary:
+def shared_budget(directory: Path | None, key: Secret) -> SharedBudget | None:
+    """The key's rate budget shared with other processes, or ``None`` (then the run paces alone)."""
+    if directory is None:
+        return None
+    try:
+        return SharedBudget(directory, key.reveal())
+    except OSError as exc:
+        log.warning("rate_budget_not_shared", directory=str(directory), error=exc.strerror or str(exc))
+        return None
+
+
+def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outcome: _Outcome | None,
+               local_fault: str | None = None) -> Summary:
+    stats = outcome.stats if outcome else None
     summary = Summary(
         run_id=run_id,
         counts=dict(sorted(tally.counts.items())),
         top_errors=tally.errors.most_common(5),
         elapsed_s=time.monotonic() - started,
-        sent=outcome.sent if outcome else 0,
-        send_rate_per_s=outcome.rate if outcome else 0.0,
-        stop_reason=outcome.stop_reason if outcome else None,
+        sent=stats.sent if stats else 0,
+        send_rate_per_s=stats.send_rate if stats else 0.0,
+        stop_reason=stats.stop_reason if stats else None,
         interrupted=outcome.interrupted if outcome else None,
         results=str(opts.output),
         state="" if opts.dry_run else str(opts.state),
+        fatal=bool(stats and stats.fatal),
+        local_fault=local_fault,
     )
     estimate = tally.estimate()
     if estimate:
         summary.extra["estimate"] = estimate
+    if stats is not None and (window := stats.window_ms()):
+        summary.extra["mark_to_wire_ms"] = window
+    if outcome is not None and outcome.rescue is not None:
+        summary.extra["rescue"] = str(outcome.rescue)
     if outcome is not None and outcome.collected is not None:
         summary.extra["collect"] = outcome.collected.as_dict()
-    write_summary_file(opts.output, summary)
+    try:
+        write_summary_file(opts.output, summary)
+    except OSError as exc:
+        log.error("summary_not_written", path=str(summary_path(opts.output)), error=exc.strerror or str(exc))
     return summary
 
 
@@ -296,9 +397,9 @@ def collect_ok(stats: dict[str, Any]) -> bool:
     return set(stats["task_status"]) <= {"success"} and not stats["download_failed"] and not stats["stop_reason"]
 
 
-async def _follow(aledger: AsyncLedger, config: CollectConfig) -> list[Entry]:
+async def _follow(aledger: AsyncLedger, config: CollectConfig, api: str) -> list[Entry]:
     await aledger.flush()  # the outcomes just received must be readable
-    return aledger.ledger.tasks_to_follow(include_success=config.download_dir is not None)
+    return aledger.ledger.tasks_to_follow(include_success=config.download_dir is not None, apis=[api])
 
 
 @dataclass(frozen=True)
@@ -306,6 +407,11 @@ class CollectOptions:
     state: Path
     config: CollectConfig
     results: Path | None = None
+    fake_api: bool = False
+
+    @property
+    def api(self) -> str:
+        return api_identity(self.config.base_url, self.fake_api)
 
 
 def run_collect(opts: CollectOptions) -> dict[str, Any]:
@@ -313,13 +419,13 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
     started = time.monotonic()
     if opts.results is None and not opts.state.exists():
         raise StateError(f"{opts.state}: no state file (nothing submitted yet?)")
-    with locked_ledger(opts.state, "collect") as ledger:
+    with locked_ledger(opts.state, opts.api, "collect") as ledger:
         only: set[str] | None = None
         table = None
         if opts.results is not None:
             table = _read_table(opts.results)
             only = _import_from_table(ledger, table)
-        entries = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None)
+        entries = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=[opts.api])
         if only is not None:
             entries = [e for e in entries if e.request_id in only]
         stats = asyncio.run(_collect_all(opts.config, ledger, [Task.from_entry(e) for e in entries]))
@@ -365,8 +471,8 @@ def _import_from_table(ledger: Ledger, table: pl.DataFrame) -> set[str]:
             continue
         body = {k: row[k] for k in fields if row[k] is not None and row[k] != ""}
         submitted = row.get("submitted_at")
-        ledger.import_task(row["request_id"], row["task_id"], row.get("source"), row.get("row"),
-                           json.dumps(body, default=str), str(submitted) if submitted else None)
+        ledger.import_task(row["request_id"], row["task_id"], None, row.get("model"), row.get("source"),
+                           row.get("row"), json.dumps(body, default=str), str(submitted) if submitted else None)
     return set(ids)
 
 

@@ -11,6 +11,7 @@ new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections import Counter
@@ -41,7 +42,7 @@ _FIELD_DTYPES: dict[str, pl.DataType] = {
     name: {"int": pl.Int64(), "bool": pl.Boolean()}.get(f.kind, pl.String()) for name, f in FIELDS.items()
 }
 _OUTCOME_DTYPES: dict[str, pl.DataType] = {
-    "status": pl.String(), "task_id": pl.String(), "error": pl.String(), "error_code": pl.Int64(),
+    "status": pl.String(), "endpoint": pl.String(), "task_id": pl.String(), "error": pl.String(), "error_code": pl.Int64(),
     "http_status": pl.Int64(), "attempts": pl.Int64(), "submitted_at": pl.Datetime("ms", "UTC"),
     "task_status": pl.String(), "resource_urls": pl.String(), "failure_reason": pl.String(),
     "completed_at": pl.Datetime("ms", "UTC"), "local_paths": pl.String(), "download_error": pl.String(),
@@ -144,20 +145,23 @@ def _to_datetime(text: Any) -> datetime | None:
 
 def result_schema(extra_dtypes: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
     schema = request_schema(extra_dtypes)
-    del schema[INVALID]
+    del schema[INVALID], schema[LABEL]
     schema.update(_OUTCOME_DTYPES)
     return schema
 
 
 INVALID = "__invalid"  # a request frame's validation error; becomes status/error in the table
+LABEL = "__label"  # the row's id as a request frame carries it (the id column itself is passed through)
 
 
 def request_schema(extra_dtypes: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
     """The columns a request contributes to its row, before its outcome is known."""
-    schema: dict[str, pl.DataType] = {"request_id": pl.String(), "source": pl.String(), "row": pl.Int64()}
+    schema: dict[str, pl.DataType] = {"request_id": pl.String(), "source": pl.String(), "row": pl.Int64(),
+                                      "model": pl.String()}
     schema.update(_FIELD_DTYPES)
     schema.update(extra_dtypes)
     schema[INVALID] = pl.String()
+    schema[LABEL] = pl.String()
     return schema
 
 
@@ -168,13 +172,15 @@ def request_frame(reqs: Sequence[Request], schema: dict[str, pl.DataType]) -> pl
         "request_id": [r.request_id for r in reqs],
         "source": [r.source for r in reqs],
         "row": [r.row for r in reqs],
+        "model": [r.model for r in reqs],
     }
     for name in FIELD_NAMES:
         columns[name] = [_typed_field(name, r.body.get(name)) if r.error else r.body.get(name) for r in reqs]
     for name in schema:
-        if name not in columns and name != INVALID:
+        if name not in columns and name not in (INVALID, LABEL):
             columns[name] = [r.extra.get(name) for r in reqs]
     columns[INVALID] = [r.error for r in reqs]
+    columns[LABEL] = [r.label for r in reqs]
     return pl.DataFrame(columns, schema=schema, strict=False)
 
 
@@ -312,7 +318,8 @@ class AtomicTableWriter:
 
     def discard(self) -> None:
         if not self._file.closed:
-            self._file.close()
+            with contextlib.suppress(OSError):  # closing flushes: a full disk fails again
+                self._file.close()
         self.tmp.unlink(missing_ok=True)
 
 
@@ -356,18 +363,40 @@ class Tally:
         }
 
 
+# What a failed write of the table raises: the file object's OSError, or pyarrow's.
+WRITE_ERRORS = (OSError, pa.ArrowException)
+
+
 def write_results(
     path: Path,
     frames: Iterable[pl.DataFrame],
     extra_dtypes: dict[str, pl.DataType],
     outcome_rows: Callable[[list[str]], list[tuple[Any, ...]]] | None,
     how: Resolution,
-) -> Tally:
+    tolerate_io: bool = False,
+) -> tuple[Tally, str | None]:
     """Write the results table from request frames, with outcomes from ``outcome_rows``
-    (``Ledger.outcome_rows``; ``None`` for a dry run); return the tally."""
+    (``Ledger.outcome_rows``; ``None`` for a dry run); return the tally, and with
+    ``tolerate_io`` the reason the table could not be written (disk full...) instead of
+    raising it: the tally of every request is complete either way."""
     schema = result_schema(extra_dtypes)
     tally = Tally()
-    writer = AtomicTableWriter(path)
+    writer: AtomicTableWriter | None = None
+    error: str | None = None
+
+    def failed(exc: BaseException) -> None:
+        nonlocal writer, error
+        if not tolerate_io:
+            raise exc
+        if writer is not None:
+            writer.discard()
+            writer = None
+        error = f"cannot write results table {path} ({getattr(exc, 'strerror', None) or exc})"
+
+    try:
+        writer = AtomicTableWriter(path)
+    except WRITE_ERRORS as exc:
+        failed(exc)
     try:
         for frame in frames:
             entries = None
@@ -376,12 +405,21 @@ def write_results(
                 entries = entries_frame(outcome_rows(valid)) if valid else None
             rows = resolve_frame(frame, entries, how)
             tally.add(rows)
-            writer.write(rows.select(list(schema)))
-        writer.commit(schema)
+            if writer is not None:
+                try:
+                    writer.write(rows.select(list(schema)))
+                except WRITE_ERRORS as exc:
+                    failed(exc)
+        if writer is not None:
+            try:
+                writer.commit(schema)
+            except WRITE_ERRORS as exc:
+                failed(exc)
     except BaseException:
-        writer.discard()
+        if writer is not None:
+            writer.discard()
         raise
-    return tally
+    return tally, error
 
 
 def read_results(path: Path) -> pl.DataFrame:

@@ -3,8 +3,23 @@
 A producer streams requests (never the whole job) through a bounded queue to a
 fixed pool of workers; the ledger is consulted in chunks so that requests already
 ``submitted`` (or of unknown outcome) in an earlier run are not sent again. Each
-attempt takes an in-flight slot, then a rate-limiter slot, is committed to the ledger
-as ``sending``, and only then goes on the wire.
+attempt takes an in-flight slot, a rate-limiter slot and a *pre-wire* slot, is claimed
+in the ledger as ``sending`` (a durable, conditional mark), and only then goes on the
+wire.
+
+Guarantees:
+
+* **Nothing unmarked is sent; little marked is unsent.** At most ``PREWIRE`` requests are
+  ever marked ``sending`` without their bytes having been handed to the socket (the
+  payload reports the moment it is written), so a ``kill -9`` can leave at most that
+  many ``unknown`` requests that the provider never saw. The run measures the time from
+  mark to wire and reports it (``mark_to_wire_ms`` in the summary).
+* **A stop waits only for the wire.** On SIGTERM, a deadline, a fatal answer or the
+  circuit breaker, every worker that is queueing, pacing or backing off is cancelled at
+  once (its request stays ``pending``); only requests on the wire get ``--grace``.
+* **A wrong route stops the night, not row by row.** A 404 on a submission means the
+  route or model does not exist: the run stops at the first one and the request stays
+  ``pending``.
 """
 
 from __future__ import annotations
@@ -13,15 +28,19 @@ import asyncio
 import contextlib
 import json
 import math
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+import aiohttp.payload
 import structlog
 
-from batch.client import Kind, Secret, Verdict, backoff_delay, make_session, request_once, submit_url
+from batch.api import endpoint_url, origin
+from batch.client import Kind, Secret, Verdict, backoff_delay, make_session, request_once
 from batch.expand import Request, chunks
-from batch.ledger import AsyncLedger, utcnow
+from batch.ledger import SQL_POLL_URL, AsyncLedger, Mark, utcnow
 from batch.progress import Progress
 from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
 
@@ -29,6 +48,9 @@ _STATUS = {Kind.OK: "submitted", Kind.FAIL: "failed", Kind.FATAL: "failed", Kind
 MAX_ADAPTIVE_CONCURRENCY = 512
 WARM_UP_MAX = 0.1
 UNLIMITED_RATE_CONCURRENCY = 64
+# Requests marked ``sending`` but not yet written to a socket, at most. Measured with
+# benchmarks/bench.py (20k unpaced requests, concurrency 64): see README "Reliability".
+PREWIRE = 8
 # One encoder for every body: json.dumps() with options builds a new one per call.
 _WIRE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -39,6 +61,7 @@ class SubmitConfig:
 
     base_url: str
     api_key: Secret
+    endpoint: str = "seed"  # a route form (batch.api.ROUTE_FORMS) or a URL template
     rate: Rate | None = DEFAULT_RATE  # None: no pacing
     concurrency: int | None = None  # None: adapt to rate x observed latency
     max_attempts: int = 5
@@ -50,6 +73,10 @@ class SubmitConfig:
     resend_unknown: bool = False
     max_requests: int | None = None
     rate_margin: float = 0.02
+    prewire: int = PREWIRE
+
+    def url_for(self, model: str) -> str:
+        return endpoint_url(self.endpoint, self.base_url, model)
 
     @property
     def pool_size(self) -> int:
@@ -61,8 +88,9 @@ class SubmitConfig:
 class InFlightGate:
     """Caps requests in flight. Without a fixed cap it follows rate x latency:
     to sustain r requests/s at latency L, about r x L must be in flight (Little's law);
-    1.5x headroom plus 2 absorbs latency spikes, and the provider's own concurrency
-    limit still answers 429 if we overshoot."""
+    1.5x headroom plus 2 absorbs latency spikes. A 429 may come from the provider's
+    concurrency limit rather than its window, so each one halves a ceiling on what is
+    in flight, which every success raises by one again (AIMD, as TCP does)."""
 
     def __init__(self, fixed: int | None, rate: Rate | None) -> None:
         self.fixed = fixed
@@ -70,6 +98,7 @@ class InFlightGate:
         self.latency = 2.0  # EWMA seconds, seeded pessimistically until answers arrive
         self.active = 0
         self.limit = fixed or self._adaptive()
+        self.ceiling = float(self.limit)
         self._cond = asyncio.Condition()
 
     def _adaptive(self) -> int:
@@ -78,23 +107,30 @@ class InFlightGate:
         wanted = math.ceil(self.rate * self.latency * 1.5) + 2
         return max(2, min(MAX_ADAPTIVE_CONCURRENCY, wanted))
 
-    def observe(self, seconds: float) -> None:
+    @property
+    def allowed(self) -> int:
+        return max(1, min(self.limit, int(self.ceiling)))
+
+    def observe(self, seconds: float, throttled: bool) -> None:
         self.latency = 0.8 * self.latency + 0.2 * seconds
         if not self.fixed:
             self.limit = self._adaptive()
+        if throttled:
+            self.ceiling = max(1.0, min(self.ceiling, self.active) / 2)
+        else:
+            self.ceiling = min(float(self.limit), self.ceiling + 1)
 
-    async def __aenter__(self) -> None:
-        # With a fixed cap there is one worker per slot: counting is enough.
-        if not self.fixed:
+    async def enter(self) -> None:
+        # With a fixed cap and no throttling there is one worker per slot: counting is enough.
+        if not self.fixed or self.ceiling < self.limit:
             async with self._cond:
-                await self._cond.wait_for(lambda: self.active < self.limit)
+                await self._cond.wait_for(lambda: self.active < self.allowed)
         self.active += 1
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def leave(self) -> None:
         self.active -= 1
-        if not self.fixed:
-            async with self._cond:
-                self._cond.notify()
+        async with self._cond:
+            self._cond.notify()
 
 
 @dataclass
@@ -104,6 +140,9 @@ class RunStats:
     first_send: float | None = None
     last_send: float | None = None
     stop_reason: str | None = None
+    fatal: bool = False  # stopped by the provider: bad key, no balance, no such route
+    state_error: str | None = None  # the ledger could not be written (disk full...)
+    mark_to_wire: list[float] = field(default_factory=list)  # seconds, per attempt
 
     @property
     def send_rate(self) -> float:
@@ -112,16 +151,62 @@ class RunStats:
             return 0.0
         return (self.sent - 1) / (self.last_send - self.first_send)
 
+    def window_ms(self) -> dict[str, float] | None:
+        """Mark-to-wire time: median, 99th percentile and maximum, in milliseconds."""
+        if not self.mark_to_wire:
+            return None
+        values = sorted(self.mark_to_wire)
+        pick = lambda q: values[min(len(values) - 1, int(q * len(values)))] * 1000  # noqa: E731
+        return {"p50": round(pick(0.5), 2), "p99": round(pick(0.99), 2), "max": round(values[-1] * 1000, 2)}
+
+
+class WirePayload(aiohttp.payload.BytesPayload):
+    """A request body that says when it has been handed to the socket: aiohttp writes it
+    right after the headers, so this is the moment the provider may see the request."""
+
+    def __init__(self, value: bytes, on_wire: Callable[[], None]) -> None:
+        super().__init__(value, content_type="application/json")
+        self._on_wire = on_wire
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        await super().write_with_length(writer, content_length)
+        self._on_wire()
+
+
+class _WireWatch:
+    """One attempt's pre-wire slot: released, and the mark-to-wire time recorded, the
+    moment the body is handed to the socket (or when the attempt ends without that)."""
+
+    __slots__ = ("_done", "_marked_at", "_sem", "_times")
+
+    def __init__(self, sem: asyncio.Semaphore, times: list[float]) -> None:
+        self._sem, self._times = sem, times
+        self._marked_at: float | None = None
+        self._done = False
+
+    def marked(self) -> None:
+        self._marked_at = time.monotonic()
+
+    def __call__(self) -> None:
+        if self._marked_at is not None and not self._done:
+            self._times.append(time.monotonic() - self._marked_at)
+        self.release()
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._sem.release()
+
 
 class Submitter:
     """Sends the valid requests of one run; ``halt()`` stops starting new ones."""
 
     def __init__(self, config: SubmitConfig, ledger: AsyncLedger, run_id: str,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, limiter: SmoothLimiter | None = None) -> None:
         self.config = config
         self.ledger = ledger
         self.run_id = run_id
-        self.limiter = SmoothLimiter(config.rate, config.rate_margin)
+        self.limiter = limiter or SmoothLimiter(config.rate, config.rate_margin)
         self.stats = RunStats()
         self.stopping = asyncio.Event()
         # Bound once per run: a module-level lazy proxy would rebuild its logger on every
@@ -129,8 +214,10 @@ class Submitter:
         self.log = structlog.get_logger("batch.submit").bind(run_id=run_id)
         self._unknown_streak = 0
         self._gate = InFlightGate(config.concurrency, config.rate)
-        self._url = submit_url(config.base_url)
+        self._prewire = asyncio.Semaphore(config.prewire)
+        self._api_origin = origin(config.base_url)
         self._workers: list[asyncio.Task[None]] = []
+        self._waiting: set[asyncio.Task[Any]] = set()  # cancellable now: not marked, not on the wire
         self.progress = progress
         # The first request of a run pays for connection set-up and aiohttp's lazy
         # initialisation (~10-20 ms here); the ones scheduled after it on warm
@@ -140,14 +227,18 @@ class Submitter:
         self._warm = asyncio.Event()
         self._warming = False
         self._producer: asyncio.Task[None] | None = None
-        self._error: Exception | None = None
 
-    def halt(self, reason: str) -> None:
-        """Stop starting requests; those in flight finish and are recorded."""
+    def halt(self, reason: str, fatal: bool = False) -> None:
+        """Stop starting requests; those on the wire finish and are recorded."""
         if not self.stopping.is_set():
             self.stats.stop_reason = reason
+            self.stats.fatal = fatal
             self.stopping.set()
             self.log.warning("stopping", reason=reason)
+        current = asyncio.current_task()
+        for task in (self._producer, *self._waiting):
+            if task is not None and task is not current:
+                task.cancel()
 
     def abort(self) -> None:
         """Cancel in-flight requests now; they stay ``sending`` (unknown) in the ledger."""
@@ -170,31 +261,33 @@ class Submitter:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-        if self._error is not None:
-            raise self._error
         return self.stats
 
     async def _until_done(self, queue: asyncio.Queue[Request], grace: float | None) -> None:
-        """Wait until every queued request is handled; once stopping, give in-flight
-        requests ``grace`` seconds before they are cancelled (and left ``sending``)."""
+        """Wait until every queued request is handled; once stopping, give the requests on
+        the wire ``grace`` seconds (after it they are cancelled, and left ``sending``)."""
         assert self._producer is not None
         producer = self._producer
 
         async def drained() -> None:
-            await producer
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
             await queue.join()
 
         done = asyncio.create_task(drained())
         stop_wait = asyncio.create_task(self.stopping.wait())
         await asyncio.wait({done, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         stop_wait.cancel()
-        if done.done():
+        if done.done() and not self.stopping.is_set():
             await done
             return
-        try:
-            await asyncio.wait_for(done, grace)
-        except TimeoutError:
-            self.log.warning("grace_expired", grace=grace, in_flight=self._gate.active)
+        done.cancel()
+        busy = [w for w in self._workers if not w.done() and w not in self._waiting]
+        if not busy:
+            return
+        _, late = await asyncio.wait(busy, timeout=grace)
+        if late:
+            self.log.warning("grace_expired", grace=grace, in_flight=len(late))
 
     async def _produce(self, requests: Iterable[Request], queue: asyncio.Queue[Request]) -> None:
         budget = self.config.max_requests
@@ -216,7 +309,6 @@ class Submitter:
                     # Not halt(): the requests already queued still go out.
                     self.stats.stop_reason = self.stats.stop_reason or f"--max-requests {budget} reached"
                     return
-                # Blocks while the workers are busy; they keep draining after a halt.
                 await queue.put(req)
                 queued += 1
                 if self.progress is not None:
@@ -227,24 +319,33 @@ class Submitter:
             self.progress.producer_done = True
 
     async def _worker(self, queue: asyncio.Queue[Request]) -> None:
-        while True:
+        me = asyncio.current_task()
+        assert me is not None
+        while not self.stopping.is_set():
+            self._waiting.add(me)
             req = await queue.get()
             try:
-                if not self.stopping.is_set():  # after a halt: drained unsent, reported pending
-                    await self._submit(req)
-            except Exception as exc:  # a ledger write failed: stop the run, keep draining
-                self._error = self._error or exc
-                self.halt(f"internal error: {exc}")
+                await self._submit(req, me)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the ledger broke (disk full): stop, keep what came back
+                self.stats.state_error = self.stats.state_error or str(exc)
+                self.halt(str(exc))
             finally:
+                self._waiting.discard(me)
                 queue.task_done()
 
-    async def _submit(self, req: Request) -> None:
+    async def _submit(self, req: Request, me: asyncio.Task[Any]) -> None:
         """All attempts for one request. Hand-written rather than tenacity: each attempt
-        must pass the shared gate, limiter and a durable ledger mark, and the decision
-        depends on the classified answer and its Retry-After, not on an exception."""
+        must pass the shared gate, limiter, pre-wire slot and a durable ledger claim, and
+        the decision depends on the classified answer and its Retry-After, not on an
+        exception. Waiting sections are cancellable (``self._waiting``); from the claim
+        to the answer the worker is not, and settles the ledger row itself."""
         cfg, ledger, loop = self.config, self.ledger, asyncio.get_running_loop()
         text = _WIRE.encode(req.body)
         body = text.encode()
+        url = cfg.url_for(req.model)
+        mark = Mark(req.request_id, self.run_id, req.label, req.model, url, req.source, req.row, text)
         attempts = 0
         verdict: Verdict | None = None
         while True:
@@ -255,31 +356,51 @@ class Submitter:
                     self._warm.set()
                 else:
                     self._warming = True
-            async with self._gate:
+            await self._gate.enter()
+            try:
                 await self.limiter.schedule()
-                if self.stopping.is_set():
-                    if verdict is not None:
-                        ledger.outcome(req.request_id, "pending", error=f"stopped before retry: {verdict.error}",
-                                       http_status=verdict.http_status, attempts=attempts)
-                    return
-                paced_at = loop.time()  # when the limiter let it go: the rate's own clock
-                await ledger.sending(req.request_id, self.run_id, req.source, req.row, text)
-                # The window guard counts wire times: a slow commit must not bunch requests.
-                # (Waiting here leaves the mark: only after a stall, for under one window.)
-                await self.limiter.admit()
-                attempts += 1
-                started = loop.time()
-                if self.stats.first_send is None:
-                    self.stats.first_send = paced_at
-                self.stats.last_send = paced_at
-                self.stats.sent += 1
+                await self._prewire.acquire()
+                wire = _WireWatch(self._prewire, self.stats.mark_to_wire)
                 try:
-                    verdict = await request_once(self._session, "POST", self._url, cfg.api_key, body)
+                    if self.stopping.is_set():
+                        return
+                    self._waiting.discard(me)  # from the claim on, settle the row here
+                    if not await ledger.sending(mark):
+                        self.log.debug("already_taken", request_id=req.request_id)
+                        return  # the ledger shows it submitted or in flight elsewhere
+                    wire.marked()
+                    paced_at = loop.time()
+                    # The window guard counts wire times: a slow commit must not bunch requests.
+                    if not await self._admit():
+                        ledger.outcome(req.request_id, self.run_id, "pending", attempts=attempts,
+                                       error=f"stopped before sending: {self.stats.stop_reason}")
+                        return
+                    attempts += 1
+                    started = loop.time()
+                    if self.stats.first_send is None:
+                        self.stats.first_send = paced_at
+                    self.stats.last_send = paced_at
+                    self.stats.sent += 1
+                    try:
+                        verdict = await request_once(self._session, "POST", url, cfg.api_key,
+                                                     WirePayload(body, wire))  # type: ignore[arg-type]
+                    finally:
+                        self._warm.set()
                 finally:
-                    self._warm.set()
-                self._gate.observe(loop.time() - started)
-            if verdict.kind is not Kind.RETRY:
+                    wire.release()
+                self._gate.observe(loop.time() - started, verdict.http_status == 429)
+                self._honour_rate_headers(verdict)
+            finally:
+                await self._gate.leave()
+            if verdict.kind is not Kind.RETRY and verdict.http_status != 404:
                 self._finish(req, verdict, attempts)
+                return
+            if verdict.http_status == 404:
+                # A definite rejection of the route, not of the row: stop the night here.
+                ledger.outcome(req.request_id, self.run_id, "pending", error=f"HTTP 404 from {url}",
+                               error_code=verdict.error_code, http_status=404, attempts=attempts)
+                self.halt(f"HTTP 404 from {url}: the route or the model does not exist there "
+                          f"({verdict.error}); check --model and --endpoint", fatal=True)
                 return
             wait = backoff_delay(attempts, cfg.backoff_base, cfg.backoff_max)
             if verdict.retry_after is not None:
@@ -291,25 +412,68 @@ class Submitter:
                 verdict.kind = Kind.FAIL
                 self._finish(req, verdict, attempts)
                 return
-            ledger.outcome(req.request_id, "pending", error=verdict.error, error_code=verdict.error_code,
+            ledger.outcome(req.request_id, self.run_id, "pending", error=verdict.error, error_code=verdict.error_code,
                            http_status=verdict.http_status, attempts=attempts)
             self.log.debug("retry", request_id=req.request_id, attempt=attempts, wait=round(wait, 3),
                            http_status=verdict.http_status, error=verdict.error)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), wait)
+            if self.stopping.is_set():
+                return
+            self._waiting.add(me)
+            await asyncio.sleep(wait)
+
+    async def _admit(self) -> bool:
+        """The limiter's window guard, unless the run stops meanwhile (the request is
+        marked but not sent: the caller records it ``pending``)."""
+        if self.stopping.is_set():
+            return False
+        if self.limiter.admit_now():
+            return True
+        admit = asyncio.ensure_future(self.limiter.admit())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({admit, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if admit.done():
+            return True
+        admit.cancel()
+        return False
+
+    def _honour_rate_headers(self, verdict: Verdict) -> None:
+        if verdict.rate_remaining is not None and verdict.rate_reset is not None:
+            self.limiter.slow_down(verdict.rate_remaining, verdict.rate_limit, verdict.rate_reset)
+
+    def _poll_url(self, verdict: Verdict) -> str | None:
+        """``data.get_result.url``, kept only on the API's own scheme and host: the key is
+        sent to no other place."""
+        result = (verdict.data or {}).get("get_result")
+        url = result.get("url") if isinstance(result, dict) else None
+        if not isinstance(url, str) or len(url) > 2048:
+            return None
+        try:
+            same = origin(url) == self._api_origin
+        except ValueError:
+            return None
+        if not same or any(c in url for c in "\r\n\t #"):
+            if url:
+                self.log.warning("poll_url_ignored", reason="not on the API's scheme and host")
+            return None
+        return url
 
     def _finish(self, req: Request, verdict: Verdict, attempts: int) -> None:
         status = _STATUS[verdict.kind]
         self.ledger.outcome(
-            req.request_id, status, task_id=verdict.task_id, error=verdict.error,
+            req.request_id, self.run_id, status, task_id=verdict.task_id, error=verdict.error,
             error_code=verdict.error_code, http_status=verdict.http_status, attempts=attempts,
             submitted_at=utcnow(),
         )
+        if verdict.kind is Kind.OK:
+            poll_url = self._poll_url(verdict)
+            if poll_url is not None:
+                self.ledger.write(SQL_POLL_URL, (poll_url, self.ledger.ledger.api, req.request_id))
         self.stats.counts[status] += 1
         if self.progress is not None:
             self.progress.counts[status] += 1
         self.log.debug("outcome", request_id=req.request_id, status=status, task_id=verdict.task_id,
-                  http_status=verdict.http_status, error=verdict.error, attempts=attempts)
+                       http_status=verdict.http_status, error=verdict.error, attempts=attempts)
         if verdict.kind is Kind.UNKNOWN:
             self._unknown_streak += 1
             if self._unknown_streak >= self.config.breaker_threshold:
@@ -318,4 +482,4 @@ class Submitter:
         else:
             self._unknown_streak = 0
         if verdict.kind is Kind.FATAL:
-            self.halt(f"HTTP {verdict.http_status}: {verdict.error}")
+            self.halt(f"HTTP {verdict.http_status}: {verdict.error}", fatal=True)

@@ -62,7 +62,7 @@ class Fake:
             return json.loads(resp.read())
 
     def submissions(self) -> list[dict[str, Any]]:
-        return [r for r in self.records() if r["method"] == "POST"]
+        return [r for r in self.records() if r["kind"] == "submit"]
 
     def cpu_seconds(self) -> float:
         """CPU time the fake API has used so far (Linux /proc), to show who is busy."""
@@ -195,7 +195,7 @@ def rate_precision(tmp: Path, rate: int, seconds: float, strict: bool) -> dict[s
     args = ("--rate-limit", str(rate)) if strict else ()
     with fake_api(*args) as fake:
         out = f"rate{rate}{'s' if strict else ''}.parquet"
-        rc = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", str(rate), out=out), env()).rc
+        rc = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", f"{rate}/s", out=out), env()).rc
         subs = fake.submissions()
     accepted = [r["t"] for r in subs if r["status"] == 200]
     throttled = sum(1 for r in subs if r["status"] == 429)
@@ -214,7 +214,7 @@ def latency_hiding(tmp: Path, rate: int, latency: float, seconds: float) -> dict
     n = int(rate * seconds)
     inp = make_input(tmp / "latency.csv", n)
     with fake_api("--latency", str(latency)) as fake:
-        rc = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", str(rate), out="latency.parquet"), env()).rc
+        rc = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", f"{rate}/s", out="latency.parquet"), env()).rc
         times = [r["t"] for r in fake.submissions()]
     ratio = achieved_rate(times) / rate
     return {"phase": f"latency {latency}s @ {rate}/s", "n": n, "achieved/target": round(ratio, 3),
@@ -225,7 +225,7 @@ def latency_hiding(tmp: Path, rate: int, latency: float, seconds: float) -> dict
 def backpressure(tmp: Path, rate: int, n: int) -> dict[str, Any]:
     inp = make_input(tmp / "backpressure.csv", n)
     with fake_api("--fault", "429,prob=0.2,retry_after=1") as fake:
-        rc = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", str(rate), "--max-attempts", "50",
+        rc = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", f"{rate}/s", "--max-attempts", "50",
                                      out="backpressure.parquet"), env()).rc
         subs = fake.submissions()
     t0 = min(r["t"] for r in subs)

@@ -24,9 +24,15 @@ OK = body({"code": 0, "message": "success", "data": {"status": "pending", "task_
     (200, b"<html>proxy</html>", Kind.UNKNOWN),
     (200, body([1, 2]), Kind.UNKNOWN),
     (201, body({"message": "no code"}), Kind.UNKNOWN),
-    (200, body({"code": 1001, "message": "Rejected: nope"}), Kind.FAIL),
+    # A 2xx with code != 0 is undocumented; the official CLI calls it "outcome unknown".
+    (200, body({"code": 1001, "message": "Rejected: nope"}), Kind.UNKNOWN),
+    (200, body({"code": "0", "data": {"task_id": "t-1"}}), Kind.UNKNOWN),
+    (200, body({"code": True, "data": {"task_id": "t-1"}}), Kind.UNKNOWN),
     (400, body({"code": 400, "message": "Bad Request: prompt"}), Kind.FAIL),
-    (403, b"", Kind.FAIL), (404, b"", Kind.FAIL), (413, b"", Kind.FAIL), (422, b"", Kind.FAIL), (409, b"", Kind.FAIL),
+    (403, b"", Kind.FAIL), (404, b"", Kind.FAIL), (405, b"", Kind.FAIL), (413, b"", Kind.FAIL), (415, b"", Kind.FAIL),
+    (422, b"", Kind.FAIL),
+    # 4xx the official CLI does not list as definite rejections: the task may exist.
+    (408, b"", Kind.UNKNOWN), (409, b"", Kind.UNKNOWN), (425, b"", Kind.UNKNOWN), (418, b"", Kind.UNKNOWN),
     (401, body({"code": 401, "message": "Unauthorized: bad key"}), Kind.FATAL), (402, b"", Kind.FATAL),
     (429, b"", Kind.RETRY), (503, b"", Kind.RETRY),
     (500, b"", Kind.UNKNOWN), (502, b"", Kind.UNKNOWN), (504, b"", Kind.UNKNOWN), (599, b"", Kind.UNKNOWN),
@@ -38,7 +44,7 @@ def test_classify(status: int, raw: bytes, kind: Kind) -> None:
 
 def test_classify_keeps_provider_code_and_message() -> None:
     v = classify(200, body({"code": 1001, "message": "Rejected: quota"}), H)
-    assert (v.error_code, v.error, v.http_status) == (1001, "Rejected: quota", 200)
+    assert (v.error_code, v.http_status) == (1001, 200) and "Rejected: quota" in v.error
     v = classify(400, body({"code": 400, "message": "Bad Request: prompt too long"}), H)
     assert (v.error_code, v.error) == (400, "Bad Request: prompt too long")
     assert classify(200, OK, H).task_id == "t-1"
@@ -64,3 +70,57 @@ def test_secret_never_prints() -> None:
     s = Secret("sk-live-123")
     assert "sk-live" not in repr(s) and "sk-live" not in str(s) and "sk-live" not in f"{s}"
     assert s.reveal() == "sk-live-123"
+
+
+@pytest.mark.parametrize("task_id", ["../../evil?x=1#frag", "a/b", "..", ".hidden", "x" * 257, "tab\tid", "sp ace",
+                                     "ünï", "%2e%2e", 42, ["t"], {"t": 1}])
+def test_a_task_id_that_is_not_a_plain_token_is_unknown_and_not_kept(task_id: object) -> None:
+    v = classify(200, body({"code": 0, "data": {"task_id": task_id}}), H)
+    assert v.kind is Kind.UNKNOWN and v.task_id is None
+
+
+@pytest.mark.parametrize("task_id", ["task-video-abc123", "cgt-2026:1.2_x+y=z@q~w", "A" * 256])
+def test_plain_task_ids_are_accepted(task_id: str) -> None:
+    assert classify(200, body({"code": 0, "data": {"task_id": task_id}}), H).task_id == task_id
+
+
+KEY = "sk-live-SECRET/with+odd=chars"
+
+
+@pytest.mark.parametrize("raw", [
+    body({"code": 400, "message": f"Bad Request: key {KEY} is not allowed"}),
+    json.dumps({"code": 400, "message": f"Bad Request: key {KEY}"}).replace("/", "\\/").encode(),  # escaped slash
+    json.dumps({"code": 400, "message": f"Bad Request: key {KEY}"}, ensure_ascii=True)
+    .replace("s", "\\u0073").encode(),  # unicode escapes: the raw bytes never hold the key
+])
+def test_an_answer_echoing_the_key_is_scrubbed_whatever_its_escaping(raw: bytes) -> None:
+    from batch.client import Secret as S
+    v = classify(400, raw, H, S(KEY))
+    assert KEY not in repr(v) and "***" in v.error
+
+
+def test_the_key_is_scrubbed_from_every_string_of_a_successful_answer() -> None:
+    from batch.client import Secret as S
+    raw = body({"code": 0, "data": {"task_id": "t-1", "note": f"Bearer {KEY}", KEY: "as a key"}})
+    v = classify(200, raw, H, S(KEY))
+    assert v.kind is Kind.OK and KEY not in repr(v.data) and KEY not in repr(v.body)
+
+
+def test_a_task_id_containing_the_key_never_survives() -> None:
+    from batch.client import Secret as S
+    v = classify(200, body({"code": 0, "data": {"task_id": f"t-{KEY}"}}), H, S(KEY))
+    assert v.kind is Kind.UNKNOWN and v.task_id is None and KEY not in repr(v)
+
+
+def test_control_characters_in_provider_text_are_removed() -> None:
+    v = classify(400, body({"code": 400, "message": "Bad \x1b[31mRequest\x00\u202e: x" + "y" * 500}), H)
+    assert "\x1b" not in v.error and "\x00" not in v.error and "\u202e" not in v.error and len(v.error) <= 300
+
+
+def test_rate_limit_headers_are_read() -> None:
+    now = 1_000_000_000.0
+    assert retry_after_seconds(CIMultiDict({"X-RateLimit-Reset": str(int((now + 9) * 1000))}), now) \
+        == pytest.approx(9)  # epoch milliseconds
+    v = classify(200, OK, CIMultiDict({"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "3",
+                                       "X-RateLimit-Reset": "12"}))
+    assert (v.rate_limit, v.rate_remaining, v.rate_reset) == (100, 3, 12)

@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 from conftest import cli, prompts, results, submit_args, subprocess_env, write_csv
 
+from batch.download import file_stem
 from batch.fake_api import fake_file_bytes
 
 
@@ -28,6 +29,11 @@ def collect(fake, tmp_path: Path, *extra: str):
 
 def polls(fake) -> int:
     return sum(1 for r in fake.state.records if r.path.startswith("/api/v1/tasks/"))
+
+
+def video_of(directory: Path, row: dict) -> Path:
+    """Where collect puts a row's video: named by its id label and request id."""
+    return directory / f"{file_stem(row['request_id'], row.get('id'))}.mp4"
 
 
 def downloads(fake) -> list:
@@ -51,7 +57,7 @@ def test_collect_in_passes_then_download(start_fake, tmp_path: Path) -> None:
     files = sorted(p.name for p in (tmp_path / "videos").iterdir())
     assert len(files) == 6 and sum(f.endswith(".last_frame.png") for f in files) == 1
     for row in df.iter_rows(named=True):
-        video = tmp_path / "videos" / f"{row['request_id'].replace(':', '_')}.mp4"
+        video = video_of(tmp_path / "videos", row)
         assert video.read_bytes() == fake_file_bytes(row["task_id"], "mp4", 4096)
         assert str(video.name) in row["local_paths"]
     # A third pass polls nothing and downloads nothing again.
@@ -68,7 +74,7 @@ def test_failed_tasks_carry_the_providers_reason(fake, tmp_path: Path) -> None:
     assert res.exit_code == 1
     df = results(table).sort("prompt")
     assert df["task_status"].to_list() == ["failed", "success"]
-    assert "moderation" in df["failure_reason"][0]
+    assert df["failure_reason"][0] == "400: Content Moderation: the prompt was rejected"
 
 
 def test_poll_faults_are_retried(start_fake, tmp_path: Path) -> None:
@@ -88,7 +94,7 @@ def test_truncated_downloads_resume_and_never_leave_partial_files(start_fake, tm
     assert res.exit_code == 0, res.output
     df = results(table)
     for row in df.iter_rows(named=True):
-        assert (tmp_path / "v" / f"{row['request_id'].replace(':', '_')}.mp4").read_bytes() == \
+        assert video_of(tmp_path / "v", row).read_bytes() == \
             fake_file_bytes(row["task_id"], "mp4", 100_000)
     ranged = [r for r in downloads(fake) if r.body]  # the fake records the Range header
     assert len(ranged) == 2 and all(r.body == "bytes=50000-" for r in ranged)
@@ -194,7 +200,7 @@ def test_kill_9_during_download_then_rerun_fetches_only_whats_missing(start_fake
     df = results(table)
     assert {p.name for p in (tmp_path / "v").glob("*.mp4")} >= done_before
     for row in df.iter_rows(named=True):
-        video = tmp_path / "v" / f"{row['request_id'].replace(':', '_')}.mp4"
+        video = video_of(tmp_path / "v", row)
         assert video.read_bytes() == fake_file_bytes(row["task_id"], "mp4", 60_000)
     assert list((tmp_path / "v").glob(".*.part")) == []
 

@@ -87,10 +87,10 @@ def test_request_id_stable_under_reorder_and_added_columns(tmp_path: Path) -> No
     assert {r.request_id for r in expand(rows, tier="default")} == ids
 
 
-def test_request_id_without_id_column_uses_content_and_occurrence() -> None:
+def test_request_id_is_content_and_repeat_count() -> None:
     reqs = expand([{"prompt": "same"}, {"prompt": "other"}, {"prompt": "same"}])
     assert reqs[0].request_id != reqs[1].request_id
-    assert reqs[2].request_id == reqs[0].request_id + "#1"
+    assert reqs[2].request_id == reqs[0].request_id + "-1"  # identical requests: each its own video
     # "5" and "5.0" and 5 are the same request.
     a = expand([{"prompt": "x", "duration": "5"}])[0].request_id
     b = expand([{"prompt": "x", "duration": "5.0"}])[0].request_id
@@ -125,3 +125,25 @@ def test_bad_param_is_config_error(text: str) -> None:
 
 def test_prompt_param_is_not_split_on_commas() -> None:
     assert parse_param("prompt=a cat, a dog") == ("prompt", ["a cat, a dog"])
+
+
+def test_labels_never_change_identity() -> None:
+    """Renaming ids, another id column, no id column: the same videos, the same ids."""
+    rows = [{"id": f"r{i}", "sku": f"S-{i}", "prompt": f"p{i}", "duration": "5"} for i in range(4)]
+    base = [r.request_id for r in expand(rows)]
+    assert [r.request_id for r in expand([{**r, "id": f"renamed-{r['id']}"} for r in rows])] == base
+    assert [r.request_id for r in expand(rows, id_column="sku")] == base
+    assert [r.request_id for r in expand([{k: v for k, v in r.items() if k != "id"} for r in rows])] == base
+    assert [r.label for r in expand(rows, id_column="sku")] == ["S-0", "S-1", "S-2", "S-3"]
+
+
+def test_identical_rows_with_different_ids_are_repeats_not_one_video() -> None:
+    reqs = expand([{"id": "a", "prompt": "same"}, {"id": "b", "prompt": "same"}])
+    assert reqs[1].request_id == reqs[0].request_id + "-1"
+    assert [r.label for r in reqs] == ["a", "b"]
+
+
+def test_the_model_is_part_of_identity() -> None:
+    one = expand([{"prompt": "p"}])[0].request_id
+    other = expand([{"prompt": "p"}], model="bytedance/seedance-1.0-pro-fast-t2v")[0].request_id
+    assert one != other

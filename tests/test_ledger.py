@@ -80,7 +80,7 @@ def test_max_requests_leaves_the_rest_pending_for_next_night(fake, tmp_path: Pat
 def test_deadline_stops_starting_requests(fake, tmp_path: Path) -> None:
     path = write_csv(tmp_path / "in.csv", prompts(40))
     t0 = time.monotonic()
-    res = cli(submit_args(fake, tmp_path, path, rate="10", extra=["--deadline", "1s"]))
+    res = cli(submit_args(fake, tmp_path, path, rate="10/s", extra=["--deadline", "1s"]))
     assert time.monotonic() - t0 < 5
     assert res.exit_code == 1
     counts = statuses(tmp_path / "results.parquet")
@@ -229,7 +229,6 @@ def test_lock_dies_with_a_killed_process(start_fake, tmp_path: Path) -> None:
     path, proc = run_until_sent(fake, tmp_path, 3, 1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    assert (tmp_path / "state.sqlite.lock").exists()  # the file stays, the lock does not
     fake.state.config.latency = 0
     res = cli(submit_args(fake, tmp_path, path))
     assert res.exit_code == 1, res.output  # not 3: it ran; 1 because the killed run's sends are unknown

@@ -52,7 +52,6 @@ duration = 4
     assert got == [("a cat in pop style", "480p", 6), ("a cat in pop style", "720p", 6),
                    ("a fox in noir style", "480p", 4), ("a fox in noir style", "720p", 4)]
     assert ok["key"].to_list() == ["k1", "k1", "k3", "k3"]
-    assert ok["request_id"].str.starts_with("k").all()
     bad = df.filter(pl.col("status") == "invalid")
     assert bad.height == 2 and bad["error"].str.contains("column 'style' is empty").all()
     assert len(fake.state.submissions()) == 4
@@ -105,7 +104,7 @@ def test_validate_prints_invalid_rows_and_sends_nothing(fake, tmp_path: Path) ->
     path = write_csv(tmp_path / "in.csv", [{"id": "a", "prompt": "ok"}, {"id": "b", "prompt": "x", "duration": "20"}])
     res = cli(["validate", str(path)])
     assert res.exit_code == 1
-    assert "in.csv:1\tb:" in res.output and "duration='20'" in res.output
+    assert "in.csv:1\tb\t" in res.output and "duration='20'" in res.output
     assert "would send: 1 flex" in res.output
     assert fake.state.records == []
     good = write_csv(tmp_path / "good.csv", [{"prompt": "ok"}])
@@ -168,7 +167,7 @@ def test_metrics_file_for_node_exporter(fake, tmp_path: Path) -> None:
 
 def _spawn(fake, tmp_path: Path, tty: bool) -> tuple[int, str]:
     path = write_csv(tmp_path / "in.csv", prompts(30))
-    args = [sys.executable, "-m", "batch", *submit_args(fake, tmp_path, path, rate="15"),
+    args = [sys.executable, "-m", "batch", *submit_args(fake, tmp_path, path, rate="15/s"),
             "--progress-interval", "0.3"]
     env = subprocess_env(COLUMNS="120")
     if not tty:

@@ -6,8 +6,8 @@ from batch.ratelimit import Rate, SmoothLimiter, parse_rate
 
 
 @pytest.mark.parametrize(("text", "rate"), [
-    ("2", Rate(2, 1)), ("2/s", Rate(2, 1)), ("100/min", Rate(100, 60)), ("5000/h", Rate(5000, 3600)),
-    ("0.5", Rate(0.5, 1)), (" 10 / m ", Rate(10, 60)),
+    ("2/s", Rate(2, 1)), ("100/min", Rate(100, 60)), ("5000/h", Rate(5000, 3600)),
+    ("0.5/s", Rate(0.5, 1)), (" 10 / m ", Rate(10, 60)),
 ])
 def test_parse_rate(text: str, rate: Rate) -> None:
     assert parse_rate(text) == rate
@@ -16,6 +16,13 @@ def test_parse_rate(text: str, rate: Rate) -> None:
 @pytest.mark.parametrize("text", ["fast", "-1", "2/day", "", "inf/s", "1/0"])
 def test_parse_rate_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="invalid rate"):
+        parse_rate(text)
+
+
+@pytest.mark.parametrize("text", ["100", "2", "0.5", " 100 "])
+def test_a_rate_without_unit_is_refused_not_read_as_per_second(text: str) -> None:
+    # "--rate 100" meant per minute by the provider's docs would be 60x the spend rate.
+    with pytest.raises(ValueError, match=r"no unit: write .*/min or .*/s"):
         parse_rate(text)
 
 

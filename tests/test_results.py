@@ -61,7 +61,8 @@ def test_table_from_spool_has_outcomes_in_input_order(tmp_path: Path) -> None:
     spool = RequestSpool(tmp_path, schema, chunk_size=5)
     list(spool.tee(ex))
     out = tmp_path / "results.parquet"
-    tally = write_results(out, spool.frames(chunk_size=4), ex.extra_dtypes, lambda ids: [], Resolution("run"))
+    tally, error = write_results(out, spool.frames(chunk_size=4), ex.extra_dtypes, lambda ids: [], Resolution("run"))
+    assert error is None
     df = pl.read_parquet(out)
     assert df["row"].to_list() == [0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert INVALID not in df.columns
@@ -97,7 +98,7 @@ def test_status_of_every_ledger_state_as_tonight_sees_it() -> None:
     ids = [*cases, "bad"]
     frame = pl.DataFrame({"request_id": ids, INVALID: [None] * len(cases) + ["duration=99: must be ..."]})
     stamp = "2026-11-25T23:22:44.123+00:00"
-    rows = [(rid, st, run, f"task-{rid}", err, None, 200, attempts, stamp if rid != "sub_old" else
+    rows = [(rid, st, run, "https://api.example/route", f"task-{rid}", err, None, 200, attempts, stamp if rid != "sub_old" else
              "2026-11-24 22:00:00.500000+00:00", None, None, None, None, None, None)
             for rid, (entry, _) in cases.items() if entry is not None for st, run, err, attempts in [entry]]
     out = resolve_frame(frame, entries_frame(rows), Resolution("tonight", stop_reason="deadline reached"))

@@ -33,21 +33,22 @@ def test_success_sends_each_request_once_with_documented_body(fake, tmp_path: Pa
     assert df["id"].to_list() == ["a", "b"]
 
 
-@pytest.mark.parametrize("status", ["400", "403", "404", "413", "422", "code"])
+@pytest.mark.parametrize("status", ["400", "403", "405", "413", "415", "422"])
 def test_permanent_rejections_fail_at_once(start_fake, tmp_path: Path, status: str) -> None:
     fake = start_fake(faults=[f"{status},match=BAD"])
     res, df = run(fake, tmp_path, [{"prompt": "BAD one"}, {"prompt": "good one"}])
     assert res.exit_code == 1
     bad = df.filter(df["prompt"] == "BAD one").row(0, named=True)
     assert bad["status"] == "failed"
-    assert bad["error_code"] == (1001 if status == "code" else int(status))
-    assert bad["http_status"] == (200 if status == "code" else int(status))
+    assert bad["error_code"] == int(status)
+    assert bad["http_status"] == int(status)
     assert "injected" in bad["error"]
     assert sends_by_prompt(fake) == {"BAD one": 1, "good one": 1}
     assert df.filter(df["prompt"] == "good one")["status"].to_list() == ["submitted"]
 
 
-@pytest.mark.parametrize("fault", ["500", "502", "504", "badjson", "no_task_id", "drop", "drop_accepted"])
+@pytest.mark.parametrize("fault", ["500", "502", "504", "badjson", "no_task_id", "drop", "drop_accepted",
+                                   "code", "408", "409", "425"])
 def test_ambiguous_outcomes_are_unknown_and_never_resent(start_fake, tmp_path: Path, fault: str) -> None:
     fake = start_fake(faults=[f"{fault},match=MAYBE"])
     res, df = run(fake, tmp_path, [{"prompt": "MAYBE"}, {"prompt": "sure"}])
@@ -134,7 +135,7 @@ def test_connection_refused_is_retried_then_failed(tmp_path: Path) -> None:
 def test_fatal_errors_stop_the_run(start_fake, tmp_path: Path, status: str) -> None:
     fake = start_fake(faults=[f"{status}"])
     res, df = run(fake, tmp_path, prompts(30), extra=["--concurrency", "1"])
-    assert res.exit_code == 1
+    assert res.exit_code == 5  # a fatal provider condition, not "some rows invalid"
     counts = dict(zip(*df["status"].value_counts().to_dict(as_series=False).values(), strict=True))
     assert counts["failed"] == 1
     assert counts["pending"] == 29
@@ -154,7 +155,7 @@ def test_circuit_breaker_stops_after_consecutive_ambiguous(start_fake, tmp_path:
 
 
 def test_rate_limit_is_smooth_without_initial_burst(fake, tmp_path: Path, steady_clock: None) -> None:
-    res, _df = run(fake, tmp_path, prompts(30), rate="20")
+    res, _df = run(fake, tmp_path, prompts(30), rate="20/s")
     assert res.exit_code == 0
     times = sorted(fake.state.submit_times())
     assert len(times) == 30
@@ -195,3 +196,21 @@ def test_no_accepted_request_twice_under_mixed_faults(start_fake, tmp_path: Path
     assert accepted_twice(fake) == []
     df = results(tmp_path / "results.parquet")
     assert set(df["status"].to_list()) <= {"skipped", "unknown", "submitted"}
+
+
+def test_a_wrong_route_stops_the_night_at_the_first_404(start_fake, tmp_path: Path) -> None:
+    """A 404 on a submission means the route or model does not exist: stop, leave the rest
+    pending, name the URL and the options that fix it; never fail the night row by row."""
+    fake = start_fake(routes=("v1",))  # today's route form only; the default is the seed's
+    res, df = run(fake, tmp_path, prompts(20), extra=["--concurrency", "2"])
+    assert res.exit_code == 5
+    counts = df["status"].value_counts().to_dict(as_series=False)
+    assert dict(zip(*counts.values(), strict=True)) == {"pending": 20}
+    assert len(fake.state.submissions()) <= 2  # at most what was in flight
+    assert f"HTTP 404 from {fake.url}/api/v1/text-to-video/bytedance/seedance-1.0-lite-t2v/async" in res.output
+    assert "--model" in res.output and "--endpoint" in res.output
+    # The next night, with the right route form, sends all of them, once.
+    res = cli(submit_args(fake, tmp_path, tmp_path / "in.csv", extra=["--endpoint", "v1"]))
+    assert res.exit_code == 0, res.output
+    assert results(tmp_path / "results.parquet")["status"].to_list() == ["submitted"] * 20
+    assert accepted_twice(fake) == []

@@ -1,0 +1,231 @@
+"""Downloads of task outputs, as careful as the provider's official CLI (``src/lib/task.ts``).
+
+Guarantees:
+
+* **Where bytes come from.** https only (plain http only when the API base itself is on
+  loopback: the tests and the demo); no private, loopback or reserved address (literal or
+  resolved) unless the API is on loopback; redirects followed by hand, at most 5, each
+  target checked again; the API key is never sent, and no cookie either.
+* **How much and how long.** A per-file size cap (default 2 GiB) enforced on the announced
+  ``Content-Length`` and on the bytes received; an overall deadline per file; a minimum
+  throughput (a server dripping bytes is cut off); cancellation (SIGTERM) stops at once.
+* **Where bytes go.** The file name comes only from our request id and label, and the
+  extension from a fixed allow-list, never from the URL or the answer; every path written
+  is checked to lie inside the download directory. Bytes go to ``.<name>.part`` (kept for
+  a ``Range`` resume), are fsynced and renamed: a final name only ever holds a whole file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import aiohttp.abc
+import aiohttp.resolver
+
+CHUNK = 1 << 16
+VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "webm"})
+IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp"})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class DownloadPolicy:
+    allow_local: bool = False  # http and private addresses: only for an API on loopback
+    max_bytes: int = 2 * GIB
+    deadline: float = 1800.0  # seconds per file
+    min_rate: float = 16 * 1024  # bytes/s, averaged over ``rate_window``
+    rate_window: float = 30.0
+    max_redirects: int = 5
+    stall: float = 60.0  # seconds without a byte
+
+
+class DownloadError(Exception):
+    def __init__(self, message: str, gone: bool = False, retry: bool = False) -> None:
+        super().__init__(message)
+        self.gone = gone
+        self.retry = retry
+
+
+def _address_allowed(text: str) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return True  # a name: checked once resolved
+    return address.is_global
+
+
+def check_url(url: str, policy: DownloadPolicy) -> str:
+    """``url`` if it may be fetched under ``policy``, else :class:`DownloadError`."""
+    if not isinstance(url, str) or len(url) > 4096 or any(c in url for c in "\r\n\t "):
+        raise DownloadError("not a usable URL")
+    parts = urlsplit(url)
+    allowed = ("https", "http") if policy.allow_local else ("https",)
+    if parts.scheme not in allowed:
+        raise DownloadError(f"refusing a {parts.scheme or 'schemeless'} URL (https only)")
+    if not parts.hostname:
+        raise DownloadError("URL without a host")
+    if parts.username or parts.password:
+        raise DownloadError("refusing a URL with credentials")
+    if not policy.allow_local and not _address_allowed(parts.hostname):
+        raise DownloadError(f"refusing a private or reserved address ({parts.hostname})")
+    return url
+
+
+class PublicResolver(aiohttp.abc.AbstractResolver):
+    """Resolves as usual, then keeps only public addresses: a name that points into the
+    local network cannot make us fetch from it."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.resolver.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        found = await self._inner.resolve(host, port, family)
+        public = [r for r in found if _address_allowed(r["host"])]
+        if not public:
+            raise OSError(f"{host} resolves only to private or reserved addresses")
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def make_download_session(policy: DownloadPolicy, trust_env: bool = False) -> aiohttp.ClientSession:
+    resolver = None if policy.allow_local or trust_env else PublicResolver()
+    connector = aiohttp.TCPConnector(limit=64, resolver=resolver)
+    return aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=trust_env,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=policy.stall),
+    )
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def file_stem(request_id: str, label: str | None) -> str:
+    """``<label>_<request_id>`` (or the id alone): letters, digits, ``.``, ``_``, ``-``
+    only, never starting with a dot, at most 64 characters of label."""
+    rid = _SAFE.sub("_", request_id)
+    if not label:
+        return rid
+    clean = _SAFE.sub("_", label).lstrip(".")[:64]
+    return f"{clean}_{rid}" if clean else rid
+
+
+def extension(resource: dict[str, Any], is_frame: bool) -> str:
+    fmt = resource.get("format")
+    allowed = IMAGE_EXTENSIONS if is_frame else VIDEO_EXTENSIONS
+    if isinstance(fmt, str) and fmt.lower() in allowed:
+        return fmt.lower()
+    return "png" if is_frame else "mp4"
+
+
+def contained(directory: Path, name: str) -> Path:
+    """``directory / name``, refusing anything that would land outside ``directory``."""
+    base = directory.resolve()
+    path = (base / name).resolve()
+    if path.parent != base or "/" in name or name.startswith("."):
+        raise DownloadError(f"refusing to write outside {directory}")
+    return base / name
+
+
+class _Pace:
+    """The minimum-throughput rule: over every ``window`` seconds after the first, at
+    least ``min_rate * window`` bytes must arrive."""
+
+    def __init__(self, policy: DownloadPolicy) -> None:
+        self.policy = policy
+        self.start = time.monotonic()
+        self.mark_t = self.start
+        self.mark_bytes = 0
+
+    def check(self, received: int) -> None:
+        now = time.monotonic()
+        if now - self.start > self.policy.deadline:
+            raise DownloadError(f"deadline of {self.policy.deadline:g} s passed", retry=False)
+        if now - self.mark_t >= self.policy.rate_window:
+            rate = (received - self.mark_bytes) / (now - self.mark_t)
+            if rate < self.policy.min_rate:
+                raise DownloadError(f"too slow ({rate:.0f} B/s over {now - self.mark_t:.0f} s; "
+                                    f"minimum {self.policy.min_rate:.0f} B/s)", retry=True)
+            self.mark_t, self.mark_bytes = now, received
+
+
+def _total_size(resp: aiohttp.ClientResponse) -> int | None:
+    if resp.status == 206:
+        match = re.search(r"/(\d+)$", resp.headers.get("Content-Range", ""))
+        return int(match.group(1)) if match else None
+    length = resp.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, final: Path, policy: DownloadPolicy,
+                proxy: str | None = None) -> int:
+    """One attempt: download ``url`` into ``final`` via ``.<name>.part`` (resumed with
+    ``Range`` when present); return the size. Raises :class:`DownloadError`."""
+    part = final.with_name(f".{final.name}.part")
+    have = part.stat().st_size if part.exists() else 0
+    if have > policy.max_bytes:
+        part.unlink()
+        have = 0
+    pace = _Pace(policy)
+    target = check_url(url, policy)
+    for _hop in range(policy.max_redirects + 1):
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        remaining = policy.deadline - (time.monotonic() - pace.start)
+        try:
+            async with asyncio.timeout(max(0.001, remaining)):
+                async with session.get(target, headers=headers, allow_redirects=False, proxy=proxy) as resp:
+                    if resp.status in REDIRECTS:
+                        location = resp.headers.get("Location")
+                        if not location:
+                            raise DownloadError(f"HTTP {resp.status} without Location")
+                        target = check_url(urljoin(target, location), policy)
+                        continue
+                    if resp.status in (403, 404, 410):
+                        raise DownloadError(f"HTTP {resp.status}: output no longer available", gone=True)
+                    if resp.status == 416 and have:
+                        part.unlink()  # our partial file is longer than the output: start over
+                        raise DownloadError("HTTP 416", retry=True)
+                    if resp.status not in (200, 206):
+                        raise DownloadError(f"HTTP {resp.status}", retry=True)
+                    return await _receive(resp, part, final, have if resp.status == 206 else 0, policy, pace)
+        except aiohttp.ClientError as exc:  # before TimeoutError: a stalled read is one of these
+            raise DownloadError(str(exc) or type(exc).__name__, retry=True) from None
+        except TimeoutError:
+            raise DownloadError(f"deadline of {policy.deadline:g} s passed") from None
+        except OSError as exc:
+            raise DownloadError(exc.strerror or str(exc), retry=True) from None
+    raise DownloadError(f"more than {policy.max_redirects} redirects")
+
+
+async def _receive(resp: aiohttp.ClientResponse, part: Path, final: Path, have: int, policy: DownloadPolicy,
+                   pace: _Pace) -> int:
+    total = _total_size(resp)
+    if total is not None and total > policy.max_bytes:
+        raise DownloadError(f"output of {total} bytes is over the {policy.max_bytes}-byte limit")
+    received = have
+    with open(part, "ab" if have else "wb") as out:
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            received += len(chunk)
+            if received > policy.max_bytes:
+                raise DownloadError(f"output over the {policy.max_bytes}-byte limit")
+            out.write(chunk)
+            pace.check(received)
+        out.flush()
+        os.fsync(out.fileno())
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise DownloadError(f"got {size} of {total} bytes", retry=True)
+    os.replace(part, final)
+    return size
