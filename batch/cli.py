@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,23 @@ from batch.client import Secret
 from batch.collect import CollectConfig
 from batch.download import DownloadPolicy
 from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError
-from batch.expand import Expander, ExpandSpec, parse_param
+from batch.expand import Expander, ExpandSpec, normalize, parse_param
 from batch.jobfile import JobFile, load_job
 from batch.ledger import default_state_path, fake_state_path, state_home
 from batch.load import load_inputs
+from batch.models import Catalog
 from batch.pipeline import CollectOptions, Interrupted, RunOptions, run_collect, run_submit
 from batch.ratelimit import Rate, parse_rate
 from batch.report import prometheus, render, render_collect, summarize_table
-from batch.results import LABEL, Resolution, Tally, request_frames, request_schema, resolve_frame, write_text_atomically
+from batch.results import (
+    LABEL,
+    Resolution,
+    Tally,
+    request_frames,
+    request_schema_of,
+    resolve_frame,
+    write_text_atomically,
+)
 from batch.submit import SubmitConfig
 from batch.validate import TIERS
 
@@ -181,6 +189,8 @@ def common_options(fn: Any) -> Any:
                      envvar="SEEDANCE_BATCH_TIER", help="service_tier for rows that do not set one. [env SEEDANCE_BATCH_TIER]"),
         click.option("--param", "params", multiple=True, metavar="FIELD=V1[,V2...]",
                      help="Job-level value(s) for a field rows leave empty; a list expands into a grid. Repeatable."),
+        click.option("--passthrough", multiple=True, metavar="COLUMN",
+                     help="Keep COLUMN as a pass-through column although its name resembles an API field. Repeatable."),
         click.option("--dry-run", is_flag=True, help="Validate and expand, send nothing, still write the table."),
         click.option("--fake-api", is_flag=True, help="Start the bundled fake API on 127.0.0.1 and submit to it (no key)."),
         click.option("--state", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_STATE",
@@ -260,7 +270,7 @@ def submit(**kw: Any) -> None:
 @click.pass_context
 def run(ctx: click.Context, job: Path, **kw: Any) -> None:
     """Run a declarative job file (TOML, see jobs/example.toml); options override the file."""
-    spec = load_job(job)
+    spec = load_job(job, known_fields=Catalog(state_home() / "models").known_fields())
     merged = merge_job(ctx, spec, kw)
     finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem)
 
@@ -269,7 +279,7 @@ def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any]) -> dict[str
     """Job-file values where the option was left at its default; CLI and env win."""
     merged = dict(kw)
     for key, value in spec.values.items():
-        if key in ("params", "columns", "prompt_template", "id_column"):
+        if key in ("params", "columns", "prompt_template", "id_column", "passthrough"):
             continue
         source = ctx.get_parameter_source(key) if key in kw else None
         if key not in kw or source in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
@@ -296,17 +306,24 @@ def write_metrics(path: Path, summary: dict[str, Any], job_name: str) -> None:
     write_text_atomically(path, prometheus(summary, job_name))
 
 
-def expand_spec(job: JobFile | None, cli_params: Iterable[str], tier: str) -> ExpandSpec:
+def expand_spec(job: JobFile | None, cli_params: Iterable[str], tier: str, model: str,
+                passthrough: Iterable[str] = ()) -> ExpandSpec:
     """The job's expansion settings, with each ``--param`` replacing the job's value for its field."""
-    params: dict[str, list[Any]] = dict(job.get("params", {})) if job else {}
+    params: dict[str, Any] = {normalize(k): v for k, v in job.get("params", {}).items()} if job else {}
     for text in cli_params:
-        name, values = parse_param(text)
-        params[name] = values
+        name, value = parse_param(text)
+        params[name] = value
+    try:
+        slug = check_slug(model)
+    except ValueError as exc:
+        raise ConfigError(f"--{exc}") from None
     return ExpandSpec(
         params=params, tier=tier,
         columns=job.get("columns", {}) if job else {},
         prompt_template=job.get("prompt_template") if job else None,
-        id_column=job.get("id_column", "id") if job else "id",
+        id_column=job.get("id_column") if job else None,
+        model=slug,
+        passthrough=tuple(job.get("passthrough", [])) + tuple(passthrough) if job else tuple(passthrough),
     )
 
 
@@ -315,10 +332,9 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
                      needs_key=not kw["dry_run"] and not kw["fake_api"])
     rate = rate_option(str(kw["rate"]))
     try:
-        model = check_slug(kw["model"])
         check_endpoint(kw["endpoint"], kw["base_url"])
     except ValueError as exc:
-        raise ConfigError(f"--{str(exc).partition(' ')[0]} {str(exc).partition(' ')[2]}") from None
+        raise ConfigError(f"--{exc}") from None
     submit_cfg = SubmitConfig(
         base_url=kw["base_url"], api_key=key, endpoint=kw["endpoint"], rate=rate, concurrency=kw["concurrency"],
         max_attempts=kw["max_attempts"], timeout=kw["timeout"], resend_unknown=kw["resend_unknown"],
@@ -327,7 +343,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
     return RunOptions(
         inputs=tuple(kw["inputs"]),
         output=Path(kw["output"]),
-        expand=replace(expand_spec(job, kw["params"], kw["tier"]), model=model),
+        expand=expand_spec(job, kw["params"], kw["tier"], kw["model"], kw.get("passthrough") or ()),
         submit=submit_cfg,
         # The fake API's task ids must never land in the real ledger (they would make
         # tomorrow's real run skip those requests), so a fake run has its own default.
@@ -348,6 +364,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         ) if kw["wait"] else None,
         moved_from=tuple(kw.get("moved_from") or ()),
         budget_dir=state_home(),
+        models_dir=state_home() / "models",
     )
 
 
@@ -357,18 +374,24 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
 @click.option("--tier", type=click.Choice(TIERS), help="service_tier for rows that do not set one (default flex).")
 @click.option("--sheet", help="Excel sheet name or 1-based number (default: the first).")
 @click.option("--show", type=click.IntRange(0), default=50, show_default=True, help="Print at most N invalid requests.")
-def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None, sheet: str | None, show: int) -> None:
+@click.option("--model", help=f"Model for rows that do not name one (default {DEFAULT_MODEL}).")
+@click.option("--passthrough", multiple=True, metavar="COLUMN", help="Keep COLUMN as a pass-through column.")
+def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None, sheet: str | None, show: int,
+             model: str | None, passthrough: tuple[str, ...]) -> None:
     """Check a job file or input files: print invalid requests with their reasons; send nothing."""
     logs.configure("warning")
-    job = load_job(Path(targets[0])) if targets[0].endswith(".toml") else None
+    catalog = Catalog(state_home() / "models")
+    job = load_job(Path(targets[0]), known_fields=catalog.known_fields()) if targets[0].endswith(".toml") else None
     inputs = tuple(job.get("inputs", [])) + targets[1:] if job else targets
     if not inputs:
         raise ConfigError("validate: no input files")
-    spec = expand_spec(job, params, tier or (job.get("tier", "flex") if job else "flex"))
-    expander = Expander(load_inputs(inputs, sheet or (job.get("sheet") if job else None)), spec)
+    spec = expand_spec(job, params, tier or (job.get("tier", "flex") if job else "flex"),
+                       model or (job.get("model", DEFAULT_MODEL) if job else DEFAULT_MODEL), passthrough)
+    tables, _unreadable = load_inputs(inputs, sheet or (job.get("sheet") if job else None))
+    expander = Expander(tables, spec, catalog)
     tally = Tally()
     shown = 0
-    for frame in request_frames(expander, request_schema(expander.extra_dtypes)):
+    for frame in request_frames(expander, request_schema_of(expander)):
         rows = resolve_frame(frame, None, Resolution(None, dry_run=True))
         tally.add(rows)
         invalid_rows = rows.filter(pl.col("status") == "invalid").head(max(0, show - shown))

@@ -2,9 +2,22 @@
 
 A cell may hold several values (a Parquet list, a JSON array ``[1, 2]`` or a
 ``|``-separated list in text); a row becomes the cartesian product of its
-multi-valued cells. Job-level parameters fill the fields a row leaves empty and
-expand the same way. Every request is validated here (:func:`batch.validate.coerce`),
-so an invalid one carries its error and is never sent.
+multi-valued cells. For array-typed fields (``reference_images``...) a list is the
+value itself, never an expansion. Job-level parameters fill the fields a row leaves
+empty and expand the same way. Every request is validated here against its model's
+specification (:class:`batch.validate.Validator`), so an invalid one carries its error
+and is never sent.
+
+Guarantees:
+
+* **Headers as people type them** (:func:`map_columns`): ``Ratio``, ``Camera fixed``,
+  ``camera-fixed`` and ``ID`` are the fields and the id column; a header *close* to a
+  field name (``resoluton``) or two headers naming one field are errors before anything
+  is sent, never a silent pass-through that sends the API's default.
+* **A column a model does not have** is an error naming the model (or, in a sheet that
+  mixes models, an invalid row), never silently dropped.
+* **Cells that only look empty or only look like text** (formula without a saved value,
+  merged cells, a number in a prompt column) make their row invalid, naming the cell.
 
 Expansion is a generator: requests stream into the submitter and the results
 writer without the whole job ever being materialised as Python objects.
@@ -12,6 +25,7 @@ writer without the whole job ever being materialised as Python objects.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import string
@@ -25,7 +39,8 @@ from batch.api import DEFAULT_MODEL
 from batch.errors import ConfigError, InputError
 from batch.identity import content_key, with_repeat
 from batch.load import Table
-from batch.validate import DEFAULT_TIER, FIELD_NAMES, RuleError, coerce
+from batch.models import Catalog, ModelSpec, normalize_name
+from batch.validate import DEFAULT_TIER, RuleError, Validator
 
 T = TypeVar("T")
 
@@ -36,18 +51,24 @@ RESULT_COLUMNS = (
     "http_status", "attempts", "submitted_at",
     "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error",
 )
+MODEL_COLUMN = "model"
+_KIND_WORDS = {"n": "a number", "b": "a boolean", "d": "a date", "date": "a date", "e": "an error value"}
+
+
+normalize = normalize_name  # how a header is matched: lower case, spaces and hyphens as underscores
 
 
 @dataclass(frozen=True)
 class ExpandSpec:
     """Job-level expansion settings (CLI ``--param``/``--tier`` or a job file)."""
 
-    params: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)  # field -> value(s) as written (--param text, TOML)
     tier: str = DEFAULT_TIER
-    columns: Mapping[str, str] = field(default_factory=dict)  # input column -> API field
+    columns: Mapping[str, str] = field(default_factory=dict)  # input column -> API field (or the id column)
     prompt_template: str | None = None
-    id_column: str = "id"
+    id_column: str | None = None  # None: a column named like "id", if there is one
     model: str = DEFAULT_MODEL
+    passthrough: tuple[str, ...] = ()  # columns kept as they are although they resemble a field
 
 
 @dataclass(slots=True)
@@ -72,33 +93,10 @@ def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def parse_param(text: str) -> tuple[str, list[str]]:
-    """Parse ``FIELD=V1[,V2...]``; the prompt is never split on commas."""
-    name, sep, values = text.partition("=")
-    name = name.strip()
-    if not sep or name not in FIELD_NAMES:
-        raise ConfigError(
-            f"--param {text!r}: expected FIELD=V1[,V2...] with FIELD one of {', '.join(FIELD_NAMES)}"
-        )
-    if name == "prompt":
-        return name, [values]
-    parts = [v.strip() for v in values.split(",")]
-    if not all(parts):
-        raise ConfigError(f"--param {text!r}: empty value in list")
-    return name, parts
-
-
-def cell_values(name: str, value: Any) -> list[Any]:
-    """The values a cell holds: ``[]`` when empty, several when multi-valued."""
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [v for v in value if v is not None]
-    if hasattr(value, "to_list"):  # a polars Series from a list column
-        return [v for v in value.to_list() if v is not None]
-    if not isinstance(value, str):
-        return [value]
-    text = value.strip()
+def split_list(text: str, name: str, array_field: bool = False) -> list[Any]:
+    """The values a text holds: a JSON array, a ``|`` list (never for a prompt or an
+    array field: a prompt may contain ``|``, an array field's value is the list)."""
+    text = text.strip()
     if not text:
         return []
     if text[0] == "[" and text[-1] == "]":
@@ -106,14 +104,62 @@ def cell_values(name: str, value: Any) -> list[Any]:
             parsed = json.loads(text)
         except ValueError:
             parsed = None
-        if isinstance(parsed, list) and (
-            name != "prompt" or all(isinstance(v, str) for v in parsed)
-        ):
-            return [v for v in parsed if v is not None and v != ""]
-    # A prompt may legitimately contain "|"; only other fields split on it.
-    if name != "prompt" and "|" in text:
+        if isinstance(parsed, list):
+            if array_field:
+                return [parsed]
+            if name != "prompt" or all(isinstance(v, str) for v in parsed):
+                return [v for v in parsed if v is not None and v != ""]
+    if name != "prompt" and not array_field and "|" in text:
         return [part.strip() for part in text.split("|") if part.strip()]
     return [text]
+
+
+def cell_values(name: str, value: Any, array_field: bool = False) -> list[Any]:
+    """The values a cell holds: ``[]`` when empty, several when multi-valued."""
+    if value is None:
+        return []
+    if hasattr(value, "to_list"):  # a polars Series from a list column
+        value = value.to_list()
+    if isinstance(value, (list, tuple)):
+        items = [v for v in value if v is not None]
+        if array_field:
+            return [items] if items else []
+        return items
+    if not isinstance(value, str):
+        return [value]
+    return split_list(value, name, array_field)
+
+
+def parse_param(text: str) -> tuple[str, str]:
+    """``FIELD=VALUE`` of ``--param``; the value is read like a cell of that field later
+    (:func:`param_values`), when the model says what the field is."""
+    name, sep, value = text.partition("=")
+    name = normalize(name)
+    if not sep or not name:
+        raise ConfigError(f"--param {text!r}: expected FIELD=V1[,V2...]")
+    return name, value
+
+
+def param_values(name: str, raw: Any, array_field: bool) -> list[Any]:
+    """The values of a job-level parameter, each one request's: ``--param`` text takes the
+    cell syntax (JSON array, ``|`` list) and also commas; a TOML list is a grid, except
+    for an array field, whose value a flat list is (a list of lists is its grid)."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if name == "prompt":
+            return split_list(raw, name) or [raw]
+        if array_field or text.startswith("[") or "|" in text:
+            values = split_list(text, name, array_field)
+        else:
+            values = [v.strip() for v in text.split(",")]
+        if not values or any(v == "" for v in values):
+            raise ConfigError(f"--param {name}={raw!r}: empty value in list")
+        return values
+    if isinstance(raw, (list, tuple)):
+        if array_field and not any(isinstance(v, (list, tuple)) for v in raw):
+            return [list(raw)]
+        return list(raw)
+    return [raw]
 
 
 def _template_fields(template: str) -> list[str]:
@@ -135,6 +181,111 @@ def label_of(value: Any) -> str | None:
     return text or None
 
 
+@dataclass(frozen=True)
+class ColumnMap:
+    """How one table's columns are read."""
+
+    fields: dict[str, str]  # column -> API field
+    extra: dict[str, str]  # column -> its name in the results table
+    id_column: str | None
+    model_column: str | None
+    template: dict[str, str]  # placeholder -> column
+    models: tuple[str, ...]  # the models this table's rows use
+
+    def describe(self) -> str:
+        parts = [f"{c} -> {f}" for c, f in self.fields.items()]
+        if self.id_column:
+            parts.append(f"{self.id_column} -> id (label)")
+        if self.model_column:
+            parts.append(f"{self.model_column} -> model")
+        parts += [f"{c} -> pass-through" for c in self.extra if c not in (self.id_column, self.model_column)]
+        return ", ".join(parts)
+
+
+def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
+    """Match a table's headers to fields, the id column and the model column (see the
+    module docstring); raise :class:`InputError` for a near miss or a duplicate."""
+    where = table.source
+    columns = list(table.df.columns)
+    by_norm: dict[str, list[str]] = {}
+    for c in columns:
+        by_norm.setdefault(normalize(c), []).append(c)
+    known = catalog.known_fields()
+    explicit = {}
+    for src, dst in spec.columns.items():
+        matches = [src] if src in columns else by_norm.get(normalize(src), [])
+        if not matches:
+            raise InputError(f"{where}: mapped column {src!r} not found (columns: {', '.join(columns)})")
+        explicit[matches[0]] = normalize(dst)
+    passthrough = {normalize(p) for p in spec.passthrough}
+    id_norm = normalize(spec.id_column) if spec.id_column else "id"
+    fields: dict[str, str] = {}
+    id_column = model_column = None
+    for c in columns:
+        norm = explicit.get(c, normalize(c))
+        if c in explicit and norm not in known and norm not in (id_norm, MODEL_COLUMN):
+            raise InputError(f"{where}: [columns] maps {c!r} to {norm!r}, which is no API field, id or model")
+        if normalize(c) in passthrough and c not in explicit:
+            continue
+        if norm == id_norm:
+            if id_column is not None:
+                raise InputError(f"{where}: columns {id_column!r} and {c!r} both name the id column")
+            id_column = c
+        elif norm == MODEL_COLUMN:
+            if model_column is not None:
+                raise InputError(f"{where}: columns {model_column!r} and {c!r} both name the model column")
+            model_column = c
+        elif norm in known:
+            other = next((o for o, f in fields.items() if f == norm), None)
+            if other is not None:
+                raise InputError(f"{where}: columns {other!r} and {c!r} both name the field {norm!r}")
+            fields[c] = norm
+    if spec.id_column and id_column is None:
+        raise InputError(f"{where}: id_column {spec.id_column!r} names no column (columns: {', '.join(columns)})")
+    mapped = set(fields.values())
+    taken = mapped | ({MODEL_COLUMN} if model_column else set()) | ({id_norm} if id_column else set())
+    candidates = sorted(known | {MODEL_COLUMN, id_norm})
+    for c in columns:
+        norm = normalize(c)
+        if c in fields or c in (id_column, model_column) or norm in passthrough:
+            continue
+        close = difflib.get_close_matches(norm, candidates, n=1, cutoff=0.8)
+        if close and close[0] not in taken:
+            raise InputError(
+                f"{where}: column {c!r} looks like the field {close[0]!r} but is not it: rename the header to "
+                f"{close[0]!r}, or keep it as a pass-through column with passthrough = [{c!r}] in the job file "
+                f"(or --passthrough {c!r})")
+    models = {spec.model}
+    if model_column is not None:
+        models |= {str(v).strip().lower() for v in table.df[model_column].drop_nulls().unique().to_list()
+                   if str(v).strip()}
+    usable = [m for m in models if catalog.find(m) is not None]
+    for c, f in fields.items():
+        if not catalog.with_field(f, usable) and usable:
+            names = ", ".join(sorted(usable))
+            raise InputError(f"{where}: column {c!r}: {names} {'has' if len(usable) == 1 else 'have'} no field {f!r}")
+    template = {}
+    for placeholder in _template_fields(spec.prompt_template) if spec.prompt_template else []:
+        found = placeholder if placeholder in columns else next(iter(by_norm.get(normalize(placeholder), [])), None)
+        if found is None:
+            raise InputError(f"{where}: prompt_template uses column {placeholder!r}, which the file lacks")
+        template[placeholder] = found
+    if "prompt" not in mapped and not template and "prompt" not in spec.params:
+        raise InputError(f"{where}: no 'prompt' column (columns: {', '.join(columns) or 'none'})")
+    extra = {c: (f"input_{c}" if c in RESULT_COLUMNS or c in known else c) for c in columns if c not in fields}
+    return ColumnMap(fields, extra, id_column, model_column, template, tuple(sorted(models)))
+
+
+@dataclass
+class _Model:
+    """What the expansion needs of one model, prepared once."""
+
+    spec: ModelSpec
+    validator: Validator
+    params: dict[str, list[Any]]  # job-level values for the fields this model has
+    arrays: frozenset[str]
+
+
 class Expander:
     """Iterable of :class:`Request` over the input tables, in input order.
 
@@ -142,32 +293,65 @@ class Expander:
     counter restarts): a run that stopped early writes its results table that way.
     """
 
-    def __init__(self, tables: Sequence[Table], spec: ExpandSpec) -> None:
+    def __init__(self, tables: Sequence[Table], spec: ExpandSpec, catalog: Catalog | None = None) -> None:
         self.tables = list(tables)
         self.spec = spec
-        self._template_cols = _template_fields(spec.prompt_template) if spec.prompt_template else []
-        self._frames = [(t, self._prepare(t)) for t in self.tables]
-        self.total_rows = sum(df.height for _, df in self._frames)
+        self.catalog = catalog or Catalog()
+        default = self.catalog.get(spec.model)
+        self.maps = [map_columns(t, spec, self.catalog) for t in self.tables]
+        self._models: dict[str, _Model | None] = {}
+        self._check_params(default)
+        self.total_rows = sum(t.df.height for t in self.tables)
         self.rows_seen = 0  # rows read by the current iteration (for progress)
 
-    def _prepare(self, table: Table) -> pl.DataFrame:
-        """Apply the column mapping and check the columns a request needs."""
-        df = table.df
-        missing = [c for c in self.spec.columns if c not in df.columns]
-        if missing:
-            raise InputError(f"{table.path}: mapped column {missing[0]!r} not found (columns: {', '.join(df.columns)})")
-        clash = [f"{src} -> {dst}" for src, dst in self.spec.columns.items() if dst in df.columns and dst != src]
-        if clash:
-            raise InputError(f"{table.path}: column mapping {clash[0]}: the file already has a column of that name")
-        if self.spec.columns:
-            df = df.rename(dict(self.spec.columns))
-        for col in self._template_cols:
-            if col not in df.columns:
-                raise InputError(f"{table.path}: prompt_template uses column {col!r}, which the file lacks")
-        if "prompt" not in df.columns and not self._template_cols and "prompt" not in self.spec.params \
-                and not self.spec.prompt_template:
-            raise InputError(f"{table.path}: no 'prompt' column (columns: {', '.join(df.columns) or 'none'})")
-        return df
+    def _check_params(self, default: ModelSpec) -> None:
+        """Every job-level value is valid for a model in use that has its field: a usage
+        error before anything is sent, not a night of invalid rows."""
+        for name, values in self.spec.params.items():
+            if name not in self.catalog.known_fields():
+                raise ConfigError(f"--param/params {name}: unknown API field (known: "
+                                  f"{', '.join(sorted(self.catalog.known_fields()))})")
+            having = self.catalog.with_field(name, [default.slug, *self.models_in_use])
+            if not having:
+                raise ConfigError(f"--param/params {name}: {default.slug} has no field {name!r}")
+            prepared = self.model(having[0])
+            assert prepared is not None
+            for value in param_values(name, values, name in prepared.arrays):
+                try:
+                    prepared.validator.convert(name, value)
+                except RuleError as exc:
+                    raise ConfigError(f"--param/params {exc}") from None
+
+    def model(self, slug: str) -> _Model | None:
+        """The prepared model of a slug, or ``None`` for an unknown one."""
+        if slug in self._models:
+            return self._models[slug]
+        spec = self.catalog.find(slug)
+        prepared = None
+        if spec is not None:
+            arrays = frozenset(n for n, f in spec.fields.items() if f.type == "array")
+            params = {k: param_values(k, v, k in arrays) for k, v in self.spec.params.items() if k in spec.fields}
+            if "service_tier" in spec.fields:
+                params.setdefault("service_tier", [self.spec.tier])
+            prepared = _Model(spec, Validator(spec), params, arrays)
+        self._models[slug] = prepared
+        return prepared
+
+    @property
+    def models_in_use(self) -> list[str]:
+        return sorted({m for cmap in self.maps for m in cmap.models if self.catalog.find(m) is not None})
+
+    def field_types(self) -> dict[str, str]:
+        """Each field of the models in use and its JSON type; the default model's first."""
+        types: dict[str, str] = {}
+        for slug in [self.spec.model, *self.models_in_use]:
+            for name, f in self.catalog.get(slug).fields.items():
+                kind = f.type if f.type != "array" else f"array:{f.item.type if f.item else 'string'}"
+                types[name] = kind if types.get(name, kind) == kind else "string"
+        return types
+
+    def mapping_lines(self) -> list[str]:
+        return [f"{t.source}: {m.describe()}" for t, m in zip(self.tables, self.maps, strict=True)]
 
     @property
     def extra_columns(self) -> list[str]:
@@ -178,11 +362,9 @@ class Expander:
     def extra_dtypes(self) -> dict[str, pl.DataType]:
         """Result dtype of each pass-through column; text where inputs disagree."""
         dtypes: dict[str, pl.DataType] = {}
-        for _, df in self._frames:
-            for name, dtype in df.schema.items():
-                if name in FIELD_NAMES:
-                    continue
-                out = self.extra_name(name)
+        for table, cmap in zip(self.tables, self.maps, strict=True):
+            for column, out in cmap.extra.items():
+                dtype = table.df.schema[column]
                 if dtype == pl.Null():
                     dtype = pl.String()
                 if out in dtypes and dtypes[out] != dtype:
@@ -190,62 +372,93 @@ class Expander:
                 dtypes[out] = dtype
         return dtypes
 
-    def extra_name(self, column: str) -> str:
-        return f"input_{column}" if column in RESULT_COLUMNS else column
-
     def __iter__(self) -> Iterator[Request]:
         occurrences: dict[str, int] = {}
         self.rows_seen = 0
-        for table, df in self._frames:
-            yield from self._rows(table.source, df, occurrences)
+        for table, cmap in zip(self.tables, self.maps, strict=True):
+            yield from self._rows(table, cmap, occurrences)
 
-    def _rows(self, source: str, df: pl.DataFrame, occurrences: dict[str, int]) -> Iterator[Request]:
+    def _cell_error(self, table: Table, index: int, column: str, name: str, text_field: bool) -> str | None:
+        note = table.notes.get((index, column))
+        if note is not None:
+            return f"{name}: {note}"
+        if text_field:
+            kind = table.kinds.get((index, column))
+            if kind is not None:
+                return (f"{name}: must be text, but cell {table.cell(index, column)} holds "
+                        f"{_KIND_WORDS.get(kind, 'no text')} (format the cell as text)")
+        return None
+
+    def _rows(self, table: Table, cmap: ColumnMap, occurrences: dict[str, int]) -> Iterator[Request]:
+        df = table.df
         columns = df.columns
-        field_idx = [(name, columns.index(name)) for name in FIELD_NAMES if name in columns]
-        extra_idx = [(self.extra_name(c), i) for i, c in enumerate(columns) if c not in FIELD_NAMES]
-        id_pos = columns.index(self.spec.id_column) if self.spec.id_column in columns else None
-        tmpl_idx = [(c, columns.index(c)) for c in self._template_cols]
-        params = {k: list(v) for k, v in self.spec.params.items()}
-        params.setdefault("service_tier", [self.spec.tier])
+        field_idx = [(f, columns.index(c), c) for c, f in cmap.fields.items()]
+        extra_idx = [(out, columns.index(c)) for c, out in cmap.extra.items()]
+        id_pos = columns.index(cmap.id_column) if cmap.id_column else None
+        model_pos = columns.index(cmap.model_column) if cmap.model_column else None
+        tmpl_idx = [(p, columns.index(c), c) for p, c in cmap.template.items()]
+        checked = [(f, c) for f, _, c in field_idx] + [("prompt_template", c) for _, _, c in tmpl_idx] + \
+            [(n, c) for n, c in (("id", cmap.id_column), ("model", cmap.model_column)) if c]
+        cell_checks = bool(table.notes or table.kinds)
         template = self.spec.prompt_template
-        row_no = -1
+        default = self.spec.model
+        index = -1
         for chunk in df.iter_slices(10_000):
             self.rows_seen += chunk.height
             for cells in chunk.iter_rows():
-                row_no += 1
+                index += 1
                 if all(c is None or c == "" for c in cells):
                     continue  # a blank spreadsheet line is not a row
-                choices: dict[str, list[Any]] = {}
+                slug = default
+                if model_pos is not None and cells[model_pos] is not None and str(cells[model_pos]).strip():
+                    slug = str(cells[model_pos]).strip().lower()
+                prepared = self.model(slug)
                 errors: list[str] = []
-                for name, i in field_idx:
-                    values = cell_values(name, cells[i])
+                if prepared is None:
+                    errors.append(f"model={slug!r}: unknown model (known: {', '.join(sorted(self.catalog.models))})")
+                    prepared = self.model(default)
+                    assert prepared is not None
+                fields = prepared.spec.fields
+                if cell_checks:
+                    for name, column in checked:
+                        spec_field = fields.get(name)
+                        problem = self._cell_error(table, index, column, name,
+                                                   name == "prompt_template" or bool(spec_field and spec_field.is_text))
+                        if problem is not None:
+                            errors.append(problem)
+                choices: dict[str, list[Any]] = {}
+                for name, i, _ in field_idx:
+                    values = cell_values(name, cells[i], name in prepared.arrays)
                     if values:
+                        if name not in fields:
+                            errors.append(f"{name}: {prepared.spec.slug} has no field {name!r}")
+                            continue
                         choices[name] = values
                 if template is not None:
                     try:
                         choices["prompt"] = [self._fill(template, tmpl_idx, cells)]
                     except RuleError as exc:
                         errors.append(str(exc))
-                for name, values in params.items():
+                for name, values in prepared.params.items():
                     if name not in choices:
                         choices[name] = values
-                if "prompt" not in choices and not errors:
+                if "prompt" not in choices and "prompt" in fields and fields["prompt"].required and not errors:
                     errors.append("prompt: missing (empty cell)")
                 extra = {name: cells[i] for name, i in extra_idx}
-                row_id = cells[id_pos] if id_pos is not None else None
+                label = label_of(cells[id_pos]) if id_pos is not None else None
                 names = list(choices)
                 for combo in itertools.product(*(choices[n] for n in names)):
-                    yield self._make(dict(zip(names, combo, strict=True)), errors, source, row_no, extra, row_id,
-                                     occurrences, self.spec.model)
+                    yield self._make(dict(zip(names, combo, strict=True)), errors, table.source,
+                                     table.first_row + index, extra, label, occurrences, prepared)
 
     @staticmethod
-    def _fill(template: str, tmpl_idx: list[tuple[str, int]], cells: tuple[Any, ...]) -> str:
+    def _fill(template: str, tmpl_idx: list[tuple[str, int, str]], cells: tuple[Any, ...]) -> str:
         values = {}
-        for col, i in tmpl_idx:
+        for placeholder, i, column in tmpl_idx:
             value = cells[i]
             if value is None or (isinstance(value, str) and not value.strip()):
-                raise RuleError("prompt_template", template, f"column {col!r} is empty in this row")
-            values[col] = value
+                raise RuleError("prompt_template", template, f"column {column!r} is empty in this row")
+            values[placeholder] = value
         return template.format_map(values)
 
     @staticmethod
@@ -255,21 +468,24 @@ class Expander:
         source: str,
         row_no: int,
         extra: dict[str, Any],
-        row_id: Any,
+        label: str | None,
         occurrences: dict[str, int],
-        model: str,
+        model: _Model,
     ) -> Request:
         errors = list(row_errors)
         body: dict[str, Any] = {}
+        convert = model.validator.converters
         for name, value in raw.items():
             try:
-                body[name] = coerce(name, value)
+                body[name] = convert[name](value)
             except RuleError as exc:
                 errors.append(str(exc))
-        if errors:
-            body = raw
-        key = content_key(model, body)
+        if not errors:
+            errors = model.validator.check_body(body)
+        if errors:  # what converted is shown converted, the rest as written
+            body = {name: body.get(name, value) for name, value in raw.items()}
+        key = content_key(model.spec.slug, body)
         n = occurrences.get(key, 0)
         occurrences[key] = n + 1
         return Request(with_repeat(key, n), source, row_no, body, extra, "; ".join(errors) if errors else None,
-                       label_of(row_id), model)
+                       label, model.spec.slug)

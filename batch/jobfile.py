@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from batch.errors import ConfigError
-from batch.validate import FIELD_NAMES, TIERS
+from batch.models import normalize_name
+from batch.validate import TIERS
 
 # key -> (accepted types, description for errors)
 _TOP: dict[str, tuple[tuple[type, ...], str]] = {
@@ -38,6 +40,7 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "deadline": ((str,), "a duration or clock time"),
     "grace": ((int, float), "seconds"),
     "id_column": ((str,), "a column name"),
+    "passthrough": ((list, str), "columns kept as they are although they resemble an API field"),
     "prompt_template": ((str,), "a template with {column} placeholders"),
     "metrics_file": ((str,), "a path"),
     "columns": ((dict,), "a table mapping input columns to API fields"),
@@ -59,7 +62,9 @@ def _fail(path: Path, key: str, message: str) -> ConfigError:
     return ConfigError(f"{path}: {key}: {message}")
 
 
-def load_job(path: Path, now: datetime | None = None) -> JobFile:
+def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str] = ()) -> JobFile:
+    """Read and check a job file; ``known_fields`` (every model's, :mod:`batch.models`)
+    lets ``[params]`` and ``[columns]`` name only API fields."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -95,19 +100,22 @@ def load_job(path: Path, now: datetime | None = None) -> JobFile:
             values[key] = Path(os.path.normpath(base / text))
     if "tier" in values and values["tier"] not in TIERS:
         raise _fail(path, "tier", f"expected one of {', '.join(TIERS)}, got {values['tier']!r}")
-    columns = values.get("columns", {})
-    for src, dst in columns.items():
-        if not isinstance(dst, str) or (dst not in FIELD_NAMES and dst != values.get("id_column", "id")):
-            raise _fail(path, f"columns.{src}", f"must name an API field ({', '.join(FIELD_NAMES)}) or the id column")
-    params: dict[str, list[Any]] = {}
+    known = {normalize_name(f) for f in known_fields}
+    targets = known | {normalize_name(values.get("id_column", "id")), "model"}
+    for src, dst in values.get("columns", {}).items():
+        if not isinstance(dst, str) or (known and normalize_name(dst) not in targets):
+            raise _fail(path, f"columns.{src}", "must name an API field, the id column or model")
     for name, value in values.get("params", {}).items():
-        if name not in FIELD_NAMES:
-            raise _fail(path, f"params.{name}", f"unknown API field (known: {', '.join(FIELD_NAMES)})")
+        if known and normalize_name(name) not in known:
+            raise _fail(path, f"params.{name}", f"unknown API field (known: {', '.join(sorted(known))})")
         items = value if isinstance(value, list) else [value]
-        if not items or any(isinstance(v, (dict, list)) for v in items):
+        if not items or any(isinstance(v, dict) for v in items):
             raise _fail(path, f"params.{name}", "expected a value or a list of values")
-        params[name] = items
-    values["params"] = params
+    for key in ("passthrough", "moved_from"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
+        if not all(isinstance(v, str) for v in values.get(key, [])):
+            raise _fail(path, key, "expected a list of strings")
     if "sheet" in values:
         values["sheet"] = str(values["sheet"])
     return JobFile(path, values)

@@ -43,7 +43,8 @@ from batch.errors import (
 )
 from batch.expand import Expander, ExpandSpec, Request
 from batch.ledger import AsyncLedger, Entry, Ledger, locked_ledger, utcnow
-from batch.load import load_inputs
+from batch.load import Unreadable, load_inputs
+from batch.models import Catalog
 from batch.progress import Progress
 from batch.ratelimit import SharedBudget, SmoothLimiter
 from batch.results import (
@@ -55,12 +56,11 @@ from batch.results import (
     check_output_path,
     read_results,
     request_frames,
-    request_schema,
+    request_schema_of,
     write_results,
     write_text_atomically,
 )
 from batch.submit import RunStats, SubmitConfig, Submitter
-from batch.validate import FIELD_NAMES
 
 log = structlog.get_logger("batch")
 
@@ -93,6 +93,7 @@ class RunOptions:
     collect: CollectConfig | None = None  # submit --wait: follow this run's tasks too
     moved_from: tuple[str, ...] = ()  # other hosts of the same provider this ledger's entries count for
     budget_dir: Path | None = None  # where the per-key rate budget is shared; None: not shared
+    models_dir: Path | None = None  # fetched and added model specs (they win over the shipped ones)
 
     @property
     def api(self) -> str:
@@ -113,6 +114,7 @@ class Summary:
     state: str = ""
     fatal: bool = False
     local_fault: str | None = None
+    unreadable: list[Unreadable] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -124,7 +126,7 @@ class Summary:
         if self.fatal:
             return EXIT_PROVIDER
         collect = self.extra.get("collect")
-        if collect is not None and not collect_ok(collect):
+        if (collect is not None and not collect_ok(collect)) or self.unreadable:
             return EXIT_INCOMPLETE
         return EXIT_OK if set(self.counts) <= OK_STATUSES else EXIT_INCOMPLETE
 
@@ -135,7 +137,8 @@ class Summary:
             "elapsed_s": round(self.elapsed_s, 3), "sent": self.sent,
             "send_rate_per_s": round(self.send_rate_per_s, 3), "stop_reason": self.stop_reason,
             "interrupted": self.interrupted, "results": self.results, "state": self.state,
-            "local_fault": self.local_fault, "exit_code": self.exit_code, **self.extra,
+            "local_fault": self.local_fault, "exit_code": self.exit_code,
+            "unreadable": [{"source": u.source, "error": u.error} for u in self.unreadable], **self.extra,
         }
 
 
@@ -214,18 +217,20 @@ def run_submit(opts: RunOptions) -> Summary:
     run_id = new_run_id()
     check_output_path(opts.output)
     with interruptible():  # Ctrl-C while a large file loads: exit 4, not a traceback
-        tables = load_inputs(opts.inputs, opts.sheet)
+        tables, unreadable = load_inputs(opts.inputs, opts.sheet)
         if any(t.path.resolve() == opts.output.resolve() for t in tables):
             raise ConfigError(f"--output {opts.output} is also an input: it would overwrite tonight's prompts")
-        expander = Expander(tables, opts.expand)
+        for failed in unreadable:
+            log.error("input_unreadable", source=failed.source, error=failed.error)
+        expander = Expander(tables, opts.expand, Catalog(opts.models_dir))
         log.info("loaded", files=len(tables), rows=sum(t.df.height for t in tables), run_id=run_id,
-                 dry_run=opts.dry_run)
-        schema = request_schema(expander.extra_dtypes)
+                 dry_run=opts.dry_run, columns=expander.mapping_lines())
+        schema = request_schema_of(expander)
         if opts.dry_run:
             output = dry_run_output(opts.output)
-            tally, _ = write_results(output, request_frames(expander, schema), expander.extra_dtypes,
+            tally, _ = write_results(output, request_frames(expander, schema), schema,
                                      None, Resolution(None, dry_run=True))
-            return _summarize(run_id, tally, started, replace(opts, output=output), None)
+            return _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable)
 
     with locked_ledger(opts.state, opts.api) as ledger:
         settle_apis(ledger, opts.api, opts.moved_from)
@@ -236,7 +241,7 @@ def run_submit(opts: RunOptions) -> Summary:
         spool = RequestSpool(opts.output.parent, schema)
         try:
             outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), ledger, run_id))
-            summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started)
+            summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable)
         finally:
             spool.close()
         with contextlib.suppress(sqlite3.Error):  # a full disk: the summary already says so
@@ -256,17 +261,17 @@ class _Outcome:
 
 
 def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: Ledger, run_id: str,
-                   outcome: _Outcome, started: float) -> Summary:
+                   outcome: _Outcome, started: float, unreadable: list[Unreadable]) -> Summary:
     """Write the results table (unless a second signal aborted the run) and summarize."""
     stats = outcome.stats
     if outcome.aborted:
         # A second signal: leave now. The ledger is consistent; the table is not rewritten.
         return Summary(run_id, {}, [], time.monotonic() - started, stats.sent, stats.send_rate,
-                       stats.stop_reason, outcome.interrupted, "", str(opts.state))
+                       stats.stop_reason, outcome.interrupted, "", str(opts.state), unreadable=unreadable)
     # A run that stopped early has not read every request: expand the input again.
     frames = spool.frames() if spool.complete else request_frames(expander, spool.schema)
     with interruptible():
-        tally, table_error = write_results(opts.output, frames, expander.extra_dtypes, ledger.outcome_rows,
+        tally, table_error = write_results(opts.output, frames, spool.schema, ledger.outcome_rows,
                                            Resolution(run_id, stop_reason=stats.stop_reason), tolerate_io=True)
     faults = []
     if stats.state_error:
@@ -278,7 +283,7 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     if table_error:
         faults.append(f"{table_error}; every outcome is in the ledger {opts.state}: rerun to write the table "
                       f"(nothing is sent twice)")
-    return _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None)
+    return _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable)
 
 
 async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: Ledger,
@@ -360,7 +365,7 @@ def shared_budget(directory: Path | None, key: Secret) -> SharedBudget | None:
 
 
 def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outcome: _Outcome | None,
-               local_fault: str | None = None) -> Summary:
+               local_fault: str | None = None, unreadable: list[Unreadable] | None = None) -> Summary:
     stats = outcome.stats if outcome else None
     summary = Summary(
         run_id=run_id,
@@ -375,6 +380,7 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
         state="" if opts.dry_run else str(opts.state),
         fatal=bool(stats and stats.fatal),
         local_fault=local_fault,
+        unreadable=list(unreadable or []),
     )
     estimate = tally.estimate()
     if estimate:
@@ -465,7 +471,8 @@ def _import_from_table(ledger: Ledger, table: pl.DataFrame) -> set[str]:
     rows = table.filter(pl.col("task_id").is_not_null() & pl.col("status").is_in(["submitted", "skipped"]))
     ids = rows["request_id"].to_list()
     known = ledger.lookup(ids)
-    fields = [c for c in rows.columns if c in FIELD_NAMES]
+    known = Catalog().known_fields()
+    fields = [c for c in rows.columns if c in known]
     for row in rows.iter_rows(named=True):
         if row["request_id"] in known:
             continue

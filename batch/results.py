@@ -28,9 +28,8 @@ import pyarrow.parquet as pq
 import structlog
 
 from batch.errors import ConfigError
-from batch.expand import Request, chunks
+from batch.expand import Expander, Request, chunks
 from batch.ledger import OUTCOME_COLUMNS
-from batch.validate import FIELD_NAMES, FIELDS, RuleError, coerce
 
 STATUSES = ("submitted", "skipped", "failed", "invalid", "unknown", "pending", "dry_run")
 OK_STATUSES = frozenset({"submitted", "skipped", "dry_run"})
@@ -38,9 +37,19 @@ RESULT_SUFFIXES = (".parquet", ".csv")
 # Spreadsheet tools run a cell starting with one of these as a formula (OWASP CSV injection).
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
-_FIELD_DTYPES: dict[str, pl.DataType] = {
-    name: {"int": pl.Int64(), "bool": pl.Boolean()}.get(f.kind, pl.String()) for name, f in FIELDS.items()
+_JSON_DTYPES: dict[str, pl.DataType] = {
+    "string": pl.String(), "integer": pl.Int64(), "number": pl.Float64(), "boolean": pl.Boolean(),
 }
+
+
+def field_dtypes(types: dict[str, str]) -> dict[str, pl.DataType]:
+    """Result dtypes of the API fields (JSON types, ``array:<item type>`` for arrays)."""
+    out: dict[str, pl.DataType] = {}
+    for name, kind in types.items():
+        item = kind.partition(":")[2]
+        out[name] = pl.List(_JSON_DTYPES.get(item, pl.String())) if kind.startswith("array") \
+            else _JSON_DTYPES.get(kind, pl.String())
+    return out
 _OUTCOME_DTYPES: dict[str, pl.DataType] = {
     "status": pl.String(), "endpoint": pl.String(), "task_id": pl.String(), "error": pl.String(), "error_code": pl.Int64(),
     "http_status": pl.Int64(), "attempts": pl.Int64(), "submitted_at": pl.Datetime("ms", "UTC"),
@@ -130,21 +139,13 @@ def resolve_frame(frame: pl.DataFrame, entries: pl.DataFrame | None, how: Resolu
     return rows.with_columns(status=status, error=error, attempts=attempts).drop("_status", "_run_id")
 
 
-def _typed_field(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    try:
-        return coerce(name, value)
-    except RuleError:
-        return str(value) if _FIELD_DTYPES[name] == pl.String() else None
-
-
 def _to_datetime(text: Any) -> datetime | None:
     return datetime.fromisoformat(text) if isinstance(text, str) else text
 
 
-def result_schema(extra_dtypes: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
-    schema = request_schema(extra_dtypes)
+def result_schema(request: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
+    """The results table's columns, from a request schema (:func:`request_schema`)."""
+    schema = dict(request)
     del schema[INVALID], schema[LABEL]
     schema.update(_OUTCOME_DTYPES)
     return schema
@@ -154,15 +155,21 @@ INVALID = "__invalid"  # a request frame's validation error; becomes status/erro
 LABEL = "__label"  # the row's id as a request frame carries it (the id column itself is passed through)
 
 
-def request_schema(extra_dtypes: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
-    """The columns a request contributes to its row, before its outcome is known."""
+def request_schema(extra_dtypes: dict[str, pl.DataType], fields: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
+    """The columns a request contributes to its row, before its outcome is known: its
+    place, its model, the API fields of the models in use, the pass-through columns
+    (whose names never equal a field's, see :func:`batch.expand.map_columns`)."""
     schema: dict[str, pl.DataType] = {"request_id": pl.String(), "source": pl.String(), "row": pl.Int64(),
                                       "model": pl.String()}
-    schema.update(_FIELD_DTYPES)
+    schema.update(fields)
     schema.update(extra_dtypes)
     schema[INVALID] = pl.String()
     schema[LABEL] = pl.String()
     return schema
+
+
+def request_schema_of(expander: Expander) -> dict[str, pl.DataType]:
+    return request_schema(expander.extra_dtypes, field_dtypes(expander.field_types()))
 
 
 def request_frame(reqs: Sequence[Request], schema: dict[str, pl.DataType]) -> pl.DataFrame:
@@ -174,11 +181,9 @@ def request_frame(reqs: Sequence[Request], schema: dict[str, pl.DataType]) -> pl
         "row": [r.row for r in reqs],
         "model": [r.model for r in reqs],
     }
-    for name in FIELD_NAMES:
-        columns[name] = [_typed_field(name, r.body.get(name)) if r.error else r.body.get(name) for r in reqs]
     for name in schema:
         if name not in columns and name not in (INVALID, LABEL):
-            columns[name] = [r.extra.get(name) for r in reqs]
+            columns[name] = [r.body[name] if name in r.body else r.extra.get(name) for r in reqs]
     columns[INVALID] = [r.error for r in reqs]
     columns[LABEL] = [r.label for r in reqs]
     return pl.DataFrame(columns, schema=schema, strict=False)
@@ -370,7 +375,7 @@ WRITE_ERRORS = (OSError, pa.ArrowException)
 def write_results(
     path: Path,
     frames: Iterable[pl.DataFrame],
-    extra_dtypes: dict[str, pl.DataType],
+    request: dict[str, pl.DataType],
     outcome_rows: Callable[[list[str]], list[tuple[Any, ...]]] | None,
     how: Resolution,
     tolerate_io: bool = False,
@@ -379,7 +384,7 @@ def write_results(
     (``Ledger.outcome_rows``; ``None`` for a dry run); return the tally, and with
     ``tolerate_io`` the reason the table could not be written (disk full...) instead of
     raising it: the tally of every request is complete either way."""
-    schema = result_schema(extra_dtypes)
+    schema = result_schema(request)
     tally = Tally()
     writer: AtomicTableWriter | None = None
     error: str | None = None

@@ -20,7 +20,7 @@ def one_line_error(res) -> str:
     (["submit", "{dir}/noprompt.csv", "-o", "r.parquet"], "no 'prompt' column"),
     (["submit", "{dir}/ok.csv", "-o", "r.json"], "use a .parquet or .csv"),
     (["submit", "{dir}/ok.csv", "-o", "r.csv", "--rate", "fast"], "invalid rate 'fast'"),
-    (["submit", "{dir}/ok.csv", "-o", "r.csv", "--param", "colour=red"], "--param 'colour=red'"),
+    (["submit", "{dir}/ok.csv", "-o", "r.csv", "--param", "colour=red"], "--param/params colour: unknown API field"),
     (["submit", "{dir}/ok.csv", "-o", "r.csv", "--deadline", "tomorrowish"], "--deadline"),
     (["submit", "{dir}/ok.csv", "-o", "r.csv", "--base-url", "http://api.example.com"], "plain http"),
     (["submit", "{dir}/ok.csv", "-o", "r.csv", "--api-key-file", "{dir}/nokey"], "--api-key-file"),

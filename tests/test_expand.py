@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import polars as pl
@@ -35,7 +36,7 @@ def test_row_expands_to_cartesian_product_of_multi_valued_cells() -> None:
     assert {(r.body["ratio"], r.body["duration"]) for r in reqs} == {
         (ratio, d) for ratio in ("16:9", "9:16", "1:1") for d in (3, 5)
     }
-    assert all(r.row == 0 for r in reqs)
+    assert all(r.row == 2 for r in reqs)  # the row a spreadsheet shows: header = 1
     assert len({r.request_id for r in reqs}) == 6
 
 
@@ -73,7 +74,7 @@ def test_empty_prompt_cell_is_invalid_not_dropped() -> None:
 
 def test_blank_lines_are_not_rows_but_keep_row_numbers() -> None:
     reqs = expand([{"prompt": "a", "x": "1"}, {"prompt": None, "x": None}, {"prompt": "c", "x": "3"}])
-    assert [r.row for r in reqs] == [0, 2]
+    assert [r.row for r in reqs] == [2, 4]
 
 
 def test_request_id_stable_under_reorder_and_added_columns(tmp_path: Path) -> None:
@@ -107,7 +108,7 @@ def test_result_column_names_in_input_are_renamed_not_overwritten() -> None:
 def test_prompt_template_and_column_mapping(tmp_path: Path) -> None:
     path = tmp_path / "sheet.csv"
     path.write_text("text,style,subject\nhello,noir,cat\nbye,,dog\n")
-    exp = Expander([load_table(path)], ExpandSpec(prompt_template="{subject} in {style} style", columns={"text": "note"}))
+    exp = Expander([load_table(path)], ExpandSpec(prompt_template="{subject} in {style} style"))
     reqs = list(exp)
     assert reqs[0].body["prompt"] == "cat in noir style"
     assert reqs[1].error is not None and "column 'style' is empty" in reqs[1].error
@@ -115,16 +116,34 @@ def test_prompt_template_and_column_mapping(tmp_path: Path) -> None:
         Expander([load_table(path)], ExpandSpec(prompt_template="{mood}"))
     with pytest.raises(InputError, match="mapped column 'nope' not found"):
         Expander([load_table(path)], ExpandSpec(columns={"nope": "prompt"}))
+    with pytest.raises(InputError, match="maps 'text' to 'note', which is no API field"):
+        Expander([load_table(path)], ExpandSpec(columns={"text": "note"}, prompt_template="{subject}"))
 
 
-@pytest.mark.parametrize("text", ["durations=5", "duration", "ratio=16:9,,4:3"])
-def test_bad_param_is_config_error(text: str) -> None:
-    with pytest.raises(ConfigError):
-        parse_param(text)
+def test_param_without_value_is_config_error() -> None:
+    with pytest.raises(ConfigError, match="expected FIELD=V1"):
+        parse_param("duration")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("durations=5", "unknown API field"), ("ratio=16:9,,4:3", "empty value"),
+    ("duration=15", "duration='15': must be an integer in [2, 12]"), ("ratio=2:1", "must be one of"),
+    ("generate_audio=true", "has no field 'generate_audio'"),  # a field of another model
+])
+def test_bad_param_is_a_usage_error_before_anything_is_sent(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        expand([{"prompt": "a"}], params=dict([parse_param(text)]))
+
+
+def test_param_takes_the_cell_list_syntax_and_commas() -> None:
+    for text in ("ratio=16:9|9:16", 'ratio=["16:9", "9:16"]', "ratio=16:9,9:16", "Ratio = 16:9, 9:16"):
+        assert [r.body["ratio"] for r in expand([{"prompt": "a"}], params=dict([parse_param(text)]))] == \
+            ["16:9", "9:16"], text
 
 
 def test_prompt_param_is_not_split_on_commas() -> None:
-    assert parse_param("prompt=a cat, a dog") == ("prompt", ["a cat, a dog"])
+    reqs = expand([{"id": "x"}], params=dict([parse_param("prompt=a cat, a dog")]))
+    assert [r.body["prompt"] for r in reqs] == ["a cat, a dog"]
 
 
 def test_labels_never_change_identity() -> None:

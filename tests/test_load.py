@@ -38,7 +38,7 @@ def test_parquet_list_columns_and_types(tmp_path: Path) -> None:
         "prompt": ["a", "b"], "ratio": [["16:9", "9:16"], None], "duration": [5, None], "seed": [1, 2],
         "camera_fixed": [True, None], "score": [0.5, 1.5],
     }).write_parquet(path)
-    reqs = list(Expander(load_inputs([str(path)]), ExpandSpec()))
+    reqs = list(Expander(load_inputs([str(path)])[0], ExpandSpec()))
     assert [(r.body["prompt"], r.body.get("ratio")) for r in reqs] == [("a", "16:9"), ("a", "9:16"), ("b", None)]
     assert reqs[0].body["duration"] == 5 and reqs[0].body["camera_fixed"] is True
     assert "duration" not in reqs[2].body
@@ -65,14 +65,17 @@ def test_missing_prompt_column_is_input_error(tmp_path: Path) -> None:
     path = tmp_path / "noprompt.csv"
     path.write_text("id,text\n1,hello\n")
     with pytest.raises(InputError, match="no 'prompt' column"):
-        Expander(load_inputs([str(path)]), ExpandSpec())
+        Expander(load_inputs([str(path)])[0], ExpandSpec())
 
 
 def test_directory_and_glob_inputs(tmp_path: Path) -> None:
     (tmp_path / "a.csv").write_text("prompt\nx\n")
     (tmp_path / "b.csv").write_text("prompt\ny\n")
     (tmp_path / "ignore.txt").write_text("nothing")
-    assert [t.source for t in load_inputs([str(tmp_path)])] == ["a.csv", "b.csv"]
-    assert [t.source for t in load_inputs([str(tmp_path / "*.csv")])] == ["a.csv", "b.csv"]
+    (tmp_path / "~$a.xlsx").write_bytes(b"lock")  # Excel's lock file while a.xlsx is open
+    (tmp_path / ".hidden.csv").write_text("prompt\nz\n")
+    names = [str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]
+    assert [t.source for t in load_inputs([str(tmp_path)])[0]] == names
+    assert [t.source for t in load_inputs([str(tmp_path / "*.csv")])[0]] == names
     with pytest.raises(InputError, match=r"no \.csv"):
         load_inputs([str(tmp_path / "*.parquet")])

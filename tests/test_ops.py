@@ -16,6 +16,7 @@ from conftest import ROOT, cli, json_lines, prompts, results, submit_args, subpr
 
 from batch.errors import ConfigError
 from batch.jobfile import load_job
+from batch.models import Catalog
 
 
 def write_job(tmp_path: Path, text: str) -> Path:
@@ -58,7 +59,7 @@ duration = 4
     write_csv(tmp_path / "both.csv", [{"prompt": "p", "duration": "5", "len": "6"}])
     clash = write_job(tmp_path, 'inputs = ["both.csv"]\n[columns]\nlen = "duration"\n')
     res = cli(["run", str(clash), "--dry-run", "-o", str(tmp_path / "x.parquet")])
-    assert res.exit_code == 2 and "already has a column" in res.stderr
+    assert res.exit_code == 2 and "columns 'duration' and 'len' both name the field 'duration'" in res.stderr
 
 
 def test_cli_options_override_the_job_file(fake, tmp_path: Path) -> None:
@@ -76,7 +77,7 @@ def test_cli_options_override_the_job_file(fake, tmp_path: Path) -> None:
     ('inputs = ["x.csv"]\noutputs = "r.parquet"\n', "outputs: unknown key"),
     ('inputs = ["x.csv"]\nconcurrency = "many"\n', "concurrency: expected an integer"),
     ('inputs = ["x.csv"]\n[params]\ncolour = "red"\n', "params.colour: unknown API field"),
-    ('inputs = ["x.csv"]\n[columns]\ntext = "caption"\n', "columns.text: must name an API field"),
+    ('inputs = ["x.csv"]\n[columns]\ntext = "caption"\n', "columns.text: must name an API field, the id column"),
     ('inputs = ["x.csv"]\ntier = "cheap"\n', "tier: expected one of"),
     ('inputs = ["x.csv"\n', "invalid TOML"),
     ('inputs = ["x.csv"]\noutput = "r-{when}.parquet"\n', "output: only {date}"),
@@ -84,7 +85,7 @@ def test_cli_options_override_the_job_file(fake, tmp_path: Path) -> None:
 def test_bad_job_files_name_the_key_and_file(tmp_path: Path, text: str, message: str) -> None:
     job = write_job(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        load_job(job)
+        load_job(job, known_fields=Catalog().known_fields())
     assert message in str(info.value) and str(job) in str(info.value)
     res = cli(["run", str(job), "--dry-run"])
     assert res.exit_code == 2 and message in res.stderr
@@ -104,7 +105,7 @@ def test_validate_prints_invalid_rows_and_sends_nothing(fake, tmp_path: Path) ->
     path = write_csv(tmp_path / "in.csv", [{"id": "a", "prompt": "ok"}, {"id": "b", "prompt": "x", "duration": "20"}])
     res = cli(["validate", str(path)])
     assert res.exit_code == 1
-    assert "in.csv:1\tb\t" in res.output and "duration='20'" in res.output
+    assert "in.csv:3\tb\t" in res.output and "duration='20'" in res.output
     assert "would send: 1 flex" in res.output
     assert fake.state.records == []
     good = write_csv(tmp_path / "good.csv", [{"prompt": "ok"}])

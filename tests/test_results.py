@@ -7,7 +7,7 @@ from polars.testing import assert_frame_equal
 
 from batch.expand import Expander, ExpandSpec
 from batch.load import Table
-from batch.results import INVALID, RequestSpool, Resolution, request_frames, request_schema, write_results
+from batch.results import INVALID, RequestSpool, Resolution, request_frames, request_schema_of, write_results
 
 
 def expander(tmp_path: Path) -> Expander:
@@ -23,7 +23,7 @@ def expander(tmp_path: Path) -> Expander:
 
 def test_spooled_frames_equal_a_second_expansion(tmp_path: Path) -> None:
     ex = expander(tmp_path)
-    schema = request_schema(ex.extra_dtypes)
+    schema = request_schema_of(ex)
     spool = RequestSpool(tmp_path, schema, chunk_size=3)  # chunk boundaries inside rows' expansions
     seen = [r.request_id for r in spool.tee(ex)]
     assert spool.complete
@@ -40,7 +40,7 @@ def test_spooled_frames_equal_a_second_expansion(tmp_path: Path) -> None:
 
 def test_spool_of_a_stopped_run_is_not_complete(tmp_path: Path) -> None:
     ex = expander(tmp_path)
-    spool = RequestSpool(tmp_path, request_schema(ex.extra_dtypes), chunk_size=2)
+    spool = RequestSpool(tmp_path, request_schema_of(ex), chunk_size=2)
     it = spool.tee(ex)
     for _ in range(5):
         next(it)
@@ -49,7 +49,7 @@ def test_spool_of_a_stopped_run_is_not_complete(tmp_path: Path) -> None:
 
 def test_a_spool_that_cannot_write_turns_itself_off(tmp_path: Path) -> None:
     ex = expander(tmp_path)
-    spool = RequestSpool(tmp_path, request_schema(ex.extra_dtypes), chunk_size=2)
+    spool = RequestSpool(tmp_path, request_schema_of(ex), chunk_size=2)
     spool._file.close()  # as if the disk had gone away
     assert len(list(spool.tee(ex))) == 12  # every request still reaches the workers
     assert not spool.complete
@@ -57,14 +57,14 @@ def test_a_spool_that_cannot_write_turns_itself_off(tmp_path: Path) -> None:
 
 def test_table_from_spool_has_outcomes_in_input_order(tmp_path: Path) -> None:
     ex = expander(tmp_path)
-    schema = request_schema(ex.extra_dtypes)
+    schema = request_schema_of(ex)
     spool = RequestSpool(tmp_path, schema, chunk_size=5)
     list(spool.tee(ex))
     out = tmp_path / "results.parquet"
-    tally, error = write_results(out, spool.frames(chunk_size=4), ex.extra_dtypes, lambda ids: [], Resolution("run"))
+    tally, error = write_results(out, spool.frames(chunk_size=4), schema, lambda ids: [], Resolution("run"))
     assert error is None
     df = pl.read_parquet(out)
-    assert df["row"].to_list() == [0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert df["row"].to_list() == [2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     assert INVALID not in df.columns
     assert df.schema["duration"] == pl.Int64 and df.schema["shot"] == pl.Float64
     assert df["status"].to_list().count("invalid") == 2

@@ -1,0 +1,187 @@
+"""Model specifications as data: which models exist and what each one's request may hold.
+
+One JSON document per model, in the shape the provider publishes at
+``https://www.modellix.ai/models/{provider}/{model}/api_schema`` (``servers[0].url``
+and ``post.requestBody.content."application/json".schema``), plus our
+``x-seedance-batch`` block (kind, completeness, source date, the named cross-field
+rules a schema cannot say). The package ships the models ``tools/specs_from_family.py``
+wrote from the facts file; ``models fetch`` and ``models add`` put documents in
+``<state dir>/models/``, and those win over the shipped ones.
+
+Guarantee: this module is the one place that says what a model's fields are. The
+validator (:mod:`batch.validate`), the header matching (:mod:`batch.expand`), the fake
+API and the README's model table all read these specs; nothing else lists fields.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from batch.api import check_slug
+from batch.errors import ConfigError
+
+SHIPPED = "shipped"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One body field, as its JSON Schema describes it."""
+
+    name: str
+    type: str  # string, integer, number, boolean, array
+    enum: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+    min_items: int | None = None
+    max_items: int | None = None
+    item: FieldSpec | None = None
+    default: Any = None
+    required: bool = False
+    inferred: bool = False
+
+    @classmethod
+    def from_schema(cls, name: str, schema: dict[str, Any], required: bool) -> FieldSpec:
+        kind = schema.get("type", "string")
+        if isinstance(kind, list):  # ["string", "null"]: the non-null one
+            kind = next((k for k in kind if k != "null"), "string")
+        item = schema.get("items")
+        return cls(
+            name, str(kind),
+            enum=tuple(schema["enum"]) if isinstance(schema.get("enum"), list) else None,
+            minimum=schema.get("minimum"), maximum=schema.get("maximum"),
+            min_length=schema.get("minLength"), max_length=schema.get("maxLength"),
+            min_items=schema.get("minItems"), max_items=schema.get("maxItems"),
+            item=cls.from_schema(f"{name}[]", item, False) if isinstance(item, dict) else None,
+            default=schema.get("default"), required=required, inferred=bool(schema.get("x-inferred")),
+        )
+
+    @property
+    def is_text(self) -> bool:
+        """Free text: a number or a date in its cell is a mistake, not a value."""
+        return self.type == "string" and self.enum is None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    slug: str
+    kind: str  # t2v, i2v, v2v
+    completeness: str  # complete, nearly complete, ...
+    source_date: str
+    route: str  # servers[0].url: the documented submit URL
+    fields: dict[str, FieldSpec]
+    rules: tuple[str, ...] = ()
+    origin: str = SHIPPED  # shipped, fetched, added
+    notes: tuple[str, ...] = field(default=())
+    schema: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the body's JSON Schema
+
+    @property
+    def route_path(self) -> str:
+        return urlsplit(self.route).path
+
+    def default(self, name: str) -> Any:
+        spec = self.fields.get(name)
+        return spec.default if spec is not None else None
+
+
+def normalize_name(text: str) -> str:
+    """How a header or a parameter names a field: lower case, spaces and hyphens as ``_``."""
+    return re.sub(r"[\s\-]+", "_", text.strip().lower()).strip("_")
+
+
+def parse_spec(doc: Any, origin: str, fallback: ModelSpec | None = None, slug: str | None = None) -> ModelSpec:
+    """A :class:`ModelSpec` from a schema document; ``fallback`` (the shipped spec of the
+    same model) supplies our block when the document is the provider's bare one."""
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    try:
+        url = doc["servers"][0]["url"]
+        schema = doc["post"]["requestBody"]["content"]["application/json"]["schema"]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError('expected servers[0].url and post.requestBody.content."application/json".schema') from None
+    if not isinstance(url, str) or not isinstance(schema, dict) or not isinstance(schema.get("properties"), dict):
+        raise ValueError("the request schema has no properties")
+    ours = doc.get("x-seedance-batch") if isinstance(doc.get("x-seedance-batch"), dict) else {}
+    slug = ours.get("slug") or slug or (fallback.slug if fallback else None) or _slug_from_url(url)
+    required = set(schema.get("required") or [])
+    fields = {name: FieldSpec.from_schema(name, prop if isinstance(prop, dict) else {}, name in required)
+              for name, prop in schema["properties"].items()}
+    base = fallback
+    return ModelSpec(
+        slug=check_slug(str(slug)),
+        kind=str(ours.get("kind") or (base.kind if base else "unknown")),
+        completeness=str(ours.get("completeness") or ("as published" if origin == "fetched" else "unknown")),
+        source_date=str(ours.get("source_date") or ""),
+        route=url,
+        fields=fields,
+        rules=tuple(ours.get("rules") if "rules" in ours else (base.rules if base else ())),
+        origin=origin,
+        notes=tuple(str(n) for n in ours.get("notes", ())),
+        schema=schema,
+    )
+
+
+def _slug_from_url(url: str) -> str:
+    parts = [p for p in urlsplit(url).path.split("/") if p and p not in ("api", "v1", "async")]
+    parts = [p for p in parts if "-to-" not in p]
+    return "/".join(parts[-2:])
+
+
+def spec_filename(slug: str) -> str:
+    return check_slug(slug).replace("/", "__") + ".json"
+
+
+@cache
+def shipped() -> dict[str, ModelSpec]:
+    """The specs in the package (read once: they are part of the install)."""
+    found = {}
+    for entry in resources.files("batch").joinpath("specs").iterdir():
+        if entry.name.endswith(".json"):
+            spec = parse_spec(json.loads(entry.read_text(encoding="utf-8")), SHIPPED)
+            found[spec.slug] = spec
+    return found
+
+
+class Catalog:
+    """The models this run knows: shipped ones, overridden by those in ``directory``."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.models = dict(shipped())
+        self.problems: list[str] = []
+        if directory is not None and directory.is_dir():
+            for path in sorted(directory.glob("*.json")):
+                try:
+                    doc = json.loads(path.read_text(encoding="utf-8"))
+                    origin = str(doc.get("x-seedance-batch", {}).get("origin", "added")) \
+                        if isinstance(doc, dict) else "added"
+                    slug = path.name.removesuffix(".json").replace("__", "/")
+                    spec = parse_spec(doc, origin, self.models.get(slug), slug)
+                except (OSError, ValueError) as exc:
+                    self.problems.append(f"{path}: {exc}")
+                    continue
+                self.models[spec.slug] = spec
+
+    def get(self, slug: str) -> ModelSpec:
+        spec = self.models.get(slug.strip().lower())
+        if spec is None:
+            raise ConfigError(f"model {slug!r} is not known (known: {', '.join(sorted(self.models))}; "
+                              "add one with 'seedance-batch models fetch SLUG' or 'models add FILE')")
+        return spec
+
+    def find(self, slug: str) -> ModelSpec | None:
+        return self.models.get(slug.strip().lower())
+
+    def known_fields(self) -> set[str]:
+        return {name for spec in self.models.values() for name in spec.fields}
+
+    def with_field(self, name: str, slugs: Iterable[str]) -> list[str]:
+        return [s for s in slugs if (m := self.find(s)) is not None and name in m.fields]

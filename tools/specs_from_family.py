@@ -1,0 +1,74 @@
+"""Write batch/specs/*.json from the facts file ../shared/api/models/seedance-family.json.
+
+Run by hand when the facts change (CI does not need ../shared):
+
+    python tools/specs_from_family.py ../shared/api/models/seedance-family.json
+
+Each spec has the shape of the provider's per-model schema document
+(https://www.modellix.ai/models/{provider}/{model}/api_schema): ``servers[0].url`` and
+``post.requestBody.content."application/json".schema``, plus our ``x-seedance-batch``
+block: kind, completeness, source date, sources, and the named cross-field rules that a
+JSON Schema cannot say. Only fields the facts file lists are written; nothing is
+invented. Models known by name only are not shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SHIP = ("full", "nearly complete")
+SOURCE_DATE = "2026-11-28"  # the facts file: "as far as they could be read on 2026-11-28"
+KEYS = ("type", "enum", "minimum", "maximum", "minLength", "maxLength", "items", "minItems", "maxItems", "default")
+# Rules the facts state in words, as the validator's named rules (batch/validate.py RULES).
+RULES = {
+    "frames must equal 25 + 4n (29..289)": "frames_25_plus_4n",
+    "frames (29..289) overrides duration and should be 25+4n (INFERRED from the 1.0-lite-t2v page; not stated on this "
+    "page)": "frames_25_plus_4n",
+    "at least one of first_frame_image or last_frame_image is required": "first_or_last_frame_image",
+    "first_frame_image and last_frame_image must not be combined with reference_images": "frame_images_not_with_references",
+}
+
+
+def spec_of(model: dict) -> dict:
+    properties, required = {}, []
+    for name, field in model["fields"].items():
+        prop = {k: field[k] for k in KEYS if k in field}
+        if field.get("unit"):
+            prop["description"] = f"{field['unit']}"
+        if field.get("inferred"):
+            prop["x-inferred"] = True
+        if field.get("required") is True:
+            required.append(name)
+        elif isinstance(field.get("required"), str):
+            prop["x-required"] = field["required"]  # "unknown", "likely": not enforced
+        properties[name] = prop
+    schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    rules = sorted({RULES[r] for r in model["rules"] if r in RULES})
+    return {
+        "x-seedance-batch": {
+            "slug": model["slug"], "kind": model["kind"],
+            "completeness": "complete" if model["confidence"] == "full" else model["confidence"],
+            "source_date": SOURCE_DATE, "sources": model["sources"], "rules": rules,
+            "notes": [r for r in model["rules"] if r not in RULES] + ([model["missing"]] if model.get("missing") else []),
+        },
+        "servers": [{"url": model["submit_urls"][0]}],
+        "post": {"requestBody": {"content": {"application/json": {"schema": schema}}}},
+    }
+
+
+def main(facts: Path, out: Path) -> None:
+    family = json.loads(facts.read_text())
+    for model in family["models"]:
+        if model["confidence"] not in SHIP or not model["submit_urls"]:
+            continue
+        name = model["slug"].replace("/", "__") + ".json"
+        (out / name).write_text(json.dumps(spec_of(model), indent=1, ensure_ascii=False) + "\n")
+        print("wrote", out / name)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(__file__).resolve().parent.parent / "batch" / "specs")
