@@ -30,9 +30,10 @@ from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slu
 from batch.client import Secret
 from batch.collect import CollectConfig
 from batch.download import DownloadPolicy
-from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError
+from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError, StateError
 from batch.expand import Expander, ExpandSpec, normalize, parse_param
 from batch.jobfile import JobFile, load_job
+from batch.ledger import backup as ledger_backup
 from batch.ledger import default_state_path, fake_state_path, state_home
 from batch.load import load_inputs
 from batch.models import Catalog
@@ -296,8 +297,13 @@ def finish(opts: RunOptions, metrics_file: Path | None, job_name: str) -> None:
     data = summary.as_dict()
     structlog.get_logger("batch").info("summary", **data)
     if metrics_file is not None:
-        write_metrics(metrics_file, {**data, "finished_unix": time.time()}, job_name)
+        try:
+            write_metrics(metrics_file, {**data, "finished_unix": time.time()}, job_name)
+        except OSError as exc:
+            structlog.get_logger("batch").error("metrics_not_written", path=str(metrics_file), error=str(exc))
     click.echo(render(data))
+    if summary.local_fault:
+        click.echo(f"seedance-batch: error: {summary.local_fault}", err=True)
     sys.exit(summary.exit_code)
 
 
@@ -428,27 +434,56 @@ def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None
               help="Downloads in flight.")
 @click.option("--http-timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
               help="Seconds one poll may take; for downloads, the longest pause between bytes.")
+@click.option("--download-max-bytes", type=click.IntRange(1), default=2 << 30, show_default=True,
+              help="Largest output file accepted (announced or received).")
+@click.option("--download-timeout", default="30m", show_default=True, help="Longest time one file may take.")
+@click.option("--download-min-rate", type=click.FloatRange(0), default=16 * 1024, show_default=True,
+              help="Bytes/s a download must keep up over every 30 s, or it is cut off (and retried).")
 @allow_insecure_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @log_option()
 def collect(state: Path | None, results: Path | None, download_dir: Path | None, wait: bool, wait_timeout: str,
             poll_interval: float, base_url: str, api_key_file: Path | None, rate: str, concurrency: int,
-            download_concurrency: int, http_timeout: float, allow_insecure: bool, as_json: bool, log_level: str) -> None:
+            download_concurrency: int, http_timeout: float, download_max_bytes: int, download_timeout: str,
+            download_min_rate: float, allow_insecure: bool, as_json: bool, log_level: str) -> None:
     """Follow submitted tasks to completion and download their outputs before they expire."""
     key = connection(api_key_file, base_url, allow_insecure, log_level)
     config = CollectConfig(
         base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=concurrency, http_timeout=http_timeout,
         wait=wait, wait_timeout=parse_duration(wait_timeout, "--timeout"), poll_min=poll_interval,
         download_dir=download_dir, download_concurrency=download_concurrency,
-        download=DownloadPolicy(allow_local=is_loopback(base_url)),
+        download=DownloadPolicy(allow_local=is_loopback(base_url), max_bytes=download_max_bytes,
+                                deadline=parse_duration(download_timeout, "--download-timeout"),
+                                min_rate=download_min_rate, stall=http_timeout),
     )
-    summary = run_collect(CollectOptions(state or default_state_path(), config, results))
+    summary = run_collect(CollectOptions(state or default_state_path(), config, results, budget_dir=state_home()))
     structlog.get_logger("batch").info("collect_summary", **summary)
     if as_json:
         click.echo(json.dumps(summary))
     else:
         click.echo(render_collect(summary))
     sys.exit(summary["exit_code"])
+
+
+@main.group("state")
+def state_group() -> None:
+    """Look after a ledger (the state file)."""
+
+
+@state_group.command("backup")
+@click.argument("dest", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--state", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_STATE",
+              help=f"The ledger to copy. [env SEEDANCE_BATCH_STATE; default {default_state_path()}]")
+def state_backup(dest: Path, state: Path | None) -> None:
+    """Copy the ledger to DEST safely, even while a run writes to it (SQLite online backup).
+    A plain cp of the .sqlite file alone can miss what is still in its -wal companion."""
+    logs.configure("warning")
+    source = state or default_state_path()
+    if not source.exists():
+        raise StateError(f"{source}: no state file")
+    counts = ledger_backup(source, dest)
+    click.echo(f"{dest}: {sum(counts.values())} requests ("
+               + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
 
 
 @main.command()

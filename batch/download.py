@@ -18,6 +18,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import re
@@ -82,6 +83,10 @@ def check_url(url: str, policy: DownloadPolicy) -> str:
     return url
 
 
+class PrivateAddress(OSError):
+    """A name that resolves only into the local network."""
+
+
 class PublicResolver(aiohttp.abc.AbstractResolver):
     """Resolves as usual, then keeps only public addresses: a name that points into the
     local network cannot make us fetch from it."""
@@ -93,7 +98,7 @@ class PublicResolver(aiohttp.abc.AbstractResolver):
         found = await self._inner.resolve(host, port, family)
         public = [r for r in found if _address_allowed(r["host"])]
         if not public:
-            raise OSError(f"{host} resolves only to private or reserved addresses")
+            raise PrivateAddress(errno.EACCES, f"{host} resolves only to private or reserved addresses")
         return public
 
     async def close(self) -> None:
@@ -200,6 +205,10 @@ async def fetch(session: aiohttp.ClientSession, url: str, final: Path, policy: D
                     if resp.status not in (200, 206):
                         raise DownloadError(f"HTTP {resp.status}", retry=True)
                     return await _receive(resp, part, final, have if resp.status == 206 else 0, policy, pace)
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, PrivateAddress):
+                raise DownloadError(f"refusing a private or reserved address ({exc.os_error.strerror})") from None
+            raise DownloadError(str(exc) or type(exc).__name__, retry=True) from None
         except aiohttp.ClientError as exc:  # before TimeoutError: a stalled read is one of these
             raise DownloadError(str(exc) or type(exc).__name__, retry=True) from None
         except TimeoutError:

@@ -564,50 +564,63 @@ def fake_file_bytes(task_id: str, ext: str, size: int) -> bytes:
 class FakeServer:
     """A running fake on 127.0.0.1; ``url`` is the base to give the client."""
 
-    def __init__(self, runner: web.AppRunner, site: web.TCPSite, port: int) -> None:
-        self.runner, self.site, self.port = runner, site, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.state: FakeState = runner.app[STATE_KEY]
+    def __init__(self, url: str, state: FakeState, runner: web.AppRunner | None = None) -> None:
+        self.url, self.state, self._runner = url, state, runner
 
     async def close(self) -> None:
-        await self.runner.cleanup()
+        if self._runner is not None:
+            await self._runner.cleanup()
 
 
 async def start_fake(config: FakeConfig | None = None, port: int = 0) -> FakeServer:
     """Start the fake on 127.0.0.1 (``port=0``: a random free port)."""
+    app = make_app(config)
+    runner, real_port = await start_app(app, port)
+    return FakeServer(f"http://127.0.0.1:{real_port}", app[STATE_KEY], runner)
+
+
+async def start_app(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    """Serve any aiohttp application on 127.0.0.1 (``port=0``: a random free port)."""
     # In-flight handlers (an injected 30 s latency) must not hold up shutdown.
-    runner = web.AppRunner(make_app(config), access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
     await site.start()
     server = site._server
     assert server is not None
-    real_port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return FakeServer(runner, site, real_port)
+    return runner, server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 @contextmanager
-def fake_in_thread(config: FakeConfig | None = None) -> Iterator[FakeServer]:
-    """Run the fake on its own event loop in a thread (for CLI and subprocess tests)."""
+def app_in_thread(app: web.Application) -> Iterator[str]:
+    """Serve an application on its own event loop in a thread; yield its base URL (the
+    tests' hostile servers use this, as the fake does)."""
     loop = asyncio.new_event_loop()
     ready: dict[str, Any] = {}
     started = threading.Event()
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        ready["server"] = loop.run_until_complete(start_fake(config))
+        ready["runner"], ready["port"] = loop.run_until_complete(start_app(app))
         started.set()
         loop.run_forever()
 
-    thread = threading.Thread(target=run, name="fake-api", daemon=True)
+    thread = threading.Thread(target=run, name="test-server", daemon=True)
     thread.start()
     if not started.wait(10):
-        raise RuntimeError("fake API did not start")
-    server: FakeServer = ready["server"]
+        raise RuntimeError("server did not start")
     try:
-        yield server
+        yield f"http://127.0.0.1:{ready['port']}"
     finally:
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(ready["runner"].cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@contextmanager
+def fake_in_thread(config: FakeConfig | None = None) -> Iterator[FakeServer]:
+    """Run the fake on its own event loop in a thread (for CLI and subprocess tests)."""
+    app = make_app(config)
+    with app_in_thread(app) as url:
+        yield FakeServer(url, app[STATE_KEY])

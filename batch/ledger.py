@@ -225,9 +225,10 @@ def create_ledger(path: Path) -> None:
     two processes creating it at once end up with the same one."""
     if path.exists() or path.is_symlink():
         return
+    tmp = path.with_name(f".{path.name}.new-{uuid.uuid4().hex[:8]}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.new-{uuid.uuid4().hex[:8]}")
+        os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # the OS's reason, not SQLite's
         db = sqlite3.connect(tmp, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -246,14 +247,16 @@ def create_ledger(path: Path) -> None:
             os.close(fd)
         with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
-        tmp.unlink()
-        for leftover in (tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
-            leftover.unlink(missing_ok=True)
         _fsync_dir(path.parent)
     except sqlite3.Error as exc:
         raise StateError(f"{path}: cannot create state file ({exc})") from None
     except OSError as exc:
-        raise StateError(f"{path}: cannot create state file ({exc.strerror or exc})") from None
+        raise StateError(f"{path}: cannot create state file ({exc.strerror or exc}); the state directory must be "
+                         f"writable (SQLite also writes its -wal and -shm files there)") from None
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 def _create_schema(db: sqlite3.Connection) -> None:
@@ -324,6 +327,9 @@ class Ledger:
             else:
                 self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._check()
+        except sqlite3.OperationalError as exc:  # cannot open, read-only, locked: not the file's fault
+            raise StateError(f"{path}: cannot use state file ({exc}); the file and its directory must be "
+                             f"writable") from None
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{path}: not a usable seedance-batch state file ({exc})") from None
         except OSError as exc:
@@ -587,16 +593,37 @@ class Ledger:
             (self.api, request_id, label, model, source, row, body, task_id, submitted_at, utcnow()),
         )
 
-    def backup(self, dest: Path) -> None:
-        """A consistent copy through SQLite's online backup (safe while runs write)."""
-        if dest.exists():
-            raise StateError(f"{dest}: already exists; give a new file name")
-        target = sqlite3.connect(dest)
+
+
+def backup(state: Path, dest: Path) -> dict[str, int]:
+    """A consistent copy of a ledger through SQLite's online backup API: safe while a run
+    writes (it reads a snapshot, WAL included), written beside ``dest`` and renamed into
+    place, then checked. Returns the copy's request counts by status."""
+    check_header(state)
+    if dest.exists():
+        raise StateError(f"{dest}: already exists; give a new file name")
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        source = sqlite3.connect(Path(os.path.abspath(state)).as_uri() + "?mode=ro", uri=True)
+        target = sqlite3.connect(tmp)
         try:
-            self.db.backup(target)
+            source.backup(target)
             target.execute("PRAGMA journal_mode=DELETE")
+            if target.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+                raise StateError(f"{state}: the copy does not pass SQLite's integrity check")
+            counts = dict(target.execute("SELECT status, count(*) FROM requests GROUP BY status").fetchall())
         finally:
             target.close()
+            source.close()
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except sqlite3.Error as exc:
+        raise StateError(f"{state}: cannot back up ({exc})") from None
+    except OSError as exc:
+        raise StateError(f"{dest}: cannot write the copy ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return counts
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from typing import Any
 import polars as pl
 import structlog
 
-from batch.api import FAKE_API, api_identity, origin
+from batch.api import FAKE_API, api_identity, check_task_id, origin
 from batch.client import Secret
 from batch.collect import CollectConfig, Collector, CollectStats, Task
 from batch.errors import (
@@ -414,6 +414,7 @@ class CollectOptions:
     config: CollectConfig
     results: Path | None = None
     fake_api: bool = False
+    budget_dir: Path | None = None  # the per-key rate budget shared with submit runs
 
     @property
     def api(self) -> str:
@@ -434,7 +435,7 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         entries = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=[opts.api])
         if only is not None:
             entries = [e for e in entries if e.request_id in only]
-        stats = asyncio.run(_collect_all(opts.config, ledger, [Task.from_entry(e) for e in entries]))
+        stats = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
         if opts.results is not None and table is not None:
             with interruptible():
                 update_table(opts.results, table, ledger)
@@ -446,14 +447,18 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         return summary
 
 
-async def _collect_all(config: CollectConfig, ledger: Ledger, tasks: list[Task]) -> CollectStats:
+async def _collect_all(opts: CollectOptions, ledger: Ledger, tasks: list[Task]) -> CollectStats:
+    config = opts.config
     aledger = AsyncLedger(ledger)
-    collector = Collector(config, aledger)
+    budget = shared_budget(opts.budget_dir, config.api_key) if not opts.fake_api and config.rate else None
+    collector = Collector(config, aledger, SmoothLimiter(config.rate, shared=budget))
     with signals_to(lambda signum: collector.interrupt(signal.Signals(signum).name)):
         try:
             return await collector.run(tasks)
         finally:
             await aledger.close()
+            if budget is not None:
+                budget.close()
 
 
 def _read_table(path: Path) -> pl.DataFrame:
@@ -469,6 +474,10 @@ def _import_from_table(ledger: Ledger, table: pl.DataFrame) -> set[str]:
     if not needed <= set(table.columns):
         raise InputError(f"results table lacks columns: {', '.join(sorted(needed - set(table.columns)))}")
     rows = table.filter(pl.col("task_id").is_not_null() & pl.col("status").is_in(["submitted", "skipped"]))
+    odd = [t for t in rows["task_id"].to_list() if check_task_id(t) is None]
+    if odd:  # a table is input like any other: such an id would become a URL and a file name
+        log.warning("task_ids_refused", count=len(odd), reason="not plain tokens; not followed")
+        rows = rows.filter(~pl.col("task_id").is_in(odd))
     ids = rows["request_id"].to_list()
     known = ledger.lookup(ids)
     known = Catalog().known_fields()

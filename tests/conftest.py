@@ -14,14 +14,31 @@ from typing import Any
 
 import polars as pl
 import pytest
+from aiohttp import web
 from click.testing import CliRunner, Result
 
 from batch.cli import main
-from batch.fake_api import FakeConfig, FakeServer, Fault, fake_in_thread
+from batch.fake_api import FakeConfig, FakeServer, Fault, app_in_thread, fake_in_thread
 
 KEY = "sk-test-0123456789-SECRET-abcdef"
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_data"
+
+
+@pytest.fixture(autouse=True)
+def own_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test has its own state home: no default ledger, model spec or per-key rate
+    budget is shared between tests (or with the developer's own ~/.local/state)."""
+    home = tmp_path / "xdg-state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[web.Application], str]]:
+    """Factory: ``serve(app)`` runs a (hostile) aiohttp app on 127.0.0.1, returns its URL."""
+    with ExitStack() as stack:
+        yield lambda app: stack.enter_context(app_in_thread(app))
 
 
 @pytest.fixture
