@@ -31,22 +31,17 @@ from batch.client import Secret
 from batch.collect import CollectConfig
 from batch.download import DownloadPolicy
 from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError, StateError
-from batch.expand import Expander, ExpandSpec, normalize, parse_param
+from batch.expand import ExpandSpec, normalize, parse_param
 from batch.jobfile import JobFile, load_job
 from batch.ledger import backup as ledger_backup
 from batch.ledger import default_state_path, fake_state_path, state_home
-from batch.load import load_inputs
 from batch.models import Catalog
-from batch.pipeline import CollectOptions, Interrupted, RunOptions, run_collect, run_submit
+from batch.pipeline import CollectOptions, Interrupted, RunOptions, load_and_expand, plan, run_collect, run_submit
+from batch.prices import Pricing
 from batch.ratelimit import Rate, parse_rate
 from batch.report import prometheus, render, render_collect, summarize_table
 from batch.results import (
     LABEL,
-    Resolution,
-    Tally,
-    request_frames,
-    request_schema_of,
-    resolve_frame,
     write_text_atomically,
 )
 from batch.submit import SubmitConfig
@@ -218,6 +213,13 @@ def common_options(fn: Any) -> Any:
         click.option("--progress-interval", type=click.FloatRange(0.05), default=10.0, show_default=True,
                      envvar="SEEDANCE_BATCH_PROGRESS_INTERVAL",
                      help="Seconds between progress events when stderr is not a TTY. [env SEEDANCE_BATCH_PROGRESS_INTERVAL]"),
+        click.option("--prices", "prices_file", type=click.Path(path_type=Path, dir_okay=False),
+                     envvar="SEEDANCE_BATCH_PRICES",
+                     help="TOML price table (USD per second of video by model and resolution) for estimates and "
+                          "--max-spend. [env SEEDANCE_BATCH_PRICES]"),
+        click.option("--max-spend", type=click.FloatRange(0), envvar="SEEDANCE_BATCH_MAX_SPEND", metavar="USD",
+                     help="Stop starting requests before tonight's estimated cost passes USD (needs prices). "
+                          "[env SEEDANCE_BATCH_MAX_SPEND]"),
         click.option("--wait", is_flag=True,
                      help="After submitting, follow this run's tasks to completion (collect --wait) in the same process."),
         click.option("--wait-timeout", default="6h", show_default=True, help="With --wait: give up polling after this long."),
@@ -276,18 +278,18 @@ def run(ctx: click.Context, job: Path, **kw: Any) -> None:
     finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem)
 
 
-def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any]) -> dict[str, Any]:
+def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any], need_output: bool = True) -> dict[str, Any]:
     """Job-file values where the option was left at its default; CLI and env win."""
     merged = dict(kw)
     for key, value in spec.values.items():
-        if key in ("params", "columns", "prompt_template", "id_column", "passthrough"):
+        if key in ("params", "columns", "prompt_template", "id_column", "passthrough", "prices"):
             continue
         source = ctx.get_parameter_source(key) if key in kw else None
         if key not in kw or source in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
             merged[key] = str(value) if key in ("rate", "deadline") else value
     if not merged.get("inputs"):
         raise ConfigError(f"{spec.path}: inputs: the job names no input files")
-    if not merged.get("output"):
+    if need_output and not merged.get("output"):
         raise ConfigError(f"{spec.path}: output: no results path (set output in the job or give -o)")
     return merged
 
@@ -371,46 +373,59 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         moved_from=tuple(kw.get("moved_from") or ()),
         budget_dir=state_home(),
         models_dir=state_home() / "models",
+        pricing=pricing_of(kw.get("prices_file"), job),
+        max_spend=kw.get("max_spend"),
     )
+
+
+def pricing_of(path: Path | None, job: JobFile | None) -> Pricing:
+    """``--prices FILE`` wins over a job's ``[prices]``."""
+    if path is not None:
+        return Pricing.load(Path(path))
+    if job is not None and job.get("prices"):
+        return Pricing.parse(job.get("prices"), f"{job.path}: [prices]")
+    return Pricing()
 
 
 @main.command()
 @click.argument("targets", nargs=-1, required=True, metavar="JOB.toml|INPUT...")
-@click.option("--param", "params", multiple=True, metavar="FIELD=V1[,V2...]", help="Job-level value(s), as for submit.")
-@click.option("--tier", type=click.Choice(TIERS), help="service_tier for rows that do not set one (default flex).")
-@click.option("--sheet", help="Excel sheet name or 1-based number (default: the first).")
 @click.option("--show", type=click.IntRange(0), default=50, show_default=True, help="Print at most N invalid requests.")
-@click.option("--model", help=f"Model for rows that do not name one (default {DEFAULT_MODEL}).")
-@click.option("--passthrough", multiple=True, metavar="COLUMN", help="Keep COLUMN as a pass-through column.")
-def validate(targets: tuple[str, ...], params: tuple[str, ...], tier: str | None, sheet: str | None, show: int,
-             model: str | None, passthrough: tuple[str, ...]) -> None:
-    """Check a job file or input files: print invalid requests with their reasons; send nothing."""
-    logs.configure("warning")
-    catalog = Catalog(state_home() / "models")
-    job = load_job(Path(targets[0]), known_fields=catalog.known_fields()) if targets[0].endswith(".toml") else None
-    inputs = tuple(job.get("inputs", [])) + targets[1:] if job else targets
-    if not inputs:
-        raise ConfigError("validate: no input files")
-    spec = expand_spec(job, params, tier or (job.get("tier", "flex") if job else "flex"),
-                       model or (job.get("model", DEFAULT_MODEL) if job else DEFAULT_MODEL), passthrough)
-    tables, _unreadable = load_inputs(inputs, sheet or (job.get("sheet") if job else None))
-    expander = Expander(tables, spec, catalog)
-    tally = Tally()
+@common_options
+@click.pass_context
+def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any) -> None:
+    """Check a job file or input files as a run would see them, sending nothing: the
+    column mapping, every invalid request with its reason, and what would be sent
+    (the ledger consulted read-only), with its estimated cost when prices are given."""
+    job = None
+    if ctx.get_parameter_source("log_level") in (ParameterSource.DEFAULT, None):
+        kw["log_level"] = "warning"  # the report is the output; warnings still say what was skipped
+    if targets[0].endswith(".toml"):
+        job = load_job(Path(targets[0]), known_fields=Catalog(state_home() / "models").known_fields())
+        kw = merge_job(ctx, job, {**kw, "inputs": tuple(job.get("inputs", [])) + targets[1:]}, need_output=False)
+    else:
+        kw["inputs"] = targets
+    opts = build_options({**kw, "dry_run": True, "output": os.devnull}, command="validate", job=job)
+    expander, unreadable = load_and_expand(opts, "validate")
+    for line in expander.mapping_lines():
+        click.echo(f"columns: {line}")
     shown = 0
-    for frame in request_frames(expander, request_schema_of(expander)):
-        rows = resolve_frame(frame, None, Resolution(None, dry_run=True))
-        tally.add(rows)
-        invalid_rows = rows.filter(pl.col("status") == "invalid").head(max(0, show - shown))
-        for source, row, label, error in invalid_rows.select("source", "row", LABEL, "error").iter_rows():
+
+    def show_invalid(rows: pl.DataFrame) -> None:
+        nonlocal shown
+        bad = rows.filter(pl.col("status") == "invalid").head(max(0, show - shown))
+        for source, row, label, error in bad.select("source", "row", LABEL, "error").iter_rows():
             click.echo(f"{source}:{row}\t{label or '-'}\t{error}")
-        shown += invalid_rows.height
+        shown += bad.height
+
+    tally = plan(opts, expander, None, show_invalid)
     invalid = tally.counts.get("invalid", 0)
     if invalid > shown:
         click.echo(f"... and {invalid - shown} more invalid requests")
-    counts = {("valid" if k == "dry_run" else k): v for k, v in tally.counts.items()}
-    summary = {"title": "seedance-batch validate", "counts": counts, "estimate": tally.estimate()}
+    counts = {("would send" if k == "dry_run" else k): v for k, v in tally.counts.items()}
+    summary = {"title": "seedance-batch validate", "counts": counts, "estimate": tally.estimate(),
+               "unreadable": [{"source": u.source, "error": u.error} for u in unreadable]}
     click.echo(render(summary))
-    sys.exit(1 if invalid else 0)
+    sys.exit(1 if invalid or unreadable else 0)
 
 
 @main.command()

@@ -45,8 +45,11 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "metrics_file": ((str,), "a path"),
     "columns": ((dict,), "a table mapping input columns to API fields"),
     "params": ((dict,), "a table of API field values"),
+    "prices": ((dict,), "tables of model slug -> resolution = USD per second"),
+    "prices_file": ((str,), "a TOML price table"),
+    "max_spend": ((int, float), "USD"),
 }
-PATH_KEYS = ("output", "state", "metrics_file")
+PATH_KEYS = ("output", "state", "metrics_file", "prices_file")
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,12 @@ from batch.errors import (
     InputError,
     StateError,
 )
+from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
 from batch.ledger import AsyncLedger, Entry, Ledger, locked_ledger, utcnow
 from batch.load import Unreadable, load_inputs
 from batch.models import Catalog
+from batch.prices import Pricing
 from batch.progress import Progress
 from batch.ratelimit import SharedBudget, SmoothLimiter
 from batch.results import (
@@ -60,7 +62,7 @@ from batch.results import (
     write_results,
     write_text_atomically,
 )
-from batch.submit import RunStats, SubmitConfig, Submitter
+from batch.submit import RunStats, SpendCap, SubmitConfig, Submitter
 
 log = structlog.get_logger("batch")
 
@@ -94,6 +96,8 @@ class RunOptions:
     moved_from: tuple[str, ...] = ()  # other hosts of the same provider this ledger's entries count for
     budget_dir: Path | None = None  # where the per-key rate budget is shared; None: not shared
     models_dir: Path | None = None  # fetched and added model specs (they win over the shipped ones)
+    pricing: Pricing = field(default_factory=Pricing)
+    max_spend: float | None = None  # USD: stop starting requests before tonight's estimate passes it
 
     @property
     def api(self) -> str:
@@ -211,26 +215,79 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 
+def consult_ledger(state: Path, api: str) -> Ledger | None:
+    """The ledger, read-only and without the lock, for an estimate; ``None`` if there is
+    none yet or it cannot be read (then everything counts as new, and a warning says so)."""
+    try:
+        return Ledger.open_readonly(state, api)
+    except StateError as exc:
+        log.warning("ledger_not_consulted", state=str(state), reason=str(exc),
+                    consequence="the estimate counts every valid request as new")
+        return None
+
+
+def load_and_expand(opts: RunOptions, run_id: str) -> tuple[Expander, list[Unreadable]]:
+    """file → rows → the expansion (requests are generated lazily from it)."""
+    tables, unreadable = load_inputs(opts.inputs, opts.sheet)
+    if any(t.path.resolve() == opts.output.resolve() for t in tables):
+        raise ConfigError(f"--output {opts.output} is also an input: it would overwrite tonight's prompts")
+    for failed in unreadable:
+        log.error("input_unreadable", source=failed.source, error=failed.error)
+    expander = Expander(tables, opts.expand, Catalog(opts.models_dir))
+    log.info("loaded", files=len(tables), rows=sum(t.df.height for t in tables), run_id=run_id,
+             dry_run=opts.dry_run, columns=expander.mapping_lines())
+    return expander, unreadable
+
+
+def plan(opts: RunOptions, expander: Expander, output: Path | None,
+         on_rows: Callable[[pl.DataFrame], None] | None = None) -> Tally:
+    """What a run would do, sending nothing: every request validated, resolved against the
+    ledger (read-only: already submitted, unknown, or would be sent), the estimate of what
+    would be sent; the table written to ``output`` unless ``None``."""
+    ledger = None if opts.state is None else consult_ledger(opts.state, opts.api)
+    try:
+        estimator = Estimator(expander.catalog, opts.pricing, ledger.labels if ledger is not None else None)
+        schema = request_schema_of(expander)
+        tally, _ = write_results(output, request_frames(expander, schema), schema,
+                                 ledger.outcome_rows if ledger is not None else None,
+                                 Resolution(None, dry_run=True, resend_unknown=opts.submit.resend_unknown),
+                                 tally=Tally(estimator=estimator), on_rows=on_rows)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    return tally
+
+
+def spend_cap(opts: RunOptions, expander: Expander) -> SpendCap | None:
+    """``--max-spend`` needs a price for every resolution of every model the run may send:
+    a cap that cannot price a request would be a silent no-op."""
+    if opts.max_spend is None:
+        return None
+    if not opts.pricing:
+        raise ConfigError("--max-spend needs prices: give --prices FILE or [prices] in the job file")
+    for slug in expander.models_in_use:
+        missing = opts.pricing.missing(expander.catalog.get(slug))
+        if missing:
+            raise ConfigError(f"--max-spend: no price for {slug} at {', '.join(missing)} "
+                              f"(add them to {opts.pricing.source or 'the prices'})")
+    return SpendCap(opts.max_spend, opts.pricing, expander.catalog)
+
+
 def run_submit(opts: RunOptions) -> Summary:
     """Load, expand, submit and write the results; raise BatchError before sending on bad input."""
     started = time.monotonic()
     run_id = new_run_id()
     check_output_path(opts.output)
     with interruptible():  # Ctrl-C while a large file loads: exit 4, not a traceback
-        tables, unreadable = load_inputs(opts.inputs, opts.sheet)
-        if any(t.path.resolve() == opts.output.resolve() for t in tables):
-            raise ConfigError(f"--output {opts.output} is also an input: it would overwrite tonight's prompts")
-        for failed in unreadable:
-            log.error("input_unreadable", source=failed.source, error=failed.error)
-        expander = Expander(tables, opts.expand, Catalog(opts.models_dir))
-        log.info("loaded", files=len(tables), rows=sum(t.df.height for t in tables), run_id=run_id,
-                 dry_run=opts.dry_run, columns=expander.mapping_lines())
-        schema = request_schema_of(expander)
+        expander, unreadable = load_and_expand(opts, run_id)
         if opts.dry_run:
             output = dry_run_output(opts.output)
-            tally, _ = write_results(output, request_frames(expander, schema), schema,
-                                     None, Resolution(None, dry_run=True))
-            return _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable)
+            tally = plan(opts, expander, output)
+            summary = _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable)
+            summary.extra["columns"] = expander.mapping_lines()
+            return summary
+        opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander)))
+        schema = request_schema_of(expander)
 
     with locked_ledger(opts.state, opts.api) as ledger:
         settle_apis(ledger, opts.api, opts.moved_from)
@@ -387,6 +444,8 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
         summary.extra["estimate"] = estimate
     if stats is not None and (window := stats.window_ms()):
         summary.extra["mark_to_wire_ms"] = window
+    if stats is not None and opts.max_spend is not None:
+        summary.extra["estimated_spend_usd"] = round(stats.spend_usd, 2)
     if outcome is not None and outcome.rescue is not None:
         summary.extra["rescue"] = str(outcome.rescue)
     if outcome is not None and outcome.collected is not None:

@@ -35,16 +35,38 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(f"  tasks: {states}; downloaded {collected['downloaded']}, failed {collected['download_failed']}")
     estimate = summary.get("estimate")
     if estimate:
-        tiers = ", ".join(f"{n} {tier}" for tier, n in estimate["requests_by_tier"].items())
-        lines.append(f"  would send: {tiers}")
-        video = ", ".join(f"{sec:g} s at {res}" for res, sec in estimate["video_seconds_by_resolution"].items())
-        lines.append(f"  video: {video}")
+        lines.extend(render_estimate(estimate))
+    for item in summary.get("unreadable") or []:
+        lines.append(f"  unreadable: {item['source']}: {item['error']}  <-")
+    for line in summary.get("columns") or []:
+        lines.append(f"  columns: {line}")
     for key in ("stop_reason", "interrupted"):
         if summary.get(key):
             lines.append(f"  {key.replace('_', ' ')}: {summary[key]}")
     if summary.get("results"):
         lines.append(f"  results: {summary['results']}")
     return "\n".join(lines)
+
+
+def render_estimate(estimate: dict[str, Any]) -> list[str]:
+    """What a dry run or ``validate`` found would be sent, and what it would cost."""
+    tiers = ", ".join(f"{n} {tier}" for tier, n in estimate["requests_by_tier"].items())
+    lines = [f"  would send: {estimate['would_send']} requests ({tiers}); already submitted "
+             f"{estimate.get('already_submitted', 0)} (skipped), unknown {estimate.get('unknown', 0)} (not resent)"]
+    video = ", ".join(f"{sec:g} s at {res}" for res, sec in estimate["video_seconds_by_resolution"].items())
+    lines.append(f"  video: {video}")
+    if "cost_usd" in estimate:
+        unpriced = sum(estimate.get("unpriced", {}).values())
+        lines.append(f"  estimated cost: {estimate['cost_usd']:.2f} USD (flex at {estimate['flex_share']:.0%} of "
+                     f"default)" + (f"; {unpriced} requests without a price "
+                                    f"({', '.join(sorted(estimate['unpriced']))})  <-" if unpriced else ""))
+    if estimate.get("edited"):
+        lines.append(f"  edited: {estimate['edited']} requests whose id was submitted before with other content "
+                     f"will be new paid videos  <-")
+    if estimate.get("identical"):
+        lines.append(f"  identical: {estimate['identical']} requests repeat an earlier one of this run; each "
+                     f"becomes its own video")
+    return lines
 
 
 def render_collect(summary: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import structlog
 
 from batch.errors import ConfigError
+from batch.estimate import LABEL, Estimator
 from batch.expand import Expander, Request, chunks
 from batch.ledger import OUTCOME_COLUMNS
 
@@ -73,6 +74,7 @@ class Resolution:
     run_id: str | None
     dry_run: bool = False
     stop_reason: str | None = None
+    resend_unknown: bool = False  # a dry run: would the run resend what an earlier one may have sent?
 
 
 # Ledger.outcome_rows, typed; the ledger's status and run_id only decide the row's status.
@@ -98,10 +100,12 @@ def resolve_frame(frame: pl.DataFrame, entries: pl.DataFrame | None, how: Resolu
     """A chunk of result rows: its request columns, and each request's status, error and
     ledger columns as this run sees them:
 
-    * ``invalid`` (the rule it broke), ``dry_run``, or ``pending`` if the ledger has no row;
+    * ``invalid`` (the rule it broke), or ``pending`` if the ledger has no row;
     * ``submitted`` this run, or ``skipped`` (an earlier run's, attempts 0 tonight);
     * ``unknown`` if it is or was ``sending``/``unknown``: it may have been accepted;
-    * ``failed`` this run; otherwise ``pending`` (certainly not accepted), with the last error.
+    * ``failed`` this run; otherwise ``pending`` (certainly not accepted), with the last error;
+    * in a dry run: ``skipped`` and ``unknown`` as a run would find them, else ``dry_run``
+      (what the run would send).
     """
     if entries is None:
         entries = pl.DataFrame(schema=_ENTRY_SCHEMA)
@@ -110,9 +114,13 @@ def resolve_frame(frame: pl.DataFrame, entries: pl.DataFrame | None, how: Resolu
     this_run = pl.col("_run_id") == pl.lit(how.run_id, pl.String())
     stop = f": {how.stop_reason}" if how.stop_reason else ""
     has_error = err.is_not_null() & (err != "")
+    may_exist = st.is_in(["sending", "unknown"]) & pl.lit(not how.resend_unknown)
     status = (
         pl.when(invalid.is_not_null()).then(pl.lit("invalid"))
-        .when(pl.lit(how.dry_run)).then(pl.lit("dry_run"))
+        .when(pl.lit(how.dry_run)).then(
+            pl.when(st == "submitted").then(pl.lit("skipped"))
+            .when(may_exist).then(pl.lit("unknown"))
+            .otherwise(pl.lit("dry_run")))
         .when(st.is_null()).then(pl.lit("pending"))
         .when(st == "submitted").then(pl.when(this_run).then(pl.lit("submitted")).otherwise(pl.lit("skipped")))
         .when(st.is_in(["sending", "unknown"])).then(pl.lit("unknown"))
@@ -121,7 +129,10 @@ def resolve_frame(frame: pl.DataFrame, entries: pl.DataFrame | None, how: Resolu
     )
     error = (
         pl.when(invalid.is_not_null()).then(invalid)
-        .when(pl.lit(how.dry_run)).then(pl.lit(None, pl.String()))
+        .when(pl.lit(how.dry_run)).then(
+            pl.when(may_exist).then(pl.lit("an earlier run may have sent it; it would not be resent "
+                                           "(use --resend-unknown)"))
+            .otherwise(pl.lit(None, pl.String())))
         .when(st.is_null()).then(pl.lit(f"not sent{stop}"))
         .when(st == "sending").then(
             pl.when(this_run).then(pl.lit("interrupted after sending; the provider may have accepted it"))
@@ -152,7 +163,6 @@ def result_schema(request: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
 
 
 INVALID = "__invalid"  # a request frame's validation error; becomes status/error in the table
-LABEL = "__label"  # the row's id as a request frame carries it (the id column itself is passed through)
 
 
 def request_schema(extra_dtypes: dict[str, pl.DataType], fields: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
@@ -330,14 +340,12 @@ class AtomicTableWriter:
 
 @dataclass
 class Tally:
-    """Requests by status, the errors of those not OK, and what a dry run would send:
-    requests per tier and seconds of video per resolution (``frames`` at 24 fps where
-    set, else ``duration``, else the API's 5 s default, at its 720p default)."""
+    """Requests by status, the errors of those not OK, and what a dry run would send
+    (:class:`batch.estimate.Estimator`, over the ``dry_run`` rows only)."""
 
     counts: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
-    by_tier: Counter[str] = field(default_factory=Counter)
-    seconds_by_resolution: Counter[str] = field(default_factory=Counter)
+    estimator: Estimator | None = None
 
     def add(self, rows: pl.DataFrame) -> None:
         """Count a chunk of result rows (``status``, ``error`` and the API fields), in order
@@ -347,25 +355,15 @@ class Tally:
         failed = rows.filter(~pl.col("status").is_in(list(OK_STATUSES)) & (pl.col("error").fill_null("") != ""))
         for error, n in failed.group_by("error", maintain_order=True).len().iter_rows():
             self.errors[error] += n
-        planned = rows.filter(pl.col("status") == "dry_run")
-        if planned.height:
-            seconds = (pl.when(pl.col("frames").is_not_null()).then(pl.col("frames") / 24)
-                       .otherwise(pl.col("duration").fill_null(5).cast(pl.Float64())))
-            by = planned.select(tier=pl.col("service_tier").fill_null("default"),
-                                resolution=pl.col("resolution").fill_null("720p"), seconds=seconds)
-            for tier, n in by.group_by("tier", maintain_order=True).len().iter_rows():
-                self.by_tier[tier] += n
-            totals = by.group_by("resolution", maintain_order=True).agg(pl.col("seconds").sum())
-            for resolution, total in totals.iter_rows():
-                self.seconds_by_resolution[resolution] += total
+        if self.estimator is not None:
+            self.estimator.add(rows.filter(pl.col("status") == "dry_run"))
 
     def estimate(self) -> dict[str, Any] | None:
-        if not self.by_tier:
-            return None
-        return {
-            "requests_by_tier": dict(sorted(self.by_tier.items())),
-            "video_seconds_by_resolution": {k: round(v, 1) for k, v in sorted(self.seconds_by_resolution.items())},
-        }
+        found = self.estimator.as_dict() if self.estimator is not None else None
+        if found is not None:
+            found["already_submitted"] = self.counts.get("skipped", 0)
+            found["unknown"] = self.counts.get("unknown", 0)
+        return found
 
 
 # What a failed write of the table raises: the file object's OSError, or pyarrow's.
@@ -373,19 +371,22 @@ WRITE_ERRORS = (OSError, pa.ArrowException)
 
 
 def write_results(
-    path: Path,
+    path: Path | None,
     frames: Iterable[pl.DataFrame],
     request: dict[str, pl.DataType],
     outcome_rows: Callable[[list[str]], list[tuple[Any, ...]]] | None,
     how: Resolution,
     tolerate_io: bool = False,
+    tally: Tally | None = None,
+    on_rows: Callable[[pl.DataFrame], None] | None = None,
 ) -> tuple[Tally, str | None]:
     """Write the results table from request frames, with outcomes from ``outcome_rows``
-    (``Ledger.outcome_rows``; ``None`` for a dry run); return the tally, and with
+    (``Ledger.outcome_rows``; ``None`` without a ledger); return the tally, and with
     ``tolerate_io`` the reason the table could not be written (disk full...) instead of
-    raising it: the tally of every request is complete either way."""
+    raising it: the tally of every request is complete either way. Without ``path`` the
+    rows are only tallied and shown to ``on_rows`` (``validate``)."""
     schema = result_schema(request)
-    tally = Tally()
+    tally = tally or Tally()
     writer: AtomicTableWriter | None = None
     error: str | None = None
 
@@ -399,17 +400,20 @@ def write_results(
         error = f"cannot write results table {path} ({getattr(exc, 'strerror', None) or exc})"
 
     try:
-        writer = AtomicTableWriter(path)
+        if path is not None:
+            writer = AtomicTableWriter(path)
     except WRITE_ERRORS as exc:
         failed(exc)
     try:
         for frame in frames:
             entries = None
-            if outcome_rows is not None and not how.dry_run:
+            if outcome_rows is not None:
                 valid = frame.filter(pl.col(INVALID).is_null())["request_id"].to_list()
                 entries = entries_frame(outcome_rows(valid)) if valid else None
             rows = resolve_frame(frame, entries, how)
             tally.add(rows)
+            if on_rows is not None:
+                on_rows(rows)
             if writer is not None:
                 try:
                     writer.write(rows.select(list(schema)))

@@ -39,8 +39,11 @@ import structlog
 
 from batch.api import endpoint_url, origin
 from batch.client import Kind, Secret, Verdict, backoff_delay, make_session, request_once
+from batch.errors import ConfigError
 from batch.expand import Request, chunks
 from batch.ledger import SQL_POLL_URL, AsyncLedger, Mark, utcnow
+from batch.models import Catalog
+from batch.prices import Pricing, resolution_of
 from batch.progress import Progress
 from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
 
@@ -53,6 +56,22 @@ UNLIMITED_RATE_CONCURRENCY = 64
 PREWIRE = 8
 # One encoder for every body: json.dumps() with options builds a new one per call.
 _WIRE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class SpendCap:
+    """``--max-spend``: tonight's estimated cost never passes ``limit`` USD."""
+
+    limit: float
+    pricing: Pricing
+    catalog: Catalog
+
+    def cost(self, req: Request) -> float:
+        spec = self.catalog.get(req.model)
+        cost = self.pricing.cost(spec, req.body)
+        if cost is None:  # checked for every model in use before the run; a bug if it happens
+            raise ConfigError(f"--max-spend: no price for {req.model} at {resolution_of(spec, req.body)}")
+        return cost
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,7 @@ class SubmitConfig:
     max_requests: int | None = None
     rate_margin: float = 0.02
     prewire: int = PREWIRE
+    spend_cap: SpendCap | None = None
 
     def url_for(self, model: str) -> str:
         return endpoint_url(self.endpoint, self.base_url, model)
@@ -142,6 +162,7 @@ class RunStats:
     stop_reason: str | None = None
     fatal: bool = False  # stopped by the provider: bad key, no balance, no such route
     state_error: str | None = None  # the ledger could not be written (disk full...)
+    spend_usd: float = 0.0  # estimated cost of what may have been accepted tonight (with prices)
     mark_to_wire: list[float] = field(default_factory=list)  # seconds, per attempt
 
     @property
@@ -336,18 +357,37 @@ class Submitter:
                 queue.task_done()
 
     async def _submit(self, req: Request, me: asyncio.Task[Any]) -> None:
-        """All attempts for one request. Hand-written rather than tenacity: each attempt
-        must pass the shared gate, limiter, pre-wire slot and a durable ledger claim, and
-        the decision depends on the classified answer and its Retry-After, not on an
-        exception. Waiting sections are cancellable (``self._waiting``); from the claim
-        to the answer the worker is not, and settles the ledger row itself."""
+        """One request: its share of ``--max-spend`` (reserved before it is claimed, given
+        back when the provider certainly did not take it), then its attempts."""
+        cfg = self.config
+        cost = 0.0
+        if cfg.spend_cap is not None:
+            cost = cfg.spend_cap.cost(req)
+            if self.stats.spend_usd + cost > cfg.spend_cap.limit:
+                self.halt(f"--max-spend {cfg.spend_cap.limit:g} USD reached ({self.stats.spend_usd:.2f} USD "
+                          f"estimated for tonight's submissions; the next would cost {cost:.2f})")
+                return
+            self.stats.spend_usd += cost
+        taken = True  # an abort in mid-request keeps the reservation: it may have been accepted
+        try:
+            taken = await self._attempts(req, me)
+        finally:
+            if cost and not taken:
+                self.stats.spend_usd -= cost
+
+    async def _attempts(self, req: Request, me: asyncio.Task[Any]) -> bool:
+        """All attempts for one request; whether the provider may have accepted it.
+        Hand-written rather than tenacity: each attempt must pass the shared gate,
+        limiter, pre-wire slot and a durable ledger claim, and the decision depends on the
+        classified answer and its Retry-After, not on an exception. Waiting sections are
+        cancellable (``self._waiting``); from the claim to the answer the worker is not,
+        and settles the ledger row itself."""
         cfg, ledger, loop = self.config, self.ledger, asyncio.get_running_loop()
         text = _WIRE.encode(req.body)
         body = text.encode()
         url = cfg.url_for(req.model)
         mark = Mark(req.request_id, self.run_id, req.label, req.model, url, req.source, req.row, text)
         attempts = 0
-        verdict: Verdict | None = None
         while True:
             if not self._warm.is_set():
                 if self._warming:
@@ -363,18 +403,18 @@ class Submitter:
                 wire = _WireWatch(self._prewire, self.stats.mark_to_wire)
                 try:
                     if self.stopping.is_set():
-                        return
+                        return False
                     self._waiting.discard(me)  # from the claim on, settle the row here
                     if not await ledger.sending(mark):
                         self.log.debug("already_taken", request_id=req.request_id)
-                        return  # the ledger shows it submitted or in flight elsewhere
+                        return False  # the ledger shows it submitted or in flight elsewhere
                     wire.marked()
                     paced_at = loop.time()
                     # The window guard counts wire times: a slow commit must not bunch requests.
                     if not await self._admit():
                         ledger.outcome(req.request_id, self.run_id, "pending", attempts=attempts,
                                        error=f"stopped before sending: {self.stats.stop_reason}")
-                        return
+                        return False
                     attempts += 1
                     started = loop.time()
                     if self.stats.first_send is None:
@@ -392,16 +432,16 @@ class Submitter:
                 self._honour_rate_headers(verdict)
             finally:
                 await self._gate.leave()
-            if verdict.kind is not Kind.RETRY and verdict.http_status != 404:
-                self._finish(req, verdict, attempts)
-                return
             if verdict.http_status == 404:
                 # A definite rejection of the route, not of the row: stop the night here.
                 ledger.outcome(req.request_id, self.run_id, "pending", error=f"HTTP 404 from {url}",
                                error_code=verdict.error_code, http_status=404, attempts=attempts)
                 self.halt(f"HTTP 404 from {url}: the route or the model does not exist there "
                           f"({verdict.error}); check --model and --endpoint", fatal=True)
-                return
+                return False
+            if verdict.kind is not Kind.RETRY:
+                self._finish(req, verdict, attempts)
+                return verdict.kind in (Kind.OK, Kind.UNKNOWN)
             wait = backoff_delay(attempts, cfg.backoff_base, cfg.backoff_max)
             if verdict.retry_after is not None:
                 wait = max(wait, verdict.retry_after)
@@ -411,13 +451,13 @@ class Submitter:
                 verdict.error = f"gave up after {attempts} attempts: {verdict.error}"
                 verdict.kind = Kind.FAIL
                 self._finish(req, verdict, attempts)
-                return
+                return False
             ledger.outcome(req.request_id, self.run_id, "pending", error=verdict.error, error_code=verdict.error_code,
                            http_status=verdict.http_status, attempts=attempts)
             self.log.debug("retry", request_id=req.request_id, attempt=attempts, wait=round(wait, 3),
                            http_status=verdict.http_status, error=verdict.error)
             if self.stopping.is_set():
-                return
+                return False
             self._waiting.add(me)
             await asyncio.sleep(wait)
 

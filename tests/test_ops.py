@@ -106,7 +106,8 @@ def test_validate_prints_invalid_rows_and_sends_nothing(fake, tmp_path: Path) ->
     res = cli(["validate", str(path)])
     assert res.exit_code == 1
     assert "in.csv:3\tb\t" in res.output and "duration='20'" in res.output
-    assert "would send: 1 flex" in res.output
+    assert "would send: 1 requests (1 flex)" in res.output
+    assert f"columns: {path}: prompt -> prompt, duration -> duration, id -> id (label)" in res.output
     assert fake.state.records == []
     good = write_csv(tmp_path / "good.csv", [{"prompt": "ok"}])
     assert cli(["validate", str(good)]).exit_code == 0
@@ -124,10 +125,11 @@ def test_dry_run_estimate_by_tier_and_resolution(tmp_path: Path) -> None:
     assert res.exit_code == 0
     summary = json.loads((tmp_path / "r.parquet.summary.json").read_text())
     assert summary["estimate"] == {
-        "requests_by_tier": {"default": 1, "flex": 3},
+        "would_send": 4, "requests_by_tier": {"default": 1, "flex": 3},
         "video_seconds_by_resolution": {"1080p": 15.0, "480p": 5.0, "720p": round(49 / 24, 1)},
+        "edited": 0, "identical": 0, "already_submitted": 0, "unknown": 0,
     }
-    assert "would send: 1 default, 3 flex" in res.output
+    assert "would send: 4 requests (1 default, 3 flex)" in res.output
 
 
 def test_xlsx_input_with_sheet_choice(fake, tmp_path: Path) -> None:
