@@ -74,6 +74,23 @@ def parse_deadline(text: str, now: datetime | None = None) -> float:
     return when.timestamp()
 
 
+def log_deadline(text: str, when: float, now: datetime | None = None) -> float:
+    """Say when the run will stop starting requests: a clock time already past today
+    means tomorrow, which a cron line written for the night may not have meant."""
+    now = now or datetime.now().astimezone()
+    at = datetime.fromtimestamp(when).astimezone()
+    tomorrow = at.date() > now.date()
+    log = structlog.get_logger("batch")
+    fields = {"deadline": text, "at": at.isoformat(timespec="seconds"), "in_s": round(when - now.timestamp()),
+              "tomorrow": tomorrow}
+    if tomorrow and re.fullmatch(r"\s*\d{1,2}:\d{2}(:\d{2})?\s*", text):
+        log.warning("deadline_tomorrow", **fields,
+                    note=f"{text.strip()} has passed today ({now:%H:%M}); the run stops tomorrow at {at:%H:%M}")
+    else:
+        log.info("deadline", **fields)
+    return when
+
+
 def resolve_key(key_file: Path | None) -> Secret:
     if key_file is not None:
         try:
@@ -116,14 +133,35 @@ def check_transport(base_url: str, allow_insecure: bool) -> None:
 
 
 class ExitCodeGroup(click.Group):
+    """Every failure ends as one line on stderr (a JSON event off a TTY) and its exit code."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:  # usage errors: click's own text on a TTY
+            if logs.json_stderr():
+                logs.report_error(exc.format_message(), exc.exit_code)
+            else:
+                exc.show()
+            if not standalone_mode:
+                raise
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            logs.report_error("aborted", 1)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BatchError as exc:
-            click.echo(f"seedance-batch: error: {exc}", err=True)
+            logs.report_error(str(exc), exc.exit_code)
             ctx.exit(exc.exit_code)
         except Interrupted as exc:
-            click.echo(f"seedance-batch: interrupted by {exc}", err=True)
+            logs.report_error(f"interrupted by {exc}", EXIT_INTERRUPTED)
             ctx.exit(EXIT_INTERRUPTED)
 
 
@@ -284,6 +322,7 @@ def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any], need_output
     for key, value in spec.values.items():
         if key in ("params", "columns", "prompt_template", "id_column", "passthrough", "prices"):
             continue
+        key = {"download": "download_dir"}.get(key, key)
         source = ctx.get_parameter_source(key) if key in kw else None
         if key not in kw or source in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
             merged[key] = str(value) if key in ("rate", "deadline") else value
@@ -305,7 +344,7 @@ def finish(opts: RunOptions, metrics_file: Path | None, job_name: str) -> None:
             structlog.get_logger("batch").error("metrics_not_written", path=str(metrics_file), error=str(exc))
     click.echo(render(data))
     if summary.local_fault:
-        click.echo(f"seedance-batch: error: {summary.local_fault}", err=True)
+        logs.report_error(summary.local_fault, summary.exit_code)
     sys.exit(summary.exit_code)
 
 
@@ -358,7 +397,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         state=Path(kw["state"]) if kw["state"] else (fake_state_path() if kw["fake_api"] else default_state_path()),
         dry_run=kw["dry_run"],
         fake_api=kw["fake_api"],
-        deadline=parse_deadline(kw["deadline"]) if kw["deadline"] else None,
+        deadline=log_deadline(kw["deadline"], parse_deadline(kw["deadline"])) if kw["deadline"] else None,
         grace=kw["grace"],
         sheet=kw["sheet"],
         command=command,
@@ -429,10 +468,13 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 
 
 @main.command()
+@click.argument("job", required=False, type=click.Path(path_type=Path, dir_okay=False), metavar="[JOB.toml]")
 @click.option("--state", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_STATE",
               help=f"The ledger written by submit. [env SEEDANCE_BATCH_STATE; default {default_state_path()}]")
 @click.option("--results", type=click.Path(path_type=Path, dir_okay=False),
-              help="Follow this results table's tasks and rewrite it with their status (tasks the ledger lacks are adopted).")
+              help="Follow this results table's tasks and rewrite it from the ledger (tasks the ledger lacks are "
+                   "adopted; a job file's output is the default).")
+@click.option("--fake-api", is_flag=True, help="Follow the tasks a --fake-api submit made (its own state file).")
 @click.option("--download", "download_dir", type=click.Path(path_type=Path, file_okay=False),
               envvar="SEEDANCE_BATCH_DOWNLOAD_DIR", help="Download ready outputs to DIR/<request_id>.<ext>. "
               "[env SEEDANCE_BATCH_DOWNLOAD_DIR]")
@@ -457,21 +499,35 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @allow_insecure_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @log_option()
-def collect(state: Path | None, results: Path | None, download_dir: Path | None, wait: bool, wait_timeout: str,
-            poll_interval: float, base_url: str, api_key_file: Path | None, rate: str, concurrency: int,
-            download_concurrency: int, http_timeout: float, download_max_bytes: int, download_timeout: str,
-            download_min_rate: float, allow_insecure: bool, as_json: bool, log_level: str) -> None:
-    """Follow submitted tasks to completion and download their outputs before they expire."""
-    key = connection(api_key_file, base_url, allow_insecure, log_level)
+@click.pass_context
+def collect(ctx: click.Context, job: Path | None, state: Path | None, results: Path | None, fake_api: bool,
+            download_dir: Path | None, wait: bool, wait_timeout: str, poll_interval: float, base_url: str,
+            api_key_file: Path | None, rate: str, concurrency: int, download_concurrency: int, http_timeout: float,
+            download_max_bytes: int, download_timeout: str, download_min_rate: float, allow_insecure: bool,
+            as_json: bool, log_level: str) -> None:
+    """Follow submitted tasks to completion and download their outputs before they expire.
+
+    With JOB.toml, its state, base_url, output (as --results), download and rate are the
+    defaults; options win."""
+    if job is not None:
+        spec = load_job(job, known_fields=Catalog(state_home() / "models").known_fields())
+        unset = lambda name: ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)  # noqa: E731
+        state = state or spec.get("state")
+        results = results or spec.get("output")
+        download_dir = download_dir or spec.get("download")
+        base_url = spec.get("base_url", base_url) if unset("base_url") else base_url
+        rate = str(spec.get("rate", rate)) if unset("rate") else rate
+    key = connection(api_key_file, base_url, allow_insecure, log_level, needs_key=not fake_api)
     config = CollectConfig(
         base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=concurrency, http_timeout=http_timeout,
         wait=wait, wait_timeout=parse_duration(wait_timeout, "--timeout"), poll_min=poll_interval,
         download_dir=download_dir, download_concurrency=download_concurrency,
-        download=DownloadPolicy(allow_local=is_loopback(base_url), max_bytes=download_max_bytes,
+        download=DownloadPolicy(allow_local=fake_api or is_loopback(base_url), max_bytes=download_max_bytes,
                                 deadline=parse_duration(download_timeout, "--download-timeout"),
                                 min_rate=download_min_rate, stall=http_timeout),
     )
-    summary = run_collect(CollectOptions(state or default_state_path(), config, results, budget_dir=state_home()))
+    default = fake_state_path() if fake_api else default_state_path()
+    summary = run_collect(CollectOptions(state or default, config, results, fake_api, budget_dir=state_home()))
     structlog.get_logger("batch").info("collect_summary", **summary)
     if as_json:
         click.echo(json.dumps(summary))
@@ -508,6 +564,8 @@ def report(results: Path, as_json: bool) -> None:
     """Print the summary of an existing results table."""
     try:
         summary = summarize_table(results)
+    except ValueError as exc:
+        raise ConfigError(f"{results}: {exc}") from None
     except Exception as exc:
         raise ConfigError(f"{results}: cannot read results table ({type(exc).__name__})") from None
     click.echo(json.dumps(summary, ensure_ascii=False) if as_json else render(summary))

@@ -43,13 +43,14 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "passthrough": ((list, str), "columns kept as they are although they resemble an API field"),
     "prompt_template": ((str,), "a template with {column} placeholders"),
     "metrics_file": ((str,), "a path"),
+    "download": ((str,), "a directory for collect's downloads"),
     "columns": ((dict,), "a table mapping input columns to API fields"),
     "params": ((dict,), "a table of API field values"),
     "prices": ((dict,), "tables of model slug -> resolution = USD per second"),
     "prices_file": ((str,), "a TOML price table"),
     "max_spend": ((int, float), "USD"),
 }
-PATH_KEYS = ("output", "state", "metrics_file", "prices_file")
+PATH_KEYS = ("output", "state", "metrics_file", "prices_file", "download")
 
 
 @dataclass(frozen=True)

@@ -533,17 +533,21 @@ class Ledger:
         path.rename(path.with_name(path.name + f".replayed-{datetime.now(UTC):%Y%m%dT%H%M%S}"))
 
     # -- requests ----------------------------------------------------------------------
-    def _rows_of(self, columns: Sequence[str], ids: Sequence[str]) -> Iterator[tuple[Any, ...]]:
-        """``columns`` of this API's rows of ``ids`` (500 per query: SQLite's parameter limit)."""
+    def _rows_of(self, columns: Sequence[str], ids: Sequence[str],
+                 apis: Sequence[str] | None = None) -> Iterator[tuple[Any, ...]]:
+        """``columns`` of the rows of ``ids`` sent to this API (or to ``apis``), 500 ids per
+        query: SQLite's parameter limit."""
         cols = ", ".join(columns)
+        scope = tuple(apis) if apis is not None else (self.api,)
+        api_marks = ",".join("?" * len(scope))
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             yield from self.db.execute(
-                f"SELECT {cols} FROM requests WHERE api=? AND request_id IN ({marks})", (self.api, *chunk))
+                f"SELECT {cols} FROM requests WHERE api IN ({api_marks}) AND request_id IN ({marks})", (*scope, *chunk))
 
-    def lookup(self, ids: Sequence[str]) -> dict[str, Entry]:
-        return {row[1]: Entry(*row) for row in self._rows_of(LEDGER_COLUMNS, ids)}
+    def lookup(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, Entry]:
+        return {row[1]: Entry(*row) for row in self._rows_of(LEDGER_COLUMNS, ids, apis)}
 
     def outcome_rows(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         """Rows of ``ids`` as the results table reads them (``OUTCOME_COLUMNS``), with any
@@ -583,14 +587,14 @@ class Ledger:
             f"AND (task_status IS NULL OR task_status NOT IN {done}) ORDER BY submitted_at", tuple(apis)
         )]
 
-    def import_task(self, request_id: str, task_id: str, label: str | None, model: str | None, source: str | None,
-                    row: int | None, body: str, submitted_at: str | None) -> None:
+    def import_task(self, api: str, request_id: str, task_id: str, model: str | None, endpoint: str | None,
+                    source: str | None, row: int | None, body: str, submitted_at: str | None) -> None:
         """Adopt a task known only from a results table (collect --results on another machine)."""
         self.db.execute(
-            "INSERT INTO requests(api, request_id, status, run_id, label, model, source, row, body, task_id, "
+            "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, row, body, task_id, "
             "submitted_at, updated_at) VALUES (?, ?, 'submitted', 'imported', ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(api, request_id) DO NOTHING",
-            (self.api, request_id, label, model, source, row, body, task_id, submitted_at, utcnow()),
+            (api, request_id, model, endpoint, source, row, body, task_id, submitted_at, utcnow()),
         )
 
 

@@ -1,10 +1,19 @@
-"""structlog set-up: JSON lines on stderr for cron, readable console lines on a TTY."""
+"""structlog set-up: JSON lines on stderr for cron, readable console lines on a TTY.
+
+Guarantee: off a TTY every line on stderr is one JSON event. Our own events go through
+structlog; the standard library's logging (aiohttp, asyncio) and Python warnings
+(polars, pyarrow) are routed through the same renderer; the one-line error of a failed
+command is an ``error`` event (:func:`report_error`). Every event passes the redactor,
+so not even a library's message can carry the key.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -14,8 +23,8 @@ LEVELS = ("debug", "info", "warning", "error")
 
 def _redactor(secrets: list[str]) -> Any:
     def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        # Defence in depth: no code path logs the key, but a provider message or an
-        # exception text could echo it back.
+        # Defence in depth: provider text is scrubbed where it enters (batch.client), but
+        # an exception or a library message could still echo the key.
         for key, value in event.items():
             if isinstance(value, str):
                 for secret in secrets:
@@ -27,23 +36,48 @@ def _redactor(secrets: list[str]) -> Any:
     return redact
 
 
+def json_stderr() -> bool:
+    return not sys.stderr.isatty()
+
+
 def configure(level: str = "info", json_lines: bool | None = None, secrets: list[str] | None = None) -> None:
-    """Configure structlog for this process; ``json_lines=None`` decides by stderr being a TTY."""
+    """Configure structlog (and stdlib logging, and warnings) for this process;
+    ``json_lines=None`` decides by stderr being a TTY."""
     if json_lines is None:
-        json_lines = not sys.stderr.isatty()
+        json_lines = json_stderr()
     renderer: Any = (
         structlog.processors.JSONRenderer(ensure_ascii=False) if json_lines
         else structlog.dev.ConsoleRenderer(colors=True)
     )
+    shared: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redactor([s for s in (secrets or []) if s]),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redactor([s for s in (secrets or []) if s]),
-            renderer,
-        ],
+        processors=[structlog.contextvars.merge_contextvars, *shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # The standard library's loggers (aiohttp, asyncio's "Task was destroyed...") and
+    # warnings (polars, pyarrow) render through the same processors.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(logging.WARNING, getattr(logging, level.upper())))
+    logging.captureWarnings(True)
+
+
+def report_error(message: str, exit_code: int) -> None:
+    """The one line a failed command leaves on stderr: a JSON ``error`` event off a TTY."""
+    if json_stderr():
+        event = {"event": "error", "level": "error", "error": message, "exit_code": exit_code,
+                 "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
+        print(json.dumps(event, ensure_ascii=False), file=sys.stderr, flush=True)
+    else:
+        print(f"seedance-batch: error: {message}", file=sys.stderr, flush=True)

@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +50,15 @@ from batch.progress import Progress
 from batch.ratelimit import SharedBudget, SmoothLimiter
 from batch.results import (
     OK_STATUSES,
+    RESULT_DTYPES,
     AtomicTableWriter,
     RequestSpool,
     Resolution,
     Tally,
     check_output_path,
+    csv_text,
+    is_results_table,
+    ledger_value,
     read_results,
     request_frames,
     request_schema_of,
@@ -481,35 +484,44 @@ class CollectOptions:
 
 
 def run_collect(opts: CollectOptions) -> dict[str, Any]:
-    """Poll (and download) the ledger's open tasks; update the results table if given."""
+    """Poll (and download) the ledger's open tasks, each at the API that issued it (the
+    bundled fake's only with ``--fake-api``); rebuild the results table if given."""
     started = time.monotonic()
     if opts.results is None and not opts.state.exists():
         raise StateError(f"{opts.state}: no state file (nothing submitted yet?)")
+    table = _read_table(opts.results) if opts.results is not None and opts.results.exists() else None
+    if opts.results is not None and table is None:
+        raise InputError(f"{opts.results}: no such results table")
     with locked_ledger(opts.state, opts.api, "collect") as ledger:
+        apis = [FAKE_API] if opts.fake_api else sorted(set(ledger.apis()) - {FAKE_API}) or [opts.api]
         only: set[str] | None = None
-        table = None
-        if opts.results is not None:
-            table = _read_table(opts.results)
-            only = _import_from_table(ledger, table)
-        entries = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=[opts.api])
+        if table is not None:
+            only = _import_from_table(ledger, table, opts.api)
+        entries = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=apis)
         if only is not None:
             entries = [e for e in entries if e.request_id in only]
         stats = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
         if opts.results is not None and table is not None:
             with interruptible():
-                update_table(opts.results, table, ledger)
+                update_table(opts.results, table, ledger, apis)
         summary = {"run_id": "collect", "followed": len(entries), **stats.as_dict(),
                    "elapsed_s": round(time.monotonic() - started, 3), "state": str(opts.state),
                    "results": str(opts.results or "")}
-        summary["exit_code"] = EXIT_INTERRUPTED if stats.interrupted \
-            else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE)
+        summary["exit_code"] = EXIT_INTERRUPTED if stats.interrupted else (
+            EXIT_PROVIDER if stats.fatal else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE))
         return summary
 
 
 async def _collect_all(opts: CollectOptions, ledger: Ledger, tasks: list[Task]) -> CollectStats:
     config = opts.config
+    fake = None
+    if opts.fake_api:
+        from batch.fake_api import start_fake  # any instance of the fake answers for its tasks
+
+        fake = await start_fake()
+        config = replace(config, base_url=fake.url, api_key=Secret("fake-api-key"))
     aledger = AsyncLedger(ledger)
-    budget = shared_budget(opts.budget_dir, config.api_key) if not opts.fake_api and config.rate else None
+    budget = shared_budget(opts.budget_dir, config.api_key) if fake is None and config.rate else None
     collector = Collector(config, aledger, SmoothLimiter(config.rate, shared=budget))
     with signals_to(lambda signum: collector.interrupt(signal.Signals(signum).name)):
         try:
@@ -518,58 +530,76 @@ async def _collect_all(opts: CollectOptions, ledger: Ledger, tasks: list[Task]) 
             await aledger.close()
             if budget is not None:
                 budget.close()
+            if fake is not None:
+                await fake.close()
 
 
 def _read_table(path: Path) -> pl.DataFrame:
     try:
-        return read_results(path)
+        table = read_results(path)
     except Exception as exc:  # polars raises many types for a bad file
         raise InputError(f"{path}: cannot read results table ({type(exc).__name__})") from None
+    if not is_results_table(table):
+        raise InputError(f"{path}: not a results table (no request_id and status columns)")
+    return table
 
 
-def _import_from_table(ledger: Ledger, table: pl.DataFrame) -> set[str]:
-    """Request ids of the table's submitted tasks; tasks the ledger lacks are adopted."""
-    needed = {"request_id", "task_id", "status"}
-    if not needed <= set(table.columns):
-        raise InputError(f"results table lacks columns: {', '.join(sorted(needed - set(table.columns)))}")
+def _import_from_table(ledger: Ledger, table: pl.DataFrame, api: str) -> set[str]:
+    """The table's request ids; tasks it names that the ledger lacks are adopted, under
+    the API their endpoint names (else this run's)."""
+    ids = table["request_id"].to_list()
+    if "task_id" not in table.columns:
+        return set(ids)
     rows = table.filter(pl.col("task_id").is_not_null() & pl.col("status").is_in(["submitted", "skipped"]))
     odd = [t for t in rows["task_id"].to_list() if check_task_id(t) is None]
     if odd:  # a table is input like any other: such an id would become a URL and a file name
         log.warning("task_ids_refused", count=len(odd), reason="not plain tokens; not followed")
         rows = rows.filter(~pl.col("task_id").is_in(odd))
-    ids = rows["request_id"].to_list()
-    known = ledger.lookup(ids)
-    known = Catalog().known_fields()
-    fields = [c for c in rows.columns if c in known]
+    known = ledger.lookup(rows["request_id"].to_list(), sorted(set(ledger.apis()) | {api}))
+    fields = [c for c in rows.columns if c in Catalog().known_fields()]
     for row in rows.iter_rows(named=True):
         if row["request_id"] in known:
             continue
         body = {k: row[k] for k in fields if row[k] is not None and row[k] != ""}
+        endpoint = row.get("endpoint")
         submitted = row.get("submitted_at")
-        ledger.import_task(row["request_id"], row["task_id"], None, row.get("model"), row.get("source"),
-                           row.get("row"), json.dumps(body, default=str), str(submitted) if submitted else None)
-    return set(ids)
+        ledger.import_task(origin(endpoint) if endpoint else api, row["request_id"], row["task_id"], row.get("model"),
+                           endpoint, row.get("source"), row.get("row"), json.dumps(body, default=str),
+                           str(submitted) if submitted else None)
+    return {rid for rid in ids if rid is not None}
 
 
+SUBMIT_COLUMNS = ("endpoint", "task_id", "error", "error_code", "http_status", "attempts", "submitted_at")
 COLLECT_COLUMNS = ("task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error")
 
 
-def update_table(path: Path, table: pl.DataFrame, ledger: Ledger) -> None:
-    """Rewrite the results table with the ledger's collect columns, atomically."""
-    entries = ledger.lookup(table["request_id"].to_list())
-    updates: dict[str, list[Any]] = {c: [] for c in COLLECT_COLUMNS}
-    for rid in table["request_id"].to_list():
+def update_table(path: Path, table: pl.DataFrame, ledger: Ledger, apis: list[str]) -> None:
+    """Rewrite the results table from the ledger, atomically: every submit and collect
+    column of each row the ledger knows. A table that lost its task ids (a dry run of an
+    older version wrote over it) gets them back."""
+    csv = path.suffix.lower() == ".csv"
+    ids = table["request_id"].to_list()
+    entries = ledger.lookup([i for i in ids if i is not None], apis)
+    statuses = table["status"].to_list()
+    status = []
+    for rid, old in zip(ids, statuses, strict=True):
         e = entries.get(rid)
-        for c in COLLECT_COLUMNS:
-            value = getattr(e, c) if e is not None else None
-            if c == "completed_at" and value is not None and path.suffix.lower() != ".csv":
-                value = datetime.fromisoformat(value)
-            updates[c].append(value)
-    columns = []
-    for c in COLLECT_COLUMNS:
-        dtype = table.schema.get(c, pl.String())
-        columns.append(pl.Series(c, updates[c], dtype=dtype if path.suffix.lower() != ".csv" else pl.String(),
-                                 strict=False))
+        if e is not None and e.status == "submitted" and old not in ("submitted", "skipped"):
+            status.append("submitted")
+        elif e is not None and e.status in ("sending", "unknown") and old in (None, "dry_run", "pending"):
+            status.append("unknown")
+        else:
+            status.append(old)
+    columns = [pl.Series("status", status, dtype=pl.String())]
+    for c in (*SUBMIT_COLUMNS, *COLLECT_COLUMNS):
+        old_values = table[c].to_list() if c in table.columns else [None] * table.height
+        values = [ledger_value(c, getattr(entries[rid], c)) if rid in entries else ledger_value(c, old)
+                  for rid, old in zip(ids, old_values, strict=True)]
+        dtype = RESULT_DTYPES[c]
+        if csv:  # the table was read as text: write text back, as the writer spells it
+            values = [csv_text(v) for v in values]
+            dtype = pl.String()
+        columns.append(pl.Series(c, values, dtype=dtype, strict=False))
     updated = table.with_columns(columns)
     writer = AtomicTableWriter(path)
     try:

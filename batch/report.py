@@ -8,7 +8,7 @@ from typing import Any
 
 import polars as pl
 
-from batch.results import OK_STATUSES, STATUSES, read_results
+from batch.results import OK_STATUSES, STATUSES, is_results_table, read_results
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -29,6 +29,13 @@ def render(summary: dict[str, Any]) -> str:
     if summary.get("elapsed_s") is not None:
         lines.append(f"  elapsed {summary['elapsed_s']:.1f} s, sent {summary.get('sent', 0)} "
                      f"at {summary.get('send_rate_per_s', 0.0):.2f}/s")
+    if summary.get("tasks"):
+        states = ", ".join(f"{n} {status}" for status, n in sorted(summary["tasks"].items()))
+        lines.append(f"  tasks: {states}; downloaded {summary.get('downloaded', 0)}")
+        for item in summary.get("failure_reasons") or []:
+            lines.append(f"    {item['count']:>6} x failed: {item['reason'][:100]}")
+        for item in summary.get("download_errors") or []:
+            lines.append(f"    {item['count']:>6} x download: {item['error'][:100]}  <-")
     collected = summary.get("collect")
     if collected:
         states = ", ".join(f"{n} {status}" for status, n in collected["task_status"].items()) or "none"
@@ -106,12 +113,28 @@ def prometheus(summary: dict[str, Any], job: str) -> str:
 
 
 def summarize_table(path: Path) -> dict[str, Any]:
-    """The summary of an existing results table (``seedance-batch report``)."""
+    """The summary of an existing results table (``seedance-batch report``): requests by
+    status and their top errors and, once collected, tasks by state, failure reasons and
+    download errors. Raises ``ValueError`` for a file that is not a results table."""
     df = read_results(path)
-    counts = dict(Counter(df.get_column("status").to_list())) if "status" in df.columns else {}
+    if not is_results_table(df):
+        raise ValueError("not a results table (no request_id and status columns)")
+    counts = dict(Counter(df.get_column("status").to_list()))
     top: list[dict[str, Any]] = []
-    if "error" in df.columns and "status" in df.columns:
+    if "error" in df.columns:
         bad = df.filter(~pl.col("status").is_in(list(OK_STATUSES)) & pl.col("error").is_not_null())
         for error, n in Counter(bad.get_column("error").to_list()).most_common(5):
             top.append({"error": error, "count": n})
-    return {"run_id": path.name, "counts": counts, "top_errors": top, "results": str(path)}
+    summary: dict[str, Any] = {"run_id": path.name, "counts": counts, "top_errors": top, "results": str(path)}
+    if "task_status" in df.columns and df["task_status"].drop_nulls().len():
+        tasks = df.filter(pl.col("task_status").is_not_null())
+        summary["tasks"] = dict(Counter(tasks["task_status"].to_list()))
+        if "failure_reason" in df.columns:
+            summary["failure_reasons"] = [{"reason": r, "count": n} for r, n in Counter(
+                tasks.filter(pl.col("task_status") != "success")["failure_reason"].drop_nulls().to_list()).most_common(5)]
+        if "download_error" in df.columns:
+            summary["download_errors"] = [{"error": e, "count": n} for e, n in Counter(
+                df["download_error"].drop_nulls().to_list()).most_common(5)]
+        if "local_paths" in df.columns:
+            summary["downloaded"] = int(df["local_paths"].drop_nulls().len())
+    return summary

@@ -12,12 +12,13 @@ new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,11 @@ def field_dtypes(types: dict[str, str]) -> dict[str, pl.DataType]:
         out[name] = pl.List(_JSON_DTYPES.get(item, pl.String())) if kind.startswith("array") \
             else _JSON_DTYPES.get(kind, pl.String())
     return out
-_OUTCOME_DTYPES: dict[str, pl.DataType] = {
+RESULT_DTYPES: dict[str, pl.DataType] = {
     "status": pl.String(), "endpoint": pl.String(), "task_id": pl.String(), "error": pl.String(), "error_code": pl.Int64(),
     "http_status": pl.Int64(), "attempts": pl.Int64(), "submitted_at": pl.Datetime("ms", "UTC"),
-    "task_status": pl.String(), "resource_urls": pl.String(), "failure_reason": pl.String(),
-    "completed_at": pl.Datetime("ms", "UTC"), "local_paths": pl.String(), "download_error": pl.String(),
+    "task_status": pl.String(), "resource_urls": pl.List(pl.String()), "failure_reason": pl.String(),
+    "completed_at": pl.Datetime("ms", "UTC"), "local_paths": pl.List(pl.String()), "download_error": pl.String(),
 }
 
 
@@ -80,19 +81,53 @@ class Resolution:
 # Ledger.outcome_rows, typed; the ledger's status and run_id only decide the row's status.
 _ENTRY_SCHEMA: dict[str, pl.DataType] = {
     "request_id": pl.String(), "_status": pl.String(), "_run_id": pl.String(),
-    **{c: _OUTCOME_DTYPES[c] for c in OUTCOME_COLUMNS[3:]},
+    **{c: RESULT_DTYPES[c] for c in OUTCOME_COLUMNS[3:]},
 }
 _TIMESTAMPS = ("submitted_at", "completed_at")
+_LISTS = ("resource_urls", "local_paths")
+CSV_DATETIME = "%Y-%m-%dT%H:%M:%S%.3fZ"  # one ISO 8601 UTC spelling in every CSV table
+
+
+def csv_text(value: Any) -> str | None:
+    """A value as the CSV writer spells it (for a table that was read back as text)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    if isinstance(value, list):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def ledger_value(column: str, value: Any) -> Any:
+    """A ledger cell as the results table holds it: timestamps as datetimes, the URLs
+    and the downloaded files as lists (the ledger keeps JSON text)."""
+    if value is None:
+        return None
+    if column in _TIMESTAMPS:
+        if isinstance(value, str):
+            return _to_datetime(value) if value else None
+        return value
+    if column in _LISTS:
+        try:
+            parsed = json.loads(value) if isinstance(value, str) else value
+        except ValueError:
+            return None
+        if column == "local_paths" and isinstance(parsed, dict):
+            return [str(v.get("path")) for v in parsed.values() if isinstance(v, dict) and v.get("path")]
+        return [str(v) for v in parsed] if isinstance(parsed, list) else None
+    return value
 
 
 def entries_frame(rows: Sequence[tuple[Any, ...]]) -> pl.DataFrame:
     """Ledger rows (``OUTCOME_COLUMNS``) as a typed frame. Timestamps are parsed with
     ``datetime.fromisoformat``: tasks adopted from another machine's table may carry
     another ISO spelling than ours."""
-    as_text = {c: (pl.String() if c in _TIMESTAMPS else t) for c, t in _ENTRY_SCHEMA.items()}
-    df = pl.DataFrame(rows, schema=as_text, orient="row")
+    converted = {c: (pl.String() if c in _TIMESTAMPS or c in _LISTS else t) for c, t in _ENTRY_SCHEMA.items()}
+    df = pl.DataFrame(rows, schema=converted, orient="row")
     return df.with_columns(
-        pl.Series(c, [_to_datetime(v) for v in df[c].to_list()], dtype=_ENTRY_SCHEMA[c]) for c in _TIMESTAMPS
+        pl.Series(c, [ledger_value(c, v) for v in df[c].to_list()], dtype=_ENTRY_SCHEMA[c])
+        for c in (*_TIMESTAMPS, *_LISTS)
     )
 
 
@@ -158,7 +193,7 @@ def result_schema(request: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
     """The results table's columns, from a request schema (:func:`request_schema`)."""
     schema = dict(request)
     del schema[INVALID], schema[LABEL]
-    schema.update(_OUTCOME_DTYPES)
+    schema.update(RESULT_DTYPES)
     return schema
 
 
@@ -308,7 +343,13 @@ class AtomicTableWriter:
 
     def write(self, df: pl.DataFrame) -> None:
         if self.csv:
-            escape_formulas(df).write_csv(self._file, include_header=self._header)
+            # Lists as JSON text, timestamps in one ISO spelling, and a BOM first so that
+            # Excel opens non-ASCII text as UTF-8.
+            flat = df.with_columns(
+                pl.col(c).map_elements(lambda v: json.dumps(list(v), ensure_ascii=False), return_dtype=pl.String)
+                for c, t in df.schema.items() if isinstance(t, pl.List))
+            escape_formulas(flat).write_csv(self._file, include_header=self._header, include_bom=self._header,
+                                            datetime_format=CSV_DATETIME)
             self._header = False
             return
         table = df.to_arrow()
@@ -435,3 +476,7 @@ def read_results(path: Path) -> pl.DataFrame:
     if path.suffix.lower() == ".csv":
         return pl.read_csv(path, infer_schema=False)
     return pl.read_parquet(path)
+
+
+def is_results_table(df: pl.DataFrame) -> bool:
+    return {"request_id", "status"} <= set(df.columns)

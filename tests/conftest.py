@@ -110,6 +110,17 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
+def error_line(stderr: str) -> str:
+    """The one error a failed command reports. Off a TTY (as here) every stderr line is a
+    JSON event, and exactly one of them is the ``error``."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert all(line.startswith("{") for line in lines), stderr
+    errors = [e["error"] for e in map(json.loads, lines) if e.get("event") == "error"]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
 @pytest.fixture
 def steady_clock() -> Iterator[None]:
     """No collector pauses while a test times requests: here the CLI and the fake share

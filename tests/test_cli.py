@@ -5,14 +5,11 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import KEY, SAMPLES, cli, json_lines, results, run_cli_process, submit_args, subprocess_env, write_csv
+from conftest import KEY, SAMPLES, cli, error_line, json_lines, results, run_cli_process, submit_args, subprocess_env, write_csv
 
 
 def one_line_error(res) -> str:
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    return lines[0]
+    return error_line(res.stderr)
 
 
 @pytest.mark.parametrize(("args", "message"), [

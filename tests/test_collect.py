@@ -53,13 +53,14 @@ def test_collect_in_passes_then_download(start_fake, tmp_path: Path) -> None:
     df = results(table)
     assert df["task_status"].to_list() == ["success"] * 5
     assert df["completed_at"].null_count() == 0
-    assert df["resource_urls"].str.contains("/files/task-video-").all()
+    assert df.schema["resource_urls"] == pl.List(pl.String) and df.schema["local_paths"] == pl.List(pl.String)
+    assert all(url.split("/files/")[1].startswith("task-video-") for urls in df["resource_urls"] for url in urls)
     files = sorted(p.name for p in (tmp_path / "videos").iterdir())
     assert len(files) == 6 and sum(f.endswith(".last_frame.png") for f in files) == 1
     for row in df.iter_rows(named=True):
         video = video_of(tmp_path / "videos", row)
         assert video.read_bytes() == fake_file_bytes(row["task_id"], "mp4", 4096)
-        assert str(video.name) in row["local_paths"]
+        assert str(video) in row["local_paths"]
     # A third pass polls nothing and downloads nothing again.
     before_polls, before_dl = polls(fake), len(downloads(fake))
     third = collect(fake, tmp_path, "--download", str(tmp_path / "videos"))
@@ -157,7 +158,7 @@ def test_bad_key_stops_collect(start_fake, tmp_path: Path) -> None:
     submit(fake, tmp_path, prompts(3))
     fake.state.config.api_key = "another-key"
     res = collect(fake, tmp_path)
-    assert res.exit_code == 1 and "HTTP 401" in res.output
+    assert res.exit_code == 5 and "HTTP 401" in res.output  # a fatal provider condition
 
 
 def test_submit_wait_downloads_in_the_same_process(fake, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import polars as pl
-from conftest import accepted_twice, prompts, results, subprocess_env, write_csv
+from conftest import accepted_twice, error_line, prompts, results, subprocess_env, write_csv
 
 
 def submit_process(fake, tmp_path: Path, inputs: Path, *extra: str, limit: int | None = None,
@@ -32,10 +32,6 @@ def submit_process(fake, tmp_path: Path, inputs: Path, *extra: str, limit: int |
                           env=subprocess_env(), preexec_fn=preexec, timeout=120, **kw)
 
 
-def one_line(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if not line.startswith("{")]
-
-
 def test_state_disk_full_mid_run_loses_no_accepted_task_id(fake, tmp_path: Path) -> None:
     """Reported: exit 2 ("nothing was sent") although 130 POSTs went out and 64 accepted
     task ids were lost; no table, no summary."""
@@ -44,7 +40,7 @@ def test_state_disk_full_mid_run_loses_no_accepted_task_id(fake, tmp_path: Path)
     res = submit_process(fake, tmp_path, path, limit=150_000)
     assert res.returncode == 6, res.stderr  # a fault after sending: not "nothing was sent"
     assert "Traceback" not in res.stderr
-    (line,) = one_line(res.stderr)
+    line = error_line(res.stderr)
     assert "state write failed" in line and "requests were sent" in line and "rescue" in line
     accepted = {r.task_id for r in fake.state.submissions() if r.task_id}
     assert 0 < len(accepted) < 500
@@ -69,7 +65,7 @@ def test_output_disk_full_is_one_line_and_the_ledger_keeps_everything(fake, tmp_
     res = submit_process(fake, tmp_path, path, limit=6_000_000)  # the table needs ~11 MB, the ledger < 5
     assert res.returncode == 6, res.stderr
     assert "Traceback" not in res.stderr
-    (line,) = one_line(res.stderr)
+    line = error_line(res.stderr)
     assert "cannot write results table" in line and "File too large" in line and "nothing is sent twice" in line
     assert "submitted      2000" in res.stdout  # the summary still says what happened
     assert not (tmp_path / "out" / "r.parquet").exists()
@@ -93,7 +89,7 @@ def test_a_read_only_state_directory_is_one_line_exit_2(fake) -> None:
                           "--rate", "0"], capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
-    (line,) = one_line(res.stderr)
+    line = error_line(res.stderr)
     assert "s.sqlite" in line and "Permission denied" in line
     assert fake.state.records == []
 
