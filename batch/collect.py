@@ -354,7 +354,8 @@ class Collector:
 
     async def _poll_once(self, task: Task) -> None:
         cfg = self.config
-        url = task.poll_url or task_url(self.base_for(task), task.task_id)
+        # The fake moves to a new port with each process: its get_result URLs go stale.
+        url = task.poll_url if task.poll_url and task.api != FAKE_API else task_url(self.base_for(task), task.task_id)
         for attempt in range(1, cfg.max_attempts + 1):
             if self.stopping.is_set():
                 return
