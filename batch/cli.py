@@ -30,13 +30,24 @@ from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slu
 from batch.client import Secret
 from batch.collect import CollectConfig
 from batch.download import DownloadPolicy
-from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError, StateError
+from batch.errors import EXIT_INTERRUPTED, EXIT_PROVIDER, BatchError, ConfigError, StateError
 from batch.expand import ExpandSpec, normalize, parse_param
 from batch.jobfile import JobFile, load_job
 from batch.ledger import backup as ledger_backup
 from batch.ledger import default_state_path, fake_state_path, state_home
 from batch.models import Catalog
-from batch.pipeline import CollectOptions, Interrupted, RunOptions, load_and_expand, plan, run_collect, run_submit
+from batch.pipeline import (
+    CollectOptions,
+    Interrupted,
+    RunOptions,
+    load_and_expand,
+    plan,
+    planned_cost,
+    run_check,
+    run_collect,
+    run_submit,
+)
+from batch.preflight import fatal
 from batch.prices import Pricing
 from batch.ratelimit import Rate, parse_rate
 from batch.report import prometheus, render, render_collect, summarize_table
@@ -258,6 +269,8 @@ def common_options(fn: Any) -> Any:
         click.option("--max-spend", type=click.FloatRange(0), envvar="SEEDANCE_BATCH_MAX_SPEND", metavar="USD",
                      help="Stop starting requests before tonight's estimated cost passes USD (needs prices). "
                           "[env SEEDANCE_BATCH_MAX_SPEND]"),
+        click.option("--no-preflight", "no_preflight", is_flag=True,
+                     help="Skip the checks of the key, the models and the balance before sending."),
         click.option("--wait", is_flag=True,
                      help="After submitting, follow this run's tasks to completion (collect --wait) in the same process."),
         click.option("--wait-timeout", default="6h", show_default=True, help="With --wait: give up polling after this long."),
@@ -414,6 +427,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         models_dir=state_home() / "models",
         pricing=pricing_of(kw.get("prices_file"), job),
         max_spend=kw.get("max_spend"),
+        preflight=not kw.get("no_preflight") and bool(job.get("preflight", True) if job else True),
     )
 
 
@@ -534,6 +548,32 @@ def collect(ctx: click.Context, job: Path | None, state: Path | None, results: P
     else:
         click.echo(render_collect(summary))
     sys.exit(summary["exit_code"])
+
+
+@main.command()
+@click.argument("targets", nargs=-1, metavar="[JOB.toml|INPUT...]")
+@common_options
+@click.pass_context
+def check(ctx: click.Context, targets: tuple[str, ...], **kw: Any) -> None:
+    """Before the night: is the key valid, is each model in use listed and active, what is
+    the balance (and, with prices, does it cover the estimate)? Read-only and free; one line
+    per check; exit 0, or 5 when the provider definitely refuses (for cron's &&)."""
+    job = None
+    if targets and targets[0].endswith(".toml"):
+        job = load_job(Path(targets[0]), known_fields=Catalog(state_home() / "models").known_fields())
+        kw = merge_job(ctx, job, {**kw, "inputs": tuple(job.get("inputs", [])) + targets[1:]}, need_output=False)
+    else:
+        kw["inputs"] = targets
+    opts = build_options({**kw, "output": os.devnull}, command="check", job=job)
+    models, estimate = [opts.expand.model], None
+    if opts.inputs:
+        expander, _ = load_and_expand(opts, "check")
+        models = expander.models_in_use
+        estimate = planned_cost(opts, expander)
+    checks = asyncio.run(run_check(opts, models, estimate))
+    for c in checks:
+        click.echo(c.line())
+    sys.exit(EXIT_PROVIDER if fatal(checks) else 0)
 
 
 @main.group("state")

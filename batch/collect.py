@@ -383,13 +383,13 @@ class Collector:
             await asyncio.sleep(wait)
 
     def _retry_wait(self, attempt: int, verdict: Verdict) -> float:
-        """As the submitter does: backoff with jitter, at least Retry-After; a 429 pauses
-        every caller of the shared limiter."""
+        """As the submitter does: backoff with jitter, at least Retry-After; a 429 that says
+        when its window reopens pauses every caller of the shared limiter."""
         wait = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_max)
         if verdict.retry_after is not None:
             wait = max(wait, verdict.retry_after)
-        if verdict.http_status == 429:
-            self.limiter.cooldown(verdict.retry_after if verdict.retry_after is not None else wait)
+            if verdict.http_status == 429:
+                self.limiter.cooldown(verdict.retry_after)
         return wait
 
     def _record(self, task: Task, view: TaskView) -> None:

@@ -106,7 +106,8 @@ class FakeConfig:
     latency: float = 0.0
     jitter: float = 0.0
     rate_limit: int | None = None  # strict: at most N requests in any sliding 1 s window
-    minute_limit: int | None = None  # X-RateLimit-* over a sliding 60 s window; 429 beyond it
+    minute_limit: int | None = None  # X-RateLimit-* over a sliding window of window_s; 429 beyond it
+    window_s: float = 60.0
     reset_form: str = "delta"  # X-RateLimit-Reset as seconds to wait ("delta") or an epoch time ("epoch")
     max_concurrent: int | None = None  # requests handled at once; 429 beyond it
     faults: list[Fault] = field(default_factory=list)
@@ -202,14 +203,14 @@ class FakeState:
 
     def minute_window(self, now: float) -> tuple[int, float, bool]:
         """(remaining, seconds until the oldest request leaves the window, over the limit)."""
-        limit = self.config.minute_limit or 0
+        limit, span = self.config.minute_limit or 0, self.config.window_s
         window = self._minute
-        while window and window[0] <= now - 60.0:
+        while window and window[0] <= now - span:
             window.popleft()
         over = len(window) >= limit
         if not over:
             window.append(now)
-        reset = (window[0] + 60.0 - now) if window else 60.0
+        reset = (window[0] + span - now) if window else span
         return max(0, limit - len(window)), reset, over
 
     def new_task(self, body: dict[str, Any], model: str) -> str:
@@ -254,7 +255,7 @@ def parse_task_id(task_id: str) -> tuple[float, str] | None:
 
 
 STATE_KEY = web.AppKey("state", FakeState)
-RATE_KEY = "rate_headers"  # X-RateLimit-* of this request, set by admit()
+RATE_KEY = web.RequestKey("rate_headers", dict)  # X-RateLimit-* of this request, set by admit()
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -365,8 +366,9 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
     app = web.Application(client_max_size=1024 * 1024)
     app[STATE_KEY] = state
 
-    async def admit(request: web.Request, record: Record) -> web.Response | None:
-        """What the provider checks before the endpoint: the key, the per-key rate; then latency."""
+    async def admit(request: web.Request, record: Record, slow: bool = True) -> web.Response | None:
+        """What the provider checks before the endpoint: the key, the per-key rate; then the
+        latency of generation endpoints (``slow``; the read-only ones answer at once)."""
         if not _authorized(request, config):
             record.status = 401
             return _error(401, "invalid or missing API key")
@@ -383,11 +385,12 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             if over:
                 record.status = 429
                 return _error(429, "rate limit exceeded", request[RATE_KEY])
-        await _latency(config, state)
+        if slow:
+            await _latency(config, state)
         return None
 
     def rate_headers(remaining: int, reset: float) -> dict[str, str]:
-        value = f"{reset:.0f}" if config.reset_form == "delta" else f"{time.time() + reset:.0f}"
+        value = f"{reset:.3f}" if config.reset_form == "delta" else f"{time.time() + reset:.3f}"
         return {"X-RateLimit-Limit": str(config.minute_limit), "X-RateLimit-Remaining": str(remaining),
                 "X-RateLimit-Reset": value}
 
@@ -518,7 +521,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
 
     async def models(request: web.Request) -> web.StreamResponse:
         record = state.arrive("GET", request.path, kind="models")
-        refused = await admit(request, record)
+        refused = await admit(request, record, slow=False)
         if refused is not None:
             return refused
         record.status = 200
@@ -528,7 +531,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
 
     async def balance(request: web.Request) -> web.StreamResponse:
         record = state.arrive("GET", request.path, kind="balance")
-        refused = await admit(request, record)
+        refused = await admit(request, record, slow=False)
         if refused is not None:
             return refused
         record.status = 200

@@ -49,6 +49,7 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "prices": ((dict,), "tables of model slug -> resolution = USD per second"),
     "prices_file": ((str,), "a TOML price table"),
     "max_spend": ((int, float), "USD"),
+    "preflight": ((bool,), "true or false"),
 }
 PATH_KEYS = ("output", "state", "metrics_file", "prices_file", "download")
 
@@ -82,7 +83,7 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
         if key not in _TOP:
             raise _fail(path, key, f"unknown key (known: {', '.join(sorted(_TOP))})")
         types, what = _TOP[key]
-        if not isinstance(value, types) or isinstance(value, bool):
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise _fail(path, key, f"expected {what}, got {type(value).__name__}")
         values[key] = value
     base = path.parent

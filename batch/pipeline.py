@@ -38,6 +38,7 @@ from batch.errors import (
     BatchError,
     ConfigError,
     InputError,
+    ProviderError,
     StateError,
 )
 from batch.estimate import Estimator
@@ -45,6 +46,7 @@ from batch.expand import Expander, ExpandSpec, Request
 from batch.ledger import AsyncLedger, Entry, Ledger, locked_ledger, utcnow
 from batch.load import Unreadable, load_inputs
 from batch.models import Catalog
+from batch.preflight import Check, fatal, run_checks
 from batch.prices import Pricing
 from batch.progress import Progress
 from batch.ratelimit import SharedBudget, SmoothLimiter
@@ -101,6 +103,7 @@ class RunOptions:
     models_dir: Path | None = None  # fetched and added model specs (they win over the shipped ones)
     pricing: Pricing = field(default_factory=Pricing)
     max_spend: float | None = None  # USD: stop starting requests before tonight's estimate passes it
+    preflight: bool = True  # check the key, the models and the balance before sending
 
     @property
     def api(self) -> str:
@@ -291,9 +294,12 @@ def run_submit(opts: RunOptions) -> Summary:
             return summary
         opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander)))
         schema = request_schema_of(expander)
+        estimate = planned_cost(opts, expander) if opts.preflight else None
 
-    with locked_ledger(opts.state, opts.api) as ledger:
+    with locked_ledger(opts.state, opts.api) as ledger:  # local faults first, then the provider
         settle_apis(ledger, opts.api, opts.moved_from)
+        if opts.preflight and not opts.fake_api:
+            asyncio.run(preflight(opts, expander.models_in_use, estimate))
         try:
             ledger.start_run(run_id, opts.command)
         except sqlite3.Error as exc:
@@ -346,6 +352,49 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     return _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable)
 
 
+def planned_cost(opts: RunOptions, expander: Expander) -> float | None:
+    """The estimated cost of what the run would send, for the preflight's balance check
+    (an extra pass over the input: only when prices are given)."""
+    if not opts.pricing:
+        return None
+    estimate = plan(opts, expander, None).estimate()
+    return estimate.get("cost_usd") if estimate else 0.0
+
+
+async def preflight(opts: RunOptions, models: list[str], estimate: float | None,
+                    config: SubmitConfig | None = None) -> list[Check]:
+    """The checks of :mod:`batch.preflight`; a definite refusal stops here (exit 5)."""
+    config = config or opts.submit
+    budget = shared_budget(opts.budget_dir, config.api_key) if not opts.fake_api and config.rate else None
+    try:
+        checks = await run_checks(config.base_url, config.api_key, models, estimate,
+                                  SmoothLimiter(config.rate, config.rate_margin, budget))
+    finally:
+        if budget is not None:
+            budget.close()
+    bad = fatal(checks)
+    if bad:
+        raise ProviderError("preflight: " + "; ".join(f"{c.name}: {c.detail}" for c in bad)
+                            + "; nothing sent (--no-preflight skips the checks)")
+    return checks
+
+
+async def run_check(opts: RunOptions, models: list[str], estimate: float | None) -> list[Check]:
+    """``seedance-batch check``: the preflight alone, against the fake too."""
+    fake = None
+    config = opts.submit
+    if opts.fake_api:
+        from batch.fake_api import start_fake
+
+        fake = await start_fake()
+        config = replace(config, base_url=fake.url, api_key=Secret("fake-api-key"))
+    try:
+        return await run_checks(config.base_url, config.api_key, models, estimate)
+    finally:
+        if fake is not None:
+            await fake.close()
+
+
 async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: Ledger,
                       run_id: str) -> _Outcome:
     loop = asyncio.get_running_loop()
@@ -358,6 +407,12 @@ async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[R
     if fake is not None:
         config = replace(config, base_url=fake.url, api_key=Secret("fake-api-key"))
         log.info("fake_api", url=fake.url)
+        if opts.preflight:
+            try:
+                await preflight(opts, expander.models_in_use, None, config)
+            except BaseException:
+                await fake.close()
+                raise
     aledger = AsyncLedger(ledger, resend_unknown=config.resend_unknown)
     progress = Progress(lambda: (expander.rows_seen, expander.total_rows), opts.progress_tty, opts.progress_interval)
     progress_task = asyncio.create_task(progress.run())

@@ -445,8 +445,10 @@ class Submitter:
             wait = backoff_delay(attempts, cfg.backoff_base, cfg.backoff_max)
             if verdict.retry_after is not None:
                 wait = max(wait, verdict.retry_after)
-            if verdict.http_status == 429:
-                self.limiter.cooldown(verdict.retry_after if verdict.retry_after is not None else wait)
+            if verdict.http_status == 429 and verdict.retry_after is not None:
+                # A window's 429 says when it reopens: everyone waits. A bare 429 is more
+                # likely the concurrency limit, which the in-flight ceiling already halved.
+                self.limiter.cooldown(verdict.retry_after)
             if attempts >= cfg.max_attempts:
                 verdict.error = f"gave up after {attempts} attempts: {verdict.error}"
                 verdict.kind = Kind.FAIL

@@ -166,9 +166,11 @@ def test_kill_9_mid_run_then_rerun_never_pays_twice(start_fake, tmp_path: Path) 
     assert sum(counts.values()) == 60
     assert 0 < counts.get("unknown", 0) <= 8  # at most what was in flight
     # Every request the API accepted is accounted for: skipped or submitted with its task id,
-    # or unknown (accepted before the kill, answer lost).
+    # or unknown (accepted before the kill, answer lost; or marked and killed before its
+    # bytes left, which PREWIRE bounds).
     df = results(tmp_path / "results.parquet")
-    assert len(fake.state.accepted_bodies()) == counts.get("skipped", 0) + counts.get("submitted", 0) + counts["unknown"]
+    known = counts.get("skipped", 0) + counts.get("submitted", 0)
+    assert known <= len(fake.state.accepted_bodies()) <= known + counts["unknown"]
     assert df.filter(pl.col("status") == "unknown")["error"].str.contains("earlier run stopped after sending").all()
 
 

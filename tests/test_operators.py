@@ -77,7 +77,7 @@ def test_a_ledger_of_another_api_is_refused_unless_moved_on_purpose(start_fake, 
     assert f"--moved-from {old.url}" in error_line(res.stderr) and new.state.records == []
     res = submit(new.url, tmp_path, path, extra=["--moved-from", old.url])
     assert res.exit_code == 0, res.output
-    assert new.state.records == [] and results(tmp_path / "r.parquet")["status"].to_list() == ["skipped"] * 5
+    assert new.state.submissions() == [] and results(tmp_path / "r.parquet")["status"].to_list() == ["skipped"] * 5
 
 
 def test_collect_polls_each_task_at_the_api_that_issued_it(start_fake, tmp_path: Path) -> None:
