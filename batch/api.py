@@ -83,9 +83,17 @@ def check_slug(slug: str) -> str:
     return text
 
 
-def endpoint_url(template: str, base_url: str, slug: str) -> str:
-    """Render a submit-route template (or a :data:`ROUTE_FORMS` name) for one model."""
+DOCUMENTED = "documented"  # each model's own route, from its spec (batch.models), at the configured base
+
+
+def endpoint_url(template: str, base_url: str, slug: str, documented: str | None = None) -> str:
+    """Render a submit-route template (or a :data:`ROUTE_FORMS` name) for one model;
+    ``documented`` is the path of the model's documented route."""
     provider, _, model = check_slug(slug).partition("/")
+    if template == DOCUMENTED:
+        if documented:
+            return base_url.rstrip("/") + documented
+        template = "async"  # a model without a documented route: today's schema pages' form
     form = ROUTE_FORMS.get(template, template)
     return form.format(base=base_url.rstrip("/"), provider=quote(provider, safe=""), model=quote(model, safe=""))
 
@@ -93,6 +101,8 @@ def endpoint_url(template: str, base_url: str, slug: str) -> str:
 def check_endpoint(template: str, base_url: str) -> None:
     """The template renders, and only onto the API's own scheme and host (the key goes
     nowhere else), or ValueError naming what is wrong."""
+    if template == DOCUMENTED:
+        return
     form = ROUTE_FORMS.get(template, template)
     try:
         url = endpoint_url(form, base_url, DEFAULT_MODEL)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import click
 import polars as pl
 import structlog
@@ -27,7 +28,7 @@ from click.core import ParameterSource
 
 from batch import __version__, logs
 from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slug, is_loopback
-from batch.client import Secret
+from batch.client import Secret, TooLarge, describe, read_capped
 from batch.collect import CollectConfig
 from batch.download import DownloadPolicy
 from batch.errors import EXIT_INTERRUPTED, EXIT_PROVIDER, BatchError, ConfigError, StateError
@@ -35,7 +36,7 @@ from batch.expand import ExpandSpec, normalize, parse_param
 from batch.jobfile import JobFile, load_job
 from batch.ledger import backup as ledger_backup
 from batch.ledger import default_state_path, fake_state_path, state_home
-from batch.models import Catalog
+from batch.models import MAX_SPEC_BYTES, Catalog, save_spec
 from batch.pipeline import (
     CollectOptions,
     Interrupted,
@@ -219,8 +220,9 @@ def common_options(fn: Any) -> Any:
         base_url_option(),
         click.option("--model", default=DEFAULT_MODEL, show_default=True, envvar="SEEDANCE_BATCH_MODEL",
                      help="Model slug provider/model for rows that do not name one. [env SEEDANCE_BATCH_MODEL]"),
-        click.option("--endpoint", default="seed", show_default=True, envvar="SEEDANCE_BATCH_ENDPOINT",
-                     help="Submit route: seed ({base}/api/v1/text-to-video/{provider}/{model}/async), async "
+        click.option("--endpoint", default="documented", show_default=True, envvar="SEEDANCE_BATCH_ENDPOINT",
+                     help="Submit route: documented (each model's own, from its spec), seed "
+                          "({base}/api/v1/text-to-video/{provider}/{model}/async), async "
                           "({base}/api/v1/{provider}/{model}/async), v1 ({base}/api/v1/{provider}/{model}), or a "
                           "template with those placeholders. [env SEEDANCE_BATCH_ENDPOINT]"),
         api_key_file_option(),
@@ -574,6 +576,91 @@ def check(ctx: click.Context, targets: tuple[str, ...], **kw: Any) -> None:
     for c in checks:
         click.echo(c.line())
     sys.exit(EXIT_PROVIDER if fatal(checks) else 0)
+
+
+@main.group("models", invoke_without_command=True)
+@click.pass_context
+def models_group(ctx: click.Context) -> None:
+    """The models this tool knows (shipped, fetched, added): slug, kind, completeness, fields."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(models_list)
+
+
+@models_group.command("list")
+def models_list() -> None:
+    """List the known models; a fetched or added spec wins over the shipped one."""
+    catalog = Catalog(state_home() / "models")
+    for problem in catalog.problems:
+        click.echo(f"unreadable spec: {problem}", err=True)
+    for slug in sorted(catalog.models):
+        spec = catalog.models[slug]
+        click.echo(f"{slug}  {spec.kind}  {spec.origin}, {spec.completeness}"
+                   + (f" ({spec.source_date})" if spec.source_date else ""))
+        click.echo("    " + ", ".join(f"{n}{'*' if f.required else ''}:{f.type}" for n, f in spec.fields.items()))
+        if spec.rules:
+            click.echo("    rules: " + ", ".join(spec.rules))
+
+
+@models_group.command("fetch")
+@click.argument("slug")
+@click.option("--schema-base", default="https://www.modellix.ai", show_default=True,
+              help="Where the provider publishes schema documents ({base}/models/{provider}/{model}/api_schema).")
+@click.option("--fake-api", is_flag=True, help="Fetch from the bundled fake (for trying it out).")
+@allow_insecure_option()
+def models_fetch(slug: str, schema_base: str, fake_api: bool, allow_insecure: bool) -> None:
+    """Download a model's published request schema into the state directory; it then wins
+    over the shipped spec. No key is sent: the documents are public pages."""
+    logs.configure("warning")
+    try:
+        slug = check_slug(slug)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not fake_api:
+        check_transport(schema_base, allow_insecure)
+    doc, url = asyncio.run(fetch_schema(schema_base, slug, fake_api))
+    spec = save_spec(state_home() / "models", doc, "fetched", url, slug)
+    click.echo(f"{spec.slug}: {len(spec.fields)} fields ({', '.join(spec.fields)}) from {url}")
+
+
+async def fetch_schema(base: str, slug: str, fake_api: bool) -> tuple[Any, str]:
+    fake = None
+    if fake_api:
+        from batch.fake_api import start_fake
+
+        fake = await start_fake()
+        base = fake.url
+    url = f"{base.rstrip('/')}/models/{slug}/api_schema"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session, \
+                session.get(url, allow_redirects=False) as resp:
+            raw = await read_capped(resp, MAX_SPEC_BYTES)
+            if resp.status != 200:
+                raise ConfigError(f"models fetch {slug}: {url} answered HTTP {resp.status}")
+        return json.loads(raw), url
+    except (aiohttp.ClientError, TimeoutError, TooLarge, ValueError) as exc:
+        raise ConfigError(f"models fetch {slug}: {url}: {describe(exc) if not isinstance(exc, ValueError) else exc}") \
+            from None
+    finally:
+        if fake is not None:
+            await fake.close()
+
+
+@models_group.command("add")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--slug", help="provider/model, when the document does not say.")
+def models_add(file: Path, slug: str | None) -> None:
+    """Add a model from a schema document file (the provider's api_schema format)."""
+    logs.configure("warning")
+    try:
+        if file.stat().st_size > MAX_SPEC_BYTES:
+            raise ConfigError(f"{file}: larger than {MAX_SPEC_BYTES} bytes; not a schema document")
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{file}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{file}: not JSON ({exc})") from None
+    spec = save_spec(state_home() / "models", doc, "added", str(file), check_slug(slug) if slug else None)
+    click.echo(f"{spec.slug}: {len(spec.fields)} fields ({', '.join(spec.fields)}) added")
 
 
 @main.group("state")

@@ -20,6 +20,7 @@ import polars as pl
 from batch.models import Catalog
 from batch.prices import FLEX_SHARE, FRAMES_PER_SECOND, Pricing
 
+NO_TIER = "no tier"  # a model without service_tier (the 2.0 family): its one price
 LABEL = "__label"  # a request frame's hidden column: the row's id (the id column itself is passed through)
 
 
@@ -63,7 +64,7 @@ class Estimator:
             model=pl.col("model"),
             resolution=col("resolution").cast(pl.String).fill_null(
                 self._defaults(models, "resolution", "default").cast(pl.String)),
-            tier=col("service_tier").cast(pl.String).fill_null(pl.lit("default")),
+            tier=col("service_tier").cast(pl.String).fill_null(pl.lit(NO_TIER)),
             seconds=seconds,
         )
         for tier, n in frame.group_by("tier", maintain_order=True).len().iter_rows():

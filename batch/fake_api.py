@@ -37,9 +37,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import fastjsonschema
 from aiohttp import web
 
-from batch.api import DEFAULT_MODEL, TASK_PATH
+from batch.api import TASK_PATH
+from batch.models import Catalog, shipped
+from batch.validate import RULES, BodyRule, FieldRule
 
 _REASONS = {
     400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
@@ -119,7 +122,8 @@ class FakeConfig:
     seed: int = 0
     record_bodies: bool = True
     routes: tuple[str, ...] = ("seed", "async", "v1")  # the submit route forms served
-    models: tuple[str, ...] = (DEFAULT_MODEL,)  # listed by /api/v1/models and accepted on submit
+    models: tuple[str, ...] | None = None  # listed by /api/v1/models and accepted; None: every shipped model
+    schemas: dict[str, Any] = field(default_factory=dict)  # slug -> schema document served instead of the shipped
     balance: float = 100.0
     get_result: bool = True  # answer submissions with data.get_result.url
 
@@ -270,43 +274,33 @@ def _ok(data: Any, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"code": 0, "message": "success", "data": data}, headers=headers)
 
 
-def validate_body(body: Any) -> str | None:
-    """Return why ``body`` breaks the documented schema, or None when it is valid."""
-    if not isinstance(body, dict):
-        return "body must be a JSON object"
-    allowed = {
-        "prompt", "ratio", "resolution", "duration", "frames", "seed", "camera_fixed",
-        "service_tier", "execution_expires_after", "return_last_frame",
-    }
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        return f"unknown parameter {unknown[0]}"
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not 1 <= len(prompt) <= 2000:
-        return "prompt is required, 1..2000 characters"
-    enums = {
-        "ratio": ("16:9", "4:3", "1:1", "3:4", "9:16", "21:9", "adaptive"),
-        "resolution": ("480p", "720p", "1080p"),
-        "service_tier": ("default", "flex"),
-    }
-    for name, choices in enums.items():
-        if name in body and body[name] not in choices:
-            return f"{name} must be one of {', '.join(choices)}"
-    ranges = {
-        "duration": (2, 12), "frames": (29, 289), "seed": (-1, 2147483647),
-        "execution_expires_after": (3600, 259200),
-    }
-    for name, (lo, hi) in ranges.items():
-        if name in body:
-            value = body[name]
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                return f"{name} must be an integer in [{lo}, {hi}]"
-    if "frames" in body and (body["frames"] - 25) % 4:
-        return "frames must be 25 + 4n"
-    for name in ("camera_fixed", "return_last_frame"):
-        if name in body and not isinstance(body[name], bool):
-            return f"{name} must be a boolean"
-    return None
+class BodyChecker:
+    """The provider's check of a request body, read from the same specifications as our
+    validator (:mod:`batch.models`) but by an independent reading: the JSON Schema through
+    ``fastjsonschema``, then the named rules of :data:`batch.validate.RULES`."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._compiled: dict[str, Any] = {}
+
+    def problem(self, slug: str, body: Any) -> str | None:
+        """Why ``body`` breaks the model's schema, or None when it is valid."""
+        spec = self.catalog.find(slug)
+        if spec is None:
+            return f"model {slug} not found"
+        if slug not in self._compiled:
+            self._compiled[slug] = fastjsonschema.compile(spec.schema, use_default=False)
+        try:
+            self._compiled[slug](body)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            return f"{exc.name.removeprefix('data.')}: {exc.message.removeprefix(exc.name + ' ')}"
+        for name in spec.rules:
+            rule = RULES.get(name)
+            if isinstance(rule, FieldRule) and rule.field in body and not rule.ok(body[rule.field]):
+                return f"{rule.field} {rule.rule}"
+            if isinstance(rule, BodyRule) and not rule.ok(body):
+                return rule.message
+        return None
 
 
 def _authorized(request: web.Request, config: FakeConfig) -> bool:
@@ -365,6 +359,9 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
     state = FakeState(config)
     app = web.Application(client_max_size=1024 * 1024)
     app[STATE_KEY] = state
+    catalog = Catalog()
+    checker = BodyChecker(catalog)
+    served = config.models if config.models is not None else tuple(sorted(shipped()))
 
     async def admit(request: web.Request, record: Record, slow: bool = True) -> web.Response | None:
         """What the provider checks before the endpoint: the key, the per-key rate; then the
@@ -420,7 +417,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         refused = await admit(request, record)
         if refused is not None:
             return refused
-        if slug not in config.models:
+        if slug not in served:
             record.status = 404
             return _error(404, f"model {slug} not found")
 
@@ -434,7 +431,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             answer = await _apply_fault(fault, request, state, record, accept)
             if answer is not None:
                 return answer
-        problem = validate_body(body)
+        problem = checker.problem(slug, body)
         if problem is not None:
             record.status = 400
             return _error(400, problem)
@@ -525,9 +522,23 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         if refused is not None:
             return refused
         record.status = 200
-        return _ok({"models": [{"slug": slug, "type": "text-to-video", "status": "active",
-                                "docs_url": f"https://docs.modellix.ai/{slug.replace('.', '-')}"}
-                               for slug in config.models]})
+        kinds = {"t2v": "text-to-video", "i2v": "image-to-video", "v2v": "video-to-video"}
+        return _ok({"models": [{"slug": slug, "type": kinds.get(spec.kind, spec.kind) if (spec := catalog.find(slug))
+                                else "video", "status": "active",
+                                "docs_url": f"https://docs.modellix.ai/{slug.replace('.', '-')}"} for slug in served]})
+
+    async def api_schema(request: web.Request) -> web.StreamResponse:
+        """The per-model schema document, at the path the provider publishes it."""
+        slug = f"{request.match_info['provider']}/{request.match_info['model']}"
+        record = state.arrive("GET", request.path, kind="schema")
+        spec = catalog.find(slug)
+        doc = config.schemas.get(slug) or ({"servers": [{"url": spec.route}], "post": {"requestBody": {"content": {
+            "application/json": {"schema": spec.schema}}}}} if spec is not None else None)
+        if doc is None:
+            record.status = 404
+            return _error(404, f"model {slug} not found")
+        record.status = 200
+        return web.json_response(doc)
 
     async def balance(request: web.Request) -> web.StreamResponse:
         record = state.arrive("GET", request.path, kind="balance")
@@ -552,6 +563,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
     app.router.add_get("/api/v1/models", models)
     app.router.add_get("/api/v1/team/balance", balance)
     app.router.add_get("/api/v1/apikey/validate", validate_key)
+    app.router.add_get("/models/{provider}/{model}/api_schema", api_schema)
     app.router.add_get("/_fake/records", records)
     return app
 

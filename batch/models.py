@@ -19,6 +19,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -149,6 +150,34 @@ def shipped() -> dict[str, ModelSpec]:
             spec = parse_spec(json.loads(entry.read_text(encoding="utf-8")), SHIPPED)
             found[spec.slug] = spec
     return found
+
+
+MAX_SPEC_BYTES = 1 << 20
+
+
+def save_spec(directory: Path, doc: Any, origin: str, source: str, slug: str | None = None) -> ModelSpec:
+    """Check a schema document and keep it in ``directory`` (where it wins over the
+    shipped spec of its model); our block records where it came from and, for the
+    provider's bare document, carries over the shipped spec's kind and named rules."""
+    known = shipped()
+    fallback = known.get(slug) if slug else None
+    try:
+        spec = parse_spec(doc, origin, fallback, slug)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: not a model schema document ({exc})") from None
+    fallback = fallback or known.get(spec.slug)
+    ours = dict(doc.get("x-seedance-batch") or {})
+    ours.update({"slug": spec.slug, "origin": origin, "source": source, "saved_at": datetime.now(UTC).isoformat()})
+    if fallback is not None:
+        ours.setdefault("kind", fallback.kind)
+        ours.setdefault("rules", list(fallback.rules))
+    ours.setdefault("completeness", "as published" if origin == "fetched" else "as added")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / spec_filename(spec.slug)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({**doc, "x-seedance-batch": ours}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return parse_spec(json.loads(path.read_text(encoding="utf-8")), origin, fallback, spec.slug)
 
 
 class Catalog:

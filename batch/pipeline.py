@@ -292,7 +292,8 @@ def run_submit(opts: RunOptions) -> Summary:
             summary = _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable)
             summary.extra["columns"] = expander.mapping_lines()
             return summary
-        opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander)))
+        routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_in_use}
+        opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander), routes=routes))
         schema = request_schema_of(expander)
         estimate = planned_cost(opts, expander) if opts.preflight else None
 

@@ -17,9 +17,10 @@ def render(summary: dict[str, Any]) -> str:
     total = sum(counts.values())
     title = summary.get("title") or f"seedance-batch run {summary.get('run_id', '-')}"
     lines = [f"{title}: {total} requests"]
-    order = [s for s in (*STATUSES, "valid") if s in counts] + sorted(set(counts) - {*STATUSES, "valid"})
+    fine = {"valid", "would send"}
+    order = [s for s in (*STATUSES, *fine) if s in counts] + sorted(set(counts) - {*STATUSES, *fine})
     for status in order:
-        mark = "" if status in OK_STATUSES or status == "valid" else "  <-"
+        mark = "" if status in OK_STATUSES or status in fine else "  <-"
         lines.append(f"  {status:<10} {counts[status]:>8}{mark}")
     errors = summary.get("top_errors") or []
     if errors:
@@ -106,10 +107,31 @@ def prometheus(summary: dict[str, Any], job: str) -> str:
         ("last_run_sent", "HTTP submissions made by the last run.", summary.get("sent", 0)),
         ("last_run_send_rate", "Submissions per second achieved by the last run.", summary.get("send_rate_per_s", 0)),
     ]
+    if summary.get("estimated_spend_usd") is not None:
+        scalars.append(("last_run_spend_usd", "Estimated USD of what the last run may have had accepted.",
+                        summary["estimated_spend_usd"]))
     for name, help_text, value in scalars:
         lines += [f"# HELP seedance_batch_{name} {help_text}", f"# TYPE seedance_batch_{name} gauge",
                   f'seedance_batch_{name}{{job="{label}"}} {value}']
+    lines += ["# HELP seedance_batch_last_run_stop Why the last run stopped early (1), if it did.",
+              "# TYPE seedance_batch_last_run_stop gauge"]
+    kind = stop_kind(summary.get("stop_reason"))
+    if kind:
+        lines.append(f'seedance_batch_last_run_stop{{job="{label}",reason="{kind}"}} 1')
     return "\n".join(lines) + "\n"
+
+
+def stop_kind(reason: str | None) -> str | None:
+    """A stop reason as a metric label: max_spend, max_requests, deadline, interrupted,
+    circuit_breaker, provider (bad key, no balance, no route), state (a disk fault)."""
+    if not reason:
+        return None
+    for prefix, kind in (("--max-spend", "max_spend"), ("--max-requests", "max_requests"), ("deadline", "deadline"),
+                         ("interrupted", "interrupted"), ("aborted", "interrupted"), ("circuit breaker", "circuit_breaker"),
+                         ("HTTP ", "provider"), ("state write failed", "state")):
+        if reason.startswith(prefix):
+            return kind
+    return "other"
 
 
 def summarize_table(path: Path) -> dict[str, Any]:

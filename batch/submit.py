@@ -30,14 +30,14 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp.payload
 import structlog
 
-from batch.api import endpoint_url, origin
+from batch.api import DOCUMENTED, endpoint_url, origin
 from batch.client import Kind, Secret, Verdict, backoff_delay, make_session, request_once
 from batch.errors import ConfigError
 from batch.expand import Request, chunks
@@ -80,7 +80,8 @@ class SubmitConfig:
 
     base_url: str
     api_key: Secret
-    endpoint: str = "seed"  # a route form (batch.api.ROUTE_FORMS) or a URL template
+    endpoint: str = DOCUMENTED  # each model's documented route, a route form (batch.api.ROUTE_FORMS) or a template
+    routes: Mapping[str, str] = field(default_factory=dict)  # model -> path of its documented route
     rate: Rate | None = DEFAULT_RATE  # None: no pacing
     concurrency: int | None = None  # None: adapt to rate x observed latency
     max_attempts: int = 5
@@ -96,7 +97,7 @@ class SubmitConfig:
     spend_cap: SpendCap | None = None
 
     def url_for(self, model: str) -> str:
-        return endpoint_url(self.endpoint, self.base_url, model)
+        return endpoint_url(self.endpoint, self.base_url, model, self.routes.get(model))
 
     @property
     def pool_size(self) -> int:

@@ -75,7 +75,7 @@ def test_a_host_without_the_preflight_endpoints_is_a_warning_not_a_stop(serve, t
 
 
 def test_check_prints_one_line_per_check_and_exits_for_cron(start_fake, tmp_path: Path) -> None:
-    fake = start_fake(balance=12.5)
+    fake = start_fake(balance=12.5, models=(LITE,))
     res = cli(["check", "--base-url", fake.url])
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines() == ["ok    key      valid", f"ok    models   {LITE} listed and active",
