@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Iterable
@@ -28,7 +29,7 @@ from click.core import ParameterSource
 
 from batch import __version__, logs
 from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slug, is_loopback
-from batch.client import Secret, TooLarge, describe, read_capped
+from batch.client import Secret, TooLarge, Transport, describe, make_session, read_capped, redact_url
 from batch.collect import CollectConfig
 from batch.download import DownloadPolicy
 from batch.errors import EXIT_INTERRUPTED, EXIT_PROVIDER, BatchError, ConfigError, StateError
@@ -214,6 +215,34 @@ def allow_insecure_option() -> Any:
                         help="Allow sending the key over plain http to a non-loopback host.")
 
 
+def transport_options(fn: Any) -> Any:
+    """How requests leave the machine: shared by every command that talks to the provider."""
+    fn = click.option("--ca-bundle", type=click.Path(path_type=Path, dir_okay=False), envvar="SEEDANCE_BATCH_CA_BUNDLE",
+                      help="Also trust these certificate authorities (PEM), e.g. a TLS-inspecting proxy's; "
+                           "SSL_CERT_FILE works too. [env SEEDANCE_BATCH_CA_BUNDLE]")(fn)
+    return click.option("--proxy", envvar="SEEDANCE_BATCH_PROXY", metavar="URL",
+                        help="Send API calls and downloads through this proxy (http://[user:pass@]host:port); without "
+                             "it HTTPS_PROXY/HTTP_PROXY apply. NO_PROXY is honoured. [env SEEDANCE_BATCH_PROXY]")(fn)
+
+
+def transport_of(proxy: str | None, ca_bundle: Path | None) -> Transport:
+    """The transport, checked now: a bad proxy URL or CA file is a usage error, not a night of retries."""
+    if proxy:
+        parts = urlsplit(proxy)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--proxy {redact_url(proxy)}: expected http://[user:password@]host:port")
+    transport = Transport(proxy or None, str(ca_bundle) if ca_bundle else None)
+    try:
+        transport.ssl_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--ca-bundle {ca_bundle or os.environ.get('SSL_CERT_FILE')}: not a readable PEM bundle "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
+    if transport.proxy or ca_bundle:
+        structlog.get_logger("batch").info("transport", proxy=redact_url(transport.proxy),
+                                           ca_bundle=transport.ca_bundle)
+    return transport
+
+
 def common_options(fn: Any) -> Any:
     """Options shared by ``submit`` and ``run`` (where they override the job file)."""
     options = [
@@ -259,6 +288,7 @@ def common_options(fn: Any) -> Any:
                      help="On SIGINT/SIGTERM/deadline, seconds to wait for requests in flight."),
         click.option("--sheet", help="Excel sheet name or 1-based number (default: the first)."),
         allow_insecure_option(),
+        transport_options,
         click.option("--metrics-file", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_METRICS_FILE",
                      help="Write a Prometheus textfile (node_exporter) with the run's counts. [env SEEDANCE_BATCH_METRICS_FILE]"),
         click.option("--progress-interval", type=click.FloatRange(0.05), default=10.0, show_default=True,
@@ -397,8 +427,10 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         check_endpoint(kw["endpoint"], kw["base_url"])
     except ValueError as exc:
         raise ConfigError(f"--{exc}") from None
+    transport = transport_of(kw.get("proxy"), kw.get("ca_bundle"))
     submit_cfg = SubmitConfig(
         base_url=kw["base_url"], api_key=key, endpoint=kw["endpoint"], rate=rate, concurrency=kw["concurrency"],
+        transport=transport,
         max_attempts=kw["max_attempts"], timeout=kw["timeout"], resend_unknown=kw["resend_unknown"],
         max_requests=kw["max_requests"],
     )
@@ -421,7 +453,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
             base_url=kw["base_url"], api_key=key, rate=rate, wait=True,
             wait_timeout=parse_duration(kw["wait_timeout"], "--wait-timeout"),
             download_dir=kw["download_dir"], http_timeout=kw["timeout"],
-            poll_min=2.0 if kw["fake_api"] else 10.0,
+            poll_min=2.0 if kw["fake_api"] else 10.0, transport=transport,
             download=DownloadPolicy(allow_local=kw["fake_api"] or is_loopback(kw["base_url"])),
         ) if kw["wait"] else None,
         moved_from=tuple(kw.get("moved_from") or ()),
@@ -513,6 +545,7 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @click.option("--download-min-rate", type=click.FloatRange(0), default=16 * 1024, show_default=True,
               help="Bytes/s a download must keep up over every 30 s, or it is cut off (and retried).")
 @allow_insecure_option()
+@transport_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @log_option()
 @click.pass_context
@@ -520,7 +553,7 @@ def collect(ctx: click.Context, job: Path | None, state: Path | None, results: P
             download_dir: Path | None, wait: bool, wait_timeout: str, poll_interval: float, base_url: str,
             api_key_file: Path | None, rate: str, concurrency: int, download_concurrency: int, http_timeout: float,
             download_max_bytes: int, download_timeout: str, download_min_rate: float, allow_insecure: bool,
-            as_json: bool, log_level: str) -> None:
+            proxy: str | None, ca_bundle: Path | None, as_json: bool, log_level: str) -> None:
     """Follow submitted tasks to completion and download their outputs before they expire.
 
     With JOB.toml, its state, base_url, output (as --results), download and rate are the
@@ -533,6 +566,8 @@ def collect(ctx: click.Context, job: Path | None, state: Path | None, results: P
         download_dir = download_dir or spec.get("download")
         base_url = spec.get("base_url", base_url) if unset("base_url") else base_url
         rate = str(spec.get("rate", rate)) if unset("rate") else rate
+        proxy = proxy or spec.get("proxy")
+        ca_bundle = ca_bundle or spec.get("ca_bundle")
     key = connection(api_key_file, base_url, allow_insecure, log_level, needs_key=not fake_api)
     config = CollectConfig(
         base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=concurrency, http_timeout=http_timeout,
@@ -541,6 +576,7 @@ def collect(ctx: click.Context, job: Path | None, state: Path | None, results: P
         download=DownloadPolicy(allow_local=fake_api or is_loopback(base_url), max_bytes=download_max_bytes,
                                 deadline=parse_duration(download_timeout, "--download-timeout"),
                                 min_rate=download_min_rate, stall=http_timeout),
+        transport=transport_of(proxy, ca_bundle),
     )
     default = fake_state_path() if fake_api else default_state_path()
     summary = run_collect(CollectOptions(state or default, config, results, fake_api, budget_dir=state_home()))
@@ -607,7 +643,9 @@ def models_list() -> None:
               help="Where the provider publishes schema documents ({base}/models/{provider}/{model}/api_schema).")
 @click.option("--fake-api", is_flag=True, help="Fetch from the bundled fake (for trying it out).")
 @allow_insecure_option()
-def models_fetch(slug: str, schema_base: str, fake_api: bool, allow_insecure: bool) -> None:
+@transport_options
+def models_fetch(slug: str, schema_base: str, fake_api: bool, allow_insecure: bool, proxy: str | None,
+                 ca_bundle: Path | None) -> None:
     """Download a model's published request schema into the state directory; it then wins
     over the shipped spec. No key is sent: the documents are public pages."""
     logs.configure("warning")
@@ -617,12 +655,12 @@ def models_fetch(slug: str, schema_base: str, fake_api: bool, allow_insecure: bo
         raise ConfigError(str(exc)) from None
     if not fake_api:
         check_transport(schema_base, allow_insecure)
-    doc, url = asyncio.run(fetch_schema(schema_base, slug, fake_api))
+    doc, url = asyncio.run(fetch_schema(schema_base, slug, fake_api, transport_of(proxy, ca_bundle)))
     spec = save_spec(state_home() / "models", doc, "fetched", url, slug)
     click.echo(f"{spec.slug}: {len(spec.fields)} fields ({', '.join(spec.fields)}) from {url}")
 
 
-async def fetch_schema(base: str, slug: str, fake_api: bool) -> tuple[Any, str]:
+async def fetch_schema(base: str, slug: str, fake_api: bool, transport: Transport) -> tuple[Any, str]:
     fake = None
     if fake_api:
         from batch.fake_api import start_fake
@@ -631,8 +669,8 @@ async def fetch_schema(base: str, slug: str, fake_api: bool) -> tuple[Any, str]:
         base = fake.url
     url = f"{base.rstrip('/')}/models/{slug}/api_schema"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session, \
-                session.get(url, allow_redirects=False) as resp:
+        async with make_session(2, 60.0, 10.0, transport) as session, \
+                session.get(url, allow_redirects=False, proxy=transport.proxy_for(url)) as resp:
             raw = await read_capped(resp, MAX_SPEC_BYTES)
             if resp.status != 200:
                 raise ConfigError(f"models fetch {slug}: {url} answered HTTP {resp.status}")

@@ -27,12 +27,16 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import os
 import random
 import re
+import ssl
 import time
+import urllib.request
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -244,8 +248,52 @@ def _classify(status: int, body: Any, headers: Any, secret: Secret | None) -> Ve
     return Verdict(Kind.UNKNOWN, status, error=message, error_code=code)
 
 
-def make_session(concurrency: int, timeout: float, connect_timeout: float) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, keepalive_timeout=10)
+@dataclass(frozen=True)
+class Transport:
+    """How requests reach the internet: a proxy (``--proxy``, else the environment's
+    ``HTTPS_PROXY``/``HTTP_PROXY``, both honouring ``NO_PROXY``) and the authorities
+    trusted for TLS (the system's, plus ``--ca-bundle`` or ``SSL_CERT_FILE`` for a
+    TLS-inspecting proxy). https goes through the proxy in a CONNECT tunnel, so the
+    proxy never sees the key."""
+
+    proxy: str | None = None
+    ca_bundle: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+        bundle = self.ca_bundle or os.environ.get("SSL_CERT_FILE")
+        if bundle:
+            context.load_verify_locations(cafile=bundle)
+        return context
+
+    def proxy_for(self, url: str) -> str | None:
+        """The explicit proxy for ``url``, unless ``NO_PROXY`` lists its host."""
+        if self.proxy is None:
+            return None
+        host = urlsplit(url).hostname or ""
+        no_proxy = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
+        return None if no_proxy and urllib.request.proxy_bypass_environment(host, {"no": no_proxy}) else self.proxy
+
+    @property
+    def trust_env(self) -> bool:
+        return self.proxy is None  # the environment's proxies, unless one is given
+
+
+def redact_url(url: str | None) -> str | None:
+    """A proxy URL fit for a log: no credentials."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+    return url
+
+
+def make_session(concurrency: int, timeout: float, connect_timeout: float,
+                 transport: Transport | None = None) -> aiohttp.ClientSession:
+    transport = transport or Transport()
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, keepalive_timeout=10,
+                                     ssl=transport.ssl_context())
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout),
@@ -253,6 +301,7 @@ def make_session(concurrency: int, timeout: float, connect_timeout: float) -> ai
         # A bearer-key API sets no cookies we need, and pre-signed download URLs must not
         # receive any: a dummy jar also skips cookie filtering on every request and answer.
         cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=transport.trust_env,
     )
 
 
@@ -292,23 +341,40 @@ async def read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
     return b"".join(chunks)
 
 
+def tls_failure(exc: BaseException, url: str) -> str:
+    host = urlsplit(url).hostname
+    reason = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
+    return (f"TLS: the certificate of {host} is not trusted ({str(reason)[:160]}); behind a proxy that inspects "
+            f"TLS, give its certificate authority with --ca-bundle FILE (or SSL_CERT_FILE)")
+
+
 async def request_once(
     session: aiohttp.ClientSession, method: str, url: str, key: Secret, body: bytes | None = None,
-    cap: int = MAX_ANSWER_BYTES,
+    cap: int = MAX_ANSWER_BYTES, transport: Transport | None = None,
 ) -> Verdict:
-    """One attempt; a network failure becomes RETRY (nothing sent) or UNKNOWN (maybe sent)."""
+    """One attempt; a network failure becomes RETRY (nothing sent) or UNKNOWN (maybe sent);
+    a certificate the machine does not trust, or a proxy asking for credentials, is FATAL:
+    no retry can help, and nothing was sent."""
     headers = {"Authorization": f"Bearer {key.reveal()}"}
     if body is not None:
         headers["Content-Type"] = "application/json"
+    proxy = transport.proxy_for(url) if transport is not None else None
     try:
         async with session.request(
-            method, url, data=body, headers=headers, allow_redirects=False
+            method, url, data=body, headers=headers, allow_redirects=False, proxy=proxy
         ) as response:
             try:
                 raw = await read_capped(response, cap)
             except TooLarge as exc:
                 return Verdict(Kind.UNKNOWN, response.status, error=f"HTTP {response.status}: {exc}")
             return classify(response.status, raw, response.headers, key)
+    except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError) as exc:
+        return Verdict(Kind.FATAL, error=tls_failure(exc, url))
+    except aiohttp.ClientHttpProxyError as exc:
+        if exc.status == 407:
+            return Verdict(Kind.FATAL, error="the proxy asks for credentials (HTTP 407): give them in the proxy URL, "
+                                             "http://user:password@host:port")
+        return Verdict(Kind.RETRY, error=f"the proxy refused the tunnel (HTTP {exc.status})")
     except NOT_SENT_ERRORS as exc:
         return Verdict(Kind.RETRY, error=f"connection failed before sending ({describe(exc)})")
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:

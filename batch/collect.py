@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import structlog
 
 from batch.api import FAKE_API, task_url
-from batch.client import Kind, Secret, Verdict, backoff_delay, clean_text, make_session, request_once
+from batch.client import Kind, Secret, Transport, Verdict, backoff_delay, clean_text, make_session, request_once
 from batch.download import (
     DownloadError,
     DownloadPolicy,
@@ -90,6 +90,7 @@ class CollectConfig:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     download: DownloadPolicy = field(default_factory=DownloadPolicy)
+    transport: Transport = field(default_factory=Transport)
 
 
 @dataclass
@@ -321,8 +322,8 @@ class Collector:
     async def _loop(self, tasks: list[Task]) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        async with make_session(cfg.concurrency, cfg.http_timeout, min(10.0, cfg.http_timeout)) as session, \
-                make_download_session(cfg.download) as plain:
+        async with make_session(cfg.concurrency, cfg.http_timeout, min(10.0, cfg.http_timeout), cfg.transport) \
+                as session, make_download_session(cfg.download, cfg.transport) as plain:
             self._session, self._plain = session, plain
             while not self.stopping.is_set():
                 now = loop.time()
@@ -360,7 +361,7 @@ class Collector:
             if self.stopping.is_set():
                 return
             await self.limiter.acquire()
-            verdict = await request_once(self._session, "GET", url, cfg.api_key)
+            verdict = await request_once(self._session, "GET", url, cfg.api_key, transport=cfg.transport)
             self.stats.polls += 1
             if verdict.rate_remaining is not None and verdict.rate_reset is not None:
                 self.limiter.slow_down(verdict.rate_remaining, verdict.rate_limit, verdict.rate_reset)
@@ -468,7 +469,8 @@ class Collector:
             if self.stopping.is_set():
                 raise DownloadError(f"stopped ({last or 'before the first attempt'})")
             try:
-                return await fetch(self._plain, url, final, self.config.download)
+                return await fetch(self._plain, url, final, self.config.download,
+                                   self.config.transport.proxy_for(url))
             except DownloadError as exc:
                 if not exc.retry:
                     raise

@@ -33,6 +33,8 @@ import aiohttp
 import aiohttp.abc
 import aiohttp.resolver
 
+from batch.client import Transport
+
 CHUNK = 1 << 16
 VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "webm"})
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp"})
@@ -105,11 +107,17 @@ class PublicResolver(aiohttp.abc.AbstractResolver):
         await self._inner.close()
 
 
-def make_download_session(policy: DownloadPolicy, trust_env: bool = False) -> aiohttp.ClientSession:
-    resolver = None if policy.allow_local or trust_env else PublicResolver()
-    connector = aiohttp.TCPConnector(limit=64, resolver=resolver)
+_PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def make_download_session(policy: DownloadPolicy, transport: Transport | None = None) -> aiohttp.ClientSession:
+    transport = transport or Transport()
+    # Through a proxy, names are resolved by the proxy: only literal addresses are checked here.
+    proxied = transport.proxy is not None or any(os.environ.get(v) for v in _PROXY_VARS)
+    resolver = None if policy.allow_local or proxied else PublicResolver()
+    connector = aiohttp.TCPConnector(limit=64, resolver=resolver, ssl=transport.ssl_context())
     return aiohttp.ClientSession(
-        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=trust_env,
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=transport.trust_env,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=policy.stall),
     )
 

@@ -594,12 +594,12 @@ async def start_fake(config: FakeConfig | None = None, port: int = 0) -> FakeSer
     return FakeServer(f"http://127.0.0.1:{real_port}", app[STATE_KEY], runner)
 
 
-async def start_app(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+async def start_app(app: web.Application, port: int = 0, ssl_context: Any = None) -> tuple[web.AppRunner, int]:
     """Serve any aiohttp application on 127.0.0.1 (``port=0``: a random free port)."""
     # In-flight handlers (an injected 30 s latency) must not hold up shutdown.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024, ssl_context=ssl_context)
     await site.start()
     server = site._server
     assert server is not None
@@ -607,16 +607,16 @@ async def start_app(app: web.Application, port: int = 0) -> tuple[web.AppRunner,
 
 
 @contextmanager
-def app_in_thread(app: web.Application) -> Iterator[str]:
+def app_in_thread(app: web.Application, ssl_context: Any = None) -> Iterator[str]:
     """Serve an application on its own event loop in a thread; yield its base URL (the
-    tests' hostile servers use this, as the fake does)."""
+    tests' hostile servers use this, as the fake does; with TLS, https://localhost:port)."""
     loop = asyncio.new_event_loop()
     ready: dict[str, Any] = {}
     started = threading.Event()
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        ready["runner"], ready["port"] = loop.run_until_complete(start_app(app))
+        ready["runner"], ready["port"] = loop.run_until_complete(start_app(app, 0, ssl_context))
         started.set()
         loop.run_forever()
 
@@ -625,7 +625,7 @@ def app_in_thread(app: web.Application) -> Iterator[str]:
     if not started.wait(10):
         raise RuntimeError("server did not start")
     try:
-        yield f"http://127.0.0.1:{ready['port']}"
+        yield f"https://localhost:{ready['port']}" if ssl_context else f"http://127.0.0.1:{ready['port']}"
     finally:
         asyncio.run_coroutine_threadsafe(ready["runner"].cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
@@ -634,8 +634,8 @@ def app_in_thread(app: web.Application) -> Iterator[str]:
 
 
 @contextmanager
-def fake_in_thread(config: FakeConfig | None = None) -> Iterator[FakeServer]:
+def fake_in_thread(config: FakeConfig | None = None, ssl_context: Any = None) -> Iterator[FakeServer]:
     """Run the fake on its own event loop in a thread (for CLI and subprocess tests)."""
     app = make_app(config)
-    with app_in_thread(app) as url:
+    with app_in_thread(app, ssl_context) as url:
         yield FakeServer(url, app[STATE_KEY])

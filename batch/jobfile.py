@@ -44,6 +44,8 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "prompt_template": ((str,), "a template with {column} placeholders"),
     "metrics_file": ((str,), "a path"),
     "download": ((str,), "a directory for collect's downloads"),
+    "proxy": ((str,), "a proxy URL http://[user:password@]host:port"),
+    "ca_bundle": ((str,), "a PEM file of certificate authorities to trust"),
     "columns": ((dict,), "a table mapping input columns to API fields"),
     "params": ((dict,), "a table of API field values"),
     "prices": ((dict,), "tables of model slug -> resolution = USD per second"),
@@ -51,7 +53,7 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "max_spend": ((int, float), "USD"),
     "preflight": ((bool,), "true or false"),
 }
-PATH_KEYS = ("output", "state", "metrics_file", "prices_file", "download")
+PATH_KEYS = ("output", "state", "metrics_file", "prices_file", "download", "ca_bundle")
 
 
 @dataclass(frozen=True)

@@ -369,7 +369,7 @@ async def preflight(opts: RunOptions, models: list[str], estimate: float | None,
     budget = shared_budget(opts.budget_dir, config.api_key) if not opts.fake_api and config.rate else None
     try:
         checks = await run_checks(config.base_url, config.api_key, models, estimate,
-                                  SmoothLimiter(config.rate, config.rate_margin, budget))
+                                  SmoothLimiter(config.rate, config.rate_margin, budget), config.transport)
     finally:
         if budget is not None:
             budget.close()
@@ -390,7 +390,7 @@ async def run_check(opts: RunOptions, models: list[str], estimate: float | None)
         fake = await start_fake()
         config = replace(config, base_url=fake.url, api_key=Secret("fake-api-key"))
     try:
-        return await run_checks(config.base_url, config.api_key, models, estimate)
+        return await run_checks(config.base_url, config.api_key, models, estimate, transport=config.transport)
     finally:
         if fake is not None:
             await fake.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from batch.client import Kind, Secret, Verdict, backoff_delay, make_session, request_once
+from batch.client import Kind, Secret, Transport, Verdict, backoff_delay, make_session, request_once
 from batch.ratelimit import SmoothLimiter
 
 FAIL, WARN, OK = "FAIL", "warn", "ok"
@@ -36,7 +36,8 @@ class Check:
         return f"{self.outcome:<5} {self.name:<8} {self.detail}"
 
 
-async def _get(session: Any, base_url: str, path: str, key: Secret, limiter: SmoothLimiter | None) -> Verdict:
+async def _get(session: Any, base_url: str, path: str, key: Secret, limiter: SmoothLimiter | None,
+               transport: Transport | None) -> Verdict:
     """A GET, retried on 429/5xx/timeouts a few times (it is idempotent and free), taking
     its turn in the key's budget like every request: passing only the window guard, the
     checks' starts would later hold back (and then bunch) the night's first submissions."""
@@ -44,7 +45,9 @@ async def _get(session: Any, base_url: str, path: str, key: Secret, limiter: Smo
     for attempt in range(1, 4):
         if limiter is not None:
             await limiter.acquire()
-        verdict = await request_once(session, "GET", base_url.rstrip("/") + path, key)
+        verdict = await request_once(session, "GET", base_url.rstrip("/") + path, key, transport=transport)
+        if verdict.kind is Kind.FATAL and verdict.http_status is None:
+            return verdict  # TLS or proxy credentials: no retry helps
         if verdict.kind in (Kind.OK, Kind.FAIL, Kind.FATAL) or (verdict.http_status or 0) // 100 == 2:
             return verdict
         await asyncio.sleep(min(verdict.retry_after or 0, 5) or backoff_delay(attempt, 0.5, 4))
@@ -63,6 +66,8 @@ def _data(verdict: Verdict) -> Any:
 
 
 def check_key(verdict: Verdict) -> Check:
+    if verdict.kind is Kind.FATAL and verdict.http_status is None:
+        return Check("key", FAIL, str(verdict.error))  # TLS not trusted, or the proxy wants credentials
     if verdict.http_status == 401:
         return Check("key", FAIL, f"the provider refuses the key (HTTP 401: {verdict.error})")
     data = _data(verdict)
@@ -113,12 +118,13 @@ def check_balance(verdict: Verdict, estimate_usd: float | None) -> Check:
 
 
 async def run_checks(base_url: str, key: Secret, slugs: Sequence[str], estimate_usd: float | None,
-                     limiter: SmoothLimiter | None = None, timeout: float = 15.0) -> list[Check]:
-    async with make_session(4, timeout, min(10.0, timeout)) as session:
+                     limiter: SmoothLimiter | None = None, transport: Transport | None = None,
+                     timeout: float = 15.0) -> list[Check]:
+    async with make_session(4, timeout, min(10.0, timeout), transport) as session:
         key_v, models_v, balance_v = await asyncio.gather(
-            _get(session, base_url, "/api/v1/apikey/validate", key, limiter),
-            _get(session, base_url, "/api/v1/models", key, limiter),
-            _get(session, base_url, "/api/v1/team/balance", key, limiter),
+            _get(session, base_url, "/api/v1/apikey/validate", key, limiter, transport),
+            _get(session, base_url, "/api/v1/models", key, limiter, transport),
+            _get(session, base_url, "/api/v1/team/balance", key, limiter, transport),
         )
     checks = [check_key(key_v), check_models(models_v, slugs), check_balance(balance_v, estimate_usd)]
     log = structlog.get_logger("batch.preflight")

@@ -38,7 +38,7 @@ import aiohttp.payload
 import structlog
 
 from batch.api import DOCUMENTED, endpoint_url, origin
-from batch.client import Kind, Secret, Verdict, backoff_delay, make_session, request_once
+from batch.client import Kind, Secret, Transport, Verdict, backoff_delay, make_session, request_once
 from batch.errors import ConfigError
 from batch.expand import Request, chunks
 from batch.ledger import SQL_POLL_URL, AsyncLedger, Mark, utcnow
@@ -95,6 +95,7 @@ class SubmitConfig:
     rate_margin: float = 0.02
     prewire: int = PREWIRE
     spend_cap: SpendCap | None = None
+    transport: Transport = field(default_factory=Transport)
 
     def url_for(self, model: str) -> str:
         return endpoint_url(self.endpoint, self.base_url, model, self.routes.get(model))
@@ -272,7 +273,7 @@ class Submitter:
     async def run(self, requests: Iterable[Request], grace: float | None = None) -> RunStats:
         cfg = self.config
         queue: asyncio.Queue[Request] = asyncio.Queue(maxsize=cfg.pool_size * 2)
-        async with make_session(cfg.pool_size, cfg.timeout, cfg.connect_timeout) as session:
+        async with make_session(cfg.pool_size, cfg.timeout, cfg.connect_timeout, cfg.transport) as session:
             self._session = session
             self._workers = [asyncio.create_task(self._worker(queue)) for _ in range(cfg.pool_size)]
             self._producer = asyncio.create_task(self._produce(requests, queue))
@@ -424,7 +425,8 @@ class Submitter:
                     self.stats.sent += 1
                     try:
                         verdict = await request_once(self._session, "POST", url, cfg.api_key,
-                                                     WirePayload(body, wire))  # type: ignore[arg-type]
+                                                     WirePayload(body, wire),  # type: ignore[arg-type]
+                                                     transport=cfg.transport)
                     finally:
                         self._warm.set()
                 finally:

@@ -31,6 +31,10 @@ def own_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     budget is shared between tests (or with the developer's own ~/.local/state)."""
     home = tmp_path / "xdg-state"
     monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    # Nor does a proxy of the machine that runs the tests: they talk to 127.0.0.1 only.
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
+                "no_proxy", "SSL_CERT_FILE", "SEEDANCE_BATCH_PROXY"):
+        monkeypatch.delenv(var, raising=False)
     return home
 
 
