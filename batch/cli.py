@@ -57,6 +57,7 @@ from batch.results import (
     LABEL,
     write_text_atomically,
 )
+from batch.storage import Target, is_remote
 from batch.submit import SubmitConfig
 from batch.validate import TIERS
 
@@ -269,7 +270,7 @@ def common_options(fn: Any) -> Any:
                      help="Keep COLUMN as a pass-through column although its name resembles an API field. Repeatable."),
         click.option("--dry-run", is_flag=True, help="Validate and expand, send nothing, still write the table."),
         click.option("--fake-api", is_flag=True, help="Start the bundled fake API on 127.0.0.1 and submit to it (no key)."),
-        click.option("--state", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_STATE",
+        click.option("--state", envvar="SEEDANCE_BATCH_STATE",
                      help=f"Ledger (SQLite) of what was sent. [env SEEDANCE_BATCH_STATE; default {default_state_path()}]"),
         click.option("--resend-unknown", is_flag=True,
                      help="Resend requests whose earlier outcome is unknown (may pay twice for one video)."),
@@ -306,7 +307,7 @@ def common_options(fn: Any) -> Any:
         click.option("--wait", is_flag=True,
                      help="After submitting, follow this run's tasks to completion (collect --wait) in the same process."),
         click.option("--wait-timeout", default="6h", show_default=True, help="With --wait: give up polling after this long."),
-        click.option("--download", "download_dir", type=click.Path(path_type=Path, file_okay=False),
+        click.option("--download", "download_dir", metavar="DIR|s3://BUCKET/PREFIX/",
                      envvar="SEEDANCE_BATCH_DOWNLOAD_DIR",
                      help="With --wait: download outputs here. [env SEEDANCE_BATCH_DOWNLOAD_DIR]"),
         log_option(),
@@ -340,7 +341,7 @@ def parse_duration(text: str, option: str) -> float:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, envvar="SEEDANCE_BATCH_OUTPUT",
+@click.option("-o", "--output", required=True, envvar="SEEDANCE_BATCH_OUTPUT", metavar="FILE|s3://...",
               help="Results table (.parquet or .csv). [env SEEDANCE_BATCH_OUTPUT]")
 @common_options
 def submit(**kw: Any) -> None:
@@ -350,7 +351,7 @@ def submit(**kw: Any) -> None:
 
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_OUTPUT",
+@click.option("-o", "--output", envvar="SEEDANCE_BATCH_OUTPUT", metavar="FILE|s3://...",
               help="Results table; overrides the job's output. [env SEEDANCE_BATCH_OUTPUT]")
 @common_options
 @click.pass_context
@@ -436,12 +437,12 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
     )
     return RunOptions(
         inputs=tuple(kw["inputs"]),
-        output=Path(kw["output"]),
+        output=Target(str(kw["output"])),
         expand=expand_spec(job, kw["params"], kw["tier"], kw["model"], kw.get("passthrough") or ()),
         submit=submit_cfg,
         # The fake API's task ids must never land in the real ledger (they would make
         # tomorrow's real run skip those requests), so a fake run has its own default.
-        state=Path(kw["state"]) if kw["state"] else (fake_state_path() if kw["fake_api"] else default_state_path()),
+        state=state_location(kw["state"]) or (fake_state_path() if kw["fake_api"] else default_state_path()),
         dry_run=kw["dry_run"],
         fake_api=kw["fake_api"],
         deadline=log_deadline(kw["deadline"], parse_deadline(kw["deadline"])) if kw["deadline"] else None,
@@ -452,7 +453,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         collect=CollectConfig(
             base_url=kw["base_url"], api_key=key, rate=rate, wait=True,
             wait_timeout=parse_duration(kw["wait_timeout"], "--wait-timeout"),
-            download_dir=kw["download_dir"], http_timeout=kw["timeout"],
+            download_dir=download_location(kw["download_dir"]), http_timeout=kw["timeout"],
             poll_min=2.0 if kw["fake_api"] else 10.0, transport=transport,
             download=DownloadPolicy(allow_local=kw["fake_api"] or is_loopback(kw["base_url"])),
         ) if kw["wait"] else None,
@@ -463,6 +464,24 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         max_spend=kw.get("max_spend"),
         preflight=not kw.get("no_preflight") and bool(job.get("preflight", True) if job else True),
     )
+
+
+def state_location(state: str | Path | None) -> Path | None:
+    """The ledger's path: local disk only. SQLite's locking and its WAL need a local file
+    system (a bucket has neither locks nor partial writes), so a URL is a usage error."""
+    if state is None or state == "":
+        return None
+    if is_remote(str(state)):
+        raise ConfigError(f"--state {state}: the ledger must be on local disk (SQLite locks it and writes its "
+                          "journal beside it; object storage offers neither): give a local path")
+    return Path(state)
+
+
+def download_location(value: str | Path | None) -> str | Path | None:
+    """Where collect puts videos: a local directory, or a bucket prefix (streamed there)."""
+    if value is None or value == "":
+        return None
+    return str(value) if is_remote(str(value)) else Path(value)
 
 
 def pricing_of(path: Path | None, job: JobFile | None) -> Pricing:
@@ -517,13 +536,13 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 
 @main.command()
 @click.argument("job", required=False, type=click.Path(path_type=Path, dir_okay=False), metavar="[JOB.toml]")
-@click.option("--state", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_STATE",
+@click.option("--state", envvar="SEEDANCE_BATCH_STATE",
               help=f"The ledger written by submit. [env SEEDANCE_BATCH_STATE; default {default_state_path()}]")
-@click.option("--results", type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--results", metavar="FILE|s3://...",
               help="Follow this results table's tasks and rewrite it from the ledger (tasks the ledger lacks are "
                    "adopted; a job file's output is the default).")
 @click.option("--fake-api", is_flag=True, help="Follow the tasks a --fake-api submit made (its own state file).")
-@click.option("--download", "download_dir", type=click.Path(path_type=Path, file_okay=False),
+@click.option("--download", "download_dir", metavar="DIR|s3://BUCKET/PREFIX/",
               envvar="SEEDANCE_BATCH_DOWNLOAD_DIR", help="Download ready outputs to DIR/<request_id>.<ext>. "
               "[env SEEDANCE_BATCH_DOWNLOAD_DIR]")
 @click.option("--wait", is_flag=True, help="Keep polling until every task is terminal or --timeout passes (default: one pass).")
@@ -549,8 +568,8 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @log_option()
 @click.pass_context
-def collect(ctx: click.Context, job: Path | None, state: Path | None, results: Path | None, fake_api: bool,
-            download_dir: Path | None, wait: bool, wait_timeout: str, poll_interval: float, base_url: str,
+def collect(ctx: click.Context, job: Path | None, state: str | Path | None, results: str | None, fake_api: bool,
+            download_dir: str | None, wait: bool, wait_timeout: str, poll_interval: float, base_url: str,
             api_key_file: Path | None, rate: str, concurrency: int, download_concurrency: int, http_timeout: float,
             download_max_bytes: int, download_timeout: str, download_min_rate: float, allow_insecure: bool,
             proxy: str | None, ca_bundle: Path | None, as_json: bool, log_level: str) -> None:
@@ -562,8 +581,8 @@ def collect(ctx: click.Context, job: Path | None, state: Path | None, results: P
         spec = load_job(job, known_fields=Catalog(state_home() / "models").known_fields())
         unset = lambda name: ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)  # noqa: E731
         state = state or spec.get("state")
-        results = results or spec.get("output")
-        download_dir = download_dir or spec.get("download")
+        results = results or (str(spec.get("output")) if spec.get("output") else None)
+        download_dir = download_dir or (str(spec.get("download")) if spec.get("download") else None)
         base_url = spec.get("base_url", base_url) if unset("base_url") else base_url
         rate = str(spec.get("rate", rate)) if unset("rate") else rate
         proxy = proxy or spec.get("proxy")
@@ -572,14 +591,16 @@ def collect(ctx: click.Context, job: Path | None, state: Path | None, results: P
     config = CollectConfig(
         base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=concurrency, http_timeout=http_timeout,
         wait=wait, wait_timeout=parse_duration(wait_timeout, "--timeout"), poll_min=poll_interval,
-        download_dir=download_dir, download_concurrency=download_concurrency,
+        download_dir=download_location(download_dir), download_concurrency=download_concurrency,
         download=DownloadPolicy(allow_local=fake_api or is_loopback(base_url), max_bytes=download_max_bytes,
                                 deadline=parse_duration(download_timeout, "--download-timeout"),
                                 min_rate=download_min_rate, stall=http_timeout),
         transport=transport_of(proxy, ca_bundle),
     )
     default = fake_state_path() if fake_api else default_state_path()
-    summary = run_collect(CollectOptions(state or default, config, results, fake_api, budget_dir=state_home()))
+    summary = run_collect(CollectOptions(state_location(state) or default, config,
+                                         Target(str(results)) if results else None, fake_api,
+                                         budget_dir=state_home()))
     structlog.get_logger("batch").info("collect_summary", **summary)
     if as_json:
         click.echo(json.dumps(summary))
@@ -708,13 +729,13 @@ def state_group() -> None:
 
 @state_group.command("backup")
 @click.argument("dest", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--state", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_STATE",
+@click.option("--state", envvar="SEEDANCE_BATCH_STATE",
               help=f"The ledger to copy. [env SEEDANCE_BATCH_STATE; default {default_state_path()}]")
-def state_backup(dest: Path, state: Path | None) -> None:
+def state_backup(dest: Path, state: str | None) -> None:
     """Copy the ledger to DEST safely, even while a run writes to it (SQLite online backup).
     A plain cp of the .sqlite file alone can miss what is still in its -wal companion."""
     logs.configure("warning")
-    source = state or default_state_path()
+    source = state_location(state) or default_state_path()
     if not source.exists():
         raise StateError(f"{source}: no state file")
     counts = ledger_backup(source, dest)
@@ -723,12 +744,12 @@ def state_backup(dest: Path, state: Path | None) -> None:
 
 
 @main.command()
-@click.argument("results", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("results", metavar="RESULTS")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def report(results: Path, as_json: bool) -> None:
+def report(results: str, as_json: bool) -> None:
     """Print the summary of an existing results table."""
     try:
-        summary = summarize_table(results)
+        summary = summarize_table(Target(results))
     except ValueError as exc:
         raise ConfigError(f"{results}: {exc}") from None
     except Exception as exc:

@@ -45,6 +45,9 @@ from batch.client import Kind, Secret, Transport, Verdict, backoff_delay, clean_
 from batch.download import (
     DownloadError,
     DownloadPolicy,
+    FileSink,
+    ObjectSink,
+    Sink,
     contained,
     extension,
     fetch,
@@ -53,6 +56,7 @@ from batch.download import (
 )
 from batch.ledger import AsyncLedger, Entry, utcnow
 from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
+from batch.storage import ObjectUrl, is_remote, object_size_async
 
 TERMINAL = frozenset({"success", "failed", "expired"})
 SUCCESS_STATES = frozenset({"success", "succeeded", "completed"})
@@ -83,7 +87,7 @@ class CollectConfig:
     wait_timeout: float = 6 * 3600.0
     poll_min: float = 10.0
     poll_max: float = 600.0
-    download_dir: Path | None = None
+    download_dir: Path | str | None = None  # a directory, or a bucket prefix s3://bucket/videos/
     download_concurrency: int = 4
     download_attempts: int = 5
     output_ttl: float = 24 * 3600.0
@@ -247,8 +251,8 @@ def _age_seconds(iso: str | None) -> float:
         return 0.0
 
 
-def wanted_files(task: Task, directory: Path) -> list[tuple[str, str, Path]]:
-    """(role, url, final path) of each output to download for a successful task: the
+def wanted_files(task: Task) -> list[tuple[str, str, str]]:
+    """(role, url, file name) of each output to download for a successful task: the
     name from our request id and label, the extension from an allow-list."""
     files = []
     stem = file_stem(task.request_id, task.label)
@@ -265,7 +269,7 @@ def wanted_files(task: Task, directory: Path) -> list[tuple[str, str, Path]]:
         n = seen[kind]
         role = kind if n == 1 else f"{kind}_{n}"
         suffix = (".last_frame" if is_frame else "") + (f".{n}" if n > 1 else "")
-        files.append((role, url, contained(directory, f"{stem}{suffix}.{extension(res, is_frame)}")))
+        files.append((role, url, f"{stem}{suffix}.{extension(res, is_frame)}"))
     return files
 
 
@@ -425,6 +429,27 @@ class Collector:
         self.ledger.write(SQL_DOWNLOAD, (None, NO_OUTPUT, task.status, utcnow(), task.api, task.request_id))
         self.log.warning("no_output", request_id=task.request_id, task_id=task.task_id, error=NO_OUTPUT)
 
+    def _destination(self, name: str) -> tuple[str, Sink]:
+        """Where one output goes, checked: a file inside the download directory, or an
+        object under the bucket prefix (streamed there, never staged on local disk)."""
+        dest = self.config.download_dir
+        assert dest is not None
+        if isinstance(dest, str):
+            if "/" in name or name.startswith("."):
+                raise DownloadError(f"refusing the object name {name!r}")
+            url = str(ObjectUrl.parse(dest).child(name))
+            return url, ObjectSink(url)
+        final = contained(dest, name)
+        return str(final), FileSink(final)
+
+    async def _present(self, where: str) -> int | None:
+        """The size of an output already there: a final file name or an object only ever
+        holds a whole download, so being there is being complete."""
+        if is_remote(where):
+            return await object_size_async(where)
+        path = Path(where)
+        return path.stat().st_size if path.exists() else None
+
     async def _download(self, task: Task) -> None:
         directory = self.config.download_dir
         assert directory is not None
@@ -433,22 +458,29 @@ class Collector:
         error = None
         fetched = False
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            files = wanted_files(task, directory)
+            if isinstance(directory, Path):
+                directory.mkdir(parents=True, exist_ok=True)
+            files = [(role, url, *self._destination(name)) for role, url, name in wanted_files(task)]
         except (OSError, DownloadError) as exc:
             files, error = [], f"{exc}"
-        for role, url, final in files:
+        for role, url, where, sink in files:
             known = paths.get(role)
-            if isinstance(known, dict) and final.exists() and final.stat().st_size == known.get("bytes"):
+            try:
+                present = await self._present(where)
+            except Exception as exc:  # a bucket that cannot be asked: try the download itself
+                self.log.debug("present_unknown", where=where, error=str(exc))
+                present = None
+            if present is not None and (not isinstance(known, dict) or present == known.get("bytes")):
+                paths[role] = {"path": where, "bytes": present}
                 continue  # already here with the right size
             try:
-                size = await self._fetch(url, final)
+                size = await self._fetch(url, sink)
             except DownloadError as exc:
                 error = f"{role}: {exc}"
                 if exc.gone:
                     task.status = "expired"
                 break
-            paths[role] = {"path": str(final), "bytes": size}
+            paths[role] = {"path": where, "bytes": size}
             fetched = True
         if error is not None:
             self.stats.download_failed += 1
@@ -463,13 +495,13 @@ class Collector:
         if error is not None:
             self.log.warning("download_failed", request_id=task.request_id, error=error)
 
-    async def _fetch(self, url: str, final: Path) -> int:
+    async def _fetch(self, url: str, sink: Sink) -> int:
         last: DownloadError | None = None
         for attempt in range(1, self.config.download_attempts + 1):
             if self.stopping.is_set():
                 raise DownloadError(f"stopped ({last or 'before the first attempt'})")
             try:
-                return await fetch(self._plain, url, final, self.config.download,
+                return await fetch(self._plain, url, sink, self.config.download,
                                    self.config.transport.proxy_for(url))
             except DownloadError as exc:
                 if not exc.retry:

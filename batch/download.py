@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import aiohttp.abc
 import aiohttp.resolver
 
 from batch.client import Transport
+from batch.storage import stream_upload
 
 CHUNK = 1 << 16
 VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "webm"})
@@ -182,15 +184,79 @@ def _total_size(resp: aiohttp.ClientResponse) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
-async def fetch(session: aiohttp.ClientSession, url: str, final: Path, policy: DownloadPolicy,
+class FileSink:
+    """A local file: bytes go to ``.<name>.part`` (kept for a ``Range`` resume), then are
+    fsynced and renamed to the final name."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.part = final.with_name(f".{final.name}.part")
+
+    def resume_from(self, max_bytes: int) -> int:
+        have = self.part.stat().st_size if self.part.exists() else 0
+        if have > max_bytes:
+            self.part.unlink()
+            return 0
+        return have
+
+    def restart(self) -> None:
+        self.part.unlink(missing_ok=True)
+
+    async def receive(self, chunks: AsyncIterator[bytes], have: int, total: int | None) -> int:
+        with open(self.part, "ab" if have else "wb") as out:
+            async for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        size = self.part.stat().st_size
+        if total is not None and size != total:
+            raise DownloadError(f"got {size} of {total} bytes", retry=True)
+        os.replace(self.part, self.final)
+        return size
+
+
+class ObjectSink:
+    """An object in a bucket: bytes stream into a multipart upload that completes only
+    when every byte has arrived and been checked; any failure aborts it (no object)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def resume_from(self, max_bytes: int) -> int:
+        return 0  # an object cannot be appended to: a retry starts over
+
+    def restart(self) -> None:
+        pass
+
+    async def receive(self, chunks: AsyncIterator[bytes], have: int, total: int | None) -> int:
+        received = 0
+
+        async def checked() -> AsyncIterator[bytes]:
+            nonlocal received
+            async for chunk in chunks:
+                received += len(chunk)
+                yield chunk
+            if total is not None and received != total:  # before the upload completes
+                raise DownloadError(f"got {received} of {total} bytes", retry=True)
+
+        try:
+            await stream_upload(self.url, checked())
+        except DownloadError:
+            raise
+        except Exception as exc:  # the bucket's errors: the upload was aborted
+            raise DownloadError(f"cannot write {self.url} ({type(exc).__name__}: {str(exc)[:160]})",
+                                retry=True) from None
+        return received
+
+
+Sink = FileSink | ObjectSink
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, sink: Sink, policy: DownloadPolicy,
                 proxy: str | None = None) -> int:
-    """One attempt: download ``url`` into ``final`` via ``.<name>.part`` (resumed with
-    ``Range`` when present); return the size. Raises :class:`DownloadError`."""
-    part = final.with_name(f".{final.name}.part")
-    have = part.stat().st_size if part.exists() else 0
-    if have > policy.max_bytes:
-        part.unlink()
-        have = 0
+    """One attempt: download ``url`` into ``sink`` (a local file resumed with ``Range``, or
+    an object); return the size. Raises :class:`DownloadError`."""
+    have = sink.resume_from(policy.max_bytes)
     pace = _Pace(policy)
     target = check_url(url, policy)
     for _hop in range(policy.max_redirects + 1):
@@ -208,11 +274,15 @@ async def fetch(session: aiohttp.ClientSession, url: str, final: Path, policy: D
                     if resp.status in (403, 404, 410):
                         raise DownloadError(f"HTTP {resp.status}: output no longer available", gone=True)
                     if resp.status == 416 and have:
-                        part.unlink()  # our partial file is longer than the output: start over
+                        sink.restart()  # our partial file is longer than the output: start over
                         raise DownloadError("HTTP 416", retry=True)
                     if resp.status not in (200, 206):
                         raise DownloadError(f"HTTP {resp.status}", retry=True)
-                    return await _receive(resp, part, final, have if resp.status == 206 else 0, policy, pace)
+                    start = have if resp.status == 206 else 0
+                    total = _total_size(resp)
+                    if total is not None and total > policy.max_bytes:
+                        raise DownloadError(f"output of {total} bytes is over the {policy.max_bytes}-byte limit")
+                    return await sink.receive(_bounded(resp, start, policy, pace), start, total)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, PrivateAddress):
                 raise DownloadError(f"refusing a private or reserved address ({exc.os_error.strerror})") from None
@@ -226,23 +296,13 @@ async def fetch(session: aiohttp.ClientSession, url: str, final: Path, policy: D
     raise DownloadError(f"more than {policy.max_redirects} redirects")
 
 
-async def _receive(resp: aiohttp.ClientResponse, part: Path, final: Path, have: int, policy: DownloadPolicy,
-                   pace: _Pace) -> int:
-    total = _total_size(resp)
-    if total is not None and total > policy.max_bytes:
-        raise DownloadError(f"output of {total} bytes is over the {policy.max_bytes}-byte limit")
+async def _bounded(resp: aiohttp.ClientResponse, have: int, policy: DownloadPolicy,
+                   pace: _Pace) -> AsyncIterator[bytes]:
+    """The body in chunks, under the size cap and the minimum throughput."""
     received = have
-    with open(part, "ab" if have else "wb") as out:
-        async for chunk in resp.content.iter_chunked(CHUNK):
-            received += len(chunk)
-            if received > policy.max_bytes:
-                raise DownloadError(f"output over the {policy.max_bytes}-byte limit")
-            out.write(chunk)
-            pace.check(received)
-        out.flush()
-        os.fsync(out.fileno())
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise DownloadError(f"got {size} of {total} bytes", retry=True)
-    os.replace(part, final)
-    return size
+    async for chunk in resp.content.iter_chunked(CHUNK):
+        received += len(chunk)
+        if received > policy.max_bytes:
+            raise DownloadError(f"output over the {policy.max_bytes}-byte limit")
+        pace.check(received)
+        yield chunk

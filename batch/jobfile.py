@@ -19,6 +19,7 @@ from typing import Any
 
 from batch.errors import ConfigError
 from batch.models import normalize_name
+from batch.storage import is_remote
 from batch.validate import TIERS
 
 # key -> (accepted types, description for errors)
@@ -94,7 +95,7 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
         inputs = [inputs]
     if not all(isinstance(i, str) for i in inputs):
         raise _fail(path, "inputs", "expected a list of strings")
-    values["inputs"] = [os.path.normpath(base / i) for i in inputs]
+    values["inputs"] = [i if is_remote(i) else os.path.normpath(base / i) for i in inputs]
     now = now or datetime.now()
     for key in PATH_KEYS:
         if key in values:
@@ -104,7 +105,8 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
                     text = text.format(date=now.strftime("%Y-%m-%d"), datetime=now.strftime("%Y-%m-%dT%H%M%S"))
                 except (KeyError, IndexError, ValueError) as exc:
                     raise _fail(path, key, f"only {{date}} and {{datetime}} may be used ({exc})") from None
-            values[key] = Path(os.path.normpath(base / text))
+            # A bucket URL is kept as written: a path join would fold its "//".
+            values[key] = text if is_remote(text) else Path(os.path.normpath(base / text))
     if "tier" in values and values["tier"] not in TIERS:
         raise _fail(path, "tier", f"expected one of {', '.join(TIERS)}, got {values['tier']!r}")
     known = {normalize_name(f) for f in known_fields}

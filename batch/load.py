@@ -32,14 +32,14 @@ import glob as globmod
 import io
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
 
 import fastexcel
 import polars as pl
 import pyarrow.parquet as pq
 
-from batch import xlsx
+from batch import storage, xlsx
 from batch.errors import InputError
 
 SUFFIXES = (".csv", ".parquet", ".xlsx")
@@ -60,6 +60,7 @@ class Table:
     kinds: Mapping[tuple[int, str], str] = field(default_factory=dict)  # (df row, column) -> n, b, d, e, date
     sheet: str | None = None
     first_col: int = 0  # the sheet column of df column 0
+    location: str = ""  # the file or object as given (no sheet): an output must never be one
 
     def cell(self, index: int, column: str) -> str:
         """Where a cell is, as a person finds it: ``B7`` in a workbook, else ``column, row 7``."""
@@ -82,12 +83,22 @@ def _skipped(path: Path) -> bool:
     return path.name.startswith(("~$", "."))
 
 
-def resolve_inputs(specs: Iterable[str]) -> tuple[list[Path], list[Unreadable]]:
-    """Expand directories and globs into input files, in a stable (sorted) order."""
-    paths: list[Path] = []
+def resolve_inputs(specs: Iterable[str]) -> tuple[list[Path | str], list[Unreadable]]:
+    """Expand directories, prefixes and globs into input files or objects, in a stable
+    (sorted) order."""
+    paths: list[Path | str] = []
     missing: list[Unreadable] = []
     for spec in specs:
-        if any(ch in spec for ch in "*?["):
+        if storage.is_remote(spec):
+            try:
+                objects = storage.list_objects(spec, SUFFIXES)
+            except InputError as exc:
+                missing.append(Unreadable(spec, str(exc).removeprefix(f"{spec}: ")))
+                continue
+            if not objects:
+                missing.append(Unreadable(spec, "no .csv, .parquet or .xlsx object matches"))
+            paths.extend(objects)
+        elif any(ch in spec for ch in "*?["):
             matches = sorted(Path(p) for p in globmod.glob(spec, recursive=True))
             found = [p for p in matches if p.suffix.lower() in SUFFIXES and p.is_file() and not _skipped(p)]
             if not found:
@@ -101,10 +112,10 @@ def resolve_inputs(specs: Iterable[str]) -> tuple[list[Path], list[Unreadable]]:
             paths.extend(found)
         else:
             paths.append(Path(spec))
-    seen: set[Path] = set()
+    seen: set[Path | str] = set()
     unique = []
     for p in paths:
-        key = p.resolve()
+        key = p if isinstance(p, str) else p.resolve()
         if key not in seen:
             seen.add(key)
             unique.append(p)
@@ -128,8 +139,19 @@ def load_inputs(specs: Iterable[str], sheet: str | None = None) -> tuple[list[Ta
     return tables, failed
 
 
-def load_table(path: Path, sheet: str | None = None) -> Table:
-    """Read one input file; any failure is an :class:`InputError` naming the file."""
+def load_table(path: Path | str, sheet: str | None = None) -> Table:
+    """Read one input file or object; any failure is an :class:`InputError` naming it."""
+    if isinstance(path, str):  # an object: read from a local copy, named as given
+        suffix = PurePosixPath(path).suffix.lower()
+        if suffix not in SUFFIXES:
+            raise InputError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv, .parquet or .xlsx")
+        with storage.local_copy(path, suffix) as local:
+            try:
+                table = load_table(local, sheet)
+            except InputError as exc:
+                raise InputError(str(exc).replace(str(local), path)) from None
+        source = path + (f"[{table.sheet}]" if table.sheet is not None else "")
+        return replace(table, source=source, location=path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise InputError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv, .parquet or .xlsx")
@@ -152,7 +174,7 @@ def load_table(path: Path, sheet: str | None = None) -> Table:
         raise InputError(f"{path}: cannot read {suffix[1:]} file: {detail[:200]}") from None
     df = table.df.rename({c: c.strip() for c in table.df.columns if c != c.strip()})
     df, notes = cap_cells(df, table)
-    return Table(table.source, path, df, table.first_row, notes, table.kinds, table.sheet, table.first_col)
+    return replace(table, df=df, notes=notes, location=str(path))
 
 
 # -- CSV ------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ from batch.results import (
     write_results,
     write_text_atomically,
 )
+from batch.storage import Target
 from batch.submit import RunStats, SpendCap, SubmitConfig, Submitter
 
 log = structlog.get_logger("batch")
@@ -85,7 +86,7 @@ class RunOptions:
     """One ``submit`` run, as the CLI (or a job file) resolved it."""
 
     inputs: tuple[str, ...]
-    output: Path
+    output: Target
     expand: ExpandSpec
     submit: SubmitConfig
     state: Path
@@ -200,7 +201,7 @@ def settle_apis(ledger: Ledger, api: str, moved_from: Iterable[str]) -> None:
         log.info("fake_entries_ignored", count=known[FAKE_API], reason="the bundled fake's task ids never count here")
 
 
-def dry_run_output(path: Path) -> Path:
+def dry_run_output(path: Target) -> Target:
     """Where a dry run writes: ``path``, unless that table holds task ids (then beside it)."""
     if not path.exists():
         return path
@@ -211,7 +212,8 @@ def dry_run_output(path: Path) -> Path:
         holds_ids = True
     if not holds_ids:
         return path
-    beside = path.with_name(f"{path.stem}.dry-run{path.suffix}")
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    beside = path.sibling(f"{stem}.dry-run{path.suffix}")
     log.warning("dry_run_beside", results=str(path), written=str(beside),
                 reason="the results table holds task ids; a dry run never overwrites it")
     return beside
@@ -235,7 +237,7 @@ def consult_ledger(state: Path, api: str) -> Ledger | None:
 def load_and_expand(opts: RunOptions, run_id: str) -> tuple[Expander, list[Unreadable]]:
     """file → rows → the expansion (requests are generated lazily from it)."""
     tables, unreadable = load_inputs(opts.inputs, opts.sheet)
-    if any(t.path.resolve() == opts.output.resolve() for t in tables):
+    if any(opts.output.same_file(t.location) for t in tables):
         raise ConfigError(f"--output {opts.output} is also an input: it would overwrite tonight's prompts")
     for failed in unreadable:
         log.error("input_unreadable", source=failed.source, error=failed.error)
@@ -245,7 +247,7 @@ def load_and_expand(opts: RunOptions, run_id: str) -> tuple[Expander, list[Unrea
     return expander, unreadable
 
 
-def plan(opts: RunOptions, expander: Expander, output: Path | None,
+def plan(opts: RunOptions, expander: Expander, output: Target | None,
          on_rows: Callable[[pl.DataFrame], None] | None = None) -> Tally:
     """What a run would do, sending nothing: every request validated, resolved against the
     ledger (read-only: already submitted, unknown, or would be sent), the estimate of what
@@ -305,7 +307,7 @@ def run_submit(opts: RunOptions) -> Summary:
             ledger.start_run(run_id, opts.command)
         except sqlite3.Error as exc:
             raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
-        spool = RequestSpool(opts.output.parent, schema)
+        spool = RequestSpool(opts.output.temp_dir(), schema)
         try:
             outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), ledger, run_id))
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable)
@@ -530,7 +532,7 @@ async def _follow(aledger: AsyncLedger, config: CollectConfig, api: str) -> list
 class CollectOptions:
     state: Path
     config: CollectConfig
-    results: Path | None = None
+    results: Target | None = None
     fake_api: bool = False
     budget_dir: Path | None = None  # the per-key rate budget shared with submit runs
 
@@ -590,7 +592,7 @@ async def _collect_all(opts: CollectOptions, ledger: Ledger, tasks: list[Task]) 
                 await fake.close()
 
 
-def _read_table(path: Path) -> pl.DataFrame:
+def _read_table(path: Target) -> pl.DataFrame:
     try:
         table = read_results(path)
     except Exception as exc:  # polars raises many types for a bad file
@@ -629,11 +631,11 @@ SUBMIT_COLUMNS = ("endpoint", "task_id", "error", "error_code", "http_status", "
 COLLECT_COLUMNS = ("task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error")
 
 
-def update_table(path: Path, table: pl.DataFrame, ledger: Ledger, apis: list[str]) -> None:
+def update_table(path: Target, table: pl.DataFrame, ledger: Ledger, apis: list[str]) -> None:
     """Rewrite the results table from the ledger, atomically: every submit and collect
     column of each row the ledger knows. A table that lost its task ids (a dry run of an
     older version wrote over it) gets them back."""
-    csv = path.suffix.lower() == ".csv"
+    csv = path.suffix == ".csv"
     ids = table["request_id"].to_list()
     entries = ledger.lookup([i for i in ids if i is not None], apis)
     statuses = table["status"].to_list()
@@ -666,11 +668,11 @@ def update_table(path: Path, table: pl.DataFrame, ledger: Ledger, apis: list[str
         raise
 
 
-def summary_path(results: Path) -> Path:
-    return results.with_name(results.name + ".summary.json")
+def summary_path(results: Target) -> Target:
+    return results.sibling(results.name + ".summary.json")
 
 
-def write_summary_file(results: Path, summary: Summary) -> None:
+def write_summary_file(results: Target, summary: Summary) -> None:
     data = {**summary.as_dict(), "finished_at": utcnow(), "finished_unix": round(time.time(), 3)}
     write_text_atomically(summary_path(results), json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 

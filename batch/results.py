@@ -12,6 +12,7 @@ new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -32,6 +33,7 @@ from batch.errors import ConfigError
 from batch.estimate import LABEL, Estimator
 from batch.expand import Expander, Request, chunks
 from batch.ledger import OUTCOME_COLUMNS
+from batch.storage import Target
 
 STATUSES = ("submitted", "skipped", "failed", "invalid", "unknown", "pending", "dry_run")
 OK_STATUSES = frozenset({"submitted", "skipped", "dry_run"})
@@ -60,12 +62,14 @@ RESULT_DTYPES: dict[str, pl.DataType] = {
 }
 
 
-def check_output_path(path: Path) -> None:
-    if path.suffix.lower() not in RESULT_SUFFIXES:
-        raise ConfigError(f"--output {path}: use a .parquet or .csv file name")
-    parent = path.parent if str(path.parent) else Path(".")
+def check_output_path(target: Target) -> None:
+    if target.suffix not in RESULT_SUFFIXES:
+        raise ConfigError(f"--output {target}: use a .parquet or .csv file name")
+    if target.remote:
+        return  # a bucket says at upload time; a failed upload is reported as a local fault
+    parent = target.path.parent if str(target.path.parent) else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output {path}: directory is not writable")
+        raise ConfigError(f"--output {target}: directory is not writable")
 
 
 @dataclass(frozen=True)
@@ -249,7 +253,7 @@ class RequestSpool:
     a write error turns the spool off (the caller then expands again), never the run.
     """
 
-    def __init__(self, directory: Path, schema: dict[str, pl.DataType], chunk_size: int = 2_048) -> None:
+    def __init__(self, directory: Path | None, schema: dict[str, pl.DataType], chunk_size: int = 2_048) -> None:
         self.schema = schema
         self.chunk_size = chunk_size
         self.complete = False
@@ -257,7 +261,8 @@ class RequestSpool:
         self._writer: ipc.RecordBatchStreamWriter | None = None
         self._failed = False
         # Unlinked at once: nothing is left behind, even after kill -9.
-        self._file = tempfile.TemporaryFile(dir=directory if directory.is_dir() else None)  # noqa: SIM115
+        self._file = tempfile.TemporaryFile(  # noqa: SIM115
+            dir=directory if directory is not None and directory.is_dir() else None)
 
     def tee(self, requests: Iterable[Request]) -> Iterator[Request]:
         for req in requests:
@@ -320,23 +325,20 @@ def escape_formulas(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(exprs) if exprs else df
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write to a temporary name beside ``path`` and rename it over: a reader (a person,
-    node_exporter's textfile collector) sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_text_atomically(path: Path | Target, text: str) -> None:
+    """The whole text or nothing (:meth:`batch.storage.Target.write_text`)."""
+    (path if isinstance(path, Target) else Target(str(path))).write_text(text)
 
 
 class AtomicTableWriter:
-    """Writes chunks to ``<dir>/.<name>.tmp-<pid>``; :meth:`commit` renames it into place."""
+    """Writes chunks to a temporary file (``<dir>/.<name>.tmp-<pid>``, or the system's for
+    a bucket); :meth:`commit` renames it into place or uploads it as one object."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.csv = path.suffix.lower() == ".csv"
+    def __init__(self, target: Target | Path) -> None:
+        target = target if isinstance(target, Target) else Target(str(target))
+        self.target = target
+        self.tmp = target.new_temp()
+        self.csv = target.suffix == ".csv"
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/discard
         self._parquet: pq.ParquetWriter | None = None
         self._header = True
@@ -365,12 +367,7 @@ class AtomicTableWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        self.target.publish(self.tmp)
 
     def discard(self) -> None:
         if not self._file.closed:
@@ -412,7 +409,7 @@ WRITE_ERRORS = (OSError, pa.ArrowException)
 
 
 def write_results(
-    path: Path | None,
+    path: Target | Path | None,
     frames: Iterable[pl.DataFrame],
     request: dict[str, pl.DataType],
     outcome_rows: Callable[[list[str]], list[tuple[Any, ...]]] | None,
@@ -472,10 +469,18 @@ def write_results(
     return tally, error
 
 
-def read_results(path: Path) -> pl.DataFrame:
-    if path.suffix.lower() == ".csv":
-        return pl.read_csv(path, infer_schema=False)
-    return pl.read_parquet(path)
+def read_results(target: Target | Path) -> pl.DataFrame:
+    """A results table, local or in a bucket; ``FileNotFoundError`` when there is none."""
+    target = target if isinstance(target, Target) else Target(str(target))
+    source: Any = target.text
+    if target.remote:
+        data = target.read_bytes()
+        if data is None:
+            raise FileNotFoundError(str(target))
+        source = io.BytesIO(data)
+    if target.suffix == ".csv":
+        return pl.read_csv(source, infer_schema=False)
+    return pl.read_parquet(source)
 
 
 def is_results_table(df: pl.DataFrame) -> bool:

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from conftest import KEY, cli, prompts, results, run_cli_process, subprocess_env, write_csv
 
-from batch.download import DownloadError, DownloadPolicy, check_url, fetch, make_download_session
+from batch.download import DownloadError, DownloadPolicy, FileSink, check_url, fetch, make_download_session
 
 ROUTE = "/api/v1/text-to-video/bytedance/seedance-1.0-lite-t2v/async"
 
@@ -390,7 +390,7 @@ def test_redirects_are_counted_and_each_target_checked(serve, tmp_path: Path, ho
 
     async def main() -> None:
         async with make_download_session(DownloadPolicy(allow_local=True)) as session:
-            await fetch(session, f"{url}/r/0", tmp_path / "out.mp4", DownloadPolicy(allow_local=True))
+            await fetch(session, f"{url}/r/0", FileSink(tmp_path / "out.mp4"), DownloadPolicy(allow_local=True))
 
     with pytest.raises(DownloadError, match=message):
         asyncio.run(main())
@@ -402,7 +402,7 @@ def test_no_address_of_the_local_network_through_a_name(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with make_download_session(DownloadPolicy()) as session:
-            await fetch(session, "https://localhost:9/v.mp4", tmp_path / "v.mp4", DownloadPolicy())
+            await fetch(session, "https://localhost:9/v.mp4", FileSink(tmp_path / "v.mp4"), DownloadPolicy())
 
     with pytest.raises(DownloadError, match="private or reserved"):
         asyncio.run(main())

@@ -1,0 +1,286 @@
+"""Where files live: a local path, or an object in a bucket (``s3://``, ``gs://``, ``az://``).
+
+Guarantees:
+
+* **Credentials are the cloud's own.** Stores are built with obstore's ``from_url``, which
+  reads each cloud's standard environment and configuration (for S3: ``AWS_ACCESS_KEY_ID``,
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, profiles); no option of
+  ours carries a credential.
+* **A table appears whole or not at all.** A results table or summary bound for a bucket
+  is written to a local temporary file, then uploaded as one object (a single PUT, or a
+  multipart upload completed at the end): a reader never sees half of it. Locally, the
+  temporary file is fsynced and renamed into place as before.
+* **A video streams into its object** as its bytes arrive (multipart), never staged whole
+  on local disk; a failed download aborts the upload, so no partial object appears.
+* **Reads are bounded**: an input object larger than :data:`MAX_INPUT_BYTES` is refused.
+
+Why obstore: it is the object_store library polars itself reads buckets with, so inputs,
+outputs and videos go through one implementation of each cloud's protocol and credential
+chain; it streams multipart uploads from an async iterator, which the downloads need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+from batch.errors import ConfigError, InputError
+
+SCHEMES = ("s3", "gs", "az")
+MAX_INPUT_BYTES = 2 << 30
+
+
+def is_remote(location: str | Path) -> bool:
+    return isinstance(location, str) and urlsplit(location).scheme in SCHEMES and "://" in location
+
+
+@dataclass(frozen=True)
+class ObjectUrl:
+    scheme: str
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, url: str) -> ObjectUrl:
+        parts = urlsplit(url)
+        if parts.scheme not in SCHEMES or not parts.netloc:
+            raise ConfigError(f"{url}: expected s3://bucket/key, gs://bucket/key or az://container/key")
+        return cls(parts.scheme, parts.netloc, parts.path.lstrip("/"))
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.key}"
+
+    def child(self, name: str) -> ObjectUrl:
+        prefix = self.key if not self.key or self.key.endswith("/") else self.key + "/"
+        return ObjectUrl(self.scheme, self.bucket, prefix + name)
+
+
+@cache
+def _store(scheme: str, bucket: str) -> Any:
+    """One store per bucket and process: its client keeps connections and credentials."""
+    from obstore.store import from_url  # a real import cost (~60 ms) only runs with buckets use it
+
+    return from_url(f"{scheme}://{bucket}")
+
+
+def store_of(url: ObjectUrl) -> Any:
+    return _store(url.scheme, url.bucket)
+
+
+def _fail(url: object, exc: Exception) -> InputError:
+    return InputError(f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+def list_objects(spec: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The objects a spec names: one object, every object under a prefix (``.../``), or a
+    glob (``*``, ``?``, ``[...]`` in the key), sorted, with one of ``suffixes``."""
+    import obstore
+
+    url = ObjectUrl.parse(spec)
+    glob = any(ch in url.key for ch in "*?[")
+    if not glob and url.key and not url.key.endswith("/"):
+        return [spec]
+    prefix = url.key if not glob else url.key[: min(url.key.find(ch) for ch in "*?[" if ch in url.key)]
+    prefix = prefix.rpartition("/")[0] + "/" if "/" in prefix else ""
+    found = []
+    try:
+        for batch in obstore.list(store_of(url), prefix or None):
+            for meta in batch:
+                key = meta["path"]
+                name = PurePosixPath(key).name
+                if name.startswith(("~$", ".")) or not key.lower().endswith(suffixes):
+                    continue
+                if glob and not fnmatch.fnmatchcase(key, url.key):
+                    continue
+                found.append(str(ObjectUrl(url.scheme, url.bucket, key)))
+    except Exception as exc:  # obstore raises its own error types per cloud
+        raise _fail(spec, exc) from None
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def local_copy(url: str, suffix: str) -> Iterator[Path]:
+    """An input object in a temporary local file while it is read (removed after)."""
+    import obstore
+
+    loc = ObjectUrl.parse(url)
+    fd, name = tempfile.mkstemp(suffix=suffix, prefix=".seedance-input-")
+    path = Path(name)
+    try:
+        with open(fd, "wb") as out:
+            try:
+                result = obstore.get(store_of(loc), loc.key)
+                size = result.meta["size"]
+                if size > MAX_INPUT_BYTES:
+                    raise InputError(f"{url}: {size >> 20} MiB, more than the {MAX_INPUT_BYTES >> 20} MiB read at once")
+                for chunk in result:
+                    out.write(chunk)
+            except FileNotFoundError:
+                raise InputError(f"{url}: no such object") from None
+            except InputError:
+                raise
+            except Exception as exc:
+                raise _fail(url, exc) from None
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def read_bytes(url: str, limit: int = MAX_INPUT_BYTES) -> bytes | None:
+    """An object's bytes, or ``None`` when there is no such object."""
+    import obstore
+
+    loc = ObjectUrl.parse(url)
+    try:
+        result = obstore.get(store_of(loc), loc.key)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        raise _fail(url, exc) from None
+    if result.meta["size"] > limit:
+        raise InputError(f"{url}: larger than {limit >> 20} MiB")
+    return bytes(result.bytes())
+
+
+def object_size(url: str) -> int | None:
+    import obstore
+
+    loc = ObjectUrl.parse(url)
+    try:
+        return int(obstore.head(store_of(loc), loc.key)["size"])
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        raise _fail(url, exc) from None
+
+
+async def object_size_async(url: str) -> int | None:
+    import obstore
+
+    loc = ObjectUrl.parse(url)
+    try:
+        return int((await obstore.head_async(store_of(loc), loc.key))["size"])
+    except FileNotFoundError:
+        return None
+
+
+# -- outputs ---------------------------------------------------------------------------------
+
+def upload_file(local: Path, url: str) -> None:
+    """Publish a finished local file as one object (multipart above 5 MiB, completed last)."""
+    import obstore
+
+    loc = ObjectUrl.parse(url)
+    try:
+        obstore.put(store_of(loc), loc.key, local)
+    except Exception as exc:
+        raise OSError(f"cannot upload {url} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+async def stream_upload(url: str, chunks: AsyncIterator[bytes]) -> None:
+    """Stream ``chunks`` into one object; if they raise, the upload is aborted and no
+    object appears (the error propagates)."""
+    import obstore
+
+    loc = ObjectUrl.parse(url)
+    await obstore.put_async(store_of(loc), loc.key, chunks, chunk_size=8 << 20)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A file we write (a results table, its summary): a local path or an object URL."""
+
+    text: str
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.text)
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(urlsplit(self.text).path).name if self.remote else Path(self.text).name
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix.lower()
+
+    @property
+    def path(self) -> Path:
+        """The local path (only for a local target)."""
+        assert not self.remote
+        return Path(self.text)
+
+    def sibling(self, name: str) -> Target:
+        if self.remote:
+            return Target(self.text.rpartition("/")[0] + "/" + name)
+        return Target(str(Path(self.text).with_name(name)))
+
+    def temp_dir(self) -> Path | None:
+        """Where temporary files for this target go: beside it, or the system's."""
+        return None if self.remote else Path(self.text).parent
+
+    def exists(self) -> bool:
+        return object_size(self.text) is not None if self.remote else Path(self.text).exists()
+
+    def same_file(self, other: str | Path) -> bool:
+        if self.remote or is_remote(str(other)):
+            return self.text == str(other)
+        return Path(self.text).resolve() == Path(other).resolve()
+
+    def __str__(self) -> str:
+        return self.text
+
+    def new_temp(self) -> Path:
+        """A temporary local file to write this target's content to (see :meth:`publish`):
+        beside a local target (the rename stays on one file system), else the system's."""
+        if self.remote:
+            fd, name = tempfile.mkstemp(prefix=".seedance-out-", suffix=self.suffix)
+            os.close(fd)
+            return Path(name)
+        Path(self.text).parent.mkdir(parents=True, exist_ok=True)
+        return Path(self.text).with_name(f".{self.name}.tmp-{os.getpid()}")
+
+    def publish(self, tmp: Path) -> None:
+        """Make a finished temporary file the target: renamed into place (and the directory
+        fsynced), or uploaded as one object; the temporary file is gone afterwards."""
+        if self.remote:
+            try:
+                upload_file(tmp, self.text)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return
+        final = Path(self.text)
+        os.replace(tmp, final)
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def write_text(self, text: str) -> None:
+        """The whole text, atomically: a reader (a person, node_exporter's textfile
+        collector, a bucket's consumer) sees the old content or the new, never half."""
+        tmp = self.new_temp()
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            self.publish(tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_bytes(self) -> bytes | None:
+        if self.remote:
+            return read_bytes(self.text)
+        try:
+            return Path(self.text).read_bytes()
+        except FileNotFoundError:
+            return None

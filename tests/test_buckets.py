@@ -1,0 +1,143 @@
+"""Where data teams keep their files (issue #14 part 2): inputs, results and videos in a
+bucket, against moto's S3 server on 127.0.0.1 (a real HTTP S3 API, no mocks of client
+internals), with credentials and endpoint from the standard AWS environment only."""
+
+import io
+import json
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import openpyxl
+import polars as pl
+import pytest
+from conftest import cli, error_line, prompts, write_csv
+
+from batch import storage
+from batch.fake_api import fake_file_bytes
+
+moto_server = pytest.importorskip("moto.server")
+
+
+@pytest.fixture
+def bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh bucket on a moto S3 server; the AWS_* environment points at it."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true"}.items():
+        monkeypatch.setenv(name, value)
+    name = f"nightly-{uuid.uuid4().hex[:10]}"
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{name}", method="PUT"), timeout=10)
+    storage._store.cache_clear()  # one client per bucket and process: not across servers
+    try:
+        yield name
+    finally:
+        server.stop()
+
+
+def put(url: str, data: bytes) -> None:
+    import obstore
+
+    loc = storage.ObjectUrl.parse(url)
+    obstore.put(storage.store_of(loc), loc.key, data)
+
+
+def get(url: str) -> bytes | None:
+    return storage.read_bytes(url)
+
+
+def test_inputs_from_a_bucket_by_object_prefix_and_glob(fake, bucket: str, tmp_path: Path) -> None:
+    put(f"s3://{bucket}/in/a.csv", b"id,prompt\na1,from a csv\n")
+    frame = io.BytesIO()
+    pl.DataFrame({"id": ["p1"], "prompt": ["from parquet"]}).write_parquet(frame)
+    put(f"s3://{bucket}/in/b.parquet", frame.getvalue())
+    book = openpyxl.Workbook()
+    book.active.append(["ID", "Prompt"])
+    book.active.append(["x1", "from a workbook"])
+    data = io.BytesIO()
+    book.save(data)
+    put(f"s3://{bucket}/in/c.xlsx", data.getvalue())
+    put(f"s3://{bucket}/in/~$c.xlsx", b"lock")
+    put(f"s3://{bucket}/other/z.csv", b"prompt\nnot this one\n")
+
+    def prompts_sent(spec: str) -> list[str]:
+        before = len(fake.state.submissions())
+        res = cli(["submit", spec, "-o", str(tmp_path / f"r{before}.parquet"), "--base-url", fake.url,
+                   "--state", str(tmp_path / f"s{before}.sqlite"), "--rate", "0"])
+        assert res.exit_code == 0, res.output
+        return sorted(r.body["prompt"] for r in fake.state.submissions()[before:])
+
+    assert prompts_sent(f"s3://{bucket}/in/") == ["from a csv", "from a workbook", "from parquet"]
+    assert prompts_sent(f"s3://{bucket}/in/*.csv") == ["from a csv"]
+    assert prompts_sent(f"s3://{bucket}/in/b.parquet") == ["from parquet"]
+    res = cli(["validate", f"s3://{bucket}/in/c.xlsx"])
+    assert res.exit_code == 0 and f"columns: s3://{bucket}/in/c.xlsx[Sheet]" in res.output
+    res = cli(["submit", f"s3://{bucket}/in/nope.csv", "-o", str(tmp_path / "x.parquet"), "--dry-run"])
+    assert res.exit_code == 2 and "no such object" in error_line(res.stderr)
+
+
+def test_results_and_summary_to_a_bucket_as_complete_objects(fake, bucket: str, tmp_path: Path) -> None:
+    write_csv(tmp_path / "in.csv", prompts(5))
+    job = tmp_path / "job.toml"
+    job.write_text(f'inputs = ["in.csv"]\noutput = "s3://{bucket}/results/{{date}}.parquet"\nstate = "s.sqlite"\n'
+                   f'rate = "0"\nbase_url = "{fake.url}"\n')
+    res = cli(["run", str(job)])
+    assert res.exit_code == 0, res.output
+    url = f"s3://{bucket}/results/{time.strftime('%Y-%m-%d')}.parquet"
+    table = pl.read_parquet(io.BytesIO(get(url)))
+    assert table["status"].to_list() == ["submitted"] * 5
+    assert json.loads(get(url + ".summary.json"))["counts"] == {"submitted": 5}
+    # A dry run never overwrites a table that holds task ids, in a bucket either.
+    before = get(url)
+    res = cli(["run", str(job), "--dry-run"])
+    assert res.exit_code == 0 and get(url) == before
+    assert pl.read_parquet(io.BytesIO(get(url.replace(".parquet", ".dry-run.parquet"))))["status"].to_list() \
+        == ["skipped"] * 5
+    # collect reads and rewrites the table in the bucket.
+    res = cli(["collect", str(job)])
+    assert res.exit_code == 0, res.output
+    assert pl.read_parquet(io.BytesIO(get(url)))["task_status"].to_list() == ["success"] * 5
+
+
+def test_a_failed_upload_is_a_local_fault_and_leaves_no_object(fake, bucket: str, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", prompts(3))
+    res = cli(["submit", str(path), "-o", "s3://no-such-bucket-here/r.parquet", "--base-url", fake.url,
+               "--state", str(tmp_path / "s.sqlite"), "--rate", "0"])
+    assert res.exit_code == 6
+    assert "cannot write results table s3://no-such-bucket-here/r.parquet" in error_line(res.stderr)
+    res = cli(["submit", str(path), "-o", f"s3://{bucket}/r.parquet", "--base-url", fake.url,
+               "--state", str(tmp_path / "s.sqlite"), "--rate", "0"])
+    assert res.exit_code == 0 and len(fake.state.submissions()) == 3  # the ledger had every outcome
+
+
+def test_videos_stream_into_the_bucket_and_a_rerun_skips_them(start_fake, bucket: str, tmp_path: Path) -> None:
+    fake = start_fake(video_bytes=9 << 20)  # over one 8 MiB part: a multipart upload
+    path = write_csv(tmp_path / "in.csv", prompts(2))
+    assert cli(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--base-url", fake.url, "--state",
+                str(tmp_path / "s.sqlite"), "--rate", "0"]).exit_code == 0
+    args = ["collect", "--state", str(tmp_path / "s.sqlite"), "--base-url", fake.url, "--rate", "0",
+            "--results", str(tmp_path / "r.parquet"), "--download", f"s3://{bucket}/videos/"]
+    res = cli(args)
+    assert res.exit_code == 0, res.output
+    table = pl.read_parquet(tmp_path / "r.parquet")
+    for row in table.iter_rows(named=True):
+        (where,) = row["local_paths"]
+        assert where.startswith(f"s3://{bucket}/videos/") and where.endswith(".mp4")
+        assert get(where) == fake_file_bytes(row["task_id"], "mp4", 9 << 20)
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".part")]  # nothing staged locally
+    downloads = sum(1 for r in fake.state.records if r.kind == "download")
+    res = cli(args)
+    assert res.exit_code == 0 and "already present 2" in res.output
+    assert sum(1 for r in fake.state.records if r.kind == "download") == downloads
+
+
+def test_a_bucket_is_no_place_for_the_ledger(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", prompts(1))
+    res = cli(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--state", "s3://b/state.sqlite",
+               "--base-url", "https://api.example"])
+    assert res.exit_code == 2 and "the ledger must be on local disk (SQLite locks it" in error_line(res.stderr)
