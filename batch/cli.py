@@ -543,7 +543,7 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
                    "adopted; a job file's output is the default).")
 @click.option("--fake-api", is_flag=True, help="Follow the tasks a --fake-api submit made (its own state file).")
 @click.option("--download", "download_dir", metavar="DIR|s3://BUCKET/PREFIX/",
-              envvar="SEEDANCE_BATCH_DOWNLOAD_DIR", help="Download ready outputs to DIR/<request_id>.<ext>. "
+              envvar="SEEDANCE_BATCH_DOWNLOAD_DIR", help="Download ready outputs to DIR/<id>_<request_id>.<ext>. "
               "[env SEEDANCE_BATCH_DOWNLOAD_DIR]")
 @click.option("--wait", is_flag=True, help="Keep polling until every task is terminal or --timeout passes (default: one pass).")
 @click.option("--timeout", "wait_timeout", default="6h", show_default=True, help="With --wait: stop polling after this long.")
@@ -558,8 +558,10 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
               help="Downloads in flight.")
 @click.option("--http-timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
               help="Seconds one poll may take; for downloads, the longest pause between bytes.")
-@click.option("--download-max-bytes", type=click.IntRange(1), default=2 << 30, show_default=True,
+@click.option("--download-max-bytes", type=click.IntRange(1), default=1 << 30, show_default=True,
               help="Largest output file accepted (announced or received).")
+@click.option("--download-max-task-bytes", type=click.IntRange(1), default=2 << 30, show_default=True,
+              help="Largest total of one task's output files.")
 @click.option("--download-timeout", default="30m", show_default=True, help="Longest time one file may take.")
 @click.option("--download-min-rate", type=click.FloatRange(0), default=16 * 1024, show_default=True,
               help="Bytes/s a download must keep up over every 30 s, or it is cut off (and retried).")
@@ -571,8 +573,8 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 def collect(ctx: click.Context, job: Path | None, state: str | Path | None, results: str | None, fake_api: bool,
             download_dir: str | None, wait: bool, wait_timeout: str, poll_interval: float, base_url: str,
             api_key_file: Path | None, rate: str, concurrency: int, download_concurrency: int, http_timeout: float,
-            download_max_bytes: int, download_timeout: str, download_min_rate: float, allow_insecure: bool,
-            proxy: str | None, ca_bundle: Path | None, as_json: bool, log_level: str) -> None:
+            download_max_bytes: int, download_max_task_bytes: int, download_timeout: str, download_min_rate: float,
+            allow_insecure: bool, proxy: str | None, ca_bundle: Path | None, as_json: bool, log_level: str) -> None:
     """Follow submitted tasks to completion and download their outputs before they expire.
 
     With JOB.toml, its state, base_url, output (as --results), download and rate are the
@@ -593,6 +595,7 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
         wait=wait, wait_timeout=parse_duration(wait_timeout, "--timeout"), poll_min=poll_interval,
         download_dir=download_location(download_dir), download_concurrency=download_concurrency,
         download=DownloadPolicy(allow_local=fake_api or is_loopback(base_url), max_bytes=download_max_bytes,
+                                task_max_bytes=download_max_task_bytes,
                                 deadline=parse_duration(download_timeout, "--download-timeout"),
                                 min_rate=download_min_rate, stall=http_timeout),
         transport=transport_of(proxy, ca_bundle),

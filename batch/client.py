@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import os
 import random
@@ -55,8 +56,10 @@ class Secret:
         return self._value
 
     def scrub(self, text: str) -> str:
-        """``text`` with every occurrence of the key replaced by ``***``."""
-        if self._value and self._value in text:
+        """``text`` with every occurrence of the key replaced by ``***``. A value shorter
+        than :data:`MIN_SECRET` is no real key (the fake's, a test's): scrubbing it would
+        rewrite ordinary text."""
+        if len(self._value) >= MIN_SECRET and self._value in text:
             return text.replace(self._value, "***")
         return text
 
@@ -96,6 +99,7 @@ FATAL_STATUSES = frozenset({401, 402})
 MAX_RETRY_AFTER = 600.0
 MAX_ANSWER_BYTES = 1 << 20  # a submit or task answer is a few KB
 MESSAGE_CHARS = 300
+MIN_SECRET = 8
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
@@ -171,13 +175,14 @@ _NOT_JSON = object()  # an answer body that did not parse
 
 
 def _scrub_json(value: Any, secret: Secret) -> Any:
-    """Every string of a parsed answer, keys included, with the key replaced."""
+    """Every string value of a parsed answer with the key replaced (names are left as
+    they are: the answer's structure never changes)."""
     if isinstance(value, str):
         return secret.scrub(value)
     if isinstance(value, list):
         return [_scrub_json(v, secret) for v in value]
     if isinstance(value, dict):
-        return {secret.scrub(k): _scrub_json(v, secret) for k, v in value.items()}
+        return {k: _scrub_json(v, secret) for k, v in value.items()}
     return value
 
 
@@ -267,16 +272,39 @@ class Transport:
         return context
 
     def proxy_for(self, url: str) -> str | None:
-        """The explicit proxy for ``url``, unless ``NO_PROXY`` lists its host."""
-        if self.proxy is None:
-            return None
-        host = urlsplit(url).hostname or ""
-        no_proxy = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
-        return None if no_proxy and urllib.request.proxy_bypass_environment(host, {"no": no_proxy}) else self.proxy
+        """The proxy for ``url``: ``--proxy``, else the environment's for its scheme; none
+        when ``NO_PROXY`` lists its host."""
+        env = os.environ
+        return _choose_proxy(self.proxy, url, (
+            env.get("https_proxy") or env.get("HTTPS_PROXY") or "",
+            env.get("http_proxy") or env.get("HTTP_PROXY") or "",
+            env.get("no_proxy") or env.get("NO_PROXY") or "",
+        ))
 
     @property
-    def trust_env(self) -> bool:
-        return self.proxy is None  # the environment's proxies, unless one is given
+    def proxied(self) -> bool:
+        """Whether any request may go through a proxy (which then resolves host names)."""
+        env = os.environ
+        return self.proxy is not None or any(env.get(v) for v in _PROXY_VARS)
+
+
+_PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+
+
+# Sessions never read the environment themselves (trust_env=False): aiohttp would then look
+# the proxy up in a worker thread for every request, two thread hops per request that cost
+# ~20 us of CPU each and fought the event loop for the GIL (benchmarks/bench.py, 20k
+# requests); nor would .netrc credentials be sent to the API. Cached per URL: a run talks
+# to a handful of routes.
+@functools.lru_cache(maxsize=256)
+def _choose_proxy(explicit: str | None, url: str, env: tuple[str, str, str]) -> str | None:
+    https, http, no_proxy = env
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    proxy = explicit or (https if scheme == "https" else http if scheme == "http" else "") or None
+    if proxy and no_proxy and urllib.request.proxy_bypass_environment(parts.hostname or "", {"no": no_proxy}):
+        return None
+    return proxy
 
 
 def redact_url(url: str | None) -> str | None:
@@ -301,7 +329,7 @@ def make_session(concurrency: int, timeout: float, connect_timeout: float,
         # A bearer-key API sets no cookies we need, and pre-signed download URLs must not
         # receive any: a dummy jar also skips cookie filtering on every request and answer.
         cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=transport.trust_env,
+        trust_env=False,  # proxies come from Transport.proxy_for, per request
     )
 
 

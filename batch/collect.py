@@ -33,7 +33,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -463,6 +463,7 @@ class Collector:
             files = [(role, url, *self._destination(name)) for role, url, name in wanted_files(task)]
         except (OSError, DownloadError) as exc:
             files, error = [], f"{exc}"
+        policy, used = self.config.download, 0
         for role, url, where, sink in files:
             known = paths.get(role)
             try:
@@ -472,15 +473,21 @@ class Collector:
                 present = None
             if present is not None and (not isinstance(known, dict) or present == known.get("bytes")):
                 paths[role] = {"path": where, "bytes": present}
+                used += present
                 continue  # already here with the right size
+            room = policy.task_max_bytes - used
+            if room <= 0:
+                error = f"{role}: the task's outputs pass the {policy.task_max_bytes}-byte limit per task"
+                break
             try:
-                size = await self._fetch(url, sink)
+                size = await self._fetch(url, sink, replace(policy, task_left=room))
             except DownloadError as exc:
                 error = f"{role}: {exc}"
                 if exc.gone:
                     task.status = "expired"
                 break
             paths[role] = {"path": where, "bytes": size}
+            used += size
             fetched = True
         if error is not None:
             self.stats.download_failed += 1
@@ -495,14 +502,13 @@ class Collector:
         if error is not None:
             self.log.warning("download_failed", request_id=task.request_id, error=error)
 
-    async def _fetch(self, url: str, sink: Sink) -> int:
+    async def _fetch(self, url: str, sink: Sink, policy: DownloadPolicy) -> int:
         last: DownloadError | None = None
         for attempt in range(1, self.config.download_attempts + 1):
             if self.stopping.is_set():
                 raise DownloadError(f"stopped ({last or 'before the first attempt'})")
             try:
-                return await fetch(self._plain, url, sink, self.config.download,
-                                   self.config.transport.proxy_for(url))
+                return await fetch(self._plain, url, sink, policy, self.config.transport)
             except DownloadError as exc:
                 if not exc.retry:
                     raise

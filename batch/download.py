@@ -6,8 +6,8 @@ Guarantees:
   loopback: the tests and the demo); no private, loopback or reserved address (literal or
   resolved) unless the API is on loopback; redirects followed by hand, at most 5, each
   target checked again; the API key is never sent, and no cookie either.
-* **How much and how long.** A per-file size cap (default 2 GiB) enforced on the announced
-  ``Content-Length`` and on the bytes received; an overall deadline per file; a minimum
+* **How much and how long.** A size cap per file (default 1 GiB) and per task (2 GiB, its
+  files together), enforced on the announced ``Content-Length`` and on the bytes received; an overall deadline per file; a minimum
   throughput (a server dripping bytes is cut off); cancellation (SIGTERM) stops at once.
 * **Where bytes go.** The file name comes only from our request id and label, and the
   extension from a fixed allow-list, never from the URL or the answer; every path written
@@ -47,12 +47,24 @@ GIB = 1 << 30
 @dataclass(frozen=True)
 class DownloadPolicy:
     allow_local: bool = False  # http and private addresses: only for an API on loopback
-    max_bytes: int = 2 * GIB
+    # The official CLI's limits (provider-today.md): 1 GiB per file, 2 GiB per task.
+    max_bytes: int = GIB
+    task_max_bytes: int = 2 * GIB
+    task_left: int | None = None  # what this task's earlier files left of task_max_bytes
     deadline: float = 1800.0  # seconds per file
     min_rate: float = 16 * 1024  # bytes/s, averaged over ``rate_window``
     rate_window: float = 30.0
     max_redirects: int = 5
     stall: float = 60.0  # seconds without a byte
+
+    @property
+    def cap(self) -> int:
+        return self.max_bytes if self.task_left is None else min(self.max_bytes, self.task_left)
+
+    def cap_text(self) -> str:
+        if self.task_left is not None and self.task_left < self.max_bytes:
+            return f"the {self.task_left} bytes left of the task's {self.task_max_bytes}-byte limit"
+        return f"the {self.max_bytes}-byte limit"
 
 
 class DownloadError(Exception):
@@ -109,17 +121,13 @@ class PublicResolver(aiohttp.abc.AbstractResolver):
         await self._inner.close()
 
 
-_PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
-
-
 def make_download_session(policy: DownloadPolicy, transport: Transport | None = None) -> aiohttp.ClientSession:
     transport = transport or Transport()
     # Through a proxy, names are resolved by the proxy: only literal addresses are checked here.
-    proxied = transport.proxy is not None or any(os.environ.get(v) for v in _PROXY_VARS)
-    resolver = None if policy.allow_local or proxied else PublicResolver()
+    resolver = None if policy.allow_local or transport.proxied else PublicResolver()
     connector = aiohttp.TCPConnector(limit=64, resolver=resolver, ssl=transport.ssl_context())
     return aiohttp.ClientSession(
-        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=transport.trust_env,
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=policy.stall),
     )
 
@@ -253,10 +261,12 @@ Sink = FileSink | ObjectSink
 
 
 async def fetch(session: aiohttp.ClientSession, url: str, sink: Sink, policy: DownloadPolicy,
-                proxy: str | None = None) -> int:
+                transport: Transport | None = None) -> int:
     """One attempt: download ``url`` into ``sink`` (a local file resumed with ``Range``, or
-    an object); return the size. Raises :class:`DownloadError`."""
-    have = sink.resume_from(policy.max_bytes)
+    an object); return the size. Raises :class:`DownloadError`. Each redirect hop takes
+    the proxy for its own host (``NO_PROXY`` may list one and not the other)."""
+    transport = transport or Transport()
+    have = sink.resume_from(policy.cap)
     pace = _Pace(policy)
     target = check_url(url, policy)
     for _hop in range(policy.max_redirects + 1):
@@ -264,7 +274,8 @@ async def fetch(session: aiohttp.ClientSession, url: str, sink: Sink, policy: Do
         remaining = policy.deadline - (time.monotonic() - pace.start)
         try:
             async with asyncio.timeout(max(0.001, remaining)):
-                async with session.get(target, headers=headers, allow_redirects=False, proxy=proxy) as resp:
+                async with session.get(target, headers=headers, allow_redirects=False,
+                                       proxy=transport.proxy_for(target)) as resp:
                     if resp.status in REDIRECTS:
                         location = resp.headers.get("Location")
                         if not location:
@@ -280,8 +291,8 @@ async def fetch(session: aiohttp.ClientSession, url: str, sink: Sink, policy: Do
                         raise DownloadError(f"HTTP {resp.status}", retry=True)
                     start = have if resp.status == 206 else 0
                     total = _total_size(resp)
-                    if total is not None and total > policy.max_bytes:
-                        raise DownloadError(f"output of {total} bytes is over the {policy.max_bytes}-byte limit")
+                    if total is not None and total > policy.cap:
+                        raise DownloadError(f"output of {total} bytes is over {policy.cap_text()}")
                     return await sink.receive(_bounded(resp, start, policy, pace), start, total)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, PrivateAddress):
@@ -302,7 +313,7 @@ async def _bounded(resp: aiohttp.ClientResponse, have: int, policy: DownloadPoli
     received = have
     async for chunk in resp.content.iter_chunked(CHUNK):
         received += len(chunk)
-        if received > policy.max_bytes:
-            raise DownloadError(f"output over the {policy.max_bytes}-byte limit")
+        if received > policy.cap:
+            raise DownloadError(f"output over {policy.cap_text()}")
         pace.check(received)
         yield chunk

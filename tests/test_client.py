@@ -101,9 +101,17 @@ def test_an_answer_echoing_the_key_is_scrubbed_whatever_its_escaping(raw: bytes)
 
 def test_the_key_is_scrubbed_from_every_string_of_a_successful_answer() -> None:
     from batch.client import Secret as S
-    raw = body({"code": 0, "data": {"task_id": "t-1", "note": f"Bearer {KEY}", KEY: "as a key"}})
+    raw = body({"code": 0, "data": {"task_id": "t-1", "note": f"Bearer {KEY}", "list": [{"deep": KEY}]}})
     v = classify(200, raw, H, S(KEY))
     assert v.kind is Kind.OK and KEY not in repr(v.data) and KEY not in repr(v.body)
+
+
+def test_scrubbing_never_changes_an_answers_structure() -> None:
+    from batch.client import Secret as S
+
+    for key in ("k", "task", "data"):  # too short to be a key: nothing is rewritten
+        v = classify(200, OK, H, S(key))
+        assert v.kind is Kind.OK and v.task_id == "t-1", key
 
 
 def test_a_task_id_containing_the_key_never_survives() -> None:

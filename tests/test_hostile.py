@@ -247,6 +247,8 @@ def files_app(handlers: dict) -> web.Application:
         tid = request.match_info["tid"]
         kind = tid.rsplit("-", 1)[0]
         resources = handlers.get(f"resources:{kind}")
+        if callable(resources):
+            resources = resources(request.host, tid)
         if resources is None:
             resources = [{"url": f"http://{request.host}/files/{tid}", "type": "video", "format": "mp4"}]
         return ok({"status": "success", "task_id": tid, "result": {"resources": resources}})
@@ -335,6 +337,24 @@ def test_the_size_cap_holds_with_or_without_content_length(serve, tmp_path: Path
     assert res.exit_code == 1
     assert "over the 1000-byte limit" in results(tmp_path / "r.parquet")["download_error"][0]
     assert not list((tmp_path / "v").glob("*.mp4"))
+
+
+def test_a_task_of_many_outputs_is_bounded_as_a_whole(serve, tmp_path: Path) -> None:
+    """The official CLI caps a task's outputs at 2 GiB together, not only each file."""
+    async def six_hundred(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 600)
+
+    def three(host: str, tid: str) -> list[dict]:
+        return [{"url": f"http://{host}/files/{tid}", "type": "video", "format": "mp4"} for _ in range(3)]
+
+    url = serve(files_app({"many": six_hundred, "resources:many": three}))
+    submit(url, tmp_path, [{"prompt": "many"}])
+    res = collect(url, tmp_path, "--download", str(tmp_path / "v"), "--download-max-bytes", "1000",
+                  "--download-max-task-bytes", "1500")
+    assert res.exit_code == 1
+    error = results(tmp_path / "r.parquet")["download_error"][0]
+    assert error == "video_3: output of 600 bytes is over the 300 bytes left of the task's 1500-byte limit", error
+    assert sorted(p.stat().st_size for p in (tmp_path / "v").glob("*.mp4")) == [600, 600]
 
 
 def test_file_names_come_from_our_ids_never_from_answers(serve, tmp_path: Path) -> None:

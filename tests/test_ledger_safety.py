@@ -130,6 +130,60 @@ def test_a_submitted_row_is_never_claimed_again(tmp_path: Path) -> None:
     ledger.close()
 
 
+def test_claims_are_fsynced_before_the_wire_and_outcomes_alone_are_not(tmp_path: Path) -> None:
+    """A batch with a claim commits under synchronous=FULL (an fsync: survives power loss
+    before the request goes out); a batch of outcomes alone under NORMAL (survives kill -9)."""
+    from batch.ledger import Mark
+
+    state = tmp_path / "s.sqlite"
+    create_ledger(state)
+    ledger = Ledger(state, "https://api.example")
+    seen: list[tuple[str, int]] = []
+
+    def trace(sql: str) -> None:
+        if sql == "COMMIT":
+            seen.append(("commit", ledger.db.execute("PRAGMA synchronous").fetchone()[0]))
+
+    async def night() -> None:
+        aledger = AsyncLedger(ledger)
+        ledger.db.set_trace_callback(trace)
+        mark = Mark("r1", "run-a", None, "m/x", "https://api.example/x", "f.csv", 2, "{}")
+        assert await aledger.sending(mark)
+        assert seen == [("commit", 2)]  # FULL
+        aledger.outcome("r1", "run-a", "submitted", task_id="t-1", submitted_at="t", poll_url="https://api.example/t")
+        await aledger.flush()
+        assert seen[-1] == ("commit", 1)  # NORMAL
+        assert await aledger.sending(Mark("r2", "run-a", None, "m/x", "https://api.example/x", "f.csv", 3, "{}"))
+        assert seen[-1] == ("commit", 2)
+        ledger.db.set_trace_callback(None)
+        await aledger.close()
+
+    asyncio.run(night())
+    entry = ledger.lookup(["r1"])["r1"]
+    assert (entry.status, entry.task_id, entry.poll_url) == ("submitted", "t-1", "https://api.example/t")
+    ledger.close()
+
+
+def test_a_rescue_file_from_before_poll_urls_is_still_replayed(tmp_path: Path) -> None:
+    from batch.ledger import SQL_CLAIM
+
+    state = tmp_path / "s.sqlite"
+    create_ledger(state)
+    ledger = Ledger(state, "https://api.example")
+    ledger.db.execute(SQL_CLAIM, ("https://api.example", "r1", "run-a", None, "m/x", "u", "f.csv", 2, "{}", "t", "t",
+                                  False))
+    ledger.close()
+    old = ["submitted", "t-1", None, None, 200, 1, "2026-11-27T01:00:00Z", "run-a", "r1"]  # nine fields
+    torn = '{"api": "https://api.example", "outcome": ["submitted", "t-2"'
+    (tmp_path / "s.sqlite.rescue.jsonl").write_text(json.dumps({"api": "https://api.example", "outcome": old})
+                                                     + "\n" + torn + "\n")
+    ledger = Ledger.open(state, "https://api.example")
+    entry = ledger.lookup(["r1"])["r1"]
+    assert (entry.status, entry.task_id) == ("submitted", "t-1")
+    assert not (tmp_path / "s.sqlite.rescue.jsonl").exists()
+    ledger.close()
+
+
 # -- item 2: no silent fresh start ------------------------------------------------------
 
 def test_an_empty_state_file_is_refused_not_taken_for_a_new_ledger(fake, tmp_path: Path) -> None:
