@@ -3,9 +3,12 @@
 Guarantees:
 
 * **Credentials are the cloud's own.** Stores are built with obstore's ``from_url``, which
-  reads each cloud's standard environment and configuration (for S3: ``AWS_ACCESS_KEY_ID``,
-  ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, profiles); no option of
-  ours carries a credential.
+  reads each cloud's standard environment (for S3: ``AWS_ACCESS_KEY_ID``,
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, a web
+  identity token, an instance or container role). obstore does not read ``~/.aws`` profiles,
+  so when ``AWS_PROFILE`` names one (or a shared credentials file exists and no keys are in
+  the environment) boto3's session supplies the credentials, refreshed as they expire. No
+  option of ours carries a credential.
 * **A table appears whole or not at all.** A results table or summary bound for a bucket
   is written to a local temporary file, then uploaded as one object (a single PUT, or a
   multipart upload completed at the end): a reader never sees half of it. Locally, the
@@ -68,7 +71,33 @@ def _store(scheme: str, bucket: str) -> Any:
     """One store per bucket and process: its client keeps connections and credentials."""
     from obstore.store import from_url  # a real import cost (~60 ms) only runs with buckets use it
 
+    provider = _aws_profile() if scheme == "s3" else None
+    if provider is not None:
+        return from_url(f"{scheme}://{bucket}", credential_provider=provider)
     return from_url(f"{scheme}://{bucket}")
+
+
+def _aws_profile() -> Any:
+    """A boto3 credential provider for an AWS profile, when one is meant (see the module's
+    guarantees); ``None`` when the environment holds keys or no profile exists."""
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID"):
+        return None
+    shared = Path(env.get("AWS_SHARED_CREDENTIALS_FILE") or Path.home() / ".aws" / "credentials")
+    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE")
+    if not profile and not shared.exists():
+        return None
+    try:
+        import boto3
+        import botocore.exceptions
+        from obstore.auth.boto3 import Boto3CredentialProvider
+    except ImportError:
+        raise ConfigError("an AWS profile is configured, and reading it needs boto3 (pip install boto3); or set "
+                          "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
+    try:
+        return Boto3CredentialProvider(boto3.Session(profile_name=profile))
+    except botocore.exceptions.BotoCoreError as exc:
+        raise ConfigError(f"AWS profile {profile or 'default'}: {exc}") from None
 
 
 def store_of(url: ObjectUrl) -> Any:

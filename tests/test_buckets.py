@@ -141,3 +141,29 @@ def test_a_bucket_is_no_place_for_the_ledger(tmp_path: Path) -> None:
     res = cli(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--state", "s3://b/state.sqlite",
                "--base-url", "https://api.example"])
     assert res.exit_code == 2 and "the ledger must be on local disk (SQLite locks it" in error_line(res.stderr)
+
+
+def test_an_aws_profile_supplies_the_credentials(fake, bucket: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """obstore reads AWS_* variables only; a cron job often has a profile in ~/.aws instead."""
+    put(f"s3://{bucket}/in/a.csv", b"id,prompt\na1,from a profile\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    (tmp_path / "credentials").write_text("[nightly]\naws_access_key_id = profilekey\n"
+                                          "aws_secret_access_key = profilesecret\n")
+    (tmp_path / "config").write_text("")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_PROFILE", "nightly")
+    storage._store.cache_clear()
+    res = cli(["submit", f"s3://{bucket}/in/a.csv", "-o", str(tmp_path / "r.parquet"), "--base-url", fake.url,
+               "--state", str(tmp_path / "s.sqlite"), "--rate", "0"])
+    assert res.exit_code == 0, res.output
+    assert [r.body["prompt"] for r in fake.state.submissions()] == ["from a profile"]
+
+    monkeypatch.setenv("AWS_PROFILE", "nosuch")
+    storage._store.cache_clear()
+    res = cli(["submit", f"s3://{bucket}/in/a.csv", "-o", str(tmp_path / "r2.parquet"), "--dry-run"])
+    assert res.exit_code == 2
+    assert "AWS profile nosuch" in error_line(res.stderr if hasattr(res, "stderr") else res.output)
