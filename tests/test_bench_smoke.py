@@ -35,3 +35,10 @@ def test_scale_phase(tmp_path: Path) -> None:
 def test_window_and_rate_helpers() -> None:
     assert bench.max_in_window([0.0, 0.5, 0.99, 1.0, 1.5]) == 3
     assert bench.achieved_rate([0.0, 1.0, 2.0]) == 1.0
+
+
+def test_validator_and_bucket_phases(tmp_path: Path) -> None:
+    row = bench.validator(2_000, 10.0)
+    assert row["ok"] and row["s per 1M ours/fastjsonschema/jsonschema"].count("/") == 2, row
+    bucket = bench.bucket_read(tmp_path, 2_000)
+    assert bucket["ok"], bucket
