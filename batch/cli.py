@@ -257,7 +257,7 @@ def common_options(fn: Any) -> Any:
                           "template with those placeholders. [env SEEDANCE_BATCH_ENDPOINT]"),
         api_key_file_option(),
         click.option("--rate", default="100/min", show_default=True, envvar="SEEDANCE_BATCH_RATE",
-                     help="Max request starts: 2, 2/s, 100/min, 5000/h (bare number: per second); 0 = unpaced. "
+                     help="Max request starts with a unit: 2/s, 100/min, 5000/h (a bare number is refused); 0 = unpaced. "
                           "[env SEEDANCE_BATCH_RATE]"),
         click.option("--concurrency", type=click.IntRange(1, 4096), envvar="SEEDANCE_BATCH_CONCURRENCY",
                      help="Max requests in flight (default: adapts to rate x observed latency). "
@@ -558,7 +558,7 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
               help="Downloads in flight.")
 @click.option("--http-timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
               help="Seconds one poll may take; for downloads, the longest pause between bytes.")
-@click.option("--download-max-bytes", type=click.IntRange(1), default=1 << 30, show_default=True,
+@click.option("--download-max-bytes", type=click.IntRange(1), default=2 << 30, show_default=True,
               help="Largest output file accepted (announced or received).")
 @click.option("--download-max-task-bytes", type=click.IntRange(1), default=2 << 30, show_default=True,
               help="Largest total of one task's output files.")

@@ -198,3 +198,16 @@ def test_a_job_file_takes_model_prices_and_cap(fake, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert [r.body for r in fake.state.submissions()] == [{"prompt": "a lighthouse", "generate_audio": True,
                                                            "service_tier": "flex"}]
+
+
+def test_the_readme_model_table_is_the_specs() -> None:
+    import importlib.util
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "models_table.py"
+    module_spec = importlib.util.spec_from_file_location("models_table", tool)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    begin, end = readme.index("<!-- models:begin -->"), readme.index("<!-- models:end -->")
+    assert readme[begin:end].split("\n", 1)[1].strip() == module.table().strip()
