@@ -32,7 +32,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -516,16 +516,22 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             return response
         return web.Response(body=part, status=record.status, headers=headers)
 
-    async def models(request: web.Request) -> web.StreamResponse:
-        record = state.arrive("GET", request.path, kind="models")
-        refused = await admit(request, record, slow=False)
-        if refused is not None:
-            return refused
-        record.status = 200
-        kinds = {"t2v": "text-to-video", "i2v": "image-to-video", "v2v": "video-to-video"}
-        return _ok({"models": [{"slug": slug, "type": kinds.get(spec.kind, spec.kind) if (spec := catalog.find(slug))
-                                else "video", "status": "active",
-                                "docs_url": f"https://docs.modellix.ai/{slug.replace('.', '-')}"} for slug in served]})
+    def read_only(kind: str, answer: Callable[[], Any]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """A free, read-only endpoint: counted, authorised and rate limited like the rest."""
+        async def handler(request: web.Request) -> web.StreamResponse:
+            record = state.arrive("GET", request.path, kind=kind)
+            refused = await admit(request, record, slow=False)
+            if refused is not None:
+                return refused
+            record.status = 200
+            return _ok(answer())
+        return handler
+
+    kinds = {"t2v": "text-to-video", "i2v": "image-to-video", "v2v": "video-to-video"}
+    models = read_only("models", lambda: {"models": [
+        {"slug": slug, "type": kinds.get(spec.kind, spec.kind) if (spec := catalog.find(slug)) else "video",
+         "status": "active", "docs_url": f"https://docs.modellix.ai/{slug.replace('.', '-')}"} for slug in served]})
+    balance = read_only("balance", lambda: {"balance": config.balance, "currency": "USD"})
 
     async def api_schema(request: web.Request) -> web.StreamResponse:
         """The per-model schema document, at the path the provider publishes it."""
@@ -539,14 +545,6 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             return _error(404, f"model {slug} not found")
         record.status = 200
         return web.json_response(doc)
-
-    async def balance(request: web.Request) -> web.StreamResponse:
-        record = state.arrive("GET", request.path, kind="balance")
-        refused = await admit(request, record, slow=False)
-        if refused is not None:
-            return refused
-        record.status = 200
-        return _ok({"balance": config.balance, "currency": "USD"})
 
     async def validate_key(request: web.Request) -> web.StreamResponse:
         record = state.arrive("GET", request.path, kind="validate")

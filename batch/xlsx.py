@@ -9,7 +9,7 @@ the API's defaults or a wrong prompt without a word. So, besides fastexcel:
   default);
 * :func:`scan_sheet` finds formula cells without a cached value, merged ranges and the
   type of every cell, keeping only the cells that are not plain text or plain numbers;
-* :func:`oversized_strings` measures shared strings without holding them, and
+* :func:`shared_strings` measures shared strings without holding them, and
   :func:`sanitized_copy` replaces those over the cell cap with a marker, so a workbook
   whose XML expands to gigabytes is read in bounded memory (a 926 KB file of 5 MiB
   cells took 6.4 GB and 16 s before; now it is refused or marked in well under a second
@@ -26,8 +26,10 @@ import shutil
 import tempfile
 import xml.parsers.expat
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
@@ -104,19 +106,13 @@ def list_sheets(zf: zipfile.ZipFile) -> list[SheetInfo]:
     return sheets
 
 
-def shared_strings(zf: zipfile.ZipFile, cap: int, wanted: set[int]) -> tuple[dict[int, int], dict[int, str]]:
-    """(index → length of the shared strings longer than ``cap`` characters, measured
-    without holding any of them; index → text of the ``wanted`` ones)."""
-    try:
-        stream = zf.open("xl/sharedStrings.xml")
-    except KeyError:
-        return {}, {}
-    found: dict[int, int] = {}
-    texts: dict[int, str] = {}
+def _walk_strings(stream: Any, keep: Callable[[int], bool], cap: int | None,
+                  on_string: Callable[[int, int, str | None], None]) -> None:
+    """One expat pass over ``sharedStrings.xml``: for each ``<si>``, ``on_string(index,
+    length, text)``, where ``text`` is held only for the strings ``keep`` names and only up
+    to ``cap`` characters (``None`` otherwise): a multi-gigabyte string is measured, never held."""
+    index, length, depth_t = -1, 0, 0
     pieces: list[str] = []
-    index = -1
-    length = 0
-    depth_t = 0
 
     def start(name: str, _attrs: dict[str, str]) -> None:
         nonlocal index, length, depth_t
@@ -132,22 +128,39 @@ def shared_strings(zf: zipfile.ZipFile, cap: int, wanted: set[int]) -> tuple[dic
         if name == "t":
             depth_t -= 1
         elif name == "si":
-            if length > cap:
-                found[index] = length
-            elif index in wanted:
-                texts[index] = "".join(pieces)
+            held = keep(index) and (cap is None or length <= cap)
+            on_string(index, length, "".join(pieces) if held else None)
 
     def text(data: str) -> None:
         nonlocal length
         if depth_t:
             length += len(data)
-            if index in wanted and length <= cap:
+            if keep(index) and (cap is None or length <= cap):
                 pieces.append(data)
 
     parser = xml.parsers.expat.ParserCreate()
     parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, text
+    parser.ParseFile(stream)
+
+
+def shared_strings(zf: zipfile.ZipFile, cap: int, wanted: set[int]) -> tuple[dict[int, int], dict[int, str]]:
+    """(index → length of the shared strings longer than ``cap`` characters, measured
+    without holding any of them; index → text of the ``wanted`` ones)."""
+    try:
+        stream = zf.open("xl/sharedStrings.xml")
+    except KeyError:
+        return {}, {}
+    found: dict[int, int] = {}
+    texts: dict[int, str] = {}
+
+    def on_string(index: int, length: int, text: str | None) -> None:
+        if length > cap:
+            found[index] = length
+        elif text is not None:
+            texts[index] = text
+
     with stream:
-        parser.ParseFile(stream)
+        _walk_strings(stream, wanted.__contains__, cap, on_string)
     return found, texts
 
 
@@ -167,37 +180,16 @@ def sanitized_copy(zf: zipfile.ZipFile, oversized: dict[int, int]) -> Path:
     return out_path
 
 
-def _rewrite_strings(src: object, dst: object, oversized: dict[int, int]) -> None:
-    dst.write(b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'  # type: ignore[attr-defined]
+def _rewrite_strings(src: Any, dst: Any, oversized: dict[int, int]) -> None:
+    dst.write(b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
               b'<sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main">')
-    index = -1
-    pieces: list[str] = []
-    depth_t = 0
 
-    def start(name: str, _attrs: dict[str, str]) -> None:
-        nonlocal index, depth_t
-        if name == "si":
-            index += 1
-            pieces.clear()
-        elif name == "t":
-            depth_t += 1
+    def on_string(index: int, _length: int, text: str | None) -> None:
+        value = f"{MARKER}{oversized[index]}" if index in oversized else text or ""
+        dst.write(f'<si><t xml:space="preserve">{escape(value)}</t></si>'.encode())
 
-    def end(name: str) -> None:
-        nonlocal depth_t
-        if name == "t":
-            depth_t -= 1
-        elif name == "si":
-            text = f"{MARKER}{oversized[index]}" if index in oversized else "".join(pieces)
-            dst.write(f'<si><t xml:space="preserve">{escape(text)}</t></si>'.encode())  # type: ignore[attr-defined]
-
-    def chars(data: str) -> None:
-        if depth_t and index not in oversized:  # an oversized string is never held
-            pieces.append(data)
-
-    parser = xml.parsers.expat.ParserCreate()
-    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, chars
-    parser.ParseFile(src)  # type: ignore[arg-type]
-    dst.write(b"</sst>")  # type: ignore[attr-defined]
+    _walk_strings(src, lambda i: i not in oversized, None, on_string)  # an oversized string is never held
+    dst.write(b"</sst>")
 
 
 @dataclass
