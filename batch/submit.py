@@ -444,7 +444,7 @@ class Submitter:
                 ledger.outcome(req.request_id, self.run_id, "pending", error=f"HTTP 404 from {url}",
                                error_code=verdict.error_code, http_status=404, attempts=attempts)
                 self.halt(f"HTTP 404 from {url}: the route or the model does not exist there "
-                          f"({verdict.error}); check --model and --endpoint", fatal=True)
+                          f"({verdict.error}); check --model, --endpoint and --base-url", fatal=True)
                 return False
             if verdict.kind is not Kind.RETRY:
                 self._finish(req, verdict, attempts)

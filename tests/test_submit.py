@@ -208,7 +208,7 @@ def test_a_wrong_route_stops_the_night_at_the_first_404(start_fake, tmp_path: Pa
     assert dict(zip(*counts.values(), strict=True)) == {"pending": 20}
     assert len(fake.state.submissions()) <= 2  # at most what was in flight
     assert f"HTTP 404 from {fake.url}/api/v1/text-to-video/bytedance/seedance-1.0-lite-t2v/async" in res.output
-    assert "--model" in res.output and "--endpoint" in res.output
+    assert "--model" in res.output and "--endpoint" in res.output and "--base-url" in res.output
     # The next night, with the right route form, sends all of them, once.
     res = cli(submit_args(fake, tmp_path, tmp_path / "in.csv", extra=["--endpoint", "v1"]))
     assert res.exit_code == 0, res.output
