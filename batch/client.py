@@ -111,6 +111,12 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     return random.uniform(step / 2, step)
 
 
+def retry_wait(verdict: Verdict, attempt: int, base: float, cap: float) -> float:
+    """Seconds before retry ``attempt``: the backoff, but never less than the provider asked."""
+    wait = backoff_delay(attempt, base, cap)
+    return wait if verdict.retry_after is None else max(wait, verdict.retry_after)
+
+
 def _reset_seconds(value: str, now: float) -> float | None:
     """``X-RateLimit-Reset`` as seconds to wait: providers send a delta in seconds, or an
     epoch time in seconds or milliseconds."""

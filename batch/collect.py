@@ -41,7 +41,16 @@ from typing import Any, TypeVar
 import structlog
 
 from batch.api import FAKE_API, task_url
-from batch.client import Kind, Secret, Transport, Verdict, backoff_delay, clean_text, make_session, request_once
+from batch.client import (
+    Kind,
+    Secret,
+    Transport,
+    backoff_delay,
+    clean_text,
+    make_session,
+    request_once,
+    retry_wait,
+)
 from batch.download import (
     DownloadError,
     DownloadPolicy,
@@ -367,8 +376,7 @@ class Collector:
             await self.limiter.acquire()
             verdict = await request_once(self._session, "GET", url, cfg.api_key, transport=cfg.transport)
             self.stats.polls += 1
-            if verdict.rate_remaining is not None and verdict.rate_reset is not None:
-                self.limiter.slow_down(verdict.rate_remaining, verdict.rate_limit, verdict.rate_reset)
+            self.limiter.heed(verdict)
             status = verdict.http_status or 0
             if 200 <= status < 300 and isinstance(verdict.body, dict) and "data" in verdict.body:
                 self._record(task, read_task(verdict.body, task.task_id))
@@ -383,19 +391,9 @@ class Collector:
                     self.log.warning("poll_rejected", request_id=task.request_id, http_status=status,
                                      error=verdict.error)
                 return
-            wait = self._retry_wait(attempt, verdict)
+            wait = retry_wait(verdict, attempt, cfg.backoff_base, cfg.backoff_max)
             self.log.debug("poll_retry", request_id=task.request_id, attempt=attempt, error=verdict.error)
             await asyncio.sleep(wait)
-
-    def _retry_wait(self, attempt: int, verdict: Verdict) -> float:
-        """As the submitter does: backoff with jitter, at least Retry-After; a 429 that says
-        when its window reopens pauses every caller of the shared limiter."""
-        wait = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_max)
-        if verdict.retry_after is not None:
-            wait = max(wait, verdict.retry_after)
-            if verdict.http_status == 429:
-                self.limiter.cooldown(verdict.retry_after)
-        return wait
 
     def _record(self, task: Task, view: TaskView) -> None:
         if view.status is None:

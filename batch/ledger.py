@@ -54,6 +54,7 @@ from typing import Any
 from batch.api import DEFAULT_MODEL, FAKE_API
 from batch.errors import LockedError, StateError
 from batch.identity import content_key, with_repeat
+from batch.storage import fsync_path
 
 APPLICATION_ID = 0x5EEDBA7C  # marks the file as ours (PRAGMA application_id)
 SCHEMA_VERSION = 2
@@ -244,14 +245,10 @@ def create_ledger(path: Path) -> None:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             db.close()
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except sqlite3.Error as exc:
         raise StateError(f"{path}: cannot create state file ({exc})") from None
     except OSError as exc:
@@ -282,14 +279,6 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
         raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 START_OVER = ("if you mean to start over, move it away (every request it recorded may then be sent and "
@@ -342,8 +331,8 @@ class Ledger:
 
     @classmethod
     def open(cls, path: Path, api: str) -> Ledger:
-        """Open (creating if missing) for writing: call with the run lock held."""
-        create_ledger(path)
+        """Open for writing: call with the run lock held (:func:`locked_ledger` creates the
+        file before it locks it)."""
         check_header(path)
         ledger = cls(path, api)
         try:
@@ -448,11 +437,7 @@ class Ledger:
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             if not self._full:  # outcomes committed without fsync, if the checkpoint left them in the WAL
                 with contextlib.suppress(OSError):
-                    fd = os.open(os.path.realpath(self.path) + "-wal", os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    fsync_path(os.path.realpath(self.path) + "-wal")
         self.db.close()
 
     # -- which APIs this ledger knows --------------------------------------------------
@@ -623,7 +608,6 @@ class Ledger:
         )
 
 
-
 def backup(state: Path, dest: Path) -> dict[str, int]:
     """A consistent copy of a ledger through SQLite's online backup API: safe while a run
     writes (it reads a snapshot, WAL included), written beside ``dest`` and renamed into
@@ -645,7 +629,7 @@ def backup(state: Path, dest: Path) -> dict[str, int]:
             target.close()
             source.close()
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_path(dest.parent)
     except sqlite3.Error as exc:
         raise StateError(f"{state}: cannot back up ({exc})") from None
     except OSError as exc:

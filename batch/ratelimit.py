@@ -55,8 +55,19 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from batch.api import DOCUMENTED_RATE_PER_MIN
+
+
+class Throttling(Protocol):
+    """The parts of an API answer that speak of the rate budget (a client ``Verdict``)."""
+
+    http_status: int | None
+    retry_after: float | None
+    rate_remaining: int | None
+    rate_limit: int | None
+    rate_reset: float | None
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,16 @@ class SmoothLimiter:
             return
         with self._state.locked() as s:
             s.resume_at = max(s.resume_at, until)
+
+    def heed(self, answer: Throttling) -> None:
+        """What an answer says about the key's budget. A 429 with ``Retry-After`` says when
+        the window reopens: every caller waits (a bare 429 is more likely the concurrency
+        limit, which the submitter's in-flight ceiling handles). ``X-RateLimit-Remaining``
+        running low spreads the rest of the window (:meth:`slow_down`)."""
+        if answer.http_status == 429 and answer.retry_after is not None:
+            self.cooldown(answer.retry_after)
+        if answer.rate_remaining is not None and answer.rate_reset is not None:
+            self.slow_down(answer.rate_remaining, answer.rate_limit, answer.rate_reset)
 
     def slow_down(self, remaining: int, limit: int | None, reset: float) -> None:
         """Spread what is left of the provider's window (``X-RateLimit-Remaining``) over the

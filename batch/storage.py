@@ -45,6 +45,15 @@ def is_remote(location: str | Path) -> bool:
     return isinstance(location, str) and urlsplit(location).scheme in SCHEMES and "://" in location
 
 
+def fsync_path(path: Path | str) -> None:
+    """fsync a file or a directory by name (a directory: so a rename or link in it lasts)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class ObjectUrl:
     scheme: str
@@ -290,11 +299,7 @@ class Target:
             return
         final = Path(self.text)
         os.replace(tmp, final)
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_path(final.parent)
 
     def write_text(self, text: str) -> None:
         """The whole text, atomically: a reader (a person, node_exporter's textfile

@@ -38,7 +38,7 @@ import aiohttp.payload
 import structlog
 
 from batch.api import DOCUMENTED, endpoint_url, origin
-from batch.client import Kind, Secret, Transport, Verdict, backoff_delay, make_session, request_once
+from batch.client import Kind, Secret, Transport, Verdict, make_session, request_once, retry_wait
 from batch.errors import ConfigError
 from batch.expand import Request, chunks
 from batch.ledger import AsyncLedger, Mark, utcnow
@@ -436,7 +436,7 @@ class Submitter:
                 finally:
                     wire.release()
                 self._gate.observe(loop.time() - started, verdict.http_status == 429)
-                self._honour_rate_headers(verdict)
+                self.limiter.heed(verdict)
             finally:
                 await self._gate.leave()
             if verdict.http_status == 404:
@@ -449,13 +449,7 @@ class Submitter:
             if verdict.kind is not Kind.RETRY:
                 self._finish(req, verdict, attempts)
                 return verdict.kind in (Kind.OK, Kind.UNKNOWN)
-            wait = backoff_delay(attempts, cfg.backoff_base, cfg.backoff_max)
-            if verdict.retry_after is not None:
-                wait = max(wait, verdict.retry_after)
-            if verdict.http_status == 429 and verdict.retry_after is not None:
-                # A window's 429 says when it reopens: everyone waits. A bare 429 is more
-                # likely the concurrency limit, which the in-flight ceiling already halved.
-                self.limiter.cooldown(verdict.retry_after)
+            wait = retry_wait(verdict, attempts, cfg.backoff_base, cfg.backoff_max)
             if attempts >= cfg.max_attempts:
                 verdict.error = f"gave up after {attempts} attempts: {verdict.error}"
                 verdict.kind = Kind.FAIL
@@ -485,10 +479,6 @@ class Submitter:
             return True
         admit.cancel()
         return False
-
-    def _honour_rate_headers(self, verdict: Verdict) -> None:
-        if verdict.rate_remaining is not None and verdict.rate_reset is not None:
-            self.limiter.slow_down(verdict.rate_remaining, verdict.rate_limit, verdict.rate_reset)
 
     def _poll_url(self, verdict: Verdict) -> str | None:
         """``data.get_result.url``, kept only on the API's own scheme and host: the key is
