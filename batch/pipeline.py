@@ -17,11 +17,11 @@ import signal
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 import structlog
@@ -49,7 +49,7 @@ from batch.models import Catalog
 from batch.preflight import Check, fatal, run_checks
 from batch.prices import Pricing
 from batch.progress import Progress
-from batch.ratelimit import SharedBudget, SmoothLimiter
+from batch.ratelimit import Rate, SharedBudget, SmoothLimiter
 from batch.results import (
     OK_STATUSES,
     RESULT_DTYPES,
@@ -71,6 +71,7 @@ from batch.storage import Target
 from batch.submit import RunStats, SpendCap, SubmitConfig, Submitter
 
 log = structlog.get_logger("batch")
+ConfigT = TypeVar("ConfigT", SubmitConfig, CollectConfig)
 
 
 class Interrupted(BaseException):
@@ -364,17 +365,42 @@ def planned_cost(opts: RunOptions, expander: Expander) -> float | None:
     return estimate.get("cost_usd") if estimate else 0.0
 
 
+@contextlib.asynccontextmanager
+async def bundled_fake(config: ConfigT, wanted: bool) -> AsyncIterator[ConfigT]:
+    """``config`` as given, or pointed at the bundled fake API started for this run and
+    stopped after it (aiohttp.web, ~20 ms, is imported only then)."""
+    if not wanted:
+        yield config
+        return
+    from batch.fake_api import start_fake
+
+    fake = await start_fake()
+    try:
+        yield replace(config, base_url=fake.url, api_key=Secret("fake-api-key"))
+    finally:
+        await fake.close()
+
+
+@contextlib.contextmanager
+def key_limiter(directory: Path | None, rate: Rate | None, key: Secret, margin: float = 0.02,
+                shared: bool = True) -> Iterator[SmoothLimiter]:
+    """The pacing of one API key, shared with the other processes using it through
+    ``directory`` (never for the fake, whose key is no real one)."""
+    budget = shared_budget(directory, key) if shared and rate else None
+    try:
+        yield SmoothLimiter(rate, margin, budget)
+    finally:
+        if budget is not None:
+            budget.close()
+
+
 async def preflight(opts: RunOptions, models: list[str], estimate: float | None,
                     config: SubmitConfig | None = None) -> list[Check]:
     """The checks of :mod:`batch.preflight`; a definite refusal stops here (exit 5)."""
     config = config or opts.submit
-    budget = shared_budget(opts.budget_dir, config.api_key) if not opts.fake_api and config.rate else None
-    try:
-        checks = await run_checks(config.base_url, config.api_key, models, estimate,
-                                  SmoothLimiter(config.rate, config.rate_margin, budget), config.transport)
-    finally:
-        if budget is not None:
-            budget.close()
+    with key_limiter(opts.budget_dir, config.rate, config.api_key, config.rate_margin,
+                     shared=not opts.fake_api) as limiter:
+        checks = await run_checks(config.base_url, config.api_key, models, estimate, limiter, config.transport)
     bad = fatal(checks)
     if bad:
         raise ProviderError("preflight: " + "; ".join(f"{c.name}: {c.detail}" for c in bad)
@@ -384,43 +410,28 @@ async def preflight(opts: RunOptions, models: list[str], estimate: float | None,
 
 async def run_check(opts: RunOptions, models: list[str], estimate: float | None) -> list[Check]:
     """``seedance-batch check``: the preflight alone, against the fake too."""
-    fake = None
-    config = opts.submit
-    if opts.fake_api:
-        from batch.fake_api import start_fake
-
-        fake = await start_fake()
-        config = replace(config, base_url=fake.url, api_key=Secret("fake-api-key"))
-    try:
+    async with bundled_fake(opts.submit, opts.fake_api) as config:
         return await run_checks(config.base_url, config.api_key, models, estimate, transport=config.transport)
-    finally:
-        if fake is not None:
-            await fake.close()
 
 
 async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: Ledger,
                       run_id: str) -> _Outcome:
-    loop = asyncio.get_running_loop()
-    fake = None
-    if opts.fake_api:
-        from batch.fake_api import start_fake  # aiohttp.web: ~20 ms that a real run does not need
-
-        fake = await start_fake()
-    config = opts.submit
-    if fake is not None:
-        config = replace(config, base_url=fake.url, api_key=Secret("fake-api-key"))
-        log.info("fake_api", url=fake.url)
-        if opts.preflight:
-            try:
+    async with bundled_fake(opts.submit, opts.fake_api) as config:
+        if opts.fake_api:
+            log.info("fake_api", url=config.base_url)
+            if opts.preflight:
                 await preflight(opts, expander.models_in_use, None, config)
-            except BaseException:
-                await fake.close()
-                raise
+        with key_limiter(opts.budget_dir, config.rate, config.api_key, config.rate_margin,
+                         shared=not opts.fake_api) as limiter:
+            return await _submit_paced(opts, expander, requests, ledger, run_id, config, limiter)
+
+
+async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: Ledger,
+                        run_id: str, config: SubmitConfig, limiter: SmoothLimiter) -> _Outcome:
+    loop = asyncio.get_running_loop()
     aledger = AsyncLedger(ledger, resend_unknown=config.resend_unknown)
     progress = Progress(lambda: (expander.rows_seen, expander.total_rows), opts.progress_tty, opts.progress_interval)
     progress_task = asyncio.create_task(progress.run())
-    budget = shared_budget(opts.budget_dir, config.api_key) if fake is None and config.rate else None
-    limiter = SmoothLimiter(config.rate, config.rate_margin, budget)
     submitter = Submitter(config, aledger, run_id, progress, limiter)
     state: dict[str, Any] = {"interrupted": None, "aborted": False, "on_halt": None}
 
@@ -461,10 +472,6 @@ async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[R
             if deadline_handle is not None:
                 deadline_handle.cancel()
             await aledger.close()
-            if budget is not None:
-                budget.close()
-            if fake is not None:
-                await fake.close()
     if aledger.broken is not None and stats.state_error is None:
         stats.state_error = str(aledger.broken)
     return _Outcome(stats, state["interrupted"], bool(state["aborted"]), collected, aledger.rescue_path,
@@ -571,25 +578,16 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
 
 
 async def _collect_all(opts: CollectOptions, ledger: Ledger, tasks: list[Task]) -> CollectStats:
-    config = opts.config
-    fake = None
-    if opts.fake_api:
-        from batch.fake_api import start_fake  # any instance of the fake answers for its tasks
-
-        fake = await start_fake()
-        config = replace(config, base_url=fake.url, api_key=Secret("fake-api-key"))
-    aledger = AsyncLedger(ledger)
-    budget = shared_budget(opts.budget_dir, config.api_key) if fake is None and config.rate else None
-    collector = Collector(config, aledger, SmoothLimiter(config.rate, shared=budget))
-    with signals_to(lambda signum: collector.interrupt(signal.Signals(signum).name)):
-        try:
-            return await collector.run(tasks)
-        finally:
-            await aledger.close()
-            if budget is not None:
-                budget.close()
-            if fake is not None:
-                await fake.close()
+    # Any instance of the fake answers for its tasks.
+    async with bundled_fake(opts.config, opts.fake_api) as config:
+        with key_limiter(opts.budget_dir, config.rate, config.api_key, shared=not opts.fake_api) as limiter:
+            aledger = AsyncLedger(ledger)
+            collector = Collector(config, aledger, limiter)
+            with signals_to(lambda signum: collector.interrupt(signal.Signals(signum).name)):
+                try:
+                    return await collector.run(tasks)
+                finally:
+                    await aledger.close()
 
 
 def _read_table(path: Target) -> pl.DataFrame:
