@@ -357,9 +357,28 @@ def submit(**kw: Any) -> None:
 @click.pass_context
 def run(ctx: click.Context, job: Path, **kw: Any) -> None:
     """Run a declarative job file (TOML, see jobs/example.toml); options override the file."""
-    spec = load_job(job, known_fields=Catalog(state_home() / "models").known_fields())
+    spec = read_job(job)
     merged = merge_job(ctx, spec, kw)
     finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem)
+
+
+def models_dir() -> Path:
+    """Fetched and added model specs: they win over the shipped ones."""
+    return state_home() / "models"
+
+
+def read_job(path: Path) -> JobFile:
+    """A job file, its ``[params]`` and ``[columns]`` checked against every known model's fields."""
+    return load_job(path, known_fields=Catalog(models_dir()).known_fields())
+
+
+def job_or_inputs(ctx: click.Context, targets: tuple[str, ...], kw: dict[str, Any]) -> tuple[JobFile | None, dict]:
+    """``validate`` and ``check`` take a job file (then more inputs after it) or inputs."""
+    if targets and targets[0].endswith(".toml"):
+        job = read_job(Path(targets[0]))
+        return job, merge_job(ctx, job, {**kw, "inputs": tuple(job.get("inputs", [])) + targets[1:]},
+                              need_output=False)
+    return None, {**kw, "inputs": targets}
 
 
 def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any], need_output: bool = True) -> dict[str, Any]:
@@ -459,7 +478,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         ) if kw["wait"] else None,
         moved_from=tuple(kw.get("moved_from") or ()),
         budget_dir=state_home(),
-        models_dir=state_home() / "models",
+        models_dir=models_dir(),
         pricing=pricing_of(kw.get("prices_file"), job),
         max_spend=kw.get("max_spend"),
         preflight=not kw.get("no_preflight") and bool(job.get("preflight", True) if job else True),
@@ -502,14 +521,9 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
     """Check a job file or input files as a run would see them, sending nothing: the
     column mapping, every invalid request with its reason, and what would be sent
     (the ledger consulted read-only), with its estimated cost when prices are given."""
-    job = None
     if ctx.get_parameter_source("log_level") in (ParameterSource.DEFAULT, None):
         kw["log_level"] = "warning"  # the report is the output; warnings still say what was skipped
-    if targets[0].endswith(".toml"):
-        job = load_job(Path(targets[0]), known_fields=Catalog(state_home() / "models").known_fields())
-        kw = merge_job(ctx, job, {**kw, "inputs": tuple(job.get("inputs", [])) + targets[1:]}, need_output=False)
-    else:
-        kw["inputs"] = targets
+    job, kw = job_or_inputs(ctx, targets, kw)
     opts = build_options({**kw, "dry_run": True, "output": os.devnull}, command="validate", job=job)
     expander, unreadable = load_and_expand(opts, "validate")
     for line in expander.mapping_lines():
@@ -580,7 +594,7 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
     With JOB.toml, its state, base_url, output (as --results), download and rate are the
     defaults; options win."""
     if job is not None:
-        spec = load_job(job, known_fields=Catalog(state_home() / "models").known_fields())
+        spec = read_job(job)
         unset = lambda name: ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)  # noqa: E731
         state = state or spec.get("state")
         results = results or (str(spec.get("output")) if spec.get("output") else None)
@@ -620,12 +634,7 @@ def check(ctx: click.Context, targets: tuple[str, ...], **kw: Any) -> None:
     """Before the night: is the key valid, is each model in use listed and active, what is
     the balance (and, with prices, does it cover the estimate)? Read-only and free; one line
     per check; exit 0, or 5 when the provider definitely refuses (for cron's &&)."""
-    job = None
-    if targets and targets[0].endswith(".toml"):
-        job = load_job(Path(targets[0]), known_fields=Catalog(state_home() / "models").known_fields())
-        kw = merge_job(ctx, job, {**kw, "inputs": tuple(job.get("inputs", [])) + targets[1:]}, need_output=False)
-    else:
-        kw["inputs"] = targets
+    job, kw = job_or_inputs(ctx, targets, kw)
     opts = build_options({**kw, "output": os.devnull}, command="check", job=job)
     models, estimate = [opts.expand.model], None
     if opts.inputs:
@@ -649,7 +658,7 @@ def models_group(ctx: click.Context) -> None:
 @models_group.command("list")
 def models_list() -> None:
     """List the known models; a fetched or added spec wins over the shipped one."""
-    catalog = Catalog(state_home() / "models")
+    catalog = Catalog(models_dir())
     for problem in catalog.problems:
         click.echo(f"unreadable spec: {problem}", err=True)
     for slug in sorted(catalog.models):
@@ -680,7 +689,7 @@ def models_fetch(slug: str, schema_base: str, fake_api: bool, allow_insecure: bo
     if not fake_api:
         check_transport(schema_base, allow_insecure)
     doc, url = asyncio.run(fetch_schema(schema_base, slug, fake_api, transport_of(proxy, ca_bundle)))
-    spec = save_spec(state_home() / "models", doc, "fetched", url, slug)
+    spec = save_spec(models_dir(), doc, "fetched", url, slug)
     click.echo(f"{spec.slug}: {len(spec.fields)} fields ({', '.join(spec.fields)}) from {url}")
 
 
@@ -721,7 +730,7 @@ def models_add(file: Path, slug: str | None) -> None:
         raise ConfigError(f"{file}: {exc.strerror}") from None
     except ValueError as exc:
         raise ConfigError(f"{file}: not JSON ({exc})") from None
-    spec = save_spec(state_home() / "models", doc, "added", str(file), check_slug(slug) if slug else None)
+    spec = save_spec(models_dir(), doc, "added", str(file), check_slug(slug) if slug else None)
     click.echo(f"{spec.slug}: {len(spec.fields)} fields ({', '.join(spec.fields)}) added")
 
 
