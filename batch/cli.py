@@ -369,7 +369,8 @@ def models_dir() -> Path:
 
 def read_job(path: Path) -> JobFile:
     """A job file, its ``[params]`` and ``[columns]`` checked against every known model's fields."""
-    return load_job(path, known_fields=Catalog(models_dir()).known_fields())
+    catalog = Catalog(models_dir())
+    return load_job(path, known_fields=catalog.known_fields(), aliases=catalog.aliases())
 
 
 def job_or_inputs(ctx: click.Context, targets: tuple[str, ...], kw: dict[str, Any]) -> tuple[JobFile | None, dict]:

@@ -24,13 +24,29 @@ NO_TIER = "no tier"  # a model without service_tier (the 2.0 family): its one pr
 LABEL = "__label"  # a request frame's hidden column: the row's id (the id column itself is passed through)
 
 
+Labels = Callable[[Sequence[str]], dict[str, set[str]]]  # Ledger.labels: label -> request ids sent under it
+
+
+def count_edited(rows: pl.DataFrame, labels: Labels) -> int:
+    """Rows whose id (label) was sent before under another request id: the row was
+    edited since, and the request is a new paid video. The dry run counts them among what
+    it would send, a real run among what it sent (one rule for both)."""
+    if LABEL not in rows.columns:
+        return 0
+    labelled = rows.filter(pl.col(LABEL).is_not_null()).select(LABEL, "request_id")
+    if not labelled.height:
+        return 0
+    known = labels(labelled[LABEL].unique().to_list())
+    return sum(1 for label, rid in labelled.iter_rows() if label in known and known[label] - {rid})
+
+
 @dataclass
 class Estimator:
     """Accumulates the planned (``dry_run``) rows of a run, chunk by chunk."""
 
     catalog: Catalog
     pricing: Pricing = field(default_factory=Pricing)
-    labels: Callable[[Sequence[str]], dict[str, set[str]]] | None = None  # Ledger.labels, read-only
+    labels: Labels | None = None  # Ledger.labels, read-only
     requests: int = 0
     by_tier: Counter[str] = field(default_factory=Counter)
     seconds_by_resolution: Counter[str] = field(default_factory=Counter)
@@ -79,11 +95,8 @@ class Estimator:
             else:
                 self.cost_usd += price * total
         self.identical += planned.filter(pl.col("request_id").str.contains(r"-\d+$")).height
-        if self.labels is not None and LABEL in planned.columns:
-            labelled = planned.filter(pl.col(LABEL).is_not_null()).select(LABEL, "request_id")
-            known = self.labels(labelled[LABEL].unique().to_list()) if labelled.height else {}
-            self.edited += sum(1 for label, rid in labelled.iter_rows()
-                               if label in known and rid not in known[label])
+        if self.labels is not None:
+            self.edited += count_edited(planned, self.labels)
 
     def as_dict(self) -> dict[str, Any] | None:
         if not self.requests:

@@ -28,9 +28,10 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
+import math
 import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import polars as pl
@@ -39,8 +40,8 @@ from batch.api import DEFAULT_MODEL
 from batch.errors import ConfigError, InputError
 from batch.identity import content_key, with_repeat
 from batch.load import Table
-from batch.models import Catalog, ModelSpec, normalize_name
-from batch.validate import DEFAULT_TIER, RuleError, Validator
+from batch.models import Catalog, FieldSpec, ModelSpec, normalize_name
+from batch.validate import DEFAULT_TIER, RuleError, Validator, to_bool, to_int
 
 T = TypeVar("T")
 
@@ -48,7 +49,7 @@ T = TypeVar("T")
 # carried through as ``input_<name>`` so that nothing is silently overwritten.
 RESULT_COLUMNS = (
     "request_id", "source", "row", "model", "endpoint", "status", "task_id", "error", "error_code",
-    "http_status", "attempts", "submitted_at",
+    "http_status", "attempts", "submitted_at", "as_written",
     "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error",
 )
 MODEL_COLUMN = "model"
@@ -83,7 +84,8 @@ class Request:
     extra: dict[str, Any]
     error: str | None = None
     label: str | None = None
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # as the user wrote it when it names no known model (the request is invalid)
+    written: dict[str, Any] | None = None  # an invalid request's values as written (the ``as_written`` column)
 
 
 def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -173,6 +175,26 @@ def _template_fields(template: str) -> list[str]:
     return names
 
 
+def as_typed(spec: FieldSpec | None, value: Any) -> Any:
+    """A value that broke its field's rule, in the field's JSON type if that type holds it
+    exactly (``30`` frames, ``"15"`` seconds), else ``None``: never rounded or guessed."""
+    if spec is None:
+        return None
+    try:
+        if spec.type == "integer":
+            return to_int(spec.name, "", value)
+        if spec.type == "number":
+            number = float(value.strip() if isinstance(value, str) else value)
+            return number if not isinstance(value, bool) and math.isfinite(number) else None
+        if spec.type == "boolean":
+            return to_bool(spec.name, "", value)
+    except (RuleError, TypeError, ValueError):
+        return None
+    if spec.type == "array":
+        return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+    return value if isinstance(value, str) else None
+
+
 def label_of(value: Any) -> str | None:
     """The row's id as a label: text, trimmed; ``None`` when empty."""
     if value is None:
@@ -211,18 +233,21 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
     for c in columns:
         by_norm.setdefault(normalize(c), []).append(c)
     known = catalog.known_fields()
+    aliases = catalog.aliases()
     explicit = {}
     for src, dst in spec.columns.items():
         matches = [src] if src in columns else by_norm.get(normalize(src), [])
         if not matches:
             raise InputError(f"{where}: mapped column {src!r} not found (columns: {', '.join(columns)})")
-        explicit[matches[0]] = normalize(dst)
+        explicit[matches[0]] = aliases.get(normalize(dst), normalize(dst))
     passthrough = {normalize(p) for p in spec.passthrough}
     id_norm = normalize(spec.id_column) if spec.id_column else "id"
     fields: dict[str, str] = {}
     id_column = model_column = None
     for c in columns:
         norm = explicit.get(c, normalize(c))
+        if norm not in known and norm not in (id_norm, MODEL_COLUMN):
+            norm = aliases.get(norm, norm)  # "Aspect Ratio", "Length (s)": the spec's synonyms
         if c in explicit and norm not in known and norm not in (id_norm, MODEL_COLUMN):
             raise InputError(f"{where}: [columns] maps {c!r} to {norm!r}, which is no API field, id or model")
         if normalize(c) in passthrough and c not in explicit:
@@ -270,10 +295,49 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
         if found is None:
             raise InputError(f"{where}: prompt_template uses column {placeholder!r}, which the file lacks")
         template[placeholder] = found
+    _refuse_values_of_unnamed_fields(table, catalog, usable, taken, passthrough,
+                                     set(fields) | {id_column, model_column, *template.values()})
     if "prompt" not in mapped and not template and "prompt" not in spec.params:
         raise InputError(f"{where}: no 'prompt' column (columns: {', '.join(columns) or 'none'})")
     extra = {c: (f"input_{c}" if c in RESULT_COLUMNS or c in known else c) for c in columns if c not in fields}
     return ColumnMap(fields, extra, id_column, model_column, template, tuple(sorted(models)))
+
+
+def _enum_values(catalog: Catalog, slugs: Sequence[str]) -> dict[str, set[str]]:
+    """Each text field with a closed set of values (``ratio``, ``resolution``...) → its
+    values as a cell may spell them (trimmed, lower case), over the given models."""
+    found: dict[str, set[str]] = {}
+    for slug in slugs:
+        for name, f in catalog.get(slug).fields.items():
+            if f.type == "string" and f.enum:
+                found.setdefault(name, set()).update(str(v).strip().lower() for v in f.enum)
+    return found
+
+
+def _refuse_values_of_unnamed_fields(table: Table, catalog: Catalog, slugs: Sequence[str], taken: set[str],
+                                     passthrough: set[str], used: set[str | None]) -> None:
+    """A column whose header names no field but whose every value is one of a field's
+    values (``Format`` holding ``9:16``) was meant for that field: carried through, the
+    video would silently get the API's default. An error naming the field, unless the
+    field has its column already or the column is declared ``--passthrough``."""
+    enums = {f: v for f, v in _enum_values(catalog, slugs).items() if f not in taken}
+    if not enums:
+        return
+    for c in table.df.columns:
+        if c in used or normalize(c) in passthrough or table.df.schema[c] != pl.String:
+            continue
+        values = {v.strip().lower() for v in table.df[c].drop_nulls().unique().head(1000).to_list()} - {""}
+        # A "|" list in a cell is several values of the field (see split_list).
+        values = {part.strip() for v in values for part in v.split("|") if part.strip()}
+        if not values:
+            continue
+        meant = [f for f, allowed in enums.items() if values <= allowed]
+        if meant:
+            shown = ", ".join(sorted(values)[:5])
+            raise InputError(
+                f"{table.source}: column {c!r} holds only values of the field {meant[0]!r} ({shown}) but its header "
+                f"names no field, so they would not be sent: rename the header to {meant[0]!r}, or keep it as a "
+                f"pass-through column with passthrough = [{c!r}] in the job file (or --passthrough {c!r})")
 
 
 @dataclass
@@ -295,14 +359,26 @@ class Expander:
 
     def __init__(self, tables: Sequence[Table], spec: ExpandSpec, catalog: Catalog | None = None) -> None:
         self.tables = list(tables)
-        self.spec = spec
         self.catalog = catalog or Catalog()
+        self.spec = spec = replace(spec, params=self._resolve_params(spec.params))
         default = self.catalog.get(spec.model)
         self.maps = [map_columns(t, spec, self.catalog) for t in self.tables]
         self._models: dict[str, _Model | None] = {}
         self._check_params(default)
         self.total_rows = sum(t.df.height for t in self.tables)
         self.rows_seen = 0  # rows read by the current iteration (for progress)
+
+    def _resolve_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Job-level values keyed by field, a synonym (``aspect_ratio``) read as its field."""
+        resolved: dict[str, Any] = {}
+        given: dict[str, str] = {}
+        for name, value in params.items():
+            field_name = self.catalog.resolve(name) or name
+            if field_name in resolved:
+                raise ConfigError(f"--param/params {given[field_name]} and {name} both name the field {field_name!r}")
+            resolved[field_name] = value
+            given[field_name] = name
+        return resolved
 
     def _check_params(self, default: ModelSpec) -> None:
         """Every job-level value is valid for a model in use that has its field: a usage
@@ -349,6 +425,16 @@ class Expander:
                 kind = f.type if f.type != "array" else f"array:{f.item.type if f.item else 'string'}"
                 types[name] = kind if types.get(name, kind) == kind else "string"
         return types
+
+    def passthrough_columns(self) -> dict[str, list[str]]:
+        """Each input's columns carried into the results table but never sent (not the id
+        or model column): a header that was meant for a field shows up here."""
+        found: dict[str, list[str]] = {}
+        for table, cmap in zip(self.tables, self.maps, strict=True):
+            kept = [c for c in cmap.extra if c not in (cmap.id_column, cmap.model_column)]
+            if kept:
+                found.setdefault(table.source, []).extend(kept)
+        return found
 
     def mapping_lines(self) -> list[str]:
         return [f"{t.source}: {m.describe()}" for t, m in zip(self.tables, self.maps, strict=True)]
@@ -409,13 +495,14 @@ class Expander:
                 index += 1
                 if all(c is None or c == "" for c in cells):
                     continue  # a blank spreadsheet line is not a row
-                slug = default
+                slug, written_model = default, None
                 if model_pos is not None and cells[model_pos] is not None and str(cells[model_pos]).strip():
                     slug = str(cells[model_pos]).strip().lower()
                 prepared = self.model(slug)
                 errors: list[str] = []
                 if prepared is None:
-                    errors.append(f"model={slug!r}: unknown model (known: {', '.join(sorted(self.catalog.models))})")
+                    written_model = str(cells[model_pos]).strip()
+                    errors.append(self._unknown_model(written_model))
                     prepared = self.model(default)
                     assert prepared is not None
                 fields = prepared.spec.fields
@@ -449,7 +536,17 @@ class Expander:
                 names = list(choices)
                 for combo in itertools.product(*(choices[n] for n in names)):
                     yield self._make(dict(zip(names, combo, strict=True)), errors, table.source,
-                                     table.first_row + index, extra, label, occurrences, prepared)
+                                     table.first_row + index, extra, label, occurrences, prepared, written_model)
+
+    def _unknown_model(self, written: str) -> str:
+        """The error of a model cell naming no known model, with the model it most likely
+        means (``Seedance-1.5-Pro-T2V`` is ``bytedance/seedance-1.5-pro-t2v``)."""
+        known = sorted(self.catalog.models)
+        text = written.lower()
+        meant = [s for s in known if s.partition("/")[2] == text] or \
+            difflib.get_close_matches(text, known, n=1, cutoff=0.75)
+        hint = f"did you mean {meant[0]!r}? " if meant else ""
+        return f"model={written!r}: unknown model ({hint}known: {', '.join(known)})"
 
     @staticmethod
     def _fill(template: str, tmpl_idx: list[tuple[str, int, str]], cells: tuple[Any, ...]) -> str:
@@ -471,6 +568,7 @@ class Expander:
         label: str | None,
         occurrences: dict[str, int],
         model: _Model,
+        written_model: str | None = None,
     ) -> Request:
         errors = list(row_errors)
         body: dict[str, Any] = {}
@@ -482,10 +580,21 @@ class Expander:
                 errors.append(str(exc))
         if not errors:
             errors = model.validator.check_body(body)
-        if errors:  # what converted is shown converted, the rest as written
-            body = {name: body.get(name, value) for name, value in raw.items()}
-        key = content_key(model.spec.slug, body)
+        written = None
+        if errors:
+            key = content_key(model.spec.slug, {name: body.get(name, value) for name, value in raw.items()})
+            # The typed columns show a value only where the type holds it as written (a
+            # seed of 3.7 is never shown as 3); ``written`` keeps every value as the user
+            # wrote it, and an unknown model's name as typed.
+            fields = model.spec.fields
+            body = {name: v for name, value in raw.items()
+                    if (v := body[name] if name in body else as_typed(fields.get(name), value)) is not None}
+            written = dict(raw)
+            if written_model is not None:
+                written = {"model": written_model, **written}
+        else:
+            key = content_key(model.spec.slug, body)
         n = occurrences.get(key, 0)
         occurrences[key] = n + 1
         return Request(with_repeat(key, n), source, row_no, body, extra, "; ".join(errors) if errors else None,
-                       label, model.spec.slug)
+                       label, written_model or model.spec.slug, written)

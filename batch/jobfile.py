@@ -70,9 +70,11 @@ def _fail(path: Path, key: str, message: str) -> ConfigError:
     return ConfigError(f"{path}: {key}: {message}")
 
 
-def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str] = ()) -> JobFile:
+def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str] = (),
+             aliases: Iterable[str] = ()) -> JobFile:
     """Read and check a job file; ``known_fields`` (every model's, :mod:`batch.models`)
-    lets ``[params]`` and ``[columns]`` name only API fields."""
+    lets ``[params]`` and ``[columns]`` name only API fields, or their header synonyms
+    (``aliases``)."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -110,12 +112,13 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
     if "tier" in values and values["tier"] not in TIERS:
         raise _fail(path, "tier", f"expected one of {', '.join(TIERS)}, got {values['tier']!r}")
     known = {normalize_name(f) for f in known_fields}
-    targets = known | {normalize_name(values.get("id_column", "id")), "model"}
+    named = known | {normalize_name(a) for a in aliases}
+    targets = named | {normalize_name(values.get("id_column", "id")), "model"}
     for src, dst in values.get("columns", {}).items():
         if not isinstance(dst, str) or (known and normalize_name(dst) not in targets):
             raise _fail(path, f"columns.{src}", "must name an API field, the id column or model")
     for name, value in values.get("params", {}).items():
-        if known and normalize_name(name) not in known:
+        if known and normalize_name(name) not in named:
             raise _fail(path, f"params.{name}", f"unknown API field (known: {', '.join(sorted(known))})")
         items = value if isinstance(value, list) else [value]
         if not items or any(isinstance(v, dict) for v in items):

@@ -575,15 +575,17 @@ class Ledger:
             out.append(row)
         return out
 
-    def labels(self, labels: Sequence[str]) -> dict[str, set[str]]:
-        """For each label, the request ids this API has under it (to spot edited rows)."""
+    def labels(self, labels: Sequence[str], before_run: str | None = None) -> dict[str, set[str]]:
+        """For each label, the request ids this API has under it (to spot edited rows);
+        with ``before_run``, only those sent by other runs than that one."""
         found: dict[str, set[str]] = {}
         for start in range(0, len(labels), 500):
             chunk = labels[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for label, rid in self.db.execute(
                     f"SELECT label, request_id FROM requests WHERE api=? AND label IN ({marks}) "
-                    f"AND status IN ('submitted', 'sending', 'unknown')", (self.api, *chunk)):
+                    f"AND status IN ('submitted', 'sending', 'unknown') AND run_id IS NOT ?",
+                    (self.api, *chunk, before_run)):
                 found.setdefault(label, set()).add(rid)
         return found
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
@@ -49,6 +49,7 @@ class FieldSpec:
     default: Any = None
     required: bool = False
     inferred: bool = False
+    aliases: tuple[str, ...] = ()  # header synonyms (``x-aliases``), normalised
 
     @classmethod
     def from_schema(cls, name: str, schema: dict[str, Any], required: bool) -> FieldSpec:
@@ -64,6 +65,7 @@ class FieldSpec:
             min_items=schema.get("minItems"), max_items=schema.get("maxItems"),
             item=cls.from_schema(f"{name}[]", item, False) if isinstance(item, dict) else None,
             default=schema.get("default"), required=required, inferred=bool(schema.get("x-inferred")),
+            aliases=_aliases(schema.get("x-aliases")),
         )
 
     @property
@@ -94,9 +96,23 @@ class ModelSpec:
         return spec.default if spec is not None else None
 
 
+_UNITS = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")  # "Length (s)", "Ratio (W:H)", "Duration [sec]"
+_SEPARATORS = re.compile(r"[\s\-./:]+")
+
+
 def normalize_name(text: str) -> str:
-    """How a header or a parameter names a field: lower case, spaces and hyphens as ``_``."""
-    return re.sub(r"[\s\-]+", "_", text.strip().lower()).strip("_")
+    """How a header or a parameter names a field: units in parentheses or brackets
+    dropped, lower case, spaces, hyphens, dots, slashes and colons as one ``_``."""
+    name = _SEPARATORS.sub("_", _UNITS.sub(" ", text).strip().lower())
+    return re.sub(r"_+", "_", name).strip("_")
+
+
+def _aliases(value: Any) -> tuple[str, ...]:
+    """A spec's ``x-aliases``, normalised; anything else in that place is ignored (a
+    document from outside is data: a wrong type costs the synonyms, not the spec)."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(dict.fromkeys(n for v in value if isinstance(v, str) and (n := normalize_name(v))))
 
 
 def parse_spec(doc: Any, origin: str, fallback: ModelSpec | None = None, slug: str | None = None) -> ModelSpec:
@@ -116,6 +132,9 @@ def parse_spec(doc: Any, origin: str, fallback: ModelSpec | None = None, slug: s
     required = set(schema.get("required") or [])
     fields = {name: FieldSpec.from_schema(name, prop if isinstance(prop, dict) else {}, name in required)
               for name, prop in schema["properties"].items()}
+    if fallback is not None:  # the provider's bare document has no synonyms: keep ours
+        fields = {name: f if f.aliases or name not in fallback.fields
+                  else replace(f, aliases=fallback.fields[name].aliases) for name, f in fields.items()}
     base = fallback
     return ModelSpec(
         slug=check_slug(str(slug)),
@@ -186,6 +205,7 @@ class Catalog:
     def __init__(self, directory: Path | None = None) -> None:
         self.models = dict(shipped())
         self.problems: list[str] = []
+        self._aliases: dict[str, str] | None = None
         if directory is not None and directory.is_dir():
             for path in sorted(directory.glob("*.json")):
                 try:
@@ -211,6 +231,37 @@ class Catalog:
 
     def known_fields(self) -> set[str]:
         return {name for spec in self.models.values() for name in spec.fields}
+
+    def aliases(self) -> dict[str, str]:
+        """Every header synonym of the known models → its field. A synonym that is
+        another field's own name, or names two fields across models, means nothing (an
+        added spec cannot make a header ambiguous); it is dropped with a problem noted."""
+        if self._aliases is None:
+            self._aliases = self._collect_aliases()
+        return self._aliases
+
+    def _collect_aliases(self) -> dict[str, str]:
+        fields = self.known_fields()
+        found: dict[str, str] = {}
+        clashes: set[str] = set()
+        for spec in self.models.values():
+            for name, f in spec.fields.items():
+                for alias in f.aliases:
+                    if alias in fields or found.setdefault(alias, name) != name:
+                        clashes.add(alias)
+        for alias in sorted(clashes):
+            found.pop(alias, None)
+            problem = f"header synonym {alias!r} is ambiguous across the model specs; ignored"
+            if problem not in self.problems:
+                self.problems.append(problem)
+        return found
+
+    def resolve(self, name: str) -> str | None:
+        """The field a header or parameter name means (its own name or a synonym), or ``None``."""
+        norm = normalize_name(name)
+        if norm in self.known_fields():
+            return norm
+        return self.aliases().get(norm)
 
     def with_field(self, name: str, slugs: Iterable[str]) -> list[str]:
         return [s for s in slugs if (m := self.find(s)) is not None and name in m.fields]

@@ -292,7 +292,8 @@ def run_submit(opts: RunOptions) -> Summary:
         if opts.dry_run:
             output = dry_run_output(opts.output)
             tally = plan(opts, expander, output)
-            summary = _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable)
+            summary = _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable,
+                                 passthrough=expander.passthrough_columns())
             summary.extra["columns"] = expander.mapping_lines()
             return summary
         routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_in_use}
@@ -342,7 +343,8 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     frames = spool.frames() if spool.complete else request_frames(expander, spool.schema)
     with interruptible():
         tally, table_error = write_results(opts.output, frames, spool.schema, ledger.outcome_rows,
-                                           Resolution(run_id, stop_reason=stats.stop_reason), tolerate_io=True)
+                                           Resolution(run_id, stop_reason=stats.stop_reason), tolerate_io=True,
+                                           tally=Tally(labels=lambda labels: ledger.labels(labels, run_id)))
     faults = []
     if stats.state_error:
         where = f"in {opts.output}" if not table_error else "in the summary below"
@@ -353,7 +355,8 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     if table_error:
         faults.append(f"{table_error}; every outcome is in the ledger {opts.state}: rerun to write the table "
                       f"(nothing is sent twice)")
-    return _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable)
+    return _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable,
+                      expander.passthrough_columns())
 
 
 def planned_cost(opts: RunOptions, expander: Expander) -> float | None:
@@ -490,7 +493,8 @@ def shared_budget(directory: Path | None, key: Secret) -> SharedBudget | None:
 
 
 def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outcome: _Outcome | None,
-               local_fault: str | None = None, unreadable: list[Unreadable] | None = None) -> Summary:
+               local_fault: str | None = None, unreadable: list[Unreadable] | None = None,
+               passthrough: dict[str, list[str]] | None = None) -> Summary:
     stats = outcome.stats if outcome else None
     summary = Summary(
         run_id=run_id,
@@ -510,6 +514,9 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
     estimate = tally.estimate()
     if estimate:
         summary.extra["estimate"] = estimate
+    if not opts.dry_run:  # like the dry run's estimate: each one a new paid video
+        summary.extra["edited"] = tally.edited
+    summary.extra["passthrough_columns"] = passthrough or {}
     if stats is not None and (window := stats.window_ms()):
         summary.extra["mark_to_wire_ms"] = window
     if stats is not None and opts.max_spend is not None:

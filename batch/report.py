@@ -46,8 +46,13 @@ def render(summary: dict[str, Any]) -> str:
         lines.extend(render_estimate(estimate))
     for item in summary.get("unreadable") or []:
         lines.append(f"  unreadable: {item['source']}: {item['error']}  <-")
+    if summary.get("edited"):
+        lines.append(f"  edited: {summary['edited']} requests whose id was submitted before with other content "
+                     f"were sent as new paid videos  <-")
     for line in summary.get("columns") or []:
         lines.append(f"  columns: {line}")
+    for source, columns in (summary.get("passthrough_columns") or {}).items():
+        lines.append(f"  pass-through (not sent): {source}: {', '.join(columns)}")
     for key in ("stop_reason", "interrupted"):
         if summary.get(key):
             lines.append(f"  {key.replace('_', ' ')}: {summary[key]}")

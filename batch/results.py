@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import structlog
 
 from batch.errors import ConfigError
-from batch.estimate import LABEL, Estimator
+from batch.estimate import LABEL, Estimator, Labels, count_edited
 from batch.expand import Expander, Request, chunks
 from batch.ledger import OUTCOME_COLUMNS
 from batch.storage import Target
@@ -194,14 +194,21 @@ def _to_datetime(text: Any) -> datetime | None:
 
 
 def result_schema(request: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
-    """The results table's columns, from a request schema (:func:`request_schema`)."""
+    """The results table's columns, from a request schema (:func:`request_schema`):
+    ``as_written`` follows ``error``, the two say what was wrong with an invalid row."""
     schema = dict(request)
-    del schema[INVALID], schema[LABEL]
-    schema.update(RESULT_DTYPES)
+    del schema[INVALID], schema[LABEL], schema[AS_WRITTEN]
+    for name, dtype in RESULT_DTYPES.items():
+        schema[name] = dtype
+        if name == "error":
+            schema[AS_WRITTEN] = pl.String()
     return schema
 
 
 INVALID = "__invalid"  # a request frame's validation error; becomes status/error in the table
+# An invalid request's values as the user wrote them (JSON text): a typed column cannot
+# hold a seed of 3.7 or a model nobody knows; valid rows leave it empty.
+AS_WRITTEN = "as_written"
 
 
 def request_schema(extra_dtypes: dict[str, pl.DataType], fields: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
@@ -212,6 +219,7 @@ def request_schema(extra_dtypes: dict[str, pl.DataType], fields: dict[str, pl.Da
                                       "model": pl.String()}
     schema.update(fields)
     schema.update(extra_dtypes)
+    schema[AS_WRITTEN] = pl.String()
     schema[INVALID] = pl.String()
     schema[LABEL] = pl.String()
     return schema
@@ -231,8 +239,10 @@ def request_frame(reqs: Sequence[Request], schema: dict[str, pl.DataType]) -> pl
         "model": [r.model for r in reqs],
     }
     for name in schema:
-        if name not in columns and name not in (INVALID, LABEL):
+        if name not in columns and name not in (INVALID, LABEL, AS_WRITTEN):
             columns[name] = [r.body[name] if name in r.body else r.extra.get(name) for r in reqs]
+    columns[AS_WRITTEN] = [None if r.written is None else json.dumps(r.written, ensure_ascii=False, default=str)
+                           for r in reqs]
     columns[INVALID] = [r.error for r in reqs]
     columns[LABEL] = [r.label for r in reqs]
     return pl.DataFrame(columns, schema=schema, strict=False)
@@ -384,6 +394,8 @@ class Tally:
     counts: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     estimator: Estimator | None = None
+    labels: Labels | None = None  # a real run: Ledger.labels of the earlier runs, to count edited rows
+    edited: int = 0  # submitted this run although their id was sent before with other content
 
     def add(self, rows: pl.DataFrame) -> None:
         """Count a chunk of result rows (``status``, ``error`` and the API fields), in order
@@ -395,6 +407,8 @@ class Tally:
             self.errors[error] += n
         if self.estimator is not None:
             self.estimator.add(rows.filter(pl.col("status") == "dry_run"))
+        if self.labels is not None:
+            self.edited += count_edited(rows.filter(pl.col("status") == "submitted"), self.labels)
 
     def estimate(self) -> dict[str, Any] | None:
         found = self.estimator.as_dict() if self.estimator is not None else None

@@ -84,7 +84,7 @@ RULES: dict[str, FieldRule | BodyRule] = {
 }
 
 
-def _to_int(name: str, rule: str, value: Any) -> int:
+def to_int(name: str, rule: str, value: Any) -> int:
     if isinstance(value, bool):
         raise RuleError(name, value, rule)
     if isinstance(value, int):
@@ -109,7 +109,7 @@ def _to_int(name: str, rule: str, value: Any) -> int:
     raise RuleError(name, value, rule)
 
 
-def _to_bool(name: str, rule: str, value: Any) -> bool:
+def to_bool(name: str, rule: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
@@ -169,7 +169,7 @@ def compile_field(f: FieldSpec, field_rules: list[FieldRule]) -> Callable[[Any],
 
         def number(value: Any) -> Any:
             if integer:
-                n: Any = _to_int(name, rule, value)
+                n: Any = to_int(name, rule, value)
             else:
                 try:
                     n = float(value.strip() if isinstance(value, str) else value)
@@ -182,7 +182,7 @@ def compile_field(f: FieldSpec, field_rules: list[FieldRule]) -> Callable[[Any],
             return finish(n)
         return number
     if f.type == "boolean":
-        return lambda value: finish(_to_bool(name, rule, value))
+        return lambda value: finish(to_bool(name, rule, value))
     if f.type == "array":
         item = compile_field(f.item, []) if f.item is not None else (lambda v: v)
         lo_items, hi_items = f.min_items, f.max_items

@@ -1,11 +1,15 @@
-"""Print the README's table of shipped models from the specs: `python tools/models_table.py`.
+"""Print the README's tables of shipped models and of header synonyms from the specs:
+`python tools/models_table.py` (add `aliases` for the second).
 
-The README holds the output between the markers `<!-- models:begin -->` and
-`<!-- models:end -->`; tests/test_models.py checks that it matches the specs, so the
-README cannot drift from what the validator and the fake read.
+The README holds the outputs between the markers `<!-- models:begin -->` and
+`<!-- models:end -->`, and `<!-- aliases:begin -->` and `<!-- aliases:end -->`;
+tests check that they match the specs, so the README cannot drift from what the
+validator, the header matching and the fake read.
 """
 
 from __future__ import annotations
+
+import sys
 
 from batch.models import shipped
 
@@ -19,5 +23,18 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def aliases_table() -> str:
+    """Each field and the header synonyms its specs declare (``x-aliases``), over every
+    shipped model that has the field."""
+    synonyms: dict[str, dict[str, None]] = {}
+    for _, spec in sorted(shipped().items()):
+        for name, f in spec.fields.items():
+            synonyms.setdefault(name, {}).update(dict.fromkeys(f.aliases))
+    lines = ["| field | also read from headers named |", "|---|---|"]
+    for name, aliases in synonyms.items():
+        lines.append(f"| `{name}` | {', '.join(f'`{a}`' for a in aliases) or '-'} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(table())
+    print(aliases_table() if sys.argv[1:] == ["aliases"] else table())

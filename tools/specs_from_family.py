@@ -10,6 +10,12 @@ Each spec has the shape of the provider's per-model schema document
 block: kind, completeness, source date, sources, and the named cross-field rules that a
 JSON Schema cannot say. Only fields the facts file lists are written; nothing is
 invented. Models known by name only are not shipped.
+
+Each field also gets ``x-aliases`` from :data:`ALIASES`: the names people give that
+parameter in a spreadsheet header (after units in parentheses are dropped and case,
+spaces and hyphens are normalised, ``batch.models.normalize_name``). They are ours, not
+the provider's, and live in the spec so that the header matching, the job-file checks
+and the README's synonym table read one list.
 """
 
 from __future__ import annotations
@@ -30,6 +36,30 @@ RULES = {
     "first_frame_image and last_frame_image must not be combined with reference_images": "frame_images_not_with_references",
 }
 
+# Header synonyms per field, normalised (lower case, ``_`` for spaces). One synonym names
+# one field in every model, and never another field's own name (tests/test_headers_and_records.py).
+# Deliberately narrow: a word that is often an ordinary column ("text", "notes", "audio",
+# "image") is left out, since a synonym makes its column a sent parameter.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "prompt": ("prompt_text", "text_prompt", "video_prompt"),
+    "ratio": ("aspect_ratio", "aspect", "video_ratio", "ratio_w_h", "frame_ratio"),
+    "resolution": ("video_resolution", "res"),
+    "duration": ("length", "video_length", "clip_length", "duration_s", "duration_seconds", "duration_sec",
+                 "length_s", "length_seconds", "seconds", "secs"),
+    "frames": ("frame_count", "num_frames", "number_of_frames", "n_frames"),
+    "seed": ("random_seed",),
+    "camera_fixed": ("fixed_camera", "static_camera", "locked_camera", "camera_locked", "lock_camera"),
+    "service_tier": ("tier",),
+    "execution_expires_after": ("expires_after", "expiry_seconds"),
+    "return_last_frame": ("return_last_frame_image",),
+    "generate_audio": ("with_audio", "audio_on"),
+    "first_frame_image": ("first_frame", "first_frame_url", "start_frame", "start_image"),
+    "last_frame_image": ("last_frame_url", "end_frame", "end_image"),
+    "reference_images": ("reference_image_urls", "ref_images", "references"),
+    "video_urls": ("video_url", "reference_videos", "source_videos"),
+    "audio_urls": ("audio_url", "reference_audios"),
+}
+
 
 def spec_of(model: dict) -> dict:
     properties, required = {}, []
@@ -39,6 +69,8 @@ def spec_of(model: dict) -> dict:
             prop["description"] = f"{field['unit']}"
         if field.get("inferred"):
             prop["x-inferred"] = True
+        if ALIASES.get(name):
+            prop["x-aliases"] = list(ALIASES[name])
         if field.get("required") is True:
             required.append(name)
         elif isinstance(field.get("required"), str):
