@@ -544,7 +544,8 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
         click.echo(f"... and {invalid - shown} more invalid requests")
     counts = {("would send" if k == "dry_run" else k): v for k, v in tally.counts.items()}
     summary = {"title": "seedance-batch validate", "counts": counts, "estimate": tally.estimate(),
-               "unreadable": [{"source": u.source, "error": u.error} for u in unreadable]}
+               "unreadable": [{"source": u.source, "error": u.error} for u in unreadable],
+               "passthrough_columns": expander.passthrough_columns()}
     click.echo(render(summary))
     sys.exit(1 if invalid or unreadable else 0)
 

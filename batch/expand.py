@@ -319,8 +319,12 @@ def _refuse_values_of_unnamed_fields(table: Table, catalog: Catalog, slugs: Sequ
     """A column whose header names no field but whose every value is one of a field's
     values (``Format`` holding ``9:16``) was meant for that field: carried through, the
     video would silently get the API's default. An error naming the field, unless the
-    field has its column already or the column is declared ``--passthrough``."""
+    field has its column already or the column is declared ``--passthrough``. The same
+    for model names under another header (``Model name``): every row would silently use
+    the default model."""
     enums = {f: v for f, v in _enum_values(catalog, slugs).items() if f not in taken}
+    if MODEL_COLUMN not in taken:
+        enums[MODEL_COLUMN] = {slug.lower() for slug in catalog.models}
     if not enums:
         return
     for c in table.df.columns:
@@ -334,9 +338,10 @@ def _refuse_values_of_unnamed_fields(table: Table, catalog: Catalog, slugs: Sequ
         meant = [f for f, allowed in enums.items() if values <= allowed]
         if meant:
             shown = ", ".join(sorted(values)[:5])
+            what = "the model column" if meant[0] == MODEL_COLUMN else f"the field {meant[0]!r}"
             raise InputError(
-                f"{table.source}: column {c!r} holds only values of the field {meant[0]!r} ({shown}) but its header "
-                f"names no field, so they would not be sent: rename the header to {meant[0]!r}, or keep it as a "
+                f"{table.source}: column {c!r} holds only values of {what} ({shown}) but its header names no "
+                f"field, so they would not be sent: rename the header to {meant[0]!r}, or keep it as a "
                 f"pass-through column with passthrough = [{c!r}] in the job file (or --passthrough {c!r})")
 
 

@@ -112,6 +112,9 @@ def prometheus(summary: dict[str, Any], job: str) -> str:
         ("last_run_sent", "HTTP submissions made by the last run.", summary.get("sent", 0)),
         ("last_run_send_rate", "Submissions per second achieved by the last run.", summary.get("send_rate_per_s", 0)),
     ]
+    if summary.get("edited") is not None:
+        scalars.append(("last_run_edited", "Requests the last run sent as new videos although their id had been "
+                        "sent before with other content.", summary["edited"]))
     if summary.get("estimated_spend_usd") is not None:
         scalars.append(("last_run_spend_usd", "Estimated USD of what the last run may have had accepted.",
                         summary["estimated_spend_usd"]))

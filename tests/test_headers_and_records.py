@@ -88,6 +88,22 @@ def test_a_column_holding_a_fields_values_under_another_name_is_an_error(fake, t
     assert all(field not in b for b in bodies(fake))
 
 
+def test_model_names_under_another_header_are_an_error_not_the_default_model(fake, tmp_path: Path) -> None:
+    """Sibling of 12: a 'Model name' column was carried through and every row went to the
+    default model."""
+    path = write_csv(tmp_path / "in.csv", [{"prompt": "p", "Model name": PRO15}, {"prompt": "q", "Model name": ""}])
+    res = submit(fake.url, tmp_path, path)
+    assert res.exit_code == 2
+    assert "column 'Model name' holds only values of the model column" in error_line(res.stderr)
+    assert fake.state.submissions() == []
+    job = tmp_path / "job.toml"
+    job.write_text(f'inputs = ["in.csv"]\noutput = "r.parquet"\nstate = "s.sqlite"\nrate = "0"\n'
+                   f'base_url = "{fake.url}"\n[columns]\n"Model name" = "model"\n')
+    res = cli(["run", str(job)])
+    assert res.exit_code == 0, res.output
+    assert [r.model for r in fake.state.submissions()] == [PRO15, LITE]
+
+
 def test_a_column_of_ordinary_values_stays_a_pass_through_column(fake, tmp_path: Path) -> None:
     rows = [{"prompt": "p1", "Notes": "9:16 would be nicer", "count": "5", "flag": "yes"},
             {"prompt": "p2", "Notes": "16:9", "count": "10", "flag": "no"}]
@@ -102,6 +118,8 @@ def test_pass_through_columns_are_listed_in_the_real_runs_summary(fake, tmp_path
     assert res.exit_code == 0, res.output
     summary = summary_of(tmp_path)
     assert summary["passthrough_columns"] == {str(path): ["campaign", "Notes"]}
+    assert f"pass-through (not sent): {path}: campaign, Notes" in res.output
+    res = cli(["validate", str(path), "--state", str(tmp_path / "s.sqlite")])
     assert f"pass-through (not sent): {path}: campaign, Notes" in res.output
 
 
@@ -211,10 +229,11 @@ def test_a_real_run_says_how_many_rows_were_edited_since_submitted(fake, tmp_pat
     write_csv(path, [*rows, {"id": "new", "prompt": "brand new"}])
     dry = submit(fake.url, tmp_path, path, out="dry.parquet", extra=["--dry-run"])
     assert summary_of(tmp_path, "dry.parquet")["estimate"]["edited"] == 2
-    res = submit(fake.url, tmp_path, path)
+    res = submit(fake.url, tmp_path, path, extra=["--metrics-file", str(tmp_path / "m.prom")])
     assert res.exit_code == 0, res.output
     assert summary_of(tmp_path)["edited"] == 2
     assert "edited: 2 requests whose id was submitted before with other content" in res.output
+    assert 'seedance_batch_last_run_edited{job="submit"} 2' in (tmp_path / "m.prom").read_text()
     assert "edited: 2 requests" in dry.output
     res = submit(fake.url, tmp_path, path)  # a rerun sends nothing, so edits nothing
     assert summary_of(tmp_path)["edited"] == 0 and "edited:" not in res.output
