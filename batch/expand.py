@@ -500,13 +500,14 @@ class Expander:
                 index += 1
                 if all(c is None or c == "" for c in cells):
                     continue  # a blank spreadsheet line is not a row
-                slug, written_model = default, None
+                slug, written_model, unsent = default, None, {}
                 if model_pos is not None and cells[model_pos] is not None and str(cells[model_pos]).strip():
                     slug = str(cells[model_pos]).strip().lower()
                 prepared = self.model(slug)
                 errors: list[str] = []
                 if prepared is None:
                     written_model = str(cells[model_pos]).strip()
+                    unsent["model"] = written_model
                     errors.append(self._unknown_model(written_model))
                     prepared = self.model(default)
                     assert prepared is not None
@@ -524,6 +525,7 @@ class Expander:
                     if values:
                         if name not in fields:
                             errors.append(f"{name}: {prepared.spec.slug} has no field {name!r}")
+                            unsent[name] = cells[i]
                             continue
                         choices[name] = values
                 if template is not None:
@@ -541,7 +543,8 @@ class Expander:
                 names = list(choices)
                 for combo in itertools.product(*(choices[n] for n in names)):
                     yield self._make(dict(zip(names, combo, strict=True)), errors, table.source,
-                                     table.first_row + index, extra, label, occurrences, prepared, written_model)
+                                     table.first_row + index, extra, label, occurrences, prepared, written_model,
+                                     unsent)
 
     def _unknown_model(self, written: str) -> str:
         """The error of a model cell naming no known model, with the model it most likely
@@ -574,6 +577,7 @@ class Expander:
         occurrences: dict[str, int],
         model: _Model,
         written_model: str | None = None,
+        unsent: dict[str, Any] | None = None,
     ) -> Request:
         errors = list(row_errors)
         body: dict[str, Any] = {}
@@ -594,9 +598,7 @@ class Expander:
             fields = model.spec.fields
             body = {name: v for name, value in raw.items()
                     if (v := body[name] if name in body else as_typed(fields.get(name), value)) is not None}
-            written = dict(raw)
-            if written_model is not None:
-                written = {"model": written_model, **written}
+            written = {**(unsent or {}), **raw}  # with what could not even be tried: a model, a field
         else:
             key = content_key(model.spec.slug, body)
         n = occurrences.get(key, 0)

@@ -210,6 +210,19 @@ def test_an_invalid_row_is_recorded_as_written(fake, tmp_path: Path) -> None:
     assert json.loads(csv["as_written"][1])["seed"] == 3.7
 
 
+def test_a_value_for_a_field_the_rows_model_lacks_is_kept_as_written(fake, tmp_path: Path) -> None:
+    """Sibling of 14: in a sheet that mixes models, a frames cell on a 1.5 row was dropped
+    from the record (the typed column empty, the value nowhere)."""
+    path = write_csv(tmp_path / "in.csv", [{"prompt": "a", "model": PRO15, "frames": "33"},
+                                           {"prompt": "b", "model": LITE, "frames": "33"}])
+    res = submit(fake.url, tmp_path, path)
+    assert res.exit_code == 1, res.output
+    df = results(tmp_path / "r.parquet")
+    assert df["status"].to_list() == ["invalid", "submitted"]
+    assert json.loads(df["as_written"][0]) == {"frames": "33", "prompt": "a", "service_tier": "flex"}
+    assert f"frames: {PRO15} has no field 'frames'" in df["error"][0]
+
+
 def test_an_input_column_named_like_the_as_written_column_is_kept(fake, tmp_path: Path) -> None:
     path = write_csv(tmp_path / "in.csv", [{"prompt": "p", "as_written": "mine"}])
     assert submit(fake.url, tmp_path, path).exit_code == 0
