@@ -269,16 +269,24 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
         raise InputError(f"{where}: id_column {spec.id_column!r} names no column (columns: {', '.join(columns)})")
     mapped = set(fields.values())
     taken = mapped | ({MODEL_COLUMN} if model_column else set()) | ({id_norm} if id_column else set())
-    candidates = sorted(known | {MODEL_COLUMN, id_norm})
+    # A misspelt synonym ("Lenght (s)") is as silent as a misspelt field. Field names are
+    # tried first; a synonym only if it is not a mere prefix or extension of the header
+    # ("Second" is no misspelt "seconds") and not short ("res", "secs": ordinary words).
+    names = sorted(known | {MODEL_COLUMN, id_norm})
+    meaning = {a: f for a, f in aliases.items() if len(a) >= 6} | {n: n for n in names}
     for c in columns:
         norm = normalize(c)
         if c in fields or c in (id_column, model_column) or norm in passthrough:
             continue
-        close = difflib.get_close_matches(norm, candidates, n=1, cutoff=0.8)
-        if close and close[0] not in taken:
+        close = difflib.get_close_matches(norm, names, n=1, cutoff=0.8) or [
+            a for a in difflib.get_close_matches(norm, sorted(set(meaning) - set(names)), n=1, cutoff=0.8)
+            if not (a.startswith(norm) or norm.startswith(a))]
+        if close and meaning[close[0]] not in taken:
+            name = meaning[close[0]]
+            like = f"the field {name!r}" if close[0] == name else f"{close[0]!r}, a name of the field {name!r},"
             raise InputError(
-                f"{where}: column {c!r} looks like the field {close[0]!r} but is not it: rename the header to "
-                f"{close[0]!r}, or keep it as a pass-through column with passthrough = [{c!r}] in the job file "
+                f"{where}: column {c!r} looks like {like} but is not it: rename the header to "
+                f"{name!r}, or keep it as a pass-through column with passthrough = [{c!r}] in the job file "
                 f"(or --passthrough {c!r})")
     models = {spec.model}
     if model_column is not None:

@@ -104,9 +104,23 @@ def test_model_names_under_another_header_are_an_error_not_the_default_model(fak
     assert [r.model for r in fake.state.submissions()] == [PRO15, LITE]
 
 
+@pytest.mark.parametrize(("header", "field"), [("Lenght (s)", "duration"), ("Aspect Rato", "ratio"),
+                                                ("Random sed", "seed"), ("Durations", "duration")])
+def test_a_header_close_to_a_synonym_is_an_error_naming_the_field(fake, tmp_path: Path, header: str,
+                                                                  field: str) -> None:
+    path = write_csv(tmp_path / "in.csv", [{"prompt": "p", header: "7"}])
+    res = submit(fake.url, tmp_path, path)
+    assert res.exit_code == 2
+    line = error_line(res.stderr)
+    assert f"column {header!r} looks like" in line and f"the field {field!r}" in line
+    assert fake.state.submissions() == []
+
+
 def test_a_column_of_ordinary_values_stays_a_pass_through_column(fake, tmp_path: Path) -> None:
-    rows = [{"prompt": "p1", "Notes": "9:16 would be nicer", "count": "5", "flag": "yes"},
-            {"prompt": "p2", "Notes": "16:9", "count": "10", "flag": "no"}]
+    rows = [{"prompt": "p1", "Notes": "9:16 would be nicer", "count": "5", "flag": "yes", "Reference": "A-1",
+             "Resolved": "no", "Rest": "x", "Second": "y"},
+            {"prompt": "p2", "Notes": "16:9", "count": "10", "flag": "no", "Reference": "A-2", "Resolved": "yes",
+             "Rest": "x", "Second": "y"}]
     res = submit(fake.url, tmp_path, write_csv(tmp_path / "in.csv", rows))
     assert res.exit_code == 0, res.output
     assert results(tmp_path / "r.parquet")["Notes"].to_list() == ["9:16 would be nicer", "16:9"]

@@ -55,7 +55,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "generate_audio": ("with_audio", "audio_on"),
     "first_frame_image": ("first_frame", "first_frame_url", "start_frame", "start_image"),
     "last_frame_image": ("last_frame_url", "end_frame", "end_image"),
-    "reference_images": ("reference_image_urls", "ref_images", "references"),
+    "reference_images": ("reference_image_urls", "ref_images"),
     "video_urls": ("video_url", "reference_videos", "source_videos"),
     "audio_urls": ("audio_url", "reference_audios"),
 }
