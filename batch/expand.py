@@ -336,9 +336,16 @@ def _refuse_values_of_unnamed_fields(table: Table, catalog: Catalog, slugs: Sequ
     if not enums:
         return
     for c in table.df.columns:
-        if c in used or normalize(c) in passthrough or table.df.schema[c] != pl.String:
+        if c in used or normalize(c) in passthrough:
             continue
-        values = {v.strip().lower() for v in table.df[c].drop_nulls().unique().head(1000).to_list()} - {""}
+        column = table.df[c]
+        if isinstance(column.dtype, pl.List) and column.dtype.inner in (pl.String, pl.Categorical):
+            column = column.explode()  # a Parquet list cell: several values of one field
+        if isinstance(column.dtype, (pl.Categorical, pl.Enum)):
+            column = column.cast(pl.String)
+        if column.dtype != pl.String:
+            continue
+        values = {v.strip().lower() for v in column.drop_nulls().unique().head(1000).to_list()} - {""}
         # A "|" list in a cell is several values of the field (see split_list).
         values = {part.strip() for v in values for part in v.split("|") if part.strip()}
         if not values:

@@ -88,6 +88,19 @@ def test_a_column_holding_a_fields_values_under_another_name_is_an_error(fake, t
     assert all(field not in b for b in bodies(fake))
 
 
+@pytest.mark.parametrize("series", [
+    pl.Series("Format", ["9:16", "16:9"], dtype=pl.Categorical),
+    pl.Series("Format", [["9:16", "16:9"], ["1:1"]]),
+])
+def test_a_parquet_column_of_a_fields_values_is_an_error_whatever_its_type(fake, tmp_path: Path,
+                                                                           series: pl.Series) -> None:
+    path = tmp_path / "in.parquet"
+    pl.DataFrame({"prompt": ["a", "b"]}).with_columns(series).write_parquet(path)
+    res = submit(fake.url, tmp_path, path)
+    assert res.exit_code == 2 and "field 'ratio'" in error_line(res.stderr)
+    assert fake.state.submissions() == []
+
+
 def test_model_names_under_another_header_are_an_error_not_the_default_model(fake, tmp_path: Path) -> None:
     """Sibling of 12: a 'Model name' column was carried through and every row went to the
     default model."""
