@@ -322,6 +322,20 @@ def _enum_values(catalog: Catalog, slugs: Sequence[str]) -> dict[str, set[str]]:
     return found
 
 
+def _values(column: pl.Series) -> set[str]:
+    """A text column's distinct values as a cell may spell a field's: trimmed, lower case,
+    a ``|`` list split into its values (see :func:`split_list`)."""
+    return {part.strip() for v in column.unique().to_list() for part in v.lower().split("|") if part.strip()}
+
+
+def _fields_fitting(column: pl.Series, enums: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The fields whose values include every value of ``column`` (none for an empty one)."""
+    values = _values(column) if column.n_unique() <= 1000 else None
+    if not values:
+        return {}
+    return {f: allowed for f, allowed in enums.items() if values <= allowed}
+
+
 def _refuse_values_of_unnamed_fields(table: Table, catalog: Catalog, slugs: Sequence[str], taken: set[str],
                                      passthrough: set[str], used: set[str | None]) -> None:
     """A column whose header names no field but whose every value is one of a field's
@@ -345,18 +359,18 @@ def _refuse_values_of_unnamed_fields(table: Table, catalog: Catalog, slugs: Sequ
             column = column.cast(pl.String)
         if column.dtype != pl.String:
             continue
-        values = {v.strip().lower() for v in column.drop_nulls().unique().head(1000).to_list()} - {""}
-        # A "|" list in a cell is several values of the field (see split_list).
-        values = {part.strip() for v in values for part in v.split("|") if part.strip()}
-        if not values:
-            continue
-        meant = [f for f, allowed in enums.items() if values <= allowed]
+        column = column.drop_nulls()
+        # The first rows rule out nearly every column; only a column they fit is read whole.
+        meant = _fields_fitting(column.head(500), enums)
         if meant:
-            shown = ", ".join(sorted(values)[:5])
-            what = "the model column" if meant[0] == MODEL_COLUMN else f"the field {meant[0]!r}"
+            meant = _fields_fitting(column, meant)
+        if meant:
+            name = next(iter(meant))
+            shown = ", ".join(sorted(_values(column.unique().head(20)))[:5])
+            what = "the model column" if name == MODEL_COLUMN else f"the field {name!r}"
             raise InputError(
                 f"{table.source}: column {c!r} holds only values of {what} ({shown}) but its header names no "
-                f"field, so they would not be sent: rename the header to {meant[0]!r}, or keep it as a "
+                f"field, so they would not be sent: rename the header to {name!r}, or keep it as a "
                 f"pass-through column with passthrough = [{c!r}] in the job file (or --passthrough {c!r})")
 
 
