@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -395,7 +396,7 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)
     estimator: Estimator | None = None
     labels: Labels | None = None  # a real run: Ledger.labels of the earlier runs, to count edited rows
-    edited: int = 0  # submitted this run although their id was sent before with other content
+    edited: int | None = 0  # submitted this run although their id was sent before with other content; None: unknown
 
     def add(self, rows: pl.DataFrame) -> None:
         """Count a chunk of result rows (``status``, ``error`` and the API fields), in order
@@ -408,7 +409,12 @@ class Tally:
         if self.estimator is not None:
             self.estimator.add(rows.filter(pl.col("status") == "dry_run"))
         if self.labels is not None:
-            self.edited += count_edited(rows.filter(pl.col("status") == "submitted"), self.labels)
+            try:
+                self.edited = (self.edited or 0) + count_edited(rows.filter(pl.col("status") == "submitted"),
+                                                                self.labels)
+            except sqlite3.Error as exc:  # a count is never worth the table: that is written regardless
+                structlog.get_logger("batch.results").warning("edited_not_counted", error=str(exc))
+                self.labels, self.edited = None, None
 
     def estimate(self) -> dict[str, Any] | None:
         found = self.estimator.as_dict() if self.estimator is not None else None

@@ -3,6 +3,7 @@ results table records for an invalid row (14), and a real run naming its edited 
 Real CLI runs against the fake API over HTTP, real CSV files and openpyxl workbooks."""
 
 import json
+import sqlite3
 from pathlib import Path
 
 import openpyxl
@@ -10,7 +11,10 @@ import polars as pl
 import pytest
 from conftest import cli, error_line, results, write_csv
 
+from batch.expand import Request
+from batch.ledger import OUTCOME_COLUMNS
 from batch.models import Catalog, shipped
+from batch.results import Resolution, Tally, request_frame, request_schema, write_results
 
 LITE = "bytedance/seedance-1.0-lite-t2v"
 PRO15 = "bytedance/seedance-1.5-pro-t2v"
@@ -277,3 +281,25 @@ def test_a_real_run_says_how_many_rows_were_edited_since_submitted(fake, tmp_pat
     assert "edited: 2 requests" in dry.output
     res = submit(fake.url, tmp_path, path)  # a rerun sends nothing, so edits nothing
     assert summary_of(tmp_path)["edited"] == 0 and "edited:" not in res.output
+
+
+def test_a_ledger_failing_while_edits_are_counted_costs_the_count_never_the_table(tmp_path: Path) -> None:
+    """The count is read from the ledger after the requests were paid for: a ledger that
+    fails then (a closed or broken database) must not stop the table from being written."""
+    broken = sqlite3.connect(tmp_path / "l.sqlite")
+    broken.close()
+
+    def labels(_: object) -> dict[str, set[str]]:
+        broken.execute("SELECT 1")  # sqlite3.ProgrammingError: a closed database
+        return {}
+
+    def outcomes(ids: list[str]) -> list[tuple]:
+        row = dict.fromkeys(OUTCOME_COLUMNS) | {"status": "submitted", "run_id": "tonight", "task_id": "t1"}
+        return [tuple({**row, "request_id": rid}[c] for c in OUTCOME_COLUMNS) for rid in ids]
+
+    schema = request_schema({}, {"prompt": pl.String()})
+    frame = request_frame([Request("rid-1", "in.csv", 2, {"prompt": "p"}, {}, label="a")], schema)
+    tally, error = write_results(tmp_path / "r.parquet", [frame], schema, outcomes, Resolution("tonight"),
+                                 tolerate_io=True, tally=Tally(labels=labels))
+    assert error is None and tally.edited is None and tally.counts["submitted"] == 1
+    assert results(tmp_path / "r.parquet")["task_id"].to_list() == ["t1"]
