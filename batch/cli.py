@@ -635,6 +635,8 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
         click.echo(json.dumps(summary))
     else:
         click.echo(render_collect(summary))
+    if summary.get("local_fault"):
+        logs.report_error(summary["local_fault"], summary["exit_code"])
     sys.exit(summary["exit_code"])
 
 

@@ -349,6 +349,10 @@ def run_submit(opts: RunOptions) -> Summary:
                 raise
             log.error("results_failed_after_sending", error=_describe(exc))
             summary = _rescue(opts, ledger, run_id, outcome, started, unreadable, exc)
+        except Interrupted:  # a signal while the table is written: exit 4, saying where the ids are
+            log.error("interrupted_after_sending", results=str(opts.output),
+                      where=where_ids(opts, False, outcome.rescue if outcome else None))
+            raise
         finally:
             spool.close()
         try:
@@ -729,13 +733,19 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         if only is not None:
             entries = [e for e in entries if e.request_id in only]
         stats = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
+        faults = []
         with interruptible():
             for target, frame in tables:
-                update_table(target, frame, ledger, apis)
+                try:
+                    update_table(target, frame, ledger, apis)
+                except Exception as exc:  # a full results disk: the ledger holds every state
+                    faults.append(f"cannot rewrite results table {target} ({_describe(exc)}); every task's state "
+                                  f"and file are in the ledger {opts.state}: rerun collect to write the table")
         summary = {"run_id": "collect", "followed": len(entries), **stats.as_dict(),
                    "elapsed_s": round(time.monotonic() - started, 3), "state": str(opts.state),
-                   "results": ", ".join(str(t) for t, _ in tables) or str(opts.results or "")}
-        summary["exit_code"] = EXIT_INTERRUPTED if stats.interrupted else (
+                   "results": ", ".join(str(t) for t, _ in tables) or str(opts.results or ""),
+                   "local_fault": "; ".join(faults) or None}
+        summary["exit_code"] = EXIT_LOCAL_FAULT if faults else EXIT_INTERRUPTED if stats.interrupted else (
             EXIT_PROVIDER if stats.fatal else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE))
         return summary
 

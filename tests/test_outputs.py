@@ -166,9 +166,9 @@ def test_a_failure_at_any_stage_after_sending_keeps_the_table_or_says_where_the_
 # -- item 6: a full results disk is a local fault -------------------------------------------
 
 @pytest.fixture
-def full_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real, full file system: a small tmpfs filled to the last block."""
-    mnt = tmp_path / "full"
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real, small file system: a 256 KiB tmpfs (:func:`fill` makes it full)."""
+    mnt = tmp_path / "small"
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
@@ -177,17 +177,27 @@ def full_fs(tmp_path: Path) -> Iterator[Path]:
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
-        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(mnt: Path) -> None:
+    """Write a file until the file system has no block left."""
+    fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def full_fs(small_fs: Path) -> Path:
+    fill(small_fs)
+    return small_fs
 
 
 def test_results_disk_full_is_exit_6_saying_where_the_task_ids_are(fake, tmp_path: Path, full_fs: Path) -> None:
@@ -209,6 +219,25 @@ def test_results_disk_full_is_exit_6_saying_where_the_task_ids_are(fake, tmp_pat
     assert again.returncode == 0, again.stderr
     assert len(fake.state.submissions()) == 40
     assert results(full_fs / "r.parquet")["status"].unique().to_list() == ["skipped"]
+
+
+def test_collect_on_a_full_results_disk_is_exit_6(fake, tmp_path: Path, small_fs: Path) -> None:
+    """The sibling in collect: rewriting the table on a full disk was a traceback."""
+    inputs = write_csv(tmp_path / "in.csv", prompts(5))
+    args = ["--base-url", fake.url, "--state", str(tmp_path / "s.sqlite"), "--rate", "0"]
+    assert run_cli_process(["submit", str(inputs), "-o", str(small_fs / "r.parquet"), *args]).returncode == 0
+    before = (small_fs / "r.parquet").read_bytes()
+    fill(small_fs)
+    res = run_cli_process(["collect", "--results", str(small_fs / "r.parquet"), *args])
+    assert res.returncode == 6, res.stderr
+    line = error_line(res.stderr)
+    assert "cannot rewrite results table" in line and "No space left on device" in line
+    assert str(tmp_path / "s.sqlite") in line
+    assert (small_fs / "r.parquet").read_bytes() == before  # the old table, whole
+    (small_fs / "filler").unlink()
+    res = run_cli_process(["collect", "--results", str(small_fs / "r.parquet"), *args])
+    assert res.returncode == 0, res.stderr
+    assert results(small_fs / "r.parquet")["task_status"].to_list() == ["success"] * 5
 
 
 # -- item 10: collect after midnight finds the tables of the runs it follows ----------------
