@@ -66,7 +66,7 @@ def check_output_path(target: Target) -> None:
     if target.suffix not in RESULT_SUFFIXES:
         raise ConfigError(f"--output {target}: use a .parquet or .csv file name")
     if target.remote:
-        return  # a bucket says at upload time; a failed upload is reported as a local fault
+        return  # a bucket is probed with a real write before sending (batch.storage.probe)
     parent = target.path.parent if str(target.path.parent) else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK):
         raise ConfigError(f"--output {target}: directory is not writable")

@@ -269,7 +269,11 @@ def probe(location: str | Path, what: str, directory: bool = False) -> None:
         os.close(fd)
         os.unlink(folder / token)
     except OSError as exc:
-        raise ConfigError(f"{what} {text}: cannot write there ({exc.strerror or exc}); nothing sent") from None
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):  # mkdir's words for "a file is in the way"
+            blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+            reason = f"{blocker} is a file, not a directory" if blocker is not None else reason
+        raise ConfigError(f"{what} {text}: cannot write there ({reason}); nothing sent") from None
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def test_output_under_a_regular_file_is_exit_2_and_sends_nothing(fake, tmp_path:
     res = submit(fake, tmp_path, inputs, "afile/r.parquet")
     assert res.exit_code == 2, res.output
     line = error_line(res.stderr)
-    assert "afile/r.parquet" in line and "nothing sent" in line
+    assert "afile/r.parquet" in line and "afile is a file, not a directory" in line and "nothing sent" in line
     assert fake.state.records == []
 
 
