@@ -701,6 +701,26 @@ def _run_tables(opts: CollectOptions, ledger: Ledger, apis: list[str], given: Ta
     return found
 
 
+def _known_tables(opts: CollectOptions) -> str:
+    """A hint for a results table that is not there: the tables the ledger's runs with
+    tasks still open recorded (a cron line's date may have moved on since)."""
+    try:
+        ledger = Ledger.open_readonly(opts.state, opts.api)
+    except BatchError:
+        return ""
+    if ledger is None:
+        return ""
+    try:
+        apis = sorted(set(ledger.apis()) - {FAKE_API}) or [opts.api]
+        open_tasks = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=apis)
+        outputs = sorted(set(ledger.run_outputs({e.run_id for e in open_tasks}).values()))
+    except sqlite3.Error:  # a ledger from before runs.output
+        return ""
+    finally:
+        ledger.close()
+    return f" (the runs whose tasks are open wrote: {', '.join(outputs[:5])})" if outputs else ""
+
+
 def run_collect(opts: CollectOptions) -> dict[str, Any]:
     """Poll (and download) the ledger's open tasks, each at the API that issued it (the
     bundled fake's only with ``--fake-api``); rebuild the results table if given, and the
@@ -710,7 +730,7 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         raise StateError(f"{opts.state}: no state file (nothing submitted yet?)")
     table = _read_table(opts.results) if opts.results is not None and opts.results.exists() else None
     if opts.results is not None and table is None and not (opts.run_tables and opts.state.exists()):
-        raise InputError(f"{opts.results}: no such results table")
+        raise InputError(f"{opts.results}: no such results table{_known_tables(opts)}")
     if opts.config.download_dir is not None:
         probe(opts.config.download_dir, "--download", directory=True)
     with locked_ledger(opts.state, opts.api, "collect") as ledger:

@@ -260,3 +260,27 @@ def test_collect_after_midnight_finds_last_nights_table(fake, tmp_path: Path) ->
     assert table["task_status"].to_list() == ["success"] * 3
     assert all(len(p) == 1 and Path(p[0]).exists() for p in table["local_paths"].to_list())
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 3
+    # A cron line's --results names only one table: when it is not there, the ones the runs wrote are named.
+    res = run_cli_process(["collect", "--results", str(tmp_path / "results" / "1999-01-01.parquet"), "--state",
+                           str(tmp_path / "s.sqlite"), "--base-url", fake.url, "--download", str(tmp_path / "v2")])
+    assert res.returncode == 2
+    assert f"no such results table (the runs whose tasks are open wrote: {table_path})" in error_line(res.stderr)
+
+
+def test_a_ledger_from_before_runs_output_gains_the_column(fake, tmp_path: Path) -> None:
+    """runs.output is an added, nullable column (schema version unchanged): a ledger
+    written before it gets it on its next writable open, and its older runs stay."""
+    import sqlite3
+
+    inputs = write_csv(tmp_path / "in.csv", prompts(2))
+    assert submit(fake, tmp_path, inputs).exit_code == 0
+    db = sqlite3.connect(tmp_path / "s.sqlite")
+    db.execute("ALTER TABLE runs DROP COLUMN output")
+    db.commit()
+    db.close()
+    assert submit(fake, tmp_path, inputs, "out/second.parquet").exit_code == 0
+    db = sqlite3.connect(tmp_path / "s.sqlite")
+    outputs = [row[0] for row in db.execute("SELECT output FROM runs ORDER BY started_at")]
+    db.close()
+    assert outputs == [None, str(tmp_path / "out" / "second.parquet")]
+    assert len(fake.state.submissions()) == 2
