@@ -49,6 +49,8 @@ def test_output_under_a_regular_file_is_exit_2_and_sends_nothing(fake, tmp_path:
     line = error_line(res.stderr)
     assert "afile/r.parquet" in line and "afile is a file, not a directory" in line and "nothing sent" in line
     assert fake.state.records == []
+    res = submit(fake, tmp_path, inputs, "afile/r.parquet", "--dry-run")  # was a traceback
+    assert res.exit_code == 2 and "afile is a file" in error_line(res.stderr)
 
 
 @pytest.mark.parametrize("option", ["--metrics-file", "--download"])
