@@ -48,7 +48,7 @@ from batch.errors import (
 )
 from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
-from batch.ledger import AsyncLedger, Entry, Ledger, locked_ledger, utcnow
+from batch.ledger import AsyncLedger, Entry, Ledger, companion, locked_ledger, utcnow
 from batch.load import Unreadable, load_inputs
 from batch.models import Catalog
 from batch.preflight import Check, fatal, run_checks
@@ -341,8 +341,9 @@ def run_submit(opts: RunOptions) -> Summary:
                 if claimed == 0:
                     raise  # nothing was sent: the error as it is (a usage error, a refusal...)
                 log.error("run_failed_after_sending", error=_describe(exc))
+                rescue = companion(opts.state, "rescue.jsonl")  # written by the ledger if it broke meanwhile
                 outcome = _Outcome(RunStats(sent=claimed, stop_reason="internal error"), None, False,
-                                   crash=_describe(exc))
+                                   crash=_describe(exc), rescue=rescue if rescue.exists() else None)
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable)
         except Exception as exc:
             if _claimed(ledger, run_id) == 0:
