@@ -42,12 +42,15 @@ from batch.pipeline import (
     CollectOptions,
     Interrupted,
     RunOptions,
+    add_fault,
     load_and_expand,
     plan,
     planned_cost,
+    record_summary,
     run_check,
     run_collect,
     run_submit,
+    where_ids,
 )
 from batch.preflight import fatal
 from batch.prices import Pricing
@@ -401,13 +404,18 @@ def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any], need_output
 
 def finish(opts: RunOptions, metrics_file: Path | None, job_name: str) -> None:
     summary = run_submit(opts)
-    data = summary.as_dict()
-    structlog.get_logger("batch").info("summary", **data)
     if metrics_file is not None:
         try:
-            write_metrics(metrics_file, {**data, "finished_unix": time.time()}, job_name)
-        except OSError as exc:
+            write_metrics(metrics_file, {**summary.as_dict(), "finished_unix": time.time()}, job_name)
+        except Exception as exc:  # after sending: a local fault that says where the task ids are
             structlog.get_logger("batch").error("metrics_not_written", path=str(metrics_file), error=str(exc))
+            if summary.sent and not opts.dry_run:
+                add_fault(summary, f"cannot write metrics file {metrics_file} "
+                                   f"({getattr(exc, 'strerror', None) or exc}); "
+                                   f"{where_ids(opts, summary.table_written)}")
+                record_summary(opts.output, summary, opts)
+    data = summary.as_dict()
+    structlog.get_logger("batch").info("summary", **data)
     click.echo(render(data))
     if summary.local_fault:
         logs.report_error(summary.local_fault, summary.exit_code)
@@ -483,6 +491,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         pricing=pricing_of(kw.get("prices_file"), job),
         max_spend=kw.get("max_spend"),
         preflight=not kw.get("no_preflight") and bool(job.get("preflight", True) if job else True),
+        metrics_file=kw.get("metrics_file"),
     )
 
 
@@ -595,10 +604,13 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
 
     With JOB.toml, its state, base_url, output (as --results), download and rate are the
     defaults; options win."""
+    run_tables = None
     if job is not None:
         spec = read_job(job)
         unset = lambda name: ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)  # noqa: E731
         state = state or spec.get("state")
+        if not results and spec.output_template and "{" in spec.output_template:
+            run_tables = spec.output_template  # tonight's name may not be last night's: ask the ledger too
         results = results or (str(spec.get("output")) if spec.get("output") else None)
         download_dir = download_dir or (str(spec.get("download")) if spec.get("download") else None)
         base_url = spec.get("base_url", base_url) if unset("base_url") else base_url
@@ -619,12 +631,14 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
     default = fake_state_path() if fake_api else default_state_path()
     summary = run_collect(CollectOptions(state_location(state) or default, config,
                                          Target(str(results)) if results else None, fake_api,
-                                         budget_dir=state_home()))
+                                         budget_dir=state_home(), run_tables=run_tables))
     structlog.get_logger("batch").info("collect_summary", **summary)
     if as_json:
         click.echo(json.dumps(summary))
     else:
         click.echo(render_collect(summary))
+    if summary.get("local_fault"):
+        logs.report_error(summary["local_fault"], summary["exit_code"])
     sys.exit(summary["exit_code"])
 
 

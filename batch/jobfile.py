@@ -61,6 +61,9 @@ PATH_KEYS = ("output", "state", "metrics_file", "prices_file", "download", "ca_b
 class JobFile:
     path: Path
     values: dict[str, Any] = field(default_factory=dict)
+    # ``output`` before {date}/{datetime} were filled in (resolved like the other paths):
+    # collect finds the tables of earlier nights by it.
+    output_template: str | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
@@ -99,6 +102,9 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
         raise _fail(path, "inputs", "expected a list of strings")
     values["inputs"] = [i if is_remote(i) else os.path.normpath(base / i) for i in inputs]
     now = now or datetime.now()
+    template = values.get("output")
+    if isinstance(template, str) and not is_remote(template):
+        template = os.path.abspath(os.path.normpath(base / template))
     for key in PATH_KEYS:
         if key in values:
             text = values[key]
@@ -130,4 +136,4 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
             raise _fail(path, key, "expected a list of strings")
     if "sheet" in values:
         values["sheet"] = str(values["sheet"])
-    return JobFile(path, values)
+    return JobFile(path, values, template)

@@ -101,7 +101,8 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at TEXT,
     command     TEXT,
     summary     TEXT,
-    api         TEXT
+    api         TEXT,
+    output      TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -374,6 +375,14 @@ class Ledger:
         db.execute("PRAGMA busy_timeout=5000")
         if version < SCHEMA_VERSION:
             self._migrate_v1()
+        self._add_run_output()
+
+    def _add_run_output(self) -> None:
+        """``runs.output`` (the results table a run wrote) came after schema 2 without a
+        version of its own: an added, nullable column that older versions never read."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        if "output" not in columns:
+            self.db.execute("ALTER TABLE runs ADD COLUMN output TEXT")
 
     def _migrate_v1(self) -> None:
         """Version 1 keyed rows by ``<id>:<hash>#n`` for one API and one model; key them by
@@ -454,10 +463,29 @@ class Ledger:
         return moved
 
     # -- runs ------------------------------------------------------------------------
-    def start_run(self, run_id: str, command: str) -> None:
-        self.db.execute("INSERT INTO runs(run_id, started_at, command, api) VALUES (?,?,?,?)",
-                        (run_id, utcnow(), command, self.api))
+    def start_run(self, run_id: str, command: str, output: str | None = None) -> None:
+        """Record a run before it sends, with the results table it writes (``output``):
+        a later collect finds the table by the run, whatever date the job's name holds."""
+        self.db.execute("INSERT INTO runs(run_id, started_at, command, api, output) VALUES (?,?,?,?,?)",
+                        (run_id, utcnow(), command, self.api, output))
         self.write_marker(run_id)
+
+    def run_outputs(self, run_ids: Iterable[str]) -> dict[str, str]:
+        """The results table each of ``run_ids`` recorded at its start (runs that recorded one)."""
+        found: dict[str, str] = {}
+        ids = sorted(set(run_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(self.db.execute(
+                f"SELECT run_id, output FROM runs WHERE output IS NOT NULL AND run_id IN ({marks})", chunk))
+        return found
+
+    def run_places(self, run_id: str) -> list[tuple[str, str | None, int | None, str | None]]:
+        """``(request_id, source, row, model)`` of every request a run claimed (marked
+        ``sending``), whatever came of it, in input order."""
+        return list(self.db.execute("SELECT request_id, source, row, model FROM requests WHERE api=? AND run_id=? "
+                                    "ORDER BY source, row", (self.api, run_id)))
 
     def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
         self.db.execute("UPDATE runs SET finished_at=?, summary=? WHERE run_id=?",

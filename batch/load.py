@@ -31,6 +31,7 @@ import csv
 import glob as globmod
 import io
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -173,8 +174,40 @@ def load_table(path: Path | str, sheet: str | None = None) -> Table:
             detail += " (save it as UTF-8: in Excel, 'CSV UTF-8')"
         raise InputError(f"{path}: cannot read {suffix[1:]} file: {detail[:200]}") from None
     df = table.df.rename({c: c.strip() for c in table.df.columns if c != c.strip()})
+    df = drop_unnamed(table, df)
     df, notes = cap_cells(df, table)
     return replace(table, df=df, notes=notes, location=str(path))
+
+
+def _unnamed(name: str) -> bool:
+    """A column without a header, as polars (``""``, ``_duplicated_N``) or fastexcel
+    (``__UNNAMED__N``) names it."""
+    return not name.strip() or name.startswith("__UNNAMED__") or re.fullmatch(r"_duplicated_\d+", name) is not None
+
+
+def drop_unnamed(table: Table, df: pl.DataFrame) -> pl.DataFrame:
+    """Excel leaves empty columns without a header behind (``prompt,duration,,,``): they
+    hold nothing and are dropped. A column without a header that holds values is an error
+    naming its position: its values would otherwise travel under a made-up name."""
+    drop = []
+    for i, name in enumerate(df.columns):
+        if not _unnamed(name):
+            continue
+        col = df[name]
+        filled = (col.str.strip_chars().fill_null("") != "") if col.dtype == pl.String else col.is_not_null()
+        if filled.any():
+            first = int(filled.arg_true()[0])
+            if name.startswith("__UNNAMED__") and name[11:].isdigit():
+                where = f"column {xlsx.column_letters(int(name[11:]))}"
+            elif table.sheet is not None:
+                where = f"column {xlsx.column_letters(table.first_col + i)}"
+            else:
+                where = f"column {i + 1}"
+            value = str(col[first])[:40]
+            raise InputError(f"{table.source}: {where} has no header but holds values (row {table.first_row + first}: "
+                             f"{value!r}); give it a header, or delete the column")
+        drop.append(name)
+    return df.drop(drop) if drop else df
 
 
 # -- CSV ------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ file → rows (:mod:`load`) → requests (:mod:`expand`) → outcomes (:mod:`sub
 
 Guarantees kept here: a request counts as sent only for the API that took it (another
 API's entries in the same ledger are refused, or moved on purpose with ``--moved-from``);
-a dry run never overwrites a table that holds task ids; a disk that fails after sending
-costs no accepted task id (exit 6, the outcomes in the table and a rescue file).
+a dry run never overwrites a table that holds task ids; every place the run will write
+(table, summary, metrics, downloads) is probed before the first request is sent (exit 2
+otherwise); and once a request was sent, *whatever* fails (a full disk, a bug) costs no
+accepted task id: the results table and summary are written, from the ledger alone if
+need be, or exit 6 says where the task ids are (the ledger, a rescue file).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
 import signal
 import sqlite3
 import time
@@ -43,7 +48,7 @@ from batch.errors import (
 )
 from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
-from batch.ledger import AsyncLedger, Entry, Ledger, locked_ledger, utcnow
+from batch.ledger import AsyncLedger, Entry, Ledger, companion, locked_ledger, utcnow
 from batch.load import Unreadable, load_inputs
 from batch.models import Catalog
 from batch.preflight import Check, fatal, run_checks
@@ -60,14 +65,16 @@ from batch.results import (
     check_output_path,
     csv_text,
     is_results_table,
+    ledger_frame,
     ledger_value,
     read_results,
     request_frames,
     request_schema_of,
+    write_frame,
     write_results,
     write_text_atomically,
 )
-from batch.storage import Target
+from batch.storage import Target, probe
 from batch.submit import RunStats, SpendCap, SubmitConfig, Submitter
 
 log = structlog.get_logger("batch")
@@ -106,6 +113,7 @@ class RunOptions:
     pricing: Pricing = field(default_factory=Pricing)
     max_spend: float | None = None  # USD: stop starting requests before tonight's estimate passes it
     preflight: bool = True  # check the key, the models and the balance before sending
+    metrics_file: Path | None = None  # Prometheus textfile written after the run (by the CLI)
 
     @property
     def api(self) -> str:
@@ -128,6 +136,7 @@ class Summary:
     local_fault: str | None = None
     unreadable: list[Unreadable] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    table_written: bool = False  # the results table holds this run's outcomes (not in as_dict)
 
     @property
     def exit_code(self) -> int:
@@ -282,6 +291,17 @@ def spend_cap(opts: RunOptions, expander: Expander) -> SpendCap | None:
     return SpendCap(opts.max_spend, opts.pricing, expander.catalog)
 
 
+def probe_outputs(opts: RunOptions, output: Target) -> None:
+    """Every place the run writes takes a file, or the run stops here, sending nothing:
+    the table (its summary, its temporary files and the request spool go beside it), the
+    metrics file and the download directory or bucket."""
+    probe(output.text, "--output")
+    if opts.metrics_file is not None:
+        probe(opts.metrics_file, "--metrics-file")
+    if opts.collect is not None and opts.collect.download_dir is not None:
+        probe(opts.collect.download_dir, "--download", directory=True)
+
+
 def run_submit(opts: RunOptions) -> Summary:
     """Load, expand, submit and write the results; raise BatchError before sending on bad input."""
     started = time.monotonic()
@@ -291,11 +311,14 @@ def run_submit(opts: RunOptions) -> Summary:
         expander, unreadable = load_and_expand(opts, run_id)
         if opts.dry_run:
             output = dry_run_output(opts.output)
+            probe_outputs(opts, output)
             tally = plan(opts, expander, output)
             summary = _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable,
                                  passthrough=expander.passthrough_columns())
             summary.extra["columns"] = expander.mapping_lines()
+            record_summary(output, summary, opts, sent=False)
             return summary
+        probe_outputs(opts, opts.output)
         routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_in_use}
         opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander), routes=routes))
         schema = request_schema_of(expander)
@@ -306,18 +329,86 @@ def run_submit(opts: RunOptions) -> Summary:
         if opts.preflight and not opts.fake_api:
             asyncio.run(preflight(opts, expander.models_in_use, estimate))
         try:
-            ledger.start_run(run_id, opts.command)
+            ledger.start_run(run_id, opts.command, output_record(opts.output))
         except sqlite3.Error as exc:
             raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
         spool = RequestSpool(opts.output.temp_dir(), schema)
+        outcome: _Outcome | None = None
         try:
-            outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), ledger, run_id))
+            try:
+                outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), ledger, run_id))
+            except Exception as exc:
+                claimed = _claimed(ledger, run_id)
+                if claimed == 0:
+                    raise  # nothing was sent: the error as it is (a usage error, a refusal...)
+                log.error("run_failed_after_sending", error=_describe(exc))
+                rescue = companion(opts.state, "rescue.jsonl")  # written by the ledger if it broke meanwhile
+                outcome = _Outcome(RunStats(sent=claimed, stop_reason="internal error"), None, False,
+                                   crash=_describe(exc), rescue=rescue if rescue.exists() else None)
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable)
+        except Exception as exc:
+            if _claimed(ledger, run_id) == 0:
+                raise
+            log.error("results_failed_after_sending", error=_describe(exc))
+            summary = _rescue(opts, ledger, run_id, outcome, started, unreadable, exc)
+        except Interrupted:  # a signal while the table is written: exit 4, saying where the ids are
+            log.error("interrupted_after_sending", results=str(opts.output),
+                      where=where_ids(opts, False, outcome.rescue if outcome else None))
+            raise
         finally:
             spool.close()
-        with contextlib.suppress(sqlite3.Error):  # a full disk: the summary already says so
+        try:
             ledger.finish_run(run_id, summary.as_dict())
+        except Exception as exc:  # the outcomes are committed already; the table says what happened
+            add_fault(summary, f"cannot record the end of run {run_id} in the ledger ({_describe(exc)}); "
+                               f"{where_ids(opts, summary.table_written)}")
+        if not (outcome is not None and outcome.aborted):  # a second signal: leave at once, as before
+            record_summary(opts.output, summary, opts, sent=summary.sent > 0)
         return summary
+
+
+def output_record(output: Target) -> str:
+    """The results table as the ledger records it: a URL as given, a path made absolute
+    (a collect from cron's working directory still finds it)."""
+    return output.text if output.remote else os.path.abspath(output.text)
+
+
+def _describe(exc: BaseException) -> str:
+    text = (getattr(exc, "strerror", None) if isinstance(exc, OSError) else None) or str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _claimed(ledger: Ledger, run_id: str) -> int:
+    """How many requests this run marked ``sending`` (so may have paid for); a ledger that
+    cannot say counts as "some"."""
+    try:
+        return len(ledger.run_places(run_id)) + len(ledger.unsaved)
+    except Exception:
+        return 1
+
+
+def where_ids(opts: RunOptions, table: bool, rescue: Path | None = None) -> str:
+    """Where the task ids of a run that met a local fault are: the same words for every fault."""
+    places = ([f"the results table {opts.output}"] if table else []) + [f"the ledger {opts.state}"]
+    if rescue is not None:
+        places.append(f"the rescue file {rescue}")
+    return "the task ids are in " + " and ".join(places)
+
+
+def add_fault(summary: Summary, fault: str) -> None:
+    summary.local_fault = f"{summary.local_fault}; {fault}" if summary.local_fault else fault
+
+
+def record_summary(output: Target, summary: Summary, opts: RunOptions, sent: bool = True) -> None:
+    """``<results>.summary.json``; after sending, a failure is a local fault (exit 6) that
+    says where the task ids are, never a traceback."""
+    try:
+        write_summary_file(output, summary)
+    except Exception as exc:
+        log.error("summary_not_written", path=str(summary_path(output)), error=_describe(exc))
+        if sent:
+            add_fault(summary, f"cannot write summary {summary_path(output)} ({_describe(exc)}; the summary is on "
+                               f"stdout and in the log); {where_ids(opts, summary.table_written)}")
 
 
 @dataclass
@@ -329,6 +420,7 @@ class _Outcome:
     rescue: Path | None = None
     unsaved: int = 0
     task_ids: int = 0
+    crash: str | None = None  # an unexpected failure after sending: the run stopped there
 
 
 def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: Ledger, run_id: str,
@@ -340,23 +432,58 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
         return Summary(run_id, {}, [], time.monotonic() - started, stats.sent, stats.send_rate,
                        stats.stop_reason, outcome.interrupted, "", str(opts.state), unreadable=unreadable)
     # A run that stopped early has not read every request: expand the input again.
-    frames = spool.frames() if spool.complete else request_frames(expander, spool.schema)
+    frames = spool.frames() if spool.finish() else request_frames(expander, spool.schema)
     with interruptible():
         tally, table_error = write_results(opts.output, frames, spool.schema, ledger.outcome_rows,
                                            Resolution(run_id, stop_reason=stats.stop_reason), tolerate_io=True,
                                            tally=Tally(labels=lambda labels: ledger.labels(labels, run_id)))
     faults = []
+    if outcome.crash:
+        faults.append(f"the run stopped after {stats.sent} requests were sent ({outcome.crash}); "
+                      f"{where_ids(opts, not table_error, outcome.rescue)}; nothing is sent twice on a rerun")
     if stats.state_error:
         where = f"in {opts.output}" if not table_error else "in the summary below"
         kept = f" and {outcome.rescue}" if outcome.rescue else " (the rescue file could not be written either)"
-        faults.append(f"{stats.state_error} after {stats.sent} requests were sent; their outcomes "
+        faults.append(f"{stats.state_error} after {stats.sent} requests were sent; their task ids "
                       f"({outcome.unsaved} not in the ledger) are {where}{kept if outcome.unsaved else ''}; "
                       f"the next run replays the rescue file before sending")
     if table_error:
-        faults.append(f"{table_error}; every outcome is in the ledger {opts.state}: rerun to write the table "
+        faults.append(f"{table_error}; {where_ids(opts, False, outcome.rescue)}: rerun to write the table "
                       f"(nothing is sent twice)")
-    return _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable,
-                      expander.passthrough_columns())
+    summary = _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable,
+                         expander.passthrough_columns())
+    summary.table_written = not table_error
+    return summary
+
+
+def _rescue(opts: RunOptions, ledger: Ledger, run_id: str, outcome: _Outcome | None, started: float,
+            unreadable: list[Unreadable], exc: BaseException) -> Summary:
+    """The results table could not be built the usual way after requests were sent: write
+    one from the ledger alone (this run's requests, each with its task id), and a summary
+    that says so; exit 6 either way."""
+    rescue = outcome.rescue if outcome is not None else None
+    counts: dict[str, int] = {}
+    table = False
+    try:
+        places = ledger.run_places(run_id)
+        ids = [p[0] for p in places]
+        frame = ledger_frame(places, ledger.outcome_rows(ids) if ids else [])
+        counts = dict(sorted(frame["status"].value_counts().iter_rows()))
+        write_frame(opts.output, frame)
+        table = True
+    except Exception as again:  # the ledger or the disk fails too: the message says where the ids are
+        log.error("rescue_table_not_written", results=str(opts.output), error=_describe(again))
+    what = "written from the ledger: this run's requests only" if table else "not written"
+    stats = outcome.stats if outcome is not None else RunStats()
+    fault = (f"the results could not be completed after requests were sent ({_describe(exc)}); the table is "
+             f"{what}; {where_ids(opts, table, rescue)}; a rerun writes the whole table (nothing is sent twice)")
+    summary = Summary(run_id, counts, [], time.monotonic() - started, stats.sent, stats.send_rate,
+                      stats.stop_reason, outcome.interrupted if outcome else None, str(opts.output),
+                      str(opts.state), local_fault=fault, unreadable=unreadable)
+    summary.table_written = table
+    if rescue is not None:
+        summary.extra["rescue"] = str(rescue)
+    return summary
 
 
 def planned_cost(opts: RunOptions, expander: Expander) -> float | None:
@@ -525,10 +652,6 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
         summary.extra["rescue"] = str(outcome.rescue)
     if outcome is not None and outcome.collected is not None:
         summary.extra["collect"] = outcome.collected.as_dict()
-    try:
-        write_summary_file(opts.output, summary)
-    except OSError as exc:
-        log.error("summary_not_written", path=str(summary_path(opts.output)), error=exc.strerror or str(exc))
     return summary
 
 
@@ -549,37 +672,108 @@ class CollectOptions:
     results: Target | None = None
     fake_api: bool = False
     budget_dir: Path | None = None  # the per-key rate budget shared with submit runs
+    # A job's output before {date} was filled in: the tables of the runs whose tasks are
+    # followed that match it are found through the ledger (last night's, after midnight).
+    run_tables: str | None = None
 
     @property
     def api(self) -> str:
         return api_identity(self.config.base_url, self.fake_api)
 
 
+def template_pattern(template: str) -> re.Pattern[str]:
+    """The names a job's ``output`` template gives: ``{date}`` and ``{datetime}`` as the
+    job file fills them in (:mod:`batch.jobfile`), everything else literally."""
+    fills = {"{date}": r"\d{4}-\d{2}-\d{2}", "{datetime}": r"\d{4}-\d{2}-\d{2}T\d{6}"}
+    parts = re.split(r"(\{date\}|\{datetime\})", template)
+    return re.compile("".join(fills.get(p, re.escape(p)) for p in parts))
+
+
+def _run_tables(opts: CollectOptions, ledger: Ledger, apis: list[str], given: Target | None) -> list[Target]:
+    """The results tables the runs of the followed tasks recorded, that the job's output
+    template names and that still exist (the given table aside)."""
+    if not opts.run_tables:
+        return []
+    pattern = template_pattern(opts.run_tables)
+    open_tasks = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=apis)
+    found: list[Target] = []
+    for output in sorted(set(ledger.run_outputs({e.run_id for e in open_tasks}).values())):
+        target = Target(output)
+        if not pattern.fullmatch(output) or (given is not None and target.same_file(output)):
+            continue
+        try:
+            if target.exists():
+                found.append(target)
+        except BatchError as exc:  # a bucket that no longer answers: the others still count
+            log.warning("run_table_unreadable", results=output, error=str(exc))
+    return found
+
+
+def _known_tables(opts: CollectOptions) -> str:
+    """A hint for a results table that is not there: the tables the ledger's runs with
+    tasks still open recorded (a cron line's date may have moved on since)."""
+    try:
+        ledger = Ledger.open_readonly(opts.state, opts.api)
+    except BatchError:
+        return ""
+    if ledger is None:
+        return ""
+    try:
+        apis = sorted(set(ledger.apis()) - {FAKE_API}) or [opts.api]
+        open_tasks = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=apis)
+        outputs = sorted(set(ledger.run_outputs({e.run_id for e in open_tasks}).values()))
+    except sqlite3.Error:  # a ledger from before runs.output
+        return ""
+    finally:
+        ledger.close()
+    return f" (the runs whose tasks are open wrote: {', '.join(outputs[:5])})" if outputs else ""
+
+
 def run_collect(opts: CollectOptions) -> dict[str, Any]:
     """Poll (and download) the ledger's open tasks, each at the API that issued it (the
-    bundled fake's only with ``--fake-api``); rebuild the results table if given."""
+    bundled fake's only with ``--fake-api``); rebuild the results table if given, and the
+    tables of the runs followed that the job's output names (``run_tables``)."""
     started = time.monotonic()
     if opts.results is None and not opts.state.exists():
         raise StateError(f"{opts.state}: no state file (nothing submitted yet?)")
     table = _read_table(opts.results) if opts.results is not None and opts.results.exists() else None
-    if opts.results is not None and table is None:
-        raise InputError(f"{opts.results}: no such results table")
+    if opts.results is not None and table is None and not (opts.run_tables and opts.state.exists()):
+        raise InputError(f"{opts.results}: no such results table{_known_tables(opts)}")
+    if opts.config.download_dir is not None:
+        probe(opts.config.download_dir, "--download", directory=True)
     with locked_ledger(opts.state, opts.api, "collect") as ledger:
         apis = [FAKE_API] if opts.fake_api else sorted(set(ledger.apis()) - {FAKE_API}) or [opts.api]
+        tables = [(opts.results, table)] if opts.results is not None and table is not None else []
+        for found in _run_tables(opts, ledger, apis, opts.results if table is not None else None):
+            try:
+                tables.append((found, _read_table(found)))
+            except InputError as exc:
+                log.warning("run_table_unreadable", results=str(found), error=str(exc))
+        if opts.results is not None and not tables:
+            raise InputError(f"{opts.results}: no such results table, and no run this ledger follows recorded a "
+                             f"table named like {opts.run_tables}")
+        for found, _ in tables[1 if table is not None else 0:]:
+            log.info("run_table_found", results=str(found), reason="a run followed here wrote it")
         only: set[str] | None = None
-        if table is not None:
-            only = _import_from_table(ledger, table, opts.api)
+        for _, frame in tables:
+            only = (only or set()) | _import_from_table(ledger, frame, opts.api)
         entries = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=apis)
         if only is not None:
             entries = [e for e in entries if e.request_id in only]
         stats = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
-        if opts.results is not None and table is not None:
-            with interruptible():
-                update_table(opts.results, table, ledger, apis)
+        faults = []
+        with interruptible():
+            for target, frame in tables:
+                try:
+                    update_table(target, frame, ledger, apis)
+                except Exception as exc:  # a full results disk: the ledger holds every state
+                    faults.append(f"cannot rewrite results table {target} ({_describe(exc)}); every task's state "
+                                  f"and file are in the ledger {opts.state}: rerun collect to write the table")
         summary = {"run_id": "collect", "followed": len(entries), **stats.as_dict(),
                    "elapsed_s": round(time.monotonic() - started, 3), "state": str(opts.state),
-                   "results": str(opts.results or "")}
-        summary["exit_code"] = EXIT_INTERRUPTED if stats.interrupted else (
+                   "results": ", ".join(str(t) for t, _ in tables) or str(opts.results or ""),
+                   "local_fault": "; ".join(faults) or None}
+        summary["exit_code"] = EXIT_LOCAL_FAULT if faults else EXIT_INTERRUPTED if stats.interrupted else (
             EXIT_PROVIDER if stats.fatal else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE))
         return summary
 

@@ -67,7 +67,7 @@ def check_output_path(target: Target) -> None:
     if target.suffix not in RESULT_SUFFIXES:
         raise ConfigError(f"--output {target}: use a .parquet or .csv file name")
     if target.remote:
-        return  # a bucket says at upload time; a failed upload is reported as a local fault
+        return  # a bucket is probed with a real write before sending (batch.storage.probe)
     parent = target.path.parent if str(target.path.parent) else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK):
         raise ConfigError(f"--output {target}: directory is not writable")
@@ -271,9 +271,17 @@ class RequestSpool:
         self._buffer: list[Request] = []
         self._writer: ipc.RecordBatchStreamWriter | None = None
         self._failed = False
-        # Unlinked at once: nothing is left behind, even after kill -9.
-        self._file = tempfile.TemporaryFile(  # noqa: SIM115
-            dir=directory if directory is not None and directory.is_dir() else None)
+        self._writer_closed = False
+        self._file: Any = None
+        try:  # Unlinked at once: nothing is left behind, even after kill -9.
+            self._file = tempfile.TemporaryFile(  # noqa: SIM115
+                dir=directory if directory is not None and directory.is_dir() else None)
+        except OSError as exc:  # no room for even an empty file: expand again at the end
+            self._off(exc)
+
+    def _off(self, exc: BaseException) -> None:
+        self._failed = True
+        structlog.get_logger("batch.results").warning("spool_failed", error=str(exc))
 
     def tee(self, requests: Iterable[Request]) -> Iterator[Request]:
         for req in requests:
@@ -294,15 +302,31 @@ class RequestSpool:
                 self._writer = ipc.new_stream(self._file, table.schema)
             self._writer.write_table(table)
         except (OSError, ValueError, pa.ArrowException) as exc:  # disk full, closed: expand again at the end
-            self._failed = True
-            structlog.get_logger("batch.results").warning("spool_failed", error=str(exc))
+            self._off(exc)
         self._buffer.clear()
 
+    def finish(self) -> bool:
+        """Close the spool for writing (its last bytes reach the disk now, which may be
+        full); true if :meth:`frames` holds every request."""
+        if not self.complete or self._failed:
+            return False
+        try:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer_closed = True
+            self._file.flush()
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            self._off(exc)
+            return False
+        return True
+
     def frames(self, chunk_size: int = 20_000) -> Iterator[pl.DataFrame]:
-        """The spooled request frames, in order, regrouped into ``chunk_size`` rows."""
+        """The spooled request frames, in order, regrouped into ``chunk_size`` rows (after
+        :meth:`finish` said they are all there)."""
         if self._writer is None:
             return
-        self._writer.close()
+        if not self._writer_closed:
+            self._writer.close()
         self._file.seek(0)
         pending: list[pa.RecordBatch] = []
         rows = 0
@@ -316,7 +340,9 @@ class RequestSpool:
             yield _frame_of(pending)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            with contextlib.suppress(OSError):  # closing flushes: a full disk fails again; the file is unlinked
+                self._file.close()
 
 
 def _frame_of(batches: list[pa.RecordBatch]) -> pl.DataFrame:
@@ -381,6 +407,11 @@ class AtomicTableWriter:
         self.target.publish(self.tmp)
 
     def discard(self) -> None:
+        if self._parquet is not None:  # its footer goes nowhere; never again (pyarrow retries in __del__)
+            with contextlib.suppress(Exception):
+                self._parquet.close()
+            self._parquet.is_open = False
+            self._parquet = None
         if not self._file.closed:
             with contextlib.suppress(OSError):  # closing flushes: a full disk fails again
                 self._file.close()
@@ -487,6 +518,37 @@ def write_results(
             writer.discard()
         raise
     return tally, error
+
+
+# A ledger status as a results table shows it when the table is rebuilt from the ledger alone.
+_LEDGER_STATUS = {"submitted": "submitted", "sending": "unknown", "unknown": "unknown", "failed": "failed",
+                  "pending": "pending"}
+
+
+def ledger_frame(places: Sequence[tuple[str, str | None, int | None, str | None]],
+                 rows: Sequence[tuple[Any, ...]]) -> pl.DataFrame:
+    """A results table from the ledger alone, for when the table cannot be built from the
+    input (a failure after sending): one row per request the run claimed, with its place
+    (``request_id, source, row, model``) and its outcome (``Ledger.outcome_rows``). It
+    holds every task id, and ``collect`` reads it like any results table."""
+    place = pl.DataFrame(list(places), schema={"request_id": pl.String(), "source": pl.String(), "row": pl.Int64(),
+                                              "model": pl.String()}, orient="row")
+    outcomes = entries_frame(rows)
+    status = outcomes["_status"].replace_strict(_LEDGER_STATUS, default="unknown", return_dtype=pl.String())
+    outcomes = outcomes.with_columns(status=status).drop("_status", "_run_id")
+    table = place.join(outcomes, on="request_id", how="left", maintain_order="left")
+    return table.select("request_id", "source", "row", "model", *RESULT_DTYPES)
+
+
+def write_frame(path: Target | Path, df: pl.DataFrame) -> None:
+    """One frame as a whole table, atomically (:class:`AtomicTableWriter`)."""
+    writer = AtomicTableWriter(path)
+    try:
+        writer.write(df)
+        writer.commit(dict(df.schema))
+    except BaseException:
+        writer.discard()
+        raise
 
 
 def read_results(target: Target | Path) -> pl.DataFrame:

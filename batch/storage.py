@@ -15,6 +15,10 @@ Guarantees:
   temporary file is fsynced and renamed into place as before.
 * **A video streams into its object** as its bytes arrive (multipart), never staged whole
   on local disk; a failed download aborts the upload, so no partial object appears.
+* **Checked before spending.** :func:`probe` creates and removes a small temporary file
+  (or object) where an output will go, so a location that cannot take one (a path under
+  a regular file, a read-only directory, a bucket without credentials) stops the run
+  before its first request is paid for.
 * **Reads are bounded**: an input object larger than :data:`MAX_INPUT_BYTES` is refused.
 
 Why obstore: it is the object_store library polars itself reads buckets with, so inputs,
@@ -28,6 +32,7 @@ import contextlib
 import fnmatch
 import os
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -232,6 +237,43 @@ async def stream_upload(url: str, chunks: AsyncIterator[bytes]) -> None:
 
     loc = ObjectUrl.parse(url)
     await obstore.put_async(store_of(loc), loc.key, chunks, chunk_size=8 << 20)
+
+
+def probe(location: str | Path, what: str, directory: bool = False) -> None:
+    """Prove that ``location`` (a file to write, or with ``directory`` a directory or
+    bucket prefix to write into) can take a file: create one beside it (inside it) and
+    remove it again. Local directories are created as a later write would create them.
+    A failure is a :class:`ConfigError` naming ``what`` and the location (exit 2)."""
+    text = str(location)
+    token = f".seedance-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if is_remote(text):
+        import obstore
+
+        loc = ObjectUrl.parse(text).child(token) if directory else ObjectUrl.parse(Target(text).sibling(token).text)
+        try:
+            store = store_of(loc)
+            obstore.put(store, loc.key, b"")
+            obstore.delete(store, loc.key)
+        except Exception as exc:  # obstore raises its own error types per cloud
+            detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise ConfigError(f"{what} {text}: cannot write there ({type(exc).__name__}: {detail}); "
+                              f"nothing sent") from None
+        return
+    path = Path(text)
+    folder = path if directory else (path.parent if str(path.parent) else Path("."))
+    try:
+        if not directory and path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / token, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        os.unlink(folder / token)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):  # mkdir's words for "a file is in the way"
+            blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+            reason = f"{blocker} is a file, not a directory" if blocker is not None else reason
+        raise ConfigError(f"{what} {text}: cannot write there ({reason}); nothing sent") from None
 
 
 @dataclass(frozen=True)

@@ -104,15 +104,28 @@ def test_results_and_summary_to_a_bucket_as_complete_objects(fake, bucket: str, 
     assert pl.read_parquet(io.BytesIO(get(url)))["task_status"].to_list() == ["success"] * 5
 
 
-def test_a_failed_upload_is_a_local_fault_and_leaves_no_object(fake, bucket: str, tmp_path: Path) -> None:
+def test_a_bucket_that_cannot_take_the_table_is_exit_2_before_sending(fake, bucket: str, tmp_path: Path) -> None:
+    """Issue #18 item 4. Reported: every request sent, then exit 6."""
     path = write_csv(tmp_path / "in.csv", prompts(3))
     res = cli(["submit", str(path), "-o", "s3://no-such-bucket-here/r.parquet", "--base-url", fake.url,
                "--state", str(tmp_path / "s.sqlite"), "--rate", "0"])
-    assert res.exit_code == 6
-    assert "cannot write results table s3://no-such-bucket-here/r.parquet" in error_line(res.stderr)
+    assert res.exit_code == 2
+    line = error_line(res.stderr)
+    assert "--output s3://no-such-bucket-here/r.parquet: cannot write there" in line and "nothing sent" in line
+    assert fake.state.records == []
+    res = cli(["submit", str(path), "-o", f"s3://{bucket}/r.parquet", "--base-url", fake.url, "--state",
+               str(tmp_path / "s.sqlite"), "--rate", "0", "--wait", "--download", "s3://no-such-bucket-here/v/"])
+    assert res.exit_code == 2 and "--download s3://no-such-bucket-here/v/" in error_line(res.stderr)
+    assert fake.state.records == []
     res = cli(["submit", str(path), "-o", f"s3://{bucket}/r.parquet", "--base-url", fake.url,
                "--state", str(tmp_path / "s.sqlite"), "--rate", "0"])
-    assert res.exit_code == 0 and len(fake.state.submissions()) == 3  # the ledger had every outcome
+    assert res.exit_code == 0 and len(fake.state.submissions()) == 3
+    assert get(f"s3://{bucket}/r.parquet") is not None
+    import obstore  # the probes left no object behind
+
+    listed = [m["path"] for batch in obstore.list(storage.store_of(storage.ObjectUrl.parse(f"s3://{bucket}/")))
+              for m in batch]
+    assert sorted(listed) == ["r.parquet", "r.parquet.summary.json"]
 
 
 def test_videos_stream_into_the_bucket_and_a_rerun_skips_them(start_fake, bucket: str, tmp_path: Path) -> None:
