@@ -300,7 +300,8 @@ def common_options(fn: Any) -> Any:
                      help="TOML price table (USD per second of video by model and resolution) for estimates and "
                           "--max-spend. [env SEEDANCE_BATCH_PRICES]"),
         click.option("--max-spend", type=click.FloatRange(0), envvar="SEEDANCE_BATCH_MAX_SPEND", metavar="USD",
-                     help="Stop starting requests before tonight's estimated cost passes USD (needs prices). "
+                     help="Stop starting requests before the night's estimated cost through this ledger (this run's "
+                          "and earlier runs' of the same local date) would pass USD (needs prices). "
                           "[env SEEDANCE_BATCH_MAX_SPEND]"),
         click.option("--no-preflight", "no_preflight", is_flag=True,
                      help="Skip the checks of the key, the models and the balance before sending."),

@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS requests (
     local_paths    TEXT,
     download_error TEXT,
     polls          INTEGER NOT NULL DEFAULT 0,
+    cost_usd       REAL,
     PRIMARY KEY (api, request_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_open_tasks ON requests(task_status) WHERE task_id IS NOT NULL;
@@ -101,13 +102,18 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at TEXT,
     command     TEXT,
     summary     TEXT,
-    api         TEXT
+    api         TEXT,
+    night       TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT
 );
 """
+
+# Columns added after schema 2 shipped, added in place by the first run that opens an
+# older file (a version that does not know them simply leaves them NULL).
+ADDED_COLUMNS = (("requests", "cost_usd", "REAL"), ("runs", "night", "TEXT"))
 
 LEDGER_COLUMNS = (
     "api", "request_id", "status", "run_id", "label", "model", "endpoint", "task_id", "poll_url", "error",
@@ -125,6 +131,13 @@ OUTCOME_COLUMNS = (
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def night_of(now: datetime | None = None) -> str:
+    """The night a run belongs to: the local date (the machine's time zone, or ``TZ``)
+    when it starts, ``YYYY-MM-DD``, the same date a job's ``{date}`` output gets. The
+    spend cap is per night and per ledger."""
+    return (now or datetime.now().astimezone()).strftime("%Y-%m-%d")
 
 
 def state_home() -> Path:
@@ -374,6 +387,14 @@ class Ledger:
         db.execute("PRAGMA busy_timeout=5000")
         if version < SCHEMA_VERSION:
             self._migrate_v1()
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        for table, column, kind in ADDED_COLUMNS:
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                with transaction(self.db):
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def _migrate_v1(self) -> None:
         """Version 1 keyed rows by ``<id>:<hash>#n`` for one API and one model; key them by
@@ -454,10 +475,20 @@ class Ledger:
         return moved
 
     # -- runs ------------------------------------------------------------------------
-    def start_run(self, run_id: str, command: str) -> None:
-        self.db.execute("INSERT INTO runs(run_id, started_at, command, api) VALUES (?,?,?,?)",
-                        (run_id, utcnow(), command, self.api))
+    def start_run(self, run_id: str, command: str, night: str | None = None) -> None:
+        self.db.execute("INSERT INTO runs(run_id, started_at, command, api, night) VALUES (?,?,?,?,?)",
+                        (run_id, utcnow(), command, self.api, night or night_of()))
         self.write_marker(run_id)
+
+    def night_requests(self, night: str) -> list[tuple[str | None, str | None, float | None]]:
+        """``(model, body, cost_usd)`` of every request that runs of ``night`` sent and the
+        provider may have accepted (``sending``, ``submitted``, ``unknown``): what the
+        night has spent. Real runs count the real APIs' requests, fake runs the fake's."""
+        fake = self.api == FAKE_API
+        return self.db.execute(
+            "SELECT r.model, r.body, r.cost_usd FROM requests r JOIN runs u ON u.run_id = r.run_id "
+            "WHERE u.night = ? AND r.status IN ('sending', 'submitted', 'unknown') AND (r.api = ?) = ?",
+            (night, FAKE_API, fake)).fetchall()
 
     def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
         self.db.execute("UPDATE runs SET finished_at=?, summary=? WHERE run_id=?",
@@ -660,10 +691,11 @@ def locked_ledger(state: Path, api: str, kind: str = "submit") -> Iterator[Ledge
 # ``sending``/``unknown``. A ``submitted`` row is never claimed (rowcount 0).
 SQL_CLAIM = (
     "INSERT INTO requests(api, request_id, status, run_id, label, model, endpoint, source, row, body, attempts, "
-    "sending_at, updated_at) VALUES (?, ?, 'sending', ?, ?, ?, ?, ?, ?, ?, 0, ?, ?) "
+    "sending_at, updated_at, cost_usd) VALUES (?, ?, 'sending', ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) "
     "ON CONFLICT(api, request_id) DO UPDATE SET status='sending', run_id=excluded.run_id, label=excluded.label, "
     "model=excluded.model, endpoint=excluded.endpoint, source=excluded.source, row=excluded.row, "
-    "body=excluded.body, sending_at=excluded.sending_at, updated_at=excluded.updated_at "
+    "body=excluded.body, sending_at=excluded.sending_at, updated_at=excluded.updated_at, "
+    "cost_usd=excluded.cost_usd "
     "WHERE requests.status IN ('failed', 'pending') OR (? AND requests.status IN ('sending', 'unknown') "
     "AND requests.run_id != excluded.run_id)"
 )
@@ -691,6 +723,7 @@ class Mark:
     source: str
     row: int
     body: str
+    cost: float | None = None  # estimated USD (with prices): what the night's spend cap counts
 
 
 class AsyncLedger:
@@ -795,7 +828,7 @@ class AsyncLedger:
                 db.executemany(SQL_OUTCOME, [(*o[:-2], now, api, o[-2], o[-1]) for o in outcomes])
             for m in sending:
                 cur = db.execute(SQL_CLAIM, (api, m.request_id, m.run_id, m.label, m.model, m.endpoint, m.source,
-                                             m.row, m.body, now, now, self.resend_unknown))
+                                             m.row, m.body, now, now, m.cost, self.resend_unknown))
                 if cur.rowcount:
                     claimed.add(m.request_id)
         self.committed_task_ids += sum(1 for o in outcomes if o[1] is not None)

@@ -120,7 +120,7 @@ def test_a_submitted_row_is_never_claimed_again(tmp_path: Path) -> None:
     create_ledger(state)
     ledger = Ledger(state, "https://api.example")
     db = ledger.db
-    args = ("https://api.example", "r1", "run-a", None, "m/x", "u", "f.csv", 2, "{}", "t", "t")
+    args = ("https://api.example", "r1", "run-a", None, "m/x", "u", "f.csv", 2, "{}", "t", "t", None)
     assert db.execute(SQL_CLAIM, (*args, False)).rowcount == 1
     db.execute("UPDATE requests SET status='submitted', task_id='t-1'")
     for resend in (False, True):
@@ -171,7 +171,7 @@ def test_a_rescue_file_from_before_poll_urls_is_still_replayed(tmp_path: Path) -
     create_ledger(state)
     ledger = Ledger(state, "https://api.example")
     ledger.db.execute(SQL_CLAIM, ("https://api.example", "r1", "run-a", None, "m/x", "u", "f.csv", 2, "{}", "t", "t",
-                                  False))
+                                  None, False))
     ledger.close()
     old = ["submitted", "t-1", None, None, 200, 1, "2026-11-27T01:00:00Z", "run-a", "r1"]  # nine fields
     torn = '{"api": "https://api.example", "outcome": ["submitted", "t-2"'
