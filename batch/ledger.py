@@ -43,7 +43,9 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 import struct
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -298,8 +300,57 @@ START_OVER = ("if you mean to start over, move it away (every request it recorde
               "paid for again)")
 
 
+# Files SQLite and this tool keep beside the ledger's real name.
+COMPANIONS = ("-wal", "-shm", ".runmark", ".rescue.jsonl")
+
+
+def check_links(path: Path, settle: float = 2.0) -> None:
+    """Refuse a ledger that is not one file with one name. SQLite keeps the latest writes
+    (the ``sending`` marks of a run killed mid-flight) in ``<name>-wal`` beside the name it
+    was opened by, and this tool keeps its run marker and rescue file beside the real name:
+    a second hard link is a second set of companions, and a run through it would not see
+    what the first wrote, paying again for every request in flight. Symlinks resolve to the
+    one real name (the callers open that). A companion planted as a link (another ledger's
+    ``-wal``, a file to be appended to) is refused too. ``settle``: a new ledger is
+    hard-linked into place by :func:`create_ledger` and has two names for an instant."""
+    real = Path(os.path.realpath(path))
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            links = os.stat(real).st_nlink
+        except OSError:
+            return  # no file yet: the callers say so in their own words
+        if links <= 1 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if links > 1:
+        raise StateError(
+            f"{path}: the state file has {links} names (hard links); SQLite keeps its latest writes in a -wal file "
+            f"beside each name, so a run through one name does not see what a run through another wrote and could "
+            f"pay again for every request in flight. Keep one name: remove the others (find them with "
+            f"'find / -xdev -samefile {real}') after a run ended cleanly, or copy the ledger with "
+            f"'seedance-batch state backup'; nothing sent")
+    for suffix in COMPANIONS:
+        other = real.with_name(real.name + suffix)
+        try:
+            st = os.lstat(other)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StateError(f"{other}: cannot inspect the ledger's companion file ({exc.strerror}); nothing sent") \
+                from None
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else (
+                f"a file with {st.st_nlink} names (hard links)" if stat.S_ISREG(st.st_mode) else "not a regular file")
+            raise StateError(
+                f"{other}: the ledger's {suffix.lstrip('.-')} file is {what}, not a file of its own: another ledger's "
+                f"writes could be taken for this one's (or this one's written elsewhere). Move it away after checking "
+                f"where it points; nothing sent")
+
+
 def check_header(path: Path) -> None:
     """Refuse a file that cannot be a ledger before SQLite would treat it as a new one."""
+    check_links(path)
     try:
         with open(path, "rb") as f:
             head = f.read(len(SQLITE_HEADER))
@@ -328,11 +379,13 @@ class Ledger:
         self.unsaved: dict[str, tuple[Any, ...]] = {}  # outcomes the disk refused (see AsyncLedger)
         self._full = True  # PRAGMA synchronous, as last set
         try:
+            # Through the real name: SQLite's -wal and -shm sit beside the name it opens.
+            real = os.path.realpath(path)
             if readonly:
-                uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+                uri = Path(real).as_uri() + "?mode=ro"
                 self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             else:
-                self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self.db = sqlite3.connect(real, isolation_level=None, check_same_thread=False)
             self._check()
         except sqlite3.OperationalError as exc:  # cannot open, read-only, locked: not the file's fault
             raise StateError(f"{path}: cannot use state file ({exc}); the file and its directory must be "
@@ -503,9 +556,11 @@ class Ledger:
         """Record, outside the database, the last run and how many task ids it held."""
         marker = companion(self.path, "runmark")
         data = {"run_id": run_id, "task_ids": self._submitted_count(), "written_at": utcnow()}
-        tmp = marker.with_name(marker.name + ".tmp")
+        tmp = marker.with_name(f"{marker.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
+            # A new file of its own: never through a name planted beside the ledger.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "w", encoding="utf-8") as f:
                 f.write(json.dumps(data))
                 f.flush()
                 os.fsync(f.fileno())
@@ -543,7 +598,9 @@ class Ledger:
             return None
         path = companion(self.path, "rescue.jsonl")
         try:
-            with open(path, "a", encoding="utf-8") as f:
+            # O_NOFOLLOW: a symlink planted under this name must not take the task ids elsewhere.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "a", encoding="utf-8") as f:
                 for o in rows:
                     f.write(json.dumps({"api": self.api, "outcome": list(o)}) + "\n")
                 f.flush()
@@ -648,7 +705,7 @@ def backup(state: Path, dest: Path) -> dict[str, int]:
         raise StateError(f"{dest}: already exists; give a new file name")
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
-        source = sqlite3.connect(Path(os.path.abspath(state)).as_uri() + "?mode=ro", uri=True)
+        source = sqlite3.connect(Path(os.path.realpath(state)).as_uri() + "?mode=ro", uri=True)
         target = sqlite3.connect(tmp)
         try:
             source.backup(target)
