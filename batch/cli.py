@@ -282,7 +282,8 @@ def common_options(fn: Any) -> Any:
         click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
                      envvar="SEEDANCE_BATCH_TIMEOUT", help="Seconds one HTTP attempt may take."),
         click.option("--max-requests", type=click.IntRange(0), envvar="SEEDANCE_BATCH_MAX_REQUESTS",
-                     help="Send at most N new requests this run; the rest stay pending. [env SEEDANCE_BATCH_MAX_REQUESTS]"),
+                     help="Send at most N new requests tonight through this ledger (earlier runs of the same local "
+                          "date included); the rest stay pending. [env SEEDANCE_BATCH_MAX_REQUESTS]"),
         click.option("--deadline", envvar="SEEDANCE_BATCH_DEADLINE",
                      help="Stop starting requests at a duration (90m) or clock time (06:00). [env SEEDANCE_BATCH_DEADLINE]"),
         click.option("--grace", type=click.FloatRange(0, 3600), default=30.0, show_default=True,

@@ -329,6 +329,9 @@ def run_submit(opts: RunOptions) -> Summary:
         if cap is not None:  # under the lock: no other submit run spends meanwhile
             cap = replace(cap, night=night, earlier=night_spend(ledger, cap, night))
             opts = replace(opts, submit=replace(opts.submit, spend_cap=cap))
+        if opts.submit.max_requests is not None:  # the night's, as the spend cap
+            opts = replace(opts, submit=replace(opts.submit, night=night,
+                                                night_requests=len(ledger.night_requests(night))))
         if opts.preflight and not opts.fake_api:
             asyncio.run(preflight(opts, expander.models_in_use, estimate))
         try:

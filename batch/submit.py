@@ -118,7 +118,9 @@ class SubmitConfig:
     backoff_max: float = 60.0
     breaker_threshold: int = 10
     resend_unknown: bool = False
-    max_requests: int | None = None
+    max_requests: int | None = None  # the night's, through this ledger
+    night: str = ""  # the run's night (batch.ledger.night_of)
+    night_requests: int = 0  # sent by the night's earlier runs through this ledger
     rate_margin: float = 0.02
     prewire: int = PREWIRE
     spend_cap: SpendCap | None = None
@@ -342,7 +344,8 @@ class Submitter:
             self.log.warning("grace_expired", grace=grace, in_flight=len(late))
 
     async def _produce(self, requests: Iterable[Request], queue: asyncio.Queue[Request]) -> None:
-        budget = self.config.max_requests
+        cfg = self.config
+        budget = None if cfg.max_requests is None else max(0, cfg.max_requests - cfg.night_requests)
         queued = 0
         valid = (r for r in requests if r.error is None)
         for chunk in chunks(valid, 256):
@@ -359,7 +362,9 @@ class Submitter:
                     continue
                 if budget is not None and queued >= budget:
                     # Not halt(): the requests already queued still go out.
-                    self.stats.stop_reason = self.stats.stop_reason or f"--max-requests {budget} reached"
+                    earlier = f" ({cfg.night_requests} by earlier runs)" if cfg.night_requests else ""
+                    self.stats.stop_reason = self.stats.stop_reason or (
+                        f"--max-requests {cfg.max_requests} reached for the night of {cfg.night or 'tonight'}{earlier}")
                     return
                 await queue.put(req)
                 queued += 1

@@ -111,3 +111,24 @@ def test_spend_without_a_cap_is_still_recorded_for_a_later_capped_run(fake, tmp_
     assert len(fake.state.submissions()) == 5, res.output
     spend = summary_of(tmp_path)["spend"]
     assert spend["earlier_runs_usd"] == pytest.approx(0.6) and spend["this_run_usd"] == pytest.approx(0.4)
+
+
+def test_max_requests_is_the_nights_too(fake, tmp_path: Path) -> None:
+    """Sibling: --max-requests ("at most N new requests tonight") was per run, so a rerun
+    the same night sent N more."""
+    inputs = write_csv(tmp_path / "in.csv", [{"prompt": f"p{i}"} for i in range(10)])
+
+    def submit(out: str, n: str):
+        return cli(["submit", str(inputs), "-o", str(tmp_path / out), "--base-url", fake.url, "--state",
+                    str(tmp_path / "s.sqlite"), "--rate", "0", "--max-requests", n])
+
+    assert submit("a.parquet", "4").exit_code == 1 and len(fake.state.submissions()) == 4
+    res = submit("b.parquet", "4")
+    assert len(fake.state.submissions()) == 4, res.output
+    assert counts(tmp_path / "b.parquet") == {"skipped": 4, "pending": 6}
+    assert "--max-requests 4 reached for the night of " in res.output and "(4 by earlier runs)" in res.output
+    assert submit("c.parquet", "6").exit_code == 1 and len(fake.state.submissions()) == 6
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        db.execute("UPDATE runs SET night = '2000-01-01'")
+    db.close()
+    assert submit("d.parquet", "3").exit_code == 1 and len(fake.state.submissions()) == 9
