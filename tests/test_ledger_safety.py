@@ -390,3 +390,22 @@ def test_a_planted_link_beside_the_ledger_is_refused(fake, tmp_path: Path, compa
     line = res.stderr.strip().splitlines()[-1]
     assert f"state.sqlite{companion}" in line and "Traceback" not in res.stderr
     assert fake.state.submissions() == [] and target.read_text() == ""
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_a_planted_rate_budget_file_is_not_written_through(fake, tmp_path: Path, kind: str) -> None:
+    """Sibling: the per-key budget file beside the ledgers was opened following a planted
+    name and truncated to its size: another file overwritten. Now the run paces alone."""
+    import hashlib
+
+    home = tmp_path / "xdg-state" / "seedance-batch"
+    home.mkdir(parents=True)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    planted = home / f"budget-{hashlib.sha256(KEY.encode()).hexdigest()[:16]}.bin"
+    (os.symlink if kind == "symlink" else os.link)(target, planted)
+    path = write_csv(tmp_path / "in.csv", prompts(3))
+    res = cli(submit_args(fake, tmp_path, path, rate="100/s"))
+    assert res.exit_code == 0, res.output
+    assert target.read_text() == "keep me\n"
+    assert "rate_budget_not_shared" in res.stderr and len(fake.state.submissions()) == 3
