@@ -17,6 +17,12 @@ Guarantees:
   kernel drops it when the process dies. And independently of the lock, the ``sending``
   mark is a conditional claim: a row already ``submitted`` (or ``sending``/``unknown``)
   is never claimed again, so two writers cannot both send one request.
+* **One file, one name.** A state file with a second hard link, or a ``-wal``, ``-shm``,
+  run marker or rescue file planted as a link, is refused (:func:`check_links`): SQLite
+  keeps the latest writes beside the name it opens, so a second name is a ledger missing
+  them. SQLite opens the real name, so a symlink shares the same companions.
+* **The night's spend.** Each claim records the request's estimated cost and each run its
+  night (:func:`night_of`): the night's later runs sum what may have been accepted.
 * **Per API.** Rows are keyed by ``(api, request_id)``: a request counts as sent only for
   runs against the API that took it (the fake's task ids never stand in for real ones).
 * **No silent fresh start.** A zero-byte or header-less file is refused, never taken for

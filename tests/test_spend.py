@@ -4,10 +4,13 @@ against the fake, counting what it accepted."""
 
 import json
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import cli, results, write_csv
+from conftest import cli, results, subprocess_env, write_csv
 
 LITE = "bytedance/seedance-1.0-lite-t2v"
 # 5 s at 720p, flex: 0.04 USD/s -> 0.20 USD per video.
@@ -132,3 +135,33 @@ def test_max_requests_is_the_nights_too(fake, tmp_path: Path) -> None:
         db.execute("UPDATE runs SET night = '2000-01-01'")
     db.close()
     assert submit("d.parquet", "3").exit_code == 1 and len(fake.state.submissions()) == 9
+
+
+def test_a_run_killed_mid_flight_counts_its_requests_on_the_wire_for_the_rerun(start_fake, tmp_path: Path) -> None:
+    """kill -9 while requests are on the wire: they may have been accepted, so their
+    reserved cost (recorded with their sending mark) counts against the night's rerun."""
+    fake = start_fake(latency=1.0)
+    inputs = write_csv(tmp_path / "in.csv", [{"prompt": f"p{i}", "duration": "5"} for i in range(20)])
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICES)
+    args = ["submit", str(inputs), "--base-url", fake.url, "--state", str(tmp_path / "s.sqlite"), "--prices",
+            str(prices), "--max-spend", "2.0", "--rate", "0", "--no-preflight"]
+    proc = subprocess.Popen([sys.executable, "-m", "batch", *args, "-o", str(tmp_path / "a.parquet"),
+                             "--concurrency", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+    end = time.monotonic() + 30
+    while len(fake.state.submissions()) < 4:
+        assert time.monotonic() < end and proc.poll() is None
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=10)
+    time.sleep(1.5)  # the fake accepts what was on the wire
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        marked = db.execute("SELECT count(*) FROM requests WHERE status IN ('sending', 'submitted')").fetchone()[0]
+    db.close()
+    assert marked >= 4
+    res = cli([*args, "-o", str(tmp_path / "b.parquet")])
+    spend = summary_of(tmp_path, "b.parquet")["spend"]
+    assert spend["earlier_runs_usd"] == pytest.approx(0.2 * marked), res.output
+    assert spend["tonight_usd"] == pytest.approx(2.0)
+    assert len(fake.state.accepted_bodies()) <= 10  # never past the cap, kill or not
