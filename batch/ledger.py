@@ -226,7 +226,8 @@ class LedgerLock:
                 data = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _LOCK_BYTE[self.kind], 1, 0)
                 operation = lambda: fcntl.fcntl(fd, _OFD, data)  # noqa: E731
             else:  # pragma: no cover - non-Linux
-                fd = os.open(companion(self.state, f"{self.kind}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = os.open(companion(self.state, f"{self.kind}.lock"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
                 operation = lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # noqa: E731
         except OSError as exc:
             raise StateError(f"{self.state}: cannot open state file ({exc.strerror})") from None
@@ -307,7 +308,7 @@ START_OVER = ("if you mean to start over, move it away (every request it recorde
 
 
 # Files SQLite and this tool keep beside the ledger's real name.
-COMPANIONS = ("-wal", "-shm", ".runmark", ".rescue.jsonl")
+COMPANIONS = ("-wal", "-shm", ".runmark", ".rescue.jsonl", ".v1-backup")
 
 
 def check_links(path: Path, settle: float = 2.0) -> None:

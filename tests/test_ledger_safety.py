@@ -373,7 +373,7 @@ def test_a_rerun_through_a_symlink_after_kill_9_reads_the_same_wal(start_fake, t
     assert len(fake.state.submissions()) == 40
 
 
-@pytest.mark.parametrize("companion", ["-wal", "-shm", ".runmark", ".rescue.jsonl"])
+@pytest.mark.parametrize("companion", ["-wal", "-shm", ".runmark", ".rescue.jsonl", ".v1-backup"])
 @pytest.mark.parametrize("kind", ["symlink", "hardlink"])
 def test_a_planted_link_beside_the_ledger_is_refused(fake, tmp_path: Path, companion: str, kind: str) -> None:
     """The ledger's companions are its own files: one planted as a link to another file
