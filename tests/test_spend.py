@@ -165,3 +165,20 @@ def test_a_run_killed_mid_flight_counts_its_requests_on_the_wire_for_the_rerun(s
     assert spend["earlier_runs_usd"] == pytest.approx(0.2 * marked), res.output
     assert spend["tonight_usd"] == pytest.approx(2.0)
     assert len(fake.state.accepted_bodies()) <= 10  # never past the cap, kill or not
+
+
+def test_the_night_is_the_local_date_a_jobs_date_gets(tmp_path: Path) -> None:
+    """One definition: the spend cap's night and a job's {date} are the same local date."""
+    from datetime import datetime, timedelta, timezone
+
+    from batch.jobfile import load_job
+    from batch.ledger import night_of
+
+    tokyo = timezone(timedelta(hours=9))
+    late = datetime(2026, 12, 6, 23, 30, tzinfo=tokyo)
+    assert night_of(late) == "2026-12-06"
+    assert night_of(late + timedelta(hours=1)) == "2026-12-07"  # after midnight: a new night
+    job = tmp_path / "job.toml"
+    job.write_text('inputs = ["in.csv"]\noutput = "r/{date}.parquet"\n')
+    for now in (late, late + timedelta(hours=1)):
+        assert load_job(job, now=now).values["output"].name == f"{night_of(now)}.parquet"
