@@ -285,7 +285,8 @@ def common_options(fn: Any) -> Any:
         click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
                      envvar="SEEDANCE_BATCH_TIMEOUT", help="Seconds one HTTP attempt may take."),
         click.option("--max-requests", type=click.IntRange(0), envvar="SEEDANCE_BATCH_MAX_REQUESTS",
-                     help="Send at most N new requests this run; the rest stay pending. [env SEEDANCE_BATCH_MAX_REQUESTS]"),
+                     help="Send at most N new requests tonight through this ledger (earlier runs of the same local "
+                          "date included); the rest stay pending. [env SEEDANCE_BATCH_MAX_REQUESTS]"),
         click.option("--deadline", envvar="SEEDANCE_BATCH_DEADLINE",
                      help="Stop starting requests at a duration (90m) or clock time (06:00). [env SEEDANCE_BATCH_DEADLINE]"),
         click.option("--grace", type=click.FloatRange(0, 3600), default=30.0, show_default=True,
@@ -303,7 +304,8 @@ def common_options(fn: Any) -> Any:
                      help="TOML price table (USD per second of video by model and resolution) for estimates and "
                           "--max-spend. [env SEEDANCE_BATCH_PRICES]"),
         click.option("--max-spend", type=click.FloatRange(0), envvar="SEEDANCE_BATCH_MAX_SPEND", metavar="USD",
-                     help="Stop starting requests before tonight's estimated cost passes USD (needs prices). "
+                     help="Stop starting requests before the night's estimated cost through this ledger (this run's "
+                          "and earlier runs' of the same local date) would pass USD (needs prices). "
                           "[env SEEDANCE_BATCH_MAX_SPEND]"),
         click.option("--no-preflight", "no_preflight", is_flag=True,
                      help="Skip the checks of the key, the models and the balance before sending."),

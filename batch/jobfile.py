@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.errors import ConfigError
+from batch.ledger import night_of
 from batch.models import normalize_name
 from batch.storage import is_remote
 from batch.validate import TIERS
@@ -110,7 +111,8 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
             text = values[key]
             if key == "output":
                 try:
-                    text = text.format(date=now.strftime("%Y-%m-%d"), datetime=now.strftime("%Y-%m-%dT%H%M%S"))
+                    text = text.format(date=night_of(now),  # the night the spend cap counts
+                                        datetime=now.strftime("%Y-%m-%dT%H%M%S"))
                 except (KeyError, IndexError, ValueError) as exc:
                     raise _fail(path, key, f"only {{date}} and {{datetime}} may be used ({exc})") from None
             # A bucket URL is kept as written: a path join would fold its "//".

@@ -17,6 +17,12 @@ Guarantees:
   kernel drops it when the process dies. And independently of the lock, the ``sending``
   mark is a conditional claim: a row already ``submitted`` (or ``sending``/``unknown``)
   is never claimed again, so two writers cannot both send one request.
+* **One file, one name.** A state file with a second hard link, or a ``-wal``, ``-shm``,
+  run marker or rescue file planted as a link, is refused (:func:`check_links`): SQLite
+  keeps the latest writes beside the name it opens, so a second name is a ledger missing
+  them. SQLite opens the real name, so a symlink shares the same companions.
+* **The night's spend.** Each claim records the request's estimated cost and each run its
+  night (:func:`night_of`): the night's later runs sum what may have been accepted.
 * **Per API.** Rows are keyed by ``(api, request_id)``: a request counts as sent only for
   runs against the API that took it (the fake's task ids never stand in for real ones).
 * **No silent fresh start.** A zero-byte or header-less file is refused, never taken for
@@ -43,7 +49,9 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 import struct
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -91,6 +99,7 @@ CREATE TABLE IF NOT EXISTS requests (
     local_paths    TEXT,
     download_error TEXT,
     polls          INTEGER NOT NULL DEFAULT 0,
+    cost_usd       REAL,
     PRIMARY KEY (api, request_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_open_tasks ON requests(task_status) WHERE task_id IS NOT NULL;
@@ -102,13 +111,19 @@ CREATE TABLE IF NOT EXISTS runs (
     command     TEXT,
     summary     TEXT,
     api         TEXT,
-    output      TEXT
+    output      TEXT,
+    night       TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT
 );
 """
+
+# Columns added after schema 2 shipped, added in place by the first run that opens an
+# older file (a version that does not know them simply leaves them NULL).
+# Nullable columns added after schema 2 without a version of their own: older versions never read them.
+ADDED_COLUMNS = (("requests", "cost_usd", "REAL"), ("runs", "night", "TEXT"), ("runs", "output", "TEXT"))
 
 LEDGER_COLUMNS = (
     "api", "request_id", "status", "run_id", "label", "model", "endpoint", "task_id", "poll_url", "error",
@@ -126,6 +141,13 @@ OUTCOME_COLUMNS = (
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def night_of(now: datetime | None = None) -> str:
+    """The night a run belongs to: the local date (the machine's time zone, or ``TZ``)
+    when it starts, ``YYYY-MM-DD``, the same date a job's ``{date}`` output gets. The
+    spend cap is per night and per ledger."""
+    return (now or datetime.now().astimezone()).strftime("%Y-%m-%d")
 
 
 def state_home() -> Path:
@@ -206,7 +228,8 @@ class LedgerLock:
                 data = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _LOCK_BYTE[self.kind], 1, 0)
                 operation = lambda: fcntl.fcntl(fd, _OFD, data)  # noqa: E731
             else:  # pragma: no cover - non-Linux
-                fd = os.open(companion(self.state, f"{self.kind}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = os.open(companion(self.state, f"{self.kind}.lock"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
                 operation = lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # noqa: E731
         except OSError as exc:
             raise StateError(f"{self.state}: cannot open state file ({exc.strerror})") from None
@@ -286,8 +309,57 @@ START_OVER = ("if you mean to start over, move it away (every request it recorde
               "paid for again)")
 
 
+# Files SQLite and this tool keep beside the ledger's real name.
+COMPANIONS = ("-wal", "-shm", ".runmark", ".rescue.jsonl", ".v1-backup")
+
+
+def check_links(path: Path, settle: float = 2.0) -> None:
+    """Refuse a ledger that is not one file with one name. SQLite keeps the latest writes
+    (the ``sending`` marks of a run killed mid-flight) in ``<name>-wal`` beside the name it
+    was opened by, and this tool keeps its run marker and rescue file beside the real name:
+    a second hard link is a second set of companions, and a run through it would not see
+    what the first wrote, paying again for every request in flight. Symlinks resolve to the
+    one real name (the callers open that). A companion planted as a link (another ledger's
+    ``-wal``, a file to be appended to) is refused too. ``settle``: a new ledger is
+    hard-linked into place by :func:`create_ledger` and has two names for an instant."""
+    real = Path(os.path.realpath(path))
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            links = os.stat(real).st_nlink
+        except OSError:
+            return  # no file yet: the callers say so in their own words
+        if links <= 1 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if links > 1:
+        raise StateError(
+            f"{path}: the state file has {links} names (hard links); SQLite keeps its latest writes in a -wal file "
+            f"beside each name, so a run through one name does not see what a run through another wrote and could "
+            f"pay again for every request in flight. Keep one name: remove the others (find them with "
+            f"'find / -xdev -samefile {real}') after a run ended cleanly, or copy the ledger with "
+            f"'seedance-batch state backup'; nothing sent")
+    for suffix in COMPANIONS:
+        other = real.with_name(real.name + suffix)
+        try:
+            st = os.lstat(other)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StateError(f"{other}: cannot inspect the ledger's companion file ({exc.strerror}); nothing sent") \
+                from None
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else (
+                f"a file with {st.st_nlink} names (hard links)" if stat.S_ISREG(st.st_mode) else "not a regular file")
+            raise StateError(
+                f"{other}: the ledger's {suffix.lstrip('.-')} file is {what}, not a file of its own: another ledger's "
+                f"writes could be taken for this one's (or this one's written elsewhere). Move it away after checking "
+                f"where it points; nothing sent")
+
+
 def check_header(path: Path) -> None:
     """Refuse a file that cannot be a ledger before SQLite would treat it as a new one."""
+    check_links(path)
     try:
         with open(path, "rb") as f:
             head = f.read(len(SQLITE_HEADER))
@@ -316,11 +388,13 @@ class Ledger:
         self.unsaved: dict[str, tuple[Any, ...]] = {}  # outcomes the disk refused (see AsyncLedger)
         self._full = True  # PRAGMA synchronous, as last set
         try:
+            # Through the real name: SQLite's -wal and -shm sit beside the name it opens.
+            real = os.path.realpath(path)
             if readonly:
-                uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+                uri = Path(real).as_uri() + "?mode=ro"
                 self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             else:
-                self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self.db = sqlite3.connect(real, isolation_level=None, check_same_thread=False)
             self._check()
         except sqlite3.OperationalError as exc:  # cannot open, read-only, locked: not the file's fault
             raise StateError(f"{path}: cannot use state file ({exc}); the file and its directory must be "
@@ -375,14 +449,14 @@ class Ledger:
         db.execute("PRAGMA busy_timeout=5000")
         if version < SCHEMA_VERSION:
             self._migrate_v1()
-        self._add_run_output()
+        self._add_columns()
 
-    def _add_run_output(self) -> None:
-        """``runs.output`` (the results table a run wrote) came after schema 2 without a
-        version of its own: an added, nullable column that older versions never read."""
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
-        if "output" not in columns:
-            self.db.execute("ALTER TABLE runs ADD COLUMN output TEXT")
+    def _add_columns(self) -> None:
+        for table, column, kind in ADDED_COLUMNS:
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                with transaction(self.db):
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def _migrate_v1(self) -> None:
         """Version 1 keyed rows by ``<id>:<hash>#n`` for one API and one model; key them by
@@ -463,11 +537,12 @@ class Ledger:
         return moved
 
     # -- runs ------------------------------------------------------------------------
-    def start_run(self, run_id: str, command: str, output: str | None = None) -> None:
+    def start_run(self, run_id: str, command: str, output: str | None = None, night: str | None = None) -> None:
         """Record a run before it sends, with the results table it writes (``output``):
-        a later collect finds the table by the run, whatever date the job's name holds."""
-        self.db.execute("INSERT INTO runs(run_id, started_at, command, api, output) VALUES (?,?,?,?,?)",
-                        (run_id, utcnow(), command, self.api, output))
+        a later collect finds the table by the run, whatever date the job's name holds;
+        and its night, which the spend cap counts by."""
+        self.db.execute("INSERT INTO runs(run_id, started_at, command, api, output, night) VALUES (?,?,?,?,?,?)",
+                        (run_id, utcnow(), command, self.api, output, night or night_of()))
         self.write_marker(run_id)
 
     def run_outputs(self, run_ids: Iterable[str]) -> dict[str, str]:
@@ -487,6 +562,16 @@ class Ledger:
         return list(self.db.execute("SELECT request_id, source, row, model FROM requests WHERE api=? AND run_id=? "
                                     "ORDER BY source, row", (self.api, run_id)))
 
+    def night_requests(self, night: str) -> list[tuple[str | None, str | None, float | None]]:
+        """``(model, body, cost_usd)`` of every request that runs of ``night`` sent and the
+        provider may have accepted (``sending``, ``submitted``, ``unknown``): what the
+        night has spent. Real runs count the real APIs' requests, fake runs the fake's."""
+        fake = self.api == FAKE_API
+        return self.db.execute(
+            "SELECT r.model, r.body, r.cost_usd FROM requests r JOIN runs u ON u.run_id = r.run_id "
+            "WHERE u.night = ? AND r.status IN ('sending', 'submitted', 'unknown') AND (r.api = ?) = ?",
+            (night, FAKE_API, fake)).fetchall()
+
     def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
         self.db.execute("UPDATE runs SET finished_at=?, summary=? WHERE run_id=?",
                         (utcnow(), json.dumps(summary), run_id))
@@ -500,9 +585,11 @@ class Ledger:
         """Record, outside the database, the last run and how many task ids it held."""
         marker = companion(self.path, "runmark")
         data = {"run_id": run_id, "task_ids": self._submitted_count(), "written_at": utcnow()}
-        tmp = marker.with_name(marker.name + ".tmp")
+        tmp = marker.with_name(f"{marker.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
+            # A new file of its own: never through a name planted beside the ledger.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "w", encoding="utf-8") as f:
                 f.write(json.dumps(data))
                 f.flush()
                 os.fsync(f.fileno())
@@ -540,7 +627,9 @@ class Ledger:
             return None
         path = companion(self.path, "rescue.jsonl")
         try:
-            with open(path, "a", encoding="utf-8") as f:
+            # O_NOFOLLOW: a symlink planted under this name must not take the task ids elsewhere.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "a", encoding="utf-8") as f:
                 for o in rows:
                     f.write(json.dumps({"api": self.api, "outcome": list(o)}) + "\n")
                 f.flush()
@@ -647,7 +736,7 @@ def backup(state: Path, dest: Path) -> dict[str, int]:
         raise StateError(f"{dest}: already exists; give a new file name")
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
-        source = sqlite3.connect(Path(os.path.abspath(state)).as_uri() + "?mode=ro", uri=True)
+        source = sqlite3.connect(Path(os.path.realpath(state)).as_uri() + "?mode=ro", uri=True)
         target = sqlite3.connect(tmp)
         try:
             source.backup(target)
@@ -690,10 +779,11 @@ def locked_ledger(state: Path, api: str, kind: str = "submit") -> Iterator[Ledge
 # ``sending``/``unknown``. A ``submitted`` row is never claimed (rowcount 0).
 SQL_CLAIM = (
     "INSERT INTO requests(api, request_id, status, run_id, label, model, endpoint, source, row, body, attempts, "
-    "sending_at, updated_at) VALUES (?, ?, 'sending', ?, ?, ?, ?, ?, ?, ?, 0, ?, ?) "
+    "sending_at, updated_at, cost_usd) VALUES (?, ?, 'sending', ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) "
     "ON CONFLICT(api, request_id) DO UPDATE SET status='sending', run_id=excluded.run_id, label=excluded.label, "
     "model=excluded.model, endpoint=excluded.endpoint, source=excluded.source, row=excluded.row, "
-    "body=excluded.body, sending_at=excluded.sending_at, updated_at=excluded.updated_at "
+    "body=excluded.body, sending_at=excluded.sending_at, updated_at=excluded.updated_at, "
+    "cost_usd=excluded.cost_usd "
     "WHERE requests.status IN ('failed', 'pending') OR (? AND requests.status IN ('sending', 'unknown') "
     "AND requests.run_id != excluded.run_id)"
 )
@@ -721,6 +811,7 @@ class Mark:
     source: str
     row: int
     body: str
+    cost: float | None = None  # estimated USD (with prices): what the night's spend cap counts
 
 
 class AsyncLedger:
@@ -825,7 +916,7 @@ class AsyncLedger:
                 db.executemany(SQL_OUTCOME, [(*o[:-2], now, api, o[-2], o[-1]) for o in outcomes])
             for m in sending:
                 cur = db.execute(SQL_CLAIM, (api, m.request_id, m.run_id, m.label, m.model, m.endpoint, m.source,
-                                             m.row, m.body, now, now, self.resend_unknown))
+                                             m.row, m.body, now, now, m.cost, self.resend_unknown))
                 if cur.rowcount:
                     claimed.add(m.request_id)
         self.committed_task_ids += sum(1 for o in outcomes if o[1] is not None)

@@ -48,7 +48,7 @@ from batch.errors import (
 )
 from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
-from batch.ledger import AsyncLedger, Entry, Ledger, companion, locked_ledger, utcnow
+from batch.ledger import AsyncLedger, Entry, Ledger, companion, locked_ledger, night_of, utcnow
 from batch.load import Unreadable, load_inputs
 from batch.models import Catalog
 from batch.preflight import Check, fatal, run_checks
@@ -277,10 +277,11 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
 
 
 def spend_cap(opts: RunOptions, expander: Expander) -> SpendCap | None:
-    """``--max-spend`` needs a price for every resolution of every model the run may send:
-    a cap that cannot price a request would be a silent no-op."""
+    """The night's spend meter: with prices, every request's cost is recorded in the
+    ledger; ``--max-spend`` needs a price for every resolution of every model the run may
+    send (a cap that cannot price a request would be a silent no-op)."""
     if opts.max_spend is None:
-        return None
+        return SpendCap(None, opts.pricing, expander.catalog) if opts.pricing else None
     if not opts.pricing:
         raise ConfigError("--max-spend needs prices: give --prices FILE or [prices] in the job file")
     for slug in expander.models_in_use:
@@ -300,6 +301,27 @@ def probe_outputs(opts: RunOptions, output: Target) -> None:
         probe(opts.metrics_file, "--metrics-file")
     if opts.collect is not None and opts.collect.download_dir is not None:
         probe(opts.collect.download_dir, "--download", directory=True)
+
+
+def night_spend(ledger: Ledger, cap: SpendCap, night: str) -> float:
+    """What the night's earlier runs through this ledger may have had accepted: each
+    request's recorded cost, or for one sent without prices, its cost at today's prices
+    (a request no price covers counts as nothing, and a warning says so)."""
+    total, unpriced = 0.0, 0
+    for model, body, cost in ledger.night_requests(night):
+        if cost is None:
+            try:
+                cost = cap.pricing.cost(cap.catalog.get(model or ""), json.loads(body or "{}"))
+            except (ValueError, BatchError):  # an unknown model or a damaged body
+                cost = None
+        if cost is None:
+            unpriced += 1
+        else:
+            total += cost
+    if unpriced:
+        log.warning("night_spend_unpriced", night=night, requests=unpriced,
+                    consequence="sent tonight without a price; not counted against --max-spend")
+    return total
 
 
 def run_submit(opts: RunOptions) -> Summary:
@@ -326,10 +348,18 @@ def run_submit(opts: RunOptions) -> Summary:
 
     with locked_ledger(opts.state, opts.api) as ledger:  # local faults first, then the provider
         settle_apis(ledger, opts.api, opts.moved_from)
+        night = night_of()
+        cap = opts.submit.spend_cap
+        if cap is not None:  # under the lock: no other submit run spends meanwhile
+            cap = replace(cap, night=night, earlier=night_spend(ledger, cap, night))
+            opts = replace(opts, submit=replace(opts.submit, spend_cap=cap))
+        if opts.submit.max_requests is not None:  # the night's, as the spend cap
+            opts = replace(opts, submit=replace(opts.submit, night=night,
+                                                night_requests=len(ledger.night_requests(night))))
         if opts.preflight and not opts.fake_api:
             asyncio.run(preflight(opts, expander.models_in_use, estimate))
         try:
-            ledger.start_run(run_id, opts.command, output_record(opts.output))
+            ledger.start_run(run_id, opts.command, output_record(opts.output), night)
         except sqlite3.Error as exc:
             raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
         spool = RequestSpool(opts.output.temp_dir(), schema)
@@ -646,8 +676,13 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
     summary.extra["passthrough_columns"] = passthrough or {}
     if stats is not None and (window := stats.window_ms()):
         summary.extra["mark_to_wire_ms"] = window
-    if stats is not None and opts.max_spend is not None:
-        summary.extra["estimated_spend_usd"] = round(stats.spend_usd, 2)
+    cap = opts.submit.spend_cap
+    if stats is not None and cap is not None and cap.night:
+        tonight = cap.earlier + stats.spend_usd
+        summary.extra["spend"] = {
+            "night": cap.night, "max_usd": cap.limit, "earlier_runs_usd": round(cap.earlier, 2),
+            "this_run_usd": round(stats.spend_usd, 2), "tonight_usd": round(tonight, 2),
+            "left_usd": None if cap.limit is None else round(max(0.0, cap.limit - tonight), 2)}
     if outcome is not None and outcome.rescue is not None:
         summary.extra["rescue"] = str(outcome.rescue)
     if outcome is not None and outcome.collected is not None:

@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import math
 import mmap
 import os
+import stat
 import struct
 import time
 from collections import deque
@@ -128,7 +130,13 @@ class SharedBudget:
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]  # names the key, cannot reveal it
         self.path = directory / f"budget-{digest}.bin"
         size = _HEAD.size + 8 * _RING
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Resized below: never through a name planted here (a symlink or a second hard link
+        # to another file would have that file truncated).
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(self._fd)
+            raise OSError(errno.EPERM, f"{self.path} is not a file of its own ({st.st_nlink} names)")
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             if os.fstat(self._fd).st_size != size:

@@ -44,6 +44,12 @@ def render(summary: dict[str, Any]) -> str:
     estimate = summary.get("estimate")
     if estimate:
         lines.extend(render_estimate(estimate))
+    spend = summary.get("spend")
+    if spend:
+        cap = "" if spend.get("max_usd") is None else \
+            f" of --max-spend {spend['max_usd']:g}, {spend['left_usd']:.2f} left"
+        lines.append(f"  spend, night of {spend['night']}: {spend['tonight_usd']:.2f} USD estimated "
+                     f"({spend['this_run_usd']:.2f} by this run, {spend['earlier_runs_usd']:.2f} by earlier runs){cap}")
     for item in summary.get("unreadable") or []:
         lines.append(f"  unreadable: {item['source']}: {item['error']}  <-")
     if summary.get("edited"):
@@ -115,9 +121,14 @@ def prometheus(summary: dict[str, Any], job: str) -> str:
     if summary.get("edited") is not None:
         scalars.append(("last_run_edited", "Requests the last run sent as new videos although their id had been "
                         "sent before with other content.", summary["edited"]))
-    if summary.get("estimated_spend_usd") is not None:
-        scalars.append(("last_run_spend_usd", "Estimated USD of what the last run may have had accepted.",
-                        summary["estimated_spend_usd"]))
+    spend = summary.get("spend") or {}
+    for key, name, help_text in (
+            ("this_run_usd", "last_run_spend_usd", "Estimated USD of what the last run may have had accepted."),
+            ("tonight_usd", "night_spend_usd", "Estimated USD the last run's night has spent through its ledger."),
+            ("left_usd", "night_spend_left_usd", "USD left under --max-spend for the last run's night."),
+            ("max_usd", "max_spend_usd", "The last run's --max-spend, USD per night and ledger.")):
+        if spend.get(key) is not None:
+            scalars.append((name, help_text, spend[key]))
     for name, help_text, value in scalars:
         lines += [f"# HELP seedance_batch_{name} {help_text}", f"# TYPE seedance_batch_{name} gauge",
                   f'seedance_batch_{name}{{job="{label}"}} {value}']

@@ -17,6 +17,10 @@ Guarantees:
 * **A stop waits only for the wire.** On SIGTERM, a deadline, a fatal answer or the
   circuit breaker, every worker that is queueing, pacing or backing off is cancelled at
   once (its request stays ``pending``); only requests on the wire get ``--grace``.
+* **A spend cap that spends.** With ``--max-spend`` each request reserves its estimated
+  cost before it is claimed (recorded with the claim, so the night's later runs through
+  the same ledger count it); the run sends until the next request would take the night
+  past the cap, then stops starting: the requests already holding their share still go.
 * **A wrong route stops the night, not row by row.** A 404 on a submission means the
   route or model does not exist: the run stops at the first one and the request stays
   ``pending``.
@@ -64,18 +68,37 @@ _WIRE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 @dataclass(frozen=True)
 class SpendCap:
-    """``--max-spend``: tonight's estimated cost never passes ``limit`` USD."""
+    """The night's spend, per ledger: each request's estimated cost is reserved before it
+    is claimed (and recorded with the claim, for the night's later runs), given back when
+    the provider certainly did not take it. With ``limit`` (``--max-spend``) the run stops
+    starting requests when the next one would take the night past it; ``earlier`` is what
+    the night's earlier runs spent. Without a limit the costs are only recorded."""
 
-    limit: float
+    limit: float | None
     pricing: Pricing
     catalog: Catalog
+    night: str = ""
+    earlier: float = 0.0
 
-    def cost(self, req: Request) -> float:
+    def cost(self, req: Request) -> float | None:
         spec = self.catalog.get(req.model)
         cost = self.pricing.cost(spec, req.body)
-        if cost is None:  # checked for every model in use before the run; a bug if it happens
+        if cost is None and self.limit is not None:  # every model in use is checked first: a bug
             raise ConfigError(f"--max-spend: no price for {req.model} at {resolution_of(spec, req.body)}")
         return cost
+
+    def fits(self, spent: float, cost: float) -> bool:
+        # A cent's millionth of slack: five requests at 0.20 fit a cap of 1.00 whatever
+        # the binary sum of 0.2s rounds to.
+        return self.limit is None or self.earlier + spent + cost <= self.limit + 1e-9
+
+    def reason(self, spent: float, next_cost: float) -> str:
+        """The stop reason, from the same numbers the summary shows."""
+        assert self.limit is not None
+        tonight = self.earlier + spent
+        return (f"--max-spend {self.limit:g} USD reached for the night of {self.night}: {tonight:.2f} USD estimated "
+                f"({spent:.2f} by this run, {self.earlier:.2f} by earlier runs), "
+                f"{max(0.0, self.limit - tonight):.2f} left; the next request would cost {next_cost:.2f}")
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,9 @@ class SubmitConfig:
     backoff_max: float = 60.0
     breaker_threshold: int = 10
     resend_unknown: bool = False
-    max_requests: int | None = None
+    max_requests: int | None = None  # the night's, through this ledger
+    night: str = ""  # the run's night (batch.ledger.night_of)
+    night_requests: int = 0  # sent by the night's earlier runs through this ledger
     rate_margin: float = 0.02
     prewire: int = PREWIRE
     spend_cap: SpendCap | None = None
@@ -168,7 +193,7 @@ class RunStats:
     stop_reason: str | None = None
     fatal: bool = False  # stopped by the provider: bad key, no balance, no such route
     state_error: str | None = None  # the ledger could not be written (disk full...)
-    spend_usd: float = 0.0  # estimated cost of what may have been accepted tonight (with prices)
+    spend_usd: float = 0.0  # estimated cost of what this run may have had accepted (with prices)
     mark_to_wire: list[float] = field(default_factory=list)  # seconds, per attempt
 
     @property
@@ -254,6 +279,7 @@ class Submitter:
         self._warm = asyncio.Event()
         self._warming = False
         self._producer: asyncio.Task[None] | None = None
+        self._cap_next: float | None = None  # set when the spend cap stopped the run: the next cost
 
     def halt(self, reason: str, fatal: bool = False) -> None:
         """Stop starting requests; those on the wire finish and are recorded."""
@@ -283,6 +309,7 @@ class Submitter:
             self._producer = asyncio.create_task(self._produce(requests, queue))
             try:
                 await self._until_done(queue, grace)
+                self._settle_cap_reason()
             finally:
                 tasks = [self._producer, *self._workers]
                 for task in tasks:
@@ -317,7 +344,8 @@ class Submitter:
             self.log.warning("grace_expired", grace=grace, in_flight=len(late))
 
     async def _produce(self, requests: Iterable[Request], queue: asyncio.Queue[Request]) -> None:
-        budget = self.config.max_requests
+        cfg = self.config
+        budget = None if cfg.max_requests is None else max(0, cfg.max_requests - cfg.night_requests)
         queued = 0
         valid = (r for r in requests if r.error is None)
         for chunk in chunks(valid, 256):
@@ -334,7 +362,9 @@ class Submitter:
                     continue
                 if budget is not None and queued >= budget:
                     # Not halt(): the requests already queued still go out.
-                    self.stats.stop_reason = self.stats.stop_reason or f"--max-requests {budget} reached"
+                    earlier = f" ({cfg.night_requests} by earlier runs)" if cfg.night_requests else ""
+                    self.stats.stop_reason = self.stats.stop_reason or (
+                        f"--max-requests {cfg.max_requests} reached for the night of {cfg.night or 'tonight'}{earlier}")
                     return
                 await queue.put(req)
                 queued += 1
@@ -363,25 +393,47 @@ class Submitter:
                 queue.task_done()
 
     async def _submit(self, req: Request, me: asyncio.Task[Any]) -> None:
-        """One request: its share of ``--max-spend`` (reserved before it is claimed, given
-        back when the provider certainly did not take it), then its attempts."""
-        cfg = self.config
-        cost = 0.0
-        if cfg.spend_cap is not None:
-            cost = cfg.spend_cap.cost(req)
-            if self.stats.spend_usd + cost > cfg.spend_cap.limit:
-                self.halt(f"--max-spend {cfg.spend_cap.limit:g} USD reached ({self.stats.spend_usd:.2f} USD "
-                          f"estimated for tonight's submissions; the next would cost {cost:.2f})")
-                return
-            self.stats.spend_usd += cost
+        """One request: its share of the night's spend (reserved before it is claimed,
+        given back when the provider certainly did not take it), then its attempts."""
+        cap = self.config.spend_cap
+        cost = None
+        if cap is not None:
+            if self._cap_next is not None:
+                return  # the cap was reached: this one stays pending
+            cost = cap.cost(req)
+            if cost is not None:
+                if not cap.fits(self.stats.spend_usd, cost):
+                    self._cap_reached(cost)
+                    return
+                self.stats.spend_usd += cost
         taken = True  # an abort in mid-request keeps the reservation: it may have been accepted
         try:
-            taken = await self._attempts(req, me)
+            taken = await self._attempts(req, me, cost)
         finally:
             if cost and not taken:
                 self.stats.spend_usd -= cost
 
-    async def _attempts(self, req: Request, me: asyncio.Task[Any]) -> bool:
+    def _cap_reached(self, next_cost: float) -> None:
+        """Stop starting requests, but not as :meth:`halt` does: the requests that already
+        hold their share of the cap are still sent (halting would cancel them while they
+        wait for the rate limiter, and the cap would send nothing)."""
+        assert self.config.spend_cap is not None
+        self._cap_next = next_cost
+        reason = self.config.spend_cap.reason(self.stats.spend_usd, next_cost)
+        if self.stats.stop_reason is None:
+            self.stats.stop_reason = reason
+            self.log.warning("stopping", reason=reason)
+        if self._producer is not None and self._producer is not asyncio.current_task():
+            self._producer.cancel()
+
+    def _settle_cap_reason(self) -> None:
+        """Requests refused after the cap was reached gave their share back: state the
+        reason with the final numbers, which the summary shows too."""
+        cap = self.config.spend_cap
+        if cap is not None and self._cap_next is not None and (self.stats.stop_reason or "").startswith("--max-spend"):
+            self.stats.stop_reason = cap.reason(self.stats.spend_usd, self._cap_next)
+
+    async def _attempts(self, req: Request, me: asyncio.Task[Any], cost: float | None = None) -> bool:
         """All attempts for one request; whether the provider may have accepted it.
         Hand-written rather than tenacity: each attempt must pass the shared gate,
         limiter, pre-wire slot and a durable ledger claim, and the decision depends on the
@@ -392,7 +444,7 @@ class Submitter:
         text = _WIRE.encode(req.body)
         body = text.encode()
         url = cfg.url_for(req.model)
-        mark = Mark(req.request_id, self.run_id, req.label, req.model, url, req.source, req.row, text)
+        mark = Mark(req.request_id, self.run_id, req.label, req.model, url, req.source, req.row, text, cost)
         attempts = 0
         while True:
             if not self._warm.is_set():

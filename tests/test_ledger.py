@@ -70,6 +70,9 @@ def test_max_requests_leaves_the_rest_pending_for_next_night(fake, tmp_path: Pat
     assert statuses(tmp_path / "results.parquet") == {"submitted": 4, "pending": 6}
     df = results(tmp_path / "results.parquet")
     assert df.filter(pl.col("status") == "pending")["error"].str.contains("--max-requests 4").all()
+    with sqlite3.connect(tmp_path / "state.sqlite") as db:  # the next night: the cap is the night's
+        db.execute("UPDATE runs SET night = '2000-01-01'")
+    db.close()
     cli(submit_args(fake, tmp_path, path, extra=["--max-requests", "4"]))
     assert statuses(tmp_path / "results.parquet") == {"skipped": 4, "submitted": 4, "pending": 2}
     cli(submit_args(fake, tmp_path, path))

@@ -120,7 +120,7 @@ def test_a_submitted_row_is_never_claimed_again(tmp_path: Path) -> None:
     create_ledger(state)
     ledger = Ledger(state, "https://api.example")
     db = ledger.db
-    args = ("https://api.example", "r1", "run-a", None, "m/x", "u", "f.csv", 2, "{}", "t", "t")
+    args = ("https://api.example", "r1", "run-a", None, "m/x", "u", "f.csv", 2, "{}", "t", "t", None)
     assert db.execute(SQL_CLAIM, (*args, False)).rowcount == 1
     db.execute("UPDATE requests SET status='submitted', task_id='t-1'")
     for resend in (False, True):
@@ -171,7 +171,7 @@ def test_a_rescue_file_from_before_poll_urls_is_still_replayed(tmp_path: Path) -
     create_ledger(state)
     ledger = Ledger(state, "https://api.example")
     ledger.db.execute(SQL_CLAIM, ("https://api.example", "r1", "run-a", None, "m/x", "u", "f.csv", 2, "{}", "t", "t",
-                                  False))
+                                  None, False))
     ledger.close()
     old = ["submitted", "t-1", None, None, 200, 1, "2026-11-27T01:00:00Z", "run-a", "r1"]  # nine fields
     torn = '{"api": "https://api.example", "outcome": ["submitted", "t-2"'
@@ -304,3 +304,108 @@ def test_second_signal_leaves_the_in_flight_requests_sending_and_nothing_else(st
     res = cli([*submit_args(fake, tmp_path, path), "--max-requests", "0"])  # the fake is still 30 s slow
     assert res.exit_code == 1
     assert results(tmp_path / "results.parquet")["status"].to_list().count("unknown") == 16
+
+
+# -- issue #18 item 3: a hard link is the same ledger ---------------------------------------
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_rerun_through_a_hard_link_after_kill_9_sends_nothing_twice(start_fake, tmp_path: Path, when: str) -> None:
+    """Reported: with a second hard link to the state file, kill -9 during a run and a rerun
+    through the other name sent every in-flight prompt twice: the sending marks were in the
+    -wal beside the first name, which SQLite opening the second name never reads."""
+    fake = start_fake(latency=1.0)
+    path = write_csv(tmp_path / "in.csv", prompts(40))
+    state = tmp_path / "state.sqlite"
+    other = tmp_path / "elsewhere" / "other.sqlite"
+    other.parent.mkdir()
+    if when == "before":
+        # The link was there before the night: already the first run is refused.
+        create_ledger(state)
+        os.link(state, other)
+        proc = popen(fake, tmp_path, path, state, "--concurrency", "8", "--no-preflight")
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 2 and "2 names (hard links)" in err and fake.state.submissions() == []
+        other.unlink()
+    proc = popen(fake, tmp_path, path, state, "--concurrency", "8", "--no-preflight")
+    wait_for(lambda: len(fake.state.submissions()) >= 8)
+    proc.kill()
+    proc.wait(10)
+    time.sleep(1.5)  # the fake accepts what was in flight
+    os.link(state, other)
+    sent = len(fake.state.submissions())
+    res = cli(["submit", str(path), "-o", str(tmp_path / "again.parquet"), "--base-url", fake.url,
+               "--state", str(other), "--rate", "0", "--no-preflight"])
+    assert accepted_twice(fake) == [] and len(fake.state.submissions()) == sent
+    assert res.exit_code == 2, res.output
+    line = res.stderr.strip().splitlines()[-1]
+    assert "2 names (hard links)" in line and "nothing sent" in line and "Traceback" not in res.stderr
+    # Through the first name too: which name is the "real" one is not the tool's to guess.
+    res = cli(["submit", str(path), "-o", str(tmp_path / "again.parquet"), "--base-url", fake.url,
+               "--state", str(state), "--rate", "0", "--no-preflight"])
+    assert res.exit_code == 2 and len(fake.state.submissions()) == sent
+    # With one name again, the run goes on and resends nothing that may have been accepted.
+    other.unlink()
+    res = cli(["submit", str(path), "-o", str(tmp_path / "again.parquet"), "--base-url", fake.url,
+               "--state", str(state), "--rate", "0", "--no-preflight"])
+    assert res.exit_code == 1, res.output  # the in-flight ones are unknown
+    assert accepted_twice(fake) == []
+
+
+def test_a_rerun_through_a_symlink_after_kill_9_reads_the_same_wal(start_fake, tmp_path: Path) -> None:
+    """A symlink names the same file and, resolved, the same -wal, marker and rescue file."""
+    fake = start_fake(latency=1.0)
+    path = write_csv(tmp_path / "in.csv", prompts(40))
+    state = tmp_path / "state.sqlite"
+    link = tmp_path / "elsewhere" / "link.sqlite"
+    link.parent.mkdir()
+    create_ledger(state)
+    os.symlink(state, link)
+    proc = popen(fake, tmp_path, path, link, "--concurrency", "8", "--no-preflight")
+    wait_for(lambda: len(fake.state.submissions()) >= 8)
+    proc.kill()
+    proc.wait(10)
+    time.sleep(1.5)
+    assert not (link.parent / "link.sqlite-wal").exists()  # SQLite worked beside the real name
+    res = cli(["submit", str(path), "-o", str(tmp_path / "again.parquet"), "--base-url", fake.url,
+               "--state", str(state), "--rate", "0", "--no-preflight"])
+    assert res.exit_code == 1, res.output
+    assert accepted_twice(fake) == []
+    assert len(fake.state.submissions()) == 40
+
+
+@pytest.mark.parametrize("companion", ["-wal", "-shm", ".runmark", ".rescue.jsonl", ".v1-backup"])
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_a_planted_link_beside_the_ledger_is_refused(fake, tmp_path: Path, companion: str, kind: str) -> None:
+    """The ledger's companions are its own files: one planted as a link to another file
+    (another ledger's -wal, a file the attacker wants appended to) is refused, nothing sent."""
+    path = write_csv(tmp_path / "in.csv", prompts(3))
+    state = tmp_path / "state.sqlite"
+    create_ledger(state)
+    target = tmp_path / "target"
+    target.write_text("")
+    planted = tmp_path / f"state.sqlite{companion}"
+    (os.symlink if kind == "symlink" else os.link)(target, planted)
+    res = cli(submit_args(fake, tmp_path, path))
+    assert res.exit_code == 2, res.output
+    line = res.stderr.strip().splitlines()[-1]
+    assert f"state.sqlite{companion}" in line and "Traceback" not in res.stderr
+    assert fake.state.submissions() == [] and target.read_text() == ""
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_a_planted_rate_budget_file_is_not_written_through(fake, tmp_path: Path, kind: str) -> None:
+    """Sibling: the per-key budget file beside the ledgers was opened following a planted
+    name and truncated to its size: another file overwritten. Now the run paces alone."""
+    import hashlib
+
+    home = tmp_path / "xdg-state" / "seedance-batch"
+    home.mkdir(parents=True)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    planted = home / f"budget-{hashlib.sha256(KEY.encode()).hexdigest()[:16]}.bin"
+    (os.symlink if kind == "symlink" else os.link)(target, planted)
+    path = write_csv(tmp_path / "in.csv", prompts(3))
+    res = cli(submit_args(fake, tmp_path, path, rate="100/s"))
+    assert res.exit_code == 0, res.output
+    assert target.read_text() == "keep me\n"
+    assert "rate_budget_not_shared" in res.stderr and len(fake.state.submissions()) == 3

@@ -174,9 +174,9 @@ def test_a_spend_cap_stops_the_run_and_needs_every_price(fake, tmp_path: Path) -
                       strict=True))
     assert counts == {"submitted": 4, "pending": 16}
     assert len(fake.state.submissions()) == 4
-    assert "stop reason: --max-spend 0.2 USD reached (0.20 USD estimated" in res.output
+    assert "stop reason: --max-spend 0.2 USD reached for the night of " in res.output
     summary = json.loads((tmp_path / "r.parquet.summary.json").read_text())
-    assert summary["estimated_spend_usd"] == 0.2 and summary["stop_reason"].startswith("--max-spend")
+    assert summary["spend"]["this_run_usd"] == 0.2 and summary["stop_reason"].startswith("--max-spend")
     assert 'seedance_batch_last_run_stop{job="submit",reason="max_spend"} 1' in metrics.read_text()
     prices.write_text(f'["{LITE}"]\n"720p" = 0.02\n')
     res = submit(fake, tmp_path, path, extra=["--prices", str(prices), "--max-spend", "5"])
