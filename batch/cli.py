@@ -582,13 +582,15 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @allow_insecure_option()
 @transport_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--no-html", is_flag=True, help="With --download and --results: do not write the page beside the table.")
 @log_option()
 @click.pass_context
 def collect(ctx: click.Context, job: Path | None, state: str | Path | None, results: str | None, fake_api: bool,
             download_dir: str | None, wait: bool, wait_timeout: str, poll_interval: float, base_url: str,
             api_key_file: Path | None, rate: str, concurrency: int, download_concurrency: int, http_timeout: float,
             download_max_bytes: int, download_max_task_bytes: int, download_timeout: str, download_min_rate: float,
-            allow_insecure: bool, proxy: str | None, ca_bundle: Path | None, as_json: bool, log_level: str) -> None:
+            allow_insecure: bool, proxy: str | None, ca_bundle: Path | None, as_json: bool, no_html: bool,
+            log_level: str) -> None:
     """Follow submitted tasks to completion and download their outputs before they expire.
 
     With JOB.toml, its state, base_url, output (as --results), download and rate are the
@@ -619,10 +621,15 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
                                          Target(str(results)) if results else None, fake_api,
                                          budget_dir=state_home()))
     structlog.get_logger("batch").info("collect_summary", **summary)
+    if results and download_dir and not no_html:
+        from batch.page import write_page_after  # jinja2 and PyAV: only when a page is made
+
+        written = write_page_after(results, pricing=pricing_of(None, read_job(job) if job else None))
+        summary["page"] = written.path if written else None
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(render_collect(summary))
+        click.echo(render_collect(summary) + (f"\n  page: {summary['page']}" if summary.get("page") else ""))
     sys.exit(summary["exit_code"])
 
 
@@ -758,15 +765,25 @@ def state_backup(dest: Path, state: str | None) -> None:
 @main.command()
 @click.argument("results", metavar="RESULTS")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def report(results: str, as_json: bool) -> None:
-    """Print the summary of an existing results table."""
+@click.option("--html", "html", metavar="FILE|s3://...", help="Also write the night's page (cards, posters, filters).")
+@click.option("--prices", "prices_file", type=click.Path(path_type=Path, dir_okay=False),
+              envvar="SEEDANCE_BATCH_PRICES", help="Price table for the page's spend. [env SEEDANCE_BATCH_PRICES]")
+def report(results: str, as_json: bool, html: str | None, prices_file: Path | None) -> None:
+    """Print the summary of an existing results table; with --html, write its page."""
     try:
         summary = summarize_table(Target(results))
     except ValueError as exc:
         raise ConfigError(f"{results}: {exc}") from None
     except Exception as exc:
         raise ConfigError(f"{results}: cannot read results table ({type(exc).__name__})") from None
-    click.echo(json.dumps(summary, ensure_ascii=False) if as_json else render(summary))
+    if html:
+        from batch.page import write_page  # jinja2 and PyAV: only when a page is made
+
+        logs.configure("warning")
+        written = write_page(results, html, pricing=pricing_of(prices_file, None), catalog=Catalog(models_dir()))
+        summary["page"] = written.path
+    text = render(summary) + (f"\n  page: {summary['page']}" if summary.get("page") else "")
+    click.echo(json.dumps(summary, ensure_ascii=False) if as_json else text)
 
 
 @main.command("fake-api")
