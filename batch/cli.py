@@ -27,7 +27,7 @@ import polars as pl
 import structlog
 from click.core import ParameterSource
 
-from batch import __version__, logs
+from batch import __version__, logs, notify
 from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slug, is_loopback
 from batch.client import Secret, TooLarge, Transport, describe, make_session, read_capped, redact_url
 from batch.collect import CollectConfig
@@ -169,14 +169,22 @@ class ExitCodeGroup(click.Group):
         return rv
 
     def invoke(self, ctx: click.Context) -> Any:
+        notify.arm(None, "")  # each command arms its own --notify (an in-process caller runs several)
         try:
             return super().invoke(ctx)
         except BatchError as exc:
             logs.report_error(str(exc), exc.exit_code)
+            notify.fatal(exc.exit_code, str(exc))
             ctx.exit(exc.exit_code)
         except Interrupted as exc:
             logs.report_error(f"interrupted by {exc}", EXIT_INTERRUPTED)
+            notify.fatal(EXIT_INTERRUPTED, f"interrupted by {exc}")
             ctx.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # a bug: its traceback stays, and --notify still tells
+            notify.fatal(1, f"internal error ({type(exc).__name__})")
+            raise
 
 
 @click.group(cls=ExitCodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -310,11 +318,18 @@ def common_options(fn: Any) -> Any:
         click.option("--download", "download_dir", metavar="DIR|s3://BUCKET/PREFIX/",
                      envvar="SEEDANCE_BATCH_DOWNLOAD_DIR",
                      help="With --wait: download outputs here. [env SEEDANCE_BATCH_DOWNLOAD_DIR]"),
+        notify_option(),
         log_option(),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def notify_option(dest: str = "notify") -> Any:
+    return click.option("--notify", dest, multiple=True, metavar="URL",
+                        help="At the end (and on a fatal exit) send one message to this Apprise URL (json://host/path, "
+                             "slack://..., mailto://..., ntfys://...). Repeatable.")
 
 
 def log_option() -> Any:
@@ -346,6 +361,7 @@ def parse_duration(text: str, option: str) -> float:
 @common_options
 def submit(**kw: Any) -> None:
     """Validate, expand and submit INPUT files (.csv, .parquet, .xlsx, dirs, globs)."""
+    notify.arm(kw["notify"], "submit", notify.url_secrets(kw.get("proxy")))
     finish(build_options(kw, command="submit"), kw.get("metrics_file"), "submit")
 
 
@@ -357,8 +373,10 @@ def submit(**kw: Any) -> None:
 @click.pass_context
 def run(ctx: click.Context, job: Path, **kw: Any) -> None:
     """Run a declarative job file (TOML, see jobs/example.toml); options override the file."""
+    notify.arm(kw["notify"], f"run {job}", notify.url_secrets(kw.get("proxy")))
     spec = read_job(job)
     merged = merge_job(ctx, spec, kw)
+    notify.arm(merged.get("notify"), f"run {job}", notify.url_secrets(merged.get("proxy")))
     finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem)
 
 
@@ -410,6 +428,7 @@ def finish(opts: RunOptions, metrics_file: Path | None, job_name: str) -> None:
     click.echo(render(data))
     if summary.local_fault:
         logs.report_error(summary.local_fault, summary.exit_code)
+    notify.finish(summary.exit_code, data)
     sys.exit(summary.exit_code)
 
 
@@ -583,6 +602,7 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @transport_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-html", is_flag=True, help="With --download and --results: do not write the page beside the table.")
+@notify_option("notify_urls")
 @log_option()
 @click.pass_context
 def collect(ctx: click.Context, job: Path | None, state: str | Path | None, results: str | None, fake_api: bool,
@@ -590,11 +610,12 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
             api_key_file: Path | None, rate: str, concurrency: int, download_concurrency: int, http_timeout: float,
             download_max_bytes: int, download_max_task_bytes: int, download_timeout: str, download_min_rate: float,
             allow_insecure: bool, proxy: str | None, ca_bundle: Path | None, as_json: bool, no_html: bool,
-            log_level: str) -> None:
+            notify_urls: tuple[str, ...], log_level: str) -> None:
     """Follow submitted tasks to completion and download their outputs before they expire.
 
     With JOB.toml, its state, base_url, output (as --results), download and rate are the
     defaults; options win."""
+    notify.arm(notify_urls, "collect", notify.url_secrets(proxy))
     if job is not None:
         spec = read_job(job)
         unset = lambda name: ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)  # noqa: E731
@@ -605,6 +626,7 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
         rate = str(spec.get("rate", rate)) if unset("rate") else rate
         proxy = proxy or spec.get("proxy")
         ca_bundle = ca_bundle or spec.get("ca_bundle")
+        notify.arm(notify_urls or spec.get("notify"), "collect", notify.url_secrets(proxy))
     key = connection(api_key_file, base_url, allow_insecure, log_level, needs_key=not fake_api)
     config = CollectConfig(
         base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=concurrency, http_timeout=http_timeout,
@@ -630,6 +652,7 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
         click.echo(json.dumps(summary))
     else:
         click.echo(render_collect(summary) + (f"\n  page: {summary['page']}" if summary.get("page") else ""))
+    notify.finish(summary["exit_code"], summary, summary.get("page"))
     sys.exit(summary["exit_code"])
 
 
