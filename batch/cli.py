@@ -318,6 +318,7 @@ def common_options(fn: Any) -> Any:
         click.option("--download", "download_dir", metavar="DIR|s3://BUCKET/PREFIX/",
                      envvar="SEEDANCE_BATCH_DOWNLOAD_DIR",
                      help="With --wait: download outputs here. [env SEEDANCE_BATCH_DOWNLOAD_DIR]"),
+        click.option("--no-html", is_flag=True, help="With --wait --download: do not write the page beside the table."),
         notify_option(),
         log_option(),
     ]
@@ -362,7 +363,7 @@ def parse_duration(text: str, option: str) -> float:
 def submit(**kw: Any) -> None:
     """Validate, expand and submit INPUT files (.csv, .parquet, .xlsx, dirs, globs)."""
     notify.arm(kw["notify"], "submit", notify.url_secrets(kw.get("proxy")))
-    finish(build_options(kw, command="submit"), kw.get("metrics_file"), "submit")
+    finish(build_options(kw, command="submit"), kw.get("metrics_file"), "submit", page=not kw["no_html"])
 
 
 @main.command()
@@ -377,7 +378,8 @@ def run(ctx: click.Context, job: Path, **kw: Any) -> None:
     spec = read_job(job)
     merged = merge_job(ctx, spec, kw)
     notify.arm(merged.get("notify"), f"run {job}", notify.url_secrets(merged.get("proxy")))
-    finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem)
+    finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem,
+           page=not merged["no_html"])
 
 
 def models_dir() -> Path:
@@ -416,19 +418,24 @@ def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any], need_output
     return merged
 
 
-def finish(opts: RunOptions, metrics_file: Path | None, job_name: str) -> None:
+def finish(opts: RunOptions, metrics_file: Path | None, job_name: str, page: bool = True) -> None:
     summary = run_submit(opts)
     data = summary.as_dict()
+    if page and opts.collect is not None and opts.collect.download_dir is not None and not summary.local_fault:
+        from batch.page import write_page_after  # jinja2 and PyAV: only when a page is made
+
+        written = write_page_after(opts.output, pricing=opts.pricing, catalog=Catalog(opts.models_dir))
+        data["page"] = written.path if written else None
     structlog.get_logger("batch").info("summary", **data)
     if metrics_file is not None:
         try:
             write_metrics(metrics_file, {**data, "finished_unix": time.time()}, job_name)
         except OSError as exc:
             structlog.get_logger("batch").error("metrics_not_written", path=str(metrics_file), error=str(exc))
-    click.echo(render(data))
+    click.echo(render(data) + (f"\n  page: {data['page']}" if data.get("page") else ""))
     if summary.local_fault:
         logs.report_error(summary.local_fault, summary.exit_code)
-    notify.finish(summary.exit_code, data)
+    notify.finish(summary.exit_code, data, data.get("page"))
     sys.exit(summary.exit_code)
 
 
@@ -648,6 +655,8 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
 
         written = write_page_after(results, pricing=pricing_of(None, read_job(job) if job else None))
         summary["page"] = written.path if written else None
+        if written is not None and written.spend:
+            summary["spend"] = written.spend
     if as_json:
         click.echo(json.dumps(summary))
     else:

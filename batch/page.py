@@ -64,6 +64,7 @@ class PageResult:
     poster_errors: int = 0
     poster_s: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+    spend: str | None = None  # "12.34 USD" or "250.0 s of video (no prices)": for the notification
 
 
 def page_beside(results: Target | str) -> Target:
@@ -311,7 +312,10 @@ def render_page(results: Target | str, page: Target | str, *, pricing: Pricing |
         title=title or f"seedance-batch: {results.name}", results=str(results), facts=facts, cards=cards,
         script=script, script_hash=_sha256(script), style=style, style_hash=_sha256(style), page_size=PAGE_SIZE,
         generated=datetime.now().astimezone().isoformat(timespec="seconds"))
-    info = PageResult(str(page), len(cards), len(html.encode()), counts=dict(facts["states"]))
+    seconds = sum(s["seconds"] for s in facts["spend"])
+    info = PageResult(str(page), len(cards), len(html.encode()), counts=dict(facts["states"]),
+                      spend=f"{facts['spend_usd']:.2f} USD ({seconds:.1f} s of video)" if facts["spend_usd"] is not None
+                      else f"{seconds:.1f} s of video (no price table)" if facts["spend"] else None)
     if maker is not None:
         info.posters, info.poster_errors, info.poster_s = maker.made, maker.errors, round(maker.seconds, 3)
     return html, info

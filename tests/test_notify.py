@@ -92,6 +92,7 @@ def test_collect_tells_tasks_and_where_the_page_is(fake, receiver, tmp_path: Pat
     body = rec.messages[0]["message"]
     assert rec.messages[0]["title"] == "seedance-batch collect: exit 0 (everything OK)"
     assert "tasks: 2 success" in body and "downloaded: 2" in body
+    assert "estimated spend: 10.0 s of video (no price table)" in body  # 2 x the model's default 5 s
     assert f"page: {tmp_path / 'results.html'}" in body and (tmp_path / "results.html").exists()
 
 
