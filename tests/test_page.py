@@ -17,7 +17,7 @@ import pytest
 from conftest import SAMPLES, cli, results, write_csv
 
 from batch.page import page_beside, render_page
-from batch.poster import colour_of, tiny_clip
+from benchmarks.page_bench import synthetic_night
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and not os.environ.get("CI"):
@@ -178,38 +178,6 @@ def test_a_script_in_a_prompt_is_text(browser: Any, tmp_path: Path, fake) -> Non
     prompts = browser.execute_script("return [...document.querySelectorAll('.card .prompt')].map(p => p.textContent)")
     assert evil in prompts
     assert console_errors(browser) == []
-
-
-def synthetic_night(tmp_path: Path, n: int, videos: int = 50) -> Path:
-    """A results table of ``n`` requests as collect leaves it: most downloaded (``videos``
-    real clips shared between rows), some failed, invalid or not sent."""
-    vdir = tmp_path / "videos"
-    vdir.mkdir()
-    clips = []
-    for i in range(videos):
-        path = vdir / f"v{i:03d}.mp4"
-        path.write_bytes(tiny_clip(colour_of(str(i))))
-        clips.append(str(path))
-    statuses = ["submitted"] * 8 + ["invalid", "pending"]
-    rows = []
-    for i in range(n):
-        status = statuses[i % len(statuses)]
-        task = ("failed" if i % 97 == 0 else "success") if status == "submitted" else None
-        rows.append({
-            "request_id": f"{i:016x}", "source": f"/data/night/sheet{i % 3}.xlsx[Prompts]", "row": i + 2,
-            "model": ["bytedance/seedance-1.0-lite-t2v", "bytedance/seedance-1.5-pro-t2v"][i % 2],
-            "prompt": f"Request {i}: a slow dolly shot over a misty valley at sunrise, birds in the distance, "
-                      f"cinematic lighting, 35mm film grain, variant {i % 17}",
-            "resolution": "720p", "duration": 5, "service_tier": "flex",
-            "status": status, "task_id": f"task-video-{i:08d}" if status == "submitted" else None,
-            "error": {"invalid": "duration='15': must be an integer in [2, 12]",
-                      "pending": "not sent: deadline reached"}.get(status),
-            "task_status": task, "failure_reason": "Content Moderation: rejected" if task == "failed" else None,
-            "local_paths": [clips[i % videos]] if task == "success" else None,
-        })
-    table = tmp_path / "night.parquet"
-    pl.DataFrame(rows, schema_overrides={"local_paths": pl.List(pl.String)}).write_parquet(table)
-    return table
 
 
 def test_ten_thousand_requests_render_in_under_two_seconds(browser: Any, tmp_path: Path) -> None:
