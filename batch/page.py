@@ -48,6 +48,11 @@ log = structlog.get_logger("batch.page")
 INLINE_POSTERS = 200  # up to this many posters go into the page as data URIs (it then travels alone)
 POSTER_SUFFIX = ".poster.jpg"
 PAGE_SIZE = 60  # cards drawn at a time
+_RESULT_COLUMNS = frozenset({
+    "request_id", "source", "row", "model", "status", "endpoint", "task_id", "error", "error_code", "http_status",
+    "attempts", "submitted_at", "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths",
+    "download_error",
+})
 # Task states that are not a failure (waiting or done); the rest of a followed task's are.
 TASK_OK = frozenset({"success", "pending", "processing"})
 PAID = ("submitted", "skipped")  # a task was created: it costs, whatever its fate
@@ -172,7 +177,10 @@ def card_rows(df: pl.DataFrame, page: Target, catalog: Catalog, posters: Posters
     """One compact dict per request (short keys: they are repeated 10,000 times)."""
     page_remote = page.text if page.remote else None
     page_dir = None if page.remote else os.path.dirname(os.path.abspath(page.text))
-    params = [c for c in df.columns if c in _fields(catalog) and c not in ("prompt", "service_tier")]
+    fields = _fields(catalog)
+    params = [c for c in df.columns if c in fields and c not in ("prompt", "service_tier")]
+    # The sheet's own columns (its id, notes, campaign): what its author searches by.
+    extras = [c for c in df.columns if c not in fields and c not in _RESULT_COLUMNS]
     out: list[dict[str, Any]] = []
     for r in df.iter_rows(named=True):
         status = r.get("status") or ""
@@ -186,6 +194,7 @@ def card_rows(df: pl.DataFrame, page: Target, catalog: Catalog, posters: Posters
             "s": status, "k": task, "st": state, "x": 1 if problem else None, "tid": r.get("task_id"), "e": error,
             "src": source_label(r.get("source"), r.get("row")), "sg": _source_group(r.get("source")),
             "a": {c: _plain(r[c]) for c in params if r.get(c) not in (None, "")},
+            "c": {c: _plain(r[c]) for c in extras if r.get(c) not in (None, "")},
         }
         videos = [p for p in _as_list(r.get("local_paths")) if p.lower().endswith((".mp4", ".webm", ".mov"))]
         if videos:

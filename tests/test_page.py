@@ -131,6 +131,14 @@ def test_demo_page_in_a_real_browser(browser: Any, tmp_path: Path) -> None:
     search.clear()
     search.send_keys(first["task_id"])
     WebDriverWait(browser, 5).until(lambda d: card_ids(d) == [first["request_id"]])
+    search.clear()
+    search.send_keys("mx-02")  # the sheet's own id column, shown on the card and searched
+    mx02 = df.filter(pl.col("ID") == "mx-02")["request_id"].to_list()
+    WebDriverWait(browser, 5).until(lambda d: card_ids(d) == mx02)
+    assert "ID=mx-02" in browser.find_element(By.ID, "grid").text
+    search.clear()
+    search.send_keys(first["task_id"])
+    WebDriverWait(browser, 5).until(lambda d: card_ids(d) == [first["request_id"]])
 
     # The video on click: a relative link to the downloaded file, played by the browser.
     poster = browser.find_element(By.CSS_SELECTOR, "#grid .card a.poster")

@@ -80,7 +80,8 @@
       const params = Object.entries(r.a).map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v));
       el.appendChild(text("p", "params", params.join("  ")));
     }
-    const meta = text("p", "meta", r.src);
+    const own = r.c ? Object.entries(r.c).map(([k, v]) => k + "=" + v).join("  ") : "";
+    const meta = text("p", "meta", r.src + (own ? "  ·  " + own : ""));
     meta.title = "source row";
     el.appendChild(meta);
     if (r.tid) el.appendChild(text("p", "tid", r.tid));
@@ -105,7 +106,8 @@
     const want = { st: filters.st.value, m: filters.m.value, sg: filters.sg.value };
     const q = search.value.trim().toLowerCase();
     if (q && hay === null) {
-      hay = rows.map((r) => [r.p, r.id, r.tid, r.e, r.src, r.m, r.st, r.s, r.t].join("\n").toLowerCase());
+      hay = rows.map((r) => [r.p, r.id, r.tid, r.e, r.src, r.m, r.st, r.s, r.t,
+        r.c ? Object.values(r.c).join("\n") : ""].join("\n").toLowerCase());
     }
     matches = rows.filter((r, i) =>
       (want.st === "*" || (want.st === "!problems" ? r.x : (r.st || "") === want.st)) &&
