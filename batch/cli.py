@@ -27,7 +27,7 @@ import polars as pl
 import structlog
 from click.core import ParameterSource
 
-from batch import __version__, logs
+from batch import __version__, logs, notify
 from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slug, is_loopback
 from batch.client import Secret, TooLarge, Transport, describe, make_session, read_capped, redact_url
 from batch.collect import CollectConfig
@@ -172,14 +172,22 @@ class ExitCodeGroup(click.Group):
         return rv
 
     def invoke(self, ctx: click.Context) -> Any:
+        notify.arm(None, "")  # each command arms its own --notify (an in-process caller runs several)
         try:
             return super().invoke(ctx)
         except BatchError as exc:
             logs.report_error(str(exc), exc.exit_code)
+            notify.fatal(exc.exit_code, str(exc))
             ctx.exit(exc.exit_code)
         except Interrupted as exc:
             logs.report_error(f"interrupted by {exc}", EXIT_INTERRUPTED)
+            notify.fatal(EXIT_INTERRUPTED, f"interrupted by {exc}")
             ctx.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # a bug: its traceback stays, and --notify still tells
+            notify.fatal(1, f"internal error ({type(exc).__name__})")
+            raise
 
 
 @click.group(cls=ExitCodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -315,11 +323,19 @@ def common_options(fn: Any) -> Any:
         click.option("--download", "download_dir", metavar="DIR|s3://BUCKET/PREFIX/",
                      envvar="SEEDANCE_BATCH_DOWNLOAD_DIR",
                      help="With --wait: download outputs here. [env SEEDANCE_BATCH_DOWNLOAD_DIR]"),
+        click.option("--no-html", is_flag=True, help="With --wait --download: do not write the page beside the table."),
+        notify_option(),
         log_option(),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def notify_option(dest: str = "notify") -> Any:
+    return click.option("--notify", dest, multiple=True, metavar="URL",
+                        help="At the end (and on a fatal exit) send one message to this Apprise URL (json://host/path, "
+                             "slack://..., mailto://..., ntfys://...). Repeatable.")
 
 
 def log_option() -> Any:
@@ -351,7 +367,8 @@ def parse_duration(text: str, option: str) -> float:
 @common_options
 def submit(**kw: Any) -> None:
     """Validate, expand and submit INPUT files (.csv, .parquet, .xlsx, dirs, globs)."""
-    finish(build_options(kw, command="submit"), kw.get("metrics_file"), "submit")
+    notify.arm(kw["notify"], "submit", notify.url_secrets(kw.get("proxy")))
+    finish(build_options(kw, command="submit"), kw.get("metrics_file"), "submit", page=not kw["no_html"])
 
 
 @main.command()
@@ -362,9 +379,12 @@ def submit(**kw: Any) -> None:
 @click.pass_context
 def run(ctx: click.Context, job: Path, **kw: Any) -> None:
     """Run a declarative job file (TOML, see jobs/example.toml); options override the file."""
+    notify.arm(kw["notify"], f"run {job}", notify.url_secrets(kw.get("proxy")))
     spec = read_job(job)
     merged = merge_job(ctx, spec, kw)
-    finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem)
+    notify.arm(merged.get("notify"), f"run {job}", notify.url_secrets(merged.get("proxy")))
+    finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem,
+           page=not merged["no_html"])
 
 
 def models_dir() -> Path:
@@ -404,7 +424,7 @@ def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any], need_output
     return merged
 
 
-def finish(opts: RunOptions, metrics_file: Path | None, job_name: str) -> None:
+def finish(opts: RunOptions, metrics_file: Path | None, job_name: str, page: bool = True) -> None:
     summary = run_submit(opts)
     if metrics_file is not None:
         try:
@@ -417,10 +437,16 @@ def finish(opts: RunOptions, metrics_file: Path | None, job_name: str) -> None:
                                    f"{where_ids(opts, summary.table_written)}")
                 record_summary(opts.output, summary, opts)
     data = summary.as_dict()
+    if page and opts.collect is not None and opts.collect.download_dir is not None and not summary.local_fault:
+        from batch.page import write_page_after  # jinja2 and PyAV: only when a page is made
+
+        written = write_page_after(opts.output, pricing=opts.pricing, catalog=Catalog(opts.models_dir))
+        data["page"] = written.path if written else None
     structlog.get_logger("batch").info("summary", **data)
-    click.echo(render(data))
+    click.echo(render(data) + (f"\n  page: {data['page']}" if data.get("page") else ""))
     if summary.local_fault:
         logs.report_error(summary.local_fault, summary.exit_code)
+    notify.finish(summary.exit_code, data, data.get("page"))
     sys.exit(summary.exit_code)
 
 
@@ -595,18 +621,22 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @allow_insecure_option()
 @transport_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--no-html", is_flag=True, help="With --download and --results: do not write the page beside the table.")
+@notify_option("notify_urls")
 @log_option()
 @click.pass_context
 def collect(ctx: click.Context, job: Path | None, state: str | Path | None, results: str | None, fake_api: bool,
             download_dir: str | None, wait: bool, wait_timeout: str, poll_interval: float, base_url: str,
             api_key_file: Path | None, rate: str, concurrency: int, download_concurrency: int, http_timeout: float,
             download_max_bytes: int, download_max_task_bytes: int, download_timeout: str, download_min_rate: float,
-            allow_insecure: bool, proxy: str | None, ca_bundle: Path | None, as_json: bool, log_level: str) -> None:
+            allow_insecure: bool, proxy: str | None, ca_bundle: Path | None, as_json: bool, no_html: bool,
+            notify_urls: tuple[str, ...], log_level: str) -> None:
     """Follow submitted tasks to completion and download their outputs before they expire.
 
     With JOB.toml, its state, base_url, output (as --results), download and rate are the
     defaults; options win."""
     run_tables = None
+    notify.arm(notify_urls, "collect", notify.url_secrets(proxy))
     if job is not None:
         spec = read_job(job)
         unset = lambda name: ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)  # noqa: E731
@@ -619,6 +649,7 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
         rate = str(spec.get("rate", rate)) if unset("rate") else rate
         proxy = proxy or spec.get("proxy")
         ca_bundle = ca_bundle or spec.get("ca_bundle")
+        notify.arm(notify_urls or spec.get("notify"), "collect", notify.url_secrets(proxy))
     key = connection(api_key_file, base_url, allow_insecure, log_level, needs_key=not fake_api)
     config = CollectConfig(
         base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=concurrency, http_timeout=http_timeout,
@@ -635,12 +666,20 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
                                          Target(str(results)) if results else None, fake_api,
                                          budget_dir=state_home(), run_tables=run_tables))
     structlog.get_logger("batch").info("collect_summary", **summary)
+    if results and download_dir and not no_html:
+        from batch.page import write_page_after  # jinja2 and PyAV: only when a page is made
+
+        written = write_page_after(results, pricing=pricing_of(None, read_job(job) if job else None))
+        summary["page"] = written.path if written else None
+        if written is not None and written.spend:
+            summary["spend"] = written.spend
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(render_collect(summary))
+        click.echo(render_collect(summary) + (f"\n  page: {summary['page']}" if summary.get("page") else ""))
     if summary.get("local_fault"):
         logs.report_error(summary["local_fault"], summary["exit_code"])
+    notify.finish(summary["exit_code"], summary, summary.get("page"))
     sys.exit(summary["exit_code"])
 
 
@@ -776,15 +815,25 @@ def state_backup(dest: Path, state: str | None) -> None:
 @main.command()
 @click.argument("results", metavar="RESULTS")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def report(results: str, as_json: bool) -> None:
-    """Print the summary of an existing results table."""
+@click.option("--html", "html", metavar="FILE|s3://...", help="Also write the night's page (cards, posters, filters).")
+@click.option("--prices", "prices_file", type=click.Path(path_type=Path, dir_okay=False),
+              envvar="SEEDANCE_BATCH_PRICES", help="Price table for the page's spend. [env SEEDANCE_BATCH_PRICES]")
+def report(results: str, as_json: bool, html: str | None, prices_file: Path | None) -> None:
+    """Print the summary of an existing results table; with --html, write its page."""
     try:
         summary = summarize_table(Target(results))
     except ValueError as exc:
         raise ConfigError(f"{results}: {exc}") from None
     except Exception as exc:
         raise ConfigError(f"{results}: cannot read results table ({type(exc).__name__})") from None
-    click.echo(json.dumps(summary, ensure_ascii=False) if as_json else render(summary))
+    if html:
+        from batch.page import write_page  # jinja2 and PyAV: only when a page is made
+
+        logs.configure("warning")
+        written = write_page(results, html, pricing=pricing_of(prices_file, None), catalog=Catalog(models_dir()))
+        summary["page"] = written.path
+    text = render(summary) + (f"\n  page: {summary['page']}" if summary.get("page") else "")
+    click.echo(json.dumps(summary, ensure_ascii=False) if as_json else text)
 
 
 @main.command("fake-api")

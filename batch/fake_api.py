@@ -3,7 +3,8 @@ the benchmark's target.
 
 It speaks the provider's dialect as ``shared/api/provider-today.md`` records it: the
 three submit route forms, ``data.get_result.url``, tasks that move ``pending`` →
-``processing`` → ``success`` (serving a small MP4-like file on loopback), ``failed``
+``processing`` → ``success`` (serving a real, tiny H.264 MP4 on loopback, its colour
+from the prompt's hash: :mod:`batch.poster`), ``failed``
 with a reason in the documented error envelope, or ``cancelled``; ``X-RateLimit-*``
 headers over a per-minute window; a concurrency limit (429); and the read-only
 endpoints (models, balance, key validation). It validates submissions as the provider
@@ -42,6 +43,7 @@ from aiohttp import web
 
 from batch.api import TASK_PATH
 from batch.models import Catalog, shipped
+from batch.poster import RGB, colour_of, tiny_clip, tiny_png
 from batch.validate import RULES, BodyRule, FieldRule
 
 _REASONS = {
@@ -117,7 +119,7 @@ class FakeConfig:
     task_delay: float = 0.0  # seconds from submission to a terminal task state
     fail_match: str = "FAILTASK"  # prompts containing this end as failed tasks
     cancel_match: str = "CANCELTASK"  # ... as cancelled tasks
-    video_bytes: int = 4096
+    video_bytes: int = 4096  # an output's size: the real clip, padded up to this
     download_bps: float | None = None  # throttle downloads (bytes/s) to test interrupted ones
     seed: int = 0
     record_bodies: bool = True
@@ -223,7 +225,9 @@ class FakeState:
             ("f", self.config.fail_match in prompt), ("c", self.config.cancel_match in prompt),
             ("l", bool(body.get("return_last_frame"))),
         ) if on) or "n"
-        core = f"{next(self._ids):08d}-{int(time.time() * 1000):x}-{flags}-{self.rng.getrandbits(32):08x}"
+        # The clip's colour rides in the id, so a later fake (collect's) serves the same video.
+        colour = "".join(f"{c:02x}" for c in colour_of(prompt))
+        core = f"{next(self._ids):08d}-{int(time.time() * 1000):x}-{flags}-{self.rng.getrandbits(32):08x}-{colour}"
         task_id = f"task-video-{core}-{_sign(core)}"
         self.tasks[task_id] = {"created": time.time(), "body": body, "model": model}
         return task_id
@@ -247,15 +251,24 @@ def _sign(core: str) -> str:
     return hmac.new(_SIGNING_KEY, core.encode(), hashlib.sha256).hexdigest()[:8]
 
 
-_TASK_ID = re.compile(r"task-video-(\d{8}-([0-9a-f]+)-([a-z]+)-[0-9a-f]{8})-([0-9a-f]{8})")
+_TASK_ID = re.compile(r"task-video-(\d{8}-([0-9a-f]+)-([a-z]+)-[0-9a-f]{8}(?:-([0-9a-f]{6}))?)-([0-9a-f]{8})")
 
 
 def parse_task_id(task_id: str) -> tuple[float, str] | None:
     """(creation time, fate flags) of an id this fake issued, checked by its signature."""
     match = _TASK_ID.fullmatch(task_id)
-    if match is None or not hmac.compare_digest(_sign(match.group(1)), match.group(4)):
+    if match is None or not hmac.compare_digest(_sign(match.group(1)), match.group(5)):
         return None
     return int(match.group(2), 16) / 1000, match.group(3)
+
+
+def task_colour(task_id: str) -> RGB:
+    """The colour of a task's clip: its prompt's (carried in the id), else the id's own."""
+    match = _TASK_ID.fullmatch(task_id)
+    if match is not None and match.group(4):
+        hex_ = match.group(4)
+        return (int(hex_[0:2], 16), int(hex_[2:4], 16), int(hex_[4:6], 16))
+    return colour_of(task_id)
 
 
 STATE_KEY = web.AppKey("state", FakeState)
@@ -567,11 +580,22 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
 
 
 def fake_file_bytes(task_id: str, ext: str, size: int) -> bytes:
-    """Deterministic content for a task's output: an ``ftyp`` box then filler."""
-    head = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" if ext == "mp4" else b"\x89PNG\r\n\x1a\n"
+    """A task's output: a real MP4 (or PNG) that players and decoders accept, padded to
+    ``size`` bytes (when smaller) with a trailing box of task-specific filler, so that
+    tests can ask for large files and tell one task's bytes from another's. MP4 readers
+    skip a ``free`` box; PNG readers stop at ``IEND``."""
+    colour = task_colour(task_id)
+    media = tiny_clip(colour) if ext == "mp4" else tiny_png(colour)
+    pad = size - len(media)
+    if pad <= 0:
+        return media
     seed = hashlib.sha256(f"{task_id}.{ext}".encode()).digest()
-    filler = (seed * (size // len(seed) + 1))[: max(0, size - len(head))]
-    return head + filler
+    if ext != "mp4":
+        return media + (seed * (pad // len(seed) + 1))[:pad]
+    if pad < 8:  # a box needs its 8-byte header: grow to the next size that fits one
+        pad += 8
+    body = pad - 8
+    return media + (pad).to_bytes(4, "big") + b"free" + (seed * (body // len(seed) + 1))[:body]
 
 
 class FakeServer:

@@ -54,6 +54,7 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "prices_file": ((str,), "a TOML price table"),
     "max_spend": ((int, float), "USD"),
     "preflight": ((bool,), "true or false"),
+    "notify": ((list, str), "Apprise URLs told when a run or collect ends"),
 }
 PATH_KEYS = ("output", "state", "metrics_file", "prices_file", "download", "ca_bundle")
 
@@ -131,7 +132,7 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
         items = value if isinstance(value, list) else [value]
         if not items or any(isinstance(v, dict) for v in items):
             raise _fail(path, f"params.{name}", "expected a value or a list of values")
-    for key in ("passthrough", "moved_from"):
+    for key in ("passthrough", "moved_from", "notify"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
         if not all(isinstance(v, str) for v in values.get(key, [])):

@@ -19,6 +19,11 @@ from typing import Any
 import structlog
 
 LEVELS = ("debug", "info", "warning", "error")
+_SECRETS: list[str] = []  # every secret this process was configured with (batch.notify scrubs them too)
+
+
+def known_secrets() -> list[str]:
+    return list(_SECRETS)
 
 
 def _redactor(secrets: list[str]) -> Any:
@@ -45,6 +50,7 @@ def configure(level: str = "info", json_lines: bool | None = None, secrets: list
     ``json_lines=None`` decides by stderr being a TTY."""
     if json_lines is None:
         json_lines = json_stderr()
+    _SECRETS.extend(s for s in secrets or [] if s and s not in _SECRETS)
     renderer: Any = (
         structlog.processors.JSONRenderer(ensure_ascii=False) if json_lines
         else structlog.dev.ConsoleRenderer(colors=True)

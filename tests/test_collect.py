@@ -55,8 +55,11 @@ def test_collect_in_passes_then_download(start_fake, tmp_path: Path) -> None:
     assert df["completed_at"].null_count() == 0
     assert df.schema["resource_urls"] == pl.List(pl.String) and df.schema["local_paths"] == pl.List(pl.String)
     assert all(url.split("/files/")[1].startswith("task-video-") for urls in df["resource_urls"] for url in urls)
-    files = sorted(p.name for p in (tmp_path / "videos").iterdir())
+    every = sorted(p.name for p in (tmp_path / "videos").iterdir())
+    # Besides the outputs, only the page's poster frames (one per video, batch/page.py).
+    files = [f for f in every if not f.endswith(".poster.jpg")]
     assert len(files) == 6 and sum(f.endswith(".last_frame.png") for f in files) == 1
+    assert sorted(set(every) - set(files)) == sorted(f + ".poster.jpg" for f in files if f.endswith(".mp4"))
     for row in df.iter_rows(named=True):
         video = video_of(tmp_path / "videos", row)
         assert video.read_bytes() == fake_file_bytes(row["task_id"], "mp4", 4096)

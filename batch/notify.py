@@ -1,0 +1,212 @@
+"""Be told: one message when ``submit``/``run``/``collect`` ends, also on a fatal exit,
+through Apprise (Slack, Teams, Discord, email, ntfy, webhooks: one URL scheme).
+
+Guarantees:
+
+* **One message per command**: :func:`arm` when the command knows its ``--notify``
+  URLs, then :func:`finish` at the end or :func:`fatal` on a fatal exit; whichever comes
+  first sends, the other is a no-op.
+* **A notification never changes the outcome**: whatever Apprise or the receiver does
+  (refused, unreachable, slow up to Apprise's socket timeouts), it is logged as a
+  ``notify_failed`` warning and the exit code stays the run's.
+* **No secret leaves in a message or a log line**: the API key and every secret the
+  logs know (:func:`batch.logs.known_secrets`), passwords in URLs (a proxy's, a
+  database's: ``scheme://user:password@host``), bearer tokens, and the values of
+  environment variables whose names say key, secret, token or password are replaced by
+  ``***``. A notification URL is logged by scheme and host only (it often holds a token).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import structlog
+
+from batch import logs
+from batch.errors import ConfigError
+
+log = structlog.get_logger("batch.notify")
+
+EXIT_MEANING = {
+    0: "everything OK",
+    1: "finished, but some requests or tasks are not OK",
+    2: "usage, configuration, input or state error; nothing was sent",
+    3: "another run holds the ledger; nothing was sent",
+    4: "interrupted",
+    5: "the provider refused the night",
+    6: "a local write failed after requests were sent",
+}
+_SECRET_ENV = re.compile(r"KEY|SECRET|TOKEN|PASSW|PWD|CREDENTIAL|AUTH", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]*(?::[^/\s@]*)?@")
+_BEARER = re.compile(r"(?i)\b(bearer|token|apikey|api_key|password|passwd|pwd)([=: ]+)[^\s&,;\"']+")
+MAX_BODY = 3500  # chat services cut long messages (Slack ~4k); the page and the table hold the rest
+
+
+@dataclass
+class _Armed:
+    urls: tuple[str, ...]
+    command: str
+    secrets: list[str] = field(default_factory=list)
+    sent: bool = False
+
+
+_armed: _Armed | None = None
+
+
+def check_urls(urls: Iterable[str]) -> tuple[str, ...]:
+    """Each URL is one Apprise understands, or a usage error (exit 2) before anything is sent."""
+    import apprise
+
+    checked = []
+    for url in urls:
+        if not isinstance(url, str) or apprise.Apprise.instantiate(url) is None:
+            raise ConfigError(f"--notify {safe_url(str(url))}: not a notification URL Apprise knows "
+                              "(json://host/path, slack://..., mailto://..., ntfys://...)")
+        checked.append(url)
+    return tuple(checked)
+
+
+def arm(urls: Iterable[str] | None, command: str, secrets: Iterable[str | None] = ()) -> None:
+    """Remember where this command's one message goes. Without URLs nothing is armed."""
+    global _armed
+    urls = tuple(u for u in (urls or ()) if u)
+    if not urls:
+        _armed = None
+        return
+    _armed = _Armed(check_urls(urls), command, [s for s in secrets if s])
+
+
+def finish(exit_code: int, summary: Mapping[str, Any], page: str | None = None) -> None:
+    """The command's end: its summary (submit's or collect's) in one message."""
+    _send(exit_code, compose(_armed.command if _armed else "", exit_code, summary, page))
+
+
+def fatal(exit_code: int, error: str) -> None:
+    """A fatal exit (a BatchError, an interruption, a crash): the error in one message."""
+    _send(exit_code, compose(_armed.command if _armed else "", exit_code, {}, None, error))
+
+
+def _send(exit_code: int, message: tuple[str, str]) -> None:
+    armed = _armed
+    if armed is None or armed.sent:
+        return
+    armed.sent = True
+    title, body = (scrub(part, armed.secrets) for part in message)
+    for url in armed.urls:
+        try:
+            ok, why = _deliver(url, title, body, exit_code)
+        except Exception as exc:  # a notifier must never turn a night's outcome into a crash
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+        if ok:
+            log.info("notified", to=safe_url(url), exit_code=exit_code)
+        else:
+            log.warning("notify_failed", to=safe_url(url), error=scrub(why, armed.secrets)[:300])
+
+
+def _deliver(url: str, title: str, body: str, exit_code: int) -> tuple[bool, str]:
+    import apprise
+
+    kind = apprise.NotifyType.SUCCESS if exit_code == 0 else (
+        apprise.NotifyType.WARNING if exit_code == 1 else apprise.NotifyType.FAILURE)
+    sender = apprise.Apprise()
+    sender.add(url)
+    # Apprise's own log lines may name the URL: captured here, scrubbed, and logged once by us.
+    with apprise.LogCapture(level=apprise.logging.WARNING) as captured:
+        ok = sender.notify(title=title, body=body, notify_type=kind, body_format=apprise.NotifyFormat.TEXT)
+        text = captured.getvalue().strip().splitlines()
+    return bool(ok), (text[-1] if text else "the receiver did not accept it")
+
+
+def compose(command: str, exit_code: int, summary: Mapping[str, Any], page: str | None,
+            error: str | None = None) -> tuple[str, str]:
+    """Title and text: exit code and meaning, counts, spend, top errors, where the results are."""
+    meaning = EXIT_MEANING.get(exit_code, "error")
+    title = f"seedance-batch {command or 'run'}: exit {exit_code} ({meaning})"
+    lines = [f"exit code {exit_code}: {meaning}"]
+    if error:
+        lines.append(f"error: {error}")
+    counts = summary.get("counts") or {}
+    if counts:
+        lines.append(f"requests: {sum(counts.values())} (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")")
+    tasks = summary.get("task_status") or (summary.get("collect") or {}).get("task_status") or {}
+    if tasks:
+        lines.append("tasks: " + ", ".join(f"{n} {s}" for s, n in tasks.items()))
+    for key, label in (("downloaded", "downloaded"), ("download_failed", "downloads failed")):
+        if summary.get(key):
+            lines.append(f"{label}: {summary[key]}")
+    if summary.get("estimated_spend_usd") is not None:
+        lines.append(f"estimated spend: {summary['estimated_spend_usd']:.2f} USD")
+    elif (summary.get("estimate") or {}).get("cost_usd") is not None:
+        lines.append(f"estimated cost (dry run): {summary['estimate']['cost_usd']:.2f} USD")
+    if summary.get("spend"):
+        lines.append(f"estimated spend: {summary['spend']}")
+    for key in ("stop_reason", "interrupted", "local_fault"):
+        if summary.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
+    errors = summary.get("top_errors") or []
+    if errors:
+        lines.append("top errors:")
+        lines += [f"  {e['count']} x {str(e['error'])[:200]}" for e in errors[:5] if isinstance(e, Mapping)]
+    if summary.get("results"):
+        lines.append(f"results: {summary['results']}")
+    if page:
+        lines.append(f"page: {page}")
+    body = "\n".join(lines)
+    return title, body if len(body) <= MAX_BODY else body[: MAX_BODY - 1] + "…"
+
+
+def environment_secrets(env: Mapping[str, str] | None = None) -> list[str]:
+    """Values that must never be sent: secret-named variables' values (8+ characters, so
+    that ``AUTH=1`` does not blank every ``1``) and the passwords of URLs in any variable."""
+    env = os.environ if env is None else env
+    found = []
+    for name, value in env.items():
+        if _SECRET_ENV.search(name) and len(value) >= 8:
+            found.append(value)
+        if "://" in value and "@" in value:
+            found += url_secrets(value)
+    return found
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The user name and password of ``scheme://user:password@host`` (as written and decoded)."""
+    if not url:
+        return []
+    try:
+        parts = urlsplit(url)
+        secrets = [parts.password or "", parts.username or ""]
+    except ValueError:
+        return []
+    return [s for secret in secrets if len(secret) >= 3 for s in {secret, unquote(secret)}]
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every secret we know and every credential-shaped part replaced by ``***``."""
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    known = {*secrets, *logs.known_secrets(), *environment_secrets()}
+    for secret in sorted((s for s in known if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+# Schemes whose host is a host; in others (slack://TokenA/..., tgram://bottoken/...) it is a token.
+_HOST_SCHEMES = frozenset({"json", "jsons", "form", "forms", "xml", "xmls", "http", "https", "ntfy", "ntfys",
+                           "mailto", "mailtos", "apprise", "apprises", "mmost", "mmosts", "rocket", "rockets"})
+
+
+def safe_url(url: str) -> str:
+    """A notification URL fit for a log: its scheme (and host where that is one)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        return "(unparsable URL)"
+    if not parts.scheme:
+        return "(not a URL)"
+    return f"{parts.scheme}://{host if parts.scheme.lower() in _HOST_SCHEMES else '***'}"

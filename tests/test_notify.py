@@ -1,0 +1,148 @@
+"""--notify: one message through Apprise to a receiver on 127.0.0.1, at the end of submit and
+collect and on a fatal exit; a failing notification never changes the exit code; no secret
+is ever in a message."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from conftest import KEY, cli, prompts, submit_args, write_csv
+
+from batch import logs, notify
+
+
+class Receiver:
+    """A webhook on 127.0.0.1 that keeps what Apprise's json:// posts to it."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.status = status
+        self.app = web.Application()
+        self.app.router.add_post("/hook", self.hook)
+
+    async def hook(self, request: web.Request) -> web.Response:
+        self.messages.append(json.loads(await request.read()))
+        return web.json_response({"ok": self.status == 200}, status=self.status)
+
+
+@pytest.fixture
+def receiver(serve) -> tuple[Receiver, str]:
+    rec = Receiver()
+    url = serve(rec.app)
+    return rec, url.replace("http://", "json://") + "/hook"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submit_success_sends_one_message(fake, receiver, tmp_path: Path) -> None:
+    rec, url = receiver
+    inp = write_csv(tmp_path / "in.csv", prompts(3))
+    res = cli(submit_args(fake, tmp_path, inp, extra=["--notify", url]))
+    assert res.exit_code == 0, res.output
+    assert len(rec.messages) == 1
+    msg = rec.messages[0]
+    assert msg["title"] == "seedance-batch submit: exit 0 (everything OK)" and msg["type"] == "success"
+    body = msg["message"]
+    assert "exit code 0" in body and "requests: 3 (3 submitted)" in body
+    assert f"results: {tmp_path / 'results.parquet'}" in body
+    assert KEY not in json.dumps(msg)
+
+
+def test_fatal_402_on_submit_sends_one_message_with_the_exit_code(start_fake, receiver, tmp_path: Path) -> None:
+    rec, url = receiver
+    fake = start_fake(faults=["402"])
+    inp = write_csv(tmp_path / "in.csv", prompts(5))
+    res = cli(submit_args(fake, tmp_path, inp, extra=["--notify", url, "--no-preflight"]))
+    assert res.exit_code == 5, res.output
+    assert len(rec.messages) == 1
+    msg = rec.messages[0]
+    assert msg["title"].startswith("seedance-batch submit: exit 5 (the provider refused the night)")
+    assert msg["type"] == "failure" and "402" in msg["message"]
+    assert KEY not in json.dumps(msg)
+
+
+def test_fatal_exit_before_sending_is_told_too(fake, receiver, tmp_path: Path) -> None:
+    rec, url = receiver
+    res = cli(submit_args(fake, tmp_path, tmp_path / "missing.csv", extra=["--notify", url]))
+    assert res.exit_code == 2
+    assert len(rec.messages) == 1
+    assert rec.messages[0]["title"].startswith("seedance-batch submit: exit 2")
+    assert "missing.csv" in rec.messages[0]["message"]
+
+
+def test_collect_tells_tasks_and_where_the_page_is(fake, receiver, tmp_path: Path) -> None:
+    rec, url = receiver
+    inp = write_csv(tmp_path / "in.csv", prompts(2))
+    assert cli(submit_args(fake, tmp_path, inp)).exit_code == 0
+    assert rec.messages == []  # no --notify: no message
+    res = cli(["collect", "--state", str(tmp_path / "state.sqlite"), "--base-url", fake.url, "--rate", "0",
+               "--results", str(tmp_path / "results.parquet"), "--download", str(tmp_path / "videos"),
+               "--notify", url])
+    assert res.exit_code == 0, res.output
+    assert len(rec.messages) == 1
+    body = rec.messages[0]["message"]
+    assert rec.messages[0]["title"] == "seedance-batch collect: exit 0 (everything OK)"
+    assert "tasks: 2 success" in body and "downloaded: 2" in body
+    assert "estimated spend: 10.0 s of video (no price table)" in body  # 2 x the model's default 5 s
+    assert f"page: {tmp_path / 'results.html'}" in body and (tmp_path / "results.html").exists()
+
+
+@pytest.mark.parametrize("where", ["closed port", "answers 500"])
+def test_a_failing_notification_never_changes_the_exit_code(fake, serve, tmp_path: Path, where: str) -> None:
+    if where == "closed port":
+        url = f"json://127.0.0.1:{closed_port()}/hook"
+    else:
+        rec = Receiver(status=500)
+        url = serve(rec.app).replace("http://", "json://") + "/hook"
+    inp = write_csv(tmp_path / "in.csv", prompts(2))
+    res = cli(submit_args(fake, tmp_path, inp, extra=["--notify", url]))
+    assert res.exit_code == 0, res.output
+    failed = [json.loads(line) for line in res.output.splitlines() if '"notify_failed"' in line]
+    assert len(failed) == 1 and failed[0]["level"] == "warning" and failed[0]["to"] == "json://127.0.0.1"
+    assert "Traceback" not in res.output
+
+
+def test_a_bad_notify_url_is_a_usage_error_before_anything_is_sent(fake, tmp_path: Path) -> None:
+    inp = write_csv(tmp_path / "in.csv", prompts(2))
+    res = cli(submit_args(fake, tmp_path, inp, extra=["--notify", "nosuchscheme://x"]))
+    assert res.exit_code == 2
+    assert "--notify nosuchscheme://***: not a notification URL Apprise knows" in res.output
+    assert fake.state.submissions() == []
+
+
+def test_job_file_notify(fake, receiver, tmp_path: Path) -> None:
+    rec, url = receiver
+    write_csv(tmp_path / "in.csv", prompts(2))
+    job = tmp_path / "night.toml"
+    job.write_text(f'inputs = ["in.csv"]\noutput = "out.parquet"\nstate = "s.sqlite"\nbase_url = "{fake.url}"\n'
+                   f'rate = "0"\nnotify = ["{url}"]\n')
+    res = cli(["run", str(job)])
+    assert res.exit_code == 0, res.output
+    assert len(rec.messages) == 1 and rec.messages[0]["title"].startswith(f"seedance-batch run {job}: exit 0")
+
+
+def test_no_secret_reaches_the_receiver(receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    rec, url = receiver
+    monkeypatch.setenv("PGPASSWORD", "pg-Secret-Pass-42")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nightly:db%2Fpass-77@db.internal:5432/videos")
+    logs.configure("warning", secrets=[KEY])
+    error = (f"HTTP 401 for key {KEY}; proxy http://corp-user:proxy-pass-99@proxy.corp:3128 refused; "
+             "Authorization: Bearer abc.def.ghi; connect to postgresql://nightly:db/pass-77@db.internal failed "
+             "(password pg-Secret-Pass-42)")
+    notify.arm([url], "submit", notify.url_secrets("http://corp-user:proxy-pass-99@proxy.corp:3128"))
+    notify.fatal(5, error)
+    notify.fatal(5, "a second fatal call sends nothing")
+    assert len(rec.messages) == 1
+    sent = json.dumps(rec.messages[0])
+    for secret in (KEY, "proxy-pass-99", "corp-user", "abc.def.ghi", "db/pass-77", "db%2Fpass-77", "pg-Secret-Pass-42"):
+        assert secret not in sent, secret
+    assert "HTTP 401" in sent and "proxy.corp:3128" in sent  # the rest of the story stays
