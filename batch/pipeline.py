@@ -44,7 +44,7 @@ from batch.errors import (
 from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
 from batch.ledger import AsyncLedger, Entry, Ledger, locked_ledger, utcnow
-from batch.load import Unreadable, load_inputs
+from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
 from batch.preflight import Check, fatal, run_checks
 from batch.prices import Pricing
@@ -96,6 +96,8 @@ class RunOptions:
     deadline: float | None = None  # epoch seconds
     grace: float = 30.0
     sheet: str | None = None
+    header_row: int | None = None  # 1-based row of the header (default: the first holding a prompt column)
+    encoding: str | None = None  # of CSV/TSV inputs that are neither UTF-8 nor UTF-16
     command: str = "submit"
     progress_interval: float = 10.0
     progress_tty: bool | None = None  # None: decide by stderr being a TTY
@@ -127,6 +129,7 @@ class Summary:
     fatal: bool = False
     local_fault: str | None = None
     unreadable: list[Unreadable] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # files (sheets) found but not inputs
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -150,7 +153,8 @@ class Summary:
             "send_rate_per_s": round(self.send_rate_per_s, 3), "stop_reason": self.stop_reason,
             "interrupted": self.interrupted, "results": self.results, "state": self.state,
             "local_fault": self.local_fault, "exit_code": self.exit_code,
-            "unreadable": [{"source": u.source, "error": u.error} for u in self.unreadable], **self.extra,
+            "unreadable": [{"source": u.source, "error": u.error} for u in self.unreadable],
+            "skipped_files": [{"source": s.source, "reason": s.reason} for s in self.skipped], **self.extra,
         }
 
 
@@ -235,17 +239,30 @@ def consult_ledger(state: Path, api: str) -> Ledger | None:
         return None
 
 
-def load_and_expand(opts: RunOptions, run_id: str) -> tuple[Expander, list[Unreadable]]:
+def read_options(opts: RunOptions) -> ReadOptions:
+    """How the loader reads the inputs; which headers name the prompt column (none is
+    required when a template or ``--param prompt=`` makes the prompt)."""
+    spec = opts.expand
+    names: frozenset[str] = frozenset()
+    if not spec.prompt_template and "prompt" not in spec.params:
+        names = frozenset({"prompt"} | {header_name(src) for src, dst in spec.columns.items()
+                                        if header_name(dst) == "prompt"})
+    return ReadOptions(opts.sheet, opts.header_row, opts.encoding, names)
+
+
+def load_and_expand(opts: RunOptions, run_id: str) -> tuple[Expander, list[Unreadable], list[Skipped]]:
     """file → rows → the expansion (requests are generated lazily from it)."""
-    tables, unreadable = load_inputs(opts.inputs, opts.sheet)
+    tables, unreadable, skipped = load_inputs(opts.inputs, options=read_options(opts))
     if any(opts.output.same_file(t.location) for t in tables):
         raise ConfigError(f"--output {opts.output} is also an input: it would overwrite tonight's prompts")
     for failed in unreadable:
         log.error("input_unreadable", source=failed.source, error=failed.error)
+    for passed in skipped:
+        log.warning("input_skipped", source=passed.source, reason=passed.reason)
     expander = Expander(tables, opts.expand, Catalog(opts.models_dir))
     log.info("loaded", files=len(tables), rows=sum(t.df.height for t in tables), run_id=run_id,
              dry_run=opts.dry_run, columns=expander.mapping_lines())
-    return expander, unreadable
+    return expander, unreadable, skipped
 
 
 def plan(opts: RunOptions, expander: Expander, output: Target | None,
@@ -288,11 +305,12 @@ def run_submit(opts: RunOptions) -> Summary:
     run_id = new_run_id()
     check_output_path(opts.output)
     with interruptible():  # Ctrl-C while a large file loads: exit 4, not a traceback
-        expander, unreadable = load_and_expand(opts, run_id)
+        expander, unreadable, skipped = load_and_expand(opts, run_id)
         if opts.dry_run:
             output = dry_run_output(opts.output)
             tally = plan(opts, expander, output)
-            summary = _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable)
+            summary = _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable,
+                                 skipped=skipped)
             summary.extra["columns"] = expander.mapping_lines()
             return summary
         routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_in_use}
@@ -311,7 +329,7 @@ def run_submit(opts: RunOptions) -> Summary:
         spool = RequestSpool(opts.output.temp_dir(), schema)
         try:
             outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), ledger, run_id))
-            summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable)
+            summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable, skipped)
         finally:
             spool.close()
         with contextlib.suppress(sqlite3.Error):  # a full disk: the summary already says so
@@ -331,13 +349,15 @@ class _Outcome:
 
 
 def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: Ledger, run_id: str,
-                   outcome: _Outcome, started: float, unreadable: list[Unreadable]) -> Summary:
+                   outcome: _Outcome, started: float, unreadable: list[Unreadable],
+                   skipped: list[Skipped] | None = None) -> Summary:
     """Write the results table (unless a second signal aborted the run) and summarize."""
     stats = outcome.stats
     if outcome.aborted:
         # A second signal: leave now. The ledger is consistent; the table is not rewritten.
         return Summary(run_id, {}, [], time.monotonic() - started, stats.sent, stats.send_rate,
-                       stats.stop_reason, outcome.interrupted, "", str(opts.state), unreadable=unreadable)
+                       stats.stop_reason, outcome.interrupted, "", str(opts.state), unreadable=unreadable,
+                       skipped=list(skipped or []))
     # A run that stopped early has not read every request: expand the input again.
     frames = spool.frames() if spool.complete else request_frames(expander, spool.schema)
     with interruptible():
@@ -353,7 +373,7 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     if table_error:
         faults.append(f"{table_error}; every outcome is in the ledger {opts.state}: rerun to write the table "
                       f"(nothing is sent twice)")
-    return _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable)
+    return _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable, skipped)
 
 
 def planned_cost(opts: RunOptions, expander: Expander) -> float | None:
@@ -490,7 +510,8 @@ def shared_budget(directory: Path | None, key: Secret) -> SharedBudget | None:
 
 
 def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outcome: _Outcome | None,
-               local_fault: str | None = None, unreadable: list[Unreadable] | None = None) -> Summary:
+               local_fault: str | None = None, unreadable: list[Unreadable] | None = None,
+               skipped: list[Skipped] | None = None) -> Summary:
     stats = outcome.stats if outcome else None
     summary = Summary(
         run_id=run_id,
@@ -506,6 +527,7 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
         fatal=bool(stats and stats.fatal),
         local_fault=local_fault,
         unreadable=list(unreadable or []),
+        skipped=list(skipped or []),
     )
     estimate = tally.estimate()
     if estimate:

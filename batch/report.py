@@ -46,6 +46,8 @@ def render(summary: dict[str, Any]) -> str:
         lines.extend(render_estimate(estimate))
     for item in summary.get("unreadable") or []:
         lines.append(f"  unreadable: {item['source']}: {item['error']}  <-")
+    for item in summary.get("skipped_files") or []:
+        lines.append(f"  skipped: {item['source']}: {item['reason']}")
     for line in summary.get("columns") or []:
         lines.append(f"  columns: {line}")
     for key in ("stop_reason", "interrupted"):
