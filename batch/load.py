@@ -621,10 +621,15 @@ def _sheet_table(path: Path, reader: fastexcel.ExcelReader, index: int, info: xl
     return Table(where, path, df, first_row, notes, kinds, info.name, min(columns) if columns else 0)
 
 
+_EXCEL_TIME = re.compile(r"(?:1899-12-3[01][ T])?(\d\d):(\d\d)(?::00(?:\.0+)?)?")
+
+
 def _ratio_hint(value: object) -> str | None:
     """Excel turns ``16:9`` typed into a cell into the time 16:09: say so, not just 'no text'."""
     hours = minutes = None
-    if isinstance(value, dt.timedelta) and value < dt.timedelta(days=1):
+    if isinstance(value, str) and (m := _EXCEL_TIME.fullmatch(value.strip())):
+        hours, minutes = int(m.group(1)), int(m.group(2))  # a mixed column: fastexcel gives text
+    elif isinstance(value, dt.timedelta) and value < dt.timedelta(days=1):
         hours, minutes = divmod(int(value.total_seconds()) // 60, 60)
     elif isinstance(value, dt.time) or (isinstance(value, dt.datetime)
                                         and value.date() in (dt.date(1899, 12, 31), dt.date(1899, 12, 30))):
