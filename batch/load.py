@@ -146,13 +146,20 @@ def _lock_or_hidden(path: Path | PurePosixPath) -> str | None:
     return None
 
 
-def own_file_kind(path: Path) -> str | None:
-    """What a non-table file the tool writes beside its tables is, by name or content."""
-    name = path.name.lower()
+def own_name_kind(name: str) -> str | None:
+    """What a non-table file the tool writes beside its tables is, by its name."""
+    name = name.lower()
     if name.endswith(".summary.json"):
         return "a run summary"
     if name.endswith(".rescue.jsonl"):
         return "a ledger rescue file"
+    return None
+
+
+def own_file_kind(path: Path) -> str | None:
+    """What a non-table file the tool writes beside its tables is, by name or content."""
+    if (kind := own_name_kind(path.name)) is not None:
+        return kind
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -175,14 +182,17 @@ def results_kind(df: pl.DataFrame, metadata: Mapping[bytes, bytes] | None = None
     return None
 
 
+def _not_input(kind: str | None) -> str:
+    return f"{kind} of seedance-batch" if kind else f"not {KINDS} file"
+
+
 def _candidate(path: Path, skipped: list[Skipped]) -> bool:
     """Whether a file a directory or glob yields is read; if not, why goes to ``skipped``."""
     if not path.is_file():
         return False  # subdirectories are not read (a glob with ** reaches into them)
     why = _lock_or_hidden(path)
     if why is None and path.suffix.lower() not in SUFFIXES:
-        why = own_file_kind(path) or f"not {KINDS} file"
-        why = why if why.startswith("not ") else f"{why} of seedance-batch"
+        why = _not_input(own_file_kind(path))
     if why is not None:
         skipped.append(Skipped(str(path), why))
         return False
@@ -198,11 +208,15 @@ def resolve_inputs(specs: Iterable[str]) -> tuple[list[tuple[Path | str, bool]],
     skipped: list[Skipped] = []
     for spec in specs:
         if storage.is_remote(spec):
+            passed: list[str] = []
             try:
-                objects = storage.list_objects(spec, SUFFIXES)
+                objects = storage.list_objects(spec, SUFFIXES, passed)
             except InputError as exc:
                 missing.append(Unreadable(spec, str(exc).removeprefix(f"{spec}: ")))
                 continue
+            for url in passed:
+                name = PurePosixPath(url).name
+                skipped.append(Skipped(url, _lock_or_hidden(PurePosixPath(name)) or _not_input(own_name_kind(name))))
             if not objects:
                 missing.append(Unreadable(spec, f"no {KINDS.removeprefix('a ')} object matches"))
             paths.extend((o, o == spec) for o in objects)
@@ -362,7 +376,7 @@ def _read_csv(path: Path, options: ReadOptions) -> Table:
                          skip_rows=skip + (1 if sep_line else 0))
     except pl.exceptions.ComputeError as exc:
         if "more fields" in str(exc):
-            raise InputError(f"{path}: {_ragged_line(source, separator)}") from None
+            raise InputError(f"{path}: {_ragged_line(source, separator, skip + (1 if sep_line else 0))}") from None
         raise
     if separator == ";":
         df = _decimal_commas(df)
@@ -456,12 +470,14 @@ def _sniff(text: str) -> str:
     return best if counts[best] else ","
 
 
-def _ragged_line(source: Path | bytes, separator: str) -> str:
+def _ragged_line(source: Path | bytes, separator: str, skip: int = 0) -> str:
     """Which record has more fields than the header (only run when polars says one does)."""
     handle = io.StringIO(source.decode("utf-8", "replace")) if isinstance(source, bytes) \
         else open(source, encoding="utf-8-sig", errors="replace", newline="")  # noqa: SIM115
     with handle:
         reader = csv.reader(handle, delimiter=separator)
+        for _ in range(skip):  # a sep= line, title rows
+            next(reader, None)
         width = len(next(reader, []))
         for record in reader:
             if len(record) > width:

@@ -318,3 +318,27 @@ def test_a_windows_csv_needs_its_encoding_named(fake: FakeServer, tmp_path: Path
     wrong = cli(["submit", str(source), "-o", str(tmp_path / "x.parquet"), "--dry-run", "--encoding", "utf-7x",
                  "--state", str(tmp_path / "s2.sqlite")])
     assert wrong.exit_code == 2 and "--encoding utf-7x: unknown encoding" in wrong.stderr
+
+
+def test_job_file_sheets_header_row_and_encoding(tmp_path: Path) -> None:
+    """The new reading options in a job file: a list of sheets, header_row, encoding;
+    a ragged line below a sep= line and a title row is named by its own line number."""
+    _two_prompt_sheets(tmp_path / "plan.xlsx")
+    (tmp_path / "win.csv").write_bytes("Liste\r\nprompt\r\nCrème brûlée\r\n".encode("cp1252"))
+    job = tmp_path / "job.toml"
+    job.write_text('inputs = ["plan.xlsx"]\noutput = "r.parquet"\nsheet = ["January", 1]\n')
+    assert cli(["run", str(job), "--dry-run", "--state", str(tmp_path / "s.sqlite")]).exit_code == 0
+    assert pl.read_parquet(tmp_path / "r.parquet")["prompt"].to_list() == [
+        "january snow", "january fog", "december waves"]
+    job.write_text('inputs = ["win.csv"]\noutput = "w.parquet"\nencoding = "cp1252"\nheader_row = 2\n')
+    ran = cli(["run", str(job), "--dry-run", "--state", str(tmp_path / "s.sqlite")])
+    assert ran.exit_code == 0, ran.output
+    assert pl.read_parquet(tmp_path / "w.parquet").select("row", "prompt").rows() == [(3, "Crème brûlée")]
+    job.write_text('inputs = ["win.csv"]\noutput = "w.parquet"\nheader_row = 0\n')
+    bad = cli(["run", str(job), "--dry-run", "--state", str(tmp_path / "s.sqlite")])
+    assert bad.exit_code == 2 and "header_row" in bad.stderr
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("sep=;\nTitle;\nprompt;duration\na;5\nb;5;extra\n")
+    res = cli(["submit", str(ragged), "-o", str(tmp_path / "g.parquet"), "--dry-run", "--header-row", "2",
+               "--state", str(tmp_path / "s.sqlite")])
+    assert res.exit_code == 2 and "line 5 has 3 fields, the header has 2" in res.stderr
