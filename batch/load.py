@@ -174,7 +174,8 @@ def results_kind(df: pl.DataFrame, metadata: Mapping[bytes, bytes] | None = None
     """Whether a table is one the tool wrote: its Parquet mark, or a results table's
     columns (request_id, status and the outcome columns), in whatever format it was saved."""
     if metadata and OWN_MARK in metadata:
-        kind = metadata[OWN_MARK].decode("utf-8", "replace")
+        # The mark's value is the file's text: only the kinds the writer uses are echoed.
+        kind = "dry-run results" if metadata[OWN_MARK] == b"dry-run results" else "results"
         return f"a {kind} table (marked in its Parquet metadata)"
     names = {header_name(c) for c in df.columns}
     if {"request_id", "status"} <= names and len(RESULT_MARK_COLUMNS & names) >= 3:
@@ -571,7 +572,9 @@ def _read_workbook(path: Path, options: ReadOptions) -> tuple[list[Table], list[
                 names = ", ".join(repr(s.name) for s in with_prompt)
                 raise InputError(f"{path}: sheets {names} each have a prompt column: name the ones to read with "
                                  "--sheet NAME, --sheet 'NAME,NAME' or --sheet all")
-            if not with_prompt and options.prompt_names:
+            # One visible sheet without a prompt column is read from its first row: the
+            # column mapping then says what it lacks (and may map another header to prompt).
+            if not with_prompt and options.prompt_names and len(visible) > 1:
                 looked = ", ".join(repr(s.name) for s in visible)
                 hidden = [s.name for s in sheets if s.state != "visible"]
                 raise InputError(f"{path}: no sheet has a 'prompt' column in its first {HEAD_ROWS} rows (looked at "

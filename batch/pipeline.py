@@ -243,7 +243,7 @@ def read_options(opts: RunOptions) -> ReadOptions:
     """How the loader reads the inputs; which headers name the prompt column (none is
     required when a template or ``--param prompt=`` makes the prompt)."""
     spec = opts.expand
-    names: frozenset[str] = frozenset()
+    names: frozenset[str] = frozenset()  # add the prompt field's header synonyms here when there are any
     if not spec.prompt_template and "prompt" not in spec.params:
         names = frozenset({"prompt"} | {header_name(src) for src, dst in spec.columns.items()
                                         if header_name(dst) == "prompt"})

@@ -342,3 +342,17 @@ def test_job_file_sheets_header_row_and_encoding(tmp_path: Path) -> None:
     res = cli(["submit", str(ragged), "-o", str(tmp_path / "g.parquet"), "--dry-run", "--header-row", "2",
                "--state", str(tmp_path / "s.sqlite")])
     assert res.exit_code == 2 and "line 5 has 3 fields, the header has 2" in res.stderr
+
+
+def test_a_single_sheet_without_a_prompt_column_is_left_to_the_column_mapping(tmp_path: Path) -> None:
+    """One visible sheet: read from its first row as before, and the mapping's error names
+    the sheet and its columns (a header mapped to prompt is the mapping's to find)."""
+    book = openpyxl.Workbook()
+    book.active.title = "Shots"
+    book.active.append(["text", "seconds"])
+    book.active.append(["a red balloon", "5"])
+    book.save(tmp_path / "shots.xlsx")
+    res = cli(["submit", str(tmp_path / "shots.xlsx"), "-o", str(tmp_path / "r.parquet"), "--dry-run",
+               "--state", str(tmp_path / "s.sqlite")])
+    assert res.exit_code == 2
+    assert f"{tmp_path / 'shots.xlsx'}[Shots]: no 'prompt' column (columns: text, seconds)" in res.stderr
