@@ -645,7 +645,7 @@ def check(ctx: click.Context, targets: tuple[str, ...], **kw: Any) -> None:
     opts = build_options({**kw, "output": os.devnull}, command="check", job=job)
     models, estimate = [opts.expand.model], None
     if opts.inputs:
-        expander, _ = load_and_expand(opts, "check")
+        expander, _, _ = load_and_expand(opts, "check")
         models = expander.models_in_use
         estimate = planned_cost(opts, expander)
     checks = asyncio.run(run_check(opts, models, estimate))
