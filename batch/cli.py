@@ -299,7 +299,11 @@ def common_options(fn: Any) -> Any:
                      help="Stop starting requests at a duration (90m) or clock time (06:00). [env SEEDANCE_BATCH_DEADLINE]"),
         click.option("--grace", type=click.FloatRange(0, 3600), default=30.0, show_default=True,
                      help="On SIGINT/SIGTERM/deadline, seconds to wait for requests in flight."),
-        click.option("--sheet", help="Excel sheet name or 1-based number (default: the first)."),
+        click.option("--sheet", help="Workbook sheet name or 1-based number, a comma list, or 'all' (default: the "
+                     "visible sheet with a prompt column)."),
+        click.option("--header-row", type=click.IntRange(1, 20),
+                     help="1-based row of the header (default: the first row with a prompt column)."),
+        click.option("--encoding", help="Encoding of CSV/TSV files that are not UTF-8/UTF-16 (e.g. cp1252)."),
         allow_insecure_option(),
         transport_options,
         click.option("--metrics-file", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_METRICS_FILE",
@@ -504,6 +508,8 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         deadline=log_deadline(kw["deadline"], parse_deadline(kw["deadline"])) if kw["deadline"] else None,
         grace=kw["grace"],
         sheet=kw["sheet"],
+        header_row=kw.get("header_row"),
+        encoding=kw.get("encoding"),
         command=command,
         progress_interval=kw["progress_interval"],
         collect=CollectConfig(
@@ -563,7 +569,7 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
         kw["log_level"] = "warning"  # the report is the output; warnings still say what was skipped
     job, kw = job_or_inputs(ctx, targets, kw)
     opts = build_options({**kw, "dry_run": True, "output": os.devnull}, command="validate", job=job)
-    expander, unreadable = load_and_expand(opts, "validate")
+    expander, unreadable, skipped = load_and_expand(opts, "validate")
     for line in expander.mapping_lines():
         click.echo(f"columns: {line}")
     shown = 0
@@ -582,7 +588,8 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
     counts = {("would send" if k == "dry_run" else k): v for k, v in tally.counts.items()}
     summary = {"title": "seedance-batch validate", "counts": counts, "estimate": tally.estimate(),
                "unreadable": [{"source": u.source, "error": u.error} for u in unreadable],
-               "passthrough_columns": expander.passthrough_columns()}
+               "passthrough_columns": expander.passthrough_columns(),
+               "skipped_files": [{"source": s.source, "reason": s.reason} for s in skipped]}
     click.echo(render(summary))
     sys.exit(1 if invalid or unreadable else 0)
 
@@ -695,7 +702,7 @@ def check(ctx: click.Context, targets: tuple[str, ...], **kw: Any) -> None:
     opts = build_options({**kw, "output": os.devnull}, command="check", job=job)
     models, estimate = [opts.expand.model], None
     if opts.inputs:
-        expander, _ = load_and_expand(opts, "check")
+        expander, _, _ = load_and_expand(opts, "check")
         models = expander.models_in_use
         estimate = planned_cost(opts, expander)
     checks = asyncio.run(run_check(opts, models, estimate))

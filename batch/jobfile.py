@@ -28,7 +28,9 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "inputs": ((list, str), "a list of files, directories or globs"),
     "output": ((str,), "a results path (.parquet or .csv)"),
     "state": ((str,), "a state file path"),
-    "sheet": ((str, int), "an Excel sheet name or number"),
+    "sheet": ((str, int, list), "a workbook sheet name or number, a list of them, or \"all\""),
+    "header_row": ((int,), "the 1-based row of the header (1 to 20)"),
+    "encoding": ((str,), "the encoding of CSV/TSV inputs that are not UTF-8 (e.g. cp1252)"),
     "base_url": ((str,), "a URL"),
     "model": ((str,), "a model slug provider/model"),
     "endpoint": ((str,), "a route form (seed, async, v1) or a URL template"),
@@ -138,5 +140,10 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
         if not all(isinstance(v, str) for v in values.get(key, [])):
             raise _fail(path, key, "expected a list of strings")
     if "sheet" in values:
-        values["sheet"] = str(values["sheet"])
+        sheets = values["sheet"] if isinstance(values["sheet"], list) else [values["sheet"]]
+        if not sheets or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in sheets):
+            raise _fail(path, "sheet", "expected a sheet name or number, or a list of them")
+        values["sheet"] = ",".join(str(v) for v in sheets)
+    if "header_row" in values and not (isinstance(values["header_row"], int) and 1 <= values["header_row"] <= 20):
+        raise _fail(path, "header_row", "expected a row number from 1 to 20")
     return JobFile(path, values, template)

@@ -16,7 +16,6 @@ API and the README's model table all read these specs; nothing else lists fields
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 
 from batch.api import check_slug
 from batch.errors import ConfigError
+from batch.names import normalize_name
 
 SHIPPED = "shipped"
 
@@ -94,17 +94,6 @@ class ModelSpec:
     def default(self, name: str) -> Any:
         spec = self.fields.get(name)
         return spec.default if spec is not None else None
-
-
-_UNITS = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")  # "Length (s)", "Ratio (W:H)", "Duration [sec]"
-_SEPARATORS = re.compile(r"[\s\-./:]+")
-
-
-def normalize_name(text: str) -> str:
-    """How a header or a parameter names a field: units in parentheses or brackets
-    dropped, lower case, spaces, hyphens, dots, slashes and colons as one ``_``."""
-    name = _SEPARATORS.sub("_", _UNITS.sub(" ", text).strip().lower())
-    return re.sub(r"_+", "_", name).strip("_")
 
 
 def _aliases(value: Any) -> tuple[str, ...]:

@@ -49,7 +49,7 @@ from batch.errors import (
 from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
 from batch.ledger import AsyncLedger, Entry, Ledger, companion, locked_ledger, night_of, utcnow
-from batch.load import Unreadable, load_inputs
+from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
 from batch.preflight import Check, fatal, run_checks
 from batch.prices import Pricing
@@ -103,6 +103,8 @@ class RunOptions:
     deadline: float | None = None  # epoch seconds
     grace: float = 30.0
     sheet: str | None = None
+    header_row: int | None = None  # 1-based row of the header (default: the first holding a prompt column)
+    encoding: str | None = None  # of CSV/TSV inputs that are neither UTF-8 nor UTF-16
     command: str = "submit"
     progress_interval: float = 10.0
     progress_tty: bool | None = None  # None: decide by stderr being a TTY
@@ -135,6 +137,7 @@ class Summary:
     fatal: bool = False
     local_fault: str | None = None
     unreadable: list[Unreadable] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # files (sheets) found but not inputs
     extra: dict[str, Any] = field(default_factory=dict)
     table_written: bool = False  # the results table holds this run's outcomes (not in as_dict)
 
@@ -159,7 +162,8 @@ class Summary:
             "send_rate_per_s": round(self.send_rate_per_s, 3), "stop_reason": self.stop_reason,
             "interrupted": self.interrupted, "results": self.results, "state": self.state,
             "local_fault": self.local_fault, "exit_code": self.exit_code,
-            "unreadable": [{"source": u.source, "error": u.error} for u in self.unreadable], **self.extra,
+            "unreadable": [{"source": u.source, "error": u.error} for u in self.unreadable],
+            "skipped_files": [{"source": s.source, "reason": s.reason} for s in self.skipped], **self.extra,
         }
 
 
@@ -244,17 +248,31 @@ def consult_ledger(state: Path, api: str) -> Ledger | None:
         return None
 
 
-def load_and_expand(opts: RunOptions, run_id: str) -> tuple[Expander, list[Unreadable]]:
+def read_options(opts: RunOptions) -> ReadOptions:
+    """How the loader reads the inputs; which headers name the prompt column (none is
+    required when a template or ``--param prompt=`` makes the prompt)."""
+    spec = opts.expand
+    names: frozenset[str] = frozenset()
+    if not spec.prompt_template and "prompt" not in spec.params:
+        synonyms = {alias for alias, name in Catalog(opts.models_dir).aliases().items() if name == "prompt"}
+        names = frozenset({"prompt"} | synonyms | {header_name(src) for src, dst in spec.columns.items()
+                                                   if header_name(dst) == "prompt"})
+    return ReadOptions(opts.sheet, opts.header_row, opts.encoding, names)
+
+
+def load_and_expand(opts: RunOptions, run_id: str) -> tuple[Expander, list[Unreadable], list[Skipped]]:
     """file → rows → the expansion (requests are generated lazily from it)."""
-    tables, unreadable = load_inputs(opts.inputs, opts.sheet)
+    tables, unreadable, skipped = load_inputs(opts.inputs, options=read_options(opts))
     if any(opts.output.same_file(t.location) for t in tables):
         raise ConfigError(f"--output {opts.output} is also an input: it would overwrite tonight's prompts")
     for failed in unreadable:
         log.error("input_unreadable", source=failed.source, error=failed.error)
+    for passed in skipped:
+        log.warning("input_skipped", source=passed.source, reason=passed.reason)
     expander = Expander(tables, opts.expand, Catalog(opts.models_dir))
     log.info("loaded", files=len(tables), rows=sum(t.df.height for t in tables), run_id=run_id,
              dry_run=opts.dry_run, columns=expander.mapping_lines())
-    return expander, unreadable
+    return expander, unreadable, skipped
 
 
 def plan(opts: RunOptions, expander: Expander, output: Target | None,
@@ -330,13 +348,13 @@ def run_submit(opts: RunOptions) -> Summary:
     run_id = new_run_id()
     check_output_path(opts.output)
     with interruptible():  # Ctrl-C while a large file loads: exit 4, not a traceback
-        expander, unreadable = load_and_expand(opts, run_id)
+        expander, unreadable, skipped = load_and_expand(opts, run_id)
         if opts.dry_run:
             output = dry_run_output(opts.output)
             probe_outputs(opts, output)
             tally = plan(opts, expander, output)
             summary = _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable,
-                                 passthrough=expander.passthrough_columns())
+                                 passthrough=expander.passthrough_columns(), skipped=skipped)
             summary.extra["columns"] = expander.mapping_lines()
             record_summary(output, summary, opts, sent=False)
             return summary
@@ -375,12 +393,13 @@ def run_submit(opts: RunOptions) -> Summary:
                 rescue = companion(opts.state, "rescue.jsonl")  # written by the ledger if it broke meanwhile
                 outcome = _Outcome(RunStats(sent=claimed, stop_reason="internal error"), None, False,
                                    crash=_describe(exc), rescue=rescue if rescue.exists() else None)
-            summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable)
+            summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable,
+                                         skipped)
         except Exception as exc:
             if _claimed(ledger, run_id) == 0:
                 raise
             log.error("results_failed_after_sending", error=_describe(exc))
-            summary = _rescue(opts, ledger, run_id, outcome, started, unreadable, exc)
+            summary = _rescue(opts, ledger, run_id, outcome, started, unreadable, exc, skipped)
         except Interrupted:  # a signal while the table is written: exit 4, saying where the ids are
             log.error("interrupted_after_sending", results=str(opts.output),
                       where=where_ids(opts, False, outcome.rescue if outcome else None))
@@ -454,13 +473,15 @@ class _Outcome:
 
 
 def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: Ledger, run_id: str,
-                   outcome: _Outcome, started: float, unreadable: list[Unreadable]) -> Summary:
+                   outcome: _Outcome, started: float, unreadable: list[Unreadable],
+                   skipped: list[Skipped] | None = None) -> Summary:
     """Write the results table (unless a second signal aborted the run) and summarize."""
     stats = outcome.stats
     if outcome.aborted:
         # A second signal: leave now. The ledger is consistent; the table is not rewritten.
         return Summary(run_id, {}, [], time.monotonic() - started, stats.sent, stats.send_rate,
-                       stats.stop_reason, outcome.interrupted, "", str(opts.state), unreadable=unreadable)
+                       stats.stop_reason, outcome.interrupted, "", str(opts.state), unreadable=unreadable,
+                       skipped=list(skipped or []))
     # A run that stopped early has not read every request: expand the input again.
     frames = spool.frames() if spool.finish() else request_frames(expander, spool.schema)
     with interruptible():
@@ -481,13 +502,13 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
         faults.append(f"{table_error}; {where_ids(opts, False, outcome.rescue)}: rerun to write the table "
                       f"(nothing is sent twice)")
     summary = _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable,
-                         expander.passthrough_columns())
+                         expander.passthrough_columns(), skipped)
     summary.table_written = not table_error
     return summary
 
 
 def _rescue(opts: RunOptions, ledger: Ledger, run_id: str, outcome: _Outcome | None, started: float,
-            unreadable: list[Unreadable], exc: BaseException) -> Summary:
+            unreadable: list[Unreadable], exc: BaseException, skipped: list[Skipped] | None = None) -> Summary:
     """The results table could not be built the usual way after requests were sent: write
     one from the ledger alone (this run's requests, each with its task id), and a summary
     that says so; exit 6 either way."""
@@ -509,7 +530,8 @@ def _rescue(opts: RunOptions, ledger: Ledger, run_id: str, outcome: _Outcome | N
              f"{what}; {where_ids(opts, table, rescue)}; a rerun writes the whole table (nothing is sent twice)")
     summary = Summary(run_id, counts, [], time.monotonic() - started, stats.sent, stats.send_rate,
                       stats.stop_reason, outcome.interrupted if outcome else None, str(opts.output),
-                      str(opts.state), local_fault=fault, unreadable=unreadable)
+                      str(opts.state), local_fault=fault, unreadable=unreadable,
+                      skipped=list(skipped or []))
     summary.table_written = table
     if rescue is not None:
         summary.extra["rescue"] = str(rescue)
@@ -651,7 +673,7 @@ def shared_budget(directory: Path | None, key: Secret) -> SharedBudget | None:
 
 def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outcome: _Outcome | None,
                local_fault: str | None = None, unreadable: list[Unreadable] | None = None,
-               passthrough: dict[str, list[str]] | None = None) -> Summary:
+               passthrough: dict[str, list[str]] | None = None, skipped: list[Skipped] | None = None) -> Summary:
     stats = outcome.stats if outcome else None
     summary = Summary(
         run_id=run_id,
@@ -667,6 +689,7 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
         fatal=bool(stats and stats.fatal),
         local_fault=local_fault,
         unreadable=list(unreadable or []),
+        skipped=list(skipped or []),
     )
     estimate = tally.estimate()
     if estimate:

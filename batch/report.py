@@ -55,6 +55,8 @@ def render(summary: dict[str, Any]) -> str:
     if summary.get("edited"):
         lines.append(f"  edited: {summary['edited']} requests whose id was submitted before with other content "
                      f"were sent as new paid videos  <-")
+    for item in summary.get("skipped_files") or []:
+        lines.append(f"  skipped: {item['source']}: {item['reason']}")
     for line in summary.get("columns") or []:
         lines.append(f"  columns: {line}")
     for source, columns in (summary.get("passthrough_columns") or {}).items():

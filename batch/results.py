@@ -34,6 +34,7 @@ from batch.errors import ConfigError
 from batch.estimate import LABEL, Estimator, Labels, count_edited
 from batch.expand import Expander, Request, chunks
 from batch.ledger import OUTCOME_COLUMNS
+from batch.load import OWN_MARK
 from batch.storage import Target
 
 STATUSES = ("submitted", "skipped", "failed", "invalid", "unknown", "pending", "dry_run")
@@ -379,6 +380,7 @@ class AtomicTableWriter:
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/discard
         self._parquet: pq.ParquetWriter | None = None
         self._header = True
+        self.kind = "results"
 
     def write(self, df: pl.DataFrame) -> None:
         if self.csv:
@@ -393,8 +395,11 @@ class AtomicTableWriter:
             return
         table = df.to_arrow()
         if self._parquet is None:
-            self._parquet = pq.ParquetWriter(self._file, table.schema, compression="zstd")
-        self._parquet.write_table(table)
+            # Marked as the tool's own, so that a results table left (or renamed) among the
+            # inputs is never read as prompts again (batch.load.results_kind).
+            schema = table.schema.with_metadata({**(table.schema.metadata or {}), OWN_MARK: self.kind.encode()})
+            self._parquet = pq.ParquetWriter(self._file, schema, compression="zstd")
+        self._parquet.write_table(table.replace_schema_metadata(self._parquet.schema.metadata))
 
     def commit(self, empty_schema: dict[str, pl.DataType]) -> None:
         if self._parquet is None and (not self.csv or self._header):
@@ -491,6 +496,7 @@ def write_results(
     try:
         if path is not None:
             writer = AtomicTableWriter(path)
+            writer.kind = "dry-run results" if how.dry_run else "results"
     except WRITE_ERRORS as exc:
         failed(exc)
     try:

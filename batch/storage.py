@@ -124,9 +124,10 @@ def _fail(url: object, exc: Exception) -> InputError:
 
 # -- inputs ----------------------------------------------------------------------------------
 
-def list_objects(spec: str, suffixes: tuple[str, ...]) -> list[str]:
+def list_objects(spec: str, suffixes: tuple[str, ...], passed: list[str] | None = None) -> list[str]:
     """The objects a spec names: one object, every object under a prefix (``.../``), or a
-    glob (``*``, ``?``, ``[...]`` in the key), sorted, with one of ``suffixes``."""
+    glob (``*``, ``?``, ``[...]`` in the key), sorted, with one of ``suffixes``; the other
+    objects the prefix or glob matches go to ``passed`` (to be named, not read)."""
     import obstore
 
     url = ObjectUrl.parse(spec)
@@ -141,13 +142,17 @@ def list_objects(spec: str, suffixes: tuple[str, ...]) -> list[str]:
             for meta in batch:
                 key = meta["path"]
                 name = PurePosixPath(key).name
-                if name.startswith(("~$", ".")) or not key.lower().endswith(suffixes):
-                    continue
                 if glob and not fnmatch.fnmatchcase(key, url.key):
+                    continue
+                if name.startswith(("~$", ".")) or not key.lower().endswith(suffixes):
+                    if passed is not None and not key.endswith("/"):
+                        passed.append(str(ObjectUrl(url.scheme, url.bucket, key)))
                     continue
                 found.append(str(ObjectUrl(url.scheme, url.bucket, key)))
     except Exception as exc:  # obstore raises its own error types per cloud
         raise _fail(spec, exc) from None
+    if passed is not None:
+        passed.sort()
     return sorted(found)
 
 

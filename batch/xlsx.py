@@ -35,6 +35,7 @@ from xml.sax.saxutils import escape
 
 from batch.errors import InputError
 
+HEAD_ROWS = 20  # rows searched for the header below a workbook's title rows
 MAX_PART_BYTES = 512 << 20  # uncompressed XML of one part; a 100k-row prompt sheet is ~25 MB
 MARKER = "\ue000seedance-batch: oversized cell of "  # private-use char: never in real text
 _NS = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
@@ -202,15 +203,18 @@ class SheetScan:
     merged: list[tuple[int, int, int, int, str]] = field(default_factory=list)  # r1, c1, r2, c2, "A2:A4"
     types: dict[tuple[int, int], str] = field(default_factory=dict)  # (row, col) -> n (number), b, d, e, date
     inline_oversized: dict[tuple[int, int], int] = field(default_factory=dict)
-    header: dict[int, tuple[str, str]] = field(default_factory=dict)  # col -> (t, raw value) of the first row
+    # The first HEAD_ROWS rows holding values: row -> col -> (t, raw value); the header is one of them.
+    head: dict[int, dict[int, tuple[str, str]]] = field(default_factory=dict)
 
     def header_strings(self) -> set[int]:
-        """Shared-string indices the header row uses."""
-        return {int(raw) for kind, raw in self.header.values() if kind == "s" and raw.strip().isdigit()}
+        """Shared-string indices the head rows use."""
+        return {int(raw) for cells in self.head.values() for kind, raw in cells.values()
+                if kind == "s" and raw.strip().isdigit()}
 
-    def header_texts(self, shared: dict[int, str]) -> list[str]:
-        return [shared.get(int(raw), "") if kind == "s" and raw.strip().isdigit() else raw
-                for _, (kind, raw) in sorted(self.header.items())]
+    def row_texts(self, row: int, shared: dict[int, str]) -> dict[int, str]:
+        """A head row's cells as text (col -> text), shared strings resolved."""
+        return {col: shared.get(int(raw), "") if kind == "s" and raw.strip().isdigit() else raw
+                for col, (kind, raw) in sorted(self.head.get(row, {}).items())}
 
 
 def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int) -> SheetScan:
@@ -218,8 +222,10 @@ def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int) 
     scan = SheetScan()
     cell: list[object] = [None, None, None, False, False, 0]  # row, col, t, has_f, has_v, inline length
     in_v = in_is = False
-    value: list[str] = []  # text of the current cell, kept for the header row only
-    header_row: list[int] = []
+    value: list[str] = []  # text of the current cell, kept for the head rows only
+
+    def in_head(row: object) -> bool:
+        return isinstance(row, int) and (row in scan.head or len(scan.head) < HEAD_ROWS)
 
     def start(name: str, attrs: dict[str, str]) -> None:
         nonlocal in_v, in_is
@@ -252,7 +258,7 @@ def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int) 
         elif in_is:
             cell[4] = True
             cell[5] = int(cell[5]) + len(data)  # type: ignore[call-overload]
-        if (in_v or in_is) and (not header_row or header_row[0] == cell[0]) and len(value) < 64:
+        if (in_v or in_is) and in_head(cell[0]) and len(value) < 64:
             value.append(data)
 
     def end(name: str) -> None:
@@ -268,9 +274,8 @@ def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int) 
             key = (int(row), int(col))  # type: ignore[call-overload]
             if has_f and not has_v:
                 scan.formulas.append(key)
-            if has_v and (not header_row or header_row[0] == key[0]):
-                header_row[:] = [key[0]]
-                scan.header[key[1]] = (str(kind), "".join(value)[:4096])
+            if has_v and in_head(key[0]):
+                scan.head.setdefault(key[0], {})[key[1]] = (str(kind), "".join(value)[:4096])
             if has_v or has_f:
                 if scan.first_row is None or key[0] < scan.first_row:
                     scan.first_row = key[0]

@@ -180,3 +180,25 @@ def test_an_aws_profile_supplies_the_credentials(fake, bucket: str, tmp_path: Pa
     res = cli(["submit", f"s3://{bucket}/in/a.csv", "-o", str(tmp_path / "r2.parquet"), "--dry-run"])
     assert res.exit_code == 2
     assert "AWS profile nosuch" in error_line(res.stderr if hasattr(res, "stderr") else res.output)
+
+
+def test_results_in_the_input_prefix_are_not_read_again(fake, bucket: str, tmp_path: Path) -> None:
+    """Issue 18 item 1 in a bucket: `submit s3://b/in/ -o s3://b/in/<night>.parquet` night
+    after night pays only for the new prompts; the tool's objects are named as skipped."""
+    put(f"s3://{bucket}/in/a.csv", b"prompt\nfirst night\n")
+    args = ["--base-url", fake.url, "--state", str(tmp_path / "s.sqlite"), "--rate", "0", "--no-preflight"]
+    first = cli(["submit", f"s3://{bucket}/in/", "-o", f"s3://{bucket}/in/n1.parquet", *args])
+    assert first.exit_code == 0, first.output
+    put(f"s3://{bucket}/in/b.csv", b"prompt\nsecond night\n")
+    second = cli(["submit", f"s3://{bucket}/in/", "-o", f"s3://{bucket}/in/n2.parquet", *args])
+    assert second.exit_code == 0, second.output
+    assert len(fake.state.accepted_bodies()) == 2
+    summary = json.loads(get(f"s3://{bucket}/in/n2.parquet.summary.json") or b"{}")
+    assert summary["counts"] == {"skipped": 1, "submitted": 1}
+    assert summary["skipped_files"] == [
+        {"source": f"s3://{bucket}/in/n1.parquet.summary.json", "reason": "a run summary of seedance-batch"},
+        {"source": f"s3://{bucket}/in/n1.parquet",
+         "reason": "a results table (marked in its Parquet metadata) of seedance-batch"}]
+    explicit = cli(["submit", f"s3://{bucket}/in/n1.parquet", "-o", str(tmp_path / "x.parquet"), *args])
+    assert explicit.exit_code == 2
+    assert f"s3://{bucket}/in/n1.parquet: a results table" in error_line(explicit.stderr)

@@ -151,8 +151,13 @@ def test_xlsx_input_with_sheet_choice(fake, tmp_path: Path) -> None:
     assert df["camera_fixed"].to_list() == [True, True, False]
     missing = cli(submit_args(fake, tmp_path, tmp_path / "in.xlsx", extra=["--sheet", "Nope"]))
     assert missing.exit_code == 2 and "Nope" in missing.stderr
-    first_sheet = cli(submit_args(fake, tmp_path, tmp_path / "in.xlsx", out="f.parquet"))
-    assert first_sheet.exit_code == 2 and "no 'prompt' column" in first_sheet.stderr
+    # Without --sheet, the one visible sheet with a prompt column is read (not "Notes"),
+    # and the sheet passed over is named in the summary.
+    default = cli(submit_args(fake, tmp_path, tmp_path / "in.xlsx", out="f.parquet"))
+    assert default.exit_code == 0, default.output
+    assert results(tmp_path / "f.parquet")["status"].to_list() == ["skipped"] * 3
+    summary = json.loads((tmp_path / "f.parquet.summary.json").read_text())
+    assert summary["skipped_files"] == [{"source": f"{tmp_path / 'in.xlsx'}[Notes]", "reason": "no prompt column"}]
 
 
 def test_metrics_file_for_node_exporter(fake, tmp_path: Path) -> None:
