@@ -356,3 +356,21 @@ def test_a_single_sheet_without_a_prompt_column_is_left_to_the_column_mapping(tm
                "--state", str(tmp_path / "s.sqlite")])
     assert res.exit_code == 2
     assert f"{tmp_path / 'shots.xlsx'}[Shots]: no 'prompt' column (columns: text, seconds)" in res.stderr
+
+
+def test_a_sheet_whose_prompt_header_is_a_synonym_is_the_prompt_sheet(fake: FakeServer, tmp_path: Path) -> None:
+    """The loader picks the sheet by its prompt column before any row is mapped: a header
+    the spec reads as the prompt (`Video Prompt`) must count there too, or the one sheet
+    with prompts is refused as having none."""
+    book = openpyxl.Workbook()
+    notes = book.active
+    notes.title = "Notes"
+    notes.append(["how to fill this workbook"])
+    shots = book.create_sheet("Shots")
+    shots.append(["Video Prompt", "Length (s)"])
+    shots.append(["a lighthouse in fog", 5])
+    book.save(tmp_path / "plan.xlsx")
+    result = _submit(fake, tmp_path, tmp_path / "plan.xlsx", out=tmp_path / "r.parquet")
+    assert result.exit_code == 0, result.output
+    assert [b["prompt"] for b in fake.state.accepted_bodies()] == ["a lighthouse in fog"]
+    assert [b.get("duration") for b in fake.state.accepted_bodies()] == [5]
