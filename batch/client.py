@@ -25,6 +25,7 @@ before anything else sees it, so no output and no stored row can carry the key.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import functools
 import json
@@ -47,26 +48,45 @@ from batch.api import check_task_id
 class Secret:
     """An API key that does not print itself: ``repr``/``str`` show ``***``."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_pattern", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        self._pattern: re.Pattern[str] | None = None
 
     def reveal(self) -> str:
         return self._value
 
     def scrub(self, text: str) -> str:
-        """``text`` with every occurrence of the key replaced by ``***``. A value shorter
-        than :data:`MIN_SECRET` is no real key (the fake's, a test's): scrubbing it would
-        rewrite ordinary text."""
-        if len(self._value) >= MIN_SECRET and self._value in text:
-            return text.replace(self._value, "***")
-        return text
+        """``text`` with every occurrence of the key replaced by ``***``, in every form a
+        server or library may hand it back: any letter case, each character as itself or
+        percent-encoded (once or twice, either hex case), a space form-encoded as ``+``,
+        and base64 (standard or URL-safe, padded or not). This is the one scrubber: every
+        place outside text enters the tool calls it (through :func:`clean_text`). A value
+        shorter than :data:`MIN_SECRET` is no real key (the fake's, a test's): scrubbing it
+        would rewrite ordinary text."""
+        if len(self._value) < MIN_SECRET or not text:
+            return text
+        if self._pattern is None:
+            self._pattern = _key_pattern(self._value)
+        return self._pattern.sub("***", text)
 
     def __repr__(self) -> str:
         return "Secret('***')"
 
     __str__ = __repr__
+
+
+def _key_pattern(value: str) -> re.Pattern[str]:
+    def char(c: str) -> str:
+        encoded = "".join(f"%(?:25)?{b:02x}" for b in c.encode())
+        return f"(?:{re.escape(c)}|{encoded}{'|[+]' if c == ' ' else ''})"
+
+    raw = value.encode()
+    b64 = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
+    b64 |= {b.rstrip("=") for b in b64}
+    forms = ["".join(map(char, value)), *(re.escape(b) for b in sorted(b64, key=len, reverse=True))]
+    return re.compile("|".join(forms), re.IGNORECASE)
 
 
 class Kind(Enum):

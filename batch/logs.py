@@ -18,18 +18,32 @@ from typing import Any
 
 import structlog
 
+from batch.client import Secret
+
 LEVELS = ("debug", "info", "warning", "error")
 
 
+_keys: list[Secret] = []  # the process's keys, as configure() was given them
+
+
+def scrub(text: str) -> str:
+    """``text`` with this process's keys scrubbed (:meth:`batch.client.Secret.scrub`)."""
+    for secret in _keys:
+        text = secret.scrub(text)
+    return text
+
+
 def _redactor(secrets: list[str]) -> Any:
+    keys = [Secret(s) for s in secrets]
+
     def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         # Defence in depth: provider text is scrubbed where it enters (batch.client), but
-        # an exception or a library message could still echo the key.
+        # an exception or a library message could still echo the key; the same scrubber,
+        # so every case and encoding of the key goes here too.
         for key, value in event.items():
             if isinstance(value, str):
-                for secret in secrets:
-                    if secret and secret in value:
-                        value = value.replace(secret, "***")
+                for secret in keys:
+                    value = secret.scrub(value)
                 event[key] = value
         return event
 
@@ -54,6 +68,7 @@ def configure(level: str = "info", json_lines: bool | None = None, secrets: list
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redactor([s for s in (secrets or []) if s]),
     ]
+    _keys[:] = [Secret(s) for s in (secrets or []) if s]
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
@@ -75,6 +90,7 @@ def configure(level: str = "info", json_lines: bool | None = None, secrets: list
 
 def report_error(message: str, exit_code: int) -> None:
     """The one line a failed command leaves on stderr: a JSON ``error`` event off a TTY."""
+    message = scrub(message)  # it may quote a URL or an answer
     if json_stderr():
         event = {"event": "error", "level": "error", "error": message, "exit_code": exit_code,
                  "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
