@@ -33,6 +33,20 @@ def scrub(text: str) -> str:
     return text
 
 
+def _scrubbed(value: Any, keys: list[Secret]) -> Any:
+    """``value`` with every string in it scrubbed, nested lists and dicts too (a summary
+    or an answer logged whole)."""
+    if isinstance(value, str):
+        for secret in keys:
+            value = secret.scrub(value)
+        return value
+    if isinstance(value, dict):
+        return {k: _scrubbed(v, keys) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(v, keys) for v in value]
+    return value
+
+
 def _redactor(secrets: list[str]) -> Any:
     keys = [Secret(s) for s in secrets]
 
@@ -41,10 +55,7 @@ def _redactor(secrets: list[str]) -> Any:
         # an exception or a library message could still echo the key; the same scrubber,
         # so every case and encoding of the key goes here too.
         for key, value in event.items():
-            if isinstance(value, str):
-                for secret in keys:
-                    value = secret.scrub(value)
-                event[key] = value
+            event[key] = _scrubbed(value, keys)
         return event
 
     return redact

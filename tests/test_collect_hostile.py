@@ -217,7 +217,7 @@ def test_a_redirect_carrying_the_key_never_reaches_a_stored_row_or_output(serve,
 
 
 def test_the_key_in_a_poll_answer_in_any_form_never_reaches_an_output(serve, tmp_path: Path) -> None:
-    """Siblings: poll answers and submit answers echoing the key lower-cased or encoded."""
+    """Siblings: submit, poll and preflight answers echoing the key lower-cased or encoded."""
     forms = key_forms()
     app = web.Application()
 
@@ -233,8 +233,15 @@ def test_the_key_in_a_poll_answer_in_any_form_never_reaches_an_output(serve, tmp
         return web.json_response({"code": 0, "message": "success", "data": {
             "status": "failed", "task_id": tid, "error": {"code": 7, "message": f"key {form} refused"}}})
 
+    def preflight(form: str) -> object:
+        async def answer(request: web.Request) -> web.Response:
+            return web.json_response({"code": 400, "message": f"no such key {form}"}, status=400)
+        return answer
+
     app.router.add_post("/api/v1/text-to-video/bytedance/seedance-1.0-lite-t2v/async", post)
     app.router.add_get("/api/v1/tasks/{tid}", task)
+    for path, form in zip(("apikey/validate", "models", "team/balance"), forms[1:], strict=False):
+        app.router.add_get(f"/api/v1/{path}", preflight(form))
     url = serve(app)
     rows = [{"prompt": f"{c}{i}"} for c in "ET" for i in range(len(forms))]
     sub = submit(url, tmp_path, rows, "--log-level", "debug")
