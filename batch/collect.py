@@ -305,6 +305,7 @@ class Collector:
         self._main: asyncio.Task[None] | None = None
         self._unknown_states: set[str] = set()
         self._dir_fd: int | None = None  # the download directory, opened once (batch.download)
+        self._dir_path = Path()
 
     def _clean(self, text: str) -> str:
         """Network- or provider-made text fit to store: the key scrubbed in every form."""
@@ -453,9 +454,10 @@ class Collector:
                 raise DownloadError(f"refusing the object name {name!r}")
             url = str(ObjectUrl.parse(dest).child(name))
             return url, ObjectSink(url)
-        final = contained(dest, name)
         if self._dir_fd is None:
             self._dir_fd = open_directory(dest)
+            self._dir_path = dest.resolve()  # where the descriptor is, whatever the path becomes
+        final = contained(self._dir_path, name)
         return str(final), FileSink(final, self._dir_fd)
 
     async def _present(self, where: str, sink: Sink) -> int | None:

@@ -9,6 +9,7 @@ over real HTTP on 127.0.0.1 through the real CLI; after each run every file unde
 
 import base64
 import gzip
+import os
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
@@ -71,7 +72,7 @@ def test_submit_wait_download_writes_the_table_despite_an_unparsable_url(serve, 
 
 # -- item 8: nothing written through a name an attacker could plant ------------------------
 
-@pytest.mark.parametrize("planted", ["part", "final", "frame_part", "frame_final"])
+@pytest.mark.parametrize("planted", ["part", "final", "frame_part", "frame_final", "hardlink_part"])
 def test_a_planted_symlink_is_never_written_through(serve, tmp_path: Path, planted: str) -> None:
     def both(host: str, tid: str) -> list[dict]:
         return [{"url": f"http://{host}/files/{tid}", "type": "video", "format": "mp4"},
@@ -86,7 +87,10 @@ def test_a_planted_symlink_is_never_written_through(serve, tmp_path: Path, plant
     directory.mkdir()
     final = f"lbl_{request_id}" + (".last_frame.png" if planted.startswith("frame") else ".mp4")
     name = f".{final}.part" if planted.endswith("part") else final
-    (directory / name).symlink_to(target)
+    if planted.startswith("hardlink"):
+        os.link(target, directory / name)  # O_NOFOLLOW alone does not see this one
+    else:
+        (directory / name).symlink_to(target)
     res = collect(url, tmp_path, "--download", str(directory))
     assert "Traceback" not in res.output + res.stderr, res.output + res.stderr
     assert target.read_bytes() == b"precious!!!"
