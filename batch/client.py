@@ -18,8 +18,10 @@ which treats every answer it does not list as a definite rejection as "outcome u
                 timeout or dropped connection once connected, an answer over 1 MiB.
 
 Provider text enters the process here and only here: every answer is read with a size
-cap, and every string in it has the API key scrubbed and control characters removed
-before anything else sees it, so no output and no stored row can carry the key.
+cap, and every string in it (and every error text built from a network exception) has
+the API key scrubbed (:meth:`Secret.scrub`, every case and encoding) and control
+characters removed before anything else sees it, so no output and no stored row can
+carry the key. Downloads (:mod:`batch.collect`) scrub their errors with the same method.
 """
 
 from __future__ import annotations
@@ -441,13 +443,13 @@ async def request_once(
                 return Verdict(Kind.UNKNOWN, response.status, error=f"HTTP {response.status}: {exc}")
             return classify(response.status, raw, response.headers, key)
     except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError) as exc:
-        return Verdict(Kind.FATAL, error=tls_failure(exc, url))
+        return Verdict(Kind.FATAL, error=clean_text(tls_failure(exc, url), key, 500))
     except aiohttp.ClientHttpProxyError as exc:
         if exc.status == 407:
             return Verdict(Kind.FATAL, error="the proxy asks for credentials (HTTP 407): give them in the proxy URL, "
                                              "http://user:password@host:port")
         return Verdict(Kind.RETRY, error=f"the proxy refused the tunnel (HTTP {exc.status})")
     except NOT_SENT_ERRORS as exc:
-        return Verdict(Kind.RETRY, error=f"connection failed before sending ({describe(exc)})")
+        return Verdict(Kind.RETRY, error=f"connection failed before sending ({clean_text(describe(exc), key)})")
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        return Verdict(Kind.UNKNOWN, error=f"no answer after sending ({describe(exc)})")
+        return Verdict(Kind.UNKNOWN, error=f"no answer after sending ({clean_text(describe(exc), key)})")
