@@ -55,6 +55,7 @@ VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "webm"})
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp"})
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 GIB = 1 << 30
+UNPACKED = frozenset({"gzip", "deflate", "br", "zstd"})  # what aiohttp decodes (one encoding, not a list)
 MAX_RATIO = 64  # unpacked bytes per byte sent, for a server that compresses anyway (videos barely compress)
 
 
@@ -374,7 +375,10 @@ async def fetch(session: aiohttp.ClientSession, url: str, sink: Sink, policy: Do
                     total = _total_size(resp)
                     if total is not None and total > policy.cap:
                         raise DownloadError(f"output of {total} bytes is over {policy.cap_text()}")
-                    packed = resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+                    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+                    packed = encoding not in ("", "identity")
+                    if packed and encoding not in UNPACKED:  # aiohttp would hand us the packed bytes
+                        raise DownloadError(f"answer in a Content-Encoding we do not unpack ({encoding[:40]})")
                     if packed and start:
                         sink.restart()  # unpacked bytes cannot continue from a packed offset
                         raise DownloadError("compressed answer to a resumed download", retry=True)

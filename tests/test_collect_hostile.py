@@ -171,6 +171,18 @@ def test_a_download_that_keeps_failing_leaves_no_part_file(serve, tmp_path: Path
     assert list((tmp_path / "v").iterdir()) == []
 
 
+def test_an_encoding_that_cannot_be_unpacked_is_refused_not_stored(serve, tmp_path: Path) -> None:
+    async def odd(request: web.Request) -> web.Response:
+        return web.Response(body=b"packed?", headers={"Content-Encoding": "x-custom, gzip"})
+
+    url = serve(files_app({"o": odd}))
+    submit(url, tmp_path, [{"prompt": "o"}])
+    res = collect(url, tmp_path, "--download", str(tmp_path / "v"))
+    assert res.exit_code == 1
+    assert "Content-Encoding we do not unpack" in results(tmp_path / "r.parquet")["download_error"][0]
+    assert list((tmp_path / "v").iterdir()) == []
+
+
 # -- item 11: the key is never stored, in any form -------------------------------------------
 
 def key_forms(key: str = KEY) -> list[str]:
