@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import secrets
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -234,6 +235,19 @@ async def stream_upload(url: str, chunks: AsyncIterator[bytes]) -> None:
     await obstore.put_async(store_of(loc), loc.key, chunks, chunk_size=8 << 20)
 
 
+def exclusive_temp(final: Path) -> Path:
+    """A new, empty ``.<name>.tmp-<random>`` beside ``final``, created with ``O_EXCL`` (which
+    never follows a symlink): no name planted beforehand (a link to a file elsewhere) is
+    ever written through, and the random part cannot be guessed to plant one."""
+    while True:
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
 @dataclass(frozen=True)
 class Target:
     """A file we write (a results table, its summary): a local path or an object URL."""
@@ -286,7 +300,7 @@ class Target:
             os.close(fd)
             return Path(name)
         Path(self.text).parent.mkdir(parents=True, exist_ok=True)
-        return Path(self.text).with_name(f".{self.name}.tmp-{os.getpid()}")
+        return exclusive_temp(Path(self.text))
 
     def publish(self, tmp: Path) -> None:
         """Make a finished temporary file the target: renamed into place (and the directory

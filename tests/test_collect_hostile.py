@@ -16,7 +16,7 @@ from urllib.parse import quote, quote_plus
 import polars as pl
 import pytest
 from aiohttp import web
-from conftest import KEY, cli, results
+from conftest import KEY, cli, results, write_csv
 from test_hostile import collect, files_app, submit
 
 from batch.client import Secret
@@ -271,3 +271,20 @@ def test_the_key_in_a_poll_answer_in_any_form_never_reaches_an_output(serve, tmp
     assert text.count("***") >= len(forms)
     for variant in forms:
         assert variant not in text, variant
+
+
+def test_a_planted_temporary_name_beside_the_results_table_is_never_written_through(fake, tmp_path: Path) -> None:
+    """Sibling of item 8: the table and summary were staged at ``.<name>.tmp-<pid>``, a name
+    anyone can plant beforehand; the rename then put the planted link in the table's place."""
+    target = tmp_path / "elsewhere.txt"
+    target.write_bytes(b"precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("r.csv", "r.csv.summary.json"):
+        (out / f".{name}.tmp-{os.getpid()}").symlink_to(target)
+    path = write_csv(tmp_path / "in.csv", [{"prompt": "a calm lake"}])
+    res = cli(["submit", str(path), "-o", str(out / "r.csv"), "--base-url", fake.url, "--state",
+               str(tmp_path / "s.sqlite"), "--rate", "0"])
+    assert res.exit_code == 0, res.output
+    assert target.read_bytes() == b"precious"
+    assert not (out / "r.csv").is_symlink() and results(out / "r.csv")["status"].to_list() == ["submitted"]
