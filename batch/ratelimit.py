@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import math
 import mmap
 import os
+import stat
 import struct
 import time
 from collections import deque
@@ -128,7 +130,12 @@ class SharedBudget:
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]  # names the key, cannot reveal it
         self.path = directory / f"budget-{digest}.bin"
         size = _HEAD.size + 8 * _RING
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: a link planted at this name must not make us truncate a file elsewhere
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # nor a hard link to one
+            os.close(self._fd)
+            raise OSError(errno.EMLINK, f"{self.path} is not a file of its own (a planted link?)")
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             if os.fstat(self._fd).st_size != size:

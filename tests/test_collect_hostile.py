@@ -9,6 +9,7 @@ over real HTTP on 127.0.0.1 through the real CLI; after each run every file unde
 
 import base64
 import gzip
+import hashlib
 import os
 from pathlib import Path
 from urllib.parse import quote, quote_plus
@@ -20,6 +21,7 @@ from conftest import KEY, cli, results, write_csv
 from test_hostile import collect, files_app, submit
 
 from batch.client import Secret
+from batch.ratelimit import SharedBudget
 
 
 def video(body: bytes = b"video bytes") -> object:
@@ -288,3 +290,20 @@ def test_a_planted_temporary_name_beside_the_results_table_is_never_written_thro
     assert res.exit_code == 0, res.output
     assert target.read_bytes() == b"precious"
     assert not (out / "r.csv").is_symlink() and results(out / "r.csv")["status"].to_list() == ["submitted"]
+
+
+def test_a_planted_rate_budget_link_is_not_followed(tmp_path: Path) -> None:
+    """Sibling of item 8: the per-key budget file was opened following a symlink, and a
+    file elsewhere truncated and overwritten with the budget."""
+    target = tmp_path / "elsewhere.txt"
+    target.write_bytes(b"precious")
+    directory = tmp_path / "budgets"
+    directory.mkdir()
+    digest = hashlib.sha256(KEY.encode()).hexdigest()[:16]
+    planted = directory / f"budget-{digest}.bin"
+    for plant in (planted.symlink_to, lambda t: os.link(t, planted)):
+        plant(target)
+        with pytest.raises(OSError):
+            SharedBudget(directory, KEY)  # the run then paces alone (rate_budget_not_shared)
+        assert target.read_bytes() == b"precious"
+        planted.unlink()
