@@ -18,6 +18,11 @@ Guarantees:
   unknown state is logged once per value and kept non-terminal.
 * **A success must be downloadable.** A success without a usable video URL is a
   ``download_error`` ("success without a downloadable output"), never a quiet exit 0.
+* **One bad output costs one task.** Every per-task step of a download (the URL, each
+  redirect, the file, the rename, the upload) fails into that task's ``download_error``,
+  never into the run: the other tasks are downloaded and the table is written.
+* **The key is never stored.** Every error text built from an answer, an exception or a
+  URL passes :meth:`~batch.client.Secret.scrub` before it is logged or stored.
 * **Bounded.** ``--timeout`` bounds the whole collect, downloads included; SIGTERM stops
   polls and downloads at once (partial files stay for a resume); see :mod:`batch.download`.
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -62,10 +68,12 @@ from batch.download import (
     fetch,
     file_stem,
     make_download_session,
+    open_directory,
+    regular_size,
 )
 from batch.ledger import AsyncLedger, Entry, utcnow
 from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
-from batch.storage import ObjectUrl, is_remote, object_size_async
+from batch.storage import ObjectUrl, object_size_async
 
 TERMINAL = frozenset({"success", "failed", "expired"})
 SUCCESS_STATES = frozenset({"success", "succeeded", "completed"})
@@ -296,6 +304,12 @@ class Collector:
         self.log = structlog.get_logger("batch.collect")
         self._main: asyncio.Task[None] | None = None
         self._unknown_states: set[str] = set()
+        self._dir_fd: int | None = None  # the download directory, opened once (batch.download)
+        self._dir_path = Path()
+
+    def _clean(self, text: str) -> str:
+        """Network- or provider-made text fit to store: the key scrubbed in every form."""
+        return clean_text(text, self.config.api_key, 500)
 
     def interrupt(self, signame: str) -> None:
         self.stats.interrupted = True
@@ -328,6 +342,9 @@ class Collector:
                 self._main.result()
         finally:
             expire.cancel()
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
         for t in tasks:
             self.stats.task_status[t.status or "pending"] += 1
         return self.stats
@@ -361,7 +378,7 @@ class Collector:
         try:
             await self._poll_once(task)
         except Exception as exc:  # one task's surprise must not cost the others
-            self.log.error("task_error", request_id=task.request_id, error=f"{type(exc).__name__}: {exc}")
+            self.log.error("task_error", request_id=task.request_id, error=self._clean(f"{type(exc).__name__}: {exc}"))
         cfg = self.config
         task.polls += 1
         task.next_poll = asyncio.get_running_loop().time() + min(cfg.poll_max, cfg.poll_min * 1.5 ** min(task.polls, 30))
@@ -437,37 +454,48 @@ class Collector:
                 raise DownloadError(f"refusing the object name {name!r}")
             url = str(ObjectUrl.parse(dest).child(name))
             return url, ObjectSink(url)
-        final = contained(dest, name)
-        return str(final), FileSink(final)
+        if self._dir_fd is None:
+            self._dir_fd = open_directory(dest)
+            self._dir_path = dest.resolve()  # where the descriptor is, whatever the path becomes
+        final = contained(self._dir_path, name)
+        return str(final), FileSink(final, self._dir_fd)
 
-    async def _present(self, where: str) -> int | None:
+    async def _present(self, where: str, sink: Sink) -> int | None:
         """The size of an output already there: a final file name or an object only ever
-        holds a whole download, so being there is being complete."""
-        if is_remote(where):
-            return await object_size_async(where)
-        path = Path(where)
-        return path.stat().st_size if path.exists() else None
+        holds a whole download, so being there is being complete. Only a regular file
+        counts (a planted symlink of the right size does not)."""
+        if isinstance(sink, FileSink):
+            return regular_size(sink.final.name, sink.dir_fd) if sink.dir_fd is not None else None
+        return await object_size_async(where)
 
     async def _download(self, task: Task) -> None:
+        task.download_tried = True
+        try:
+            await self._download_task(task)
+        except Exception as exc:  # one task's surprise must not cost the others, nor the table
+            error = self._clean(f"{type(exc).__name__}: {exc}")
+            self.stats.download_failed += 1
+            self.ledger.write(SQL_DOWNLOAD, (json.dumps(task.local_paths) if task.local_paths else None, error,
+                                             task.status, utcnow(), task.api, task.request_id))
+            self.log.warning("download_failed", request_id=task.request_id, error=error)
+
+    async def _download_task(self, task: Task) -> None:
         directory = self.config.download_dir
         assert directory is not None
-        task.download_tried = True
         paths: dict[str, Any] = dict(task.local_paths or {})
         error = None
         fetched = False
         try:
-            if isinstance(directory, Path):
-                directory.mkdir(parents=True, exist_ok=True)
             files = [(role, url, *self._destination(name)) for role, url, name in wanted_files(task)]
-        except (OSError, DownloadError) as exc:
-            files, error = [], f"{exc}"
+        except (OSError, ValueError, DownloadError) as exc:
+            files, error = [], self._clean(f"{exc}")
         policy, used = self.config.download, 0
         for role, url, where, sink in files:
             known = paths.get(role)
             try:
-                present = await self._present(where)
+                present = await self._present(where, sink)
             except Exception as exc:  # a bucket that cannot be asked: try the download itself
-                self.log.debug("present_unknown", where=where, error=str(exc))
+                self.log.debug("present_unknown", where=where, error=self._clean(str(exc)))
                 present = None
             if present is not None and (not isinstance(known, dict) or present == known.get("bytes")):
                 paths[role] = {"path": where, "bytes": present}
@@ -480,9 +508,12 @@ class Collector:
             try:
                 size = await self._fetch(url, sink, replace(policy, task_left=room))
             except DownloadError as exc:
-                error = f"{role}: {exc}"
+                error = self._clean(f"{role}: {exc}")
                 if exc.gone:
                     task.status = "expired"
+                break
+            except (OSError, ValueError) as exc:  # the file or the bucket: this output only
+                error = self._clean(f"{role}: {type(exc).__name__}: {exc}")
                 break
             paths[role] = {"path": where, "bytes": size}
             used += size
@@ -501,6 +532,8 @@ class Collector:
             self.log.warning("download_failed", request_id=task.request_id, error=error)
 
     async def _fetch(self, url: str, sink: Sink, policy: DownloadPolicy) -> int:
+        """Download with retries. Stopped (SIGTERM, --timeout), the ``.part`` stays for a
+        resume; given up, it goes: a rerun starts over, and no dead partial piles up."""
         last: DownloadError | None = None
         for attempt in range(1, self.config.download_attempts + 1):
             if self.stopping.is_set():
@@ -509,8 +542,18 @@ class Collector:
                 return await fetch(self._plain, url, sink, policy, self.config.transport)
             except DownloadError as exc:
                 if not exc.retry:
+                    self._discard(sink)
                     raise
                 last = exc
-                self.log.debug("download_retry", attempt=attempt, error=str(exc))
+                self.log.debug("download_retry", attempt=attempt, error=self._clean(str(exc)))
                 await asyncio.sleep(backoff_delay(attempt, self.config.backoff_base, self.config.backoff_max))
+        self._discard(sink)
         raise DownloadError(f"gave up after {self.config.download_attempts} attempts: {last}")
+
+    def _discard(self, sink: Sink) -> None:
+        if self.stopping.is_set():
+            return  # stopped, not given up: keep the partial file for a resume
+        try:
+            sink.restart()
+        except OSError as exc:
+            self.log.warning("part_not_removed", error=self._clean(f"{exc}"))

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 from batch.api import check_slug
 from batch.errors import ConfigError
 from batch.names import normalize_name
+from batch.storage import exclusive_temp
 
 SHIPPED = "shipped"
 
@@ -182,7 +183,7 @@ def save_spec(directory: Path, doc: Any, origin: str, source: str, slug: str | N
     ours.setdefault("completeness", "as published" if origin == "fetched" else "as added")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / spec_filename(spec.slug)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = exclusive_temp(path)  # never a planted name
     tmp.write_text(json.dumps({**doc, "x-seedance-batch": ours}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
     return parse_spec(json.loads(path.read_text(encoding="utf-8")), origin, fallback, spec.slug)

@@ -369,7 +369,7 @@ def write_text_atomically(path: Path | Target, text: str) -> None:
 
 
 class AtomicTableWriter:
-    """Writes chunks to a temporary file (``<dir>/.<name>.tmp-<pid>``, or the system's for
+    """Writes chunks to a temporary file (``<dir>/.<name>.tmp-<pid>-<random>``, created exclusively, or the system's for
     a bucket); :meth:`commit` renames it into place or uploads it as one object."""
 
     def __init__(self, target: Target | Path) -> None:
