@@ -481,7 +481,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
     )
     return RunOptions(
         inputs=tuple(kw["inputs"]),
-        output=Target(str(kw["output"])),
+        output=Target(no_url("--output", str(kw["output"]))),
         expand=expand_spec(job, kw["params"], kw["tier"], kw["model"], kw.get("passthrough") or ()),
         submit=submit_cfg,
         # The fake API's task ids must never land in the real ledger (they would make
@@ -528,8 +528,8 @@ def local_file(option: str, value: str | Path) -> Path:
     path = Path(text)
     if not text.strip() or "\x00" in text or text.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
         raise ConfigError(f"{option} {text!r}: not a file name")
-    if re.match(r"[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):  # else "http:/host/x" appears in the cwd
-        raise ConfigError(f"{option} {text}: a URL; give a local path")
+    if re.match(r"[a-z][a-z0-9+.-]*:/", text, re.IGNORECASE):  # else "s3:/b/x" appears in the cwd
+        raise ConfigError(f"{option} {text}: a URL; this file must be on local disk: give a local path")
     try:
         if path.is_dir():
             raise ConfigError(f"{option} {text}: is a directory, not a file")
@@ -549,11 +549,19 @@ def metrics_location(value: str | Path | None) -> Path | None:
     return local_file("--metrics-file", text)
 
 
+def no_url(option: str, text: str, hint: str = "give a local path or an s3://, gs:// or az:// URL") -> str:
+    """A URL that is not a bucket's would become a local path ("http:/host/x" in the
+    working directory), a file named after a URL: refused before anything is written."""
+    if not is_remote(text) and re.match(r"[a-z][a-z0-9+.-]*:/", text, re.IGNORECASE):
+        raise ConfigError(f"{option} {text}: not a place this tool writes to; {hint}")
+    return text
+
+
 def download_location(value: str | Path | None) -> str | Path | None:
     """Where collect puts videos: a local directory, or a bucket prefix (streamed there)."""
     if value is None or value == "":
         return None
-    return str(value) if is_remote(str(value)) else Path(value)
+    return str(value) if is_remote(no_url("--download", str(value))) else Path(value)
 
 
 def pricing_of(path: Path | None, job: JobFile | None) -> Pricing:
@@ -669,7 +677,7 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
     )
     default = fake_state_path() if fake_api else default_state_path()
     summary = run_collect(CollectOptions(state_location(state) or default, config,
-                                         Target(str(results)) if results else None, fake_api,
+                                         Target(no_url("--results", str(results))) if results else None, fake_api,
                                          budget_dir=state_home()))
     structlog.get_logger("batch").info("collect_summary", **summary)
     if as_json:
@@ -801,6 +809,7 @@ def state_backup(dest: Path, state: str | None) -> None:
     A plain cp of the .sqlite file alone can miss what is still in its -wal companion."""
     logs.configure("warning")
     source = state_location(state) or default_state_path()
+    dest = local_file("DEST", dest)
     if not source.exists():
         raise StateError(f"{source}: no state file")
     counts = ledger_backup(source, dest)
