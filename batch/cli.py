@@ -205,7 +205,8 @@ class ExitCodeGroup(click.Group):
 @click.group(cls=ExitCodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="seedance-batch")
 def main() -> None:
-    """Turn prompt spreadsheets into Seedance text-to-video tasks, nightly and safely."""
+    """Turn prompt spreadsheets into Seedance video tasks (text-to-video, image-to-video,
+    video-to-video), nightly and safely."""
 
 
 def entry() -> None:
