@@ -227,3 +227,25 @@ def test_a_bad_deadline_is_one_line(tmp_path: Path, value: str) -> None:
     assert "--deadline" in error_line(result.stderr)
     assert not (tmp_path / "r.parquet").exists()
 
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--metrics-file", ""), ("--api-key-file", "\x00"), ("--proxy", "\x85"), ("--base-url", "http://[::1"),
+    ("--state", "9" * 300), ("--state", "http://[::1"), ("--proxy", "http://u:p@[::1"), ("--metrics-file", "/"),
+])
+def test_what_the_property_test_found(tmp_path: Path, option: str, value: str) -> None:
+    """Each a traceback (or a line split in two) before; now one line and exit 2."""
+    (tmp_path / "in.csv").write_text("id,prompt\nr1,A calm lake\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "in.csv"), "--state", str(tmp_path / "s.sqlite"),
+                                       f"{option}={value}"], env={"SEEDANCE_API_KEY": KEY}, catch_exceptions=True)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
+    error = error_line(result.stderr)
+    assert "u:p@" not in error  # a proxy's credentials stay out of the message
+
+
+def test_a_nul_in_a_job_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "in.csv").write_text("id,prompt\nr1,A calm lake\n", encoding="utf-8")
+    (tmp_path / "job.toml").write_text('inputs = ["in.csv"]\noutput = "r.parquet"\nca_bundle = "\\u0000"\n')
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "job.toml"), "--dry-run"],
+                                env={"SEEDANCE_API_KEY": KEY, "XDG_STATE_HOME": str(tmp_path)}, catch_exceptions=True)
+    assert result.exit_code == 2 and "ca_bundle: contains a NUL character" in error_line(result.stderr)
