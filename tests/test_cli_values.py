@@ -29,12 +29,9 @@ from tests.conftest import KEY, error_line, subprocess_env
 EXIT_CODES = {0, 1, 2, 3, 4, 5, 6}  # README, "Exit codes"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def hypothesis_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Hypothesis keeps its example database in ./.hypothesis: not in the checkout."""
-    set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
-    yield
-    set_hypothesis_home_dir(None)
+# Hypothesis keeps its example database and constant caches in ./.hypothesis, from the
+# first @given on (before any fixture runs): in the temp directory, not in the checkout.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "seedance-batch-hypothesis")
 
 ODD = ["", " ", "\x00", "a\x00b", "25:00", "24:00", "23:60", "99:99:99", "-1:00", "00:00", "06:00", "1:2:3:4",
        "-1", "0", "-0", "0.0", "1e309", "-1e309", "nan", "NaN", "inf", "-inf", "1_000", "0x10", "9" * 40,
