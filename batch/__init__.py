@@ -1,3 +1,3 @@
-"""seedance-batch: spreadsheet rows in, Seedance text-to-video task ids out."""
+"""seedance-batch: spreadsheet rows in, Seedance video task ids out (text-, image- and video-to-video)."""
 
 __version__ = "0.1.0"

@@ -64,6 +64,7 @@ from batch.storage import Target, is_remote
 from batch.submit import SubmitConfig
 from batch.validate import TIERS
 
+MAX_DEADLINE_S = 366 * 86400
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
 
@@ -72,23 +73,30 @@ def parse_deadline(text: str, now: datetime | None = None) -> float:
     or an ISO date-time; returns epoch seconds."""
     now = now or datetime.now().astimezone()
     raw = text.strip().lower()
+    usage = ConfigError(f"--deadline {text!r}: use a duration (90m, 1h30m), a clock time (06:00) "
+                        "or an ISO date-time")
     if re.fullmatch(r"\d{1,2}:\d{2}(:\d{2})?", raw):
         parts = [int(p) for p in raw.split(":")] + [0]
-        when = now.replace(hour=parts[0], minute=parts[1], second=parts[2], microsecond=0)
+        try:
+            when = now.replace(hour=parts[0], minute=parts[1], second=parts[2], microsecond=0)
+        except ValueError:
+            raise ConfigError(f"--deadline {text!r}: not a clock time (00:00 to 23:59)") from None
         if when <= now:
             when += timedelta(days=1)
         return when.timestamp()
     seconds = _duration_seconds(raw)
     if seconds is not None:
+        # Beyond a year no night is meant; past it the number breaks datetime arithmetic.
+        if seconds > MAX_DEADLINE_S:
+            raise ConfigError(f"--deadline {text!r}: longer than a year")
         return now.timestamp() + seconds
     try:
         when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ConfigError(f"--deadline {text!r}: use a duration (90m, 1h30m), a clock time (06:00) "
-                          "or an ISO date-time") from None
-    if when.tzinfo is None:
-        when = when.astimezone()
-    return when.timestamp()
+        if when.tzinfo is None:
+            when = when.astimezone()
+        return when.timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise usage from None
 
 
 def log_deadline(text: str, when: float, now: datetime | None = None) -> float:
@@ -128,9 +136,21 @@ def connection(key_file: Path | None, base_url: str, allow_insecure: bool, log_l
     """The key (when one is needed), logging that scrubs it, and a transport safe to send it over."""
     key = resolve_key(key_file) if needs_key else Secret("")
     logs.configure(log_level, secrets=[key.reveal()])
+    http_url("--base-url", base_url)  # also a dry run names its ledger's API by it
     if needs_key:
         check_transport(base_url, allow_insecure)
     return key
+
+
+def http_url(option: str, url: str, shown: str | None = None) -> None:
+    """An http(s)://host[:port] URL that every later split of it will accept."""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != -1
+    except ValueError:  # "http://[::1", a port out of range or not a number
+        ok = False
+    if not ok:
+        raise ConfigError(f"{option} {shown or url!r}: expected http(s)://host[:port]")
 
 
 def rate_option(text: str) -> Rate | None:
@@ -140,10 +160,9 @@ def rate_option(text: str) -> Rate | None:
         raise ConfigError(f"--rate: {exc}") from None
 
 
-def check_transport(base_url: str, allow_insecure: bool) -> None:
+def check_transport(base_url: str, allow_insecure: bool, option: str = "--base-url") -> None:
+    http_url(option, base_url)
     parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"--base-url {base_url!r}: expected http(s)://host[:port]")
     if parts.scheme == "http" and not is_loopback(base_url) and not allow_insecure:
         raise ConfigError(f"--base-url {base_url}: refusing to send the API key over plain http to a "
                           "non-loopback host (use https, or --allow-insecure)")
@@ -155,6 +174,10 @@ class ExitCodeGroup(click.Group):
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         try:
+            # No argv can hold a NUL, but an in-process caller's list can; every path and
+            # URL function would raise on it, so it is refused here once.
+            if args is not None and any("\x00" in str(a) for a in args):
+                raise click.UsageError("an argument contains a NUL character")
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:  # usage errors: click's own text on a TTY
             if logs.json_stderr():
@@ -193,7 +216,8 @@ class ExitCodeGroup(click.Group):
 @click.group(cls=ExitCodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="seedance-batch")
 def main() -> None:
-    """Turn prompt spreadsheets into Seedance text-to-video tasks, nightly and safely."""
+    """Turn prompt spreadsheets into Seedance video tasks (text-to-video, image-to-video,
+    video-to-video), nightly and safely."""
 
 
 def entry() -> None:
@@ -240,9 +264,10 @@ def transport_options(fn: Any) -> Any:
 def transport_of(proxy: str | None, ca_bundle: Path | None) -> Transport:
     """The transport, checked now: a bad proxy URL or CA file is a usage error, not a night of retries."""
     if proxy:
-        parts = urlsplit(proxy)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"--proxy {redact_url(proxy)}: expected http://[user:password@]host:port")
+        try:
+            http_url("--proxy", proxy, redact_url(proxy))
+        except ConfigError:
+            raise ConfigError(f"--proxy {redact_url(proxy)}: expected http://[user:password@]host:port") from None
     transport = Transport(proxy or None, str(ca_bundle) if ca_bundle else None)
     try:
         transport.ssl_context()
@@ -489,6 +514,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
     except ValueError as exc:
         raise ConfigError(f"--{exc}") from None
     transport = transport_of(kw.get("proxy"), kw.get("ca_bundle"))
+    metrics_location(kw.get("metrics_file"))
     submit_cfg = SubmitConfig(
         base_url=kw["base_url"], api_key=key, endpoint=kw["endpoint"], rate=rate, concurrency=kw["concurrency"],
         transport=transport,
@@ -497,7 +523,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
     )
     return RunOptions(
         inputs=tuple(kw["inputs"]),
-        output=Target(str(kw["output"])),
+        output=Target(no_url("--output", str(kw["output"]))),
         expand=expand_spec(job, kw["params"], kw["tier"], kw["model"], kw.get("passthrough") or ()),
         submit=submit_cfg,
         # The fake API's task ids must never land in the real ledger (they would make
@@ -537,14 +563,50 @@ def state_location(state: str | Path | None) -> Path | None:
     if is_remote(str(state)):
         raise ConfigError(f"--state {state}: the ledger must be on local disk (SQLite locks it and writes its "
                           "journal beside it; object storage offers neither): give a local path")
-    return Path(state)
+    return local_file("--state", state)
+
+
+def local_file(option: str, value: str | Path) -> Path:
+    """A local file name the OS will accept, checked once here so that a bad one is a
+    usage error and not an OSError deep in a stage (or a file named after a URL)."""
+    text = str(value)
+    path = Path(text)
+    if not text.strip() or "\x00" in text or text.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
+        raise ConfigError(f"{option} {text!r}: not a file name")
+    if re.match(r"[a-z][a-z0-9+.-]*:/", text, re.IGNORECASE):  # else "s3:/b/x" appears in the cwd
+        raise ConfigError(f"{option} {text}: a URL; this file must be on local disk: give a local path")
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{option} {text}: is a directory, not a file")
+    except OSError as exc:  # a name too long, a parent that is a file, a loop of links
+        raise ConfigError(f"{option} {text}: {exc.strerror or exc}") from None
+    return path
+
+
+def metrics_location(value: str | Path | None) -> Path | None:
+    """The Prometheus textfile: a local file (node_exporter reads a directory on this
+    machine), checked before the run, not after the night was paid for."""
+    if value is None:
+        return None
+    text = str(value)
+    if is_remote(text):
+        raise ConfigError(f"--metrics-file {text}: node_exporter reads a local file; give a local path")
+    return local_file("--metrics-file", text)
+
+
+def no_url(option: str, text: str, hint: str = "give a local path or an s3://, gs:// or az:// URL") -> str:
+    """A URL that is not a bucket's would become a local path ("http:/host/x" in the
+    working directory), a file named after a URL: refused before anything is written."""
+    if not is_remote(text) and re.match(r"[a-z][a-z0-9+.-]*:/", text, re.IGNORECASE):
+        raise ConfigError(f"{option} {text}: not a place this tool writes to; {hint}")
+    return text
 
 
 def download_location(value: str | Path | None) -> str | Path | None:
     """Where collect puts videos: a local directory, or a bucket prefix (streamed there)."""
     if value is None or value == "":
         return None
-    return str(value) if is_remote(str(value)) else Path(value)
+    return str(value) if is_remote(no_url("--download", str(value))) else Path(value)
 
 
 def pricing_of(path: Path | None, job: JobFile | None) -> Pricing:
@@ -670,7 +732,7 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
     )
     default = fake_state_path() if fake_api else default_state_path()
     summary = run_collect(CollectOptions(state_location(state) or default, config,
-                                         Target(str(results)) if results else None, fake_api,
+                                         Target(no_url("--results", str(results))) if results else None, fake_api,
                                          budget_dir=state_home(), run_tables=run_tables))
     structlog.get_logger("batch").info("collect_summary", **summary)
     if results and download_dir and not no_html:
@@ -751,7 +813,7 @@ def models_fetch(slug: str, schema_base: str, fake_api: bool, allow_insecure: bo
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if not fake_api:
-        check_transport(schema_base, allow_insecure)
+        check_transport(schema_base, allow_insecure, "--schema-base")
     doc, url = asyncio.run(fetch_schema(schema_base, slug, fake_api, transport_of(proxy, ca_bundle)))
     spec = save_spec(models_dir(), doc, "fetched", url, slug)
     click.echo(f"{spec.slug}: {len(spec.fields)} fields ({', '.join(spec.fields)}) from {url}")
@@ -812,6 +874,7 @@ def state_backup(dest: Path, state: str | None) -> None:
     A plain cp of the .sqlite file alone can miss what is still in its -wal companion."""
     logs.configure("warning")
     source = state_location(state) or default_state_path()
+    dest = local_file("DEST", dest)
     if not source.exists():
         raise StateError(f"{source}: no state file")
     counts = ledger_backup(source, dest)

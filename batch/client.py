@@ -357,9 +357,12 @@ def redact_url(url: str | None) -> str | None:
     """A proxy URL fit for a log: no credentials."""
     if not url:
         return url
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+    try:
+        parts = urlsplit(url)
+        if parts.username or parts.password:
+            return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+    except ValueError:  # unparseable ("http://[::1"): drop all that could be credentials
+        return "***@" + url.rpartition("@")[2] if "@" in url else url
     return url
 
 

@@ -524,9 +524,11 @@ class Expander:
         default = self.spec.model
         index = -1
         for chunk in df.iter_slices(10_000):
-            self.rows_seen += chunk.height
             for cells in chunk.iter_rows():
                 index += 1
+                # Per row, not per slice: progress scales what was queued by the share of rows
+                # read, and a slice counted ahead made that share 1 while the queue was filling.
+                self.rows_seen += 1
                 if all(c is None or c == "" for c in cells):
                     continue  # a blank spreadsheet line is not a row
                 slug, written_model, unsent = default, None, {}

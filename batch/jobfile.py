@@ -77,6 +77,16 @@ def _fail(path: Path, key: str, message: str) -> ConfigError:
     return ConfigError(f"{path}: {key}: {message}")
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
 def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str] = (),
              aliases: Iterable[str] = ()) -> JobFile:
     """Read and check a job file; ``known_fields`` (every model's, :mod:`batch.models`)
@@ -97,6 +107,8 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
         types, what = _TOP[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise _fail(path, key, f"expected {what}, got {type(value).__name__}")
+        if _holds_nul(value):  # TOML allows "\u0000"; no path, URL or prompt setting may hold one
+            raise _fail(path, key, "contains a NUL character")
         values[key] = value
     base = path.parent
     inputs = values.get("inputs", [])

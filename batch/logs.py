@@ -52,6 +52,18 @@ def _scrubbed(value: Any, keys: list[Secret]) -> Any:
     return value
 
 
+# JSON leaves these unescaped, yet each ends a line for str.splitlines and many log
+# shippers: escaped, an event stays one line whatever text a user or server supplied.
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def one_line_json(obj: Any, **kw: Any) -> str:
+    text = json.dumps(obj, **kw)
+    for char, escaped in _LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text
+
+
 def _redactor(secrets: list[str]) -> Any:
     keys = [Secret(s) for s in secrets]
 
@@ -77,7 +89,7 @@ def configure(level: str = "info", json_lines: bool | None = None, secrets: list
         json_lines = json_stderr()
     _SECRETS.extend(s for s in secrets or [] if s and s not in _SECRETS)
     renderer: Any = (
-        structlog.processors.JSONRenderer(ensure_ascii=False) if json_lines
+        structlog.processors.JSONRenderer(serializer=one_line_json, ensure_ascii=False) if json_lines
         else structlog.dev.ConsoleRenderer(colors=True)
     )
     shared: list[Any] = [
@@ -111,6 +123,7 @@ def report_error(message: str, exit_code: int) -> None:
     if json_stderr():
         event = {"event": "error", "level": "error", "error": message, "exit_code": exit_code,
                  "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
-        print(json.dumps(event, ensure_ascii=False), file=sys.stderr, flush=True)
+        print(one_line_json(event, ensure_ascii=False), file=sys.stderr, flush=True)
     else:
-        print(f"seedance-batch: error: {message}", file=sys.stderr, flush=True)
+        flat = "".join(repr(c)[1:-1] if c in _LINE_BREAKS or not c.isprintable() else c for c in message)
+        print(f"seedance-batch: error: {flat}", file=sys.stderr, flush=True)

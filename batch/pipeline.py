@@ -478,10 +478,19 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     """Write the results table (unless a second signal aborted the run) and summarize."""
     stats = outcome.stats
     if outcome.aborted:
-        # A second signal: leave now. The ledger is consistent; the table is not rewritten.
-        return Summary(run_id, {}, [], time.monotonic() - started, stats.sent, stats.send_rate,
-                       stats.stop_reason, outcome.interrupted, "", str(opts.state), unreadable=unreadable,
-                       skipped=list(skipped or []))
+        # A second signal: leave now. The ledger is consistent; the table is not rewritten,
+        # but the summary still says what this run did, as the ledger records it.
+        summary = Summary(run_id, _run_counts(ledger, run_id), [], time.monotonic() - started, stats.sent,
+                          stats.send_rate, stats.stop_reason, outcome.interrupted, "", str(opts.state),
+                          unreadable=unreadable, skipped=list(skipped or []))
+        summary.extra["aborted"] = True
+        summary.extra["note"] = ("results table not written (a second signal); rerun to write it: "
+                                 "nothing submitted is sent again")
+        try:
+            write_summary_file(opts.output, summary)
+        except OSError as exc:
+            log.error("summary_not_written", path=str(summary_path(opts.output)), error=exc.strerror or str(exc))
+        return summary
     # A run that stopped early has not read every request: expand the input again.
     frames = spool.frames() if spool.finish() else request_frames(expander, spool.schema)
     with interruptible():
@@ -536,6 +545,22 @@ def _rescue(opts: RunOptions, ledger: Ledger, run_id: str, outcome: _Outcome | N
     if rescue is not None:
         summary.extra["rescue"] = str(rescue)
     return summary
+
+
+def _run_counts(ledger: Ledger, run_id: str) -> dict[str, int]:
+    """This run's requests by status, read back from the ledger (one scan, once, on abort).
+    A mark still ``sending`` is a request whose outcome is unknown, and is counted so."""
+    counts: dict[str, int] = {}
+    try:
+        rows = ledger.db.execute("SELECT status, count(*) FROM requests WHERE api=? AND run_id=? GROUP BY status",
+                                 (ledger.api, run_id)).fetchall()
+    except sqlite3.Error as exc:
+        log.error("summary_counts_unread", state=str(ledger.path), error=str(exc))
+        return counts
+    for status, n in rows:
+        status = "unknown" if status == "sending" else status
+        counts[status] = counts.get(status, 0) + n
+    return dict(sorted(counts.items()))
 
 
 def planned_cost(opts: RunOptions, expander: Expander) -> float | None:

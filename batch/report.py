@@ -64,6 +64,8 @@ def render(summary: dict[str, Any]) -> str:
     for key in ("stop_reason", "interrupted"):
         if summary.get(key):
             lines.append(f"  {key.replace('_', ' ')}: {summary[key]}")
+    if summary.get("aborted"):
+        lines.append(f"  aborted: {summary.get('note') or 'results table not written'}  <-")
     if summary.get("results"):
         lines.append(f"  results: {summary['results']}")
     return "\n".join(lines)

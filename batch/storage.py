@@ -48,7 +48,8 @@ MAX_INPUT_BYTES = 2 << 30
 
 
 def is_remote(location: str | Path) -> bool:
-    return isinstance(location, str) and urlsplit(location).scheme in SCHEMES and "://" in location
+    # Not urlsplit: it raises on a malformed netloc ("s3://[x"), and this only asks which scheme.
+    return isinstance(location, str) and location.partition("://")[0].lower() in SCHEMES and "://" in location
 
 
 def fsync_path(path: Path | str) -> None:
