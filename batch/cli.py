@@ -37,7 +37,7 @@ from batch.expand import ExpandSpec, normalize, parse_param
 from batch.jobfile import JobFile, load_job
 from batch.ledger import backup as ledger_backup
 from batch.ledger import default_state_path, fake_state_path, state_home
-from batch.models import MAX_SPEC_BYTES, Catalog, save_spec
+from batch.models import MAX_SPEC_BYTES, Catalog, names_only, save_spec
 from batch.pipeline import (
     CollectOptions,
     Interrupted,
@@ -666,10 +666,16 @@ def models_list() -> None:
     for slug in sorted(catalog.models):
         spec = catalog.models[slug]
         click.echo(f"{slug}  {spec.kind}  {spec.origin}, {spec.completeness}"
-                   + (f" ({spec.source_date})" if spec.source_date else ""))
+                   + (f" ({spec.source_date})" if spec.source_date else "")
+                   + ("  [this tool's default]" if slug == DEFAULT_MODEL else "")
+                   + (f"  [provider's default for {spec.provider_default}]" if spec.provider_default else ""))
         click.echo("    " + ", ".join(f"{n}{'*' if f.required else ''}:{f.type}" for n, f in spec.fields.items()))
         if spec.rules:
             click.echo("    rules: " + ", ".join(spec.rules))
+    unknown = {s: k for s, k in names_only().items() if s not in catalog.models}
+    if unknown:  # named by the provider, fields stated nowhere: 'models fetch' or 'models add' makes them usable
+        click.echo("known by name only (fields not stated; 'models fetch SLUG' or 'models add FILE'): "
+                   + ", ".join(f"{s} ({k})" for s, k in sorted(unknown.items())))
 
 
 @models_group.command("fetch")
