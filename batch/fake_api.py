@@ -7,7 +7,9 @@ three submit route forms, ``data.get_result.url``, tasks that move ``pending`` â
 with a reason in the documented error envelope, or ``cancelled``; ``X-RateLimit-*``
 headers over a per-minute window; a concurrency limit (429); and the read-only
 endpoints (models, balance, key validation). It validates submissions as the provider
-documents them.
+documents them. Optionally (``state_names="dsh"``, ``result_ttl``) it speaks the newer
+client's state words (``queued``/``created``, ``running``/``in_progress``, ``done``) and
+states ``result_expires_at``; it records each submission's ``x-request-id``.
 
 Task ids carry their own creation time and fate, signed, so any instance of the fake
 (a later ``collect --fake-api`` in another process) answers for tasks an earlier one
@@ -35,6 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import fastjsonschema
@@ -126,6 +129,10 @@ class FakeConfig:
     schemas: dict[str, Any] = field(default_factory=dict)  # slug -> schema document served instead of the shipped
     balance: float = 100.0
     get_result: bool = True  # answer submissions with data.get_result.url
+    # "dsh": task states as the provider's newer client reads them (queued/created, running/
+    # in_progress, done) instead of pending/processing/success (provider-today.md, 2026-12-06)
+    state_names: str = "documented"
+    result_ttl: float | None = None  # seconds from completion: answer successes with result_expires_at
 
 
 @dataclass
@@ -139,6 +146,7 @@ class Record:
     kind: str = ""  # submit, query, download, models, balance, validate
     wall: float = 0.0  # time.time() when the handler started
     model: str | None = None
+    x_request_id: str | None = None  # the submission's x-request-id header
 
 
 class FakeState:
@@ -241,6 +249,16 @@ class FakeState:
         if "c" in flags:
             return "cancelled"
         return "failed" if "f" in flags else "success"
+
+
+_DSH_WORDS = {"pending": ("queued", "created"), "processing": ("running", "in_progress"), "success": ("done", "done")}
+
+
+def _state_word(status: str, names: str, task_id: str) -> str:
+    """A state as the chosen vocabulary spells it; alternate synonyms by task id so a
+    sheet's tasks show each of them."""
+    words = _DSH_WORDS.get(status) if names == "dsh" else None
+    return words[int(task_id[-1], 16) % 2] if words else status
 
 
 def _sign(core: str) -> str:
@@ -414,6 +432,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         record = state.arrive("POST", request.path, body if config.record_bodies else None, "submit")
         slug = f"{request.match_info['provider']}/{request.match_info['model']}"
         record.model = slug
+        record.x_request_id = request.headers.get("x-request-id")
         refused = await admit(request, record)
         if refused is not None:
             return refused
@@ -458,8 +477,11 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         if status is None:
             record.status = 404
             return _error(404, f"task {task_id} not found")
-        data: dict[str, Any] = {"status": status, "task_id": task_id}
-        flags = (parse_task_id(task_id) or (0.0, ""))[1]
+        data: dict[str, Any] = {"status": _state_word(status, config.state_names, task_id), "task_id": task_id}
+        created, flags = parse_task_id(task_id) or (0.0, "")
+        if status == "success" and config.result_ttl is not None:
+            data["result_expires_at"] = datetime.fromtimestamp(
+                created + config.task_delay + config.result_ttl, UTC).isoformat(timespec="seconds")
         if status == "success":
             base = f"{request.scheme}://{request.host}"
             resources = [{"url": f"{base}/files/{task_id}.mp4", "type": "video", "format": "mp4",

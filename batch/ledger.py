@@ -51,6 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batch import expiry
 from batch.api import DEFAULT_MODEL, FAKE_API
 from batch.errors import LockedError, StateError
 from batch.identity import content_key, with_repeat
@@ -374,6 +375,7 @@ class Ledger:
         db.execute("PRAGMA busy_timeout=5000")
         if version < SCHEMA_VERSION:
             self._migrate_v1()
+        expiry.ensure(db)  # additive (issue 20): result_expires_at per request, IF NOT EXISTS
 
     def _migrate_v1(self) -> None:
         """Version 1 keyed rows by ``<id>:<hash>#n`` for one API and one model; key them by

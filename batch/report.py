@@ -41,6 +41,9 @@ def render(summary: dict[str, Any]) -> str:
     if collected:
         states = ", ".join(f"{n} {status}" for status, n in collected["task_status"].items()) or "none"
         lines.append(f"  tasks: {states}; downloaded {collected['downloaded']}, failed {collected['download_failed']}")
+        if collected.get("expiring_before_next_collect"):
+            lines.append(f"  expiring: {collected['expiring_before_next_collect']} outputs not downloaded expire "
+                         "before the next collect (24 h): collect with --download DIR now  <-")
     estimate = summary.get("estimate")
     if estimate:
         lines.extend(render_estimate(estimate))
@@ -89,6 +92,9 @@ def render_collect(summary: dict[str, Any]) -> str:
         lines.append(f"  {status:<10} {n:>8}{mark}")
     lines.append(f"  downloaded {summary['downloaded']}, already present {summary['download_skipped']}, "
                  f"failed {summary['download_failed']}")
+    if summary.get("expiring_before_next_collect"):
+        lines.append(f"  expiring: {summary['expiring_before_next_collect']} outputs not downloaded expire before "
+                     "the next collect (24 h): collect with --download DIR now  <-")
     if summary.get("stop_reason"):
         lines.append(f"  stop reason: {summary['stop_reason']}")
     lines.append(f"  elapsed {summary['elapsed_s']:.1f} s")

@@ -2,10 +2,17 @@
 and the provider's defaults, every task state and ``result_expires_at``, ``x-request-id``
 on submissions, and the submit-429 rule."""
 
+import json
+import re
+import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.request import Request, urlopen
 
-from conftest import cli, error_line, results, write_csv
+from conftest import cli, error_line, prompts, results, write_csv
 
+from batch.collect import read_task
 from batch.models import Catalog, names_only, shipped
 
 LITE = "bytedance/seedance-1.0-lite-t2v"
@@ -13,14 +20,20 @@ MINI = "bytedance/seedance-2.0-mini-t2v"
 FAST_I2V = "bytedance/seedance-2.0-fast-i2v"
 
 
-def submit(url: str, tmp_path: Path, path: Path, *extra: str, out: str = "r.parquet"):
+def submit(url: str, tmp_path: Path, path: Path, *extra: str, out: str = "r.parquet", env=None):
     return cli(["submit", str(path), "-o", str(tmp_path / out), "--base-url", url, "--state",
-                str(tmp_path / "s.sqlite"), "--rate", "0", *extra])
+                str(tmp_path / "s.sqlite"), "--rate", "0", *extra], env=env)
 
 
 def collect(url: str, tmp_path: Path, *extra: str):
     return cli(["collect", "--state", str(tmp_path / "s.sqlite"), "--base-url", url, "--rate", "0",
                 "--results", str(tmp_path / "r.parquet"), *extra])
+
+
+def ask(url: str, task_id: str) -> dict:
+    """The fake's task answer's ``data``, as a plain HTTP client sees it."""
+    with urlopen(Request(f"{url}/api/v1/tasks/{task_id}", headers={"Authorization": "Bearer k"})) as resp:
+        return json.loads(resp.read())["data"]
 
 
 # -- 1. Seedance 2.0 Mini and the provider's defaults ---------------------------------------------
@@ -66,3 +79,92 @@ def test_models_list_marks_the_defaults_and_the_names_known_only(tmp_path: Path)
     assert "[this tool's default]" in lines[LITE] and "provider's default" not in lines[LITE]
     assert "known by name only" in out and "bytedance/seedance-2.0-mini-i2v (i2v)" in out
     assert Catalog().find(MINI) is not None
+
+
+# -- 3. every task state, result_expires_at, x-request-id -----------------------------------------
+
+def test_every_state_of_the_newer_client_maps_to_ours() -> None:
+    expected = {"queued": "pending", "created": "pending", "pending": "pending", "running": "processing",
+                "in_progress": "processing", "processing": "processing", "done": "success", "success": "success"}
+    for word, ours in expected.items():
+        view = read_task({"code": 0, "data": {"status": word, "task_id": "t1"}}, "t1")
+        assert (view.status, view.unknown_state) == (ours, None), word
+
+
+def test_a_night_in_the_newer_state_words_ends_in_success_and_downloads(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(state_names="dsh", task_delay=0.6)
+    path = write_csv(tmp_path / "in.csv", prompts(4))
+    assert submit(fake.url, tmp_path, path).exit_code == 0
+    res = collect(fake.url, tmp_path, "--wait", "--timeout", "30s", "--poll-interval", "0.1",
+                  "--download", str(tmp_path / "videos"))
+    assert res.exit_code == 0, res.output
+    assert "task_state_unknown" not in res.stderr
+    assert results(tmp_path / "r.parquet")["task_status"].to_list() == ["success"] * 4
+    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 4
+    assert {ask(fake.url, r.task_id)["status"] for r in fake.state.submissions()} == {"done"}
+
+
+def test_the_fake_speaks_each_newer_state_word(start_fake) -> None:
+    fake = start_fake(state_names="dsh", task_delay=2.0)
+    words = set()
+    for i in range(8):
+        task_id = fake.state.new_task({"prompt": f"p{i}"}, LITE)
+        words.add(ask(fake.url, task_id)["status"])
+    assert words == {"queued", "created"}
+    time.sleep(1.1)
+    assert {ask(fake.url, t)["status"] for t in fake.state.tasks} == {"running", "in_progress"}
+
+
+def test_outputs_past_result_expires_at_are_expired_not_downloaded(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(result_ttl=-60.0)  # expired a minute after completion... before we ask
+    assert submit(fake.url, tmp_path, write_csv(tmp_path / "in.csv", prompts(2))).exit_code == 0
+    res = collect(fake.url, tmp_path, "--download", str(tmp_path / "videos"))
+    assert res.exit_code == 1
+    table = results(tmp_path / "r.parquet")
+    assert table["task_status"].to_list() == ["expired"] * 2
+    assert all("result_expires_at" in r for r in table["failure_reason"].to_list())
+    assert [r for r in fake.state.records if r.kind == "download"] == []
+
+
+def test_the_summary_warns_of_outputs_expiring_before_the_next_collect(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(result_ttl=3600.0)  # one hour: gone before tomorrow night's collect
+    assert submit(fake.url, tmp_path, write_csv(tmp_path / "in.csv", prompts(3))).exit_code == 0
+    res = collect(fake.url, tmp_path)  # polls, no download directory
+    assert "expiring: 3 outputs not downloaded expire before the next collect (24 h)" in res.output
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        stored = dict(db.execute("SELECT request_id, expires_at FROM task_expiry").fetchall())
+    assert len(stored) == 3 and all(v.endswith("+00:00") for v in stored.values())
+    # downloaded now, nothing is left to warn about
+    res = collect(fake.url, tmp_path, "--download", str(tmp_path / "videos"))
+    assert res.exit_code == 0, res.output
+    assert "expiring:" not in res.output
+
+
+def test_collect_downloads_the_soonest_expiring_outputs_first(fake, tmp_path: Path) -> None:
+    assert submit(fake.url, tmp_path, write_csv(tmp_path / "in.csv", prompts(4))).exit_code == 0
+    assert collect(fake.url, tmp_path).exit_code == 0  # polled to success, not downloaded
+    order = [r.task_id for r in fake.state.submissions()]
+    ids = results(tmp_path / "r.parquet").select("request_id", "task_id").rows()
+    by_task = {t: rid for rid, t in ids}
+    now = datetime.now(UTC)
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:  # the last submitted expires first
+        for n, task_id in enumerate(reversed(order)):
+            db.execute("INSERT OR REPLACE INTO task_expiry VALUES (?, ?, ?)",
+                       (fake.url, by_task[task_id], (now + timedelta(hours=2 + n)).isoformat(timespec="seconds")))
+    res = collect(fake.url, tmp_path, "--download", str(tmp_path / "videos"), "--download-concurrency", "1")
+    assert res.exit_code == 0, res.output
+    downloads = [r.path.rsplit("/", 1)[1].removesuffix(".mp4") for r in fake.state.records if r.kind == "download"]
+    assert downloads == list(reversed(order))
+
+
+def test_every_submission_carries_our_request_id_as_x_request_id(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(api_key="sk-test-secret-key-123", faults=["429,times=1"])
+    rows = prompts(3) + prompts(1)  # a repeat: its own request id, <key>-1
+    res = submit(fake.url, tmp_path, write_csv(tmp_path / "in.csv", rows), "--max-attempts", "3",
+                 env={"SEEDANCE_API_KEY": "sk-test-secret-key-123"})
+    assert res.exit_code == 0, res.output
+    table = results(tmp_path / "r.parquet")
+    sent = [r.x_request_id for r in fake.state.submissions()]
+    assert len(sent) == 5 and set(sent) == set(table["request_id"].to_list())  # the 429'd one was resent with it
+    assert all(re.fullmatch(r"[0-9a-f]{16}(-\d+)?", s) for s in sent)
+    assert not any("secret" in s for s in sent)
