@@ -6,6 +6,7 @@ import json
 import re
 import sqlite3
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.request import Request, urlopen
@@ -168,3 +169,30 @@ def test_every_submission_carries_our_request_id_as_x_request_id(start_fake, tmp
     assert len(sent) == 5 and set(sent) == set(table["request_id"].to_list())  # the 429'd one was resent with it
     assert all(re.fullmatch(r"[0-9a-f]{16}(-\d+)?", s) for s in sent)
     assert not any("secret" in s for s in sent)
+
+
+# -- 5. a submit 429: a definite rejection, resent within bounds ------------------------------------
+
+def test_a_429_is_resent_at_most_max_attempts_times(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(faults=["429"])  # every submission, forever
+    res = submit(fake.url, tmp_path, write_csv(tmp_path / "in.csv", prompts(4)), "--max-attempts", "3",
+                 "--no-preflight")
+    assert res.exit_code == 1
+    sends = Counter(json.dumps(r.body, sort_keys=True) for r in fake.state.submissions())
+    assert len(sends) == 4 and set(sends.values()) == {3}
+    table = results(tmp_path / "r.parquet")
+    assert table["status"].to_list() == ["failed"] * 4 and table["attempts"].to_list() == [3] * 4
+    assert all("gave up after 3 attempts" in e for e in table["error"].to_list())
+
+
+def test_a_429_is_never_resent_after_the_deadline(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(faults=["429,retry_after=3"])  # the cooldown outlasts the night
+    started = time.time()
+    res = submit(fake.url, tmp_path, write_csv(tmp_path / "in.csv", prompts(3)), "--max-attempts", "50",
+                 "--deadline", "2s", "--no-preflight", "--concurrency", "1")
+    deadline = started + 2.0
+    assert res.exit_code == 1, res.output
+    walls = [r.wall for r in fake.state.submissions()]
+    assert walls and max(walls) < deadline + 0.25  # nothing sent after the deadline (a little clock slack)
+    table = results(tmp_path / "r.parquet")
+    assert set(table["status"].to_list()) == {"pending"}  # not failed: the next night sends them
