@@ -545,7 +545,8 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
     counts = {("would send" if k == "dry_run" else k): v for k, v in tally.counts.items()}
     summary = {"title": "seedance-batch validate", "counts": counts, "estimate": tally.estimate(),
                "unreadable": [{"source": u.source, "error": u.error} for u in unreadable],
-               "passthrough_columns": expander.passthrough_columns()}
+               "passthrough_columns": expander.passthrough_columns(),
+               "uploads": {"files": expander.images.planned[0], "bytes": expander.images.planned[1], "planned": True}}
     click.echo(render(summary))
     sys.exit(1 if invalid or unreadable else 0)
 

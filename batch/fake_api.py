@@ -41,10 +41,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import fastjsonschema
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from batch.api import TASK_PATH
 from batch.models import Catalog, shipped
+from batch.upload import MAX_BYTES as UPLOAD_MAX_BYTES
+from batch.upload import UPLOAD_PATH, sniff
 from batch.validate import RULES, BodyRule, FieldRule
 
 _REASONS = {
@@ -179,6 +181,10 @@ class FakeState:
         return collections.Counter(
             json.dumps(b, sort_keys=True, ensure_ascii=False) for b in self.accepted_bodies()
         )
+
+    def uploads(self) -> list[Record]:
+        """The uploads the fake accepted (``detail``: sha256, size, filename)."""
+        return [r for r in self.records if r.kind == "upload" and r.status == 200]
 
     def submit_times(self) -> list[float]:
         return [r.t for r in self.submissions()]
@@ -573,6 +579,47 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         record.status = 200
         return _ok({"is_valid": _authorized(request, config)})
 
+    async def media_upload(request: web.Request) -> web.StreamResponse:
+        """``POST /api/v1/media/files``: one PNG, JPEG or WebP of at most 16 MiB, multipart
+        (field ``file``); what else arrives is refused as the documentation says."""
+        record = state.arrive("POST", request.path, None, "upload")
+        refused = await admit(request, record, slow=False)
+        if refused is not None:
+            return refused
+        fault = state.pick_fault("upload", "")
+        if fault is not None:
+            answer = await _apply_fault(fault, request, state, record, lambda: None)
+            if answer is not None:
+                return answer
+        if not request.content_type.startswith("multipart/"):
+            record.status = 400
+            return _error(400, "expected multipart/form-data with a file")
+        reader = await request.multipart()
+        part = await reader.next()
+        while part is not None and getattr(part, "name", None) != "file":
+            part = await reader.next()
+        if not isinstance(part, BodyPartReader):
+            record.status = 400
+            return _error(400, "no file part")
+        data = bytearray()
+        while chunk := await part.read_chunk(1 << 16):
+            data += chunk
+            if len(data) > UPLOAD_MAX_BYTES:
+                record.status = 413
+                return _error(413, "the file is over 16 MiB")
+        mime = sniff(bytes(data[:16]))
+        if mime is None:
+            record.status = 415
+            return _error(415, "only PNG, JPEG or WebP images")
+        digest = hashlib.sha256(data).hexdigest()
+        file_id = f"file-{digest[:24]}"
+        ext = mime.rpartition("/")[2]
+        record.detail = {"sha256": digest, "size": len(data), "filename": part.filename}
+        record.status = 200
+        return _ok({"file_id": file_id, "url": f"{request.scheme}://{request.host}/media/{file_id}.{ext}",
+                    "type": mime, "filename": part.filename or "", "size": len(data),
+                    "created_at": datetime.now(UTC).isoformat(timespec="seconds")})
+
     async def records(request: web.Request) -> web.Response:
         return web.json_response([r.__dict__ for r in state.records])
 
@@ -581,6 +628,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
     app.router.add_get(TASK_PATH, query)
     app.router.add_get("/files/{name}", download)
     app.router.add_get("/api/v1/models", models)
+    app.router.add_post(UPLOAD_PATH, media_upload)
     app.router.add_get("/api/v1/team/balance", balance)
     app.router.add_get("/api/v1/apikey/validate", validate_key)
     app.router.add_get("/models/{provider}/{model}/api_schema", api_schema)

@@ -51,7 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from batch import expiry
+from batch import expiry, upload
 from batch.api import DEFAULT_MODEL, FAKE_API
 from batch.errors import LockedError, StateError
 from batch.identity import content_key, with_repeat
@@ -376,6 +376,7 @@ class Ledger:
         if version < SCHEMA_VERSION:
             self._migrate_v1()
         expiry.ensure(db)  # additive (issue 20): result_expires_at per request, IF NOT EXISTS
+        upload.ensure(db)  # additive (issue 20): one uploaded image per content hash, IF NOT EXISTS
 
     def _migrate_v1(self) -> None:
         """Version 1 keyed rows by ``<id>:<hash>#n`` for one API and one model; key them by

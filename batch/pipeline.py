@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import polars as pl
 import structlog
 
+from batch import upload
 from batch.api import FAKE_API, api_identity, check_task_id, origin
 from batch.client import Secret
 from batch.collect import CollectConfig, Collector, CollectStats, Task
@@ -69,6 +70,7 @@ from batch.results import (
 )
 from batch.storage import Target
 from batch.submit import RunStats, SpendCap, SubmitConfig, Submitter
+from batch.upload import Uploader
 
 log = structlog.get_logger("batch")
 ConfigT = TypeVar("ConfigT", SubmitConfig, CollectConfig)
@@ -261,6 +263,8 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
                                  ledger.outcome_rows if ledger is not None else None,
                                  Resolution(None, dry_run=True, resend_unknown=opts.submit.resend_unknown),
                                  tally=Tally(estimator=estimator), on_rows=on_rows)
+        known = upload.uploaded(ledger.db, ledger.api) if ledger is not None else {}
+        expander.images.planned = expander.images.totals(set(known))
     finally:
         if ledger is not None:
             ledger.close()
@@ -295,6 +299,8 @@ def run_submit(opts: RunOptions) -> Summary:
             summary = _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable,
                                  passthrough=expander.passthrough_columns())
             summary.extra["columns"] = expander.mapping_lines()
+            files, size = expander.images.planned
+            summary.extra["uploads"] = {"files": files, "bytes": size, "planned": True}
             return summary
         routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_in_use}
         opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander), routes=routes))
@@ -329,6 +335,7 @@ class _Outcome:
     rescue: Path | None = None
     unsaved: int = 0
     task_ids: int = 0
+    uploads: tuple[int, int] = (0, 0)  # images uploaded by this run: files, bytes
 
 
 def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: Ledger, run_id: str,
@@ -436,6 +443,9 @@ async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable
     progress = Progress(lambda: (expander.rows_seen, expander.total_rows), opts.progress_tty, opts.progress_interval)
     progress_task = asyncio.create_task(progress.run())
     submitter = Submitter(config, aledger, run_id, progress, limiter)
+    uploader = submitter.uploader = Uploader(
+        expander.images, config.base_url, config.api_key, ledger.api, upload.uploaded(ledger.db, ledger.api),
+        lambda row: aledger.write(upload.SQL_RECORD, row), config.max_attempts, config.transport)
     state: dict[str, Any] = {"interrupted": None, "aborted": False, "on_halt": None}
 
     def on_signal(signum: int) -> None:
@@ -478,7 +488,7 @@ async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable
     if aledger.broken is not None and stats.state_error is None:
         stats.state_error = str(aledger.broken)
     return _Outcome(stats, state["interrupted"], bool(state["aborted"]), collected, aledger.rescue_path,
-                    aledger.unsaved_count, aledger.committed_task_ids)
+                    aledger.unsaved_count, aledger.committed_task_ids, (uploader.uploads, uploader.bytes))
 
 
 def shared_budget(directory: Path | None, key: Secret) -> SharedBudget | None:
@@ -525,6 +535,8 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
         summary.extra["rescue"] = str(outcome.rescue)
     if outcome is not None and outcome.collected is not None:
         summary.extra["collect"] = outcome.collected.as_dict()
+    if outcome is not None:
+        summary.extra["uploads"] = {"files": outcome.uploads[0], "bytes": outcome.uploads[1], "planned": False}
     try:
         write_summary_file(opts.output, summary)
     except OSError as exc:

@@ -44,6 +44,10 @@ def render(summary: dict[str, Any]) -> str:
         if collected.get("expiring_before_next_collect"):
             lines.append(f"  expiring: {collected['expiring_before_next_collect']} outputs not downloaded expire "
                          "before the next collect (24 h): collect with --download DIR now  <-")
+    uploads = summary.get("uploads")
+    if uploads and uploads.get("files"):
+        verb = "would be uploaded" if uploads.get("planned") else "uploaded"
+        lines.append(f"  uploads: {uploads['files']} local images, {uploads['bytes']} bytes {verb}")
     estimate = summary.get("estimate")
     if estimate:
         lines.extend(render_estimate(estimate))
