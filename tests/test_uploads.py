@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 from conftest import cli, results, write_csv
 
 from batch.upload import MAX_BYTES
@@ -129,3 +130,36 @@ def test_the_fake_refuses_what_the_documentation_refuses(fake) -> None:
     assert asyncio.run(post(b"GIF89a" + bytes(32))) == 415
     assert asyncio.run(post(PNG + bytes(MAX_BYTES))) == 413
     assert asyncio.run(post(PNG, name="image")) == 400
+
+
+def test_an_upload_redirected_elsewhere_carries_the_key_nowhere_and_pays_nothing(serve, tmp_path: Path) -> None:
+    elsewhere: list[str] = []
+
+    async def other(request: web.Request) -> web.Response:
+        elsewhere.append(request.headers.get("Authorization", ""))
+        return web.json_response({"code": 0, "data": {"url": "https://x.test/f.png"}})
+
+    second = web.Application()
+    second.router.add_route("*", "/{tail:.*}", other)
+    target = serve(second)
+    submits: list[str] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": f"{target}/api/v1/media/files"})
+
+    async def submit(request: web.Request) -> web.Response:
+        submits.append(request.path)
+        return web.json_response({"code": 0, "data": {"task_id": "t1", "status": "pending"}})
+
+    first = web.Application()
+    first.router.add_post("/api/v1/media/files", upload)
+    first.router.add_post("/{tail:.*}", submit)
+    base = serve(first)
+    sheet_dir = images(tmp_path / "sheet")
+    sheet = write_csv(sheet_dir / "in.csv", [{"prompt": "one", "first_frame_image": "refs/a.png"}])
+    res = cli(["submit", str(sheet), "-o", str(tmp_path / "r.parquet"), "--base-url", base, "--state",
+               str(tmp_path / "s.sqlite"), "--rate", "0", "--model", I2V, "--no-preflight", "--max-attempts", "2"])
+    assert res.exit_code == 1
+    assert elsewhere == [] and submits == []
+    row = results(tmp_path / "r.parquet").row(0, named=True)
+    assert row["status"] == "pending" and "upload" in row["error"]
