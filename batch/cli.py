@@ -27,7 +27,7 @@ import polars as pl
 import structlog
 from click.core import ParameterSource
 
-from batch import __version__, logs
+from batch import __version__, logs, retry
 from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slug, is_loopback
 from batch.client import Secret, TooLarge, Transport, describe, make_session, read_capped, redact_url
 from batch.collect import CollectConfig
@@ -281,6 +281,11 @@ def common_options(fn: Any) -> Any:
                      envvar="SEEDANCE_BATCH_MAX_ATTEMPTS", help="Attempts per request for 429/503/connect errors."),
         click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
                      envvar="SEEDANCE_BATCH_TIMEOUT", help="Seconds one HTTP attempt may take."),
+        click.option("--retry-failed", is_flag=True,
+                     help="Send again the requests whose task failed for a reason on the provider's side (internal, "
+                          "timeout, expired, cancelled); never content policy. Each is a new paid task."),
+        click.option("--retry-cap", type=click.IntRange(1, 20), default=2, show_default=True,
+                     help="With --retry-failed: tasks per request in all, across nights (the first included)."),
         click.option("--max-requests", type=click.IntRange(0), envvar="SEEDANCE_BATCH_MAX_REQUESTS",
                      help="Send at most N new requests this run; the rest stay pending. [env SEEDANCE_BATCH_MAX_REQUESTS]"),
         click.option("--deadline", envvar="SEEDANCE_BATCH_DEADLINE",
@@ -483,6 +488,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         pricing=pricing_of(kw.get("prices_file"), job),
         max_spend=kw.get("max_spend"),
         preflight=not kw.get("no_preflight") and bool(job.get("preflight", True) if job else True),
+        retry_failed=bool(kw.get("retry_failed")), retry_cap=int(kw.get("retry_cap") or retry.DEFAULT_CAP),
     )
 
 

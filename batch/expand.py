@@ -53,6 +53,7 @@ RESULT_COLUMNS = (
     "request_id", "source", "row", "model", "endpoint", "status", "task_id", "error", "error_code",
     "http_status", "attempts", "submitted_at", "as_written",
     "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error",
+    "task_attempt", "earlier_task_ids",
 )
 MODEL_COLUMN = "model"
 _KIND_WORDS = {"n": "a number", "b": "a boolean", "d": "a date", "date": "a date", "e": "an error value"}

@@ -122,6 +122,8 @@ class FakeConfig:
     task_delay: float = 0.0  # seconds from submission to a terminal task state
     fail_match: str = "FAILTASK"  # prompts containing this end as failed tasks
     cancel_match: str = "CANCELTASK"  # ... as cancelled tasks
+    flaky_match: str = "FLAKYTASK"  # ... fail with an internal error on their first flaky_failures submissions
+    flaky_failures: int = 1
     video_bytes: int = 4096
     download_bps: float | None = None  # throttle downloads (bytes/s) to test interrupted ones
     seed: int = 0
@@ -162,6 +164,7 @@ class FakeState:
         self._minute: collections.deque[float] = collections.deque()
         self.active = 0
         self.max_active = 0
+        self._flaky_seen: dict[str, int] = {}
 
     def arrive(self, method: str, path: str, detail: Any = None, kind: str = "") -> Record:
         """Record a request as its handler starts; the handler fills in status and task id."""
@@ -235,12 +238,19 @@ class FakeState:
         prompt = str(body.get("prompt", ""))
         flags = "".join(flag for flag, on in (
             ("f", self.config.fail_match in prompt), ("c", self.config.cancel_match in prompt),
+            ("i", self.config.flaky_match in prompt and self._flaky(prompt)),
             ("l", bool(body.get("return_last_frame"))),
         ) if on) or "n"
         core = f"{next(self._ids):08d}-{int(time.time() * 1000):x}-{flags}-{self.rng.getrandbits(32):08x}"
         task_id = f"task-video-{core}-{_sign(core)}"
         self.tasks[task_id] = {"created": time.time(), "body": body, "model": model}
         return task_id
+
+    def _flaky(self, prompt: str) -> bool:
+        """Whether this submission of a flaky prompt still fails (counted per prompt)."""
+        seen = self._flaky_seen.get(prompt, 0)
+        self._flaky_seen[prompt] = seen + 1
+        return seen < self.config.flaky_failures
 
     def task_status(self, task_id: str) -> str | None:
         """The task's state now, from its id alone; ``None`` for an id this fake never issued."""
@@ -254,7 +264,7 @@ class FakeState:
             return "pending" if age < delay / 2 else "processing"
         if "c" in flags:
             return "cancelled"
-        return "failed" if "f" in flags else "success"
+        return "failed" if "f" in flags or "i" in flags else "success"
 
 
 _DSH_WORDS = {"pending": ("queued", "created"), "processing": ("running", "in_progress"), "success": ("done", "done")}
@@ -496,6 +506,8 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
                 resources.append({"url": f"{base}/files/{task_id}.png", "type": "image",
                                   "format": "png", "role": "last_frame"})
             data["result"] = {"resources": resources}
+        elif status == "failed" and "i" in flags:
+            data["error"] = {"code": 500, "message": "Internal Error: the generation failed, try again"}
         elif status == "failed":
             data["error"] = {"code": 400, "message": "Content Moderation: the prompt was rejected"}
         elif status == "cancelled":

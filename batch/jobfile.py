@@ -53,6 +53,8 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "prices_file": ((str,), "a TOML price table"),
     "max_spend": ((int, float), "USD"),
     "preflight": ((bool,), "true or false"),
+    "retry_failed": ((bool,), "true or false"),
+    "retry_cap": ((int,), "an integer (tasks per request in all)"),
 }
 PATH_KEYS = ("output", "state", "metrics_file", "prices_file", "download", "ca_bundle")
 

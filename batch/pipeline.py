@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import polars as pl
 import structlog
 
-from batch import upload
+from batch import retry, upload
 from batch.api import FAKE_API, api_identity, check_task_id, origin
 from batch.client import Secret
 from batch.collect import CollectConfig, Collector, CollectStats, Task
@@ -108,6 +108,8 @@ class RunOptions:
     pricing: Pricing = field(default_factory=Pricing)
     max_spend: float | None = None  # USD: stop starting requests before tonight's estimate passes it
     preflight: bool = True  # check the key, the models and the balance before sending
+    retry_failed: bool = False  # resend requests whose task failed on the provider's side (batch.retry)
+    retry_cap: int = retry.DEFAULT_CAP  # tasks per request in all, across nights
 
     @property
     def api(self) -> str:
@@ -313,17 +315,32 @@ def run_submit(opts: RunOptions) -> Summary:
             asyncio.run(preflight(opts, expander.models_in_use, estimate))
         try:
             ledger.start_run(run_id, opts.command)
+            retried = retry_failed(opts, expander, ledger, run_id) if opts.retry_failed else None
         except sqlite3.Error as exc:
             raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
         spool = RequestSpool(opts.output.temp_dir(), schema)
         try:
             outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), ledger, run_id))
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable)
+            if retried is not None:
+                summary.extra["retry_failed"] = retried.as_dict()
         finally:
             spool.close()
         with contextlib.suppress(sqlite3.Error):  # a full disk: the summary already says so
             ledger.finish_run(run_id, summary.as_dict())
         return summary
+
+
+def retry_failed(opts: RunOptions, expander: Expander, ledger: Ledger, run_id: str) -> retry.RetryPlan:
+    """Before sending: tonight's requests whose task failed on the provider's side become
+    ``pending`` again (their task kept in the lineage); they then go out like any request."""
+    ids = [r.request_id for r in expander if r.error is None]
+    plan = retry.prepare(ledger.db, opts.api, ids, opts.retry_cap, run_id)
+    log.info("retry_failed", **plan.as_dict(), cap=opts.retry_cap)
+    if plan.never or plan.unclassified:
+        log.warning("not_retried", content_policy=plan.never[:20], unclassified=plan.unclassified[:20],
+                    why="a content-policy, invalid-input or unclassified failure would fail again, paid")
+    return plan
 
 
 @dataclass

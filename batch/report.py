@@ -44,6 +44,11 @@ def render(summary: dict[str, Any]) -> str:
         if collected.get("expiring_before_next_collect"):
             lines.append(f"  expiring: {collected['expiring_before_next_collect']} outputs not downloaded expire "
                          "before the next collect (24 h): collect with --download DIR now  <-")
+    retried = summary.get("retry_failed")
+    if retried:
+        lines.append(f"  retry-failed: {retried['retried']} failed tasks sent again; not retried: "
+                     f"{retried['content_policy']} content policy, {retried['unclassified']} unclassified, "
+                     f"{retried['cap_reached']} at the cap")
     uploads = summary.get("uploads")
     if uploads and uploads.get("files"):
         verb = "would be uploaded" if uploads.get("planned") else "uploaded"
