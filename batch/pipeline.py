@@ -261,8 +261,10 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
     try:
         estimator = Estimator(expander.catalog, opts.pricing, ledger.labels if ledger is not None else None)
         schema = request_schema_of(expander)
-        tally, _ = write_results(output, request_frames(expander, schema), schema,
-                                 ledger.outcome_rows if ledger is not None else None,
+        rows_of = ledger.outcome_rows if ledger is not None else None
+        if ledger is not None and opts.retry_failed:
+            rows_of = retried_as_pending(ledger, opts.retry_cap)
+        tally, _ = write_results(output, request_frames(expander, schema), schema, rows_of,
                                  Resolution(None, dry_run=True, resend_unknown=opts.submit.resend_unknown),
                                  tally=Tally(estimator=estimator), on_rows=on_rows)
         known = upload.uploaded(ledger.db, ledger.api) if ledger is not None else {}
@@ -271,6 +273,17 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
         if ledger is not None:
             ledger.close()
     return tally
+
+
+def retried_as_pending(ledger: Ledger, cap: int) -> Callable[[list[str]], list[tuple[Any, ...]]]:
+    """The ledger's rows as a ``--retry-failed`` run would find them: the failed tasks it
+    would send again are ``pending``, so a dry run shows them as sent and its estimate (and
+    the preflight's) counts what they would cost."""
+    def rows_of(ids: list[str]) -> list[tuple[Any, ...]]:
+        again = set(retry.plan(retry.failed_tasks(ledger.db, ledger.api, ids), cap).retried)
+        return [(row[0], "pending", *row[2:]) if row[0] in again else row
+                for row in ledger.outcome_rows(ids)]
+    return rows_of
 
 
 def spend_cap(opts: RunOptions, expander: Expander) -> SpendCap | None:

@@ -107,3 +107,21 @@ def test_the_job_file_turns_it_on(start_fake, tmp_path: Path) -> None:
     res = cli(["run", str(job)])
     assert res.exit_code == 0, res.output
     assert sorted(sent(fake)[4:]) == ["CANCELTASK", "FLAKYTASK"]
+
+
+def test_a_dry_run_shows_and_prices_the_retries(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(flaky_failures=5)
+    night(fake, tmp_path, 1)
+    prices = tmp_path / "prices.toml"
+    prices.write_text('["bytedance/seedance-1.0-lite-t2v"]\n"480p" = 0.01\n"720p" = 0.02\n"1080p" = 0.03\n')
+    args = ["submit", str(tmp_path / "in.csv"), "--base-url", fake.url,
+            "--state", str(tmp_path / "s.sqlite"), "--prices", str(prices), "--dry-run"]
+    plain = cli([*args, "-o", str(tmp_path / "plain.parquet")])
+    assert plain.exit_code == 0 and "skipped           4" in plain.output, plain.output
+    again = cli([*args, "-o", str(tmp_path / "dry.parquet"), "--retry-failed"])
+    assert again.exit_code == 0, again.output
+    assert "would send: 2 requests (2 flex); already submitted 2 (skipped)" in again.output
+    assert "estimated cost: 0.10 USD" in again.output  # 2 x 5 s x 0.02 USD/s x 50% (flex)
+    table = {r["id"]: r["status"] for r in results(tmp_path / "dry.parquet").iter_rows(named=True)}
+    assert table == {"ok": "skipped", "flaky": "dry_run", "policy": "skipped", "cancel": "dry_run"}
+    assert len(fake.state.submissions()) == 4  # a dry run sends nothing
