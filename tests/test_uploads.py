@@ -163,3 +163,17 @@ def test_an_upload_redirected_elsewhere_carries_the_key_nowhere_and_pays_nothing
     assert elsewhere == [] and submits == []
     row = results(tmp_path / "r.parquet").row(0, named=True)
     assert row["status"] == "pending" and "upload" in row["error"]
+
+
+def test_uploads_take_their_turn_in_the_keys_rate_budget(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(rate_limit=5)  # the fake refuses a sixth request within any second
+    sheet_dir = tmp_path / "sheet"
+    (sheet_dir / "refs").mkdir(parents=True)
+    rows = []
+    for i in range(10):  # ten different pictures: ten uploads and ten submissions
+        (sheet_dir / "refs" / f"{i}.png").write_bytes(PNG + bytes([i]) * 16)
+        rows.append({"prompt": f"shot {i}", "first_frame_image": f"refs/{i}.png"})
+    res = run(fake, tmp_path, write_csv(sheet_dir / "in.csv", rows), "--rate", "5/s")
+    assert res.exit_code == 0, res.output
+    assert len(fake.state.uploads()) == 10 and len(fake.state.submissions()) == 10
+    assert [r for r in fake.state.records if r.status == 429] == []
