@@ -173,7 +173,7 @@ def test_uploads_take_their_turn_in_the_keys_rate_budget(start_fake, tmp_path: P
     for i in range(10):  # ten different pictures: ten uploads and ten submissions
         (sheet_dir / "refs" / f"{i}.png").write_bytes(PNG + bytes([i]) * 16)
         rows.append({"prompt": f"shot {i}", "first_frame_image": f"refs/{i}.png"})
-    res = run(fake, tmp_path, write_csv(sheet_dir / "in.csv", rows), "--rate", "5/s")
+    res = run(fake, tmp_path, write_csv(sheet_dir / "in.csv", rows), "--rate", "4/s")  # a margin for a loaded machine
     assert res.exit_code == 0, res.output
     assert len(fake.state.uploads()) == 10 and len(fake.state.submissions()) == 10
     assert [r for r in fake.state.records if r.status == 429] == []
