@@ -27,7 +27,7 @@ import polars as pl
 import structlog
 from click.core import ParameterSource
 
-from batch import __version__, logs, notify
+from batch import __version__, logs, notify, retry
 from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slug, is_loopback
 from batch.client import Secret, TooLarge, Transport, describe, make_session, read_capped, redact_url
 from batch.collect import CollectConfig
@@ -37,7 +37,7 @@ from batch.expand import ExpandSpec, normalize, parse_param
 from batch.jobfile import JobFile, load_job
 from batch.ledger import backup as ledger_backup
 from batch.ledger import default_state_path, fake_state_path, state_home
-from batch.models import MAX_SPEC_BYTES, Catalog, save_spec
+from batch.models import MAX_SPEC_BYTES, Catalog, names_only, save_spec
 from batch.pipeline import (
     CollectOptions,
     Interrupted,
@@ -317,6 +317,11 @@ def common_options(fn: Any) -> Any:
                      envvar="SEEDANCE_BATCH_MAX_ATTEMPTS", help="Attempts per request for 429/503/connect errors."),
         click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
                      envvar="SEEDANCE_BATCH_TIMEOUT", help="Seconds one HTTP attempt may take."),
+        click.option("--retry-failed", is_flag=True,
+                     help="Send again the requests whose task failed for a reason on the provider's side (internal, "
+                          "timeout, expired, cancelled); never content policy. Each is a new paid task."),
+        click.option("--retry-cap", type=click.IntRange(1, 20), default=2, show_default=True,
+                     help="With --retry-failed: tasks per request in all, across nights (the first included)."),
         click.option("--max-requests", type=click.IntRange(0), envvar="SEEDANCE_BATCH_MAX_REQUESTS",
                      help="Send at most N new requests tonight through this ledger (earlier runs of the same local "
                           "date included); the rest stay pending. [env SEEDANCE_BATCH_MAX_REQUESTS]"),
@@ -552,6 +557,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         max_spend=kw.get("max_spend"),
         preflight=not kw.get("no_preflight") and bool(job.get("preflight", True) if job else True),
         metrics_file=kw.get("metrics_file"),
+        retry_failed=bool(kw.get("retry_failed")), retry_cap=int(kw.get("retry_cap") or retry.DEFAULT_CAP),
     )
 
 
@@ -651,7 +657,8 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
     summary = {"title": "seedance-batch validate", "counts": counts, "estimate": tally.estimate(),
                "unreadable": [{"source": u.source, "error": u.error} for u in unreadable],
                "passthrough_columns": expander.passthrough_columns(),
-               "skipped_files": [{"source": s.source, "reason": s.reason} for s in skipped]}
+               "skipped_files": [{"source": s.source, "reason": s.reason} for s in skipped],
+               "uploads": {"files": expander.images.planned[0], "bytes": expander.images.planned[1], "planned": True}}
     click.echo(render(summary))
     sys.exit(1 if invalid or unreadable else 0)
 
@@ -790,10 +797,16 @@ def models_list() -> None:
     for slug in sorted(catalog.models):
         spec = catalog.models[slug]
         click.echo(f"{slug}  {spec.kind}  {spec.origin}, {spec.completeness}"
-                   + (f" ({spec.source_date})" if spec.source_date else ""))
+                   + (f" ({spec.source_date})" if spec.source_date else "")
+                   + ("  [this tool's default]" if slug == DEFAULT_MODEL else "")
+                   + (f"  [provider's default for {spec.provider_default}]" if spec.provider_default else ""))
         click.echo("    " + ", ".join(f"{n}{'*' if f.required else ''}:{f.type}" for n, f in spec.fields.items()))
         if spec.rules:
             click.echo("    rules: " + ", ".join(spec.rules))
+    unknown = {s: k for s, k in names_only().items() if s not in catalog.models}
+    if unknown:  # named by the provider, fields stated nowhere: 'models fetch' or 'models add' makes them usable
+        click.echo("known by name only (fields not stated; 'models fetch SLUG' or 'models add FILE'): "
+                   + ", ".join(f"{s} ({k})" for s, k in sorted(unknown.items())))
 
 
 @models_group.command("fetch")

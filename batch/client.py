@@ -427,12 +427,12 @@ def tls_failure(exc: BaseException, url: str) -> str:
 
 async def request_once(
     session: aiohttp.ClientSession, method: str, url: str, key: Secret, body: bytes | None = None,
-    cap: int = MAX_ANSWER_BYTES, transport: Transport | None = None,
+    cap: int = MAX_ANSWER_BYTES, transport: Transport | None = None, extra_headers: dict[str, str] | None = None,
 ) -> Verdict:
     """One attempt; a network failure becomes RETRY (nothing sent) or UNKNOWN (maybe sent);
     a certificate the machine does not trust, or a proxy asking for credentials, is FATAL:
     no retry can help, and nothing was sent."""
-    headers = {"Authorization": f"Bearer {key.reveal()}"}
+    headers = {**(extra_headers or {}), "Authorization": f"Bearer {key.reveal()}"}
     if body is not None:
         headers["Content-Type"] = "application/json"
     proxy = transport.proxy_for(url) if transport is not None else None

@@ -12,8 +12,9 @@ Guarantees:
   (:func:`read_task`): a malformed one is recorded on that task (it stays non-terminal, or
   fails with the reason) and every other task goes on; an unexpected error while handling
   one task is logged and that task is polled again next pass.
-* **Task states as the provider has them.** ``pending`` and ``processing`` are not terminal;
-  ``success`` (also ``succeeded``/``completed``) is; ``failed``, ``cancelled``/``canceled``,
+* **Task states as the provider has them.** ``pending`` (also ``queued``/``created``) and
+  ``processing`` (also ``running``/``in_progress``) are not terminal; ``success`` (also
+  ``succeeded``/``completed``/``done``) is; ``failed``, ``cancelled``/``canceled``,
   ``error`` and ``expired`` are terminal failures with the reason the answer carries; an
   unknown state is logged once per value and kept non-terminal.
 * **A success must be downloadable.** A success without a usable video URL is a
@@ -27,7 +28,8 @@ Guarantees:
   polls and downloads at once (partial files stay for a resume); see :mod:`batch.download`.
 
 The provider deletes outputs 24 hours after completion; a success seen more than
-``output_ttl`` ago whose files are still missing is ``expired``.
+``output_ttl`` ago, or past the ``result_expires_at`` its answer states, whose files are
+still missing is ``expired``. Downloads go soonest-expiring first (:mod:`batch.expiry`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from batch import expiry
 from batch.api import FAKE_API, task_url
 from batch.client import (
     Kind,
@@ -71,14 +74,16 @@ from batch.download import (
     open_directory,
     regular_size,
 )
+from batch.expiry import parse_expiry
 from batch.ledger import AsyncLedger, Entry, utcnow
 from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
 from batch.storage import ObjectUrl, object_size_async
 
 TERMINAL = frozenset({"success", "failed", "expired"})
-SUCCESS_STATES = frozenset({"success", "succeeded", "completed"})
+SUCCESS_STATES = frozenset({"success", "succeeded", "completed", "done"})
 FAILURE_STATES = frozenset({"failed", "cancelled", "canceled", "error", "expired"})
-RUNNING_STATES = frozenset({"pending", "processing", "queued", "running"})
+RUNNING_STATES = frozenset({"pending", "processing", "queued", "created", "running", "in_progress"})
+GENERATING_STATES = frozenset({"processing", "running", "in_progress"})  # the rest of RUNNING_STATES: pending
 MAX_RESOURCES = 100
 NO_OUTPUT = "success without a downloadable output"
 T = TypeVar("T")
@@ -108,6 +113,7 @@ class CollectConfig:
     download_concurrency: int = 4
     download_attempts: int = 5
     output_ttl: float = 24 * 3600.0
+    next_collect: float = expiry.NEXT_COLLECT  # outputs expiring sooner than this are warned about
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     download: DownloadPolicy = field(default_factory=DownloadPolicy)
@@ -129,6 +135,7 @@ class Task:
     polls: int
     next_poll: float = 0.0
     download_tried: bool = False  # in this process: one pass of downloads per task
+    expires_at: str | None = None  # result_expires_at (batch.expiry), UTC ISO
 
     @classmethod
     def from_entry(cls, e: Entry) -> Task:
@@ -158,6 +165,7 @@ class TaskView:
     resources: list[dict[str, Any]] | None = None
     reason: str | None = None  # why it failed, or what is wrong with the answer
     unknown_state: str | None = None
+    expires_at: str | None = None  # result_expires_at, UTC ISO
 
 
 def _word(value: Any) -> str | None:
@@ -221,11 +229,12 @@ def read_task(body: Any, task_id: str) -> TaskView:
         return TaskView(None, reason="answer about another task id")
     state = clean_text(raw.strip().lower(), None, 64)
     if state in SUCCESS_STATES:
-        return TaskView("success", resources=read_resources(data))
+        return TaskView("success", resources=read_resources(data),
+                        expires_at=parse_expiry(data.get("result_expires_at")))
     if state in FAILURE_STATES:
         return TaskView("failed", reason=failure_reason(body, data, state))
     if state in RUNNING_STATES:
-        return TaskView("processing" if state in ("processing", "running") else "pending")
+        return TaskView("processing" if state in GENERATING_STATES else "pending")
     return TaskView("pending", unknown_state=state)
 
 
@@ -237,6 +246,7 @@ class CollectStats:
     download_skipped: int = 0
     download_failed: int = 0
     no_output: int = 0
+    expiring: list[str] = field(default_factory=list)  # request ids whose outputs go before the next collect
     stop_reason: str | None = None
     interrupted: bool = False
     fatal: bool = False
@@ -245,7 +255,7 @@ class CollectStats:
         return {"task_status": dict(sorted(self.task_status.items())), "polls": self.polls,
                 "downloaded": self.downloaded, "download_skipped": self.download_skipped,
                 "download_failed": self.download_failed + self.no_output, "no_output": self.no_output,
-                "stop_reason": self.stop_reason}
+                "expiring_before_next_collect": len(self.expiring), "stop_reason": self.stop_reason}
 
 
 async def bounded(items: Iterable[T], fn: Callable[[T], Awaitable[None]], workers: int) -> None:
@@ -335,6 +345,9 @@ class Collector:
         expire = loop.call_later(cfg.wait_timeout, lambda: self.halt(
             f"--timeout {cfg.wait_timeout:g}s reached with "
             f"{sum(1 for t in tasks if t.status not in TERMINAL)} tasks pending", at_once=True))
+        known = expiry.load(self.ledger.ledger.db)
+        for t in tasks:
+            t.expires_at = t.expires_at or known.get((t.api, t.request_id))
         self._main = asyncio.create_task(self._loop(tasks))
         try:
             await asyncio.wait({self._main})
@@ -347,6 +360,11 @@ class Collector:
                 self._dir_fd = None
         for t in tasks:
             self.stats.task_status[t.status or "pending"] += 1
+            if t.status == "success" and not t.local_paths and expiry.before(t.expires_at, cfg.next_collect):
+                self.stats.expiring.append(t.request_id)
+        if self.stats.expiring:
+            self.log.warning("outputs_expire_before_next_collect", count=len(self.stats.expiring),
+                             within_seconds=cfg.next_collect, request_ids=self.stats.expiring[:20])
         return self.stats
 
     async def _loop(self, tasks: list[Task]) -> None:
@@ -359,7 +377,8 @@ class Collector:
                 now = loop.time()
                 due = [t for t in tasks if t.status not in TERMINAL and t.next_poll <= now]
                 await bounded(due, self._poll, cfg.concurrency)
-                ready = [t for t in tasks if t.status == "success" and not t.download_tried]
+                ready = sorted((t for t in tasks if t.status == "success" and not t.download_tried),
+                               key=lambda t: expiry.sort_key(t.expires_at))
                 for t in ready:
                     if not has_video(t):
                         self._no_output(t)
@@ -421,6 +440,9 @@ class Collector:
             self._unknown_states.add(view.unknown_state)
             self.log.warning("task_state_unknown", state=view.unknown_state, request_id=task.request_id,
                              handling="kept non-terminal")
+        if view.expires_at is not None and view.expires_at != task.expires_at:
+            task.expires_at = view.expires_at
+            self.ledger.write(expiry.SQL_SET, (task.api, task.request_id, view.expires_at))
         self._set(task, view.status, view.resources, view.reason)
 
     def _set(self, task: Task, status: str, resources: list[dict[str, Any]] | None, reason: str | None) -> None:
@@ -429,6 +451,8 @@ class Collector:
             task.completed_at = now
         if status == "success" and task.local_paths is None and _age_seconds(task.completed_at) > self.config.output_ttl:
             status, reason = "expired", "outputs are deleted 24 h after completion and were not downloaded"
+        elif status == "success" and task.local_paths is None and expiry.before(task.expires_at, 0):
+            status, reason = "expired", f"outputs expired at {task.expires_at} (result_expires_at) and were not downloaded"
         task.status = status
         if resources is not None:
             task.resources = resources

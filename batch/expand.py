@@ -30,7 +30,7 @@ import itertools
 import json
 import math
 import string
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -41,6 +41,8 @@ from batch.errors import ConfigError, InputError
 from batch.identity import content_key, with_repeat
 from batch.load import Table
 from batch.models import Catalog, FieldSpec, ModelSpec, normalize_name
+from batch.storage import is_remote
+from batch.upload import IMAGE_FIELDS, LocalImages
 from batch.validate import DEFAULT_TIER, RuleError, Validator, to_bool, to_int
 
 T = TypeVar("T")
@@ -51,6 +53,7 @@ RESULT_COLUMNS = (
     "request_id", "source", "row", "model", "endpoint", "status", "task_id", "error", "error_code",
     "http_status", "attempts", "submitted_at", "as_written",
     "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error",
+    "task_attempt", "earlier_task_ids",
 )
 MODEL_COLUMN = "model"
 _KIND_WORDS = {"n": "a number", "b": "a boolean", "d": "a date", "date": "a date", "e": "an error value"}
@@ -401,6 +404,7 @@ class Expander:
         self._check_params(default)
         self.total_rows = sum(t.df.height for t in self.tables)
         self.rows_seen = 0  # rows read by the current iteration (for progress)
+        self.images = LocalImages()  # local reference images, checked as rows expand (batch.upload)
 
     def _resolve_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Job-level values keyed by field, a synonym (``aspect_ratio``) read as its field."""
@@ -523,6 +527,8 @@ class Expander:
         template = self.spec.prompt_template
         default = self.spec.model
         index = -1
+        sheet = None if table.location and is_remote(table.location) else table.path.parent
+        column_of = {f: c for f, _, c in field_idx}
         for chunk in df.iter_slices(10_000):
             for cells in chunk.iter_rows():
                 index += 1
@@ -572,10 +578,17 @@ class Expander:
                 extra = {name: cells[i] for name, i in extra_idx}
                 label = label_of(cells[id_pos]) if id_pos is not None else None
                 names = list(choices)
+                localize = self._localizer(table, sheet, column_of, index) if IMAGE_FIELDS & fields.keys() else None
                 for combo in itertools.product(*(choices[n] for n in names)):
                     yield self._make(dict(zip(names, combo, strict=True)), errors, table.source,
                                      table.first_row + index, extra, label, occurrences, prepared, written_model,
-                                     unsent)
+                                     unsent, localize)
+
+    def _localizer(self, table: Table, sheet: Any, column_of: dict[str, str],
+                   index: int) -> Callable[[dict[str, Any]], list[str]]:
+        def where(field_name: str) -> str:
+            return table.cell(index, column_of[field_name]) if field_name in column_of else "--param"
+        return lambda body: self.images.localize(body, sheet, where)
 
     def _unknown_model(self, written: str) -> str:
         """The error of a model cell naming no known model, with the model it most likely
@@ -609,6 +622,7 @@ class Expander:
         model: _Model,
         written_model: str | None = None,
         unsent: dict[str, Any] | None = None,
+        localize: Callable[[dict[str, Any]], list[str]] | None = None,
     ) -> Request:
         errors = list(row_errors)
         body: dict[str, Any] = {}
@@ -620,6 +634,8 @@ class Expander:
                 errors.append(str(exc))
         if not errors:
             errors = model.validator.check_body(body)
+        if not errors and localize is not None:  # local images: checked now, identified by content
+            errors = localize(body)
         written = None
         if errors:
             key = content_key(model.spec.slug, {name: body.get(name, value) for name, value in raw.items()})

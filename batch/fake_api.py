@@ -8,7 +8,9 @@ from the prompt's hash: :mod:`batch.poster`), ``failed``
 with a reason in the documented error envelope, or ``cancelled``; ``X-RateLimit-*``
 headers over a per-minute window; a concurrency limit (429); and the read-only
 endpoints (models, balance, key validation). It validates submissions as the provider
-documents them.
+documents them. Optionally (``state_names="dsh"``, ``result_ttl``) it speaks the newer
+client's state words (``queued``/``created``, ``running``/``in_progress``, ``done``) and
+states ``result_expires_at``; it records each submission's ``x-request-id``.
 
 Task ids carry their own creation time and fate, signed, so any instance of the fake
 (a later ``collect --fake-api`` in another process) answers for tasks an earlier one
@@ -36,14 +38,17 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import fastjsonschema
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from batch.api import TASK_PATH
 from batch.models import Catalog, shipped
 from batch.poster import RGB, colour_of, tiny_clip, tiny_png
+from batch.upload import MAX_BYTES as UPLOAD_MAX_BYTES
+from batch.upload import UPLOAD_PATH, sniff
 from batch.validate import RULES, BodyRule, FieldRule
 
 _REASONS = {
@@ -119,6 +124,8 @@ class FakeConfig:
     task_delay: float = 0.0  # seconds from submission to a terminal task state
     fail_match: str = "FAILTASK"  # prompts containing this end as failed tasks
     cancel_match: str = "CANCELTASK"  # ... as cancelled tasks
+    flaky_match: str = "FLAKYTASK"  # ... fail with an internal error on their first flaky_failures submissions
+    flaky_failures: int = 1
     video_bytes: int = 4096  # an output's size: the real clip, padded up to this
     download_bps: float | None = None  # throttle downloads (bytes/s) to test interrupted ones
     seed: int = 0
@@ -128,6 +135,10 @@ class FakeConfig:
     schemas: dict[str, Any] = field(default_factory=dict)  # slug -> schema document served instead of the shipped
     balance: float = 100.0
     get_result: bool = True  # answer submissions with data.get_result.url
+    # "dsh": task states as the provider's newer client reads them (queued/created, running/
+    # in_progress, done) instead of pending/processing/success (provider-today.md, 2026-12-06)
+    state_names: str = "documented"
+    result_ttl: float | None = None  # seconds from completion: answer successes with result_expires_at
 
 
 @dataclass
@@ -141,6 +152,7 @@ class Record:
     kind: str = ""  # submit, query, download, models, balance, validate
     wall: float = 0.0  # time.time() when the handler started
     model: str | None = None
+    x_request_id: str | None = None  # the submission's x-request-id header
 
 
 class FakeState:
@@ -154,6 +166,7 @@ class FakeState:
         self._minute: collections.deque[float] = collections.deque()
         self.active = 0
         self.max_active = 0
+        self._flaky_seen: dict[str, int] = {}
 
     def arrive(self, method: str, path: str, detail: Any = None, kind: str = "") -> Record:
         """Record a request as its handler starts; the handler fills in status and task id."""
@@ -173,6 +186,10 @@ class FakeState:
         return collections.Counter(
             json.dumps(b, sort_keys=True, ensure_ascii=False) for b in self.accepted_bodies()
         )
+
+    def uploads(self) -> list[Record]:
+        """The uploads the fake accepted (``detail``: sha256, size, filename)."""
+        return [r for r in self.records if r.kind == "upload" and r.status == 200]
 
     def submit_times(self) -> list[float]:
         return [r.t for r in self.submissions()]
@@ -223,6 +240,7 @@ class FakeState:
         prompt = str(body.get("prompt", ""))
         flags = "".join(flag for flag, on in (
             ("f", self.config.fail_match in prompt), ("c", self.config.cancel_match in prompt),
+            ("i", self.config.flaky_match in prompt and self._flaky(prompt)),
             ("l", bool(body.get("return_last_frame"))),
         ) if on) or "n"
         # The clip's colour rides in the id, so a later fake (collect's) serves the same video.
@@ -231,6 +249,12 @@ class FakeState:
         task_id = f"task-video-{core}-{_sign(core)}"
         self.tasks[task_id] = {"created": time.time(), "body": body, "model": model}
         return task_id
+
+    def _flaky(self, prompt: str) -> bool:
+        """Whether this submission of a flaky prompt still fails (counted per prompt)."""
+        seen = self._flaky_seen.get(prompt, 0)
+        self._flaky_seen[prompt] = seen + 1
+        return seen < self.config.flaky_failures
 
     def task_status(self, task_id: str) -> str | None:
         """The task's state now, from its id alone; ``None`` for an id this fake never issued."""
@@ -244,7 +268,17 @@ class FakeState:
             return "pending" if age < delay / 2 else "processing"
         if "c" in flags:
             return "cancelled"
-        return "failed" if "f" in flags else "success"
+        return "failed" if "f" in flags or "i" in flags else "success"
+
+
+_DSH_WORDS = {"pending": ("queued", "created"), "processing": ("running", "in_progress"), "success": ("done", "done")}
+
+
+def _state_word(status: str, names: str, task_id: str) -> str:
+    """A state as the chosen vocabulary spells it; alternate synonyms by task id so a
+    sheet's tasks show each of them."""
+    words = _DSH_WORDS.get(status) if names == "dsh" else None
+    return words[int(task_id[-1], 16) % 2] if words else status
 
 
 def _sign(core: str) -> str:
@@ -427,6 +461,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         record = state.arrive("POST", request.path, body if config.record_bodies else None, "submit")
         slug = f"{request.match_info['provider']}/{request.match_info['model']}"
         record.model = slug
+        record.x_request_id = request.headers.get("x-request-id")
         refused = await admit(request, record)
         if refused is not None:
             return refused
@@ -471,8 +506,11 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         if status is None:
             record.status = 404
             return _error(404, f"task {task_id} not found")
-        data: dict[str, Any] = {"status": status, "task_id": task_id}
-        flags = (parse_task_id(task_id) or (0.0, ""))[1]
+        data: dict[str, Any] = {"status": _state_word(status, config.state_names, task_id), "task_id": task_id}
+        created, flags = parse_task_id(task_id) or (0.0, "")
+        if status == "success" and config.result_ttl is not None:
+            data["result_expires_at"] = datetime.fromtimestamp(
+                created + config.task_delay + config.result_ttl, UTC).isoformat(timespec="seconds")
         if status == "success":
             base = f"{request.scheme}://{request.host}"
             resources = [{"url": f"{base}/files/{task_id}.mp4", "type": "video", "format": "mp4",
@@ -481,6 +519,8 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
                 resources.append({"url": f"{base}/files/{task_id}.png", "type": "image",
                                   "format": "png", "role": "last_frame"})
             data["result"] = {"resources": resources}
+        elif status == "failed" and "i" in flags:
+            data["error"] = {"code": 500, "message": "Internal Error: the generation failed, try again"}
         elif status == "failed":
             data["error"] = {"code": 400, "message": "Content Moderation: the prompt was rejected"}
         elif status == "cancelled":
@@ -564,6 +604,47 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         record.status = 200
         return _ok({"is_valid": _authorized(request, config)})
 
+    async def media_upload(request: web.Request) -> web.StreamResponse:
+        """``POST /api/v1/media/files``: one PNG, JPEG or WebP of at most 16 MiB, multipart
+        (field ``file``); what else arrives is refused as the documentation says."""
+        record = state.arrive("POST", request.path, None, "upload")
+        refused = await admit(request, record, slow=False)
+        if refused is not None:
+            return refused
+        fault = state.pick_fault("upload", "")
+        if fault is not None:
+            answer = await _apply_fault(fault, request, state, record, lambda: None)
+            if answer is not None:
+                return answer
+        if not request.content_type.startswith("multipart/"):
+            record.status = 400
+            return _error(400, "expected multipart/form-data with a file")
+        reader = await request.multipart()
+        part = await reader.next()
+        while part is not None and getattr(part, "name", None) != "file":
+            part = await reader.next()
+        if not isinstance(part, BodyPartReader):
+            record.status = 400
+            return _error(400, "no file part")
+        data = bytearray()
+        while chunk := await part.read_chunk(1 << 16):
+            data += chunk
+            if len(data) > UPLOAD_MAX_BYTES:
+                record.status = 413
+                return _error(413, "the file is over 16 MiB")
+        mime = sniff(bytes(data[:16]))
+        if mime is None:
+            record.status = 415
+            return _error(415, "only PNG, JPEG or WebP images")
+        digest = hashlib.sha256(data).hexdigest()
+        file_id = f"file-{digest[:24]}"
+        ext = mime.rpartition("/")[2]
+        record.detail = {"sha256": digest, "size": len(data), "filename": part.filename}
+        record.status = 200
+        return _ok({"file_id": file_id, "url": f"{request.scheme}://{request.host}/media/{file_id}.{ext}",
+                    "type": mime, "filename": part.filename or "", "size": len(data),
+                    "created_at": datetime.now(UTC).isoformat(timespec="seconds")})
+
     async def records(request: web.Request) -> web.Response:
         return web.json_response([r.__dict__ for r in state.records])
 
@@ -572,6 +653,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
     app.router.add_get(TASK_PATH, query)
     app.router.add_get("/files/{name}", download)
     app.router.add_get("/api/v1/models", models)
+    app.router.add_post(UPLOAD_PATH, media_upload)
     app.router.add_get("/api/v1/team/balance", balance)
     app.router.add_get("/api/v1/apikey/validate", validate_key)
     app.router.add_get("/models/{provider}/{model}/api_schema", api_schema)

@@ -57,6 +57,8 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "max_spend": ((int, float), "USD"),
     "preflight": ((bool,), "true or false"),
     "notify": ((list, str), "Apprise URLs told when a run or collect ends"),
+    "retry_failed": ((bool,), "true or false"),
+    "retry_cap": ((int,), "an integer (tasks per request in all)"),
 }
 PATH_KEYS = ("output", "state", "metrics_file", "prices_file", "download", "ca_bundle")
 

@@ -59,6 +59,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batch import expiry, retry, upload
 from batch.api import DEFAULT_MODEL, FAKE_API
 from batch.errors import LockedError, StateError
 from batch.identity import content_key, with_repeat
@@ -135,7 +136,7 @@ LEDGER_COLUMNS = (
 OUTCOME_COLUMNS = (
     "request_id", "status", "run_id", "endpoint", "task_id", "error", "error_code", "http_status", "attempts",
     "submitted_at", "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths",
-    "download_error",
+    "download_error", "task_attempt", "earlier_task_ids",  # the last two: batch.retry (additive columns)
 )
 
 
@@ -449,6 +450,9 @@ class Ledger:
         db.execute("PRAGMA busy_timeout=5000")
         if version < SCHEMA_VERSION:
             self._migrate_v1()
+        expiry.ensure(db)  # additive (issue 20): result_expires_at per request, IF NOT EXISTS
+        upload.ensure(db)  # additive (issue 20): one uploaded image per content hash, IF NOT EXISTS
+        retry.ensure(db)  # additive (issue 20): task_lineage table; requests.task_attempt, earlier_task_ids
         self._add_columns()
 
     def _add_columns(self) -> None:
@@ -679,7 +683,10 @@ class Ledger:
     def outcome_rows(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         """Rows of ``ids`` as the results table reads them (``OUTCOME_COLUMNS``), with any
         outcome the disk refused laid over the stored row."""
-        rows = list(self._rows_of(OUTCOME_COLUMNS, ids))
+        # A ledger an earlier version wrote, opened read-only, lacks batch.retry's columns.
+        columns = (*OUTCOME_COLUMNS[:-2], "COALESCE(task_attempt, 1)", "earlier_task_ids") \
+            if retry.has_columns(self.db) else (*OUTCOME_COLUMNS[:-2], "1", "NULL")
+        rows = list(self._rows_of(columns, ids))
         if not self.unsaved:
             return rows
         out = []

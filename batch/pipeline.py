@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import polars as pl
 import structlog
 
+from batch import retry, upload
 from batch.api import FAKE_API, api_identity, check_task_id, origin
 from batch.client import Secret
 from batch.collect import CollectConfig, Collector, CollectStats, Task
@@ -76,6 +77,7 @@ from batch.results import (
 )
 from batch.storage import Target, probe
 from batch.submit import RunStats, SpendCap, SubmitConfig, Submitter
+from batch.upload import Uploader
 
 log = structlog.get_logger("batch")
 ConfigT = TypeVar("ConfigT", SubmitConfig, CollectConfig)
@@ -116,6 +118,8 @@ class RunOptions:
     max_spend: float | None = None  # USD: stop starting requests before tonight's estimate passes it
     preflight: bool = True  # check the key, the models and the balance before sending
     metrics_file: Path | None = None  # Prometheus textfile written after the run (by the CLI)
+    retry_failed: bool = False  # resend requests whose task failed on the provider's side (batch.retry)
+    retry_cap: int = retry.DEFAULT_CAP  # tasks per request in all, across nights
 
     @property
     def api(self) -> str:
@@ -284,14 +288,29 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
     try:
         estimator = Estimator(expander.catalog, opts.pricing, ledger.labels if ledger is not None else None)
         schema = request_schema_of(expander)
-        tally, _ = write_results(output, request_frames(expander, schema), schema,
-                                 ledger.outcome_rows if ledger is not None else None,
+        rows_of = ledger.outcome_rows if ledger is not None else None
+        if ledger is not None and opts.retry_failed:
+            rows_of = retried_as_pending(ledger, opts.retry_cap)
+        tally, _ = write_results(output, request_frames(expander, schema), schema, rows_of,
                                  Resolution(None, dry_run=True, resend_unknown=opts.submit.resend_unknown),
                                  tally=Tally(estimator=estimator), on_rows=on_rows)
+        known = upload.uploaded(ledger.db, ledger.api) if ledger is not None else {}
+        expander.images.planned = expander.images.totals(set(known))
     finally:
         if ledger is not None:
             ledger.close()
     return tally
+
+
+def retried_as_pending(ledger: Ledger, cap: int) -> Callable[[list[str]], list[tuple[Any, ...]]]:
+    """The ledger's rows as a ``--retry-failed`` run would find them: the failed tasks it
+    would send again are ``pending``, so a dry run shows them as sent and its estimate (and
+    the preflight's) counts what they would cost."""
+    def rows_of(ids: list[str]) -> list[tuple[Any, ...]]:
+        again = set(retry.plan(retry.failed_tasks(ledger.db, ledger.api, ids), cap).retried)
+        return [(row[0], "pending", *row[2:]) if row[0] in again else row
+                for row in ledger.outcome_rows(ids)]
+    return rows_of
 
 
 def spend_cap(opts: RunOptions, expander: Expander) -> SpendCap | None:
@@ -356,6 +375,8 @@ def run_submit(opts: RunOptions) -> Summary:
             summary = _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable,
                                  passthrough=expander.passthrough_columns(), skipped=skipped)
             summary.extra["columns"] = expander.mapping_lines()
+            files, size = expander.images.planned
+            summary.extra["uploads"] = {"files": files, "bytes": size, "planned": True}
             record_summary(output, summary, opts, sent=False)
             return summary
         probe_outputs(opts, opts.output)
@@ -378,6 +399,7 @@ def run_submit(opts: RunOptions) -> Summary:
             asyncio.run(preflight(opts, expander.models_in_use, estimate))
         try:
             ledger.start_run(run_id, opts.command, output_record(opts.output), night)
+            retried = retry_failed(opts, expander, ledger, run_id) if opts.retry_failed else None
         except sqlite3.Error as exc:
             raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
         spool = RequestSpool(opts.output.temp_dir(), schema)
@@ -394,7 +416,9 @@ def run_submit(opts: RunOptions) -> Summary:
                 outcome = _Outcome(RunStats(sent=claimed, stop_reason="internal error"), None, False,
                                    crash=_describe(exc), rescue=rescue if rescue.exists() else None)
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable,
-                                         skipped)
+                                     skipped)
+            if retried is not None:
+                summary.extra["retry_failed"] = retried.as_dict()
         except Exception as exc:
             if _claimed(ledger, run_id) == 0:
                 raise
@@ -460,6 +484,18 @@ def record_summary(output: Target, summary: Summary, opts: RunOptions, sent: boo
                                f"stdout and in the log); {where_ids(opts, summary.table_written)}")
 
 
+def retry_failed(opts: RunOptions, expander: Expander, ledger: Ledger, run_id: str) -> retry.RetryPlan:
+    """Before sending: tonight's requests whose task failed on the provider's side become
+    ``pending`` again (their task kept in the lineage); they then go out like any request."""
+    ids = [r.request_id for r in expander if r.error is None]
+    plan = retry.prepare(ledger.db, opts.api, ids, opts.retry_cap, run_id)
+    log.info("retry_failed", **plan.as_dict(), cap=opts.retry_cap)
+    if plan.never or plan.unclassified:
+        log.warning("not_retried", content_policy=plan.never[:20], unclassified=plan.unclassified[:20],
+                    why="a content-policy, invalid-input or unclassified failure would fail again, paid")
+    return plan
+
+
 @dataclass
 class _Outcome:
     stats: RunStats
@@ -470,6 +506,7 @@ class _Outcome:
     unsaved: int = 0
     task_ids: int = 0
     crash: str | None = None  # an unexpected failure after sending: the run stopped there
+    uploads: tuple[int, int] = (0, 0)  # images uploaded by this run: files, bytes
 
 
 def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: Ledger, run_id: str,
@@ -640,6 +677,9 @@ async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable
     progress = Progress(lambda: (expander.rows_seen, expander.total_rows), opts.progress_tty, opts.progress_interval)
     progress_task = asyncio.create_task(progress.run())
     submitter = Submitter(config, aledger, run_id, progress, limiter)
+    uploader = submitter.uploader = Uploader(
+        expander.images, config.base_url, config.api_key, ledger.api, upload.uploaded(ledger.db, ledger.api),
+        lambda row: aledger.write(upload.SQL_RECORD, row), config.max_attempts, config.transport)
     state: dict[str, Any] = {"interrupted": None, "aborted": False, "on_halt": None}
 
     def on_signal(signum: int) -> None:
@@ -682,7 +722,7 @@ async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable
     if aledger.broken is not None and stats.state_error is None:
         stats.state_error = str(aledger.broken)
     return _Outcome(stats, state["interrupted"], bool(state["aborted"]), collected, aledger.rescue_path,
-                    aledger.unsaved_count, aledger.committed_task_ids)
+                    aledger.unsaved_count, aledger.committed_task_ids, (uploader.uploads, uploader.bytes))
 
 
 def shared_budget(directory: Path | None, key: Secret) -> SharedBudget | None:
@@ -735,6 +775,8 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
         summary.extra["rescue"] = str(outcome.rescue)
     if outcome is not None and outcome.collected is not None:
         summary.extra["collect"] = outcome.collected.as_dict()
+    if outcome is not None:
+        summary.extra["uploads"] = {"files": outcome.uploads[0], "bytes": outcome.uploads[1], "planned": False}
     return summary
 
 

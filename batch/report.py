@@ -41,6 +41,18 @@ def render(summary: dict[str, Any]) -> str:
     if collected:
         states = ", ".join(f"{n} {status}" for status, n in collected["task_status"].items()) or "none"
         lines.append(f"  tasks: {states}; downloaded {collected['downloaded']}, failed {collected['download_failed']}")
+        if collected.get("expiring_before_next_collect"):
+            lines.append(f"  expiring: {collected['expiring_before_next_collect']} outputs not downloaded expire "
+                         "before the next collect (24 h): collect with --download DIR now  <-")
+    retried = summary.get("retry_failed")
+    if retried:
+        lines.append(f"  retry-failed: {retried['retried']} failed tasks sent again; not retried: "
+                     f"{retried['content_policy']} content policy, {retried['unclassified']} unclassified, "
+                     f"{retried['cap_reached']} at the cap")
+    uploads = summary.get("uploads")
+    if uploads and uploads.get("files"):
+        verb = "would be uploaded" if uploads.get("planned") else "uploaded"
+        lines.append(f"  uploads: {uploads['files']} local images, {uploads['bytes']} bytes {verb}")
     estimate = summary.get("estimate")
     if estimate:
         lines.extend(render_estimate(estimate))
@@ -99,6 +111,9 @@ def render_collect(summary: dict[str, Any]) -> str:
         lines.append(f"  {status:<10} {n:>8}{mark}")
     lines.append(f"  downloaded {summary['downloaded']}, already present {summary['download_skipped']}, "
                  f"failed {summary['download_failed']}")
+    if summary.get("expiring_before_next_collect"):
+        lines.append(f"  expiring: {summary['expiring_before_next_collect']} outputs not downloaded expire before "
+                     "the next collect (24 h): collect with --download DIR now  <-")
     if summary.get("stop_reason"):
         lines.append(f"  stop reason: {summary['stop_reason']}")
     lines.append(f"  elapsed {summary['elapsed_s']:.1f} s")

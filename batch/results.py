@@ -61,6 +61,7 @@ RESULT_DTYPES: dict[str, pl.DataType] = {
     "http_status": pl.Int64(), "attempts": pl.Int64(), "submitted_at": pl.Datetime("ms", "UTC"),
     "task_status": pl.String(), "resource_urls": pl.List(pl.String()), "failure_reason": pl.String(),
     "completed_at": pl.Datetime("ms", "UTC"), "local_paths": pl.List(pl.String()), "download_error": pl.String(),
+    "task_attempt": pl.Int64(), "earlier_task_ids": pl.List(pl.String()),  # batch.retry: the request's lineage
 }
 
 
@@ -90,7 +91,7 @@ _ENTRY_SCHEMA: dict[str, pl.DataType] = {
     **{c: RESULT_DTYPES[c] for c in OUTCOME_COLUMNS[3:]},
 }
 _TIMESTAMPS = ("submitted_at", "completed_at")
-_LISTS = ("resource_urls", "local_paths")
+_LISTS = ("resource_urls", "local_paths", "earlier_task_ids")
 CSV_DATETIME = "%Y-%m-%dT%H:%M:%S%.3fZ"  # one ISO 8601 UTC spelling in every CSV table
 
 

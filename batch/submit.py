@@ -50,6 +50,7 @@ from batch.models import Catalog
 from batch.prices import Pricing, resolution_of
 from batch.progress import Progress
 from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
+from batch.upload import Uploader, UploadError, placeholders
 
 _STATUS = {Kind.OK: "submitted", Kind.FAIL: "failed", Kind.FATAL: "failed", Kind.UNKNOWN: "unknown"}
 MAX_ADAPTIVE_CONCURRENCY = 512
@@ -253,6 +254,8 @@ class _WireWatch:
 class Submitter:
     """Sends the valid requests of one run; ``halt()`` stops starting new ones."""
 
+    uploader: Uploader | None = None  # local images to upload before their requests (batch.upload)
+
     def __init__(self, config: SubmitConfig, ledger: AsyncLedger, run_id: str,
                  progress: Progress | None = None, limiter: SmoothLimiter | None = None) -> None:
         self.config = config
@@ -445,6 +448,19 @@ class Submitter:
         body = text.encode()
         url = cfg.url_for(req.model)
         mark = Mark(req.request_id, self.run_id, req.label, req.model, url, req.source, req.row, text, cost)
+        if self.uploader is not None and placeholders(req.body):
+            # The ledger keeps the body with its content placeholders (the identity); the
+            # wire gets the uploaded URLs. An upload that fails sends nothing and pays nothing.
+            try:
+                body = _WIRE.encode(await self.uploader.resolve(req.body, self._session, self.limiter.acquire,
+                                                                self.limiter.heed)).encode()
+            except UploadError as exc:
+                if await ledger.sending(mark):
+                    status = "failed" if exc.definite else "pending"
+                    ledger.outcome(req.request_id, self.run_id, status, error=str(exc), attempts=0)
+                    self.stats.counts[status] += 1
+                    self.log.warning("upload_failed", request_id=req.request_id, error=str(exc))
+                return False
         attempts = 0
         while True:
             if not self._warm.is_set():
@@ -480,9 +496,12 @@ class Submitter:
                     self.stats.last_send = paced_at
                     self.stats.sent += 1
                     try:
+                        # x-request-id (as the provider's newer client sends one) lets its support
+                        # trace a request: our request id, a hash of model and body, nothing secret.
                         verdict = await request_once(self._session, "POST", url, cfg.api_key,
                                                      WirePayload(body, wire),  # type: ignore[arg-type]
-                                                     transport=cfg.transport)
+                                                     transport=cfg.transport,
+                                                     extra_headers={"x-request-id": req.request_id})
                     finally:
                         self._warm.set()
                 finally:

@@ -1,0 +1,171 @@
+"""Failed generations, retried by rule (``--retry-failed``): which task failures a later
+night may pay for again, and the lineage of every request's tasks.
+
+A task the provider accepted and that then ended ``failed`` is paid or at least counted
+against the key; sending its request again is a new paid task. So only failures the
+provider's own words put on its side are retried, each request at most ``cap`` times in
+all (its first task included, across nights), and never a content-policy or invalid-input
+failure (the same request would fail the same way, at the same price).
+
+The provider documents no task-failure vocabulary ("inspect error payload"); its error
+messages read ``<Category>: <detail>`` (docs, error-handling page; ``provider-today.md``),
+and its clients name the states ``failed``, ``error``, ``cancelled``/``canceled`` and
+``expired``. :func:`classify` reads the failure reason the collector stored
+(:func:`batch.collect.failure_reason`) against :data:`NEVER` and :data:`RETRYABLE`; a
+reason matching neither is ``unclassified`` and, like content policy, not retried: paying
+again on a guess is what this module exists to avoid.
+
+Guarantees:
+
+* The ledger's ``task_lineage`` table (created ``IF NOT EXISTS``) keeps every earlier task
+  of a request: attempt number, task id, failure reason and class, when it was retried.
+  The ``requests`` row gains two columns (``ALTER TABLE ... ADD COLUMN``, only when
+  missing): ``task_attempt`` (1 for the first task) and ``earlier_task_ids`` (JSON list),
+  which the results table shows.
+* A retry only resets rows that tonight's input holds and that are ``submitted`` with a
+  ``failed`` task, in one transaction; the reset row is ``pending`` and goes through the
+  ordinary claim, pacing and ``--max-spend`` like any request (so spend counts retries).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+DEFAULT_CAP = 2  # tasks per request in all: the first and one retry
+
+CONTENT, RETRYABLE_CLASS, UNCLASSIFIED = "content_policy", "retryable", "unclassified"
+
+# The provider's words for a failure that is the request's own: never retried.
+NEVER = re.compile(
+    r"content|moderation|moderated|policy|sensitive|safety|nsfw|copyright|violat|prohibited|"
+    r"invalid|bad request|parameter|unsupported|\b(code )?4(00|22)\b",
+    re.IGNORECASE,
+)
+# ... and for one on the provider's side (its states ``error``, ``cancelled``, ``expired``
+# arrive as "<state>: <text>", see batch.collect.failure_reason).
+RETRYABLE = re.compile(
+    r"internal|server error|timeout|timed out|time out|expired|cancel|unavailable|overload|busy|"
+    r"try again|retry|capacity|\b(code )?5\d\d\b|^error:",
+    re.IGNORECASE,
+)
+
+LINEAGE_SCHEMA = """CREATE TABLE IF NOT EXISTS task_lineage (
+    api            TEXT NOT NULL,
+    request_id     TEXT NOT NULL,
+    attempt        INTEGER NOT NULL,
+    task_id        TEXT,
+    failure_reason TEXT,
+    failure_class  TEXT,
+    submitted_at   TEXT,
+    completed_at   TEXT,
+    retried_at     TEXT NOT NULL,
+    run_id         TEXT,
+    PRIMARY KEY (api, request_id, attempt)
+) WITHOUT ROWID"""
+COLUMNS = (("task_attempt", "INTEGER"), ("earlier_task_ids", "TEXT"))
+
+
+def classify(reason: str | None) -> str:
+    text = reason or ""
+    if NEVER.search(text):
+        return CONTENT
+    if RETRYABLE.search(text):
+        return RETRYABLE_CLASS
+    return UNCLASSIFIED
+
+
+def ensure(db: sqlite3.Connection) -> None:
+    """The additive schema: the lineage table, and the two columns where missing."""
+    db.execute(LINEAGE_SCHEMA)
+    have = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+    for name, kind in COLUMNS:
+        if name not in have:
+            db.execute(f"ALTER TABLE requests ADD COLUMN {name} {kind}")
+
+
+def has_columns(db: sqlite3.Connection) -> bool:
+    return {n for n, _ in COLUMNS} <= {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+
+
+@dataclass
+class RetryPlan:
+    retried: list[str] = field(default_factory=list)
+    capped: list[str] = field(default_factory=list)  # retryable, but the cap is reached
+    never: list[str] = field(default_factory=list)  # content policy / invalid input
+    unclassified: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"retried": len(self.retried), "cap_reached": len(self.capped),
+                "content_policy": len(self.never), "unclassified": len(self.unclassified)}
+
+
+_FAILED = ("SELECT request_id, task_id, failure_reason, submitted_at, completed_at, COALESCE(task_attempt, 1), "
+           "earlier_task_ids FROM requests WHERE api = ? AND status = 'submitted' AND task_status = 'failed' "
+           "AND request_id IN ({marks})")
+
+
+def failed_tasks(db: sqlite3.Connection, api: str, ids: Iterable[str]) -> list[tuple]:
+    wanted = list(dict.fromkeys(ids))
+    rows: list[tuple] = []
+    columns = has_columns(db)
+    query = _FAILED if columns else _FAILED.replace("COALESCE(task_attempt, 1)", "1").replace(
+        "earlier_task_ids", "NULL")
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        rows.extend(db.execute(query.format(marks=",".join("?" * len(chunk))), (api, *chunk)).fetchall())
+    return rows
+
+
+def plan(rows: list[tuple], cap: int) -> RetryPlan:
+    out = RetryPlan()
+    for request_id, _task, reason, _sub, _done, attempt, _earlier in rows:
+        kind = classify(reason)
+        target = {CONTENT: out.never, UNCLASSIFIED: out.unclassified}.get(kind)
+        if target is None:
+            target = out.retried if attempt < cap else out.capped
+        target.append(request_id)
+    return out
+
+
+def prepare(db: sqlite3.Connection, api: str, ids: Iterable[str], cap: int, run_id: str) -> RetryPlan:
+    """Reset tonight's retryable failed requests to ``pending`` (their task moved to the
+    lineage); one transaction, so a crash leaves either the old row or the reset one."""
+    rows = failed_tasks(db, api, ids)
+    decided = plan(rows, cap)
+    chosen = set(decided.retried)
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for request_id, task_id, reason, submitted_at, completed_at, attempt, earlier in rows:
+            if request_id not in chosen:
+                continue
+            ids_before = [*_ids(earlier), str(task_id)]
+            db.execute("INSERT OR REPLACE INTO task_lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (api, request_id, attempt, task_id, reason, classify(reason), submitted_at, completed_at,
+                        now, run_id))
+            db.execute(
+                "UPDATE requests SET status = 'pending', task_id = NULL, poll_url = NULL, task_status = NULL, "
+                "resource_urls = NULL, resources = NULL, failure_reason = NULL, completed_at = NULL, "
+                "local_paths = NULL, download_error = NULL, polls = 0, attempts = 0, error = ?, "
+                "task_attempt = ?, earlier_task_ids = ?, updated_at = ? "
+                "WHERE api = ? AND request_id = ? AND status = 'submitted' AND task_status = 'failed'",
+                (f"retrying: task {task_id} failed ({(reason or '')[:120]})", attempt + 1, json.dumps(ids_before),
+                 now, api, request_id))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return decided
+
+
+def _ids(text: str | None) -> list[str]:
+    try:
+        value = json.loads(text) if text else []
+    except ValueError:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else []

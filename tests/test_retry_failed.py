@@ -1,0 +1,127 @@
+"""Failed generations retried by rule (issue 20, item 4), over several simulated nights
+against the fake: what the provider's words allow is sent again, content policy never,
+each request at most --retry-cap tasks in all, its lineage kept and shown."""
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import cli, results, write_csv
+
+from batch.retry import CONTENT, RETRYABLE_CLASS, UNCLASSIFIED, classify
+
+ROWS = [{"id": "ok", "prompt": "a calm lake"}, {"id": "flaky", "prompt": "FLAKYTASK a storm at sea"},
+        {"id": "policy", "prompt": "FAILTASK something forbidden"}, {"id": "cancel", "prompt": "CANCELTASK a fox"}]
+
+
+def night(fake, tmp_path: Path, n: int, *extra: str):
+    sheet = tmp_path / "in.csv"
+    if not sheet.exists():
+        write_csv(sheet, ROWS)
+    state, table = str(tmp_path / "s.sqlite"), str(tmp_path / f"night{n}.parquet")
+    sub = cli(["submit", str(sheet), "-o", table, "--base-url", fake.url, "--state", state, "--rate", "0",
+               "--no-preflight", *extra])
+    col = cli(["collect", "--state", state, "--base-url", fake.url, "--rate", "0", "--results", table])
+    by_id = {r["id"]: r for r in results(Path(table)).iter_rows(named=True)}
+    return sub, col, by_id
+
+
+def sent(fake) -> list[str]:
+    return [r.body["prompt"].split()[0] for r in fake.state.submissions()]
+
+
+@pytest.mark.parametrize(("reason", "kind"), [
+    ("400: Content Moderation: the prompt was rejected", CONTENT),
+    ("InvalidParameter: ratio is not supported", CONTENT),
+    ("500: Internal Error: the generation failed, try again", RETRYABLE_CLASS),
+    ("cancelled: 499: Cancelled: the task was cancelled", RETRYABLE_CLASS),
+    ("expired: the task expired in the queue", RETRYABLE_CLASS),
+    ("error: upstream timeout", RETRYABLE_CLASS),
+    ("no reason given", UNCLASSIFIED),
+    (None, UNCLASSIFIED),
+])
+def test_failures_are_classified_by_the_providers_words(reason: str | None, kind: str) -> None:
+    assert classify(reason) == kind
+
+
+def test_failed_tasks_over_several_nights(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(flaky_failures=5)
+    # night 1: the ok one succeeds, three fail
+    sub, col, rows = night(fake, tmp_path, 1)
+    assert sub.exit_code == 0, sub.output
+    assert {k: r["task_status"] for k, r in rows.items()} == {"ok": "success", "flaky": "failed", "policy": "failed",
+                                                               "cancel": "failed"}
+    assert all(r["task_attempt"] == 1 and r["earlier_task_ids"] is None for r in rows.values())
+    first = {k: r["task_id"] for k, r in rows.items()}
+    # night 2 without the option: nothing is paid for again
+    night(fake, tmp_path, 2)
+    assert len(fake.state.submissions()) == 4
+    # night 3: the provider-side failures are sent again, content policy never
+    sub, col, rows = night(fake, tmp_path, 3, "--retry-failed")
+    assert sub.exit_code == 0, sub.output
+    assert "retry-failed: 2 failed tasks sent again; not retried: 1 content policy" in sub.output
+    assert sorted(sent(fake)[4:]) == ["CANCELTASK", "FLAKYTASK"]
+    for k in ("flaky", "cancel"):
+        assert rows[k]["task_attempt"] == 2 and rows[k]["earlier_task_ids"] == [first[k]]
+        assert rows[k]["task_id"] != first[k] and rows[k]["status"] == "submitted"
+    assert rows["policy"]["task_attempt"] == 1 and rows["policy"]["task_id"] == first["policy"]
+    # night 4: both failed again, and the cap (2 tasks) is reached
+    sub, _col, rows = night(fake, tmp_path, 4, "--retry-failed")
+    assert len(fake.state.submissions()) == 6
+    assert "2 at the cap" in sub.output
+    # night 5: a higher cap, and the provider has recovered: the flaky one succeeds
+    fake.state.config.flaky_failures = 2
+    second = {k: rows[k]["task_id"] for k in ("flaky", "cancel")}
+    sub, col, rows = night(fake, tmp_path, 5, "--retry-failed", "--retry-cap", "3")
+    assert sub.exit_code == 0 and "retry-failed: 2 failed tasks sent again" in sub.output
+    assert col.exit_code == 1  # the cancelled one failed a third time
+    assert len(fake.state.submissions()) == 8
+    assert rows["flaky"]["task_status"] == "success" and rows["flaky"]["task_attempt"] == 3
+    assert rows["flaky"]["earlier_task_ids"] == [first["flaky"], second["flaky"]]
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        lineage = db.execute("SELECT attempt, task_id, failure_class FROM task_lineage WHERE request_id = ? "
+                             "ORDER BY attempt", (rows["flaky"]["request_id"],)).fetchall()
+    assert lineage == [(1, first["flaky"], "retryable"), (2, second["flaky"], "retryable")]
+
+
+def test_retries_count_against_max_spend(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(flaky_failures=5)
+    night(fake, tmp_path, 1)
+    prices = tmp_path / "prices.toml"
+    prices.write_text('["bytedance/seedance-1.0-lite-t2v"]\n"480p" = 0.01\n"720p" = 0.02\n"1080p" = 0.03\n')
+    capped, _, rows = night(fake, tmp_path, 2, "--retry-failed", "--prices", str(prices), "--max-spend", "0.001")
+    assert capped.exit_code == 1 and "--max-spend" in capped.output
+    assert len(fake.state.submissions()) == 4  # the cap stopped both retries: they count like any request
+    assert rows["flaky"]["status"] == "pending" and rows["flaky"]["task_attempt"] == 2
+    later, _, rows = night(fake, tmp_path, 3, "--prices", str(prices), "--max-spend", "10")
+    assert later.exit_code == 0, later.output
+    assert len(fake.state.submissions()) == 6 and rows["flaky"]["status"] == "submitted"
+
+
+def test_the_job_file_turns_it_on(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(flaky_failures=1)
+    night(fake, tmp_path, 1)
+    job = tmp_path / "job.toml"
+    job.write_text(f'inputs = ["in.csv"]\noutput = "night2.parquet"\nstate = "s.sqlite"\nbase_url = "{fake.url}"\n'
+                   'rate = "0"\npreflight = false\nretry_failed = true\nretry_cap = 2\n')
+    res = cli(["run", str(job)])
+    assert res.exit_code == 0, res.output
+    assert sorted(sent(fake)[4:]) == ["CANCELTASK", "FLAKYTASK"]
+
+
+def test_a_dry_run_shows_and_prices_the_retries(start_fake, tmp_path: Path) -> None:
+    fake = start_fake(flaky_failures=5)
+    night(fake, tmp_path, 1)
+    prices = tmp_path / "prices.toml"
+    prices.write_text('["bytedance/seedance-1.0-lite-t2v"]\n"480p" = 0.01\n"720p" = 0.02\n"1080p" = 0.03\n')
+    args = ["submit", str(tmp_path / "in.csv"), "--base-url", fake.url,
+            "--state", str(tmp_path / "s.sqlite"), "--prices", str(prices), "--dry-run"]
+    plain = cli([*args, "-o", str(tmp_path / "plain.parquet")])
+    assert plain.exit_code == 0 and "skipped           4" in plain.output, plain.output
+    again = cli([*args, "-o", str(tmp_path / "dry.parquet"), "--retry-failed"])
+    assert again.exit_code == 0, again.output
+    assert "would send: 2 requests (2 flex); already submitted 2 (skipped)" in again.output
+    assert "estimated cost: 0.10 USD" in again.output  # 2 x 5 s x 0.02 USD/s x 50% (flex)
+    table = {r["id"]: r["status"] for r in results(tmp_path / "dry.parquet").iter_rows(named=True)}
+    assert table == {"ok": "skipped", "flaky": "dry_run", "policy": "skipped", "cancel": "dry_run"}
+    assert len(fake.state.submissions()) == 4  # a dry run sends nothing
