@@ -722,7 +722,7 @@ async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable
     if aledger.broken is not None and stats.state_error is None:
         stats.state_error = str(aledger.broken)
     return _Outcome(stats, state["interrupted"], bool(state["aborted"]), collected, aledger.rescue_path,
-                    aledger.unsaved_count, aledger.committed_task_ids, (uploader.uploads, uploader.bytes))
+                    aledger.unsaved_count, aledger.committed_task_ids, uploads=(uploader.uploads, uploader.bytes))
 
 
 def shared_budget(directory: Path | None, key: Secret) -> SharedBudget | None:
