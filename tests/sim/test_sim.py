@@ -1,0 +1,40 @@
+"""The money promises over generated hostile nights (see simulate.py and sim_harness.py).
+
+``python -m pytest tests/sim`` is the CI profile (a time budget of ``SIM_CI_SECONDS``,
+default 35 s, for the open-ended run); ``SIM_MINUTES=30`` makes it a soak. A failure
+prints its seed: ``python -m pytest tests/sim -k nights --replay SEED`` reruns it.
+Every run prints one line ``SIM_REPORT {json}``: histories, steps, faults by kind,
+answers by class, invariants checked, violations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from sim_harness import Provider
+from simulate import simulate
+
+
+def budget() -> float:
+    minutes = os.environ.get("SIM_MINUTES")
+    return float(minutes) * 60 if minutes else float(os.environ.get("SIM_CI_SECONDS", "35"))
+
+
+def report(capsys: pytest.CaptureFixture[str], name: str, stats: object, **extra: object) -> None:
+    line = json.dumps({"test": name, **stats.report(**extra)})  # type: ignore[attr-defined]
+    with capsys.disabled():
+        print(f"\nSIM_REPORT {line}")
+
+
+def test_nights_keep_the_money_promises(sim_provider: Provider, tmp_path: Path, request: pytest.FixtureRequest,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    replay = request.config.getoption("--replay")
+    stats, failure = simulate(sim_provider, tmp_path / "sim", budget(), seed=replay)
+    report(capsys, "nights", stats, failed_seed=failure.seed if failure else None)
+    assert stats.histories > 0
+    if failure is not None:
+        pytest.fail(f"{failure.message}\n\nreplay: python -m pytest tests/sim -k nights --replay {failure.seed}",
+                    pytrace=False)
