@@ -7,6 +7,7 @@ handling takes over.
 """
 
 import json
+import os
 import signal
 import sys
 
@@ -14,7 +15,10 @@ import sys
 def _interrupted_while_loading(signum: int, _frame: object) -> None:
     sys.stderr.write(json.dumps({"event": "interrupted", "level": "warning", "signal": signal.Signals(signum).name,
                                  "phase": "startup", "detail": "nothing read or sent"}) + "\n")
-    raise SystemExit(4)  # batch.errors.EXIT_INTERRUPTED, not imported yet on purpose
+    sys.stderr.flush()
+    # At once: an unwinding import and the interpreter's shutdown after it take long enough
+    # on a busy machine for a second Ctrl-C to meet the default handler (exit -2).
+    os._exit(4)  # batch.errors.EXIT_INTERRUPTED, not imported yet on purpose
 
 
 def run() -> None:

@@ -456,7 +456,10 @@ class World:
             checks["3_exit6_names_ids"] += 1
             if "rescue" not in text and "ledger" not in text and "state" not in text:
                 problems.append(f"invariant 3: exit 6 without saying where the task ids are: {self._error(run)}")
-        table_due = code in (0, 1, 5) or (code == 4 and spec.fault == "sigint")
+        # Interrupted before its first POST (while loading, say), a run owes no table: nothing
+        # happened that the morning needs to know. From the first POST on it does (issue 18 item 5).
+        posted = any(r["kind"] == "submit" and run.start <= r["wall"] <= run.end for r in self.records)
+        table_due = code in (0, 1, 5) or (code == 4 and spec.fault == "sigint" and posted)
         if not collect and table_due and "--dry-run" not in text:
             checks["3_one_row_per_input_row"] += 1
             problems += self._check_table(run)

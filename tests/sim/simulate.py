@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,8 @@ def machine(ctx: Context) -> type[RuleBasedStateMachine]:
         def rerun(self, mix: list[str], seed: int, alias: str, resend: bool) -> None:
             """The morning's rerun after whatever happened: same night, no fault of ours."""
             self.world.script(mix, 0.0, seed)
-            self._check(self.world.submit(RunSpec(alias=alias, resend_unknown=resend)))
+            last = self.world.runs[-1].spec if self.world.runs else RunSpec()
+            self._check(self.world.submit(replace(last, fault="none", alias=alias, resend_unknown=resend, wait=False)))
 
         @rule(alias=st.sampled_from(("plain", "symlink", "relative")), mix=collect_mix(ctx), seed=st.integers(0, 2**16))
         @precondition(lambda self: self.world.output().exists())
