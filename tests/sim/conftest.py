@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # sim_harness, simulate: helpers, not test modules
 
-from sim_harness import Provider
+from sim_harness import REPORTS, Provider
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -25,3 +27,22 @@ def sim_provider() -> Iterator[Provider]:
         yield provider
     finally:
         provider.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line of JSON for the whole session: what the simulations did and found."""
+    if not REPORTS:
+        return
+    total: dict[str, object] = {"simulations": len(REPORTS)}
+    for key in ("histories", "steps", "cli_runs", "seconds", "violations"):
+        total[key] = round(sum(r[key] for r in REPORTS), 1)
+    for key in ("faults", "provider_answers", "invariants_checked"):
+        counter: collections.Counter[str] = collections.Counter()
+        for r in REPORTS:
+            counter.update(r[key])
+        total[key] = dict(sorted(counter.items()))
+    mutants = [r for r in REPORTS if str(r["test"]).startswith("mutant ")]
+    total["mutants_caught"] = f"{sum(1 for r in mutants if r.get('caught'))}/{len(mutants)}"
+    nights = [r for r in REPORTS if r["test"] == "nights"]
+    total["violations_in_nights"] = sum(r["violations"] for r in nights)
+    terminalreporter.write_line("SIM_REPORT_TOTAL " + json.dumps(total))

@@ -60,6 +60,18 @@ KNOWN_ISSUE_18 = {
 }
 
 
+REPORTS: list[dict[str, Any]] = []  # one per simulation in this session (tests/sim/conftest.py totals them)
+
+
+def report(capsys: Any, name: str, stats: Stats, **extra: Any) -> None:
+    """Print one simulation's line (``SIM_REPORT {json}``) past pytest's capture, and keep it
+    for the session's total."""
+    entry = {"test": name, **stats.report(**extra)}
+    REPORTS.append(entry)
+    with capsys.disabled():
+        print(f"\nSIM_REPORT {json.dumps(entry)}")
+
+
 def key_forms(key: str = KEY) -> list[bytes]:
     pct = "".join(f"%{b:02X}" for b in key.encode())
     return [f.encode() for f in {key, key.lower(), key.upper(), pct, pct.lower()}]

@@ -213,8 +213,13 @@ def simulate(provider: Provider, base: Path, budget_s: float, *, seed: int | Non
         try:
             test()
         except Exception as exc:
-            failure = Failure(this, "".join(traceback.format_exception_only(exc)).strip()
-                              + "".join(f"\n{note}" for note in getattr(exc, "__notes__", [])))
+            # A timing fault (the moment of a kill) may not strike again when Hypothesis
+            # replays the history: it then reports FlakyFailure, but what was seen stands.
+            first = stats.violations[0] if stats.violations else "".join(traceback.format_exception_only(exc)).strip()
+            notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", []))
+            for inner in getattr(exc, "exceptions", ()):
+                notes += "".join(f"\n{note}" for note in getattr(inner, "__notes__", []))
+            failure = Failure(this, f"{first}\n({type(exc).__name__}){notes}")
             break
     stats.seconds = time.monotonic() - started
     if failure is None:

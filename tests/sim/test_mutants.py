@@ -17,9 +17,8 @@ import os
 from pathlib import Path
 
 import pytest
-from sim_harness import KNOWN_ISSUE_18, Provider
+from sim_harness import KNOWN_ISSUE_18, Provider, report
 from simulate import simulate
-from test_sim import report
 
 MUTANT_SECONDS = float(os.environ.get("SIM_MUTANT_SECONDS", "25"))
 KNOWN_SECONDS = float(os.environ.get("SIM_KNOWN_SECONDS", "20"))

@@ -9,24 +9,17 @@ answers by class, invariants checked, violations.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
-from sim_harness import Provider
+from sim_harness import Provider, report
 from simulate import simulate
 
 
 def budget() -> float:
     minutes = os.environ.get("SIM_MINUTES")
     return float(minutes) * 60 if minutes else float(os.environ.get("SIM_CI_SECONDS", "35"))
-
-
-def report(capsys: pytest.CaptureFixture[str], name: str, stats: object, **extra: object) -> None:
-    line = json.dumps({"test": name, **stats.report(**extra)})  # type: ignore[attr-defined]
-    with capsys.disabled():
-        print(f"\nSIM_REPORT {line}")
 
 
 def test_nights_keep_the_money_promises(sim_provider: Provider, tmp_path: Path, request: pytest.FixtureRequest,
