@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 sys.path.insert(0, str(Path(__file__).parent))  # sim_harness, simulate: helpers, not test modules
 
 from sim_harness import REPORTS, Provider
+
+# Hypothesis keeps caches under the working directory (.hypothesis/, even with no example
+# database): the suite must leave the work tree as it found it.
+_HOME = tempfile.mkdtemp(prefix="sim-hypothesis-")
+set_hypothesis_home_dir(_HOME)
+atexit.register(shutil.rmtree, _HOME, True)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
