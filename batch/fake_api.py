@@ -549,7 +549,8 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         if fault is not None and fault.kind in ("redirect", "redirect_key") and "hop" not in request.query:
             record.status = 302
             key = spelled_key(state.last_key, fault.form)
-            target = f"/files/{name}?hop=1" + (f"&api_key={key}" if fault.kind == "redirect_key" else "")
+            # With the key, to a file that is not there: the download fails on a URL that holds the key.
+            target = f"/gone/{name}?api_key={key}" if fault.kind == "redirect_key" else f"/files/{name}?hop=1"
             raise web.HTTPFound(target)
         if fault is not None and fault.kind == "gzip":
             record.status = 200

@@ -54,9 +54,7 @@ KNOWN_ISSUE_18 = {
     "spend_per_night": "issue 18 item 2: --max-spend is counted per run, not per night and ledger",
     "hardlink": "issue 18 item 3: a hard link to the ledger plus kill -9 pays twice",
     "bad_url": "issue 18 item 7: a task answer with an unparsable URL crashes collect",
-    "gzip": "issue 18 item 9: a gzip-encoded download fails and leaves .part files",
     "key_forms": "issue 18 item 11: a lower-cased or percent-encoded key in an answer is stored",
-    "redirect_key": "issue 18 item 11: a download redirect carrying the key puts it in the table and ledger",
 }
 
 
@@ -404,10 +402,12 @@ class World:
         created = {r["task_id"] for r in self.records if r["kind"] == "submit" and r["task_id"]}
         dup_answers = {str(r["body"].get("prompt")) for r in self.records if r["kind"] == "submit"
                        and r["status"] == 200 and not r["task_id"] and isinstance(r["body"], dict)}
+        resent = {str(r["body"].get("prompt")) for r in self.records if r["kind"] == "submit"
+                  and isinstance(r["body"], dict) and any(a <= r["wall"] <= b + 5 for a, b in resend_windows)}
         for prompt, recs in accepted.items():
             checks["2_no_task_lost"] += 1
-            if any(a <= rec["wall"] <= b + 5 for rec in recs for a, b in resend_windows):
-                continue  # the operator chose to resend: the earlier task may be overwritten
+            if prompt in resent:
+                continue  # the operator chose to resend an unknown one: its row now tells the resend's fate
             held = [(rid, rescued.get(rid, (status, task_id))) for rid, status, task_id in by_prompt.get(prompt, [])]
             if not any(st in ("submitted", "sending", "unknown") for _, (st, _t) in held):
                 problems.append(f"invariant 2: the provider created {[x['task_id'] for x in recs]} for {prompt!r}; "

@@ -45,9 +45,9 @@ SUBMIT_FAULTS = (
 KEY_FORM_FAULTS = ("echo_key,form=lower", "echo_key,form=pct", "echo_key_url,form=upper", "code,form=lower")
 QUERY_FAULTS = ("500,endpoint=query", "429,endpoint=query,retry_after=1", "drop,endpoint=query")
 DOWNLOAD_FAULTS = ("drop,endpoint=download", "redirect,endpoint=download", "404,endpoint=download",
-                   "slow,endpoint=download,delay=0.2")
-KNOWN_FAULTS = {"bad_url": ("bad_url,endpoint=query",), "gzip": ("gzip,endpoint=download",),
-                "redirect_key": ("redirect_key,endpoint=download,form=exact", "redirect_key,endpoint=download,form=lower"),
+                   "slow,endpoint=download,delay=0.2", "gzip,endpoint=download",
+                   "redirect_key,endpoint=download,form=exact", "redirect_key,endpoint=download,form=lower")
+KNOWN_FAULTS = {"bad_url": ("bad_url,endpoint=query",),
                 "key_forms": KEY_FORM_FAULTS}
 FORMATS = ("csv", "parquet", "xlsx")
 SIGNAL_FAULTS = ("kill9", "sigint", "sigint2")
@@ -64,6 +64,10 @@ class Context:
     run_faults: tuple[str, ...] = ("none", "none", "kill9", "sigint", "sigint2", "fsize", "concurrent")
     aliases: tuple[str, ...] = ("plain", "symlink", "relative")
     serial: int = 0
+    deadline: float = float("inf")  # time.monotonic(): past it, every step is a no-op (the budget)
+
+    def over(self) -> bool:
+        return time.monotonic() > self.deadline
 
 
 def fault_mix(ctx: Context) -> st.SearchStrategy[list[str]]:
@@ -78,7 +82,7 @@ def fault_mix(ctx: Context) -> st.SearchStrategy[list[str]]:
 
 def collect_mix(ctx: Context) -> st.SearchStrategy[list[str]]:
     kinds = list(QUERY_FAULTS + DOWNLOAD_FAULTS)
-    for feature in ("bad_url", "gzip", "redirect_key"):
+    for feature in ("bad_url",):
         if feature in ctx.features:
             kinds += KNOWN_FAULTS[feature]
     one = st.tuples(st.sampled_from(kinds), st.sampled_from((0.2, 0.5))).map(lambda kp: f"{kp[0]},prob={kp[1]}")
@@ -109,6 +113,8 @@ def machine(ctx: Context) -> type[RuleBasedStateMachine]:
         @initialize(seed=st.integers(0, 2**32 - 1), fmt=st.sampled_from(FORMATS), n=st.integers(1, 8),
                     invalid=st.integers(0, 1))
         def first_night(self, seed: int, fmt: str, n: int, invalid: int) -> None:
+            if ctx.over():
+                return
             ctx.serial += 1
             ctx.stats.histories += 1
             self.world = World(ctx.base / f"history{ctx.serial % 2}", ctx.provider, ctx.stats, random.Random(seed),
@@ -125,12 +131,16 @@ def machine(ctx: Context) -> type[RuleBasedStateMachine]:
 
         @rule(fmt=st.sampled_from(FORMATS), n=st.integers(1, 6))
         def new_file(self, fmt: str, n: int) -> None:
+            if ctx.over():
+                return
             self.world.add_file(fmt, n)
             self._check()
 
         @rule(which=st.integers(0, 9), n=st.integers(1, 5), how=st.sampled_from(("append", "edit", "duplicate",
                                                                                   "reorder")))
         def change_file(self, which: int, n: int, how: str) -> None:
+            if ctx.over():
+                return
             names = sorted(self.world.files)
             name = names[which % len(names)]
             if how == "append":
@@ -146,6 +156,8 @@ def machine(ctx: Context) -> type[RuleBasedStateMachine]:
         @rule(spec=run_specs(ctx), mix=fault_mix(ctx), latency=st.sampled_from((0.0, 0.1, 0.4)),
               seed=st.integers(0, 2**16))
         def submit(self, spec: RunSpec, mix: list[str], latency: float, seed: int) -> None:
+            if ctx.over():
+                return
             self.world.script(mix, latency, seed)
             self._check(self.world.submit(spec))
 
@@ -153,18 +165,26 @@ def machine(ctx: Context) -> type[RuleBasedStateMachine]:
               resend=st.sampled_from((False, False, True)))
         def rerun(self, mix: list[str], seed: int, alias: str, resend: bool) -> None:
             """The morning's rerun after whatever happened: same night, no fault of ours."""
+            if ctx.over():
+                return
             self.world.script(mix, 0.0, seed)
             last = self.world.runs[-1].spec if self.world.runs else RunSpec()
             self._check(self.world.submit(replace(last, fault="none", alias=alias, resend_unknown=resend, wait=False)))
 
-        @rule(alias=st.sampled_from(("plain", "symlink", "relative")), mix=collect_mix(ctx), seed=st.integers(0, 2**16))
-        @precondition(lambda self: self.world.output().exists())
-        def collect(self, alias: str, mix: list[str], seed: int) -> None:
-            self.world.script(mix, 0.0, seed)
+        @rule(alias=st.sampled_from(("plain", "symlink", "relative")), mix=collect_mix(ctx), seed=st.integers(0, 2**16),
+              task_delay=st.sampled_from((0.0, 0.0, 3.0, 3600.0)))
+        @precondition(lambda self: not ctx.over() and self.world.output().exists())
+        def collect(self, alias: str, mix: list[str], seed: int, task_delay: float) -> None:
+            """The morning's collect; tasks done, still moving (3 s) or stalled (an hour)."""
+            if ctx.over():
+                return
+            self.world.script(mix, 0.0, seed, task_delay)
             self._check([self.world.collect(alias)])
 
         @rule()
         def next_night(self) -> None:
+            if ctx.over():
+                return
             self.world.night += 1
             self._check()
 
@@ -195,6 +215,8 @@ def simulate(provider: Provider, base: Path, budget_s: float, *, seed: int | Non
     config = settings(max_examples=per_seed, stateful_step_count=steps, deadline=None, database=None,
                       phases=phases, suppress_health_check=list(HealthCheck), print_blob=False)
     started = time.monotonic()
+    if seed is None:
+        ctx.deadline = started + budget_s
     seeds = [seed] if seed is not None else None
     picker = random.Random()
     failure = None

@@ -75,8 +75,7 @@ def test_the_simulator_catches_a_spend_cap_per_run(sim_provider: Provider, tmp_p
 def test_known_issue_18(feature: str, sim_provider: Provider, tmp_path: Path,
                         capsys: pytest.CaptureFixture[str]) -> None:
     faults = {"hardlink": ("kill9", "none"), "spend_per_night": ("kill9", "none")}.get(feature)
-    focus = {"bad_url": ("bad_url,endpoint=query,prob=0.5",), "gzip": ("gzip,endpoint=download,prob=0.5",),
-             "redirect_key": ("redirect_key,endpoint=download,form=lower,prob=0.5",),
+    focus = {"bad_url": ("bad_url,endpoint=query,prob=0.5",),
              "key_forms": ("echo_key,form=lower,prob=0.3",)}.get(feature, ())
     stats, failure = simulate(sim_provider, tmp_path / "sim", KNOWN_SECONDS, features=frozenset({feature}),
                               focus=focus, run_faults=faults, shrink=False, per_seed=3, steps=6)
