@@ -97,8 +97,9 @@ class Provider:
     def configure(self, spec: dict[str, Any]) -> None:
         self._call("/_sim/configure", spec)
 
-    def records(self, since: int) -> list[dict[str, Any]]:
-        return self._call(f"/_sim/records?since={since}")
+    def records(self, since: int, settle: float = 10) -> list[dict[str, Any]]:
+        """Every request from ``since`` on; first waiting up to ``settle`` s for handlers to finish."""
+        return self._call(f"/_sim/records?since={since}&settle={settle}")
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -144,7 +145,8 @@ class RunSpec:
     alias: str = "plain"  # how the ledger is named: plain, symlink, relative, hardlink
     csv_out: bool = False
     fault: str = "none"  # none, kill9, sigint, sigint2, fsize, concurrent
-    at: float = 1.0  # seconds after start for kill9 / signals
+    at: float = 1.0  # seconds after the anchor for kill9 / signals
+    anchor: str = "first_post"  # "start" of the process, or its "first_post" (a busy machine starts slowly)
     fsize: int = 65536  # bytes, for the fsize fault
 
 
@@ -310,6 +312,12 @@ class World:
             procs.append(self._popen(args, "submit2"))
         proc = procs[0][0]
         if spec.fault in ("kill9", "sigint", "sigint2"):
+            if spec.anchor == "first_post":
+                seen = self.since + len(self.records)
+                give_up = time.monotonic() + 30
+                while proc.poll() is None and time.monotonic() < give_up and not any(
+                        r["kind"] == "submit" for r in self.provider.records(seen, settle=0)):
+                    time.sleep(0.05)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(spec.at)
             if proc.poll() is None:

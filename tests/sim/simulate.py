@@ -101,7 +101,8 @@ def run_specs(ctx: Context) -> st.SearchStrategy[RunSpec]:
         alias=st.sampled_from(ctx.aliases),
         csv_out=st.booleans(),
         fault=st.sampled_from(ctx.run_faults),
-        at=st.floats(0.3, 2.5),
+        at=st.floats(0.0, 1.5),
+        anchor=st.sampled_from(("first_post", "first_post", "start")),
         fsize=st.sampled_from((8192, 40000, 80000, 200000)),
     )
 

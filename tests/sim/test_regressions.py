@@ -28,7 +28,11 @@ def test_a_signal_while_the_libraries_load_is_exit_4_without_a_traceback(tmp_pat
                              str(tmp_path / "out.parquet"), "--base-url", "http://127.0.0.1:9", "--state",
                              str(tmp_path / "state.sqlite")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
-    time.sleep(0.15)  # the interpreter is up; the imports take 0.5 s and more
+    # Signal once polars' library is mapped: the interpreter runs our code, the imports go on.
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline and "polars" not in maps.read_text(errors="replace"):
+        time.sleep(0.005)
     proc.send_signal(signum)
     if times == 2:
         time.sleep(0.05)
