@@ -72,13 +72,16 @@ def test_the_simulator_catches_a_spend_cap_per_run(sim_provider: Provider, tmp_p
                     "(outside the 90 s CI budget while they fail)")
 @pytest.mark.parametrize("feature", [pytest.param(f, marks=pytest.mark.xfail(strict=False, reason=reason))
                                      for f, reason in sorted(KNOWN_ISSUE_18.items())])
-def test_known_issue_18(feature: str, sim_provider: Provider, tmp_path: Path,
+def test_known_issue_18(feature: str, sim_provider: Provider, tmp_path: Path, request: pytest.FixtureRequest,
                         capsys: pytest.CaptureFixture[str]) -> None:
     faults = {"hardlink": ("kill9", "none"), "spend_per_night": ("kill9", "none")}.get(feature)
     focus = {"bad_url": ("bad_url,endpoint=query,prob=0.5",),
              "key_forms": ("echo_key,form=lower,prob=0.3",)}.get(feature, ())
+    replay = request.config.getoption("--replay")
     stats, failure = simulate(sim_provider, tmp_path / "sim", KNOWN_SECONDS, features=frozenset({feature}),
-                              focus=focus, run_faults=faults, shrink=False, per_seed=3, steps=6)
+                              focus=focus, run_faults=faults, shrink=replay is not None, per_seed=3, steps=6,
+                              seed=replay)
     report(capsys, f"known {feature}", stats, failed_seed=failure.seed if failure else None,
            by=failure.message.splitlines()[0][:200] if failure else None)
-    assert failure is None, failure.message
+    assert failure is None, (f"{failure.message}\nreplay: SIM_KNOWN=1 python -m pytest tests/sim "
+                             f"-k 'known_issue_18 and {feature}' --replay {failure.seed}")
