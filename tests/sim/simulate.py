@@ -112,8 +112,12 @@ def machine(ctx: Context) -> type[RuleBasedStateMachine]:
         world: World
 
         @initialize(seed=st.integers(0, 2**32 - 1), fmt=st.sampled_from(FORMATS), n=st.integers(1, 8),
-                    invalid=st.integers(0, 1))
-        def first_night(self, seed: int, fmt: str, n: int, invalid: int) -> None:
+                    invalid=st.integers(0, 1), spec=run_specs(ctx), mix=fault_mix(ctx),
+                    latency=st.sampled_from((0.0, 0.1, 0.4)), script_seed=st.integers(0, 2**16))
+        def first_night(self, seed: int, fmt: str, n: int, invalid: int, spec: RunSpec, mix: list[str],
+                        latency: float, script_seed: int) -> None:
+            """A history starts with a file and the night's first run (the rules that follow
+            are drawn: histories without a run would check nothing)."""
             if ctx.over():
                 return
             ctx.serial += 1
@@ -122,6 +126,8 @@ def machine(ctx: Context) -> type[RuleBasedStateMachine]:
                                ctx.features, env_extra=dict(ctx.env))
             self.world.add_file(fmt, n, invalid)
             self._check()
+            self.world.script(mix, latency, script_seed)
+            self._check(self.world.submit(spec))
 
         def _check(self, runs: list[Any] | None = None) -> None:
             ctx.stats.steps += 1

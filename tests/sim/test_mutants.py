@@ -20,7 +20,7 @@ import pytest
 from sim_harness import KNOWN_ISSUE_18, Provider, report
 from simulate import simulate
 
-MUTANT_SECONDS = float(os.environ.get("SIM_MUTANT_SECONDS", "25"))
+MUTANT_SECONDS = float(os.environ.get("SIM_MUTANT_SECONDS", "20"))
 KNOWN_SECONDS = float(os.environ.get("SIM_KNOWN_SECONDS", "20"))
 
 MUTANTS = {
