@@ -25,7 +25,7 @@ KNOWN_SECONDS = float(os.environ.get("SIM_KNOWN_SECONDS", "20"))
 
 MUTANTS = {
     # name: (answer classes always in the night's mix, the run faults drawn from)
-    "mark_after_send": (("slow,delay=0.5,prob=0.6",), ("kill9",)),
+    "mark_after_send": (("slow,delay=0.8,prob=0.9",), ("kill9",)),
     "treat_500_as_rejection": (("500,accept=1,prob=0.7",), ("none",)),
     "drop_key_scrub": (("echo_key_url,prob=0.7",), ("none",)),
 }
