@@ -63,6 +63,7 @@ class Context:
     focus: tuple[str, ...] = ()  # fault specs every night's mix includes (mutant tests)
     run_faults: tuple[str, ...] = ("none", "none", "kill9", "sigint", "sigint2", "fsize", "concurrent")
     aliases: tuple[str, ...] = ("plain", "symlink", "relative")
+    options: dict[str, Any] = field(default_factory=dict)  # RunSpec fields every run gets (a focused scenario)
     serial: int = 0
     deadline: float = float("inf")  # time.monotonic(): past it, every step is a no-op (the budget)
 
@@ -104,7 +105,7 @@ def run_specs(ctx: Context) -> st.SearchStrategy[RunSpec]:
         at=st.floats(0.0, 1.5),
         anchor=st.sampled_from(("first_post", "first_post", "start")),
         fsize=st.sampled_from((8192, 40000, 80000, 200000)),
-    )
+    ).map(lambda spec: replace(spec, **ctx.options))
 
 
 def machine(ctx: Context) -> type[RuleBasedStateMachine]:
@@ -207,11 +208,12 @@ class Failure:
 def simulate(provider: Provider, base: Path, budget_s: float, *, seed: int | None = None, steps: int = 6,
              per_seed: int = 2, features: frozenset[str] = frozenset(), env: dict[str, str] | None = None,
              focus: tuple[str, ...] = (), shrink: bool = True, run_faults: tuple[str, ...] | None = None,
-             aliases: tuple[str, ...] | None = None, max_seeds: int | None = None) -> tuple[Stats, Failure | None]:
+             aliases: tuple[str, ...] | None = None, max_seeds: int | None = None,
+             options: dict[str, Any] | None = None) -> tuple[Stats, Failure | None]:
     """Histories until ``budget_s`` seconds pass (or one batch, with ``seed``); each batch of
     ``per_seed`` histories runs under its own Hypothesis seed, the replay handle."""
     stats = Stats()
-    ctx = Context(provider, base, stats, features, dict(env or {}), focus)
+    ctx = Context(provider, base, stats, features, dict(env or {}), focus, options=dict(options or {}))
     if run_faults is not None:
         ctx.run_faults = run_faults
     if aliases is not None:

@@ -77,10 +77,11 @@ def test_known_issue_18(feature: str, sim_provider: Provider, tmp_path: Path, re
     faults = {"hardlink": ("kill9", "none"), "spend_per_night": ("kill9", "none")}.get(feature)
     focus = {"bad_url": ("bad_url,endpoint=query,prob=0.5",),
              "key_forms": ("echo_key,form=lower,prob=0.3",)}.get(feature, ())
+    options = {"spend_per_night": {"max_spend": 0.11, "concurrency": 1}}.get(feature)
     replay = request.config.getoption("--replay")
     stats, failure = simulate(sim_provider, tmp_path / "sim", KNOWN_SECONDS, features=frozenset({feature}),
                               focus=focus, run_faults=faults, shrink=replay is not None, per_seed=3, steps=6,
-                              seed=replay)
+                              seed=replay, options=options)
     report(capsys, f"known {feature}", stats, failed_seed=failure.seed if failure else None,
            by=failure.message.splitlines()[0][:200] if failure else None)
     assert failure is None, (f"{failure.message}\nreplay: SIM_KNOWN=1 python -m pytest tests/sim "
