@@ -155,9 +155,18 @@ class Summary:
 
 
 @contextmanager
-def interruptible() -> Iterator[None]:
-    """Outside the event loop, turn SIGINT/SIGTERM into :class:`Interrupted`."""
+def interruptible(on_first: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Outside the event loop, turn SIGINT/SIGTERM into :class:`Interrupted`; with
+    ``on_first``, the first one is only handed to it (the work goes on: the results table
+    a run owes after sending) and a second one raises."""
+    first = on_first
+
     def raise_it(signum: int, _frame: object) -> None:
+        nonlocal first
+        if first is not None:
+            first, call = None, first
+            call(signum)
+            return
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, raise_it) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -340,7 +349,12 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
                        stats.stop_reason, outcome.interrupted, "", str(opts.state), unreadable=unreadable)
     # A run that stopped early has not read every request: expand the input again.
     frames = spool.frames() if spool.complete else request_frames(expander, spool.schema)
-    with interruptible():
+
+    def first_signal(signum: int) -> None:  # the table is the night's record: finish it, then exit 4
+        outcome.interrupted = signal.Signals(signum).name
+        log.warning("interrupted", signal=outcome.interrupted, detail="writing the results table first")
+
+    with interruptible(None if outcome.interrupted else first_signal):
         tally, table_error = write_results(opts.output, frames, spool.schema, ledger.outcome_rows,
                                            Resolution(run_id, stop_reason=stats.stop_reason), tolerate_io=True)
     faults = []
@@ -567,7 +581,10 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
             entries = [e for e in entries if e.request_id in only]
         stats = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
         if opts.results is not None and table is not None:
-            with interruptible():
+            def first_signal(_signum: int) -> None:  # as for submit: finish the table, then exit 4
+                stats.interrupted = True
+
+            with interruptible(None if stats.interrupted else first_signal):
                 update_table(opts.results, table, ledger, apis)
         summary = {"run_id": "collect", "followed": len(entries), **stats.as_dict(),
                    "elapsed_s": round(time.monotonic() - started, 3), "state": str(opts.state),

@@ -370,6 +370,10 @@ class AtomicTableWriter:
         self.target.publish(self.tmp)
 
     def discard(self) -> None:
+        if self._parquet is not None:  # else its finalizer writes a footer to the closed file (a traceback)
+            with contextlib.suppress(Exception):
+                self._parquet.close()
+            self._parquet = None
         if not self._file.closed:
             with contextlib.suppress(OSError):  # closing flushes: a full disk fails again
                 self._file.close()

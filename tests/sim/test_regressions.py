@@ -41,3 +41,50 @@ def test_a_signal_while_the_libraries_load_is_exit_4_without_a_traceback(tmp_pat
     assert "Traceback" not in out + err, err
     assert proc.returncode == 4, err
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_a_first_signal_while_the_results_table_is_written_lets_it_finish(tmp_path: Path) -> None:
+    """Found by tests/sim (soak, seed 1065005408): a SIGINT that arrived after the last
+    answer, while the results table was being written, aborted the write (no table: the
+    README promises one on the first signal) and pyarrow's writer, discarded half-open,
+    printed a traceback from its finalizer. Now the first signal lets the table finish
+    (exit 4); a second one aborts, as documented."""
+    import polars as pl
+
+    from batch.fake_api import FakeConfig, fake_in_thread
+
+    rows = 120_000  # invalid rows are never sent, but each is a row of the table: a long write
+    pl.DataFrame({"prompt": [f"a calm lake {i}" for i in range(rows)],
+                  "duration": [15] * (rows - 1) + [5]}).write_csv(tmp_path / "in.csv")
+    out = tmp_path / "out" / "night.parquet"
+    env = {**os.environ, "SEEDANCE_API_KEY": "sk-test-0123456789", "XDG_STATE_HOME": str(tmp_path / "xdg"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with fake_in_thread(FakeConfig()) as fake:
+        proc = subprocess.Popen([sys.executable, "-m", "batch", "submit", str(tmp_path / "in.csv"), "-o", str(out),
+                                 "--base-url", fake.url, "--state", str(tmp_path / "state.sqlite"), "--rate", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not list(out.parent.glob(".night.parquet.tmp-*")):
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        stdout, err = proc.communicate(timeout=120)
+        accepted = len(fake.state.accepted_bodies())
+        assert "Traceback" not in stdout + err, err[-2000:]
+        assert proc.returncode == 4, err[-2000:]
+        assert accepted == 1
+        assert pl.read_parquet(out).height == rows
+
+        # The sibling: collect's rewrite of the table, interrupted once, finishes too.
+        proc = subprocess.Popen([sys.executable, "-m", "batch", "collect", "--results", str(out), "--base-url", fake.url,
+                                 "--state", str(tmp_path / "state.sqlite"), "--rate", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not list(out.parent.glob(".night.parquet.tmp-*")):
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        stdout, err = proc.communicate(timeout=120)
+    assert "Traceback" not in stdout + err, err[-2000:]
+    assert proc.returncode == 4, err[-2000:]
+    table = pl.read_parquet(out)
+    assert table.height == rows
+    assert table.filter(pl.col("task_id").is_not_null())["task_status"].to_list() == ["success"]
