@@ -312,6 +312,16 @@ class World:
             procs.append(self._popen(args, "submit2"))
         proc = procs[0][0]
         if spec.fault in ("kill9", "sigint", "sigint2"):
+            if spec.anchor == "start":
+                # From the moment the tool's own code runs (it is loading polars): a signal
+                # before the interpreter has started is the interpreter's, not the tool's.
+                maps = Path(f"/proc/{proc.pid}/maps")
+                give_up = time.monotonic() + 30
+                while proc.poll() is None and time.monotonic() < give_up:
+                    with contextlib.suppress(OSError):
+                        if "polars" in maps.read_text(errors="replace"):
+                            break
+                    time.sleep(0.005)
             if spec.anchor == "first_post":
                 seen = self.since + len(self.records)
                 give_up = time.monotonic() + 30
