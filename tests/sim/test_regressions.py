@@ -88,3 +88,29 @@ def test_a_first_signal_while_the_results_table_is_written_lets_it_finish(tmp_pa
     table = pl.read_parquet(out)
     assert table.height == rows
     assert table.filter(pl.col("task_id").is_not_null())["task_status"].to_list() == ["success"]
+
+
+def test_signals_while_a_run_finishes_never_give_a_traceback_or_death_by_signal(tmp_path: Path) -> None:
+    """Found by tests/sim (seed 1987161788: SIGINT twice, 0.2 s apart, as a --wait run
+    ended): the second signal met Python's default handler after the tool's own were
+    removed (exit -2). Here SIGINTs keep coming from the moment the summary is printed."""
+    from batch.fake_api import FakeConfig, fake_in_thread
+
+    (tmp_path / "in.csv").write_text("prompt\na calm lake\na quiet sea\n")
+    env = {**os.environ, "SEEDANCE_API_KEY": "sk-test-0123456789", "XDG_STATE_HOME": str(tmp_path / "xdg"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with fake_in_thread(FakeConfig()) as fake:
+        proc = subprocess.Popen([sys.executable, "-m", "batch", "submit", str(tmp_path / "in.csv"), "-o",
+                                 str(tmp_path / "out.parquet"), "--base-url", fake.url, "--state",
+                                 str(tmp_path / "state.sqlite"), "--rate", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "results:" in line:
+                break
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.001)
+        err = proc.stderr.read() if proc.stderr else ""
+    assert "Traceback" not in err, err[-2000:]
+    assert proc.returncode in (0, 4), err[-2000:]
