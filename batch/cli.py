@@ -161,7 +161,11 @@ class ExitCodeGroup(click.Group):
             if not standalone_mode:
                 raise
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                # A Ctrl-C that fell between the tool's own handlers: an interruption like any other.
+                logs.report_error("interrupted by SIGINT", EXIT_INTERRUPTED)
+                sys.exit(EXIT_INTERRUPTED)
             logs.report_error("aborted", 1)
             sys.exit(1)
         if standalone_mode:

@@ -114,3 +114,21 @@ def test_signals_while_a_run_finishes_never_give_a_traceback_or_death_by_signal(
         err = proc.stderr.read() if proc.stderr else ""
     assert "Traceback" not in err, err[-2000:]
     assert proc.returncode in (0, 4), err[-2000:]
+
+
+def test_a_ctrl_c_between_the_tools_own_handlers_is_exit_4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by tests/sim (soak, seed 2202996937: SIGINT 0.7 s into a rerun): a Ctrl-C that
+    fell between the tool's signal handlers (here while the options were read) became
+    click's "Aborted!", exit 1 without a table, as if the run had finished."""
+    from click.testing import CliRunner
+
+    import batch.cli
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch.cli, "build_options", interrupted)
+    (tmp_path / "in.csv").write_text("prompt\na calm lake\n")
+    result = CliRunner().invoke(batch.cli.main, ["submit", str(tmp_path / "in.csv"), "-o", str(tmp_path / "o.parquet")],
+                                env={"SEEDANCE_API_KEY": "sk-test-0123456789"})
+    assert result.exit_code == 4, result.output
