@@ -53,7 +53,7 @@ def test_a_first_signal_while_the_results_table_is_written_lets_it_finish(tmp_pa
 
     from batch.fake_api import FakeConfig, fake_in_thread
 
-    rows = 120_000  # invalid rows are never sent, but each is a row of the table: a long write
+    rows = 60_000  # invalid rows are never sent, but each is a row of the table: a long write
     pl.DataFrame({"prompt": [f"a calm lake {i}" for i in range(rows)],
                   "duration": [15] * (rows - 1) + [5]}).write_csv(tmp_path / "in.csv")
     out = tmp_path / "out" / "night.parquet"
