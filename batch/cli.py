@@ -187,7 +187,11 @@ class ExitCodeGroup(click.Group):
             if not standalone_mode:
                 raise
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                # A Ctrl-C that fell between the tool's own handlers: an interruption like any other.
+                logs.report_error("interrupted by SIGINT", EXIT_INTERRUPTED)
+                sys.exit(EXIT_INTERRUPTED)
             logs.report_error("aborted", 1)
             sys.exit(1)
         if standalone_mode:
@@ -231,9 +235,14 @@ def entry() -> None:
     looks at them: ~0.04 s, same peak RSS. Only here, not for in-process callers such as
     tests through CliRunner, whose objects it would pin.
     """
+    global _PROCESS
+    _PROCESS = True
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
     main()
+
+
+_PROCESS = False  # set by entry(): this is the command's own process, not an in-process caller (tests)
 
 
 def base_url_option() -> Any:
@@ -460,6 +469,9 @@ def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any], need_output
 
 def finish(opts: RunOptions, metrics_file: Path | None, job_name: str, page: bool = True) -> None:
     summary = run_submit(opts)
+    if _PROCESS:  # the exit code is decided: a late Ctrl-C must not turn it into click's "Aborted!" (exit 1)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     if metrics_file is not None:
         try:
             write_metrics(metrics_file, {**summary.as_dict(), "finished_unix": time.time()}, job_name)

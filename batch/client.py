@@ -45,6 +45,7 @@ from urllib.parse import unquote, unquote_plus, urlsplit
 import aiohttp
 
 from batch.api import check_task_id
+from batch.mutant import mutant
 
 
 class Secret:
@@ -238,7 +239,7 @@ def parse_answer(raw: bytes, secret: Secret | None) -> Any:
         value = json.loads(raw)
     except (ValueError, RecursionError):
         raise ValueError("not JSON") from None
-    return _scrub_json(value, secret) if secret is not None and secret.reveal() else value
+    return _scrub_json(value, secret) if secret is not None and secret.reveal() and not mutant("drop_key_scrub") else value
 
 
 def _provider_message(body: Any, fallback: str, secret: Secret | None) -> tuple[str, int | None]:
@@ -294,7 +295,7 @@ def _classify(status: int, body: Any, headers: Any, secret: Secret | None) -> Ve
                        retry_after=retry_after_seconds(headers))
     if status in FATAL_STATUSES:
         return Verdict(Kind.FATAL, status, error=message, error_code=code)
-    if status in PERMANENT:
+    if status in PERMANENT or (status == 500 and mutant("treat_500_as_rejection")):
         return Verdict(Kind.FAIL, status, error=message, error_code=code)
     return Verdict(Kind.UNKNOWN, status, error=message, error_code=code)
 

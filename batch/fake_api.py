@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gzip
 import hashlib
 import hmac
 import itertools
@@ -59,7 +60,12 @@ _REASONS = {
     503: "Service Unavailable", 504: "Gateway Timeout",
 }
 # Kinds a fault may have besides an HTTP status.
-FAULT_KINDS = ("code", "badjson", "no_task_id", "drop", "drop_accepted", "slow")
+FAULT_KINDS = ("code", "badjson", "no_task_id", "drop", "drop_accepted", "slow",
+               # Kinds of the simulation suite (tests/sim): answers a real provider might give
+               # once, each after creating the task unless said otherwise.
+               "odd_task_id", "huge", "dup_task_id", "echo_key", "echo_key_url",
+               # query and download answers
+               "bad_url", "redirect", "redirect_key", "gzip")
 ROUTES = {
     "seed": "/api/v1/text-to-video/{provider}/{model}/async",
     "async": "/api/v1/{provider}/{model}/async",
@@ -78,6 +84,10 @@ class Fault:
     ``times`` times (``None``: forever). ``drop`` closes the connection after reading
     the request without creating a task; ``drop_accepted`` creates the task first,
     the case that makes resending dangerous; ``slow`` adds ``delay`` seconds.
+    ``accept`` creates the task before any other answer (a 500, a ``code`` ≠ 0, no task
+    id...): the provider took the request although its answer does not say so.
+    ``form`` is how ``echo_key*`` and ``redirect_key`` spell the key: ``exact``,
+    ``lower``, ``upper`` or ``pct`` (percent-encoded).
     """
 
     kind: str
@@ -87,10 +97,12 @@ class Fault:
     retry_after: str | None = None
     endpoint: str = "submit"
     delay: float = 0.0
+    accept: bool = False
+    form: str = "exact"
 
     @classmethod
     def parse(cls, spec: str) -> Fault:
-        """``KIND[,prob=P][,match=S][,times=N][,retry_after=S][,endpoint=E][,delay=S]``."""
+        """``KIND[,prob=P][,match=S][,times=N][,retry_after=S][,endpoint=E][,delay=S][,accept=1][,form=F]``."""
         kind, *opts = [p.strip() for p in spec.split(",")]
         if not (kind.isdigit() or kind in FAULT_KINDS):
             raise ValueError(f"unknown fault kind {kind!r}")
@@ -103,7 +115,9 @@ class Fault:
                 kw["times"] = int(value)
             elif key == "delay":
                 kw["delay"] = float(value)
-            elif key in ("match", "retry_after", "endpoint"):
+            elif key == "accept":
+                kw["accept"] = value not in ("", "0", "false")
+            elif key in ("match", "retry_after", "endpoint", "form"):
                 kw[key] = value
             else:
                 raise ValueError(f"unknown fault option {key!r}")
@@ -167,6 +181,7 @@ class FakeState:
         self.active = 0
         self.max_active = 0
         self._flaky_seen: dict[str, int] = {}
+        self.last_key = ""  # the bearer key last seen, for answers that echo it
 
     def arrive(self, method: str, path: str, detail: Any = None, kind: str = "") -> Record:
         """Record a request as its handler starts; the handler fills in status and task id."""
@@ -378,6 +393,28 @@ async def _apply_fault(
     if kind == "slow":
         await asyncio.sleep(fault.delay)
         return None
+    if fault.accept and kind not in ("drop_accepted", "odd_task_id", "huge", "echo_key_url"):
+        accept()
+    key = spelled_key(state.last_key, fault.form)
+    if kind == "odd_task_id":
+        record.status = 200
+        return _ok({"status": "pending", "task_id": f"../{accept()}/x y"})
+    if kind == "huge":
+        accept()
+        record.status = 200
+        return web.json_response({"code": 0, "message": "success", "data": {"pad": "x" * (1 << 21)}})
+    if kind == "dup_task_id":
+        previous = next((r.task_id for r in reversed(state.records) if r.task_id), None)
+        record.status = 200
+        return _ok({"status": "pending", "task_id": previous or "task-video-none"})
+    if kind == "echo_key":
+        record.status = 400
+        return _error(400, f"invalid request for key {key}", {"X-Echo": key})
+    if kind == "echo_key_url":
+        task_id = accept()
+        record.status = 200
+        url = f"{request.scheme}://{request.host}{TASK_PATH.format(task_id=task_id)}?api_key={key}"
+        return _ok({"status": "pending", "task_id": task_id, "get_result": {"method": "GET", "url": url}})
     if kind.isdigit():
         status = int(kind)
         headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
@@ -385,7 +422,7 @@ async def _apply_fault(
         return _error(status, "injected fault", headers)
     if kind == "code":
         record.status = 200
-        return web.json_response({"code": 1001, "message": "Rejected: injected business error"})
+        return web.json_response({"code": 1001, "message": f"Rejected: injected business error {key}"})
     if kind == "badjson":
         record.status = 200
         return web.Response(text="<html>upstream proxy error</html>", content_type="text/html")
@@ -398,6 +435,17 @@ async def _apply_fault(
         record.status = 0
         return _drop(request)
     raise AssertionError(kind)
+
+
+def spelled_key(key: str, form: str) -> str:
+    """The bearer key as a hostile answer would echo it."""
+    if form == "lower":
+        return key.lower()
+    if form == "upper":
+        return key.upper()
+    if form == "pct":
+        return "".join(f"%{b:02X}" for b in key.encode())
+    return key
 
 
 def make_app(config: FakeConfig | None = None) -> web.Application:
@@ -413,6 +461,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
     async def admit(request: web.Request, record: Record, slow: bool = True) -> web.Response | None:
         """What the provider checks before the endpoint: the key, the per-key rate; then the
         latency of generation endpoints (``slow``; the read-only ones answer at once)."""
+        state.last_key = request.headers.get("Authorization", "")[7:] or state.last_key
         if not _authorized(request, config):
             record.status = 401
             return _error(401, "invalid or missing API key")
@@ -498,7 +547,11 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         if refused is not None:
             return refused
         fault = state.pick_fault("query", task_id)
-        if fault is not None:
+        if fault is not None and fault.kind == "bad_url" and state.task_status(task_id) == "success":
+            record.status = 200
+            return _ok({"status": "success", "task_id": task_id,
+                        "result": {"resources": [{"url": "http://[bad/x.mp4", "type": "video", "format": "mp4"}]}})
+        if fault is not None and fault.kind != "bad_url":
             answer = await _apply_fault(fault, request, state, record, lambda: None)
             if answer is not None:
                 return answer
@@ -546,7 +599,17 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         fault = state.pick_fault("download", task_id)
-        if fault is not None:
+        if fault is not None and fault.kind in ("redirect", "redirect_key") and "hop" not in request.query:
+            record.status = 302
+            key = spelled_key(state.last_key, fault.form)
+            # With the key, to a file that is not there: the download fails on a URL that holds the key.
+            target = f"/gone/{name}?api_key={key}" if fault.kind == "redirect_key" else f"/files/{name}?hop=1"
+            raise web.HTTPFound(target)
+        if fault is not None and fault.kind == "gzip":
+            record.status = 200
+            return web.Response(body=gzip.compress(part), status=200,
+                                headers={"Content-Type": headers["Content-Type"], "Content-Encoding": "gzip"})
+        if fault is not None and fault.kind not in ("redirect", "redirect_key"):
             if fault.kind in ("drop", "drop_accepted"):
                 # Send half of what was asked, then cut the connection: a truncated download.
                 response = web.StreamResponse(status=206 if start else 200, headers=headers)

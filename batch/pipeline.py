@@ -172,9 +172,18 @@ class Summary:
 
 
 @contextmanager
-def interruptible() -> Iterator[None]:
-    """Outside the event loop, turn SIGINT/SIGTERM into :class:`Interrupted`."""
+def interruptible(on_first: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Outside the event loop, turn SIGINT/SIGTERM into :class:`Interrupted`; with
+    ``on_first``, the first one is only handed to it (the work goes on: the results table
+    a run owes after sending) and a second one raises."""
+    first = on_first
+
     def raise_it(signum: int, _frame: object) -> None:
+        nonlocal first
+        if first is not None:
+            first, call = None, first
+            call(signum)
+            return
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, raise_it) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -530,7 +539,12 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
         return summary
     # A run that stopped early has not read every request: expand the input again.
     frames = spool.frames() if spool.finish() else request_frames(expander, spool.schema)
-    with interruptible():
+
+    def first_signal(signum: int) -> None:  # the table is the night's record: finish it, then exit 4
+        outcome.interrupted = signal.Signals(signum).name
+        log.warning("interrupted", signal=outcome.interrupted, detail="writing the results table first")
+
+    with interruptible(None if outcome.interrupted else first_signal):
         tally, table_error = write_results(opts.output, frames, spool.schema, ledger.outcome_rows,
                                            Resolution(run_id, stop_reason=stats.stop_reason), tolerate_io=True,
                                            tally=Tally(labels=lambda labels: ledger.labels(labels, run_id)))
@@ -887,7 +901,11 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
             entries = [e for e in entries if e.request_id in only]
         stats = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
         faults = []
-        with interruptible():
+
+        def first_signal(_signum: int) -> None:  # as for submit: finish the tables, then exit 4
+            stats.interrupted = True
+
+        with interruptible(None if stats.interrupted else first_signal):
             for target, frame in tables:
                 try:
                     update_table(target, frame, ledger, apis)

@@ -47,6 +47,7 @@ from batch.errors import ConfigError
 from batch.expand import Request, chunks
 from batch.ledger import AsyncLedger, Mark, utcnow
 from batch.models import Catalog
+from batch.mutant import mutant
 from batch.prices import Pricing, resolution_of
 from batch.progress import Progress
 from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
@@ -479,7 +480,7 @@ class Submitter:
                     if self.stopping.is_set():
                         return False
                     self._waiting.discard(me)  # from the claim on, settle the row here
-                    if not await ledger.sending(mark):
+                    if not mutant("mark_after_send") and not await ledger.sending(mark):
                         self.log.debug("already_taken", request_id=req.request_id)
                         return False  # the ledger shows it submitted or in flight elsewhere
                     wire.marked()
@@ -504,6 +505,8 @@ class Submitter:
                                                      extra_headers={"x-request-id": req.request_id})
                     finally:
                         self._warm.set()
+                        if mutant("mark_after_send"):
+                            await ledger.sending(mark)
                 finally:
                     wire.release()
                 self._gate.observe(loop.time() - started, verdict.http_status == 429)
