@@ -59,7 +59,6 @@ from batch.ratelimit import Rate, SharedBudget, SmoothLimiter
 from batch.results import (
     OK_STATUSES,
     RESULT_DTYPES,
-    AtomicTableWriter,
     RequestSpool,
     Resolution,
     Tally,
@@ -1000,14 +999,7 @@ def update_table(path: Target, table: pl.DataFrame, ledger: Ledger, apis: list[s
             values = [csv_text(v) for v in values]
             dtype = pl.String()
         columns.append(pl.Series(c, values, dtype=dtype, strict=False))
-    updated = table.with_columns(columns)
-    writer = AtomicTableWriter(path)
-    try:
-        writer.write(updated)
-        writer.commit(dict(updated.schema))
-    except BaseException:
-        writer.discard()
-        raise
+    write_frame(path, table.with_columns(columns))
 
 
 def summary_path(results: Target) -> Target:

@@ -202,7 +202,9 @@ def test_a_job_file_takes_model_prices_and_cap(fake, tmp_path: Path) -> None:
                                                            "service_tier": "flex"}]
 
 
-def test_the_readme_model_table_is_the_specs() -> None:
+@pytest.mark.parametrize(("marker", "render"), [("models", "table"), ("aliases", "aliases_table")])
+def test_the_readme_tables_are_the_specs(marker: str, render: str) -> None:
+    """The model table and the header-synonym table in README are generated from the specs."""
     import importlib.util
 
     tool = Path(__file__).resolve().parent.parent / "tools" / "models_table.py"
@@ -211,5 +213,5 @@ def test_the_readme_model_table_is_the_specs() -> None:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    begin, end = readme.index("<!-- models:begin -->"), readme.index("<!-- models:end -->")
-    assert readme[begin:end].split("\n", 1)[1].strip() == module.table().strip()
+    begin, end = readme.index(f"<!-- {marker}:begin -->"), readme.index(f"<!-- {marker}:end -->")
+    assert readme[begin:end].split("\n", 1)[1].strip() == getattr(module, render)().strip()
