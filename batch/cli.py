@@ -30,10 +30,10 @@ from click.core import ParameterSource
 from batch import __version__, logs, notify, retry
 from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slug, is_loopback
 from batch.client import Secret, TooLarge, Transport, describe, make_session, read_capped, redact_url
-from batch.collect import CollectConfig
 from batch.download import DownloadPolicy
 from batch.errors import EXIT_INTERRUPTED, EXIT_PROVIDER, BatchError, ConfigError, StateError
 from batch.expand import ExpandSpec, normalize, parse_param
+from batch.following import CollectConfig
 from batch.jobfile import JobFile, load_job
 from batch.ledger import backup as ledger_backup
 from batch.ledger import default_state_path, fake_state_path, state_home
@@ -60,8 +60,8 @@ from batch.results import (
     LABEL,
     write_text_atomically,
 )
+from batch.sending import SubmitConfig
 from batch.storage import Target, is_remote
-from batch.submit import SubmitConfig
 from batch.validate import TIERS
 
 MAX_DEADLINE_S = 366 * 86400

@@ -34,7 +34,6 @@ import structlog
 from batch import retry, upload
 from batch.api import FAKE_API, api_identity, check_task_id, origin
 from batch.client import Secret
-from batch.collect import CollectConfig, Collector, CollectStats, Task
 from batch.errors import (
     EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
@@ -49,6 +48,7 @@ from batch.errors import (
 )
 from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
+from batch.following import CollectConfig, Collector, CollectStats, Task
 from batch.ledger import AsyncLedger, Entry, Ledger, companion, locked_ledger, night_of, utcnow
 from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
@@ -75,8 +75,8 @@ from batch.results import (
     write_results,
     write_text_atomically,
 )
+from batch.sending import RunStats, SpendCap, SubmitConfig, Submitter
 from batch.storage import Target, probe
-from batch.submit import RunStats, SpendCap, SubmitConfig, Submitter
 from batch.upload import Uploader
 
 log = structlog.get_logger("batch")
