@@ -120,6 +120,7 @@ class RunOptions:
     metrics_file: Path | None = None  # Prometheus textfile written after the run (by the CLI)
     retry_failed: bool = False  # resend requests whose task failed on the provider's side (batch.retry)
     retry_cap: int = retry.DEFAULT_CAP  # tasks per request in all, across nights
+    frames: tuple[tuple[str, pl.DataFrame], ...] = ()  # DataFrames given to the Python API: (source, rows)
 
     @property
     def api(self) -> str:
@@ -266,8 +267,8 @@ def read_options(opts: RunOptions) -> ReadOptions:
 
 def load_and_expand(opts: RunOptions, run_id: str) -> tuple[Expander, list[Unreadable], list[Skipped]]:
     """file → rows → the expansion (requests are generated lazily from it)."""
-    tables, unreadable, skipped = load_inputs(opts.inputs, options=read_options(opts))
-    if any(opts.output.same_file(t.location) for t in tables):
+    tables, unreadable, skipped = load_inputs(opts.inputs, options=read_options(opts), frames=opts.frames)
+    if any(t.location and opts.output.same_file(t.location) for t in tables):
         raise ConfigError(f"--output {opts.output} is also an input: it would overwrite tonight's prompts")
     for failed in unreadable:
         log.error("input_unreadable", source=failed.source, error=failed.error)
