@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -172,12 +173,22 @@ class Summary:
         }
 
 
+def _main_thread() -> bool:
+    """Signals reach the main thread only, and only it may handle them: a run that the
+    Python API starts in a worker thread (an orchestrator's, a notebook's executor) goes
+    without, and its caller's own stop applies."""
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextmanager
 def interruptible() -> Iterator[None]:
     """Outside the event loop, turn SIGINT/SIGTERM into :class:`Interrupted`."""
     def raise_it(signum: int, _frame: object) -> None:
         raise Interrupted(signum)
 
+    if not _main_thread():
+        yield
+        return
     previous = {s: signal.signal(s, raise_it) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -189,6 +200,9 @@ def interruptible() -> Iterator[None]:
 @contextmanager
 def signals_to(callback: Callable[[int], None]) -> Iterator[None]:
     """Inside the event loop, hand SIGINT/SIGTERM to ``callback(signum)``."""
+    if not _main_thread():
+        yield
+        return
     loop = asyncio.get_running_loop()
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, callback, s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -160,3 +161,23 @@ def test_collect_with_download_returns_the_table_with_local_paths(start_fake, tm
 def test_collect_without_a_ledger_raises_state_error(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="no state file"):
         batch.collect(state=tmp_path / "none.sqlite", fake_api=True, log_level="warning")
+
+
+def test_param_as_a_mapping_expands_a_grid_like_a_job_file(fake, tmp_path: Path) -> None:
+    done = night(fake, tmp_path, frame(2).drop("duration"), param={"duration": [5, 10]})
+    assert done.results.height == 4 and sorted(done.results["duration"].to_list()) == [5, 5, 10, 10]
+    assert len(fake.state.submissions()) == 4
+
+
+def test_a_worker_thread_can_call_it(fake, tmp_path: Path) -> None:
+    """Orchestrators and notebooks' executors run tasks in threads, where no signal
+    handler can be installed: the run goes on without them."""
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(night, fake, tmp_path, frame(3)).result(timeout=120)
+    assert done.ok and done.results["task_id"].null_count() == 0
+    assert len(fake.state.submissions()) == 3
+    with ThreadPoolExecutor(1) as pool:
+        got = pool.submit(batch.collect, results=tmp_path / "out.parquet", state=tmp_path / "state.sqlite",
+                          base_url=fake.url, wait=True, timeout="60s", poll_interval=0.1, rate="0",
+                          log_level="warning").result(timeout=120)
+    assert got.ok and set(got.results["task_status"]) == {"success"}
