@@ -51,7 +51,7 @@ from batch.storage import Target
 
 _UNSET = getattr(click.core, "UNSET", None)  # click's "no default" marker (absent before 8.3: None)
 
-Inputs = str | Path | pl.DataFrame | Iterable[str | Path | pl.DataFrame]
+Inputs = str | Path | pl.DataFrame | pl.LazyFrame | Iterable[str | Path | pl.DataFrame | pl.LazyFrame]
 
 
 @dataclass(frozen=True)
@@ -168,15 +168,19 @@ def _arm(urls: Iterable[str], proxy: str | None, command: str) -> None:
 
 def _split_inputs(inputs: Inputs, source: str) -> tuple[list[str], tuple[tuple[str, pl.DataFrame], ...]]:
     """Paths and URLs (as the CLI's arguments) apart from DataFrames (named sources)."""
-    items = [inputs] if isinstance(inputs, (str, Path, pl.DataFrame)) else list(inputs)
+    single = (str, Path, pl.DataFrame, pl.LazyFrame)
+    items = [inputs] if isinstance(inputs, single) or not isinstance(inputs, Iterable) else list(inputs)
     specs, frames = [], []
     for item in items:
+        if isinstance(item, pl.LazyFrame):
+            item = item.collect()
         if isinstance(item, pl.DataFrame):
             frames.append(item)
         elif isinstance(item, (str, Path)):
             specs.append(_text("inputs", str(item)))
         else:
-            raise InputError(f"inputs: {type(item).__name__} is neither a path, a URL nor a polars DataFrame")
+            hint = " (pandas: pass polars.from_pandas(df))" if type(item).__module__.startswith("pandas") else ""
+            raise InputError(f"inputs: {type(item).__name__} is neither a path, a URL nor a polars DataFrame{hint}")
     name = _text("source", source).strip()
     if not name:
         raise ConfigError("source: empty name for the DataFrame input")

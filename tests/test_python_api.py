@@ -100,6 +100,10 @@ def test_bad_input_raises_input_and_config_errors_not_system_exit(fake, tmp_path
         night(fake, tmp_path, tmp_path / "missing.csv")
     with pytest.raises(InputError, match="neither a path"):
         night(fake, tmp_path, [42])
+    with pytest.raises(InputError, match="neither a path"):
+        night(fake, tmp_path, 42)
+    with pytest.raises(InputError, match="no header but holds values"):  # as a CSV column without a header
+        night(fake, tmp_path, pl.DataFrame({"prompt": ["A red kite"], " ": ["stray"]}))
     with pytest.raises(ConfigError, match="rate"):
         night(fake, tmp_path, frame(1), rate="fast")
     with pytest.raises(ConfigError, match="concurrency"):  # the CLI option's own range: 1..4096
@@ -181,3 +185,16 @@ def test_a_worker_thread_can_call_it(fake, tmp_path: Path) -> None:
                           base_url=fake.url, wait=True, timeout="60s", poll_interval=0.1, rate="0",
                           log_level="warning").result(timeout=120)
     assert got.ok and set(got.results["task_status"]) == {"success"}
+
+
+def test_a_results_table_handed_back_as_input_is_refused(fake, tmp_path: Path) -> None:
+    """Its rows are last night's requests: reading it as prompts would pay again for them."""
+    done = night(fake, tmp_path, frame(2))
+    with pytest.raises(InputError, match="not a prompt file"):
+        night(fake, tmp_path, done.results, output=tmp_path / "again.parquet")
+    assert len(fake.state.submissions()) == 2
+
+
+def test_a_lazy_frame_is_an_input_too(fake, tmp_path: Path) -> None:
+    done = night(fake, tmp_path, frame(2).lazy().filter(pl.col("id") == "k1"))
+    assert done.results["id"].to_list() == ["k1"] and len(fake.state.submissions()) == 1
