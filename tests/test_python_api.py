@@ -198,3 +198,19 @@ def test_a_results_table_handed_back_as_input_is_refused(fake, tmp_path: Path) -
 def test_a_lazy_frame_is_an_input_too(fake, tmp_path: Path) -> None:
     done = night(fake, tmp_path, frame(2).lazy().filter(pl.col("id") == "k1"))
     assert done.results["id"].to_list() == ["k1"] and len(fake.state.submissions()) == 1
+
+
+def test_collect_takes_a_job_file_whose_values_are_the_defaults(fake, tmp_path: Path) -> None:
+    """As `collect JOB.toml`: the job's state, output (as results), download and base_url;
+    a keyword wins over the job's value."""
+    night(fake, tmp_path, frame(2))
+    job = tmp_path / "nightly.toml"
+    job.write_text(f'inputs = ["unused.csv"]\noutput = "{tmp_path / "out.parquet"}"\n'
+                   f'state = "{tmp_path / "state.sqlite"}"\nbase_url = "http://127.0.0.1:1"\n'
+                   f'download = "{tmp_path / "clips"}"\nrate = "0"\n')
+    got = batch.collect(job, base_url=fake.url, wait=True, timeout="60s", poll_interval=0.1, log_level="warning")
+    assert got.ok, got.summary
+    assert got.summary["results"] == str(tmp_path / "out.parquet") and got.summary["downloaded"] == 2
+    assert all(Path(p[0]).parent == tmp_path / "clips" for p in got.results["local_paths"].to_list())
+    with pytest.raises(ConfigError):
+        batch.collect(tmp_path, log_level="warning")  # a directory, not a job file
