@@ -15,7 +15,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,10 @@ from click.core import ParameterSource
 from batch import __version__, logs, notify, retry
 from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slug, is_loopback
 from batch.client import Secret, TooLarge, Transport, describe, make_session, read_capped, redact_url
-from batch.collect import CollectConfig
 from batch.download import DownloadPolicy
 from batch.errors import EXIT_INTERRUPTED, EXIT_PROVIDER, BatchError, ConfigError, StateError
 from batch.expand import ExpandSpec, normalize, parse_param
+from batch.following import CollectConfig
 from batch.jobfile import JobFile, load_job
 from batch.ledger import backup as ledger_backup
 from batch.ledger import default_state_path, fake_state_path, state_home
@@ -42,6 +42,7 @@ from batch.pipeline import (
     CollectOptions,
     Interrupted,
     RunOptions,
+    Summary,
     add_fault,
     load_and_expand,
     plan,
@@ -60,8 +61,8 @@ from batch.results import (
     LABEL,
     write_text_atomically,
 )
+from batch.sending import SubmitConfig
 from batch.storage import Target, is_remote
-from batch.submit import SubmitConfig
 from batch.validate import TIERS
 
 MAX_DEADLINE_S = 366 * 86400
@@ -468,6 +469,18 @@ def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any], need_output
 
 
 def finish(opts: RunOptions, metrics_file: Path | None, job_name: str, page: bool = True) -> None:
+    summary, data = submit_night(opts, metrics_file, job_name, page)
+    click.echo(render(data) + (f"\n  page: {data['page']}" if data.get("page") else ""))
+    if summary.local_fault:
+        logs.report_error(summary.local_fault, summary.exit_code)
+    notify.finish(summary.exit_code, data, data.get("page"))
+    sys.exit(summary.exit_code)
+
+
+def submit_night(opts: RunOptions, metrics_file: Path | None, job_name: str,
+                 page: bool = True) -> tuple[Summary, dict[str, Any]]:
+    """The run ``submit``/``run`` and :func:`batch.submit` share: send, then the metrics
+    file and (after ``--wait --download``) the page; the summary, printed by neither."""
     summary = run_submit(opts)
     if _PROCESS:  # the exit code is decided: a late Ctrl-C must not turn it into click's "Aborted!" (exit 1)
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -489,11 +502,7 @@ def finish(opts: RunOptions, metrics_file: Path | None, job_name: str, page: boo
         written = write_page_after(opts.output, pricing=opts.pricing, catalog=Catalog(opts.models_dir))
         data["page"] = written.path if written else None
     structlog.get_logger("batch").info("summary", **data)
-    click.echo(render(data) + (f"\n  page: {data['page']}" if data.get("page") else ""))
-    if summary.local_fault:
-        logs.report_error(summary.local_fault, summary.exit_code)
-    notify.finish(summary.exit_code, data, data.get("page"))
-    sys.exit(summary.exit_code)
+    return summary, data
 
 
 def write_metrics(path: Path, summary: dict[str, Any], job_name: str) -> None:
@@ -713,21 +722,35 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @notify_option("notify_urls")
 @log_option()
 @click.pass_context
-def collect(ctx: click.Context, job: Path | None, state: str | Path | None, results: str | None, fake_api: bool,
-            download_dir: str | None, wait: bool, wait_timeout: str, poll_interval: float, base_url: str,
-            api_key_file: Path | None, rate: str, concurrency: int, download_concurrency: int, http_timeout: float,
-            download_max_bytes: int, download_max_task_bytes: int, download_timeout: str, download_min_rate: float,
-            allow_insecure: bool, proxy: str | None, ca_bundle: Path | None, as_json: bool, no_html: bool,
-            notify_urls: tuple[str, ...], log_level: str) -> None:
+def collect(ctx: click.Context, job: Path | None, as_json: bool, **kw: Any) -> None:
     """Follow submitted tasks to completion and download their outputs before they expire.
 
     With JOB.toml, its state, base_url, output (as --results), download and rate are the
     defaults; options win."""
-    run_tables = None
-    notify.arm(notify_urls, "collect", notify.url_secrets(proxy))
+    unset = lambda name: ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)  # noqa: E731
+    opts, spec = collect_options(kw, job, unset)
+    summary = collect_night(opts, spec, page=not kw["no_html"])
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(render_collect(summary) + (f"\n  page: {summary['page']}" if summary.get("page") else ""))
+    if summary.get("local_fault"):
+        logs.report_error(summary["local_fault"], summary["exit_code"])
+    notify.finish(summary["exit_code"], summary, summary.get("page"))
+    sys.exit(summary["exit_code"])
+
+
+def collect_options(kw: dict[str, Any], job: Path | None, unset: Callable[[str], bool],
+                    command: str = "collect") -> tuple[CollectOptions, JobFile | None]:
+    """``collect``'s options (and :func:`batch.collect`'s) resolved once: the job file's
+    values where ``unset(name)``, the key, the transport; ``--notify`` armed."""
+    state, results, download_dir = kw["state"], kw["results"], kw["download_dir"]
+    base_url, rate, proxy, ca_bundle = kw["base_url"], kw["rate"], kw["proxy"], kw["ca_bundle"]
+    fake_api, http_timeout = kw["fake_api"], kw["http_timeout"]
+    run_tables, spec = None, None
+    notify.arm(kw["notify_urls"], command, notify.url_secrets(proxy))
     if job is not None:
         spec = read_job(job)
-        unset = lambda name: ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)  # noqa: E731
         state = state or spec.get("state")
         if not results and spec.output_template and "{" in spec.output_template:
             run_tables = spec.output_template  # tonight's name may not be last night's: ask the ledger too
@@ -737,38 +760,38 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
         rate = str(spec.get("rate", rate)) if unset("rate") else rate
         proxy = proxy or spec.get("proxy")
         ca_bundle = ca_bundle or spec.get("ca_bundle")
-        notify.arm(notify_urls or spec.get("notify"), "collect", notify.url_secrets(proxy))
-    key = connection(api_key_file, base_url, allow_insecure, log_level, needs_key=not fake_api)
+        notify.arm(kw["notify_urls"] or spec.get("notify"), command, notify.url_secrets(proxy))
+    key = connection(kw["api_key_file"], base_url, kw["allow_insecure"], kw["log_level"], needs_key=not fake_api)
     config = CollectConfig(
-        base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=concurrency, http_timeout=http_timeout,
-        wait=wait, wait_timeout=parse_duration(wait_timeout, "--timeout"), poll_min=poll_interval,
-        download_dir=download_location(download_dir), download_concurrency=download_concurrency,
-        download=DownloadPolicy(allow_local=fake_api or is_loopback(base_url), max_bytes=download_max_bytes,
-                                task_max_bytes=download_max_task_bytes,
-                                deadline=parse_duration(download_timeout, "--download-timeout"),
-                                min_rate=download_min_rate, stall=http_timeout),
+        base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=kw["concurrency"],
+        http_timeout=http_timeout, wait=kw["wait"], wait_timeout=parse_duration(kw["wait_timeout"], "--timeout"),
+        poll_min=kw["poll_interval"], download_dir=download_location(download_dir),
+        download_concurrency=kw["download_concurrency"],
+        download=DownloadPolicy(allow_local=fake_api or is_loopback(base_url), max_bytes=kw["download_max_bytes"],
+                                task_max_bytes=kw["download_max_task_bytes"],
+                                deadline=parse_duration(kw["download_timeout"], "--download-timeout"),
+                                min_rate=kw["download_min_rate"], stall=http_timeout),
         transport=transport_of(proxy, ca_bundle),
     )
     default = fake_state_path() if fake_api else default_state_path()
-    summary = run_collect(CollectOptions(state_location(state) or default, config,
-                                         Target(no_url("--results", str(results))) if results else None, fake_api,
-                                         budget_dir=state_home(), run_tables=run_tables))
+    return CollectOptions(state_location(state) or default, config,
+                          Target(no_url("--results", str(results))) if results else None, fake_api,
+                          budget_dir=state_home(), run_tables=run_tables), spec
+
+
+def collect_night(opts: CollectOptions, spec: JobFile | None, page: bool = True) -> dict[str, Any]:
+    """The collect ``collect`` and :func:`batch.collect` share: follow, download, rewrite
+    the table, then (with a download and a table) its page; the summary, printed by neither."""
+    summary = run_collect(opts)
     structlog.get_logger("batch").info("collect_summary", **summary)
-    if results and download_dir and not no_html:
+    if opts.results is not None and opts.config.download_dir is not None and page:
         from batch.page import write_page_after  # jinja2 and PyAV: only when a page is made
 
-        written = write_page_after(results, pricing=pricing_of(None, read_job(job) if job else None))
+        written = write_page_after(str(opts.results), pricing=pricing_of(None, spec))
         summary["page"] = written.path if written else None
         if written is not None and written.spend:
             summary["spend"] = written.spend
-    if as_json:
-        click.echo(json.dumps(summary))
-    else:
-        click.echo(render_collect(summary) + (f"\n  page: {summary['page']}" if summary.get("page") else ""))
-    if summary.get("local_fault"):
-        logs.report_error(summary["local_fault"], summary["exit_code"])
-    notify.finish(summary["exit_code"], summary, summary.get("page"))
-    sys.exit(summary["exit_code"])
+    return summary
 
 
 @main.command()

@@ -21,7 +21,7 @@ Provider text enters the process here and only here: every answer is read with a
 cap, and every string in it (and every error text built from a network exception) has
 the API key scrubbed (:meth:`Secret.scrub`, every case and encoding) and control
 characters removed before anything else sees it, so no output and no stored row can
-carry the key. Downloads (:mod:`batch.collect`) scrub their errors with the same method.
+carry the key. Downloads (:mod:`batch.following`) scrub their errors with the same method.
 """
 
 from __future__ import annotations

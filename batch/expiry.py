@@ -4,7 +4,7 @@ The provider's newer client (``Modellix/dsh-modellix``, its prediction client; r
 ``shared/api/provider-today.md``, "Additions read 2026-12-06") reads a ``result_expires_at``
 field on task answers. Its format is not documented, so an ISO 8601 time (with an offset,
 or UTC when it has none) and a Unix time in seconds or milliseconds are read; anything else
-is ignored (the 24 h rule of :mod:`batch.collect` still holds).
+is ignored (the 24 h rule of :mod:`batch.following` still holds).
 
 Guarantee: the times are kept in their own ledger table, ``task_expiry`` (created with
 ``IF NOT EXISTS`` when a writable ledger opens: an additive change, no version bump; an

@@ -239,18 +239,19 @@ def resolve_inputs(specs: Iterable[str]) -> tuple[list[tuple[Path | str, bool]],
 
 
 def load_inputs(specs: Iterable[str], sheet: str | None = None, options: ReadOptions | None = None,
-                ) -> tuple[list[Table], list[Unreadable], list[Skipped]]:
+                frames: Iterable[tuple[str, pl.DataFrame]] = ()) -> tuple[list[Table], list[Unreadable], list[Skipped]]:
     """Every readable input, one :class:`Unreadable` per input that is not, and one
-    :class:`Skipped` per file (or sheet) that was found but is not an input."""
+    :class:`Skipped` per file (or sheet) that was found but is not an input. ``frames``
+    (``(source, DataFrame)``, from the Python API) come first, each one table."""
     options = options or ReadOptions(sheet=sheet)
     paths, failed, skipped = resolve_inputs(specs)
-    if options.sheet is not None:
+    tables = [frame_table(source, df) for source, df in frames]
+    if options.sheet is not None and paths:
         flat = [p for p, explicit in paths if explicit and _suffix(p) not in WORKBOOKS]
         if flat or not any(_suffix(p) in WORKBOOKS for p, _ in paths):
             named = flat[0] if flat else next((p for p, _ in paths), "the inputs")
             raise InputError(f"--sheet {options.sheet}: {named} is not a workbook (.xlsx/.xlsm); a sheet "
                              "applies to workbooks only")
-    tables = []
     for path, explicit in paths:
         try:
             found, passed = load_tables(path, options)
@@ -331,15 +332,29 @@ def load_tables(path: Path | str, options: ReadOptions) -> tuple[list[Table], li
     except Exception as exc:  # polars/pyarrow/fastexcel raise many unrelated types
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot read {suffix[1:]} file: {detail[:200]}") from None
-    out = []
-    for table in tables:
-        if (kind := results_kind(table.df)) is not None:
-            raise OwnOutputError(table.source, kind)
-        df = table.df.rename({c: c.strip() for c in table.df.columns if c != c.strip()})
-        df = drop_unnamed(table, df)
-        df, notes = cap_cells(df, table)
-        out.append(replace(table, df=df, notes=notes, location=str(path)))
-    return out, passed
+    return [_checked(table, str(path)) for table in tables], passed
+
+
+def _checked(table: Table, location: str) -> Table:
+    """Every table read, from a file or handed in as a DataFrame, passes the same checks:
+    not a table this tool wrote, headers trimmed, unnamed columns dropped, cells capped."""
+    if (kind := results_kind(table.df)) is not None:
+        raise OwnOutputError(table.source, kind)
+    df = table.df.rename({c: c.strip() for c in table.df.columns if c != c.strip()})
+    df = drop_unnamed(table, df)
+    df, notes = cap_cells(df, table)
+    return replace(table, df=df, notes=notes, location=location)
+
+
+def frame_table(source: str, df: pl.DataFrame) -> Table:
+    """A DataFrame handed to the Python API, as one more input named ``source``: read as
+    a Parquet file's rows are (typed columns, row 2 is its first row), with the same checks;
+    relative image paths in it are relative to the working directory."""
+    if not isinstance(df, pl.DataFrame):
+        raise InputError(f"{source}: not a polars DataFrame ({type(df).__name__})")
+    if any(not isinstance(c, str) for c in df.columns):  # polars names are str; be explicit anyway
+        raise InputError(f"{source}: column names must be text")
+    return _checked(Table(source, Path(source), df), "")
 
 
 def _unnamed(name: str) -> bool:

@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -34,7 +35,6 @@ import structlog
 from batch import retry, upload
 from batch.api import FAKE_API, api_identity, check_task_id, origin
 from batch.client import Secret
-from batch.collect import CollectConfig, Collector, CollectStats, Task
 from batch.errors import (
     EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
@@ -49,6 +49,7 @@ from batch.errors import (
 )
 from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
+from batch.following import CollectConfig, Collector, CollectStats, Task
 from batch.ledger import AsyncLedger, Entry, Ledger, companion, locked_ledger, night_of, utcnow
 from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
@@ -74,8 +75,8 @@ from batch.results import (
     write_results,
     write_text_atomically,
 )
+from batch.sending import RunStats, SpendCap, SubmitConfig, Submitter
 from batch.storage import Target, probe
-from batch.submit import RunStats, SpendCap, SubmitConfig, Submitter
 from batch.upload import Uploader
 
 log = structlog.get_logger("batch")
@@ -119,6 +120,7 @@ class RunOptions:
     metrics_file: Path | None = None  # Prometheus textfile written after the run (by the CLI)
     retry_failed: bool = False  # resend requests whose task failed on the provider's side (batch.retry)
     retry_cap: int = retry.DEFAULT_CAP  # tasks per request in all, across nights
+    frames: tuple[tuple[str, pl.DataFrame], ...] = ()  # DataFrames given to the Python API: (source, rows)
 
     @property
     def api(self) -> str:
@@ -170,6 +172,13 @@ class Summary:
         }
 
 
+def _main_thread() -> bool:
+    """Signals reach the main thread only, and only it may handle them: a run that the
+    Python API starts in a worker thread (an orchestrator's, a notebook's executor) goes
+    without, and its caller's own stop applies."""
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextmanager
 def interruptible(on_first: Callable[[int], None] | None = None) -> Iterator[None]:
     """Outside the event loop, turn SIGINT/SIGTERM into :class:`Interrupted`; with
@@ -185,6 +194,9 @@ def interruptible(on_first: Callable[[int], None] | None = None) -> Iterator[Non
             return
         raise Interrupted(signum)
 
+    if not _main_thread():
+        yield
+        return
     previous = {s: signal.signal(s, raise_it) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -196,6 +208,9 @@ def interruptible(on_first: Callable[[int], None] | None = None) -> Iterator[Non
 @contextmanager
 def signals_to(callback: Callable[[int], None]) -> Iterator[None]:
     """Inside the event loop, hand SIGINT/SIGTERM to ``callback(signum)``."""
+    if not _main_thread():
+        yield
+        return
     loop = asyncio.get_running_loop()
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, callback, s)
@@ -274,8 +289,8 @@ def read_options(opts: RunOptions) -> ReadOptions:
 
 def load_and_expand(opts: RunOptions, run_id: str) -> tuple[Expander, list[Unreadable], list[Skipped]]:
     """file → rows → the expansion (requests are generated lazily from it)."""
-    tables, unreadable, skipped = load_inputs(opts.inputs, options=read_options(opts))
-    if any(opts.output.same_file(t.location) for t in tables):
+    tables, unreadable, skipped = load_inputs(opts.inputs, options=read_options(opts), frames=opts.frames)
+    if any(t.location and opts.output.same_file(t.location) for t in tables):
         raise ConfigError(f"--output {opts.output} is also an input: it would overwrite tonight's prompts")
     for failed in unreadable:
         log.error("input_unreadable", source=failed.source, error=failed.error)

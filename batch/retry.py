@@ -11,7 +11,7 @@ The provider documents no task-failure vocabulary ("inspect error payload"); its
 messages read ``<Category>: <detail>`` (docs, error-handling page; ``provider-today.md``),
 and its clients name the states ``failed``, ``error``, ``cancelled``/``canceled`` and
 ``expired``. :func:`classify` reads the failure reason the collector stored
-(:func:`batch.collect.failure_reason`) against :data:`NEVER` and :data:`RETRYABLE`; a
+(:func:`batch.following.failure_reason`) against :data:`NEVER` and :data:`RETRYABLE`; a
 reason matching neither is ``unclassified`` and, like content policy, not retried: paying
 again on a guess is what this module exists to avoid.
 
@@ -47,7 +47,7 @@ NEVER = re.compile(
     re.IGNORECASE,
 )
 # ... and for one on the provider's side (its states ``error``, ``cancelled``, ``expired``
-# arrive as "<state>: <text>", see batch.collect.failure_reason).
+# arrive as "<state>: <text>", see batch.following.failure_reason).
 RETRYABLE = re.compile(
     r"internal|server error|timeout|timed out|time out|expired|cancel|unavailable|overload|busy|"
     r"try again|retry|capacity|\b(code )?5\d\d\b|^error:",

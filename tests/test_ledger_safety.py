@@ -37,7 +37,7 @@ from batch.expand import Expander, ExpandSpec
 from batch.ledger import AsyncLedger, Ledger, create_ledger
 from batch.load import load_table
 from batch.ratelimit import SmoothLimiter
-from batch.submit import PREWIRE, SubmitConfig, Submitter
+from batch.sending import PREWIRE, SubmitConfig, Submitter
 
 
 def popen(fake, tmp_path: Path, inputs: Path, state: Path, *extra: str, cwd: Path | None = None) -> subprocess.Popen[str]:

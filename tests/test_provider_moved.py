@@ -13,7 +13,7 @@ from urllib.request import Request, urlopen
 
 from conftest import cli, error_line, prompts, results, write_csv
 
-from batch.collect import read_task
+from batch.following import read_task
 from batch.models import Catalog, names_only, shipped
 
 LITE = "bytedance/seedance-1.0-lite-t2v"

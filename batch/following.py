@@ -311,7 +311,7 @@ class Collector:
         self.limiter = limiter or SmoothLimiter(config.rate)
         self.stats = CollectStats()
         self.stopping = asyncio.Event()
-        self.log = structlog.get_logger("batch.collect")
+        self.log = structlog.get_logger("batch.following")
         self._main: asyncio.Task[None] | None = None
         self._unknown_states: set[str] = set()
         self._dir_fd: int | None = None  # the download directory, opened once (batch.download)

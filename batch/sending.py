@@ -267,7 +267,7 @@ class Submitter:
         self.stopping = asyncio.Event()
         # Bound once per run: a module-level lazy proxy would rebuild its logger on every
         # call (structlog's cache is off so that each CLI invocation can reconfigure).
-        self.log = structlog.get_logger("batch.submit").bind(run_id=run_id)
+        self.log = structlog.get_logger("batch.sending").bind(run_id=run_id)
         self._unknown_streak = 0
         self._gate = InFlightGate(config.concurrency, config.rate)
         self._prewire = asyncio.Semaphore(config.prewire)
