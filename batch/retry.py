@@ -18,7 +18,10 @@ again on a guess is what this module exists to avoid.
 Guarantees:
 
 * The ledger's ``task_lineage`` table (created ``IF NOT EXISTS``) keeps every earlier task
-  of a request: attempt number, task id, failure reason and class, when it was retried.
+  of a request: attempt number, task id, failure reason and class, when it was retried,
+  and the run that sent it with its estimated cost (``sent_run_id``, ``cost_usd``): the
+  provider took that task, so the night it was sent keeps counting it against
+  ``--max-spend`` and ``--max-requests`` after the row is reset (:func:`night_attempts`).
   The ``requests`` row gains two columns (``ALTER TABLE ... ADD COLUMN``, only when
   missing): ``task_attempt`` (1 for the first task) and ``earlier_task_ids`` (JSON list),
   which the results table shows.
@@ -65,9 +68,13 @@ LINEAGE_SCHEMA = """CREATE TABLE IF NOT EXISTS task_lineage (
     completed_at   TEXT,
     retried_at     TEXT NOT NULL,
     run_id         TEXT,
+    sent_run_id    TEXT,
+    cost_usd       REAL,
     PRIMARY KEY (api, request_id, attempt)
 ) WITHOUT ROWID"""
 COLUMNS = (("task_attempt", "INTEGER"), ("earlier_task_ids", "TEXT"))
+# Added after the first release of the lineage: the attempt's own run (hence its night) and cost.
+LINEAGE_COLUMNS = (("sent_run_id", "TEXT"), ("cost_usd", "REAL"))
 
 
 def classify(reason: str | None) -> str:
@@ -82,10 +89,11 @@ def classify(reason: str | None) -> str:
 def ensure(db: sqlite3.Connection) -> None:
     """The additive schema: the lineage table, and the two columns where missing."""
     db.execute(LINEAGE_SCHEMA)
-    have = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
-    for name, kind in COLUMNS:
-        if name not in have:
-            db.execute(f"ALTER TABLE requests ADD COLUMN {name} {kind}")
+    for table, columns in (("requests", COLUMNS), ("task_lineage", LINEAGE_COLUMNS)):
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns:
+            if name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 def has_columns(db: sqlite3.Connection) -> bool:
@@ -105,7 +113,7 @@ class RetryPlan:
 
 
 _FAILED = ("SELECT request_id, task_id, failure_reason, submitted_at, completed_at, COALESCE(task_attempt, 1), "
-           "earlier_task_ids FROM requests WHERE api = ? AND status = 'submitted' AND task_status = 'failed' "
+           "earlier_task_ids, run_id, cost_usd FROM requests WHERE api = ? AND status = 'submitted' AND task_status = 'failed' "
            "AND request_id IN ({marks})")
 
 
@@ -123,7 +131,7 @@ def failed_tasks(db: sqlite3.Connection, api: str, ids: Iterable[str]) -> list[t
 
 def plan(rows: list[tuple], cap: int) -> RetryPlan:
     out = RetryPlan()
-    for request_id, _task, reason, _sub, _done, attempt, _earlier in rows:
+    for request_id, _task, reason, _sub, _done, attempt, *_rest in rows:
         kind = classify(reason)
         target = {CONTENT: out.never, UNCLASSIFIED: out.unclassified}.get(kind)
         if target is None:
@@ -141,13 +149,15 @@ def prepare(db: sqlite3.Connection, api: str, ids: Iterable[str], cap: int, run_
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     db.execute("BEGIN IMMEDIATE")
     try:
-        for request_id, task_id, reason, submitted_at, completed_at, attempt, earlier in rows:
+        for request_id, task_id, reason, submitted_at, completed_at, attempt, earlier, sent_by, cost in rows:
             if request_id not in chosen:
                 continue
             ids_before = [*_ids(earlier), str(task_id)]
-            db.execute("INSERT OR REPLACE INTO task_lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT OR REPLACE INTO task_lineage(api, request_id, attempt, task_id, failure_reason, "
+                       "failure_class, submitted_at, completed_at, retried_at, run_id, sent_run_id, cost_usd) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (api, request_id, attempt, task_id, reason, classify(reason), submitted_at, completed_at,
-                        now, run_id))
+                        now, run_id, sent_by, cost))
             db.execute(
                 "UPDATE requests SET status = 'pending', task_id = NULL, poll_url = NULL, task_status = NULL, "
                 "resource_urls = NULL, resources = NULL, failure_reason = NULL, completed_at = NULL, "
@@ -161,6 +171,20 @@ def prepare(db: sqlite3.Connection, api: str, ids: Iterable[str], cap: int, run_
         db.execute("ROLLBACK")
         raise
     return decided
+
+
+# The earlier tasks sent by runs of a night: ``(model, body, cost_usd)`` as
+# :meth:`batch.ledger.Ledger.night_requests` counts them (the body is the request's, the
+# same for every attempt). A failed task counts: the provider took it and may bill it.
+NIGHT_ATTEMPTS = (
+    "SELECT r.model, r.body, l.cost_usd FROM task_lineage l JOIN runs u ON u.run_id = l.sent_run_id "
+    "JOIN requests r ON r.api = l.api AND r.request_id = l.request_id "
+    "WHERE u.night = ? AND (l.api = ?) = ?"
+)
+
+
+def night_attempts(db: sqlite3.Connection, night: str, fake_api: str, fake: bool) -> list[tuple]:
+    return db.execute(NIGHT_ATTEMPTS, (night, fake_api, fake)).fetchall()
 
 
 def _ids(text: str | None) -> list[str]:

@@ -125,3 +125,36 @@ def test_a_dry_run_shows_and_prices_the_retries(start_fake, tmp_path: Path) -> N
     table = {r["id"]: r["status"] for r in results(tmp_path / "dry.parquet").iter_rows(named=True)}
     assert table == {"ok": "skipped", "flaky": "dry_run", "policy": "skipped", "cancel": "dry_run"}
     assert len(fake.state.submissions()) == 4  # a dry run sends nothing
+
+
+PRICED = '["bytedance/seedance-1.0-lite-t2v"]\n"480p" = 0.02\n"720p" = 0.08\n"1080p" = 0.16\nflex = { "720p" = 0.04 }\n'
+
+
+@pytest.mark.parametrize("cap", [["--max-spend", "1.0"], ["--max-requests", "5"]])
+def test_a_same_night_retry_still_counts_the_first_task(start_fake, tmp_path: Path, cap: list[str]) -> None:
+    """Reported: --retry-failed moved the night's first, failed task out of the night's count
+    (the row was reset and claimed again), so a later run the same night sent beyond the cap.
+    Every task the provider took tonight counts, a failed one too (it may be billed)."""
+    fake = start_fake(flaky_failures=5)
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICED)  # 5 s at 720p, flex: 0.20 USD per task
+    sheet, state = tmp_path / "in.csv", str(tmp_path / "s.sqlite")
+    flaky = [{"id": f"f{i}", "prompt": f"FLAKYTASK storm {i}", "duration": "5"} for i in range(2)]
+
+    def go(n: int, *extra: str):
+        table = str(tmp_path / f"n{n}.parquet")
+        sub = cli(["submit", str(sheet), "-o", table, "--base-url", fake.url, "--state", state, "--rate", "0",
+                   "--no-preflight", "--prices", str(prices), *cap, *extra])
+        cli(["collect", "--state", state, "--base-url", fake.url, "--rate", "0", "--results", table])
+        return sub
+
+    write_csv(sheet, flaky)
+    assert go(1).exit_code == 0 and len(fake.state.submissions()) == 2  # both fail
+    assert go(2, "--retry-failed").exit_code == 0 and len(fake.state.submissions()) == 4  # 0.80 USD, 4 tasks
+    write_csv(sheet, [*flaky, *({"id": f"n{i}", "prompt": f"calm lake {i}", "duration": "5"} for i in range(3))])
+    sub = go(3)
+    # 1.00 USD or 5 tasks: one more is left tonight, not three
+    assert len(fake.state.submissions()) == 5, sub.output
+    assert sub.exit_code == 1
+    if cap[0] == "--max-spend":
+        assert "0.80 by earlier runs" in sub.output
