@@ -43,17 +43,27 @@ DEFAULT_CAP = 2  # tasks per request in all: the first and one retry
 
 CONTENT, RETRYABLE_CLASS, UNCLASSIFIED = "content_policy", "retryable", "unclassified"
 
+
+
+def _code(pattern: str) -> str:
+    """An error *code* as :func:`batch.collect.failure_reason` stores one: a part of the
+    reason (parts are joined by ``; ``, the first may follow a ``<state>: `` prefix) that
+    starts ``<code>:``, or is ``code <n>``; never a number in the provider's prose
+    ("the first frame is 512 px wide" is not a server error)."""
+    return (rf"(?:^|; )(?:(?:error|cancell?ed|expired|failed): )?(?:{pattern}(?=:)|code {pattern}(?=;|$))")
+
+
 # The provider's words for a failure that is the request's own: never retried.
 NEVER = re.compile(
     r"content|moderation|moderated|policy|sensitive|safety|nsfw|copyright|violat|prohibited|"
-    r"invalid|bad request|parameter|unsupported|\b(code )?4(00|22)\b",
+    rf"invalid|bad request|parameter|unsupported|{_code('4(?:00|22)')}",
     re.IGNORECASE,
 )
 # ... and for one on the provider's side (its states ``error``, ``cancelled``, ``expired``
 # arrive as "<state>: <text>", see batch.collect.failure_reason).
 RETRYABLE = re.compile(
     r"internal|server error|timeout|timed out|time out|expired|cancel|unavailable|overload|busy|"
-    r"try again|retry|capacity|\b(code )?5\d\d\b|^error:",
+    rf"try again|retry|capacity|{_code('5[0-9][0-9]')}|^error:",
     re.IGNORECASE,
 )
 

@@ -2,6 +2,7 @@
 against the fake: what the provider's words allow is sent again, content policy never,
 each request at most --retry-cap tasks in all, its lineage kept and shown."""
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -39,6 +40,18 @@ def sent(fake) -> list[str]:
     ("error: upstream timeout", RETRYABLE_CLASS),
     ("no reason given", UNCLASSIFIED),
     (None, UNCLASSIFIED),
+    # A code is the reason's code field (``<code>: ...`` as the collector stores it, after a
+    # state prefix, or a ``code <n>`` part), never any number in the provider's prose.
+    ("2001: the first frame is 512 px wide", UNCLASSIFIED),
+    ("the first frame is 512 px wide", UNCLASSIFIED),
+    ("the first frame is 400 px wide", UNCLASSIFIED),
+    ("a clip of 504 frames; code 2001", UNCLASSIFIED),
+    ("500: the generation failed", RETRYABLE_CLASS),
+    ("503: the generation failed", RETRYABLE_CLASS),
+    ("the generation failed; code 502", RETRYABLE_CLASS),
+    ("cancelled: 504: gone", RETRYABLE_CLASS),
+    ("422: the prompt could not be used", CONTENT),
+    ("failed; code 400; the first frame is 512 px wide", CONTENT),
 ])
 def test_failures_are_classified_by_the_providers_words(reason: str | None, kind: str) -> None:
     assert classify(reason) == kind
@@ -158,3 +171,37 @@ def test_a_same_night_retry_still_counts_the_first_task(start_fake, tmp_path: Pa
     assert sub.exit_code == 1
     if cap[0] == "--max-spend":
         assert "0.80 by earlier runs" in sub.output
+
+
+def test_a_number_in_the_message_is_not_a_server_error(serve, tmp_path: Path) -> None:
+    """Reported: "the first frame is 512 px wide" was read as a 5xx and paid for again. Over
+    HTTP: the fake's failed task carries the provider's own code and that message."""
+    from aiohttp import web
+
+    from batch.fake_api import STATE_KEY, FakeConfig, make_app
+
+    app = make_app(FakeConfig())
+
+    @web.middleware
+    async def reword(request: web.Request, handler):  # the task's error as the provider words it
+        resp = await handler(request)
+        if request.path.startswith("/api/v1/tasks/") and isinstance(resp, web.Response) and resp.body:
+            doc = json.loads(resp.body)
+            if isinstance((doc.get("data") or {}).get("error"), dict):
+                doc["data"]["error"] = {"code": 2001, "message": "the first frame is 512 px wide"}
+                return web.json_response(doc)
+        return resp
+
+    app.middlewares.append(reword)
+    url = serve(app)
+    state_of = app[STATE_KEY]
+    sheet, state = write_csv(tmp_path / "in.csv", [{"id": "w", "prompt": "FAILTASK a wide shot"}]), tmp_path / "s"
+    for n, extra in ((1, []), (2, ["--retry-failed"])):
+        table = str(tmp_path / f"n{n}.parquet")
+        sub = cli(["submit", str(sheet), "-o", table, "--base-url", url, "--state", str(state), "--rate", "0",
+                   "--no-preflight", *extra])
+        assert sub.exit_code == 0, sub.output
+        cli(["collect", "--state", str(state), "--base-url", url, "--rate", "0", "--results", table])
+    assert len(state_of.submissions()) == 1  # not sent again
+    assert "0 content policy, 1 unclassified" in sub.output
+    assert results(tmp_path / "n2.parquet")["failure_reason"].to_list() == ["2001: the first frame is 512 px wide"]
