@@ -177,3 +177,51 @@ def test_uploads_take_their_turn_in_the_keys_rate_budget(start_fake, tmp_path: P
     assert res.exit_code == 0, res.output
     assert len(fake.state.uploads()) == 10 and len(fake.state.submissions()) == 10
     assert [r for r in fake.state.records if r.status == 429] == []
+
+
+def test_every_image_cell_that_is_not_a_url_is_a_local_file_checked_before_anything_is_paid(
+        fake, tmp_path: Path) -> None:
+    """Reported: cells without a known image extension (``frames/hero``, ``shot.jfif``, a
+    missing ``refs/cat``) were never checked and went raw to the provider. Whatever its
+    name, an image cell that is not an http(s) URL, a data: URI or Base64 image data names
+    a local file: checked (contained, exists, an image by its bytes), else the row is invalid."""
+    import base64
+
+    sheet_dir = images(tmp_path / "sheet")
+    (sheet_dir / "frames").mkdir()
+    (sheet_dir / "frames" / "hero").write_bytes(PNG)
+    (sheet_dir / "shot.jfif").write_bytes(JPEG)
+    (sheet_dir / "frames" / "notes").write_bytes(b"plain words")
+    raw = base64.b64encode(WEBP).decode()
+    rows = [{"prompt": "hero", "first_frame_image": "frames/hero"},
+            {"prompt": "jfif", "first_frame_image": "shot.jfif"},
+            {"prompt": "cat", "first_frame_image": "refs/cat"},
+            {"prompt": "notes", "first_frame_image": "frames/notes"},
+            {"prompt": "ftp", "first_frame_image": "ftp://example.com/x.png"},
+            {"prompt": "b64", "first_frame_image": raw},
+            {"prompt": "datauri", "first_frame_image": f"data:image/webp;base64,{raw}"},
+            {"prompt": "url", "first_frame_image": "HTTPS://example.com/frame.jpg"}]
+    sheet = write_csv(sheet_dir / "in.csv", rows)
+    res = run(fake, tmp_path, sheet)
+    assert res.exit_code == 1, res.output
+    table = {r["prompt"]: r for r in results(tmp_path / "r.parquet").iter_rows(named=True)}
+    expect = {"cat": "first_frame_image='refs/cat' (cell 'first_frame_image' row 4): no such file",
+              "notes": "not a PNG, JPEG or WebP image",
+              "ftp": "not an http(s) URL, a data: URI, Base64 image data or a local file"}
+    for prompt, words in expect.items():
+        assert table[prompt]["status"] == "invalid" and words in table[prompt]["error"], table[prompt]["error"]
+    sent = {r.body["prompt"]: r.body["first_frame_image"] for r in fake.state.submissions()}
+    assert set(sent) == {"hero", "jfif", "b64", "datauri", "url"}
+    assert sent["hero"].startswith(f"{fake.url}/media/file-") and sent["jfif"].startswith(f"{fake.url}/media/")
+    assert sent["b64"] == raw and sent["url"] == "HTTPS://example.com/frame.jpg"
+    assert len(fake.state.uploads()) == 2
+
+
+def test_a_reference_image_item_is_checked_too(fake, tmp_path: Path) -> None:
+    sheet_dir = images(tmp_path / "sheet")
+    sheet = write_csv(sheet_dir / "in.csv", [{"prompt": "refs", "reference_images": '["refs/a.png", "refs/cat"]'}])
+    res = run(fake, tmp_path, sheet)
+    assert res.exit_code == 1
+    row = results(tmp_path / "r.parquet").row(0, named=True)
+    assert row["status"] == "invalid" and "reference_images[1]='refs/cat'" in row["error"], row["error"]
+    assert "no such file" in row["error"] and fake.state.submissions() == [] and fake.state.uploads() == []
