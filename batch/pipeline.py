@@ -380,7 +380,7 @@ def run_submit(opts: RunOptions) -> Summary:
             record_summary(output, summary, opts, sent=False)
             return summary
         probe_outputs(opts, opts.output)
-        routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_in_use}
+        routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_named}  # a superset: harmless
         opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander), routes=routes))
         schema = request_schema_of(expander)
         estimate = planned_cost(opts, expander) if opts.preflight else None
