@@ -196,14 +196,13 @@ class LocalImages:
         _, found = read_checked(path, root)
         if key is not None:
             self._checked[key] = found
-        if isinstance(found, LocalImage):
-            self.by_hash[found.sha256] = found
         return found
 
     def localize(self, body: dict[str, Any], sheet: Path | None, where: Callable[[str], str]) -> list[str]:
         """Replace each local image of ``body`` by its placeholder; the problems, each
         naming the field, the value and the cell (``where(field)``)."""
         problems: list[str] = []
+        good: list[LocalImage] = []
 
         def one(name: str, value: Any, item: int | None) -> Any:
             if local_reference(value) is None:
@@ -214,12 +213,15 @@ class LocalImages:
                 shown = value if len(value) <= 200 else f"{value[:200]}..."
                 problems.append(f"{at}={shown!r} (cell {where(name)}): {found}")
                 return value
+            good.append(found)
             return PLACEHOLDER + found.sha256
 
         for name in IMAGE_FIELDS & body.keys():
             value = body[name]
             body[name] = [one(name, v, i) for i, v in enumerate(value)] if isinstance(value, list) \
                 else one(name, value, None)
+        if not problems:  # only a row that will be sent uploads (and counts) its images
+            self.by_hash.update((img.sha256, img) for img in good)
         return problems
 
     def totals(self, known: set[str]) -> tuple[int, int]:

@@ -225,3 +225,18 @@ def test_a_reference_image_item_is_checked_too(fake, tmp_path: Path) -> None:
     row = results(tmp_path / "r.parquet").row(0, named=True)
     assert row["status"] == "invalid" and "reference_images[1]='refs/cat'" in row["error"], row["error"]
     assert "no such file" in row["error"] and fake.state.submissions() == [] and fake.state.uploads() == []
+
+
+def test_validate_and_dry_run_count_only_images_of_rows_that_would_be_sent(fake, tmp_path: Path) -> None:
+    """Reported: an invalid row's good images were counted as "would be uploaded"."""
+    sheet_dir = images(tmp_path / "sheet")
+    sheet = write_csv(sheet_dir / "in.csv", [
+        {"prompt": "bad", "reference_images": '["refs/a.png", "refs/c.webp", "refs/nope.jpg"]'},  # invalid
+        {"prompt": "good", "reference_images": '["refs/b.jpg"]'}])
+    want = f"uploads: 1 local images, {len(JPEG)} bytes would be uploaded"
+    res = cli(["validate", str(sheet), "--model", I2V, "--state", str(tmp_path / "s.sqlite")])
+    assert want in res.output, res.output
+    res = run(fake, tmp_path, sheet, "--dry-run")
+    assert want in res.output, res.output
+    res = run(fake, tmp_path, sheet)
+    assert "uploads: 1 local images" in res.output and len(fake.state.uploads()) == 1
