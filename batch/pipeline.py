@@ -400,6 +400,7 @@ def run_submit(opts: RunOptions) -> Summary:
         try:
             ledger.start_run(run_id, opts.command, output_record(opts.output), night)
             retried = retry_failed(opts, expander, ledger, run_id) if opts.retry_failed else None
+            opts = replace(opts, submit=replace(opts.submit, task_attempts=retry.next_attempts(ledger.db, opts.api)))
         except sqlite3.Error as exc:
             raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
         spool = RequestSpool(opts.output.temp_dir(), schema)
@@ -418,7 +419,8 @@ def run_submit(opts: RunOptions) -> Summary:
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable,
                                      skipped)
             if retried is not None:
-                summary.extra["retry_failed"] = retried.as_dict()
+                summary.extra["retry_failed"] = {**retried.as_dict(),
+                                                 "sent": retry.retries_sent(ledger.db, opts.api, run_id)}
         except Exception as exc:
             if _claimed(ledger, run_id) == 0:
                 raise

@@ -197,6 +197,25 @@ def night_attempts(db: sqlite3.Connection, night: str, fake_api: str, fake: bool
     return db.execute(NIGHT_ATTEMPTS, (night, fake_api, fake)).fetchall()
 
 
+def next_attempts(db: sqlite3.Connection, api: str) -> dict[str, int]:
+    """Request id -> attempt number of each retried request not yet sent again (its row
+    reset, no task yet): what its next task's x-request-id carries."""
+    if not has_columns(db):
+        return {}
+    return dict(db.execute("SELECT request_id, task_attempt FROM requests WHERE api = ? AND task_attempt > 1 "
+                           "AND task_id IS NULL", (api,)).fetchall())
+
+
+def retries_sent(db: sqlite3.Connection, api: str, run_id: str) -> int:
+    """How many retry tasks (attempt 2 or later) ``run_id`` sent that the provider may
+    have taken: what the summary reports apart from the requests made pending again (a
+    --max-spend stop leaves those pending, sent by a later run)."""
+    if not has_columns(db):
+        return 0
+    return db.execute("SELECT count(*) FROM requests WHERE api = ? AND run_id = ? AND task_attempt > 1 "
+                      "AND status IN ('submitted', 'unknown')", (api, run_id)).fetchone()[0]
+
+
 def _ids(text: str | None) -> list[str]:
     try:
         value = json.loads(text) if text else []

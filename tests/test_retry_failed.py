@@ -72,7 +72,8 @@ def test_failed_tasks_over_several_nights(start_fake, tmp_path: Path) -> None:
     # night 3: the provider-side failures are sent again, content policy never
     sub, col, rows = night(fake, tmp_path, 3, "--retry-failed")
     assert sub.exit_code == 0, sub.output
-    assert "retry-failed: 2 failed tasks sent again; not retried: 1 content policy" in sub.output
+    assert "retry-failed: 2 failed tasks made pending again, 2 retries sent; not retried: 1 content policy" \
+        in sub.output
     assert sorted(sent(fake)[4:]) == ["CANCELTASK", "FLAKYTASK"]
     for k in ("flaky", "cancel"):
         assert rows[k]["task_attempt"] == 2 and rows[k]["earlier_task_ids"] == [first[k]]
@@ -86,7 +87,7 @@ def test_failed_tasks_over_several_nights(start_fake, tmp_path: Path) -> None:
     fake.state.config.flaky_failures = 2
     second = {k: rows[k]["task_id"] for k in ("flaky", "cancel")}
     sub, col, rows = night(fake, tmp_path, 5, "--retry-failed", "--retry-cap", "3")
-    assert sub.exit_code == 0 and "retry-failed: 2 failed tasks sent again" in sub.output
+    assert sub.exit_code == 0 and "retry-failed: 2 failed tasks made pending again, 2 retries sent" in sub.output
     assert col.exit_code == 1  # the cancelled one failed a third time
     assert len(fake.state.submissions()) == 8
     assert rows["flaky"]["task_status"] == "success" and rows["flaky"]["task_attempt"] == 3
@@ -205,3 +206,36 @@ def test_a_number_in_the_message_is_not_a_server_error(serve, tmp_path: Path) ->
     assert len(state_of.submissions()) == 1  # not sent again
     assert "0 content policy, 1 unclassified" in sub.output
     assert results(tmp_path / "n2.parquet")["failure_reason"].to_list() == ["2001: the first frame is 512 px wide"]
+
+
+def test_the_summary_says_how_many_were_made_pending_and_how_many_were_sent(start_fake, tmp_path: Path) -> None:
+    """Reported: with --max-spend reached the summary said "2 failed tasks sent again" while
+    none was sent."""
+    fake = start_fake(flaky_failures=5)
+    night(fake, tmp_path, 1)
+    prices = tmp_path / "prices.toml"
+    prices.write_text('["bytedance/seedance-1.0-lite-t2v"]\n"480p" = 0.01\n"720p" = 0.02\n"1080p" = 0.03\n')
+    capped, _, _ = night(fake, tmp_path, 2, "--retry-failed", "--prices", str(prices), "--max-spend", "0.001")
+    assert len(fake.state.submissions()) == 4
+    assert ("retry-failed: 2 failed tasks made pending again, 0 retries sent; not retried: 1 content policy"
+            in capped.output)
+    summary = json.loads((tmp_path / "night2.parquet.summary.json").read_text())
+    assert summary["retry_failed"]["retried"] == 2 and summary["retry_failed"]["sent"] == 0
+    sub, _, _ = night(fake, tmp_path, 3, "--retry-failed", "--retry-cap", "3")  # the 2 pending go out
+    assert len(fake.state.submissions()) == 6
+    # night 2 made the two pending; night 3 has nothing to reset, and sends them
+    assert "retry-failed: 0 failed tasks made pending again, 2 retries sent" in sub.output, sub.output
+
+
+def test_each_task_of_a_retried_request_has_its_own_x_request_id(start_fake, tmp_path: Path) -> None:
+    """Reported: every task of a retried request went out with the same x-request-id, so the
+    provider's support could not tell the attempts apart. Attempt n > 1 sends
+    ``<request_id>.a<n>``: distinct, traceable to the ledger's row, nothing secret."""
+    fake = start_fake(flaky_failures=5)
+    _, _, rows = night(fake, tmp_path, 1)
+    night(fake, tmp_path, 2, "--retry-failed", "--retry-cap", "3")
+    night(fake, tmp_path, 3, "--retry-failed", "--retry-cap", "3")
+    flaky = rows["flaky"]["request_id"]
+    ids = [r.x_request_id for r in fake.state.submissions() if r.body["prompt"].startswith("FLAKYTASK")]
+    assert ids == [flaky, f"{flaky}.a2", f"{flaky}.a3"]
+    assert len({r.x_request_id for r in fake.state.submissions()}) == len(fake.state.submissions())
