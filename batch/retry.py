@@ -206,6 +206,14 @@ def next_attempts(db: sqlite3.Connection, api: str) -> dict[str, int]:
                            "AND task_id IS NULL", (api,)).fetchall())
 
 
+def lineage_tasks(db: sqlite3.Connection) -> int:
+    """How many earlier tasks the lineage holds: task ids that left ``requests`` when their
+    row was reset, which the run marker's count must keep (batch.ledger)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'task_lineage'").fetchone() is None:
+        return 0
+    return db.execute("SELECT count(*) FROM task_lineage WHERE task_id IS NOT NULL").fetchone()[0]
+
+
 def retries_sent(db: sqlite3.Connection, api: str, run_id: str) -> int:
     """How many retry tasks (attempt 2 or later) ``run_id`` sent that the provider may
     have taken: what the summary reports apart from the requests made pending again (a

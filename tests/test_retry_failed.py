@@ -239,3 +239,40 @@ def test_each_task_of_a_retried_request_has_its_own_x_request_id(start_fake, tmp
     ids = [r.x_request_id for r in fake.state.submissions() if r.body["prompt"].startswith("FLAKYTASK")]
     assert ids == [flaky, f"{flaky}.a2", f"{flaky}.a3"]
     assert len({r.x_request_id for r in fake.state.submissions()}) == len(fake.state.submissions())
+
+
+def test_a_retry_run_killed_mid_night_leaves_a_ledger_the_next_run_accepts(start_fake, tmp_path: Path) -> None:
+    """Sibling of the lost first task: the run marker counted task ids in ``requests`` only,
+    so a --retry-failed run killed after resetting rows (their task ids moved to the lineage)
+    left a marker above the ledger's count, and the next night refused the ledger as one that
+    lost writes. Killed with SIGKILL while its retries wait on a slow provider."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import subprocess_env
+
+    fake = start_fake(flaky_failures=5)
+    night(fake, tmp_path, 1)
+    fake.state.config.latency = 30  # the retries wait on the provider
+    state = tmp_path / "s.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batch", "submit", str(tmp_path / "in.csv"), "-o", str(tmp_path / "k.parquet"),
+         "--base-url", fake.url, "--state", str(state), "--rate", "0", "--no-preflight", "--retry-failed"],
+        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with sqlite3.connect(f"file:{state}?mode=ro", uri=True) as db:
+                if db.execute("SELECT count(*) FROM requests WHERE status = 'sending'").fetchone()[0] == 2:
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the retries were never claimed")
+    finally:
+        proc.kill()
+        proc.wait()
+    fake.state.config.latency = 0
+    res = cli(["submit", str(tmp_path / "in.csv"), "-o", str(tmp_path / "n3.parquet"), "--base-url", fake.url,
+               "--state", str(state), "--rate", "0", "--no-preflight"])
+    assert "misses writes" not in res.output and res.exit_code in (0, 1), res.output
