@@ -42,7 +42,7 @@ from batch.identity import content_key, with_repeat
 from batch.load import Table
 from batch.models import Catalog, FieldSpec, ModelSpec, normalize_name
 from batch.storage import is_remote
-from batch.upload import IMAGE_FIELDS, LocalImages
+from batch.upload import IMAGE_FIELDS, URL_FIELDS, LocalImages
 from batch.validate import DEFAULT_TIER, RuleError, Validator, to_bool, to_int
 
 T = TypeVar("T")
@@ -595,7 +595,8 @@ class Expander:
                 extra = {name: cells[i] for name, i in extra_idx}
                 label = label_of(cells[id_pos]) if id_pos is not None else None
                 names = list(choices)
-                localize = self._localizer(table, sheet, column_of, index) if IMAGE_FIELDS & fields.keys() else None
+                localize = self._localizer(table, sheet, column_of, index) \
+                    if (IMAGE_FIELDS | URL_FIELDS) & fields.keys() else None
                 for combo in itertools.product(*(choices[n] for n in names)):
                     yield self._make(dict(zip(names, combo, strict=True)), errors, table.source,
                                      table.first_row + index, extra, label, occurrences, prepared, written_model,

@@ -52,6 +52,9 @@ UPLOAD_PATH = "/api/v1/media/files"
 MAX_BYTES = 16 << 20
 PLACEHOLDER = "local-image:sha256:"
 IMAGE_FIELDS = frozenset({"first_frame_image", "last_frame_image", "reference_images"})
+# Fields that take URLs only ("URL, or Base64 for images"): nothing is uploaded for them, so a
+# local path there is refused before it is paid for, not sent raw.
+URL_FIELDS = frozenset({"video_urls", "audio_urls"})
 _PLACEHOLDER = re.compile(re.escape(PLACEHOLDER) + r"([0-9a-f]{64})")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _BUCKET = re.compile(r"(s3|gs|gcs|az|abfs|r2)://", re.IGNORECASE)
@@ -200,7 +203,8 @@ class LocalImages:
 
     def localize(self, body: dict[str, Any], sheet: Path | None, where: Callable[[str], str]) -> list[str]:
         """Replace each local image of ``body`` by its placeholder; the problems, each
-        naming the field, the value and the cell (``where(field)``)."""
+        naming the field, the value and the cell (``where(field)``), a value of a URL-only
+        field (:data:`URL_FIELDS`) that is not an http(s) URL among them."""
         problems: list[str] = []
         good: list[LocalImage] = []
 
@@ -220,6 +224,13 @@ class LocalImages:
             value = body[name]
             body[name] = [one(name, v, i) for i, v in enumerate(value)] if isinstance(value, list) \
                 else one(name, value, None)
+        for name in URL_FIELDS & body.keys():
+            value = body[name]
+            for i, v in enumerate(value if isinstance(value, list) else [value]):
+                if isinstance(v, str) and not v.strip().lower().startswith(("http://", "https://")):
+                    shown = v if len(v) <= 200 else f"{v[:200]}..."
+                    problems.append(f"{name}[{i}]={shown!r} (cell {where(name)}): not an http(s) URL "
+                                    "(only images are uploaded from local files)")
         if not problems:  # only a row that will be sent uploads (and counts) its images
             self.by_hash.update((img.sha256, img) for img in good)
         return problems

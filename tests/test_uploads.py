@@ -240,3 +240,21 @@ def test_validate_and_dry_run_count_only_images_of_rows_that_would_be_sent(fake,
     assert want in res.output, res.output
     res = run(fake, tmp_path, sheet)
     assert "uploads: 1 local images" in res.output and len(fake.state.uploads()) == 1
+
+
+def test_a_local_path_in_a_video_or_audio_field_is_invalid_not_sent(fake, tmp_path: Path) -> None:
+    """Sibling: only images are uploaded, and video_urls/audio_urls take URLs (the specs:
+    "each item a non-empty string (URL, or Base64 for images)"); a local path there went raw
+    to the provider as a paid request."""
+    v2v = "bytedance/seedance-2.0-fast-v2v"
+    sheet = write_csv(tmp_path / "in.csv", [
+        {"prompt": "local clip", "video_urls": "clips/a.mp4"},
+        {"prompt": "local sound", "video_urls": "https://example.com/a.mp4", "audio_urls": "sounds/x.mp3"},
+        {"prompt": "fine", "video_urls": "https://example.com/a.mp4"}])
+    res = run(fake, tmp_path, sheet, "--model", v2v)
+    assert res.exit_code == 1, res.output
+    table = {r["prompt"]: r for r in results(tmp_path / "r.parquet").iter_rows(named=True)}
+    assert table["local clip"]["status"] == "invalid"
+    assert "video_urls[0]='clips/a.mp4' (cell 'video_urls' row 2): not an http(s) URL" in table["local clip"]["error"]
+    assert table["local sound"]["status"] == "invalid" and "audio_urls[0]='sounds/x.mp3'" in table["local sound"]["error"]
+    assert [r.body["prompt"] for r in fake.state.submissions()] == ["fine"]
