@@ -61,11 +61,15 @@ NEVER = re.compile(
 )
 # ... and for one on the provider's side (its states ``error``, ``cancelled``, ``expired``
 # arrive as "<state>: <text>", see batch.collect.failure_reason).
+# Whole words: "busybox" is not "busy".
 RETRYABLE = re.compile(
-    r"internal|server error|timeout|timed out|time out|expired|cancel|unavailable|overload|busy|"
-    rf"try again|retry|capacity|{_code('5[0-9][0-9]')}|^error:",
+    r"\b(?:internal|server error|time ?outs?|timed out|expired|cancel\w*|unavailable|overload\w*|busy|"
+    rf"try again|retry\w*|capacity)\b|{_code('5[0-9][0-9]')}|^error:",
     re.IGNORECASE,
 )
+# The provider saying a failure is *not* worth another try outweighs its other words.
+NOT_RETRYABLE = re.compile(r"\b(?:not|never|no|don't|do not)\s+(?:be\s+)?retr\w*|\bnon-?retryable\b",
+                           re.IGNORECASE)
 
 LINEAGE_SCHEMA = """CREATE TABLE IF NOT EXISTS task_lineage (
     api            TEXT NOT NULL,
@@ -91,6 +95,8 @@ def classify(reason: str | None) -> str:
     text = reason or ""
     if NEVER.search(text):
         return CONTENT
+    if NOT_RETRYABLE.search(text):
+        return UNCLASSIFIED
     if RETRYABLE.search(text):
         return RETRYABLE_CLASS
     return UNCLASSIFIED

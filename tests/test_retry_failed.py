@@ -52,6 +52,12 @@ def sent(fake) -> list[str]:
     ("cancelled: 504: gone", RETRYABLE_CLASS),
     ("422: the prompt could not be used", CONTENT),
     ("failed; code 400; the first frame is 512 px wide", CONTENT),
+    # ... nor a word inside another, nor the provider saying not to retry
+    ("a busybox worker exited", UNCLASSIFIED),
+    ("the task is not retryable", UNCLASSIFIED),
+    ("generation failed, do not retry", UNCLASSIFIED),
+    ("the server is overloaded", RETRYABLE_CLASS),
+    ("please retry later", RETRYABLE_CLASS),
 ])
 def test_failures_are_classified_by_the_providers_words(reason: str | None, kind: str) -> None:
     assert classify(reason) == kind
