@@ -44,7 +44,6 @@ DEFAULT_CAP = 2  # tasks per request in all: the first and one retry
 CONTENT, RETRYABLE_CLASS, UNCLASSIFIED = "content_policy", "retryable", "unclassified"
 
 
-
 def _code(pattern: str) -> str:
     """An error *code* as :func:`batch.collect.failure_reason` stores one: a part of the
     reason (parts are joined by ``; ``, the first may follow a ``<state>: `` prefix) that
@@ -129,8 +128,8 @@ class RetryPlan:
 
 
 _FAILED = ("SELECT request_id, task_id, failure_reason, submitted_at, completed_at, COALESCE(task_attempt, 1), "
-           "earlier_task_ids, run_id, cost_usd FROM requests WHERE api = ? AND status = 'submitted' AND task_status = 'failed' "
-           "AND request_id IN ({marks})")
+           "earlier_task_ids, run_id, cost_usd FROM requests "
+           "WHERE api = ? AND status = 'submitted' AND task_status = 'failed' AND request_id IN ({marks})")
 
 
 def failed_tasks(db: sqlite3.Connection, api: str, ids: Iterable[str]) -> list[tuple]:

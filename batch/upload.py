@@ -9,11 +9,14 @@ not recorded there: ``file`` is our choice (inferred, the common one).
 
 Guarantees:
 
-* **Checked first.** An image field's cell that names a local file (a path relative to
-  the sheet, or a ``file://`` URL) is checked while the sheet is expanded: it must lie in
+* **Checked first.** Every value of an image field that is not an http(s) URL, a data: URI
+  or Base64 image data names a local file (a path relative to the sheet, whatever its
+  name, or a ``file://`` URL) and is checked while the sheet is expanded: it must lie in
   the sheet's folder tree (``..`` and symlinks leading out are refused), be a regular
   readable file of at most 16 MiB, and *be* a PNG, JPEG or WebP by its bytes (not its
-  name). A bad one makes the row ``invalid`` naming the cell, before anything is paid.
+  name). A bad one makes the row ``invalid`` naming the cell, before anything is paid; so
+  does a value of a URL-only field (``video_urls``, ``audio_urls``) that is not an http(s) URL.
+  Only a row whose every image passed counts (and later uploads) its images.
 * **Identity by content.** A checked file becomes ``local-image:sha256:<hex>`` in the
   request body, so the request id (and the ledger's memory) follows the image's bytes, not
   its path: a renamed or copied file is the same request.
