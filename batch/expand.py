@@ -42,7 +42,7 @@ from batch.identity import content_key, with_repeat
 from batch.load import Table
 from batch.models import Catalog, FieldSpec, ModelSpec, normalize_name
 from batch.storage import is_remote
-from batch.upload import IMAGE_FIELDS, LocalImages
+from batch.upload import IMAGE_FIELDS, URL_FIELDS, LocalImages
 from batch.validate import DEFAULT_TIER, RuleError, Validator, to_bool, to_int
 
 T = TypeVar("T")
@@ -401,6 +401,7 @@ class Expander:
         default = self.catalog.get(spec.model)
         self.maps = [map_columns(t, spec, self.catalog) for t in self.tables]
         self._models: dict[str, _Model | None] = {}
+        self._in_use: list[str] | None = None
         self._check_params(default)
         self.total_rows = sum(t.df.height for t in self.tables)
         self.rows_seen = 0  # rows read by the current iteration (for progress)
@@ -425,7 +426,7 @@ class Expander:
             if name not in self.catalog.known_fields():
                 raise ConfigError(f"--param/params {name}: unknown API field (known: "
                                   f"{', '.join(sorted(self.catalog.known_fields()))})")
-            having = self.catalog.with_field(name, [default.slug, *self.models_in_use])
+            having = self.catalog.with_field(name, [default.slug, *self.models_named])
             if not having:
                 raise ConfigError(f"--param/params {name}: {default.slug} has no field {name!r}")
             prepared = self.model(having[0])
@@ -452,13 +453,29 @@ class Expander:
         return prepared
 
     @property
-    def models_in_use(self) -> list[str]:
+    def models_named(self) -> list[str]:
+        """Every known model the inputs may use: the default and each model cell's value
+        (what a column or a job-level value must fit)."""
         return sorted({m for cmap in self.maps for m in cmap.models if self.catalog.find(m) is not None})
 
+    @property
+    def models_in_use(self) -> list[str]:
+        """The models of the rows that will be sent (valid rows): what preflight, ``check``,
+        the routes and ``--max-spend``'s prices are about. The default is not in use when
+        every row names another model, nor a model only invalid rows name. One model named
+        needs no pass over the rows; more take one expansion (cached)."""
+        named = self.models_named
+        if len(named) <= 1:
+            return named
+        if self._in_use is None:
+            found = {r.model.strip().lower() for r in self if r.error is None}
+            self._in_use = sorted(m for m in found if self.catalog.find(m) is not None)
+        return self._in_use
+
     def field_types(self) -> dict[str, str]:
-        """Each field of the models in use and its JSON type; the default model's first."""
+        """Each field of the models named and its JSON type; the default model's first."""
         types: dict[str, str] = {}
-        for slug in [self.spec.model, *self.models_in_use]:
+        for slug in [self.spec.model, *self.models_named]:
             for name, f in self.catalog.get(slug).fields.items():
                 kind = f.type if f.type != "array" else f"array:{f.item.type if f.item else 'string'}"
                 types[name] = kind if types.get(name, kind) == kind else "string"
@@ -578,7 +595,8 @@ class Expander:
                 extra = {name: cells[i] for name, i in extra_idx}
                 label = label_of(cells[id_pos]) if id_pos is not None else None
                 names = list(choices)
-                localize = self._localizer(table, sheet, column_of, index) if IMAGE_FIELDS & fields.keys() else None
+                localize = self._localizer(table, sheet, column_of, index) \
+                    if (IMAGE_FIELDS | URL_FIELDS) & fields.keys() else None
                 for combo in itertools.product(*(choices[n] for n in names)):
                     yield self._make(dict(zip(names, combo, strict=True)), errors, table.source,
                                      table.first_row + index, extra, label, occurrences, prepared, written_model,

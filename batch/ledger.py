@@ -569,14 +569,17 @@ class Ledger:
                                     "ORDER BY source, row", (self.api, run_id)))
 
     def night_requests(self, night: str) -> list[tuple[str | None, str | None, float | None]]:
-        """``(model, body, cost_usd)`` of every request that runs of ``night`` sent and the
-        provider may have accepted (``sending``, ``submitted``, ``unknown``): what the
-        night has spent. Real runs count the real APIs' requests, fake runs the fake's."""
+        """``(model, body, cost_usd)`` of every task that runs of ``night`` sent and the
+        provider may have accepted (``sending``, ``submitted``, ``unknown``, and the earlier
+        tasks of a retried request, kept in the lineage): what the night has spent. Real
+        runs count the real APIs' requests, fake runs the fake's."""
         fake = self.api == FAKE_API
-        return self.db.execute(
+        current = self.db.execute(
             "SELECT r.model, r.body, r.cost_usd FROM requests r JOIN runs u ON u.run_id = r.run_id "
             "WHERE u.night = ? AND r.status IN ('sending', 'submitted', 'unknown') AND (r.api = ?) = ?",
             (night, FAKE_API, fake)).fetchall()
+        # ... and the earlier, failed tasks of requests --retry-failed sent again (issue 20).
+        return current + retry.night_attempts(self.db, night, FAKE_API, fake)
 
     def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
         self.db.execute("UPDATE runs SET finished_at=?, summary=? WHERE run_id=?",
@@ -585,7 +588,10 @@ class Ledger:
 
     # -- the run marker: a ledger that lost writes is detected ----------------------------
     def _submitted_count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM requests WHERE task_id IS NOT NULL").fetchone()[0]
+        # With the earlier tasks --retry-failed moved to the lineage: a retry run killed after
+        # resetting rows must not look like a ledger that lost writes.
+        have = self.db.execute("SELECT count(*) FROM requests WHERE task_id IS NOT NULL").fetchone()[0]
+        return have + retry.lineage_tasks(self.db)
 
     def write_marker(self, run_id: str) -> None:
         """Record, outside the database, the last run and how many task ids it held."""

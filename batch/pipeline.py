@@ -403,7 +403,7 @@ def run_submit(opts: RunOptions) -> Summary:
             record_summary(output, summary, opts, sent=False)
             return summary
         probe_outputs(opts, opts.output)
-        routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_in_use}
+        routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_named}  # a superset: harmless
         opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander), routes=routes))
         schema = request_schema_of(expander)
         estimate = planned_cost(opts, expander) if opts.preflight else None
@@ -423,6 +423,7 @@ def run_submit(opts: RunOptions) -> Summary:
         try:
             ledger.start_run(run_id, opts.command, output_record(opts.output), night)
             retried = retry_failed(opts, expander, ledger, run_id) if opts.retry_failed else None
+            opts = replace(opts, submit=replace(opts.submit, task_attempts=retry.next_attempts(ledger.db, opts.api)))
         except sqlite3.Error as exc:
             raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
         spool = RequestSpool(opts.output.temp_dir(), schema)
@@ -441,7 +442,8 @@ def run_submit(opts: RunOptions) -> Summary:
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable,
                                      skipped)
             if retried is not None:
-                summary.extra["retry_failed"] = retried.as_dict()
+                summary.extra["retry_failed"] = {**retried.as_dict(),
+                                                 "sent": retry.retries_sent(ledger.db, opts.api, run_id)}
         except Exception as exc:
             if _claimed(ledger, run_id) == 0:
                 raise

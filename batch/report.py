@@ -46,7 +46,8 @@ def render(summary: dict[str, Any]) -> str:
                          "before the next collect (24 h): collect with --download DIR now  <-")
     retried = summary.get("retry_failed")
     if retried:
-        lines.append(f"  retry-failed: {retried['retried']} failed tasks sent again; not retried: "
+        sent = f", {retried['sent']} retries sent" if "sent" in retried else ""
+        lines.append(f"  retry-failed: {retried['retried']} failed tasks made pending again{sent}; not retried: "
                      f"{retried['content_policy']} content policy, {retried['unclassified']} unclassified, "
                      f"{retried['cap_reached']} at the cap")
     uploads = summary.get("uploads")

@@ -18,7 +18,10 @@ again on a guess is what this module exists to avoid.
 Guarantees:
 
 * The ledger's ``task_lineage`` table (created ``IF NOT EXISTS``) keeps every earlier task
-  of a request: attempt number, task id, failure reason and class, when it was retried.
+  of a request: attempt number, task id, failure reason and class, when it was retried,
+  and the run that sent it with its estimated cost (``sent_run_id``, ``cost_usd``): the
+  provider took that task, so the night it was sent keeps counting it against
+  ``--max-spend`` and ``--max-requests`` after the row is reset (:func:`night_attempts`).
   The ``requests`` row gains two columns (``ALTER TABLE ... ADD COLUMN``, only when
   missing): ``task_attempt`` (1 for the first task) and ``earlier_task_ids`` (JSON list),
   which the results table shows.
@@ -40,19 +43,32 @@ DEFAULT_CAP = 2  # tasks per request in all: the first and one retry
 
 CONTENT, RETRYABLE_CLASS, UNCLASSIFIED = "content_policy", "retryable", "unclassified"
 
+
+def _code(pattern: str) -> str:
+    """An error *code* as :func:`batch.collect.failure_reason` stores one: a part of the
+    reason (parts are joined by ``; ``, the first may follow a ``<state>: `` prefix) that
+    starts ``<code>:``, or is ``code <n>``; never a number in the provider's prose
+    ("the first frame is 512 px wide" is not a server error)."""
+    return (rf"(?:^|; )(?:(?:error|cancell?ed|expired|failed): )?(?:{pattern}(?=:)|code {pattern}(?=;|$))")
+
+
 # The provider's words for a failure that is the request's own: never retried.
 NEVER = re.compile(
     r"content|moderation|moderated|policy|sensitive|safety|nsfw|copyright|violat|prohibited|"
-    r"invalid|bad request|parameter|unsupported|\b(code )?4(00|22)\b",
+    rf"invalid|bad request|parameter|unsupported|{_code('4(?:00|22)')}",
     re.IGNORECASE,
 )
 # ... and for one on the provider's side (its states ``error``, ``cancelled``, ``expired``
 # arrive as "<state>: <text>", see batch.following.failure_reason).
+# Whole words: "busybox" is not "busy".
 RETRYABLE = re.compile(
-    r"internal|server error|timeout|timed out|time out|expired|cancel|unavailable|overload|busy|"
-    r"try again|retry|capacity|\b(code )?5\d\d\b|^error:",
+    r"\b(?:internal|server error|time ?outs?|timed out|expired|cancel\w*|unavailable|overload\w*|busy|"
+    rf"try again|retry\w*|capacity)\b|{_code('5[0-9][0-9]')}|^error:",
     re.IGNORECASE,
 )
+# The provider saying a failure is *not* worth another try outweighs its other words.
+NOT_RETRYABLE = re.compile(r"\b(?:not|never|no|don't|do not)\s+(?:be\s+)?retr\w*|\bnon-?retryable\b",
+                           re.IGNORECASE)
 
 LINEAGE_SCHEMA = """CREATE TABLE IF NOT EXISTS task_lineage (
     api            TEXT NOT NULL,
@@ -65,15 +81,21 @@ LINEAGE_SCHEMA = """CREATE TABLE IF NOT EXISTS task_lineage (
     completed_at   TEXT,
     retried_at     TEXT NOT NULL,
     run_id         TEXT,
+    sent_run_id    TEXT,
+    cost_usd       REAL,
     PRIMARY KEY (api, request_id, attempt)
 ) WITHOUT ROWID"""
 COLUMNS = (("task_attempt", "INTEGER"), ("earlier_task_ids", "TEXT"))
+# Added after the first release of the lineage: the attempt's own run (hence its night) and cost.
+LINEAGE_COLUMNS = (("sent_run_id", "TEXT"), ("cost_usd", "REAL"))
 
 
 def classify(reason: str | None) -> str:
     text = reason or ""
     if NEVER.search(text):
         return CONTENT
+    if NOT_RETRYABLE.search(text):
+        return UNCLASSIFIED
     if RETRYABLE.search(text):
         return RETRYABLE_CLASS
     return UNCLASSIFIED
@@ -82,10 +104,11 @@ def classify(reason: str | None) -> str:
 def ensure(db: sqlite3.Connection) -> None:
     """The additive schema: the lineage table, and the two columns where missing."""
     db.execute(LINEAGE_SCHEMA)
-    have = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
-    for name, kind in COLUMNS:
-        if name not in have:
-            db.execute(f"ALTER TABLE requests ADD COLUMN {name} {kind}")
+    for table, columns in (("requests", COLUMNS), ("task_lineage", LINEAGE_COLUMNS)):
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns:
+            if name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 def has_columns(db: sqlite3.Connection) -> bool:
@@ -105,8 +128,8 @@ class RetryPlan:
 
 
 _FAILED = ("SELECT request_id, task_id, failure_reason, submitted_at, completed_at, COALESCE(task_attempt, 1), "
-           "earlier_task_ids FROM requests WHERE api = ? AND status = 'submitted' AND task_status = 'failed' "
-           "AND request_id IN ({marks})")
+           "earlier_task_ids, run_id, cost_usd FROM requests "
+           "WHERE api = ? AND status = 'submitted' AND task_status = 'failed' AND request_id IN ({marks})")
 
 
 def failed_tasks(db: sqlite3.Connection, api: str, ids: Iterable[str]) -> list[tuple]:
@@ -123,7 +146,7 @@ def failed_tasks(db: sqlite3.Connection, api: str, ids: Iterable[str]) -> list[t
 
 def plan(rows: list[tuple], cap: int) -> RetryPlan:
     out = RetryPlan()
-    for request_id, _task, reason, _sub, _done, attempt, _earlier in rows:
+    for request_id, _task, reason, _sub, _done, attempt, *_rest in rows:
         kind = classify(reason)
         target = {CONTENT: out.never, UNCLASSIFIED: out.unclassified}.get(kind)
         if target is None:
@@ -141,13 +164,15 @@ def prepare(db: sqlite3.Connection, api: str, ids: Iterable[str], cap: int, run_
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     db.execute("BEGIN IMMEDIATE")
     try:
-        for request_id, task_id, reason, submitted_at, completed_at, attempt, earlier in rows:
+        for request_id, task_id, reason, submitted_at, completed_at, attempt, earlier, sent_by, cost in rows:
             if request_id not in chosen:
                 continue
             ids_before = [*_ids(earlier), str(task_id)]
-            db.execute("INSERT OR REPLACE INTO task_lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT OR REPLACE INTO task_lineage(api, request_id, attempt, task_id, failure_reason, "
+                       "failure_class, submitted_at, completed_at, retried_at, run_id, sent_run_id, cost_usd) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (api, request_id, attempt, task_id, reason, classify(reason), submitted_at, completed_at,
-                        now, run_id))
+                        now, run_id, sent_by, cost))
             db.execute(
                 "UPDATE requests SET status = 'pending', task_id = NULL, poll_url = NULL, task_status = NULL, "
                 "resource_urls = NULL, resources = NULL, failure_reason = NULL, completed_at = NULL, "
@@ -161,6 +186,47 @@ def prepare(db: sqlite3.Connection, api: str, ids: Iterable[str], cap: int, run_
         db.execute("ROLLBACK")
         raise
     return decided
+
+
+# The earlier tasks sent by runs of a night: ``(model, body, cost_usd)`` as
+# :meth:`batch.ledger.Ledger.night_requests` counts them (the body is the request's, the
+# same for every attempt). A failed task counts: the provider took it and may bill it.
+NIGHT_ATTEMPTS = (
+    "SELECT r.model, r.body, l.cost_usd FROM task_lineage l JOIN runs u ON u.run_id = l.sent_run_id "
+    "JOIN requests r ON r.api = l.api AND r.request_id = l.request_id "
+    "WHERE u.night = ? AND (l.api = ?) = ?"
+)
+
+
+def night_attempts(db: sqlite3.Connection, night: str, fake_api: str, fake: bool) -> list[tuple]:
+    return db.execute(NIGHT_ATTEMPTS, (night, fake_api, fake)).fetchall()
+
+
+def next_attempts(db: sqlite3.Connection, api: str) -> dict[str, int]:
+    """Request id -> attempt number of each retried request not yet sent again (its row
+    reset, no task yet): what its next task's x-request-id carries."""
+    if not has_columns(db):
+        return {}
+    return dict(db.execute("SELECT request_id, task_attempt FROM requests WHERE api = ? AND task_attempt > 1 "
+                           "AND task_id IS NULL", (api,)).fetchall())
+
+
+def lineage_tasks(db: sqlite3.Connection) -> int:
+    """How many earlier tasks the lineage holds: task ids that left ``requests`` when their
+    row was reset, which the run marker's count must keep (batch.ledger)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'task_lineage'").fetchone() is None:
+        return 0
+    return db.execute("SELECT count(*) FROM task_lineage WHERE task_id IS NOT NULL").fetchone()[0]
+
+
+def retries_sent(db: sqlite3.Connection, api: str, run_id: str) -> int:
+    """How many retry tasks (attempt 2 or later) ``run_id`` sent that the provider may
+    have taken: what the summary reports apart from the requests made pending again (a
+    --max-spend stop leaves those pending, sent by a later run)."""
+    if not has_columns(db):
+        return 0
+    return db.execute("SELECT count(*) FROM requests WHERE api = ? AND run_id = ? AND task_attempt > 1 "
+                      "AND status IN ('submitted', 'unknown')", (api, run_id)).fetchone()[0]
 
 
 def _ids(text: str | None) -> list[str]:

@@ -127,6 +127,13 @@ class SubmitConfig:
     prewire: int = PREWIRE
     spend_cap: SpendCap | None = None
     transport: Transport = field(default_factory=Transport)
+    task_attempts: Mapping[str, int] = field(default_factory=dict)  # request id -> its task's attempt, when > 1
+
+    def trace_id(self, request_id: str) -> str:
+        """The x-request-id of a request's next task: the request id, ``.a<n>`` for the
+        n-th task of a retried one (batch.retry), so each paid task is told apart."""
+        n = self.task_attempts.get(request_id, 1)
+        return request_id if n <= 1 else f"{request_id}.a{n}"
 
     def url_for(self, model: str) -> str:
         return endpoint_url(self.endpoint, self.base_url, model, self.routes.get(model))
@@ -498,11 +505,12 @@ class Submitter:
                     self.stats.sent += 1
                     try:
                         # x-request-id (as the provider's newer client sends one) lets its support
-                        # trace a request: our request id, a hash of model and body, nothing secret.
+                        # trace a task: our request id (a hash of model and body, nothing secret),
+                        # with the attempt for a retried request's later tasks.
                         verdict = await request_once(self._session, "POST", url, cfg.api_key,
                                                      WirePayload(body, wire),  # type: ignore[arg-type]
                                                      transport=cfg.transport,
-                                                     extra_headers={"x-request-id": req.request_id})
+                                                     extra_headers={"x-request-id": cfg.trace_id(req.request_id)})
                     finally:
                         self._warm.set()
                         if mutant("mark_after_send"):

@@ -9,11 +9,14 @@ not recorded there: ``file`` is our choice (inferred, the common one).
 
 Guarantees:
 
-* **Checked first.** An image field's cell that names a local file (a path relative to
-  the sheet, or a ``file://`` URL) is checked while the sheet is expanded: it must lie in
+* **Checked first.** Every value of an image field that is not an http(s) URL, a data: URI
+  or Base64 image data names a local file (a path relative to the sheet, whatever its
+  name, or a ``file://`` URL) and is checked while the sheet is expanded: it must lie in
   the sheet's folder tree (``..`` and symlinks leading out are refused), be a regular
   readable file of at most 16 MiB, and *be* a PNG, JPEG or WebP by its bytes (not its
-  name). A bad one makes the row ``invalid`` naming the cell, before anything is paid.
+  name). A bad one makes the row ``invalid`` naming the cell, before anything is paid; so
+  does a value of a URL-only field (``video_urls``, ``audio_urls``) that is not an http(s) URL.
+  Only a row whose every image passed counts (and later uploads) its images.
 * **Identity by content.** A checked file becomes ``local-image:sha256:<hex>`` in the
   request body, so the request id (and the ledger's memory) follows the image's bytes, not
   its path: a renamed or copied file is the same request.
@@ -31,6 +34,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
 import re
@@ -51,9 +55,11 @@ UPLOAD_PATH = "/api/v1/media/files"
 MAX_BYTES = 16 << 20
 PLACEHOLDER = "local-image:sha256:"
 IMAGE_FIELDS = frozenset({"first_frame_image", "last_frame_image", "reference_images"})
+# Fields that take URLs only ("URL, or Base64 for images"): nothing is uploaded for them, so a
+# local path there is refused before it is paid for, not sent raw.
+URL_FIELDS = frozenset({"video_urls", "audio_urls"})
 _PLACEHOLDER = re.compile(re.escape(PLACEHOLDER) + r"([0-9a-f]{64})")
-# Names that say "a file here"; the content decides whether it is an acceptable image.
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _BUCKET = re.compile(r"(s3|gs|gcs|az|abfs|r2)://", re.IGNORECASE)
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS uploads (
@@ -99,20 +105,33 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+def base64_image(text: str) -> bool:
+    """Whether ``text`` is Base64 image data, which the specs let an image field carry
+    ("a URL or Base64 data"): strict Base64 whose bytes start as a PNG, JPEG or WebP. A
+    path such as ``frames/hero`` is Base64 too by its letters, but not an image."""
+    if len(text) < 16 or not _BASE64.fullmatch(text):
+        return False
+    try:
+        return sniff(base64.b64decode(text[:24], validate=True)) is not None
+    except ValueError:
+        return False
+
+
 def local_reference(value: Any) -> str | None:
-    """The path a cell value names when it names a local file, else ``None`` (a URL,
-    Base64 data or anything else is sent as it is)."""
-    if not isinstance(value, str) or not value.strip() or len(value) > 1024 or "\n" in value:
+    """The path a cell value of an image field names, else ``None``: an http(s) URL, a
+    data: URI or Base64 image data is sent as it is; *every* other value names a local
+    file (or a bucket, or another scheme: :meth:`LocalImages.check` says why not), whatever
+    its name looks like, so nothing unchecked reaches the provider."""
+    if not isinstance(value, str) or not value.strip():
         return None
     text = value.strip()
-    if text.lower().startswith("file://"):
+    lower = text.lower()
+    if lower.startswith(("http://", "https://", "data:")) or base64_image(text):
+        return None
+    if lower.startswith("file://"):
         parts = urlsplit(text)
         return unquote(parts.path) if parts.netloc in ("", "localhost") else text
-    if "://" in text or text.lower().startswith("data:"):
-        return None
-    if text.lower().endswith(_IMAGE_SUFFIXES) or text.startswith(("./", "../", "/", "~")):
-        return text
-    return None
+    return text
 
 
 def read_checked(path: str, root: str) -> tuple[bytes | None, LocalImage | str]:
@@ -165,6 +184,10 @@ class LocalImages:
             return "not a local file"
         if named.lower().startswith("file://"):
             return "a file:// URL naming another host"
+        if "://" in named:
+            return "not an http(s) URL, a data: URI, Base64 image data or a local file"
+        if len(named) > 1024 or "\n" in named or "\x00" in named:
+            return "not a file name (too long, or a line break or NUL in it)"
         if sheet is None:
             return "a local image path needs a sheet on local disk"
         root = os.path.realpath(sheet)
@@ -179,29 +202,40 @@ class LocalImages:
         _, found = read_checked(path, root)
         if key is not None:
             self._checked[key] = found
-        if isinstance(found, LocalImage):
-            self.by_hash[found.sha256] = found
         return found
 
     def localize(self, body: dict[str, Any], sheet: Path | None, where: Callable[[str], str]) -> list[str]:
         """Replace each local image of ``body`` by its placeholder; the problems, each
-        naming the field, the value and the cell (``where(field)``)."""
+        naming the field, the value and the cell (``where(field)``), a value of a URL-only
+        field (:data:`URL_FIELDS`) that is not an http(s) URL among them."""
         problems: list[str] = []
+        good: list[LocalImage] = []
 
         def one(name: str, value: Any, item: int | None) -> Any:
-            if not isinstance(value, str) or (local_reference(value) is None and not _BUCKET.match(value.strip())):
+            if local_reference(value) is None:
                 return value
             found = self.check(value, sheet)
             if isinstance(found, str):
                 at = f"{name}[{item}]" if item is not None else name
-                problems.append(f"{at}={value!r} (cell {where(name)}): {found}")
+                shown = value if len(value) <= 200 else f"{value[:200]}..."
+                problems.append(f"{at}={shown!r} (cell {where(name)}): {found}")
                 return value
+            good.append(found)
             return PLACEHOLDER + found.sha256
 
         for name in IMAGE_FIELDS & body.keys():
             value = body[name]
             body[name] = [one(name, v, i) for i, v in enumerate(value)] if isinstance(value, list) \
                 else one(name, value, None)
+        for name in URL_FIELDS & body.keys():
+            value = body[name]
+            for i, v in enumerate(value if isinstance(value, list) else [value]):
+                if isinstance(v, str) and not v.strip().lower().startswith(("http://", "https://")):
+                    shown = v if len(v) <= 200 else f"{v[:200]}..."
+                    problems.append(f"{name}[{i}]={shown!r} (cell {where(name)}): not an http(s) URL "
+                                    "(only images are uploaded from local files)")
+        if not problems:  # only a row that will be sent uploads (and counts) its images
+            self.by_hash.update((img.sha256, img) for img in good)
         return problems
 
     def totals(self, known: set[str]) -> tuple[int, int]:

@@ -73,6 +73,24 @@ def test_preflight_for_an_unlisted_model_names_the_listed_seedance_models_and_ho
     assert fake.state.submissions() == []
 
 
+def test_preflight_checks_only_the_models_of_rows_that_will_be_sent(start_fake, tmp_path: Path) -> None:
+    """Reported: a sheet whose every row names Mini exited 5 in preflight because the
+    unused default (1.0 Lite) is not listed. Neither the default nor the model of an
+    invalid row is "in use": check, preflight and --max-spend look at the rows sent."""
+    fake = start_fake(models=(MINI, FAST_I2V))
+    path = write_csv(tmp_path / "in.csv", [
+        {"prompt": "a fox in snow", "model": MINI}, {"prompt": "a fox in rain", "model": MINI},
+        {"prompt": "a fox at dusk", "model": "bytedance/seedance-1.5-pro-t2v", "duration": "999"}])  # invalid
+    checked = cli(["check", str(path), "--base-url", fake.url])
+    assert checked.exit_code == 0, checked.output
+    assert LITE not in checked.output and "1.5-pro" not in checked.output
+    prices = tmp_path / "prices.toml"
+    prices.write_text(f'["{MINI}"]\ndefault = 0.05\n')  # Mini states no resolution field
+    res = submit(fake.url, tmp_path, path, "--prices", str(prices), "--max-spend", "5")
+    assert res.exit_code == 1, res.output + res.stderr  # the invalid row; not 5
+    assert sorted(r.body["prompt"] for r in fake.state.submissions()) == ["a fox in rain", "a fox in snow"]
+
+
 def test_models_list_marks_the_defaults_and_the_names_known_only(tmp_path: Path) -> None:
     out = cli(["models", "list"]).output
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("bytedance/")}

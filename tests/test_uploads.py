@@ -177,3 +177,84 @@ def test_uploads_take_their_turn_in_the_keys_rate_budget(start_fake, tmp_path: P
     assert res.exit_code == 0, res.output
     assert len(fake.state.uploads()) == 10 and len(fake.state.submissions()) == 10
     assert [r for r in fake.state.records if r.status == 429] == []
+
+
+def test_every_image_cell_that_is_not_a_url_is_a_local_file_checked_before_anything_is_paid(
+        fake, tmp_path: Path) -> None:
+    """Reported: cells without a known image extension (``frames/hero``, ``shot.jfif``, a
+    missing ``refs/cat``) were never checked and went raw to the provider. Whatever its
+    name, an image cell that is not an http(s) URL, a data: URI or Base64 image data names
+    a local file: checked (contained, exists, an image by its bytes), else the row is invalid."""
+    import base64
+
+    sheet_dir = images(tmp_path / "sheet")
+    (sheet_dir / "frames").mkdir()
+    (sheet_dir / "frames" / "hero").write_bytes(PNG)
+    (sheet_dir / "shot.jfif").write_bytes(JPEG)
+    (sheet_dir / "frames" / "notes").write_bytes(b"plain words")
+    raw = base64.b64encode(WEBP).decode()
+    rows = [{"prompt": "hero", "first_frame_image": "frames/hero"},
+            {"prompt": "jfif", "first_frame_image": "shot.jfif"},
+            {"prompt": "cat", "first_frame_image": "refs/cat"},
+            {"prompt": "notes", "first_frame_image": "frames/notes"},
+            {"prompt": "ftp", "first_frame_image": "ftp://example.com/x.png"},
+            {"prompt": "b64", "first_frame_image": raw},
+            {"prompt": "datauri", "first_frame_image": f"data:image/webp;base64,{raw}"},
+            {"prompt": "url", "first_frame_image": "HTTPS://example.com/frame.jpg"}]
+    sheet = write_csv(sheet_dir / "in.csv", rows)
+    res = run(fake, tmp_path, sheet)
+    assert res.exit_code == 1, res.output
+    table = {r["prompt"]: r for r in results(tmp_path / "r.parquet").iter_rows(named=True)}
+    expect = {"cat": "first_frame_image='refs/cat' (cell 'first_frame_image' row 4): no such file",
+              "notes": "not a PNG, JPEG or WebP image",
+              "ftp": "not an http(s) URL, a data: URI, Base64 image data or a local file"}
+    for prompt, words in expect.items():
+        assert table[prompt]["status"] == "invalid" and words in table[prompt]["error"], table[prompt]["error"]
+    sent = {r.body["prompt"]: r.body["first_frame_image"] for r in fake.state.submissions()}
+    assert set(sent) == {"hero", "jfif", "b64", "datauri", "url"}
+    assert sent["hero"].startswith(f"{fake.url}/media/file-") and sent["jfif"].startswith(f"{fake.url}/media/")
+    assert sent["b64"] == raw and sent["url"] == "HTTPS://example.com/frame.jpg"
+    assert len(fake.state.uploads()) == 2
+
+
+def test_a_reference_image_item_is_checked_too(fake, tmp_path: Path) -> None:
+    sheet_dir = images(tmp_path / "sheet")
+    sheet = write_csv(sheet_dir / "in.csv", [{"prompt": "refs", "reference_images": '["refs/a.png", "refs/cat"]'}])
+    res = run(fake, tmp_path, sheet)
+    assert res.exit_code == 1
+    row = results(tmp_path / "r.parquet").row(0, named=True)
+    assert row["status"] == "invalid" and "reference_images[1]='refs/cat'" in row["error"], row["error"]
+    assert "no such file" in row["error"] and fake.state.submissions() == [] and fake.state.uploads() == []
+
+
+def test_validate_and_dry_run_count_only_images_of_rows_that_would_be_sent(fake, tmp_path: Path) -> None:
+    """Reported: an invalid row's good images were counted as "would be uploaded"."""
+    sheet_dir = images(tmp_path / "sheet")
+    sheet = write_csv(sheet_dir / "in.csv", [
+        {"prompt": "bad", "reference_images": '["refs/a.png", "refs/c.webp", "refs/nope.jpg"]'},  # invalid
+        {"prompt": "good", "reference_images": '["refs/b.jpg"]'}])
+    want = f"uploads: 1 local images, {len(JPEG)} bytes would be uploaded"
+    res = cli(["validate", str(sheet), "--model", I2V, "--state", str(tmp_path / "s.sqlite")])
+    assert want in res.output, res.output
+    res = run(fake, tmp_path, sheet, "--dry-run")
+    assert want in res.output, res.output
+    res = run(fake, tmp_path, sheet)
+    assert "uploads: 1 local images" in res.output and len(fake.state.uploads()) == 1
+
+
+def test_a_local_path_in_a_video_or_audio_field_is_invalid_not_sent(fake, tmp_path: Path) -> None:
+    """Sibling: only images are uploaded, and video_urls/audio_urls take URLs (the specs:
+    "each item a non-empty string (URL, or Base64 for images)"); a local path there went raw
+    to the provider as a paid request."""
+    v2v = "bytedance/seedance-2.0-fast-v2v"
+    sheet = write_csv(tmp_path / "in.csv", [
+        {"prompt": "local clip", "video_urls": "clips/a.mp4"},
+        {"prompt": "local sound", "video_urls": "https://example.com/a.mp4", "audio_urls": "sounds/x.mp3"},
+        {"prompt": "fine", "video_urls": "https://example.com/a.mp4"}])
+    res = run(fake, tmp_path, sheet, "--model", v2v)
+    assert res.exit_code == 1, res.output
+    table = {r["prompt"]: r for r in results(tmp_path / "r.parquet").iter_rows(named=True)}
+    assert table["local clip"]["status"] == "invalid"
+    assert "video_urls[0]='clips/a.mp4' (cell 'video_urls' row 2): not an http(s) URL" in table["local clip"]["error"]
+    assert table["local sound"]["status"] == "invalid" and "audio_urls[0]='sounds/x.mp3'" in table["local sound"]["error"]
+    assert [r.body["prompt"] for r in fake.state.submissions()] == ["fine"]
