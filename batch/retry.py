@@ -45,7 +45,7 @@ CONTENT, RETRYABLE_CLASS, UNCLASSIFIED = "content_policy", "retryable", "unclass
 
 
 def _code(pattern: str) -> str:
-    """An error *code* as :func:`batch.collect.failure_reason` stores one: a part of the
+    """An error *code* as :func:`batch.following.failure_reason` stores one: a part of the
     reason (parts are joined by ``; ``, the first may follow a ``<state>: `` prefix) that
     starts ``<code>:``, or is ``code <n>``; never a number in the provider's prose
     ("the first frame is 512 px wide" is not a server error)."""
