@@ -34,7 +34,7 @@ from batch.collect import CollectConfig
 from batch.download import DownloadPolicy
 from batch.errors import EXIT_INTERRUPTED, EXIT_PROVIDER, BatchError, ConfigError, StateError
 from batch.expand import ExpandSpec, normalize, parse_param
-from batch.jobfile import JobFile, load_job
+from batch.jobfile import JobFile, fill_output, load_job
 from batch.ledger import backup as ledger_backup
 from batch.ledger import default_state_path, fake_state_path, state_home
 from batch.models import MAX_SPEC_BYTES, Catalog, names_only, save_spec
@@ -402,6 +402,7 @@ def parse_duration(text: str, option: str) -> float:
 def submit(**kw: Any) -> None:
     """Validate, expand and submit INPUT files (.csv, .parquet, .xlsx, dirs, globs)."""
     notify.arm(kw["notify"], "submit", notify.url_secrets(kw.get("proxy")))
+    kw["output"] = dated("--output", kw["output"])
     finish(build_options(kw, command="submit"), kw.get("metrics_file"), "submit", page=not kw["no_html"])
 
 
@@ -415,10 +416,27 @@ def run(ctx: click.Context, job: Path, **kw: Any) -> None:
     """Run a declarative job file (TOML, see jobs/example.toml); options override the file."""
     notify.arm(kw["notify"], f"run {job}", notify.url_secrets(kw.get("proxy")))
     spec = read_job(job)
+    if kw.get("output"):  # from the command line or env: the job's own output is filled in already
+        kw["output"] = dated("--output", kw["output"])
     merged = merge_job(ctx, spec, kw)
     notify.arm(merged.get("notify"), f"run {job}", notify.url_secrets(merged.get("proxy")))
     finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem,
            page=not merged["no_html"])
+
+
+def dated(option: str, text: str) -> str:
+    """``{date}``/``{datetime}`` in a results path given on the command line, filled in as a
+    job file's ``output`` is (:func:`batch.jobfile.fill_output`): the night's own table."""
+    try:
+        return fill_output(str(text))
+    except ValueError as exc:
+        raise ConfigError(f"{option} {text}: {exc}") from None
+
+
+def table_template(text: str) -> str:
+    """A dated ``--results`` as the ledger records outputs (a local path made absolute), so
+    collect finds the tables earlier nights' runs wrote under it."""
+    return text if is_remote(text) else os.path.abspath(text)
 
 
 def models_dir() -> Path:
@@ -713,6 +731,9 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
     defaults; options win."""
     run_tables = None
     notify.arm(notify_urls, "collect", notify.url_secrets(proxy))
+    if results and "{" in results:  # every night's table the followed runs wrote under this name
+        run_tables = table_template(results)
+        results = dated("--results", results)
     if job is not None:
         spec = read_job(job)
         unset = lambda name: ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)  # noqa: E731
@@ -745,10 +766,15 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
     if results and download_dir and not no_html:
         from batch.page import write_page_after  # jinja2 and PyAV: only when a page is made
 
-        written = write_page_after(results, pricing=pricing_of(None, read_job(job) if job else None))
-        summary["page"] = written.path if written else None
-        if written is not None and written.spend:
-            summary["spend"] = written.spend
+        pages = []
+        pricing = pricing_of(None, read_job(job) if job else None)
+        for table in summary.get("tables") or []:  # each table collect rewrote gets its page beside it
+            written = write_page_after(table, pricing=pricing)
+            if written is not None:
+                pages.append(written.path)
+                if written.spend:
+                    summary["spend"] = written.spend
+        summary["page"] = ", ".join(pages) or None
     if as_json:
         click.echo(json.dumps(summary))
     else:

@@ -75,6 +75,17 @@ class JobFile:
         return self.values.get(key, default)
 
 
+def fill_output(text: str, now: datetime | None = None) -> str:
+    """A results path with ``{date}`` (the night, :func:`batch.ledger.night_of`, the date
+    the spend cap counts) and ``{datetime}`` filled in: the one definition for a job's
+    ``output`` and the command line's ``-o``/``--results``. Other braces are an error."""
+    now = now or datetime.now()
+    try:
+        return text.format(date=night_of(now), datetime=now.strftime("%Y-%m-%dT%H%M%S"))
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ValueError(f"only {{date}} and {{datetime}} may be used ({type(exc).__name__}: {exc})") from None
+
+
 def _fail(path: Path, key: str, message: str) -> ConfigError:
     return ConfigError(f"{path}: {key}: {message}")
 
@@ -128,10 +139,9 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
             text = values[key]
             if key == "output":
                 try:
-                    text = text.format(date=night_of(now),  # the night the spend cap counts
-                                        datetime=now.strftime("%Y-%m-%dT%H%M%S"))
-                except (KeyError, IndexError, ValueError) as exc:
-                    raise _fail(path, key, f"only {{date}} and {{datetime}} may be used ({exc})") from None
+                    text = fill_output(text, now)
+                except ValueError as exc:
+                    raise _fail(path, key, str(exc)) from None
             # A bucket URL is kept as written: a path join would fold its "//".
             values[key] = text if is_remote(text) else Path(os.path.normpath(base / text))
     if "tier" in values and values["tier"] not in TIERS:

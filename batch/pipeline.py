@@ -380,6 +380,7 @@ def run_submit(opts: RunOptions) -> Summary:
             record_summary(output, summary, opts, sent=False)
             return summary
         probe_outputs(opts, opts.output)
+        replaced = table_task_ids(opts.output)
         routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_in_use}
         opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander), routes=routes))
         schema = request_schema_of(expander)
@@ -435,9 +436,31 @@ def run_submit(opts: RunOptions) -> Summary:
         except Exception as exc:  # the outcomes are committed already; the table says what happened
             add_fault(summary, f"cannot record the end of run {run_id} in the ledger ({_describe(exc)}); "
                                f"{where_ids(opts, summary.table_written)}")
+        if summary.table_written and replaced:
+            dropped = len(replaced - table_task_ids(opts.output))
+            if dropped:
+                log.warning("table_replaced", results=str(opts.output), task_ids_dropped=dropped,
+                            note=f"the table held {dropped} task ids of requests not in tonight's input; they "
+                                 f"remain in the ledger {opts.state}: collect follows them; give each night its "
+                                 f"own table (-o 'results/{{date}}.parquet') to keep them in a table")
+                summary.extra["table_replaced"] = {"task_ids_dropped": dropped}
         if not (outcome is not None and outcome.aborted):  # a second signal: leave at once, as before
             record_summary(opts.output, summary, opts, sent=summary.sent > 0)
         return summary
+
+
+def table_task_ids(output: Target) -> set[str]:
+    """The task ids a results table at ``output`` holds (none when there is no table or it
+    cannot be read): what rewriting it would drop is said, not lost silently."""
+    try:
+        if not output.exists():
+            return set()
+        table = read_results(output)
+    except Exception:  # not a table this tool can read: nothing to compare
+        return set()
+    if "task_id" not in table.columns:
+        return set()
+    return {t for t in table["task_id"].cast(pl.String).to_list() if t}
 
 
 def output_record(output: Target) -> str:
@@ -824,7 +847,7 @@ def _run_tables(opts: CollectOptions, ledger: Ledger, apis: list[str], given: Ta
     found: list[Target] = []
     for output in sorted(set(ledger.run_outputs({e.run_id for e in open_tasks}).values())):
         target = Target(output)
-        if not pattern.fullmatch(output) or (given is not None and target.same_file(output)):
+        if not pattern.fullmatch(output) or (given is not None and given.same_file(output)):
             continue
         try:
             if target.exists():
@@ -897,6 +920,7 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         summary = {"run_id": "collect", "followed": len(entries), **stats.as_dict(),
                    "elapsed_s": round(time.monotonic() - started, 3), "state": str(opts.state),
                    "results": ", ".join(str(t) for t, _ in tables) or str(opts.results or ""),
+                   "tables": [str(t) for t, _ in tables],
                    "local_fault": "; ".join(faults) or None}
         summary["exit_code"] = EXIT_LOCAL_FAULT if faults else EXIT_INTERRUPTED if stats.interrupted else (
             EXIT_PROVIDER if stats.fatal else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE))

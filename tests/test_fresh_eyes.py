@@ -1,0 +1,83 @@
+"""Defects a fresh-eyes reviewer (a new data-team user) reproduced against the fake
+(issue #18 follow-up): each test below reproduces one report, then its siblings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+from conftest import cli, json_lines, prompts, run_cli_process, subprocess_env, write_csv
+
+# Two time zones 26 hours apart: their local dates always differ (night 1 and night 2).
+EARLY, LATE = "Etc/GMT-14", "Etc/GMT+12"
+
+
+# -- 1. {date} in -o / --results on the command line ----------------------------------------
+
+def test_cli_output_date_template_is_expanded_and_collect_follows_every_night(fake, tmp_path: Path) -> None:
+    """Reported: `-o 'in/{date}.parquet'` on the command line was written literally, so
+    night 2 overwrote night 1's table and collect never followed night 1's tasks."""
+    write_csv(tmp_path / "n1.csv", prompts(3, "night one"))
+    write_csv(tmp_path / "n2.csv", prompts(2, "night two"))
+    template = str(tmp_path / "results" / "{date}.parquet")
+    common = ["--state", str(tmp_path / "s.sqlite"), "--base-url", fake.url, "--rate", "0"]
+    for tz, inputs in ((EARLY, "n1.csv"), (LATE, "n2.csv")):
+        res = run_cli_process(["submit", str(tmp_path / inputs), "-o", template, *common],
+                              env=subprocess_env(TZ=tz))
+        assert res.returncode == 0, res.stderr
+    tables = sorted((tmp_path / "results").glob("*.parquet"))
+    assert len(tables) == 2, tables
+    assert not (tmp_path / "results" / "{date}.parquet").exists()
+    assert sorted(pl.read_parquet(t).height for t in tables) == [2, 3]
+    morning = run_cli_process(["collect", "--results", template, "--download", str(tmp_path / "v"),
+                               "--state", str(tmp_path / "s.sqlite"), "--base-url", fake.url, "--rate", "0"],
+                              env=subprocess_env(TZ=LATE))
+    assert morning.returncode == 0, morning.stderr
+    for table in tables:
+        assert pl.read_parquet(table)["task_status"].to_list() == ["success"] * pl.read_parquet(table).height, \
+            morning.stderr
+        # 2. the page is written beside each table collect rewrote
+        assert table.with_suffix(".html").exists(), morning.stderr
+    assert len(list((tmp_path / "v").glob("*.mp4"))) == 5
+    assert "page_not_written" not in morning.stderr
+
+
+def test_collect_job_after_midnight_writes_the_page_beside_last_nights_table(fake, tmp_path: Path) -> None:
+    """Reported: collect JOB --download after midnight rewrote last night's {date} table
+    but tried to write the page for tonight's (missing) table: page_not_written."""
+    write_csv(tmp_path / "in.csv", prompts(2))
+    job = tmp_path / "job.toml"
+    job.write_text(f'inputs = ["in.csv"]\noutput = "results/{{date}}.parquet"\nstate = "s.sqlite"\n'
+                   f'rate = "0"\nbase_url = "{fake.url}"\ndownload = "videos/"\n')
+    assert run_cli_process(["run", str(job)], env=subprocess_env(TZ=EARLY)).returncode == 0
+    (table,) = (tmp_path / "results").glob("*.parquet")
+    morning = run_cli_process(["collect", str(job)], env=subprocess_env(TZ=LATE))
+    assert morning.returncode == 0, morning.stderr
+    assert "page_not_written" not in morning.stderr
+    assert table.with_suffix(".html").exists()
+    assert [p.name for p in (tmp_path / "results").glob("*.html")] == [table.with_suffix(".html").name]
+
+
+def test_a_bad_placeholder_in_cli_output_is_one_line(tmp_path: Path) -> None:
+    write_csv(tmp_path / "in.csv", prompts(1))
+    res = cli(["submit", str(tmp_path / "in.csv"), "-o", str(tmp_path / "{night}.parquet"), "--dry-run"])
+    assert res.exit_code == 2
+    assert "{date}" in res.output
+
+
+def test_a_table_replaced_by_another_nights_requests_warns(fake, tmp_path: Path) -> None:
+    """Sibling: a fixed -o whose table holds task ids of requests not in tonight's input
+    lost them from the table silently. They stay in the ledger; the run says so."""
+    out = tmp_path / "r.parquet"
+    common = ["-o", str(out), "--state", str(tmp_path / "s.sqlite"), "--base-url", fake.url, "--rate", "0"]
+    write_csv(tmp_path / "a.csv", prompts(3, "first"))
+    write_csv(tmp_path / "b.csv", prompts(1, "second"))
+    assert run_cli_process(["submit", str(tmp_path / "a.csv"), *common]).returncode == 0
+    res = run_cli_process(["submit", str(tmp_path / "b.csv"), *common])
+    assert res.returncode == 0, res.stderr
+    (event,) = [e for e in json_lines(res.stderr) if e.get("event") == "table_replaced"]
+    assert event["task_ids_dropped"] == 3
+    assert "ledger" in event["note"]
+    # Rerunning the same input replaces nothing: no warning.
+    again = run_cli_process(["submit", str(tmp_path / "b.csv"), *common])
+    assert not [e for e in json_lines(again.stderr) if e.get("event") == "table_replaced"]
