@@ -281,7 +281,15 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
         norm = normalize(c)
         if c in fields or c in (id_column, model_column) or norm in passthrough:
             continue
-        close = difflib.get_close_matches(norm, names, n=1, cutoff=0.8) or [
+        # A field's name in whole words wins over a spelling guess ("Video duration" is no
+        # misspelt "video_ratio").
+        name = field_named_within(c, known, aliases)
+        if name is not None and name not in taken:
+            raise InputError(
+                f"{where}: column {c!r} names the field {name!r} in a form that is not its header, so its "
+                f"values would not be sent: rename the header to {name!r}, or keep it as a pass-through "
+                f"column with passthrough = [{c!r}] in the job file (or --passthrough {c!r})")
+        close = [] if name is not None else difflib.get_close_matches(norm, names, n=1, cutoff=0.8) or [
             a for a in difflib.get_close_matches(norm, sorted(set(meaning) - set(names)), n=1, cutoff=0.8)
             if not (a.startswith(norm) or norm.startswith(a))]
         if close and meaning[close[0]] not in taken:
@@ -312,6 +320,25 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
         raise InputError(f"{where}: no 'prompt' column (columns: {', '.join(columns) or 'none'})")
     extra = {c: (f"input_{c}" if c in RESULT_COLUMNS or c in known else c) for c in columns if c not in fields}
     return ColumnMap(fields, extra, id_column, model_column, template, tuple(sorted(models)))
+
+
+def field_named_within(header: str, known: Iterable[str], aliases: Mapping[str, str]) -> str | None:
+    """The one field a header names in a longer form (``Video duration (sec)``, ``Target
+    resolution``, ``Fixed camera yes/no``: a field's name, or a synonym of several words,
+    as whole words of it) or as an abbreviation (``Dur.``: a dotted prefix of at least 3
+    letters of exactly one field's name); ``None`` when it names none, or several. One-word
+    synonyms (``tier``, ``sound``) count only as the whole header: inside one they are
+    ordinary words (``Customer tier``, ``Sound designer``)."""
+    norm = normalize(header)
+    words = norm.split("_")
+    found = set()
+    for name, target in [(f, f) for f in known] + [(a, f) for a, f in aliases.items() if "_" in a]:
+        part = name.split("_")
+        if len(part) < len(words) and any(words[i:i + len(part)] == part for i in range(len(words) - len(part) + 1)):
+            found.add(target)
+    if str(header).strip().endswith(".") and len(norm) >= 3 and norm.isalpha():
+        found |= set(prefixed) if len(prefixed := [f for f in known if f.startswith(norm)]) == 1 else set()
+    return found.pop() if len(found) == 1 else None
 
 
 def _enum_values(catalog: Catalog, slugs: Sequence[str]) -> dict[str, set[str]]:

@@ -6,7 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-from conftest import cli, json_lines, prompts, run_cli_process, subprocess_env, write_csv
+import pytest
+from conftest import cli, error_line, json_lines, prompts, run_cli_process, subprocess_env, write_csv
+
+from batch.models import Catalog, normalize_name
 
 # Two time zones 26 hours apart: their local dates always differ (night 1 and night 2).
 EARLY, LATE = "Etc/GMT-14", "Etc/GMT+12"
@@ -81,3 +84,55 @@ def test_a_table_replaced_by_another_nights_requests_warns(fake, tmp_path: Path)
     # Rerunning the same input replaces nothing: no warning.
     again = run_cli_process(["submit", str(tmp_path / "b.csv"), *common])
     assert not [e for e in json_lines(again.stderr) if e.get("event") == "table_replaced"]
+
+
+# -- 3. headers that clearly name a field in a form the matcher missed ----------------------
+
+PRO15 = "bytedance/seedance-1.5-pro-t2v"
+
+
+def _submit(fake, tmp_path: Path, path: Path, *extra: str):
+    return cli(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--base-url", fake.url,
+                "--state", str(tmp_path / "s.sqlite"), "--rate", "0", *extra])
+
+
+@pytest.mark.parametrize(("header", "value", "field", "sent"), [
+    ("Clip duration", "7", "duration", 7), ("Audio", "yes", "generate_audio", True),
+    ("Sound", "FALSE", "generate_audio", False), ("With sound", "TRUE", "generate_audio", True),
+    ("Static shot", "yes", "camera_fixed", True), ("Fixed cam", "no", "camera_fixed", False),
+])
+def test_synonyms_people_write_reach_their_fields(fake, tmp_path: Path, header: str, value: str, field: str,
+                                                  sent) -> None:
+    """Reported: these headers passed through silently; the video got the API's default."""
+    path = write_csv(tmp_path / "in.csv", [{"prompt": "a fox", header: value}])
+    res = _submit(fake, tmp_path, path, "--model", PRO15)
+    assert res.exit_code == 0, res.output
+    (request,) = fake.state.submissions()
+    assert request.body[field] == sent
+
+
+@pytest.mark.parametrize(("header", "field"), [
+    ("Dur.", "duration"), ("Res.", "resolution"), ("Video duration (sec)", "duration"),
+    ("Camera fixed?", "camera_fixed"), ("Target resolution", "resolution"), ("Fixed camera yes/no", "camera_fixed"),
+])
+def test_a_header_holding_a_fields_name_is_an_error_naming_it(fake, tmp_path: Path, header: str, field: str) -> None:
+    path = write_csv(tmp_path / "in.csv", [{"prompt": "a fox", header: "5"}])
+    res = _submit(fake, tmp_path, path)
+    if normalize_name(header) in Catalog().aliases() or normalize_name(header) in Catalog().known_fields():
+        return  # a plain synonym (Res.) maps to its field: not this test's case
+    assert res.exit_code == 2, res.output
+    line = error_line(res.stderr)
+    assert f"'{field}'" in line and repr(header) in line
+    assert fake.state.submissions() == []
+    # --passthrough keeps it as it is
+    res = _submit(fake, tmp_path, path, "--passthrough", header)
+    assert res.exit_code == 0, res.output
+
+
+def test_ordinary_headers_stay_pass_through(fake, tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "Notes": "n", "campaign": "c", "Video title": "t", "Prompt notes": "x",
+             "No.": "1", "Doc.": "d", "Sound designer": "Ann", "Shot": "A", "Customer tier": "gold"}]
+    res = _submit(fake, tmp_path, write_csv(tmp_path / "in.csv", rows))
+    assert res.exit_code == 0, res.output
+    (request,) = fake.state.submissions()
+    assert request.body == {"prompt": "p", "service_tier": "flex"}
