@@ -584,7 +584,8 @@ def _read_workbook(path: Path, options: ReadOptions) -> tuple[list[Table], list[
         every = wanted is not None and wanted.strip().lower() == "all" and not any(s.name == wanted for s in sheets)
         candidates = visible if wanted is None or every else _named_sheets(path, sheets, wanted)
         styles = xlsx.date_styles(zf)
-        scans = {s.name: xlsx.scan_sheet(zf, s.part, styles, CELL_CHARS) for s in candidates}
+        trusted = not xlsx.values_are_placeholders(zf)
+        scans = {s.name: xlsx.scan_sheet(zf, s.part, styles, CELL_CHARS, trusted) for s in candidates}
         wanted_strings = set().union(*(sc.header_strings() for sc in scans.values()))
         oversized, texts = xlsx.shared_strings(zf, CELL_CHARS, wanted_strings)
         headers = {name: _find_header(sc, texts, options) for name, sc in scans.items()}
@@ -647,8 +648,8 @@ def _sheet_table(path: Path, reader: fastexcel.ExcelReader, index: int, info: xl
     for row, col in scan.formulas:
         if (key := at(row, col)) is not None:
             notes[key] = (f"cell {xlsx.column_letters(col)}{row} is a formula without a saved value (the file was "
-                          "written by a program that does not calculate): open it in Excel and save it, or paste "
-                          "values")
+                          "written by a program that does not calculate, or asks to be recalculated when opened): "
+                          "open it in Excel and save it, or paste values")
     for r1, c1, r2, c2, ref in scan.merged:
         for row in range(r1, r2 + 1):
             for col in range(c1, c2 + 1):

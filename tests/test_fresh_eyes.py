@@ -136,3 +136,63 @@ def test_ordinary_headers_stay_pass_through(fake, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     (request,) = fake.state.submissions()
     assert request.body == {"prompt": "p", "service_tier": "flex"}
+
+
+# -- 4. xlsxwriter's formula cells hold a placeholder 0, not a value -------------------------
+
+def test_formulas_in_a_workbook_that_asks_to_be_recalculated_are_not_sent(fake, tmp_path: Path) -> None:
+    """Reported: xlsxwriter writes `<f>1=1</f><v>0</v>` and marks the workbook
+    fullCalcOnLoad; the tool sent 0/False as the formula's value."""
+    import xlsxwriter
+
+    path = tmp_path / "in.xlsx"
+    book = xlsxwriter.Workbook(str(path))
+    sheet = book.add_worksheet("Night")
+    sheet.write_row(0, 0, ["prompt", "duration", "camera_fixed", "note"])
+    sheet.write_row(1, 0, ["a fox", 5, True, "plain"])
+    sheet.write_formula(2, 0, '="a cat "&"at dusk"')
+    sheet.write_formula(2, 1, "=2+3")
+    sheet.write(2, 3, "x")
+    sheet.write(3, 0, "a dog")
+    sheet.write_formula(3, 2, "=1=1")
+    sheet.write_formula(3, 3, "=1+1")  # a pass-through column: not a request field, the row stays valid
+    sheet.write_row(4, 0, ["an owl", 6])
+    book.close()
+    res = _submit(fake, tmp_path, path, "--model", "bytedance/seedance-1.0-lite-t2v")
+    assert res.exit_code == 1, res.output
+    table = pl.read_parquet(tmp_path / "r.parquet")
+    assert table["status"].to_list() == ["submitted", "invalid", "invalid", "submitted"]
+    errors = table["error"].to_list()
+    assert "A3" in errors[1] and "formula" in errors[1]
+    assert "C4" in errors[2] and "formula" in errors[2]
+    assert sorted(r.body["prompt"] for r in fake.state.submissions()) == ["a fox", "an owl"]
+
+
+def test_cached_formula_values_excel_saved_are_still_read(fake, tmp_path: Path) -> None:
+    """The other side: a workbook saved by a calculating program (no fullCalcOnLoad) keeps
+    its cached values, which are trusted as before."""
+    import zipfile
+
+    import openpyxl
+
+    path = tmp_path / "in.xlsx"
+    book = openpyxl.Workbook()
+    book.active.append(["prompt", "duration"])
+    book.active.append(["a fox", "=2+3"])
+    book.save(path)
+    # Put the value Excel would have saved into the formula cell (openpyxl writes none).
+    with zipfile.ZipFile(path) as zf:
+        parts = {n: zf.read(n) for n in zf.namelist()}
+    sheet = "xl/worksheets/sheet1.xml"
+    parts[sheet] = parts[sheet].replace(b"<f>2+3</f><v></v>", b"<f>2+3</f><v>5</v>").replace(
+        b"<f>2+3</f><v />", b"<f>2+3</f><v>5</v>")
+    assert b"<v>5</v>" in parts[sheet], parts[sheet]
+    parts["xl/workbook.xml"] = parts["xl/workbook.xml"].replace(b' fullCalcOnLoad="1"', b"")  # as Excel saves
+    assert b"fullCalcOnLoad" not in parts["xl/workbook.xml"]
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in parts.items():
+            zf.writestr(name, data)
+    res = _submit(fake, tmp_path, path)
+    assert res.exit_code == 0, res.output
+    (request,) = fake.state.submissions()
+    assert request.body["duration"] == 5
