@@ -45,6 +45,7 @@ import io
 import itertools
 import os
 import re
+import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -610,6 +611,10 @@ def _read_workbook(path: Path, options: ReadOptions) -> tuple[list[Table], list[
             chosen = with_prompt or visible[:1]
             passed = [Skipped(f"{path}[{s.name}]", "no prompt column") for s in visible
                       if s not in chosen and (every or len(visible) > 1)]
+            # Hidden sheets are never read unless named (`all` means the visible ones: a
+            # hidden sheet is often an old or a helper copy), but never passed over unsaid.
+            passed += [Skipped(f"{path}[{s.name}]", f"hidden sheet, not read; --sheet {shlex.quote(s.name)} reads it")
+                       for s in sheets if s.state != "visible"]
         else:
             chosen = candidates
         for info in chosen:

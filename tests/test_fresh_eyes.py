@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -196,3 +197,35 @@ def test_cached_formula_values_excel_saved_are_still_read(fake, tmp_path: Path) 
     assert res.exit_code == 0, res.output
     (request,) = fake.state.submissions()
     assert request.body["duration"] == 5
+
+
+# -- 5. hidden sheets are named, never silently unread ---------------------------------------
+
+def _hidden_book(path: Path) -> Path:
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    book.active.title = "Main"
+    book.active.append(["prompt"])
+    book.active.append(["a fox"])
+    extra = book.create_sheet("Extra")
+    extra.append(["prompt"])
+    extra.append(["a hidden cat"])
+    extra.sheet_state = "hidden"
+    book.save(path)
+    return path
+
+
+def test_a_hidden_sheet_with_prompts_is_named_in_skipped_files(fake, tmp_path: Path) -> None:
+    path = _hidden_book(tmp_path / "in.xlsx")
+    for extra in ((), ("--sheet", "all")):
+        res = _submit(fake, tmp_path, path, *extra)
+        assert res.exit_code == 0, res.output
+        summary = json.loads((tmp_path / "r.parquet.summary.json").read_text())
+        assert {"source": f"{path}[Extra]", "reason": "hidden sheet, not read; --sheet Extra reads it"} in \
+            summary["skipped_files"], summary["skipped_files"]
+        assert "Extra" in res.output
+    assert [r.body["prompt"] for r in fake.state.submissions()] == ["a fox"]
+    res = _submit(fake, tmp_path, path, "--sheet", "Extra")
+    assert res.exit_code == 0, res.output
+    assert sorted(r.body["prompt"] for r in fake.state.submissions()) == ["a fox", "a hidden cat"]
