@@ -301,8 +301,10 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
                 f"(or --passthrough {c!r})")
     models = {spec.model}
     if model_column is not None:
-        models |= {str(v).strip().lower() for v in table.df[model_column].drop_nulls().unique().to_list()
-                   if str(v).strip()}
+        named = [str(v).strip() for v in table.df[model_column].unique().to_list() if v is not None]
+        models = {v.lower() for v in named if v}
+        if table.df[model_column].null_count() or "" in named or not models:
+            models.add(spec.model)  # a row without a model cell uses the default model
     usable = [m for m in models if catalog.find(m) is not None]
     for c, f in fields.items():
         if not catalog.with_field(f, usable) and usable:

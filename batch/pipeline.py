@@ -416,6 +416,10 @@ def run_submit(opts: RunOptions) -> Summary:
                 rescue = companion(opts.state, "rescue.jsonl")  # written by the ledger if it broke meanwhile
                 outcome = _Outcome(RunStats(sent=claimed, stop_reason="internal error"), None, False,
                                    crash=_describe(exc), rescue=rescue if rescue.exists() else None)
+            if outcome.stats.state_error and outcome.stats.sent == 0 and _claimed(ledger, run_id) == 0:
+                # It broke before the first request was claimed: there are no task ids to
+                # point at, and exit 6 ("after sending") would send the operator looking for them.
+                raise StateError(f"{outcome.stats.state_error}; nothing was sent")
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable,
                                      skipped)
             if retried is not None:

@@ -229,3 +229,41 @@ def test_a_hidden_sheet_with_prompts_is_named_in_skipped_files(fake, tmp_path: P
     res = _submit(fake, tmp_path, path, "--sheet", "Extra")
     assert res.exit_code == 0, res.output
     assert sorted(r.body["prompt"] for r in fake.state.submissions()) == ["a fox", "a hidden cat"]
+
+
+# -- 6. --max-spend for models whose spec has no default resolution --------------------------
+
+I2V = "bytedance/seedance-1.5-pro-i2v"
+I2V_PRICES = f'["{I2V}"]\n"480p" = 0.02\n"720p" = 0.04\n"1080p" = 0.08\n'
+
+
+def _i2v_rows(n: int, resolution: str = "") -> list[dict]:
+    return [{"prompt": f"frame {i}", "model": I2V, "first_frame_image": f"https://img.example/{i}.png",
+             **({"resolution": resolution} if resolution else {})} for i in range(n)]
+
+
+def test_max_spend_prices_an_api_default_resolution_at_the_models_dearest(fake, tmp_path: Path) -> None:
+    """Reported: an i2v model (no default resolution in its spec) under --max-spend left all
+    rows pending, exit 6 and a message about task ids in a rescue file, with 0 sent; the
+    price check also demanded the default model's prices although no row used it."""
+    prices = tmp_path / "prices.toml"
+    prices.write_text(I2V_PRICES)
+    path = write_csv(tmp_path / "in.csv", _i2v_rows(5))
+    res = _submit(fake, tmp_path, path, "--prices", str(prices), "--max-spend", "1.0", "--no-preflight")
+    # 5 s at the dearest priced resolution (1080p, 0.08/s): 0.40 a request, so 2 fit under 1.00.
+    assert res.exit_code == 1, res.output
+    assert len(fake.state.submissions()) == 2
+    table = pl.read_parquet(tmp_path / "r.parquet")
+    assert table["status"].to_list() == ["submitted"] * 2 + ["pending"] * 3
+    assert "rescue" not in res.output
+    summary = json.loads((tmp_path / "r.parquet.summary.json").read_text())
+    assert summary["spend"]["this_run_usd"] == pytest.approx(0.8)
+
+
+def test_max_spend_with_a_named_resolution_uses_its_price(fake, tmp_path: Path) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text(I2V_PRICES)
+    path = write_csv(tmp_path / "in.csv", _i2v_rows(6, "480p"))  # 0.10 a request
+    res = _submit(fake, tmp_path, path, "--prices", str(prices), "--max-spend", "0.5", "--no-preflight")
+    assert res.exit_code == 1, res.output
+    assert len(fake.state.submissions()) == 5
