@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import math
 import os
 import re
 import signal
@@ -66,6 +67,17 @@ from batch.validate import TIERS
 
 MAX_DEADLINE_S = 366 * 86400
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float option's value that is a number: ``nan`` passes every range comparison and
+    ``inf``/``1e309`` every lower bound, so either would turn a cap or a timeout into none."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if isinstance(number, float) and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def parse_deadline(text: str, now: datetime | None = None) -> float:
@@ -315,7 +327,7 @@ def common_options(fn: Any) -> Any:
                           "at another host): nothing is resubmitted. Repeatable."),
         click.option("--max-attempts", type=click.IntRange(1, 50), default=5, show_default=True,
                      envvar="SEEDANCE_BATCH_MAX_ATTEMPTS", help="Attempts per request for 429/503/connect errors."),
-        click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+        click.option("--timeout", type=FiniteFloatRange(1, 3600), default=60.0, show_default=True,
                      envvar="SEEDANCE_BATCH_TIMEOUT", help="Seconds one HTTP attempt may take."),
         click.option("--retry-failed", is_flag=True,
                      help="Send again the requests whose task failed for a reason on the provider's side (internal, "
@@ -327,7 +339,7 @@ def common_options(fn: Any) -> Any:
                           "date included); the rest stay pending. [env SEEDANCE_BATCH_MAX_REQUESTS]"),
         click.option("--deadline", envvar="SEEDANCE_BATCH_DEADLINE",
                      help="Stop starting requests at a duration (90m) or clock time (06:00). [env SEEDANCE_BATCH_DEADLINE]"),
-        click.option("--grace", type=click.FloatRange(0, 3600), default=30.0, show_default=True,
+        click.option("--grace", type=FiniteFloatRange(0, 3600), default=30.0, show_default=True,
                      help="On SIGINT/SIGTERM/deadline, seconds to wait for requests in flight."),
         click.option("--sheet", help="Workbook sheet name or 1-based number, a comma list, or 'all' (default: the "
                      "visible sheet with a prompt column)."),
@@ -338,14 +350,14 @@ def common_options(fn: Any) -> Any:
         transport_options,
         click.option("--metrics-file", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_METRICS_FILE",
                      help="Write a Prometheus textfile (node_exporter) with the run's counts. [env SEEDANCE_BATCH_METRICS_FILE]"),
-        click.option("--progress-interval", type=click.FloatRange(0.05), default=10.0, show_default=True,
+        click.option("--progress-interval", type=FiniteFloatRange(0.05), default=10.0, show_default=True,
                      envvar="SEEDANCE_BATCH_PROGRESS_INTERVAL",
                      help="Seconds between progress events when stderr is not a TTY. [env SEEDANCE_BATCH_PROGRESS_INTERVAL]"),
         click.option("--prices", "prices_file", type=click.Path(path_type=Path, dir_okay=False),
                      envvar="SEEDANCE_BATCH_PRICES",
                      help="TOML price table (USD per second of video by model and resolution) for estimates and "
                           "--max-spend. [env SEEDANCE_BATCH_PRICES]"),
-        click.option("--max-spend", type=click.FloatRange(0), envvar="SEEDANCE_BATCH_MAX_SPEND", metavar="USD",
+        click.option("--max-spend", type=FiniteFloatRange(0), envvar="SEEDANCE_BATCH_MAX_SPEND", metavar="USD",
                      help="Stop starting requests before the night's estimated cost through this ledger (this run's "
                           "and earlier runs' of the same local date) would pass USD (needs prices). "
                           "[env SEEDANCE_BATCH_MAX_SPEND]"),
@@ -694,7 +706,7 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
               "[env SEEDANCE_BATCH_DOWNLOAD_DIR]")
 @click.option("--wait", is_flag=True, help="Keep polling until every task is terminal or --timeout passes (default: one pass).")
 @click.option("--timeout", "wait_timeout", default="6h", show_default=True, help="With --wait: stop polling after this long.")
-@click.option("--poll-interval", type=click.FloatRange(0.1), default=10.0, show_default=True,
+@click.option("--poll-interval", type=FiniteFloatRange(0.1), default=10.0, show_default=True,
               help="First wait between polls of a pending task; grows 1.5x per poll up to 10 min.")
 @base_url_option()
 @api_key_file_option()
@@ -703,14 +715,14 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @click.option("--concurrency", type=click.IntRange(1, 512), default=8, show_default=True, help="Polls in flight.")
 @click.option("--download-concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Downloads in flight.")
-@click.option("--http-timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+@click.option("--http-timeout", type=FiniteFloatRange(1, 3600), default=60.0, show_default=True,
               help="Seconds one poll may take; for downloads, the longest pause between bytes.")
 @click.option("--download-max-bytes", type=click.IntRange(1), default=2 << 30, show_default=True,
               help="Largest output file accepted (announced or received).")
 @click.option("--download-max-task-bytes", type=click.IntRange(1), default=2 << 30, show_default=True,
               help="Largest total of one task's output files.")
 @click.option("--download-timeout", default="30m", show_default=True, help="Longest time one file may take.")
-@click.option("--download-min-rate", type=click.FloatRange(0), default=16 * 1024, show_default=True,
+@click.option("--download-min-rate", type=FiniteFloatRange(0), default=16 * 1024, show_default=True,
               help="Bytes/s a download must keep up over every 30 s, or it is cut off (and retried).")
 @allow_insecure_option()
 @transport_options
@@ -947,13 +959,14 @@ def report(results: str, as_json: bool, html: str | None, prices_file: Path | No
 
 @main.command("fake-api")
 @click.option("--port", type=click.IntRange(0, 65535), default=8787, show_default=True, help="Port on 127.0.0.1 (0: random).")
-@click.option("--latency", type=float, default=0.0, show_default=True, help="Seconds added to every answer.")
-@click.option("--jitter", type=float, default=0.0, show_default=True, help="Extra random seconds, uniform in [0, jitter].")
+@click.option("--latency", type=FiniteFloatRange(0), default=0.0, show_default=True, help="Seconds added to every answer.")
+@click.option("--jitter", type=FiniteFloatRange(0), default=0.0, show_default=True,
+              help="Extra random seconds, uniform in [0, jitter].")
 @click.option("--rate-limit", type=int, help="Answer 429 beyond N requests in any sliding 1-second window.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Inject a fault: KIND[,prob=P][,match=S][,times=N][,retry_after=S][,endpoint=submit|query|download]; "
                    "KIND is an HTTP status or code|badjson|no_task_id|drop|drop_accepted|slow. Repeatable.")
-@click.option("--task-delay", type=float, default=0.0, show_default=True, help="Seconds until a task is terminal.")
+@click.option("--task-delay", type=FiniteFloatRange(0), default=0.0, show_default=True, help="Seconds until a task is terminal.")
 @click.option("--api-key", help="Accept only this bearer key (default: any non-empty key).")
 def fake_api(port: int, latency: float, jitter: float, rate_limit: int | None, faults: tuple[str, ...],
              task_delay: float, api_key: str | None) -> None:

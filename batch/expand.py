@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import polars as pl
+import structlog
 
 from batch.api import DEFAULT_MODEL
 from batch.errors import ConfigError, InputError
@@ -59,6 +60,7 @@ MODEL_COLUMN = "model"
 _KIND_WORDS = {"n": "a number", "b": "a boolean", "d": "a date", "date": "a date", "e": "an error value"}
 
 
+log = structlog.get_logger("batch")
 normalize = normalize_name  # how a header is matched: lower case, spaces and hyphens as underscores
 
 
@@ -429,6 +431,10 @@ class Expander:
         self.spec = spec = replace(spec, params=self._resolve_params(spec.params))
         default = self.catalog.get(spec.model)
         self.maps = [map_columns(t, spec, self.catalog) for t in self.tables]
+        headers = {normalize(c) for t in self.tables for c in t.df.columns}
+        for name in dict.fromkeys(spec.passthrough):
+            if self.tables and normalize(name) not in headers:  # a typo keeps nothing: say so
+                log.warning("passthrough_unused", column=name, reason="no input has a column of that name")
         self._models: dict[str, _Model | None] = {}
         self._check_params(default)
         self.total_rows = sum(t.df.height for t in self.tables)

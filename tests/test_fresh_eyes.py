@@ -267,3 +267,42 @@ def test_max_spend_with_a_named_resolution_uses_its_price(fake, tmp_path: Path) 
     res = _submit(fake, tmp_path, path, "--prices", str(prices), "--max-spend", "0.5", "--no-preflight")
     assert res.exit_code == 1, res.output
     assert len(fake.state.submissions()) == 5
+
+
+# -- 7. non-finite and negative numbers; a --passthrough naming no column --------------------
+
+@pytest.mark.parametrize("option", ["--max-spend", "--timeout", "--grace", "--progress-interval"])
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e309"])
+def test_non_finite_float_options_are_refused(tmp_path: Path, option: str, value: str) -> None:
+    path = write_csv(tmp_path / "in.csv", prompts(1))
+    res = cli(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--dry-run", "--fake-api", option, value])
+    assert res.exit_code == 2, res.output
+    assert not (tmp_path / "r.parquet").exists()
+
+
+def test_max_spend_from_the_environment_must_be_finite(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", prompts(1))
+    res = cli(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--dry-run", "--fake-api"],
+              env={"SEEDANCE_BATCH_MAX_SPEND": "NaN"})
+    assert res.exit_code == 2, res.output
+    assert "--max-spend" in res.output
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_spend", "nan"), ("max_spend", "-1"), ("max_spend", "inf"),
+                                            ("timeout", "nan"), ("grace", "-inf"), ("grace", "-3")])
+def test_non_finite_or_negative_job_numbers_are_refused(tmp_path: Path, key: str, value: str) -> None:
+    write_csv(tmp_path / "in.csv", prompts(1))
+    job = tmp_path / "job.toml"
+    job.write_text(f'inputs = ["in.csv"]\noutput = "r.parquet"\n{key} = {value}\n')
+    res = cli(["run", str(job), "--dry-run", "--fake-api"])
+    assert res.exit_code == 2, res.output
+    assert key in res.output
+
+
+def test_a_passthrough_naming_no_column_warns(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", [{"prompt": "p", "Aspect ratio note": "wide"}])
+    res = run_cli_process(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--dry-run", "--fake-api",
+                           "--passthrough", "Aspect Ratoi", "--passthrough", "aspect ratio note"])
+    assert res.returncode == 0, res.stderr
+    events = [e for e in json_lines(res.stderr) if e.get("event") == "passthrough_unused"]
+    assert [e["column"] for e in events] == ["Aspect Ratoi"]
