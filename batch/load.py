@@ -55,6 +55,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from batch import storage, xlsx
+from batch.api import check_task_id
 from batch.errors import InputError
 from batch.names import normalize_name as header_name
 
@@ -65,6 +66,8 @@ KINDS = "a .csv, .tsv, .parquet, .xlsx or .xlsm"
 # Key of the Parquet key-value metadata on every table the tool writes (results, dry runs).
 OWN_MARK = b"seedance-batch"
 # Columns every results table has (after request_id and status), whatever wrote it.
+# Every status a results table holds (batch.results uses this tuple as its vocabulary).
+OWN_STATUSES = ("submitted", "skipped", "failed", "invalid", "unknown", "pending", "dry_run")
 RESULT_MARK_COLUMNS = frozenset({"task_id", "error", "endpoint", "attempts", "http_status", "submitted_at"})
 HEAD_ROWS = xlsx.HEAD_ROWS
 DEFAULT_PROMPT_NAMES = frozenset({"prompt"})
@@ -175,7 +178,25 @@ def results_kind(df: pl.DataFrame, metadata: Mapping[bytes, bytes] | None = None
     names = {header_name(c) for c in df.columns}
     if {"request_id", "status"} <= names and len(RESULT_MARK_COLUMNS & names) >= 3:
         return "a results table (its request_id, status and task_id... columns)"
+    if {"status", "task_id"} <= names and _own_status_and_task_ids(df):
+        return "a results table (its status and task_id columns hold the tool's statuses and task ids)"
     return None
+
+
+def _own_status_and_task_ids(df: pl.DataFrame) -> bool:
+    """A trimmed copy of a results table (Excel users delete columns: ``id, prompt,
+    status, task_id``): every status one of the tool's words and every task id a plain
+    token. A user's own status column ("approved", "todo") is never all of those."""
+    column = {header_name(c): c for c in df.columns}
+    statuses = {str(v).strip().lower() for v in df[column["status"]].drop_nulls().unique().head(10_000).to_list()}
+    statuses.discard("")
+    if not statuses or not statuses <= set(OWN_STATUSES):
+        return False
+    ids = [v for v in (str(v).strip() for v in df[column["task_id"]].drop_nulls().unique().head(10_000).to_list())
+           if v]
+    # Without a single task id only a dry run's word marks it: a planning sheet of "pending"
+    # rows with an empty task_id column is the user's, and nothing in it was paid for.
+    return all(check_task_id(v) is not None for v in ids) and (bool(ids) or "dry_run" in statuses)
 
 
 def _not_input(kind: str | None) -> str:

@@ -34,10 +34,10 @@ from batch.errors import ConfigError
 from batch.estimate import LABEL, Estimator, Labels, count_edited
 from batch.expand import Expander, Request, chunks
 from batch.ledger import OUTCOME_COLUMNS
-from batch.load import OWN_MARK
+from batch.load import OWN_MARK, OWN_STATUSES
 from batch.storage import Target
 
-STATUSES = ("submitted", "skipped", "failed", "invalid", "unknown", "pending", "dry_run")
+STATUSES = OWN_STATUSES  # the loader recognises a trimmed copy of a results table by them
 OK_STATUSES = frozenset({"submitted", "skipped", "dry_run"})
 RESULT_SUFFIXES = (".parquet", ".csv")
 # Spreadsheet tools run a cell starting with one of these as a formula (OWASP CSV injection).

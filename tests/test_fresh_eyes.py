@@ -306,3 +306,41 @@ def test_a_passthrough_naming_no_column_warns(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     events = [e for e in json_lines(res.stderr) if e.get("event") == "passthrough_unused"]
     assert [e["column"] for e in events] == ["Aspect Ratoi"]
+
+
+# -- 8. a trimmed copy of a results table is the tool's own output ---------------------------
+
+def test_a_trimmed_results_table_in_the_inbox_is_not_paid_again(fake, tmp_path: Path) -> None:
+    """Reported: `id,prompt,duration,status,task_id` (Excel users delete columns) in the
+    inbox was read as prompts and paid again."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    write_csv(inbox / "tonight.csv", prompts(2, "tonight"))
+    out = tmp_path / "first.parquet"
+    assert cli(["submit", str(inbox), "-o", str(out), "--base-url", fake.url, "--state",
+                str(tmp_path / "s.sqlite"), "--rate", "0"]).exit_code == 0
+    trimmed = pl.read_parquet(out).select("id", "prompt", "status", "task_id")
+    trimmed = trimmed.with_columns(pl.Series("prompt", ["an edited prompt 0", "an edited prompt 1"]))
+    trimmed.write_csv(inbox / "copy of results.csv")
+    res = run_cli_process(["submit", str(inbox), "-o", str(tmp_path / "second.parquet"), "--base-url", fake.url,
+                           "--state", str(tmp_path / "s.sqlite"), "--rate", "0"])
+    assert res.returncode == 0, res.stderr
+    assert len(fake.state.submissions()) == 2
+    (event,) = [e for e in json_lines(res.stderr) if e.get("event") == "input_skipped"]
+    assert event["source"].endswith("copy of results.csv") and "results table" in event["reason"]
+    res = cli(["submit", str(inbox / "copy of results.csv"), "-o", str(tmp_path / "third.parquet"),
+               "--base-url", fake.url, "--state", str(tmp_path / "s.sqlite"), "--rate", "0"])
+    assert res.exit_code == 2
+    assert len(fake.state.submissions()) == 2
+
+
+def test_a_users_own_status_column_is_still_read(fake, tmp_path: Path) -> None:
+    rows = [{"prompt": "a fox", "status": "approved", "task_id": ""},
+            {"prompt": "an owl", "status": "todo", "task_id": "JIRA-12"}]
+    res = _submit(fake, tmp_path, write_csv(tmp_path / "in.csv", rows))
+    assert res.exit_code == 0, res.output
+    assert len(fake.state.submissions()) == 2
+    rows = [{"prompt": "a cat", "status": "pending", "task_id": ""}]  # the tool's words, but no task id
+    res = _submit(fake, tmp_path, write_csv(tmp_path / "in2.csv", rows))
+    assert res.exit_code == 0, res.output
+    assert len(fake.state.submissions()) == 3
