@@ -460,10 +460,18 @@ def _header_index(path: Path, records: list[list[str]], options: ReadOptions) ->
         if options.header_row > len(records):
             raise InputError(f"{path}: --header-row {options.header_row}: the file has {len(records)} rows")
         return options.header_row - 1
-    for i, record in enumerate(records):
-        if any(header_name(c) in options.prompt_names for c in record):
-            return i
+    for labels in (False, True):
+        for i, record in enumerate(records):
+            if names_prompt(record, options.prompt_names, labels):
+                return i
     return 0
+
+
+def names_prompt(cells: Iterable[str], names: frozenset[str], labels: bool = True) -> bool:
+    """Whether a row holds a prompt column's header. ``Prompt:`` is a title row's label
+    ("Prompt: December campaign"): a header row without the colon below it wins
+    (``labels=False`` first), and it is the header only when no such row is there."""
+    return any(header_name(c) in names and (labels or not str(c).rstrip().endswith(":")) for c in cells)
 
 
 def _check_utf8(path: Path) -> None:
@@ -586,9 +594,10 @@ def _find_header(scan: xlsx.SheetScan, texts: dict[int, str], options: ReadOptio
     prompt column; ``None`` when no head row holds one."""
     if options.header_row is not None:
         return options.header_row
-    for row in sorted(scan.head):
-        if any(header_name(t) in options.prompt_names for t in scan.row_texts(row, texts).values()):
-            return row
+    for labels in (False, True):
+        for row in sorted(scan.head):
+            if names_prompt(scan.row_texts(row, texts).values(), options.prompt_names, labels):
+                return row
     return None
 
 

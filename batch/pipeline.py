@@ -334,6 +334,7 @@ def probe_outputs(opts: RunOptions, output: Target) -> None:
     the table (its summary, its temporary files and the request spool go beside it), the
     metrics file and the download directory or bucket."""
     probe(output.text, "--output")
+    probe(summary_path(output).text, "--output's summary")  # a directory in its name: exit 6 after sending
     if opts.metrics_file is not None:
         probe(opts.metrics_file, "--metrics-file")
     if opts.collect is not None and opts.collect.download_dir is not None:
@@ -559,7 +560,8 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     frames = spool.frames() if spool.finish() else request_frames(expander, spool.schema)
     with interruptible():
         tally, table_error = write_results(opts.output, frames, spool.schema, ledger.outcome_rows,
-                                           Resolution(run_id, stop_reason=stats.stop_reason), tolerate_io=True,
+                                           Resolution(run_id, stop_reason=stats.stop_reason,
+                                                      resend_unknown=opts.submit.resend_unknown), tolerate_io=True,
                                            tally=Tally(labels=lambda labels: ledger.labels(labels, run_id)))
     faults = []
     if outcome.crash:
@@ -577,6 +579,8 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     summary = _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable,
                          expander.passthrough_columns(), skipped)
     summary.table_written = not table_error
+    if table_error:  # stdout's "results:" line must not point at a table that is not there
+        summary.results = f"not written ({where_ids(opts, False, outcome.rescue)})"
     return summary
 
 
@@ -602,7 +606,8 @@ def _rescue(opts: RunOptions, ledger: Ledger, run_id: str, outcome: _Outcome | N
     fault = (f"the results could not be completed after requests were sent ({_describe(exc)}); the table is "
              f"{what}; {where_ids(opts, table, rescue)}; a rerun writes the whole table (nothing is sent twice)")
     summary = Summary(run_id, counts, [], time.monotonic() - started, stats.sent, stats.send_rate,
-                      stats.stop_reason, outcome.interrupted if outcome else None, str(opts.output),
+                      stats.stop_reason, outcome.interrupted if outcome else None,
+                      str(opts.output) if table else f"not written ({where_ids(opts, False, rescue)})",
                       str(opts.state), local_fault=fault, unreadable=unreadable,
                       skipped=list(skipped or []))
     summary.table_written = table

@@ -344,3 +344,58 @@ def test_a_users_own_status_column_is_still_read(fake, tmp_path: Path) -> None:
     res = _submit(fake, tmp_path, write_csv(tmp_path / "in2.csv", rows))
     assert res.exit_code == 0, res.output
     assert len(fake.state.submissions()) == 3
+
+
+# -- 9. smaller: summary path, results line, resend hint, `Prompt:` title rows --------------
+
+def test_a_directory_at_the_summary_path_stops_the_run_before_sending(fake, tmp_path: Path) -> None:
+    (tmp_path / "r.parquet.summary.json").mkdir()
+    res = _submit(fake, tmp_path, write_csv(tmp_path / "in.csv", prompts(2)))
+    assert res.exit_code == 2, res.output
+    assert "summary.json" in error_line(res.stderr) and "nothing sent" in error_line(res.stderr)
+    assert fake.state.submissions() == []
+
+
+def test_a_title_row_labelled_prompt_colon_is_not_the_header(fake, tmp_path: Path) -> None:
+    """Reported: a title row holding `Prompt:` was taken as the header."""
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    for row in (["Prompt:", "December campaign"], [], ["prompt", "duration"], ["a fox", 7], ["an owl", 8]):
+        book.active.append(row)
+    book.save(tmp_path / "in.xlsx")
+    res = _submit(fake, tmp_path, tmp_path / "in.xlsx")
+    assert res.exit_code == 0, res.output
+    assert sorted((r.body["prompt"], r.body["duration"]) for r in fake.state.submissions()) == [
+        ("a fox", 7), ("an owl", 8)]
+    (tmp_path / "in.csv").write_text("Prompt:,December campaign\nprompt,duration\na cat,6\n")
+    res = _submit(fake, tmp_path, tmp_path / "in.csv")
+    assert res.exit_code == 0, res.output
+    assert ("a cat", 6) in [(r.body["prompt"], r.body.get("duration")) for r in fake.state.submissions()]
+
+
+def test_a_prompt_colon_header_alone_is_still_the_header(fake, tmp_path: Path) -> None:
+    (tmp_path / "in.csv").write_text("Prompt:,Duration:\na cat,6\n")
+    res = _submit(fake, tmp_path, tmp_path / "in.csv")
+    assert res.exit_code == 0, res.output
+    assert [r.body for r in fake.state.submissions()] == [{"prompt": "a cat", "duration": 6, "service_tier": "flex"}]
+
+
+def test_unknowns_the_spend_cap_stopped_say_so_not_use_resend_unknown(start_fake, tmp_path: Path) -> None:
+    """Reported: with --resend-unknown and the cap reached, leftover unknowns said "not
+    resent (use --resend-unknown)", the option the operator had given."""
+    fake = start_fake(faults=["500,match=MAYBE"])
+    rows = [{"prompt": "sure 0"}, {"prompt": "MAYBE 1"}, {"prompt": "MAYBE 2"}]
+    path = write_csv(tmp_path / "in.csv", rows)
+    prices = tmp_path / "prices.toml"
+    prices.write_text('["bytedance/seedance-1.0-lite-t2v"]\n"480p" = 0.02\n"720p" = 0.08\n"1080p" = 0.16\n'
+                      'flex = { "720p" = 0.04 }\n')  # 0.20 a request
+    args = ["--prices", str(prices), "--no-preflight"]
+    assert _submit(fake, tmp_path, path, *args).exit_code == 1  # two unknown
+    res = _submit(fake, tmp_path, path, *args, "--resend-unknown", "--max-spend", "0.85")  # 0.60 + 0.20 fits
+    table = pl.read_parquet(tmp_path / "r.parquet")
+    assert len(fake.state.submissions()) == 4  # one of the two unknowns was resent (and failed again)
+    errors = table.filter(pl.col("status") == "unknown")["error"].to_list()
+    assert len(errors) == 2 and not any("use --resend-unknown" in e for e in errors), errors
+    assert any("not resent this run: --max-spend" in e for e in errors), errors
+    assert res.exit_code == 1
