@@ -416,7 +416,7 @@ def _read_csv(path: Path, options: ReadOptions) -> Table:
         separator = sep_line.group(1)
         text = text[sep_line.end():]
     else:
-        separator = "\t" if path.suffix.lower() == ".tsv" else _sniff(text)
+        separator = "\t" if path.suffix.lower() == ".tsv" else _sniff(text, options.prompt_names or DEFAULT_PROMPT_NAMES)
     records = list(itertools.islice(csv.reader(io.StringIO(text), delimiter=separator), HEAD_ROWS))
     skip = _header_index(path, [[str(c) for c in r] for r in records], options)
     duplicate_header(path, records[skip] if skip < len(records) else [])
@@ -512,19 +512,26 @@ def _transcode(path: Path, encoding: str) -> bytes:
                          ) from None
 
 
-def _sniff(text: str) -> str:
-    """The delimiter of the header line: the most frequent of ``,`` ``;`` and tab outside quotes."""
-    line, quoted = [], False
-    for ch in text:
-        if ch == '"':
-            quoted = not quoted
-        elif ch in "\r\n" and not quoted:
-            break
-        elif not quoted:
-            line.append(ch)
-    counts = {d: line.count(d) for d in DELIMITERS}
-    best = max(DELIMITERS, key=lambda d: counts[d])
-    return best if counts[best] else ","
+def _sniff(text: str, names: frozenset[str] = DEFAULT_PROMPT_NAMES) -> str:
+    """The delimiter, of ``,`` ``;`` and tab: the one under which a row has a prompt column
+    (a header ``prompt;Notes, remarks`` is no comma file), and of those (or of all, when
+    none has) the one whose count on that header line the most lines below repeat, then
+    the most frequent. Quotes are honoured; the choice only splits, never edits, a cell."""
+    best, best_key = ",", (0, 0)
+    split = {d: list(itertools.islice(csv.reader(io.StringIO(text), delimiter=d), 50)) for d in DELIMITERS}
+    header = {d: next((i for i, r in enumerate(records) if any(header_name(c) in names for c in r)), None)
+              for d, records in split.items()}
+    found = [d for d in DELIMITERS if header[d] is not None]
+    for d in found or DELIMITERS:
+        records = split[d]
+        at = header[d] or 0
+        width = len(records[at]) - 1 if at < len(records) else 0
+        if width <= 0:
+            continue
+        agree = sum(1 for r in records[at + 1:] if len(r) - 1 == width)
+        if (agree, width) > best_key:
+            best, best_key = d, (agree, width)
+    return best
 
 
 def _ragged_line(source: Path | bytes, separator: str, skip: int = 0) -> str:

@@ -399,3 +399,24 @@ def test_unknowns_the_spend_cap_stopped_say_so_not_use_resend_unknown(start_fake
     assert len(errors) == 2 and not any("use --resend-unknown" in e for e in errors), errors
     assert any("not resent this run: --max-spend" in e for e in errors), errors
     assert res.exit_code == 1
+
+
+@pytest.mark.parametrize(("text", "prompts_read"), [
+    # ';'-separated; one header names a column with commas in it
+    ("prompt;duration;Notes, remarks, misc\nA fox, running, jumping;5;x\nAn owl;6;y, z\n",
+     ["A fox, running, jumping", "An owl"]),
+    # ','-separated; prompts with ';' inside, quoted and not
+    ('prompt,duration\n"a; b; c",5\nd; e,6\n', ["a; b; c", "d; e"]),
+    # ';' file whose header has more commas than semicolons, and a title row above it
+    ("Night of 7 Dec, final, v2\nprompt;Campaign, region, owner\nOne, two, three;EU, x, y\n",
+     ["One, two, three"]),
+])
+def test_the_delimiter_is_the_one_every_line_agrees_on(fake, tmp_path: Path, text: str,
+                                                       prompts_read: list[str]) -> None:
+    """Reported: a ';'-separated file whose header has commas inside one column name was
+    split on commas. A prompt is never changed by the choice."""
+    (tmp_path / "in.csv").write_text(text)
+    res = _submit(fake, tmp_path, tmp_path / "in.csv", "--passthrough", "Notes, remarks, misc",
+                  "--passthrough", "Campaign, region, owner")
+    assert res.exit_code == 0, res.output
+    assert sorted(r.body["prompt"] for r in fake.state.submissions()) == sorted(prompts_read)
