@@ -217,7 +217,8 @@ class ColumnMap:
     id_column: str | None
     model_column: str | None
     template: dict[str, str]  # placeholder -> column
-    models: tuple[str, ...]  # the models this table's rows use
+    models: tuple[str, ...]  # the models this table's columns are checked against (the default among them)
+    named: tuple[str, ...] = ()  # the models its rows send to: the default only where a model cell is empty
 
     def describe(self) -> str:
         parts = [f"{c} -> {f}" for c, f in self.fields.items()]
@@ -302,11 +303,13 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
                 f"{name!r}, or keep it as a pass-through column with passthrough = [{c!r}] in the job file "
                 f"(or --passthrough {c!r})")
     models = {spec.model}
+    sent = {spec.model}
     if model_column is not None:
-        named = [str(v).strip() for v in table.df[model_column].unique().to_list() if v is not None]
-        models = {v.lower() for v in named if v}
-        if table.df[model_column].null_count() or "" in named or not models:
-            models.add(spec.model)  # a row without a model cell uses the default model
+        cells = [str(v).strip() for v in table.df[model_column].unique().to_list() if v is not None]
+        models |= {v.lower() for v in cells if v}
+        sent = {v.lower() for v in cells if v}
+        if table.df[model_column].null_count() or "" in cells or not sent:
+            sent.add(spec.model)  # a row without a model cell uses the default model
     usable = [m for m in models if catalog.find(m) is not None]
     for c, f in fields.items():
         if not catalog.with_field(f, usable) and usable:
@@ -323,7 +326,7 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
     if "prompt" not in mapped and not template and "prompt" not in spec.params:
         raise InputError(f"{where}: no 'prompt' column (columns: {', '.join(columns) or 'none'})")
     extra = {c: (f"input_{c}" if c in RESULT_COLUMNS or c in known else c) for c in columns if c not in fields}
-    return ColumnMap(fields, extra, id_column, model_column, template, tuple(sorted(models)))
+    return ColumnMap(fields, extra, id_column, model_column, template, tuple(sorted(models)), tuple(sorted(sent)))
 
 
 def field_named_within(header: str, known: Iterable[str], aliases: Mapping[str, str]) -> str | None:
@@ -489,6 +492,12 @@ class Expander:
     @property
     def models_in_use(self) -> list[str]:
         return sorted({m for cmap in self.maps for m in cmap.models if self.catalog.find(m) is not None})
+
+    @property
+    def models_sent(self) -> list[str]:
+        """The models rows may be sent to: the default model only where a row has no model
+        cell (what ``--max-spend`` must be able to price)."""
+        return sorted({m for cmap in self.maps for m in cmap.named if self.catalog.find(m) is not None})
 
     def field_types(self) -> dict[str, str]:
         """Each field of the models in use and its JSON type; the default model's first."""

@@ -321,7 +321,7 @@ def spend_cap(opts: RunOptions, expander: Expander) -> SpendCap | None:
         return SpendCap(None, opts.pricing, expander.catalog) if opts.pricing else None
     if not opts.pricing:
         raise ConfigError("--max-spend needs prices: give --prices FILE or [prices] in the job file")
-    for slug in expander.models_in_use:
+    for slug in expander.models_sent:  # the default model only if a row uses it
         missing = opts.pricing.missing(expander.catalog.get(slug))
         if missing:
             raise ConfigError(f"--max-spend: no price for {slug} at {', '.join(missing)} "
