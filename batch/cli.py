@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import math
 import os
 import re
 import signal
@@ -34,7 +35,7 @@ from batch.download import DownloadPolicy
 from batch.errors import EXIT_INTERRUPTED, EXIT_PROVIDER, BatchError, ConfigError, StateError
 from batch.expand import ExpandSpec, normalize, parse_param
 from batch.following import CollectConfig
-from batch.jobfile import JobFile, load_job
+from batch.jobfile import JobFile, fill_output, load_job
 from batch.ledger import backup as ledger_backup
 from batch.ledger import default_state_path, fake_state_path, state_home
 from batch.models import MAX_SPEC_BYTES, Catalog, names_only, save_spec
@@ -67,6 +68,17 @@ from batch.validate import TIERS
 
 MAX_DEADLINE_S = 366 * 86400
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float option's value that is a number: ``nan`` passes every range comparison and
+    ``inf``/``1e309`` every lower bound, so either would turn a cap or a timeout into none."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if isinstance(number, float) and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def parse_deadline(text: str, now: datetime | None = None) -> float:
@@ -325,7 +337,7 @@ def common_options(fn: Any) -> Any:
                           "at another host): nothing is resubmitted. Repeatable."),
         click.option("--max-attempts", type=click.IntRange(1, 50), default=5, show_default=True,
                      envvar="SEEDANCE_BATCH_MAX_ATTEMPTS", help="Attempts per request for 429/503/connect errors."),
-        click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+        click.option("--timeout", type=FiniteFloatRange(1, 3600), default=60.0, show_default=True,
                      envvar="SEEDANCE_BATCH_TIMEOUT", help="Seconds one HTTP attempt may take."),
         click.option("--retry-failed", is_flag=True,
                      help="Send again the requests whose task failed for a reason on the provider's side (internal, "
@@ -337,7 +349,7 @@ def common_options(fn: Any) -> Any:
                           "date included); the rest stay pending. [env SEEDANCE_BATCH_MAX_REQUESTS]"),
         click.option("--deadline", envvar="SEEDANCE_BATCH_DEADLINE",
                      help="Stop starting requests at a duration (90m) or clock time (06:00). [env SEEDANCE_BATCH_DEADLINE]"),
-        click.option("--grace", type=click.FloatRange(0, 3600), default=30.0, show_default=True,
+        click.option("--grace", type=FiniteFloatRange(0, 3600), default=30.0, show_default=True,
                      help="On SIGINT/SIGTERM/deadline, seconds to wait for requests in flight."),
         click.option("--sheet", help="Workbook sheet name or 1-based number, a comma list, or 'all' (default: the "
                      "visible sheet with a prompt column)."),
@@ -348,14 +360,14 @@ def common_options(fn: Any) -> Any:
         transport_options,
         click.option("--metrics-file", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_METRICS_FILE",
                      help="Write a Prometheus textfile (node_exporter) with the run's counts. [env SEEDANCE_BATCH_METRICS_FILE]"),
-        click.option("--progress-interval", type=click.FloatRange(0.05), default=10.0, show_default=True,
+        click.option("--progress-interval", type=FiniteFloatRange(0.05), default=10.0, show_default=True,
                      envvar="SEEDANCE_BATCH_PROGRESS_INTERVAL",
                      help="Seconds between progress events when stderr is not a TTY. [env SEEDANCE_BATCH_PROGRESS_INTERVAL]"),
         click.option("--prices", "prices_file", type=click.Path(path_type=Path, dir_okay=False),
                      envvar="SEEDANCE_BATCH_PRICES",
                      help="TOML price table (USD per second of video by model and resolution) for estimates and "
                           "--max-spend. [env SEEDANCE_BATCH_PRICES]"),
-        click.option("--max-spend", type=click.FloatRange(0), envvar="SEEDANCE_BATCH_MAX_SPEND", metavar="USD",
+        click.option("--max-spend", type=FiniteFloatRange(0), envvar="SEEDANCE_BATCH_MAX_SPEND", metavar="USD",
                      help="Stop starting requests before the night's estimated cost through this ledger (this run's "
                           "and earlier runs' of the same local date) would pass USD (needs prices). "
                           "[env SEEDANCE_BATCH_MAX_SPEND]"),
@@ -412,6 +424,7 @@ def parse_duration(text: str, option: str) -> float:
 def submit(**kw: Any) -> None:
     """Validate, expand and submit INPUT files (.csv, .parquet, .xlsx, dirs, globs)."""
     notify.arm(kw["notify"], "submit", notify.url_secrets(kw.get("proxy")))
+    kw["output"] = dated("--output", kw["output"])
     finish(build_options(kw, command="submit"), kw.get("metrics_file"), "submit", page=not kw["no_html"])
 
 
@@ -425,10 +438,27 @@ def run(ctx: click.Context, job: Path, **kw: Any) -> None:
     """Run a declarative job file (TOML, see jobs/example.toml); options override the file."""
     notify.arm(kw["notify"], f"run {job}", notify.url_secrets(kw.get("proxy")))
     spec = read_job(job)
+    if kw.get("output"):  # from the command line or env: the job's own output is filled in already
+        kw["output"] = dated("--output", kw["output"])
     merged = merge_job(ctx, spec, kw)
     notify.arm(merged.get("notify"), f"run {job}", notify.url_secrets(merged.get("proxy")))
     finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem,
            page=not merged["no_html"])
+
+
+def dated(option: str, text: str) -> str:
+    """``{date}``/``{datetime}`` in a results path given on the command line, filled in as a
+    job file's ``output`` is (:func:`batch.jobfile.fill_output`): the night's own table."""
+    try:
+        return fill_output(str(text))
+    except ValueError as exc:
+        raise ConfigError(f"{option} {text}: {exc}") from None
+
+
+def table_template(text: str) -> str:
+    """A dated ``--results`` as the ledger records outputs (a local path made absolute), so
+    collect finds the tables earlier nights' runs wrote under it."""
+    return text if is_remote(text) else os.path.abspath(text)
 
 
 def models_dir() -> Path:
@@ -697,7 +727,7 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
               "[env SEEDANCE_BATCH_DOWNLOAD_DIR]")
 @click.option("--wait", is_flag=True, help="Keep polling until every task is terminal or --timeout passes (default: one pass).")
 @click.option("--timeout", "wait_timeout", default="6h", show_default=True, help="With --wait: stop polling after this long.")
-@click.option("--poll-interval", type=click.FloatRange(0.1), default=10.0, show_default=True,
+@click.option("--poll-interval", type=FiniteFloatRange(0.1), default=10.0, show_default=True,
               help="First wait between polls of a pending task; grows 1.5x per poll up to 10 min.")
 @base_url_option()
 @api_key_file_option()
@@ -706,14 +736,14 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @click.option("--concurrency", type=click.IntRange(1, 512), default=8, show_default=True, help="Polls in flight.")
 @click.option("--download-concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Downloads in flight.")
-@click.option("--http-timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+@click.option("--http-timeout", type=FiniteFloatRange(1, 3600), default=60.0, show_default=True,
               help="Seconds one poll may take; for downloads, the longest pause between bytes.")
 @click.option("--download-max-bytes", type=click.IntRange(1), default=2 << 30, show_default=True,
               help="Largest output file accepted (announced or received).")
 @click.option("--download-max-task-bytes", type=click.IntRange(1), default=2 << 30, show_default=True,
               help="Largest total of one task's output files.")
 @click.option("--download-timeout", default="30m", show_default=True, help="Longest time one file may take.")
-@click.option("--download-min-rate", type=click.FloatRange(0), default=16 * 1024, show_default=True,
+@click.option("--download-min-rate", type=FiniteFloatRange(0), default=16 * 1024, show_default=True,
               help="Bytes/s a download must keep up over every 30 s, or it is cut off (and retried).")
 @allow_insecure_option()
 @transport_options
@@ -749,6 +779,9 @@ def collect_options(kw: dict[str, Any], job: Path | None, unset: Callable[[str],
     fake_api, http_timeout = kw["fake_api"], kw["http_timeout"]
     run_tables, spec = None, None
     notify.arm(kw["notify_urls"], command, notify.url_secrets(proxy))
+    if results and "{" in results:  # every night's table the followed runs wrote under this name
+        run_tables = table_template(results)
+        results = dated("--results", results)
     if job is not None:
         spec = read_job(job)
         state = state or spec.get("state")
@@ -787,10 +820,15 @@ def collect_night(opts: CollectOptions, spec: JobFile | None, page: bool = True)
     if opts.results is not None and opts.config.download_dir is not None and page:
         from batch.page import write_page_after  # jinja2 and PyAV: only when a page is made
 
-        written = write_page_after(str(opts.results), pricing=pricing_of(None, spec))
-        summary["page"] = written.path if written else None
-        if written is not None and written.spend:
-            summary["spend"] = written.spend
+        pages = []
+        pricing = pricing_of(None, spec)
+        for table in summary.get("tables") or []:  # each table collect rewrote gets its page beside it
+            written = write_page_after(table, pricing=pricing)
+            if written is not None:
+                pages.append(written.path)
+                if written.spend:
+                    summary["spend"] = written.spend
+        summary["page"] = ", ".join(pages) or None
     return summary
 
 
@@ -956,13 +994,14 @@ def report(results: str, as_json: bool, html: str | None, prices_file: Path | No
 
 @main.command("fake-api")
 @click.option("--port", type=click.IntRange(0, 65535), default=8787, show_default=True, help="Port on 127.0.0.1 (0: random).")
-@click.option("--latency", type=float, default=0.0, show_default=True, help="Seconds added to every answer.")
-@click.option("--jitter", type=float, default=0.0, show_default=True, help="Extra random seconds, uniform in [0, jitter].")
+@click.option("--latency", type=FiniteFloatRange(0), default=0.0, show_default=True, help="Seconds added to every answer.")
+@click.option("--jitter", type=FiniteFloatRange(0), default=0.0, show_default=True,
+              help="Extra random seconds, uniform in [0, jitter].")
 @click.option("--rate-limit", type=int, help="Answer 429 beyond N requests in any sliding 1-second window.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Inject a fault: KIND[,prob=P][,match=S][,times=N][,retry_after=S][,endpoint=submit|query|download]; "
                    "KIND is an HTTP status or code|badjson|no_task_id|drop|drop_accepted|slow. Repeatable.")
-@click.option("--task-delay", type=float, default=0.0, show_default=True, help="Seconds until a task is terminal.")
+@click.option("--task-delay", type=FiniteFloatRange(0), default=0.0, show_default=True, help="Seconds until a task is terminal.")
 @click.option("--api-key", help="Accept only this bearer key (default: any non-empty key).")
 def fake_api(port: int, latency: float, jitter: float, rate_limit: int | None, faults: tuple[str, ...],
              task_delay: float, api_key: str | None) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import polars as pl
+import structlog
 
 from batch.api import DEFAULT_MODEL
 from batch.errors import ConfigError, InputError
@@ -59,6 +60,7 @@ MODEL_COLUMN = "model"
 _KIND_WORDS = {"n": "a number", "b": "a boolean", "d": "a date", "date": "a date", "e": "an error value"}
 
 
+log = structlog.get_logger("batch")
 normalize = normalize_name  # how a header is matched: lower case, spaces and hyphens as underscores
 
 
@@ -215,7 +217,8 @@ class ColumnMap:
     id_column: str | None
     model_column: str | None
     template: dict[str, str]  # placeholder -> column
-    models: tuple[str, ...]  # the models this table's rows use
+    models: tuple[str, ...]  # the models this table's columns are checked against (the default among them)
+    named: tuple[str, ...] = ()  # the models its rows send to: the default only where a model cell is empty
 
     def describe(self) -> str:
         parts = [f"{c} -> {f}" for c, f in self.fields.items()]
@@ -281,7 +284,15 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
         norm = normalize(c)
         if c in fields or c in (id_column, model_column) or norm in passthrough:
             continue
-        close = difflib.get_close_matches(norm, names, n=1, cutoff=0.8) or [
+        # A field's name in whole words wins over a spelling guess ("Video duration" is no
+        # misspelt "video_ratio").
+        name = field_named_within(c, known, aliases)
+        if name is not None and name not in taken:
+            raise InputError(
+                f"{where}: column {c!r} names the field {name!r} in a form that is not its header, so its "
+                f"values would not be sent: rename the header to {name!r}, or keep it as a pass-through "
+                f"column with passthrough = [{c!r}] in the job file (or --passthrough {c!r})")
+        close = [] if name is not None else difflib.get_close_matches(norm, names, n=1, cutoff=0.8) or [
             a for a in difflib.get_close_matches(norm, sorted(set(meaning) - set(names)), n=1, cutoff=0.8)
             if not (a.startswith(norm) or norm.startswith(a))]
         if close and meaning[close[0]] not in taken:
@@ -292,9 +303,13 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
                 f"{name!r}, or keep it as a pass-through column with passthrough = [{c!r}] in the job file "
                 f"(or --passthrough {c!r})")
     models = {spec.model}
+    sent = {spec.model}
     if model_column is not None:
-        models |= {str(v).strip().lower() for v in table.df[model_column].drop_nulls().unique().to_list()
-                   if str(v).strip()}
+        cells = [str(v).strip() for v in table.df[model_column].unique().to_list() if v is not None]
+        models |= {v.lower() for v in cells if v}
+        sent = {v.lower() for v in cells if v}
+        if table.df[model_column].null_count() or "" in cells or not sent:
+            sent.add(spec.model)  # a row without a model cell uses the default model
     usable = [m for m in models if catalog.find(m) is not None]
     for c, f in fields.items():
         if not catalog.with_field(f, usable) and usable:
@@ -311,7 +326,26 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
     if "prompt" not in mapped and not template and "prompt" not in spec.params:
         raise InputError(f"{where}: no 'prompt' column (columns: {', '.join(columns) or 'none'})")
     extra = {c: (f"input_{c}" if c in RESULT_COLUMNS or c in known else c) for c in columns if c not in fields}
-    return ColumnMap(fields, extra, id_column, model_column, template, tuple(sorted(models)))
+    return ColumnMap(fields, extra, id_column, model_column, template, tuple(sorted(models)), tuple(sorted(sent)))
+
+
+def field_named_within(header: str, known: Iterable[str], aliases: Mapping[str, str]) -> str | None:
+    """The one field a header names in a longer form (``Video duration (sec)``, ``Target
+    resolution``, ``Fixed camera yes/no``: a field's name, or a synonym of several words,
+    as whole words of it) or as an abbreviation (``Dur.``: a dotted prefix of at least 3
+    letters of exactly one field's name); ``None`` when it names none, or several. One-word
+    synonyms (``tier``, ``sound``) count only as the whole header: inside one they are
+    ordinary words (``Customer tier``, ``Sound designer``)."""
+    norm = normalize(header)
+    words = norm.split("_")
+    found = set()
+    for name, target in [(f, f) for f in known] + [(a, f) for a, f in aliases.items() if "_" in a]:
+        part = name.split("_")
+        if len(part) < len(words) and any(words[i:i + len(part)] == part for i in range(len(words) - len(part) + 1)):
+            found.add(target)
+    if str(header).strip().endswith(".") and len(norm) >= 3 and norm.isalpha():
+        found |= set(prefixed) if len(prefixed := [f for f in known if f.startswith(norm)]) == 1 else set()
+    return found.pop() if len(found) == 1 else None
 
 
 def _enum_values(catalog: Catalog, slugs: Sequence[str]) -> dict[str, set[str]]:
@@ -400,6 +434,10 @@ class Expander:
         self.spec = spec = replace(spec, params=self._resolve_params(spec.params))
         default = self.catalog.get(spec.model)
         self.maps = [map_columns(t, spec, self.catalog) for t in self.tables]
+        headers = {normalize(c) for t in self.tables for c in t.df.columns}
+        for name in dict.fromkeys(spec.passthrough):
+            if self.tables and normalize(name) not in headers:  # a typo keeps nothing: say so
+                log.warning("passthrough_unused", column=name, reason="no input has a column of that name")
         self._models: dict[str, _Model | None] = {}
         self._in_use: list[str] | None = None
         self._check_params(default)

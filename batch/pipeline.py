@@ -344,7 +344,7 @@ def spend_cap(opts: RunOptions, expander: Expander) -> SpendCap | None:
         return SpendCap(None, opts.pricing, expander.catalog) if opts.pricing else None
     if not opts.pricing:
         raise ConfigError("--max-spend needs prices: give --prices FILE or [prices] in the job file")
-    for slug in expander.models_in_use:
+    for slug in expander.models_in_use:  # the models of rows that will be sent, the default only if used
         missing = opts.pricing.missing(expander.catalog.get(slug))
         if missing:
             raise ConfigError(f"--max-spend: no price for {slug} at {', '.join(missing)} "
@@ -357,6 +357,7 @@ def probe_outputs(opts: RunOptions, output: Target) -> None:
     the table (its summary, its temporary files and the request spool go beside it), the
     metrics file and the download directory or bucket."""
     probe(output.text, "--output")
+    probe(summary_path(output).text, "--output's summary")  # a directory in its name: exit 6 after sending
     if opts.metrics_file is not None:
         probe(opts.metrics_file, "--metrics-file")
     if opts.collect is not None and opts.collect.download_dir is not None:
@@ -403,6 +404,7 @@ def run_submit(opts: RunOptions) -> Summary:
             record_summary(output, summary, opts, sent=False)
             return summary
         probe_outputs(opts, opts.output)
+        replaced = table_task_ids(opts.output)
         routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_named}  # a superset: harmless
         opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander), routes=routes))
         schema = request_schema_of(expander)
@@ -439,6 +441,10 @@ def run_submit(opts: RunOptions) -> Summary:
                 rescue = companion(opts.state, "rescue.jsonl")  # written by the ledger if it broke meanwhile
                 outcome = _Outcome(RunStats(sent=claimed, stop_reason="internal error"), None, False,
                                    crash=_describe(exc), rescue=rescue if rescue.exists() else None)
+            if outcome.stats.state_error and outcome.stats.sent == 0 and _claimed(ledger, run_id) == 0:
+                # It broke before the first request was claimed: there are no task ids to
+                # point at, and exit 6 ("after sending") would send the operator looking for them.
+                raise StateError(f"{outcome.stats.state_error}; nothing was sent")
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable,
                                      skipped)
             if retried is not None:
@@ -460,9 +466,31 @@ def run_submit(opts: RunOptions) -> Summary:
         except Exception as exc:  # the outcomes are committed already; the table says what happened
             add_fault(summary, f"cannot record the end of run {run_id} in the ledger ({_describe(exc)}); "
                                f"{where_ids(opts, summary.table_written)}")
+        if summary.table_written and replaced:
+            dropped = len(replaced - table_task_ids(opts.output))
+            if dropped:
+                log.warning("table_replaced", results=str(opts.output), task_ids_dropped=dropped,
+                            note=f"the table held {dropped} task ids of requests not in tonight's input; they "
+                                 f"remain in the ledger {opts.state}: collect follows them; give each night its "
+                                 f"own table (-o 'results/{{date}}.parquet') to keep them in a table")
+                summary.extra["table_replaced"] = {"task_ids_dropped": dropped}
         if not (outcome is not None and outcome.aborted):  # a second signal: leave at once, as before
             record_summary(opts.output, summary, opts, sent=summary.sent > 0)
         return summary
+
+
+def table_task_ids(output: Target) -> set[str]:
+    """The task ids a results table at ``output`` holds (none when there is no table or it
+    cannot be read): what rewriting it would drop is said, not lost silently."""
+    try:
+        if not output.exists():
+            return set()
+        table = read_results(output)
+    except Exception:  # not a table this tool can read: nothing to compare
+        return set()
+    if "task_id" not in table.columns:
+        return set()
+    return {t for t in table["task_id"].cast(pl.String).to_list() if t}
 
 
 def output_record(output: Target) -> str:
@@ -562,7 +590,8 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
 
     with interruptible(None if outcome.interrupted else first_signal):
         tally, table_error = write_results(opts.output, frames, spool.schema, ledger.outcome_rows,
-                                           Resolution(run_id, stop_reason=stats.stop_reason), tolerate_io=True,
+                                           Resolution(run_id, stop_reason=stats.stop_reason,
+                                                      resend_unknown=opts.submit.resend_unknown), tolerate_io=True,
                                            tally=Tally(labels=lambda labels: ledger.labels(labels, run_id)))
     faults = []
     if outcome.crash:
@@ -580,6 +609,8 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     summary = _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable,
                          expander.passthrough_columns(), skipped)
     summary.table_written = not table_error
+    if table_error:  # stdout's "results:" line must not point at a table that is not there
+        summary.results = f"not written ({where_ids(opts, False, outcome.rescue)})"
     return summary
 
 
@@ -605,7 +636,8 @@ def _rescue(opts: RunOptions, ledger: Ledger, run_id: str, outcome: _Outcome | N
     fault = (f"the results could not be completed after requests were sent ({_describe(exc)}); the table is "
              f"{what}; {where_ids(opts, table, rescue)}; a rerun writes the whole table (nothing is sent twice)")
     summary = Summary(run_id, counts, [], time.monotonic() - started, stats.sent, stats.send_rate,
-                      stats.stop_reason, outcome.interrupted if outcome else None, str(opts.output),
+                      stats.stop_reason, outcome.interrupted if outcome else None,
+                      str(opts.output) if table else f"not written ({where_ids(opts, False, rescue)})",
                       str(opts.state), local_fault=fault, unreadable=unreadable,
                       skipped=list(skipped or []))
     summary.table_written = table
@@ -854,7 +886,7 @@ def _run_tables(opts: CollectOptions, ledger: Ledger, apis: list[str], given: Ta
     found: list[Target] = []
     for output in sorted(set(ledger.run_outputs({e.run_id for e in open_tasks}).values())):
         target = Target(output)
-        if not pattern.fullmatch(output) or (given is not None and target.same_file(output)):
+        if not pattern.fullmatch(output) or (given is not None and given.same_file(output)):
             continue
         try:
             if target.exists():
@@ -931,6 +963,7 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         summary = {"run_id": "collect", "followed": len(entries), **stats.as_dict(),
                    "elapsed_s": round(time.monotonic() - started, 3), "state": str(opts.state),
                    "results": ", ".join(str(t) for t, _ in tables) or str(opts.results or ""),
+                   "tables": [str(t) for t, _ in tables],
                    "local_fault": "; ".join(faults) or None}
         summary["exit_code"] = EXIT_LOCAL_FAULT if faults else EXIT_INTERRUPTED if stats.interrupted else (
             EXIT_PROVIDER if stats.fatal else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE))

@@ -34,10 +34,10 @@ from batch.errors import ConfigError
 from batch.estimate import LABEL, Estimator, Labels, count_edited
 from batch.expand import Expander, Request, chunks
 from batch.ledger import OUTCOME_COLUMNS
-from batch.load import OWN_MARK
+from batch.load import OWN_MARK, OWN_STATUSES
 from batch.storage import Target
 
-STATUSES = ("submitted", "skipped", "failed", "invalid", "unknown", "pending", "dry_run")
+STATUSES = OWN_STATUSES  # the loader recognises a trimmed copy of a results table by them
 OK_STATUSES = frozenset({"submitted", "skipped", "dry_run"})
 RESULT_SUFFIXES = (".parquet", ".csv")
 # Spreadsheet tools run a cell starting with one of these as a formula (OWASP CSV injection).
@@ -82,7 +82,7 @@ class Resolution:
     run_id: str | None
     dry_run: bool = False
     stop_reason: str | None = None
-    resend_unknown: bool = False  # a dry run: would the run resend what an earlier one may have sent?
+    resend_unknown: bool = False  # would the run resend (dry run) or did it try to (an unsent one: why)
 
 
 # Ledger.outcome_rows, typed; the ledger's status and run_id only decide the row's status.
@@ -156,6 +156,10 @@ def resolve_frame(frame: pl.DataFrame, entries: pl.DataFrame | None, how: Resolu
     this_run = pl.col("_run_id") == pl.lit(how.run_id, pl.String())
     stop = f": {how.stop_reason}" if how.stop_reason else ""
     has_error = err.is_not_null() & (err != "")
+    # An earlier run's unknown left unsent: the hint names the option, unless it was given
+    # (then the run stopped before it: the cap, the deadline, a signal).
+    unsent = (f"not resent this run{stop}" if how.resend_unknown and not how.dry_run
+              else "not resent (use --resend-unknown)")
     may_exist = st.is_in(["sending", "unknown"]) & pl.lit(not how.resend_unknown)
     status = (
         pl.when(invalid.is_not_null()).then(pl.lit("invalid"))
@@ -178,10 +182,9 @@ def resolve_frame(frame: pl.DataFrame, entries: pl.DataFrame | None, how: Resolu
         .when(st.is_null()).then(pl.lit(f"not sent{stop}"))
         .when(st == "sending").then(
             pl.when(this_run).then(pl.lit("interrupted after sending; the provider may have accepted it"))
-            .otherwise(pl.lit("an earlier run stopped after sending it; outcome unknown, not resent "
-                              "(use --resend-unknown)")))
+            .otherwise(pl.lit(f"an earlier run stopped after sending it; outcome unknown, {unsent}")))
         .when((st == "unknown") & ~this_run).then(
-            pl.lit("earlier run: ") + err.fill_null("outcome unknown") + pl.lit("; not resent (use --resend-unknown)"))
+            pl.lit("earlier run: ") + err.fill_null("outcome unknown") + pl.lit(f"; {unsent}"))
         .when(st.is_in(["submitted", "unknown"]) | ((st == "failed") & this_run)).then(err)
         .otherwise(pl.lit(f"not sent this run{stop}")
                    + pl.when(has_error).then(pl.lit("; last error: ") + err).otherwise(pl.lit("")))
