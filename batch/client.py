@@ -44,7 +44,7 @@ from urllib.parse import unquote, unquote_plus, urlsplit
 
 import aiohttp
 
-from batch.api import check_task_id
+from batch.api import check_task_id, whole_text
 
 
 class Secret:
@@ -210,7 +210,9 @@ def _int_header(headers: Any, name: str) -> int | None:
 
 
 def clean_text(text: str, secret: Secret | None, limit: int = MESSAGE_CHARS) -> str:
-    """Provider text made safe to store and print: key scrubbed, controls removed, capped."""
+    """Provider text made safe to store and print: key scrubbed, controls and lone
+    surrogates (a header's undecodable byte) replaced, capped."""
+    text = whole_text(text)
     if secret is not None:
         text = secret.scrub(text)
     text = _CONTROL.sub(" ", text)
@@ -220,15 +222,17 @@ def clean_text(text: str, secret: Secret | None, limit: int = MESSAGE_CHARS) -> 
 _NOT_JSON = object()  # an answer body that did not parse
 
 
-def _scrub_json(value: Any, secret: Secret) -> Any:
-    """Every string value of a parsed answer with the key replaced (names are left as
-    they are: the answer's structure never changes)."""
+def _scrub_json(value: Any, secret: Secret | None) -> Any:
+    """Every string of a parsed answer whole (a ``\\ud800`` escape is valid JSON but no
+    text any writer accepts) and, values only, with the key replaced (names keep their
+    meaning: the answer's structure never changes)."""
     if isinstance(value, str):
-        return secret.scrub(value)
+        value = whole_text(value)
+        return secret.scrub(value) if secret is not None else value
     if isinstance(value, list):
         return [_scrub_json(v, secret) for v in value]
     if isinstance(value, dict):
-        return {k: _scrub_json(v, secret) for k, v in value.items()}
+        return {whole_text(k): _scrub_json(v, secret) for k, v in value.items()}
     return value
 
 
@@ -238,7 +242,7 @@ def parse_answer(raw: bytes, secret: Secret | None) -> Any:
         value = json.loads(raw)
     except (ValueError, RecursionError):
         raise ValueError("not JSON") from None
-    return _scrub_json(value, secret) if secret is not None and secret.reveal() else value
+    return _scrub_json(value, secret if secret is not None and secret.reveal() else None)
 
 
 def _provider_message(body: Any, fallback: str, secret: Secret | None) -> tuple[str, int | None]:

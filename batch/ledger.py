@@ -941,7 +941,8 @@ class AsyncLedger:
             if sending or outcomes or other:
                 try:
                     claimed = self._apply(sending, outcomes, other)
-                except (sqlite3.Error, OSError) as exc:  # disk full, I/O error, read-only
+                except Exception as exc:  # disk full, I/O error, read-only; any other error too:
+                    # the flusher must settle every waiter, or the run waits for it forever
                     self.broken = StateError(f"state write failed ({exc})")
                     self._kept.extend(outcomes)
                     if fut is not None and not fut.done():

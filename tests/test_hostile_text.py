@@ -1,0 +1,139 @@
+"""Issue 18 review: hostile text and files an attacker reproduced after the first fixes.
+
+Lone surrogate escapes in answers (valid JSON, not encodable text), an exception in one
+request's handling, a planted hard link at a download name, the key in encodings the
+scrubber missed, and planted ledger companions. Servers written here answer over real
+HTTP on 127.0.0.1 through the real CLI.
+"""
+
+import sqlite3
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from aiohttp import web
+from conftest import results
+from test_hostile import ROUTE, collect, files_app, ok, submit
+
+
+def video(body: bytes = b"video bytes") -> object:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+    return handler
+
+
+def rows_by_prompt(path: Path) -> dict[str, dict]:
+    return {r["prompt"]: r for r in results(path).iter_rows(named=True)}
+
+
+# -- a lone surrogate in an answer never bricks the table -------------------------------------
+
+def surrogate_url(host: str, tid: str) -> list[dict]:
+    # json.dumps writes the lone surrogate as the escape "\ud800": valid JSON, no valid UTF-8.
+    return [{"url": f"http://{host}/files/{tid}\ud800", "type": "video", "format": "mp4\udfff"}]
+
+
+def test_a_lone_surrogate_in_a_task_answer_costs_only_its_task(serve, tmp_path: Path) -> None:
+    """Reported: collect exited 6 on every rerun (UnicodeEncodeError writing the table), a
+    later submit crashed in entries_frame, and submit --wait --download wrote no table."""
+    url = serve(files_app({"good": video(), "sur": video(), "resources:sur": surrogate_url}))
+    rows = [{"prompt": "good"}, {"prompt": "sur"}]
+    first = submit(url, tmp_path, rows, "--wait", "--download", str(tmp_path / "v"))
+    assert "Traceback" not in first.output + first.stderr, first.output + first.stderr
+    for _ in range(2):  # and every rerun
+        res = collect(url, tmp_path, "--download", str(tmp_path / "v"))
+        assert "Traceback" not in res.output + res.stderr, res.output + res.stderr
+        assert res.exit_code in (0, 1), res.output + res.stderr
+        by = rows_by_prompt(tmp_path / "r.parquet")
+        assert by["good"]["local_paths"] and by["good"]["download_error"] is None
+        assert by["sur"]["task_status"] == "success", {k: v for k, v in by["sur"].items() if v is not None}
+        assert "\ufffd" in "".join(by["sur"]["resource_urls"] or []) + (by["sur"]["download_error"] or ""), by["sur"]
+    again = submit(url, tmp_path, rows)
+    assert again.exit_code == 0 and "Traceback" not in again.output + again.stderr, again.output + again.stderr
+    assert sorted(results(tmp_path / "r.parquet")["prompt"]) == ["good", "sur"]
+
+
+def test_a_lone_surrogate_in_a_refusal_records_it_failed_and_the_run_finishes(serve, tmp_path: Path) -> None:
+    """Reported: the 2nd of 3 requests refused with HTTP 400 whose message held "\\ud800"
+    hung the run (done 2 / 3, the 3rd never sent) and recorded a definite refusal unknown."""
+    app = web.Application()
+    seen: list[str] = []
+
+    async def post(request: web.Request) -> web.Response:
+        prompt = (await request.json())["prompt"]
+        seen.append(prompt)
+        if prompt == "refused":
+            return web.json_response({"code": 400, "message": "bad \ud800 prompt"}, status=400)
+        return ok({"task_id": f"t{len(seen)}"})
+
+    app.router.add_post(ROUTE, post)
+    url = serve(app)
+    started = time.monotonic()
+    res = submit(url, tmp_path, [{"prompt": "a"}, {"prompt": "refused"}, {"prompt": "c"}], "--concurrency", "1")
+    assert time.monotonic() - started < 60
+    assert "Traceback" not in res.output + res.stderr, res.output + res.stderr
+    assert sorted(seen) == ["a", "c", "refused"]
+    by = rows_by_prompt(tmp_path / "r.parquet")
+    assert by["refused"]["status"] == "failed" and "\ufffd" in by["refused"]["error"], by["refused"]
+    assert by["a"]["status"] == by["c"]["status"] == "submitted"
+
+
+def test_an_old_ledger_holding_lone_surrogates_does_not_brick_the_table(serve, tmp_path: Path) -> None:
+    """Ledgers written by an older version may already hold such values: reading them
+    back, the table writer replaces them rather than failing every night."""
+    url = serve(files_app({"good": video()}))
+    assert submit(url, tmp_path, [{"prompt": "good"}, {"prompt": "old"}]).exit_code == 0
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        # An older version kept the URLs as JSON text, the lone surrogate as its escape.
+        db.execute("UPDATE requests SET resource_urls = ?", ('["http://x/a.mp4\\ud800"]',))
+    res = submit(url, tmp_path, [{"prompt": "good"}, {"prompt": "old"}])
+    assert "Traceback" not in res.output + res.stderr, res.output + res.stderr
+    assert res.exit_code == 0, res.output + res.stderr
+    assert results(tmp_path / "r.parquet").height == 2
+
+
+def test_entries_frame_wholes_the_json_escapes_an_older_ledger_stored() -> None:
+    """The writer's own guard: ledger rows whose JSON lists hold a lone surrogate escape."""
+    from batch.ledger import OUTCOME_COLUMNS
+    from batch.results import entries_frame
+
+    row = dict.fromkeys(OUTCOME_COLUMNS)
+    row.update(request_id="r1", status="submitted", attempts=1,
+               resource_urls='["http://x/a\\ud800.mp4"]', earlier_task_ids='["t\\udfff"]')
+    frame = entries_frame([tuple(row[c] for c in OUTCOME_COLUMNS)])
+    assert frame["resource_urls"].to_list() == [["http://x/a\ufffd.mp4"]]
+    assert frame["earlier_task_ids"].to_list() == [["t\ufffd"]]
+
+
+def test_an_unexpected_error_in_one_request_records_it_unknown_and_the_run_goes_on(
+        serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any fault in one request's handling once it was marked (here injected after the
+    answer came back: no HTTP shape reaches it any more) records that request ``unknown``
+    with the error, and the other requests are still sent; the run never waits forever."""
+    from batch.submit import Submitter
+
+    app = web.Application()
+    seen: list[str] = []
+
+    async def post(request: web.Request) -> web.Response:
+        seen.append((await request.json())["prompt"])
+        return ok({"task_id": f"t{len(seen)}", "get_result": {"url": "boom"}})
+
+    real = Submitter._poll_url
+
+    def poll_url(self: Submitter, verdict: object) -> str | None:
+        if verdict.task_id == "t2":  # type: ignore[attr-defined]
+            raise RuntimeError("injected fault")
+        return real(self, verdict)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Submitter, "_poll_url", poll_url)
+    app.router.add_post(ROUTE, post)
+    url = serve(app)
+    res = submit(url, tmp_path, [{"prompt": p} for p in "abcd"], "--concurrency", "1")
+    assert "Traceback" not in res.output + res.stderr, res.output + res.stderr
+    assert sorted(seen) == list("abcd")
+    statuses = results(tmp_path / "r.parquet")["status"].to_list()
+    assert sorted(statuses) == ["submitted", "submitted", "submitted", "unknown"], statuses
+    row = results(tmp_path / "r.parquet").filter(pl.col("status") == "unknown").row(0, named=True)
+    assert "injected fault" in row["error"], row
