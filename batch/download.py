@@ -191,12 +191,13 @@ def open_directory(directory: Path) -> int:
 
 def regular_size(name: str, dir_fd: int) -> int | None:
     """The size of the regular file ``name`` in ``dir_fd``; ``None`` when there is none
-    (or something else is there: a symlink, a directory)."""
+    (or something else is there: a symlink, a directory, or a file with a second name:
+    a hard link planted at a predictable name is someone else's file, never our output)."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
+    return st.st_size if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else None
 
 
 class _Pace:

@@ -137,3 +137,31 @@ def test_an_unexpected_error_in_one_request_records_it_unknown_and_the_run_goes_
     assert sorted(statuses) == ["submitted", "submitted", "submitted", "unknown"], statuses
     row = results(tmp_path / "r.parquet").filter(pl.col("status") == "unknown").row(0, named=True)
     assert "injected fault" in row["error"], row
+
+
+# -- a planted name beside a video is never taken for, nor written through as, its poster ----
+
+@pytest.mark.parametrize("planted", ["poster_hardlink", "poster_symlink", "tmp_symlink"])
+def test_a_planted_poster_name_is_neither_trusted_nor_written_through(tmp_path: Path, planted: str) -> None:
+    import os
+
+    from batch.page import POSTER_SUFFIX, Posters
+    from batch.poster import tiny_clip
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(tiny_clip((10, 200, 30)))
+    target = tmp_path / "elsewhere.jpg"
+    target.write_bytes(b"precious")
+    poster = tmp_path / f"v.mp4{POSTER_SUFFIX}"
+    if planted == "poster_hardlink":
+        os.link(target, poster)
+    elif planted == "poster_symlink":
+        poster.symlink_to(target)
+    else:
+        (tmp_path / f".{poster.name}.tmp-{os.getpid()}").symlink_to(target)
+    os.utime(target, (time.time() + 60, time.time() + 60))  # "newer than the video"
+    found, why = Posters().of(str(video))
+    assert why is None and found == poster
+    assert target.read_bytes() == b"precious"
+    assert not poster.is_symlink() and poster.stat().st_nlink == 1
+    assert poster.read_bytes()[:2] == b"\xff\xd8"  # our JPEG
