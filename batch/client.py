@@ -50,14 +50,25 @@ from batch.api import check_task_id, whole_text
 class Secret:
     """An API key that does not print itself: ``repr``/``str`` show ``***``."""
 
-    __slots__ = ("_b64", "_lower", "_pattern", "_value")
+    __slots__ = ("_b64", "_lower", "_needles", "_pattern", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
         self._lower = value.lower()
         raw = value.encode()
         b64 = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
-        self._b64 = sorted(b64 | {b.rstrip("=") for b in b64}, key=len, reverse=True)
+        # The key base64-encoded after a prefix (Basic auth's "user:KEY", "Bearer KEY")
+        # lands at any of three byte alignments: each alignment's characters that hold
+        # only key bits, without the edge ones that depend on the neighbouring bytes.
+        for offset in range(3):
+            skip = (8 * offset + 5) // 6
+            keep = (8 * (offset + len(raw))) // 6
+            for enc in (base64.b64encode, base64.urlsafe_b64encode):
+                b64.add(enc(b"\0" * offset + raw).decode()[skip:keep])
+        self._b64 = sorted(b64 | {b.rstrip("=") for b in b64} | {raw.hex()}, key=len, reverse=True)
+        # The quick test needs only the forms no other form contains (lower-cased once here).
+        lowered = sorted({b.lower() for b in self._b64}, key=len)
+        self._needles = tuple(n for i, n in enumerate(lowered) if not any(m in n for m in lowered[:i]))
         self._pattern: re.Pattern[str] | None = None
 
     def reveal(self) -> str:
@@ -67,7 +78,8 @@ class Secret:
         """``text`` with every occurrence of the key replaced by ``***``, in every form a
         server or library may hand it back: any letter case, each character as itself or
         percent-encoded (once or twice, either hex case), a space form-encoded as ``+``,
-        and base64 (standard or URL-safe, padded or not). This is the one scrubber: every
+        base64 (standard or URL-safe, padded or not, alone or after a prefix as in Basic
+        auth: at every byte alignment), and hex (either case). This is the one scrubber: every
         place outside text enters the tool calls it (through :func:`clean_text`). A value
         shorter than :data:`MIN_SECRET` is no real key (the fake's, a test's): scrubbing it
         would rewrite ordinary text."""
@@ -84,7 +96,7 @@ class Secret:
         """A quick test every form passes (the full pattern costs ~15 us a string; this
         ~1 us, and every string of every answer goes through here)."""
         low = text.lower()
-        if self._lower in low or any(b.lower() in low for b in self._b64):
+        if self._lower in low or any(n in low for n in self._needles):
             return True
         for _ in range(2):  # percent-encoded, once or twice
             if "%" not in text and not ("+" in text and " " in self._value):

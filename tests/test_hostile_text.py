@@ -165,3 +165,57 @@ def test_a_planted_poster_name_is_neither_trusted_nor_written_through(tmp_path: 
     assert target.read_bytes() == b"precious"
     assert not poster.is_symlink() and poster.stat().st_nlink == 1
     assert poster.read_bytes()[:2] == b"\xff\xd8"  # our JPEG
+
+
+# -- the key in base64 after a prefix (Basic-auth style) and in hex ---------------------------
+
+def test_the_scrubber_finds_the_key_base64_at_every_alignment_and_in_hex() -> None:
+    import base64
+
+    from conftest import KEY
+
+    from batch.client import Secret
+
+    secret = Secret(KEY)
+    raw = KEY.encode()
+    forms = [raw.hex(), raw.hex().upper()]
+    for prefix in (b"", b"u:", b"Bearer ", b"x", b"ab", b"abc:"):
+        for suffix in (b"", b"!", b":xy"):
+            for enc in (base64.b64encode, base64.urlsafe_b64encode):
+                forms.append(enc(prefix + raw + suffix).decode())
+    for form in forms:
+        text = f"Authorization: Basic {form} (echoed)"
+        out = secret.scrub(text)
+        assert "***" in out, form
+        # What is left of the form cannot hold 6 consecutive key characters' worth of it.
+        assert form not in out, form
+    assert secret.scrub("plain text, no key: sk-test-0123 deadbeef") == "plain text, no key: sk-test-0123 deadbeef"
+
+
+def test_a_key_hex_or_base64_in_a_task_answer_never_reaches_an_output(serve, tmp_path: Path) -> None:
+    import base64
+
+    from conftest import KEY
+    from test_collect_hostile import haystack
+
+    raw = KEY.encode()
+    forms = [raw.hex(), raw.hex().upper(), base64.b64encode(b"u:" + raw).decode(),
+             base64.b64encode(b"Bearer " + raw).decode(), base64.urlsafe_b64encode(b"x" + raw).decode()]
+    app = web.Application()
+
+    async def post(request: web.Request) -> web.Response:
+        i = int((await request.json())["prompt"][1:])
+        return ok({"task_id": forms[i] if i < 2 else f"t{i}"})
+
+    async def task(request: web.Request) -> web.Response:
+        tid = request.match_info["tid"]
+        return ok({"status": "failed", "task_id": tid, "error": {"code": 7, "message": f"key {forms[int(tid[1:])]}"}})
+
+    app.router.add_post(ROUTE, post)
+    app.router.add_get("/api/v1/tasks/{tid}", task)
+    url = serve(app)
+    sub = submit(url, tmp_path, [{"prompt": f"p{i}"} for i in range(len(forms))], "--log-level", "debug")
+    col = collect(url, tmp_path, "--log-level", "debug")
+    text = haystack(tmp_path, *(r.output + r.stderr for r in (sub, col)))
+    for form in forms:
+        assert form not in text, form
