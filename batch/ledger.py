@@ -725,11 +725,14 @@ class Ledger:
 
     def import_task(self, api: str, request_id: str, task_id: str, model: str | None, endpoint: str | None,
                     source: str | None, row: int | None, body: str, submitted_at: str | None) -> None:
-        """Adopt a task known only from a results table (collect --results on another machine)."""
+        """Adopt a task known only from a results table (collect --results on another machine,
+        or a run whose ledger write failed: its row left ``sending``/``unknown``, no task id)."""
         self.db.execute(
             "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, row, body, task_id, "
             "submitted_at, updated_at) VALUES (?, ?, 'submitted', 'imported', ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(api, request_id) DO NOTHING",
+            "ON CONFLICT(api, request_id) DO UPDATE SET status='submitted', task_id=excluded.task_id, "
+            "submitted_at=COALESCE(requests.submitted_at, excluded.submitted_at), updated_at=excluded.updated_at "
+            "WHERE requests.status IN ('sending', 'unknown') AND requests.task_id IS NULL",
             (api, request_id, model, endpoint, source, row, body, task_id, submitted_at, utcnow()),
         )
 

@@ -6,6 +6,7 @@ scrubber missed, and planted ledger companions. Servers written here answer over
 HTTP on 127.0.0.1 through the real CLI.
 """
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from aiohttp import web
-from conftest import results
+from conftest import cli, results
 from test_hostile import ROUTE, collect, files_app, ok, submit
 
 
@@ -219,3 +220,39 @@ def test_a_key_hex_or_base64_in_a_task_answer_never_reaches_an_output(serve, tmp
     text = haystack(tmp_path, *(r.output + r.stderr for r in (sub, col)))
     for form in forms:
         assert form not in text, form
+
+
+# -- task ids only the table holds are adopted before a run sends or rewrites it -------------
+
+@pytest.mark.parametrize("ledger_has", ["sending", "unknown", "missing"])
+def test_task_ids_only_the_table_holds_survive_the_rerun(fake, tmp_path: Path, ledger_has: str) -> None:
+    """Reported: after the ledger disk filled (exit 6: the ids are in the table, the rescue
+    file could not be written), the rerun rewrote the table with those rows unknown and an
+    empty task_id: the only copy of 4 paid task ids wiped. Here the ledger is left as that
+    run left it: the outcomes of 3 requests never committed."""
+    from conftest import prompts, submit_args, write_csv
+
+    path = write_csv(tmp_path / "in.csv", prompts(6))
+    assert cli(submit_args(fake, tmp_path, path, out="r.csv")).exit_code == 0
+    table = results(tmp_path / "r.csv")
+    lost = dict(zip(table["request_id"][:3], table["task_id"][:3], strict=True))
+    with sqlite3.connect(tmp_path / "state.sqlite") as db:
+        marks = ",".join("?" * len(lost))
+        if ledger_has == "missing":
+            db.execute(f"DELETE FROM requests WHERE request_id IN ({marks})", list(lost))
+        else:
+            db.execute(f"UPDATE requests SET status = ?, task_id = NULL, submitted_at = NULL "
+                       f"WHERE request_id IN ({marks})", [ledger_has, *lost])
+    # The broken run's marker counted only the task ids it committed.
+    mark = tmp_path / "state.sqlite.runmark"
+    mark.write_text(json.dumps({**json.loads(mark.read_text()), "task_ids": 3}))
+    res = cli(submit_args(fake, tmp_path, path, out="r.csv"))
+    assert res.exit_code == 0, res.output
+    assert len(fake.state.submissions()) == 6  # nothing paid twice
+    after = {r["request_id"]: r for r in results(tmp_path / "r.csv").iter_rows(named=True)}
+    for rid, tid in lost.items():
+        assert after[rid]["task_id"] == tid and after[rid]["status"] == "skipped", after[rid]
+    with sqlite3.connect(tmp_path / "state.sqlite") as db:
+        kept = dict(db.execute(f"SELECT request_id, task_id FROM requests WHERE status = 'submitted' "
+                               f"AND request_id IN ({marks})", list(lost)).fetchall())
+    assert kept == lost
