@@ -256,3 +256,26 @@ def test_task_ids_only_the_table_holds_survive_the_rerun(fake, tmp_path: Path, l
         kept = dict(db.execute(f"SELECT request_id, task_id FROM requests WHERE status = 'submitted' "
                                f"AND request_id IN ({marks})", list(lost)).fetchall())
     assert kept == lost
+
+
+# -- an encoding this machine cannot unpack is refused at once, not retried -------------------
+
+@pytest.mark.parametrize("encoding", ["br", "zstd"])
+def test_a_compression_this_machine_cannot_unpack_is_refused_at_once(serve, tmp_path: Path, encoding: str) -> None:
+    from aiohttp import compression_utils
+
+    if getattr(compression_utils, {"br": "HAS_BROTLI", "zstd": "HAS_ZSTD"}[encoding]):
+        pytest.skip(f"aiohttp unpacks {encoding} here")
+    asked: list[int] = []
+
+    async def packed(request: web.Request) -> web.Response:
+        asked.append(1)
+        return web.Response(body=b"packed bytes?", headers={"Content-Encoding": encoding})
+
+    url = serve(files_app({"z": packed}))
+    submit(url, tmp_path, [{"prompt": "z"}])
+    res = collect(url, tmp_path, "--download", str(tmp_path / "v"))
+    assert "Traceback" not in res.output + res.stderr, res.output + res.stderr
+    assert res.exit_code == 1
+    assert "Content-Encoding we do not unpack" in results(tmp_path / "r.parquet")["download_error"][0]
+    assert len(asked) == 1 and list((tmp_path / "v").iterdir()) == []
