@@ -311,7 +311,7 @@ START_OVER = ("if you mean to start over, move it away (every request it recorde
 
 
 # Files SQLite and this tool keep beside the ledger's real name.
-COMPANIONS = ("-wal", "-shm", ".runmark", ".rescue.jsonl", ".v1-backup")
+COMPANIONS = ("-wal", "-shm", "-journal", ".runmark", ".rescue.jsonl", ".v1-backup")
 
 
 def check_links(path: Path, settle: float = 2.0) -> None:
