@@ -279,3 +279,44 @@ def test_a_compression_this_machine_cannot_unpack_is_refused_at_once(serve, tmp_
     assert res.exit_code == 1
     assert "Content-Encoding we do not unpack" in results(tmp_path / "r.parquet")["download_error"][0]
     assert len(asked) == 1 and list((tmp_path / "v").iterdir()) == []
+
+
+def test_a_location_with_bytes_that_are_not_utf8_costs_only_its_task(serve, tmp_path: Path) -> None:
+    """Sibling: header values reach Python with undecodable bytes as lone surrogates
+    (aiohttp decodes them with surrogateescape); the error that quotes one is stored."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+
+    def raw_redirects() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://[bad\xff\xfe/x.mp4\r\n"
+                             b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+
+    threading.Thread(target=raw_redirects, daemon=True).start()
+
+    async def to_raw(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": f"http://127.0.0.1:{port}/x.mp4"})
+
+    try:
+        url = serve(files_app({"good": video(), "raw": to_raw}))
+        submit(url, tmp_path, [{"prompt": "good"}, {"prompt": "raw"}])
+        for _ in range(2):
+            res = collect(url, tmp_path, "--download", str(tmp_path / "v"))
+            assert "Traceback" not in res.output + res.stderr, res.output + res.stderr
+            assert res.exit_code == 1, res.output + res.stderr
+            by = rows_by_prompt(tmp_path / "r.parquet")
+            assert by["good"]["local_paths"] and by["raw"]["download_error"], by["raw"]
+            assert "not a usable URL" in by["raw"]["download_error"], by["raw"]["download_error"]
+    finally:
+        listener.close()
