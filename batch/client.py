@@ -44,21 +44,32 @@ from urllib.parse import unquote, unquote_plus, urlsplit
 
 import aiohttp
 
-from batch.api import check_task_id
+from batch.api import check_task_id, whole_text
 from batch.mutant import mutant
 
 
 class Secret:
     """An API key that does not print itself: ``repr``/``str`` show ``***``."""
 
-    __slots__ = ("_b64", "_lower", "_pattern", "_value")
+    __slots__ = ("_b64", "_lower", "_needles", "_pattern", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
         self._lower = value.lower()
         raw = value.encode()
         b64 = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
-        self._b64 = sorted(b64 | {b.rstrip("=") for b in b64}, key=len, reverse=True)
+        # The key base64-encoded after a prefix (Basic auth's "user:KEY", "Bearer KEY")
+        # lands at any of three byte alignments: each alignment's characters that hold
+        # only key bits, without the edge ones that depend on the neighbouring bytes.
+        for offset in range(3):
+            skip = (8 * offset + 5) // 6
+            keep = (8 * (offset + len(raw))) // 6
+            for enc in (base64.b64encode, base64.urlsafe_b64encode):
+                b64.add(enc(b"\0" * offset + raw).decode()[skip:keep])
+        self._b64 = sorted(b64 | {b.rstrip("=") for b in b64} | {raw.hex()}, key=len, reverse=True)
+        # The quick test needs only the forms no other form contains (lower-cased once here).
+        lowered = sorted({b.lower() for b in self._b64}, key=len)
+        self._needles = tuple(n for i, n in enumerate(lowered) if not any(m in n for m in lowered[:i]))
         self._pattern: re.Pattern[str] | None = None
 
     def reveal(self) -> str:
@@ -68,7 +79,8 @@ class Secret:
         """``text`` with every occurrence of the key replaced by ``***``, in every form a
         server or library may hand it back: any letter case, each character as itself or
         percent-encoded (once or twice, either hex case), a space form-encoded as ``+``,
-        and base64 (standard or URL-safe, padded or not). This is the one scrubber: every
+        base64 (standard or URL-safe, padded or not, alone or after a prefix as in Basic
+        auth: at every byte alignment), and hex (either case). This is the one scrubber: every
         place outside text enters the tool calls it (through :func:`clean_text`). A value
         shorter than :data:`MIN_SECRET` is no real key (the fake's, a test's): scrubbing it
         would rewrite ordinary text."""
@@ -85,7 +97,7 @@ class Secret:
         """A quick test every form passes (the full pattern costs ~15 us a string; this
         ~1 us, and every string of every answer goes through here)."""
         low = text.lower()
-        if self._lower in low or any(b.lower() in low for b in self._b64):
+        if self._lower in low or any(n in low for n in self._needles):
             return True
         for _ in range(2):  # percent-encoded, once or twice
             if "%" not in text and not ("+" in text and " " in self._value):
@@ -211,7 +223,9 @@ def _int_header(headers: Any, name: str) -> int | None:
 
 
 def clean_text(text: str, secret: Secret | None, limit: int = MESSAGE_CHARS) -> str:
-    """Provider text made safe to store and print: key scrubbed, controls removed, capped."""
+    """Provider text made safe to store and print: key scrubbed, controls and lone
+    surrogates (a header's undecodable byte) replaced, capped."""
+    text = whole_text(text)
     if secret is not None:
         text = secret.scrub(text)
     text = _CONTROL.sub(" ", text)
@@ -221,15 +235,17 @@ def clean_text(text: str, secret: Secret | None, limit: int = MESSAGE_CHARS) -> 
 _NOT_JSON = object()  # an answer body that did not parse
 
 
-def _scrub_json(value: Any, secret: Secret) -> Any:
-    """Every string value of a parsed answer with the key replaced (names are left as
-    they are: the answer's structure never changes)."""
+def _scrub_json(value: Any, secret: Secret | None) -> Any:
+    """Every string of a parsed answer whole (a ``\\ud800`` escape is valid JSON but no
+    text any writer accepts) and, values only, with the key replaced (names keep their
+    meaning: the answer's structure never changes)."""
     if isinstance(value, str):
-        return secret.scrub(value)
+        value = whole_text(value)
+        return secret.scrub(value) if secret is not None else value
     if isinstance(value, list):
         return [_scrub_json(v, secret) for v in value]
     if isinstance(value, dict):
-        return {k: _scrub_json(v, secret) for k, v in value.items()}
+        return {whole_text(k): _scrub_json(v, secret) for k, v in value.items()}
     return value
 
 
@@ -239,7 +255,8 @@ def parse_answer(raw: bytes, secret: Secret | None) -> Any:
         value = json.loads(raw)
     except (ValueError, RecursionError):
         raise ValueError("not JSON") from None
-    return _scrub_json(value, secret) if secret is not None and secret.reveal() and not mutant("drop_key_scrub") else value
+    scrub = secret is not None and secret.reveal() and not mutant("drop_key_scrub")
+    return _scrub_json(value, secret if scrub else None)
 
 
 def _provider_message(body: Any, fallback: str, secret: Secret | None) -> tuple[str, int | None]:

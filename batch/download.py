@@ -46,6 +46,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import aiohttp.abc
 import aiohttp.resolver
+from aiohttp import compression_utils
 
 from batch.client import Transport
 from batch.storage import stream_upload
@@ -55,7 +56,11 @@ VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "webm"})
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp"})
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 GIB = 1 << 30
-UNPACKED = frozenset({"gzip", "deflate", "br", "zstd"})  # what aiohttp decodes (one encoding, not a list)
+# What aiohttp decodes here (one encoding, not a list): br and zstd only with their
+# optional packages; without them aiohttp fails every attempt, so they are refused at once.
+UNPACKED = frozenset({"gzip", "deflate"}
+                     | ({"br"} if getattr(compression_utils, "HAS_BROTLI", False) else set())
+                     | ({"zstd"} if getattr(compression_utils, "HAS_ZSTD", False) else set()))
 MAX_RATIO = 64  # unpacked bytes per byte sent, for a server that compresses anyway (videos barely compress)
 
 
@@ -191,12 +196,13 @@ def open_directory(directory: Path) -> int:
 
 def regular_size(name: str, dir_fd: int) -> int | None:
     """The size of the regular file ``name`` in ``dir_fd``; ``None`` when there is none
-    (or something else is there: a symlink, a directory)."""
+    (or something else is there: a symlink, a directory, or a file with a second name:
+    a hard link planted at a predictable name is someone else's file, never our output)."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
+    return st.st_size if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else None
 
 
 class _Pace:
@@ -388,6 +394,11 @@ async def fetch(session: aiohttp.ClientSession, url: str, sink: Sink, policy: Do
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, PrivateAddress):
                 raise DownloadError(f"refusing a private or reserved address ({exc.os_error.strerror})") from None
+            raise DownloadError(str(exc) or type(exc).__name__, retry=True) from None
+        except aiohttp.ClientResponseError as exc:
+            if "content-encoding" in str(exc.message).lower():  # aiohttp cannot unpack it here: no retry can
+                raise DownloadError(f"answer in a Content-Encoding we do not unpack ({str(exc.message)[:80]})") \
+                    from None
             raise DownloadError(str(exc) or type(exc).__name__, retry=True) from None
         except aiohttp.ClientError as exc:  # before TimeoutError: a stalled read is one of these
             raise DownloadError(str(exc) or type(exc).__name__, retry=True) from None

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import polars as pl
 import structlog
 
-from batch.api import DEFAULT_MODEL
+from batch.api import DEFAULT_MODEL, whole_json
 from batch.errors import ConfigError, InputError
 from batch.identity import content_key, with_repeat
 from batch.load import Table
@@ -108,7 +108,7 @@ def split_list(text: str, name: str, array_field: bool = False) -> list[Any]:
         return []
     if text[0] == "[" and text[-1] == "]":
         try:
-            parsed = json.loads(text)
+            parsed = whole_json(json.loads(text))  # "\\ud800" is valid JSON, not text
         except ValueError:
             parsed = None
         if isinstance(parsed, list):

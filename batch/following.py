@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 import structlog
 
 from batch import expiry
-from batch.api import FAKE_API, task_url
+from batch.api import FAKE_API, task_url, whole_json
 from batch.client import (
     Kind,
     Secret,
@@ -152,7 +152,7 @@ def _json(text: str | None, default: Any) -> Any:
     if not text:
         return default
     try:
-        return json.loads(text)
+        return whole_json(json.loads(text))  # an older version stored "\\ud800" escapes
     except ValueError:
         return default
 

@@ -312,7 +312,7 @@ START_OVER = ("if you mean to start over, move it away (every request it recorde
 
 
 # Files SQLite and this tool keep beside the ledger's real name.
-COMPANIONS = ("-wal", "-shm", ".runmark", ".rescue.jsonl", ".v1-backup")
+COMPANIONS = ("-wal", "-shm", "-journal", ".runmark", ".rescue.jsonl", ".v1-backup")
 
 
 def check_links(path: Path, settle: float = 2.0) -> None:
@@ -733,11 +733,14 @@ class Ledger:
 
     def import_task(self, api: str, request_id: str, task_id: str, model: str | None, endpoint: str | None,
                     source: str | None, row: int | None, body: str, submitted_at: str | None) -> None:
-        """Adopt a task known only from a results table (collect --results on another machine)."""
+        """Adopt a task known only from a results table (collect --results on another machine,
+        or a run whose ledger write failed: its row left ``sending``/``unknown``, no task id)."""
         self.db.execute(
             "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, row, body, task_id, "
             "submitted_at, updated_at) VALUES (?, ?, 'submitted', 'imported', ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(api, request_id) DO NOTHING",
+            "ON CONFLICT(api, request_id) DO UPDATE SET status='submitted', task_id=excluded.task_id, "
+            "submitted_at=COALESCE(requests.submitted_at, excluded.submitted_at), updated_at=excluded.updated_at "
+            "WHERE requests.status IN ('sending', 'unknown') AND requests.task_id IS NULL",
             (api, request_id, model, endpoint, source, row, body, task_id, submitted_at, utcnow()),
         )
 
@@ -949,7 +952,8 @@ class AsyncLedger:
             if sending or outcomes or other:
                 try:
                     claimed = self._apply(sending, outcomes, other)
-                except (sqlite3.Error, OSError) as exc:  # disk full, I/O error, read-only
+                except Exception as exc:  # disk full, I/O error, read-only; any other error too:
+                    # the flusher must settle every waiter, or the run waits for it forever
                     self.broken = StateError(f"state write failed ({exc})")
                     self._kept.extend(outcomes)
                     if fut is not None and not fut.done():

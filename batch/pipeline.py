@@ -422,6 +422,7 @@ def run_submit(opts: RunOptions) -> Summary:
                                                 night_requests=len(ledger.night_requests(night))))
         if opts.preflight and not opts.fake_api:
             asyncio.run(preflight(opts, expander.models_in_use, estimate))
+        adopt_output_task_ids(opts, ledger)
         try:
             ledger.start_run(run_id, opts.command, output_record(opts.output), night)
             retried = retry_failed(opts, expander, ledger, run_id) if opts.retry_failed else None
@@ -599,10 +600,15 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
                       f"{where_ids(opts, not table_error, outcome.rescue)}; nothing is sent twice on a rerun")
     if stats.state_error:
         where = f"in {opts.output}" if not table_error else "in the summary below"
-        kept = f" and {outcome.rescue}" if outcome.rescue else " (the rescue file could not be written either)"
+        if outcome.rescue:
+            kept = f" and {outcome.rescue}; the next run replays the rescue file before sending"
+        elif not table_error:
+            kept = (" (the rescue file could not be written either); the next run adopts them from "
+                    f"{opts.output} before sending: keep that table")
+        else:
+            kept = " (neither the rescue file nor the table could be written): keep them"
         faults.append(f"{stats.state_error} after {stats.sent} requests were sent; their task ids "
-                      f"({outcome.unsaved} not in the ledger) are {where}{kept if outcome.unsaved else ''}; "
-                      f"the next run replays the rescue file before sending")
+                      f"({outcome.unsaved} not in the ledger) are {where}{kept if outcome.unsaved else ''}")
     if table_error:
         faults.append(f"{table_error}; {where_ids(opts, False, outcome.rescue)}: rerun to write the table "
                       f"(nothing is sent twice)")
@@ -996,26 +1002,59 @@ def _read_table(path: Target) -> pl.DataFrame:
 def _import_from_table(ledger: Ledger, table: pl.DataFrame, api: str) -> set[str]:
     """The table's request ids; tasks it names that the ledger lacks are adopted, under
     the API their endpoint names (else this run's)."""
-    ids = table["request_id"].to_list()
-    if "task_id" not in table.columns:
-        return set(ids)
-    rows = table.filter(pl.col("task_id").is_not_null() & pl.col("status").is_in(["submitted", "skipped"]))
+    adopt_table_task_ids(ledger, table, api)
+    return {rid for rid in table["request_id"].to_list() if rid is not None}
+
+
+def adopt_table_task_ids(ledger: Ledger, table: pl.DataFrame, api: str) -> int:
+    """Task ids ``table`` holds for requests the ledger has not as submitted (missing, or
+    ``sending``/``unknown`` without a task id: a run whose ledger write failed left them
+    only in the table) are recorded ``submitted`` with that id, so no rewrite of the
+    table loses the only copy of a paid task id and no run sends them again. Returns how
+    many were adopted."""
+    if "task_id" not in table.columns or "request_id" not in table.columns:
+        return 0
+    rows = table.filter(pl.col("task_id").is_not_null() & (pl.col("task_id") != "") & pl.col("request_id").is_not_null())
+    if "status" in table.columns:
+        rows = rows.filter(pl.col("status").is_null() | (pl.col("status") != "invalid"))
     odd = [t for t in rows["task_id"].to_list() if check_task_id(t) is None]
     if odd:  # a table is input like any other: such an id would become a URL and a file name
         log.warning("task_ids_refused", count=len(odd), reason="not plain tokens; not followed")
         rows = rows.filter(~pl.col("task_id").is_in(odd))
+    if rows.is_empty():
+        return 0
     known = ledger.lookup(rows["request_id"].to_list(), sorted(set(ledger.apis()) | {api}))
     fields = [c for c in rows.columns if c in Catalog().known_fields()]
+    adopted = 0
     for row in rows.iter_rows(named=True):
-        if row["request_id"] in known:
+        entry = known.get(row["request_id"])
+        if entry is not None and not (entry.status in ("sending", "unknown") and not entry.task_id):
             continue
         body = {k: row[k] for k in fields if row[k] is not None and row[k] != ""}
         endpoint = row.get("endpoint")
         submitted = row.get("submitted_at")
-        ledger.import_task(origin(endpoint) if endpoint else api, row["request_id"], row["task_id"], row.get("model"),
+        where = entry.api if entry is not None else origin(endpoint) if endpoint else api
+        ledger.import_task(where, row["request_id"], row["task_id"], row.get("model"),
                            endpoint, row.get("source"), row.get("row"), json.dumps(body, default=str),
                            str(submitted) if submitted else None)
-    return {rid for rid in ids if rid is not None}
+        adopted += 1
+    if adopted:
+        log.warning("task_ids_adopted", count=adopted, reason="held only by the results table; recorded submitted")
+    return adopted
+
+
+def adopt_output_task_ids(opts: RunOptions, ledger: Ledger) -> None:
+    """Before a run sends or rewrites its table: the task ids only that table holds."""
+    try:
+        table = read_results(opts.output) if opts.output.exists() else None
+    except Exception as exc:  # polars raises many types for a bad file; the run goes on as before
+        log.warning("results_table_unreadable", results=str(opts.output), error=_describe(exc))
+        return
+    if table is not None and is_results_table(table):
+        try:
+            adopt_table_task_ids(ledger, table, opts.api)
+        except sqlite3.Error as exc:
+            raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
 
 
 SUBMIT_COLUMNS = ("endpoint", "task_id", "error", "error_code", "http_status", "attempts", "submitted_at")

@@ -30,6 +30,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import structlog
 
+from batch.api import whole_text
 from batch.errors import ConfigError
 from batch.estimate import LABEL, Estimator, Labels, count_edited
 from batch.expand import Expander, Request, chunks
@@ -122,8 +123,9 @@ def ledger_value(column: str, value: Any) -> Any:
             return None
         if column == "local_paths" and isinstance(parsed, dict):
             return [str(v.get("path")) for v in parsed.values() if isinstance(v, dict) and v.get("path")]
-        return [str(v) for v in parsed] if isinstance(parsed, list) else None
-    return value
+        # An older version stored a lone surrogate as its JSON escape: whole it again.
+        return [whole_text(str(v)) for v in parsed] if isinstance(parsed, list) else None
+    return whole_text(value) if isinstance(value, str) else value
 
 
 def entries_frame(rows: Sequence[tuple[Any, ...]]) -> pl.DataFrame:

@@ -39,6 +39,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from batch.api import whole_text
+
 DEFAULT_CAP = 2  # tasks per request in all: the first and one retry
 
 CONTENT, RETRYABLE_CLASS, UNCLASSIFIED = "content_policy", "retryable", "unclassified"
@@ -234,4 +236,4 @@ def _ids(text: str | None) -> list[str]:
         value = json.loads(text) if text else []
     except ValueError:
         return []
-    return [str(v) for v in value] if isinstance(value, list) else []
+    return [whole_text(str(v)) for v in value] if isinstance(value, list) else []

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import math
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -42,8 +43,8 @@ import aiohttp.payload
 import structlog
 
 from batch.api import DOCUMENTED, endpoint_url, origin
-from batch.client import Kind, Secret, Transport, Verdict, make_session, request_once, retry_wait
-from batch.errors import ConfigError
+from batch.client import Kind, Secret, Transport, Verdict, clean_text, make_session, request_once, retry_wait
+from batch.errors import ConfigError, StateError
 from batch.expand import Request, chunks
 from batch.ledger import AsyncLedger, Mark, utcnow
 from batch.models import Catalog
@@ -291,6 +292,7 @@ class Submitter:
         self._warming = False
         self._producer: asyncio.Task[None] | None = None
         self._cap_next: float | None = None  # set when the spend cap stopped the run: the next cost
+        self._claimed: set[str] = set()  # marked ``sending``, no outcome recorded yet: may be on the wire
 
     def halt(self, reason: str, fatal: bool = False) -> None:
         """Stop starting requests; those on the wire finish and are recorded."""
@@ -396,12 +398,28 @@ class Submitter:
                 await self._submit(req, me)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the ledger broke (disk full): stop, keep what came back
+            except (StateError, sqlite3.Error, OSError) as exc:  # the ledger broke (disk full): stop
                 self.stats.state_error = self.stats.state_error or str(exc)
                 self.halt(str(exc))
+            except Exception as exc:  # a fault handling this one request costs only this request
+                self._unexpected(req, exc)
             finally:
+                self._claimed.discard(req.request_id)
                 self._waiting.discard(me)
                 queue.task_done()
+
+    def _unexpected(self, req: Request, exc: Exception) -> None:
+        """Record what an unexpected error in one request's handling leaves: ``unknown``
+        if it was marked and so may have been sent (never resent by a later run), else
+        nothing (it stays ``pending``, sent by the next run). The run goes on."""
+        error = f"unexpected error handling the request: {clean_text(f'{type(exc).__name__}: {exc}', self.config.api_key)}"
+        self.log.error("request_error", request_id=req.request_id, error=error)
+        if req.request_id not in self._claimed:
+            return
+        self.ledger.outcome(req.request_id, self.run_id, "unknown", error=error, attempts=1, submitted_at=utcnow())
+        self.stats.counts["unknown"] += 1
+        if self.progress is not None:
+            self.progress.counts["unknown"] += 1
 
     async def _submit(self, req: Request, me: asyncio.Task[Any]) -> None:
         """One request: its share of the night's spend (reserved before it is claimed,
@@ -490,6 +508,7 @@ class Submitter:
                     if not mutant("mark_after_send") and not await ledger.sending(mark):
                         self.log.debug("already_taken", request_id=req.request_id)
                         return False  # the ledger shows it submitted or in flight elsewhere
+                    self._claimed.add(req.request_id)
                     wire.marked()
                     paced_at = loop.time()
                     # The window guard counts wire times: a slow commit must not bunch requests.
@@ -539,6 +558,7 @@ class Submitter:
                 return False
             ledger.outcome(req.request_id, self.run_id, "pending", error=verdict.error, error_code=verdict.error_code,
                            http_status=verdict.http_status, attempts=attempts)
+            self._claimed.discard(req.request_id)  # certainly not accepted: pending until resent
             self.log.debug("retry", request_id=req.request_id, attempt=attempts, wait=round(wait, 3),
                            http_status=verdict.http_status, error=verdict.error)
             if self.stopping.is_set():
@@ -586,6 +606,7 @@ class Submitter:
             error_code=verdict.error_code, http_status=verdict.http_status, attempts=attempts,
             submitted_at=utcnow(), poll_url=self._poll_url(verdict) if verdict.kind is Kind.OK else None,
         )
+        self._claimed.discard(req.request_id)
         self.stats.counts[status] += 1
         if self.progress is not None:
             self.progress.counts[status] += 1

@@ -74,7 +74,8 @@ def test_submit_wait_download_writes_the_table_despite_an_unparsable_url(serve, 
 
 # -- item 8: nothing written through a name an attacker could plant ------------------------
 
-@pytest.mark.parametrize("planted", ["part", "final", "frame_part", "frame_final", "hardlink_part"])
+@pytest.mark.parametrize("planted", ["part", "final", "frame_part", "frame_final", "hardlink_part",
+                                     "hardlink_final", "hardlink_frame_final"])
 def test_a_planted_symlink_is_never_written_through(serve, tmp_path: Path, planted: str) -> None:
     def both(host: str, tid: str) -> list[dict]:
         return [{"url": f"http://{host}/files/{tid}", "type": "video", "format": "mp4"},
@@ -87,7 +88,7 @@ def test_a_planted_symlink_is_never_written_through(serve, tmp_path: Path, plant
     target.write_bytes(b"precious" + b"!" * 3)  # the size of the video: "already there" must not trust it
     directory = tmp_path / "v"
     directory.mkdir()
-    final = f"lbl_{request_id}" + (".last_frame.png" if planted.startswith("frame") else ".mp4")
+    final = f"lbl_{request_id}" + (".last_frame.png" if "frame" in planted else ".mp4")
     name = f".{final}.part" if planted.endswith("part") else final
     if planted.startswith("hardlink"):
         os.link(target, directory / name)  # O_NOFOLLOW alone does not see this one
