@@ -112,7 +112,7 @@ def test_an_unexpected_error_in_one_request_records_it_unknown_and_the_run_goes_
     """Any fault in one request's handling once it was marked (here injected after the
     answer came back: no HTTP shape reaches it any more) records that request ``unknown``
     with the error, and the other requests are still sent; the run never waits forever."""
-    from batch.submit import Submitter
+    from batch.sending import Submitter
 
     app = web.Application()
     seen: list[str] = []
