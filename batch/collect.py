@@ -166,6 +166,7 @@ class TaskView:
     reason: str | None = None  # why it failed, or what is wrong with the answer
     unknown_state: str | None = None
     expires_at: str | None = None  # result_expires_at, UTC ISO
+    expiry_ignored: str | None = None  # a result_expires_at stated but unreadable (clipped repr)
 
 
 def _word(value: Any) -> str | None:
@@ -216,6 +217,16 @@ def failure_reason(body: dict[str, Any], data: dict[str, Any], state: str) -> st
     return clean_text(text if state == "failed" else f"{state}: {text}", None)
 
 
+def _clip_repr(value: Any) -> str:
+    """A provider value for a log line, without converting a huge int to text (which
+    Python refuses past 4300 digits) or copying a huge string."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** 30:
+        return f"an integer of about {value.bit_length() * 3 // 10} digits"
+    if isinstance(value, str):
+        return repr(value[:64])
+    return type(value).__name__ if isinstance(value, (dict, list)) else repr(value)
+
+
 def read_task(body: Any, task_id: str) -> TaskView:
     """Validate one task answer (the whole JSON body) on its own."""
     data = body.get("data") if isinstance(body, dict) else None
@@ -229,8 +240,10 @@ def read_task(body: Any, task_id: str) -> TaskView:
         return TaskView(None, reason="answer about another task id")
     state = clean_text(raw.strip().lower(), None, 64)
     if state in SUCCESS_STATES:
-        return TaskView("success", resources=read_resources(data),
-                        expires_at=parse_expiry(data.get("result_expires_at")))
+        stated = data.get("result_expires_at")
+        expires = parse_expiry(stated)
+        ignored = None if stated is None or expires is not None else clean_text(_clip_repr(stated), None, 80)
+        return TaskView("success", resources=read_resources(data), expires_at=expires, expiry_ignored=ignored)
     if state in FAILURE_STATES:
         return TaskView("failed", reason=failure_reason(body, data, state))
     if state in RUNNING_STATES:
@@ -440,6 +453,9 @@ class Collector:
             self._unknown_states.add(view.unknown_state)
             self.log.warning("task_state_unknown", state=view.unknown_state, request_id=task.request_id,
                              handling="kept non-terminal")
+        if view.expiry_ignored is not None:
+            self.log.warning("result_expires_at_ignored", request_id=task.request_id, value=view.expiry_ignored,
+                             handling="unknown expiry; the 24 h rule still holds")
         if view.expires_at is not None and view.expires_at != task.expires_at:
             task.expires_at = view.expires_at
             self.ledger.write(expiry.SQL_SET, (task.api, task.request_id, view.expires_at))

@@ -1,0 +1,78 @@
+"""Issue 20 under a fresh-eyes attack: what a hostile provider's task answers and a hostile
+sheet did to the new features (expiry, retry classification, local images), over real HTTP
+on 127.0.0.1 through the real CLI."""
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+from conftest import cli, results, write_csv
+
+ROUTE = "/{tail:.*}"
+
+
+def tasks_app(answers: dict[str, Callable[[str, str], dict]], seen: list[dict]) -> web.Application:
+    """Every submission accepted as ``<prompt>-<n>``; a task's answer (``data``) is
+    ``answers[prompt](host, task_id)``; every submission body is kept in ``seen``."""
+    app = web.Application()
+    counter = iter(range(10_000))
+
+    async def post(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        return web.json_response({"code": 0, "message": "success",
+                                  "data": {"task_id": f"{body['prompt']}-{next(counter)}", "status": "pending"}})
+
+    async def task(request: web.Request) -> web.Response:
+        tid = request.match_info["tid"]
+        data = {"task_id": tid, **answers[tid.rsplit("-", 1)[0]](request.host, tid)}
+        return web.Response(text=json.dumps(data and {"code": 0, "message": "success", "data": data}),
+                            content_type="application/json")
+
+    async def files(request: web.Request) -> web.Response:
+        return web.Response(body=b"\x00\x00\x00\x18ftypmp42" + b"\0" * 64, content_type="video/mp4")
+
+    app.router.add_get("/api/v1/tasks/{tid}", task)
+    app.router.add_get("/files/{tid}", files)
+    app.router.add_post(ROUTE, post)
+    return app
+
+
+def submit(url: str, tmp_path: Path, rows: list[dict], *extra: str):
+    path = write_csv(tmp_path / "in.csv", rows)
+    return cli(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--base-url", url, "--state",
+                str(tmp_path / "s.sqlite"), "--rate", "0", "--max-attempts", "2", *extra])
+
+
+def collect(url: str, tmp_path: Path, *extra: str):
+    return cli(["collect", "--state", str(tmp_path / "s.sqlite"), "--base-url", url, "--rate", "0",
+                "--results", str(tmp_path / "r.parquet"), *extra])
+
+
+def success(expires: object) -> Callable[[str, str], dict]:
+    def answer(host: str, tid: str) -> dict:
+        return {"status": "success", "result_expires_at": expires,
+                "result": {"resources": [{"url": f"http://{host}/files/{tid}", "type": "video", "format": "mp4"}]}}
+    return answer
+
+
+# -- item 3: an expiry no clock can hold is "unknown expiry", never a task stuck pending ----
+
+def test_an_overflowing_or_absurd_expiry_is_ignored_and_the_video_downloaded(serve, tmp_path: Path) -> None:
+    answers = {"huge": success(10 ** 400), "neg": success(-(10 ** 400)), "inf": success(1e308 * 10),
+               "text": success("9" * 64), "year": success("99999-01-01T00:00:00"), "list": success([1, 2]),
+               "fine": success(None)}
+    url = serve(tasks_app(answers, []))
+    assert submit(url, tmp_path, [{"prompt": p} for p in answers]).exit_code == 0
+    res = collect(url, tmp_path, "--download", str(tmp_path / "v"))
+    assert "Traceback" not in res.output + res.stderr
+    assert res.exit_code == 0, res.output + res.stderr
+    table = results(tmp_path / "r.parquet")
+    assert table["task_status"].to_list() == ["success"] * len(answers), table
+    assert table["local_paths"].null_count() == 0
+    assert "task_error" not in res.stderr
+    assert res.stderr.count("result_expires_at_ignored") == len(answers) - 1  # "fine" states none
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM task_expiry").fetchone() == (0,)
