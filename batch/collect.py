@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from batch import expiry
+from batch import expiry, retry
 from batch.api import FAKE_API, task_url
 from batch.client import (
     Kind,
@@ -91,7 +91,8 @@ _SAFE_WORD = re.compile(r"[A-Za-z0-9_.:/+-]{1,32}")
 
 SQL_TASK = (
     "UPDATE requests SET task_status=?, resource_urls=COALESCE(?, resource_urls), resources=COALESCE(?, resources), "
-    "failure_reason=?, completed_at=COALESCE(completed_at, ?), polls=polls+1, updated_at=? WHERE api=? AND request_id=?"
+    "failure_reason=?, failure_class=?, completed_at=COALESCE(completed_at, ?), polls=polls+1, updated_at=? "
+    "WHERE api=? AND request_id=?"
 )
 SQL_DOWNLOAD = ("UPDATE requests SET local_paths=?, download_error=?, task_status=?, updated_at=? "
                 "WHERE api=? AND request_id=?")
@@ -167,6 +168,7 @@ class TaskView:
     unknown_state: str | None = None
     expires_at: str | None = None  # result_expires_at, UTC ISO
     expiry_ignored: str | None = None  # a result_expires_at stated but unreadable (clipped repr)
+    failure_class: str | None = None  # batch.retry's class of a failure, read on the whole answer
 
 
 def _word(value: Any) -> str | None:
@@ -193,6 +195,28 @@ def read_resources(data: dict[str, Any]) -> list[dict[str, Any]]:
                 kept[key] = value
         found.append(kept)
     return found
+
+
+def failure_parts(body: dict[str, Any], data: dict[str, Any], state: str) -> list[str]:
+    """Every piece of text a failed task's answer carries, each field on its own and whole:
+    the nested error's code and message, the task's own message or reason, the code, the
+    envelope's message when it is not "success", and the state when it is not ``failed``."""
+    parts: list[str] = [] if state == "failed" else [f"{state}:"]
+    err = data.get("error")
+    if isinstance(err, dict):
+        parts.extend(str(err[k]) for k in ("code", "message") if isinstance(err.get(k), (str, int))
+                     and not isinstance(err.get(k), bool) and err.get(k) != "")
+    elif isinstance(err, (str, int)) and not isinstance(err, bool):
+        parts.append(str(err))
+    for key in ("message", "reason", "failure_reason", "error_message", "fail_reason"):
+        if isinstance(data.get(key), str):
+            parts.append(data[key])
+    if isinstance(data.get("code"), (str, int)) and not isinstance(data.get("code"), bool):
+        parts.append(f"code {data['code']}")
+    envelope = body.get("message")
+    if isinstance(envelope, str) and envelope.lower() not in ("success", "ok", ""):
+        parts.append(envelope)
+    return [p for p in parts if p]
 
 
 def failure_reason(body: dict[str, Any], data: dict[str, Any], state: str) -> str:
@@ -245,7 +269,8 @@ def read_task(body: Any, task_id: str) -> TaskView:
         ignored = None if stated is None or expires is not None else clean_text(_clip_repr(stated), None, 80)
         return TaskView("success", resources=read_resources(data), expires_at=expires, expiry_ignored=ignored)
     if state in FAILURE_STATES:
-        return TaskView("failed", reason=failure_reason(body, data, state))
+        return TaskView("failed", reason=failure_reason(body, data, state),
+                        failure_class=retry.classify_parts(failure_parts(body, data, state)))
     if state in RUNNING_STATES:
         return TaskView("processing" if state in GENERATING_STATES else "pending")
     return TaskView("pending", unknown_state=state)
@@ -459,9 +484,10 @@ class Collector:
         if view.expires_at is not None and view.expires_at != task.expires_at:
             task.expires_at = view.expires_at
             self.ledger.write(expiry.SQL_SET, (task.api, task.request_id, view.expires_at))
-        self._set(task, view.status, view.resources, view.reason)
+        self._set(task, view.status, view.resources, view.reason, view.failure_class)
 
-    def _set(self, task: Task, status: str, resources: list[dict[str, Any]] | None, reason: str | None) -> None:
+    def _set(self, task: Task, status: str, resources: list[dict[str, Any]] | None, reason: str | None,
+             failure_class: str | None = None) -> None:
         now = utcnow()
         if status in TERMINAL and task.completed_at is None:
             task.completed_at = now
@@ -474,7 +500,8 @@ class Collector:
             task.resources = resources
         urls = json.dumps([r.get("url") for r in resources]) if resources is not None else None
         full = json.dumps(resources) if resources is not None else None
-        self.ledger.write(SQL_TASK, (status, urls, full, reason, task.completed_at if status in TERMINAL else None,
+        self.ledger.write(SQL_TASK, (status, urls, full, reason, failure_class if status == "failed" else None,
+                                     task.completed_at if status in TERMINAL else None,
                                      now, task.api, task.request_id))
         self.log.debug("task", request_id=task.request_id, task_id=task.task_id, task_status=status)
 

@@ -76,3 +76,35 @@ def test_an_overflowing_or_absurd_expiry_is_ignored_and_the_video_downloaded(ser
     assert res.stderr.count("result_expires_at_ignored") == len(answers) - 1  # "fine" states none
     with sqlite3.connect(tmp_path / "s.sqlite") as db:
         assert db.execute("SELECT count(*) FROM task_expiry").fetchone() == (0,)
+
+
+# -- item 4: a content-policy failure is never retried, however long the provider's words --
+
+def failed(**fields: object) -> Callable[[str, str], dict]:
+    return lambda host, tid: {"status": "failed", **fields}
+
+
+def test_a_long_reason_never_pushes_content_policy_out_of_the_classification(serve, tmp_path: Path) -> None:
+    noise = "Internal server error, please try again later. " + "detail " * 80  # retryable words, 600 chars
+    answers = {
+        "blocked": failed(error={"code": "InternalError", "message": noise},
+                          failure_reason="The output was blocked by the content policy"),
+        "blocked-code": failed(error={"code": "OutputSensitive", "message": noise}, message=noise),
+        "blocked-msg": failed(error={"code": "Timeout", "message": noise + " moderation rejected the video"}),
+        "flaky": failed(error={"code": "InternalError", "message": noise}),
+    }
+    seen: list[dict] = []
+    url = serve(tasks_app(answers, seen))
+    rows = [{"prompt": p} for p in answers]
+    assert submit(url, tmp_path, rows).exit_code == 0
+    collect(url, tmp_path)
+    table = results(tmp_path / "r.parquet")
+    assert all(len(r) <= 300 for r in table["failure_reason"].to_list())  # truncated for storage only
+    res = submit(url, tmp_path, rows, "--retry-failed")
+    assert "Traceback" not in res.output + res.stderr
+    assert [b["prompt"] for b in seen] == [*answers, "flaky"], seen  # only the provider's own failure is paid again
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        lineage = dict(db.execute("SELECT r.prompt_text, l.failure_class FROM task_lineage l "
+                                  "JOIN (SELECT request_id, json_extract(body, '$.prompt') AS prompt_text "
+                                  "FROM requests) r USING (request_id)").fetchall())
+    assert lineage == {"flaky": "retryable"}
