@@ -157,7 +157,16 @@ class LocalImages:
         self._checked: dict[tuple[str, int, int], LocalImage | str] = {}  # per path as named
 
     def check(self, value: str, sheet: Path | None) -> LocalImage | str:
-        """One cell's file, checked (cached per file, size and mtime), or why it is refused."""
+        """One cell's file, checked (cached per file, size and mtime), or why it is refused.
+        Never raises: a NUL byte, a name too long, a loop, a directory swapped mid-check
+        is that cell's problem (its row ``invalid``), never the night's."""
+        try:
+            return self._check(value, sheet)
+        except (ValueError, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return f"cannot be checked ({why})"
+
+    def _check(self, value: str, sheet: Path | None) -> LocalImage | str:
         if _BUCKET.match(value.strip()):
             return "a bucket URL: images in buckets are not uploaded (give a local path next to the sheet or an https URL)"
         named = local_reference(value)
@@ -294,7 +303,10 @@ class Uploader:
         image = self.images.by_hash.get(sha)
         if image is None:
             raise UploadError(f"image sha256:{sha[:12]} is not among this run's checked files", True)
-        data, found = read_checked(image.path, os.path.dirname(image.path))
+        try:
+            data, found = read_checked(image.path, os.path.dirname(image.path))
+        except (ValueError, OSError):  # swapped since the check: refused like a change
+            data, found = None, "unreadable"
         if data is None or not isinstance(found, LocalImage) or found.sha256 != sha:
             raise UploadError(f"{image.path} changed since it was checked; not uploaded", True)
         name = "image" + {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}[image.mime]

@@ -108,3 +108,54 @@ def test_a_long_reason_never_pushes_content_policy_out_of_the_classification(ser
                                   "JOIN (SELECT request_id, json_extract(body, '$.prompt') AS prompt_text "
                                   "FROM requests) r USING (request_id)").fetchall())
     assert lineage == {"flaky": "retryable"}
+
+
+# -- item 1: a cell no file system call can take costs its row, never the night ------------
+
+I2V = "bytedance/seedance-2.0-fast-i2v"
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR"
+
+
+def test_a_nul_byte_in_an_image_cell_makes_its_row_invalid_and_the_night_goes_on(fake, tmp_path: Path) -> None:
+    sheet_dir = tmp_path / "sheet"
+    sheet_dir.mkdir()
+    rows = []
+    for i in range(40):
+        (sheet_dir / f"c{i}.png").write_bytes(PNG + bytes([i]) * 32)  # 40 contents: 40 uploads
+        rows.append({"prompt": f"frame {i}", "first_frame_image": f"c{i}.png"})
+    rows[25]["first_frame_image"] = "file:///x%00.png"
+    rows[30]["first_frame_image"] = "c30%00.png"  # a name with an escaped NUL: a plain missing file
+    sheet = write_csv(sheet_dir / "in.csv", rows)
+    args = [str(sheet), "--state", str(tmp_path / "s.sqlite"), "--model", I2V]
+    res = cli(["submit", *args, "-o", str(tmp_path / "r.parquet"), "--base-url", fake.url, "--rate", "0",
+               "--no-preflight"])
+    assert "Traceback" not in res.output + res.stderr
+    assert res.exit_code == 1, res.output + res.stderr  # an invalid row, nothing lost
+    table = results(tmp_path / "r.parquet")
+    statuses = dict(zip(table["prompt"], table["status"], strict=True))
+    assert statuses.pop("frame 25") == "invalid" and statuses.pop("frame 30") == "invalid"
+    assert set(statuses.values()) == {"submitted"} and len(statuses) == 38
+    bad = table.filter(table["prompt"] == "frame 25").row(0, named=True)
+    assert "first_frame_image" in bad["error"] and "x%00.png" in bad["error"] and "cell" in bad["error"]
+    assert len(fake.state.submissions()) == 38
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        recorded = {url for (url,) in db.execute("SELECT url FROM uploads")}
+        assert db.execute("SELECT count(*) FROM requests WHERE status = 'sending'").fetchone() == (0,)
+    assert {r.body["first_frame_image"] for r in fake.state.submissions()} <= recorded  # every URL used is recorded
+    # validate and a rerun read the same cell the same way
+    val = cli(["validate", str(sheet), "--model", I2V])
+    assert "Traceback" not in val.output + val.stderr and "x%00.png" in val.output + val.stderr
+    again = cli(["submit", *args, "-o", str(tmp_path / "r2.parquet"), "--base-url", fake.url, "--rate", "0",
+                 "--no-preflight"])
+    assert again.exit_code == 1 and len(fake.state.submissions()) == 38
+
+
+def test_check_survives_every_error_a_path_can_raise(tmp_path: Path) -> None:
+    from batch.upload import LocalImages
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "long.png").write_bytes(PNG)
+    images = LocalImages()
+    for cell in ["a\x00b.png", "file:///x%00.png", "loop/x.png", "x" * 300 + ".png", ("d/" * 300) + "x.png",
+                 "loop"]:
+        verdict = images.check(cell, tmp_path)
+        assert isinstance(verdict, str), cell  # a reason, never an exception
