@@ -159,3 +159,62 @@ def test_check_survives_every_error_a_path_can_raise(tmp_path: Path) -> None:
                  "loop"]:
         verdict = images.check(cell, tmp_path)
         assert isinstance(verdict, str), cell  # a reason, never an exception
+
+
+def test_when_expanding_raises_mid_night_every_accepted_task_is_still_recorded(serve, tmp_path: Path) -> None:
+    """The producer side: an exception from the request generator (any bug while a row is
+    expanded) stops feeding, but the requests in flight get their answers recorded; the
+    run then fails with the error. Nothing the provider accepted is left ``sending``."""
+    import asyncio
+
+    import pytest
+    from conftest import KEY, prompts
+
+    from batch.api import api_identity
+    from batch.client import Secret
+    from batch.expand import Expander, ExpandSpec
+    from batch.ledger import AsyncLedger, Ledger, create_ledger
+    from batch.load import load_table
+    from batch.ratelimit import SmoothLimiter
+    from batch.submit import SubmitConfig, Submitter
+
+    accepted: list[str] = []
+
+    async def slow_accept(request: web.Request) -> web.Response:
+        body = await request.json()
+        await asyncio.sleep(0.4)  # long enough to be on the wire when the generator breaks
+        accepted.append(body["prompt"])
+        return web.json_response({"code": 0, "message": "success",
+                                  "data": {"task_id": f"t-{len(accepted)}", "status": "pending"}})
+
+    app = web.Application()
+    app.router.add_post(ROUTE, slow_accept)
+    url = serve(app)
+    state = tmp_path / "s.sqlite"
+    create_ledger(state)
+    all_requests = list(Expander([load_table(write_csv(tmp_path / "in.csv", prompts(300)))], ExpandSpec()))
+
+    def feed():
+        yield from all_requests[:270]  # past the producer's first chunk of 256
+        raise ValueError("embedded null byte")  # as os.stat raised for a NUL in a cell
+
+    async def night() -> Submitter:
+        ledger = Ledger(state, api_identity(url))
+        submitter = Submitter(SubmitConfig(url, Secret(KEY), rate=None, concurrency=8), AsyncLedger(ledger),
+                              "night", limiter=SmoothLimiter(None))
+        try:
+            with pytest.raises(ValueError, match="embedded null byte"):
+                await submitter.run(feed())
+        finally:
+            await submitter.ledger.close()
+            ledger.close()
+        return submitter
+
+    submitter = asyncio.run(night())
+    with sqlite3.connect(state) as db:
+        rows = dict(db.execute("SELECT json_extract(body, '$.prompt'), status FROM requests").fetchall())
+        tasks = {tid for (tid,) in db.execute("SELECT task_id FROM requests WHERE task_id IS NOT NULL")}
+    assert accepted, "nothing was in flight: the test proves nothing"
+    assert [p for p, s in rows.items() if s == "sending"] == []
+    assert {rows[p] for p in accepted} == {"submitted"} and len(tasks) == len(accepted)
+    assert submitter.stats.counts["submitted"] == len(accepted)
