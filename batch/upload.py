@@ -12,7 +12,9 @@ Guarantees:
 * **Checked first.** An image field's cell that names a local file (a path relative to
   the sheet, or a ``file://`` URL) is checked while the sheet is expanded: it must lie in
   the sheet's folder tree (``..`` and symlinks leading out are refused), be a regular
-  readable file of at most 16 MiB, and *be* a PNG, JPEG or WebP by its bytes (not its
+  readable file of at most 16 MiB (opened by walking from the sheet's folder with
+  ``O_NOFOLLOW``, so a directory swapped for a symlink after the check is refused, not
+  followed), and *be* a PNG, JPEG or WebP by its bytes (not its
   name). A bad one makes the row ``invalid`` naming the cell, before anything is paid.
 * **Identity by content.** A checked file becomes ``local-image:sha256:<hex>`` in the
   request body, so the request id (and the ledger's memory) follows the image's bytes, not
@@ -31,6 +33,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import re
@@ -115,18 +118,46 @@ def local_reference(value: Any) -> str | None:
     return None
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_inside(root: str, real: str) -> int:
+    """A descriptor for ``real`` (a resolved path inside ``root``) opened by walking from
+    ``root`` one component at a time, never following a symlink: a directory swapped for
+    a symlink after ``realpath`` fails the walk (``ELOOP``/``ENOTDIR``) instead of leading
+    the open out of the tree."""
+    parts = os.path.relpath(real, root).split(os.sep)
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 def read_checked(path: str, root: str) -> tuple[bytes | None, LocalImage | str]:
-    """The file's bytes and its :class:`LocalImage`, or the reason it is refused."""
-    real = os.path.realpath(path)
-    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+    """The file's bytes and its :class:`LocalImage`, or the reason it is refused. The bytes
+    hashed are the bytes returned (and uploaded): read once, from one descriptor."""
+    try:
+        real = os.path.realpath(path)  # EINVAL, ELOOP while a directory is being swapped
+    except (OSError, ValueError) as exc:
+        return None, f"cannot be checked ({exc.strerror if isinstance(exc, OSError) else exc})"
+    if real == root or not real.startswith(root.rstrip(os.sep) + os.sep):
         inside = os.path.abspath(path)
         leads = inside == root or inside.startswith(root.rstrip(os.sep) + os.sep)
-        return None, ("a symlink leading out of the sheet's folder" if leads else "outside the sheet's folder")
+        if real != root or not leads:
+            return None, ("a symlink leading out of the sheet's folder" if leads else "outside the sheet's folder")
+        return None, "not a regular file"
     try:
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        fd = _open_inside(root, real)
     except FileNotFoundError:
         return None, "no such file"
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            return None, "a symlink leading out of the sheet's folder (it changed while checked)"
         return None, f"cannot be read ({exc.strerror})"
     try:
         info = os.fstat(fd)

@@ -218,3 +218,66 @@ def test_when_expanding_raises_mid_night_every_accepted_task_is_still_recorded(s
     assert [p for p, s in rows.items() if s == "sending"] == []
     assert {rows[p] for p in accepted} == {"submitted"} and len(tasks) == len(accepted)
     assert submitter.stats.counts["submitted"] == len(accepted)
+
+
+# -- item 2: a directory swapped for a symlink mid-check never lets outside bytes in -------
+
+def _exchanger() -> Callable[[Path, Path], None]:
+    """An atomic swap of two names: renameat2(RENAME_EXCHANGE) when libc has it, else a
+    rename loop (two steps, the same race from the reader's side)."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        def swap(a: Path, b: Path) -> None:
+            fn(-100, bytes(a), -100, bytes(b), 2)  # AT_FDCWD, RENAME_EXCHANGE
+        return swap
+
+    def swap_by_rename(a: Path, b: Path) -> None:
+        tmp = a.with_name(".swap")
+        os.rename(a, tmp)
+        os.rename(b, a)
+        os.rename(tmp, b)
+    return swap_by_rename
+
+
+def test_a_directory_swapped_for_a_symlink_never_yields_an_outside_file(tmp_path: Path) -> None:
+    import hashlib
+    import threading
+    import time
+
+    from batch.upload import LocalImage, LocalImages, read_checked
+
+    sheet, outside = tmp_path / "sheet", tmp_path / "outside"
+    (sheet / "imgs").mkdir(parents=True)
+    outside.mkdir()
+    (sheet / "imgs" / "a.png").write_bytes(PNG + b"inside")
+    (outside / "a.png").write_bytes(PNG + b"OUTSIDE SECRET")
+    (sheet / "link").symlink_to(outside)
+    secret = hashlib.sha256(PNG + b"OUTSIDE SECRET").hexdigest()
+    swap, stop = _exchanger(), threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            swap(sheet / "imgs", sheet / "link")
+
+    thread = threading.Thread(target=flip, daemon=True)
+    thread.start()
+    seen: dict[str, int] = {}
+    try:
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            found = LocalImages().check("imgs/a.png", sheet)  # a fresh cache: every check reads
+            data, direct = read_checked(str(sheet / "imgs" / "a.png"), str(sheet.resolve()))
+            for verdict in (found, direct):
+                key = verdict.sha256 if isinstance(verdict, LocalImage) else "refused"
+                seen[key] = seen.get(key, 0) + 1
+            assert data is None or b"OUTSIDE" not in data
+    finally:
+        stop.set()
+        thread.join()
+    assert secret not in seen, seen  # the outside file was never accepted
+    assert seen.get("refused") and len(seen) >= 2, seen  # the race ran: both outcomes were seen
