@@ -352,13 +352,17 @@ class Submitter:
 
     async def _produce(self, requests: Iterable[Request], queue: asyncio.Queue[Request]) -> None:
         """Feed the queue. An exception from ``requests`` (a bug while a row is expanded)
-        stops the feeding only: the requests queued and on the wire still get their answers
-        recorded, then :meth:`run` raises it (cancelling the workers here would leave
-        accepted, paid tasks ``sending``)."""
+        stops the feeding and drops what is queued (still ``pending``: the next run sends
+        it); the requests workers already hold get their answers recorded, then
+        :meth:`run` raises it (cancelling the workers here would leave accepted, paid tasks
+        ``sending``)."""
         try:
             await self._feed(requests, queue)
         except Exception as exc:
             self._feed_error = exc
+            while not queue.empty():
+                queue.get_nowait()
+                queue.task_done()
             self.log.error("input_failed", error=f"{type(exc).__name__}: {exc}",
                            handling="no more requests started; those in flight settle first")
 
