@@ -4,7 +4,8 @@ The provider's newer client (``Modellix/dsh-modellix``, its prediction client; r
 ``shared/api/provider-today.md``, "Additions read 2026-12-06") reads a ``result_expires_at``
 field on task answers. Its format is not documented, so an ISO 8601 time (with an offset,
 or UTC when it has none) and a Unix time in seconds or milliseconds are read; anything else
-is ignored (the 24 h rule of :mod:`batch.following` still holds).
+is ignored with a warning (the 24 h rule of :mod:`batch.following` still holds): an
+unreadable expiry never makes a task's answer an error.
 
 Guarantee: the times are kept in their own ledger table, ``task_expiry`` (created with
 ``IF NOT EXISTS`` when a writable ledger opens: an additive change, no version bump; an
@@ -35,19 +36,25 @@ _EARLIEST, _LATEST = datetime(2000, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzin
 
 
 def parse_expiry(value: Any) -> str | None:
-    """``result_expires_at`` as UTC ISO text, or ``None`` when it is not a plausible time."""
+    """``result_expires_at`` as UTC ISO text, or ``None`` when it is not a plausible time.
+
+    Never raises: a provider's number no float holds (``10**400``), an infinity, a date
+    past year 9999 are "unknown expiry", and a task must not stay undecided over one."""
+    try:
+        return _parse(value)
+    except (OverflowError, OSError, ValueError, TypeError):
+        return None
+
+
+def _parse(value: Any) -> str | None:
     when: datetime | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+        if not -1e13 < value < 1e13:  # compared exactly: no float conversion of a huge int
+            return None
         seconds = value / 1000 if value > 1e11 else value  # milliseconds, as JavaScript clients send
-        try:
-            when = datetime.fromtimestamp(seconds, UTC)
-        except (OverflowError, OSError, ValueError):
-            return None
+        when = datetime.fromtimestamp(seconds, UTC)
     elif isinstance(value, str) and 0 < len(value) <= 64:
-        try:
-            when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            return None
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         when = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
     if when is None or not _EARLIEST <= when <= _LATEST:
         return None

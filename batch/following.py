@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from batch import expiry
+from batch import expiry, retry
 from batch.api import FAKE_API, task_url, whole_json
 from batch.client import (
     Kind,
@@ -91,7 +91,8 @@ _SAFE_WORD = re.compile(r"[A-Za-z0-9_.:/+-]{1,32}")
 
 SQL_TASK = (
     "UPDATE requests SET task_status=?, resource_urls=COALESCE(?, resource_urls), resources=COALESCE(?, resources), "
-    "failure_reason=?, completed_at=COALESCE(completed_at, ?), polls=polls+1, updated_at=? WHERE api=? AND request_id=?"
+    "failure_reason=?, failure_class=?, completed_at=COALESCE(completed_at, ?), polls=polls+1, updated_at=? "
+    "WHERE api=? AND request_id=?"
 )
 SQL_DOWNLOAD = ("UPDATE requests SET local_paths=?, download_error=?, task_status=?, updated_at=? "
                 "WHERE api=? AND request_id=?")
@@ -166,6 +167,8 @@ class TaskView:
     reason: str | None = None  # why it failed, or what is wrong with the answer
     unknown_state: str | None = None
     expires_at: str | None = None  # result_expires_at, UTC ISO
+    expiry_ignored: str | None = None  # a result_expires_at stated but unreadable (clipped repr)
+    failure_class: str | None = None  # batch.retry's class of a failure, read on the whole answer
 
 
 def _word(value: Any) -> str | None:
@@ -194,6 +197,28 @@ def read_resources(data: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+def failure_parts(body: dict[str, Any], data: dict[str, Any], state: str) -> list[str]:
+    """Every piece of text a failed task's answer carries, each field on its own and whole:
+    the nested error's code and message, the task's own message or reason, the code, the
+    envelope's message when it is not "success", and the state when it is not ``failed``."""
+    parts: list[str] = [] if state == "failed" else [f"{state}:"]
+    err = data.get("error")
+    if isinstance(err, dict):
+        parts.extend(str(err[k]) for k in ("code", "message") if isinstance(err.get(k), (str, int))
+                     and not isinstance(err.get(k), bool) and err.get(k) != "")
+    elif isinstance(err, (str, int)) and not isinstance(err, bool):
+        parts.append(str(err))
+    for key in ("message", "reason", "failure_reason", "error_message", "fail_reason"):
+        if isinstance(data.get(key), str):
+            parts.append(data[key])
+    if isinstance(data.get("code"), (str, int)) and not isinstance(data.get("code"), bool):
+        parts.append(f"code {data['code']}")
+    envelope = body.get("message")
+    if isinstance(envelope, str) and envelope.lower() not in ("success", "ok", ""):
+        parts.append(envelope)
+    return [p for p in parts if p]
+
+
 def failure_reason(body: dict[str, Any], data: dict[str, Any], state: str) -> str:
     """Whatever text a failed task's answer carries: the nested error's code and message,
     the task's own message or reason, the envelope's message when it is not "success"."""
@@ -216,6 +241,16 @@ def failure_reason(body: dict[str, Any], data: dict[str, Any], state: str) -> st
     return clean_text(text if state == "failed" else f"{state}: {text}", None)
 
 
+def _clip_repr(value: Any) -> str:
+    """A provider value for a log line, without converting a huge int to text (which
+    Python refuses past 4300 digits) or copying a huge string."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** 30:
+        return f"an integer of about {value.bit_length() * 3 // 10} digits"
+    if isinstance(value, str):
+        return repr(value[:64])
+    return type(value).__name__ if isinstance(value, (dict, list)) else repr(value)
+
+
 def read_task(body: Any, task_id: str) -> TaskView:
     """Validate one task answer (the whole JSON body) on its own."""
     data = body.get("data") if isinstance(body, dict) else None
@@ -229,10 +264,13 @@ def read_task(body: Any, task_id: str) -> TaskView:
         return TaskView(None, reason="answer about another task id")
     state = clean_text(raw.strip().lower(), None, 64)
     if state in SUCCESS_STATES:
-        return TaskView("success", resources=read_resources(data),
-                        expires_at=parse_expiry(data.get("result_expires_at")))
+        stated = data.get("result_expires_at")
+        expires = parse_expiry(stated)
+        ignored = None if stated is None or expires is not None else clean_text(_clip_repr(stated), None, 80)
+        return TaskView("success", resources=read_resources(data), expires_at=expires, expiry_ignored=ignored)
     if state in FAILURE_STATES:
-        return TaskView("failed", reason=failure_reason(body, data, state))
+        return TaskView("failed", reason=failure_reason(body, data, state),
+                        failure_class=retry.classify_parts(failure_parts(body, data, state)))
     if state in RUNNING_STATES:
         return TaskView("processing" if state in GENERATING_STATES else "pending")
     return TaskView("pending", unknown_state=state)
@@ -440,12 +478,16 @@ class Collector:
             self._unknown_states.add(view.unknown_state)
             self.log.warning("task_state_unknown", state=view.unknown_state, request_id=task.request_id,
                              handling="kept non-terminal")
+        if view.expiry_ignored is not None:
+            self.log.warning("result_expires_at_ignored", request_id=task.request_id, value=view.expiry_ignored,
+                             handling="unknown expiry; the 24 h rule still holds")
         if view.expires_at is not None and view.expires_at != task.expires_at:
             task.expires_at = view.expires_at
             self.ledger.write(expiry.SQL_SET, (task.api, task.request_id, view.expires_at))
-        self._set(task, view.status, view.resources, view.reason)
+        self._set(task, view.status, view.resources, view.reason, view.failure_class)
 
-    def _set(self, task: Task, status: str, resources: list[dict[str, Any]] | None, reason: str | None) -> None:
+    def _set(self, task: Task, status: str, resources: list[dict[str, Any]] | None, reason: str | None,
+             failure_class: str | None = None) -> None:
         now = utcnow()
         if status in TERMINAL and task.completed_at is None:
             task.completed_at = now
@@ -458,7 +500,8 @@ class Collector:
             task.resources = resources
         urls = json.dumps([r.get("url") for r in resources]) if resources is not None else None
         full = json.dumps(resources) if resources is not None else None
-        self.ledger.write(SQL_TASK, (status, urls, full, reason, task.completed_at if status in TERMINAL else None,
+        self.ledger.write(SQL_TASK, (status, urls, full, reason, failure_class if status == "failed" else None,
+                                     task.completed_at if status in TERMINAL else None,
                                      now, task.api, task.request_id))
         self.log.debug("task", request_id=task.request_id, task_id=task.task_id, task_status=status)
 

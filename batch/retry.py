@@ -11,7 +11,10 @@ The provider documents no task-failure vocabulary ("inspect error payload"); its
 messages read ``<Category>: <detail>`` (docs, error-handling page; ``provider-today.md``),
 and its clients name the states ``failed``, ``error``, ``cancelled``/``canceled`` and
 ``expired``. :func:`classify` reads the failure reason the collector stored
-(:func:`batch.following.failure_reason`) against :data:`NEVER` and :data:`RETRYABLE`; a
+(:func:`batch.following.failure_reason`) against :data:`NEVER` and :data:`RETRYABLE`; the
+collector classifies each field of the answer whole (:func:`classify_parts`, stored as ``requests.failure_class``), since the
+stored reason is cut to 300 characters and a long message must not push the provider's
+own "content policy" out of it; a
 reason matching neither is ``unclassified`` and, like content policy, not retried: paying
 again on a guess is what this module exists to avoid.
 
@@ -90,6 +93,7 @@ LINEAGE_SCHEMA = """CREATE TABLE IF NOT EXISTS task_lineage (
 COLUMNS = (("task_attempt", "INTEGER"), ("earlier_task_ids", "TEXT"))
 # Added after the first release of the lineage: the attempt's own run (hence its night) and cost.
 LINEAGE_COLUMNS = (("sent_run_id", "TEXT"), ("cost_usd", "REAL"))
+CLASS_COLUMN = ("failure_class", "TEXT")  # written by collect; NULL: classify the stored reason
 
 
 def classify(reason: str | None) -> str:
@@ -103,10 +107,17 @@ def classify(reason: str | None) -> str:
     return UNCLASSIFIED
 
 
+def classify_parts(parts: Iterable[str]) -> str:
+    """The class of a failure from each of its fields, whole: content policy or invalid
+    input in any field wins over any retryable word in another."""
+    kinds = {classify(p) for p in parts}
+    return CONTENT if CONTENT in kinds else RETRYABLE_CLASS if RETRYABLE_CLASS in kinds else UNCLASSIFIED
+
+
 def ensure(db: sqlite3.Connection) -> None:
     """The additive schema: the lineage table, and the two columns where missing."""
     db.execute(LINEAGE_SCHEMA)
-    for table, columns in (("requests", COLUMNS), ("task_lineage", LINEAGE_COLUMNS)):
+    for table, columns in (("requests", (*COLUMNS, CLASS_COLUMN)), ("task_lineage", LINEAGE_COLUMNS)):
         have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         for name, kind in columns:
             if name not in have:
@@ -130,7 +141,7 @@ class RetryPlan:
 
 
 _FAILED = ("SELECT request_id, task_id, failure_reason, submitted_at, completed_at, COALESCE(task_attempt, 1), "
-           "earlier_task_ids, run_id, cost_usd FROM requests "
+           "earlier_task_ids, run_id, cost_usd, failure_class FROM requests "
            "WHERE api = ? AND status = 'submitted' AND task_status = 'failed' AND request_id IN ({marks})")
 
 
@@ -140,6 +151,8 @@ def failed_tasks(db: sqlite3.Connection, api: str, ids: Iterable[str]) -> list[t
     columns = has_columns(db)
     query = _FAILED if columns else _FAILED.replace("COALESCE(task_attempt, 1)", "1").replace(
         "earlier_task_ids", "NULL")
+    if CLASS_COLUMN[0] not in {row[1] for row in db.execute("PRAGMA table_info(requests)")}:
+        query = query.replace(", failure_class FROM", ", NULL FROM")
     for start in range(0, len(wanted), 500):
         chunk = wanted[start:start + 500]
         rows.extend(db.execute(query.format(marks=",".join("?" * len(chunk))), (api, *chunk)).fetchall())
@@ -148,8 +161,8 @@ def failed_tasks(db: sqlite3.Connection, api: str, ids: Iterable[str]) -> list[t
 
 def plan(rows: list[tuple], cap: int) -> RetryPlan:
     out = RetryPlan()
-    for request_id, _task, reason, _sub, _done, attempt, *_rest in rows:
-        kind = classify(reason)
+    for request_id, _task, reason, _sub, _done, attempt, *_rest, stored in rows:
+        kind = stored or classify(reason)
         target = {CONTENT: out.never, UNCLASSIFIED: out.unclassified}.get(kind)
         if target is None:
             target = out.retried if attempt < cap else out.capped
@@ -166,18 +179,18 @@ def prepare(db: sqlite3.Connection, api: str, ids: Iterable[str], cap: int, run_
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     db.execute("BEGIN IMMEDIATE")
     try:
-        for request_id, task_id, reason, submitted_at, completed_at, attempt, earlier, sent_by, cost in rows:
+        for request_id, task_id, reason, submitted_at, completed_at, attempt, earlier, sent_by, cost, stored in rows:
             if request_id not in chosen:
                 continue
             ids_before = [*_ids(earlier), str(task_id)]
             db.execute("INSERT OR REPLACE INTO task_lineage(api, request_id, attempt, task_id, failure_reason, "
                        "failure_class, submitted_at, completed_at, retried_at, run_id, sent_run_id, cost_usd) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (api, request_id, attempt, task_id, reason, classify(reason), submitted_at, completed_at,
-                        now, run_id, sent_by, cost))
+                       (api, request_id, attempt, task_id, reason, stored or classify(reason), submitted_at,
+                        completed_at, now, run_id, sent_by, cost))
             db.execute(
                 "UPDATE requests SET status = 'pending', task_id = NULL, poll_url = NULL, task_status = NULL, "
-                "resource_urls = NULL, resources = NULL, failure_reason = NULL, completed_at = NULL, "
+                "resource_urls = NULL, resources = NULL, failure_reason = NULL, failure_class = NULL, completed_at = NULL, "
                 "local_paths = NULL, download_error = NULL, polls = 0, attempts = 0, error = ?, "
                 "task_attempt = ?, earlier_task_ids = ?, updated_at = ? "
                 "WHERE api = ? AND request_id = ? AND status = 'submitted' AND task_status = 'failed'",

@@ -291,6 +291,7 @@ class Submitter:
         self._warm = asyncio.Event()
         self._warming = False
         self._producer: asyncio.Task[None] | None = None
+        self._feed_error: Exception | None = None  # what the request generator raised
         self._cap_next: float | None = None  # set when the spend cap stopped the run: the next cost
         self._claimed: set[str] = set()  # marked ``sending``, no outcome recorded yet: may be on the wire
 
@@ -323,6 +324,8 @@ class Submitter:
             try:
                 await self._until_done(queue, grace)
                 self._settle_cap_reason()
+                if self._feed_error is not None:
+                    raise self._feed_error
             finally:
                 tasks = [self._producer, *self._workers]
                 for task in tasks:
@@ -357,6 +360,22 @@ class Submitter:
             self.log.warning("grace_expired", grace=grace, in_flight=len(late))
 
     async def _produce(self, requests: Iterable[Request], queue: asyncio.Queue[Request]) -> None:
+        """Feed the queue. An exception from ``requests`` (a bug while a row is expanded)
+        stops the feeding and drops what is queued (still ``pending``: the next run sends
+        it); the requests workers already hold get their answers recorded, then
+        :meth:`run` raises it (cancelling the workers here would leave accepted, paid tasks
+        ``sending``)."""
+        try:
+            await self._feed(requests, queue)
+        except Exception as exc:
+            self._feed_error = exc
+            while not queue.empty():
+                queue.get_nowait()
+                queue.task_done()
+            self.log.error("input_failed", error=f"{type(exc).__name__}: {exc}",
+                           handling="no more requests started; those in flight settle first")
+
+    async def _feed(self, requests: Iterable[Request], queue: asyncio.Queue[Request]) -> None:
         cfg = self.config
         budget = None if cfg.max_requests is None else max(0, cfg.max_requests - cfg.night_requests)
         queued = 0

@@ -13,7 +13,9 @@ Guarantees:
   or Base64 image data names a local file (a path relative to the sheet, whatever its
   name, or a ``file://`` URL) and is checked while the sheet is expanded: it must lie in
   the sheet's folder tree (``..`` and symlinks leading out are refused), be a regular
-  readable file of at most 16 MiB, and *be* a PNG, JPEG or WebP by its bytes (not its
+  readable file of at most 16 MiB (opened by walking from the sheet's folder with
+  ``O_NOFOLLOW``, so a directory swapped for a symlink after the check is refused, not
+  followed), and *be* a PNG, JPEG or WebP by its bytes (not its
   name). A bad one makes the row ``invalid`` naming the cell, before anything is paid; so
   does a value of a URL-only field (``video_urls``, ``audio_urls``) that is not an http(s) URL.
   Only a row whose every image passed counts (and later uploads) its images.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import os
 import re
@@ -134,18 +137,46 @@ def local_reference(value: Any) -> str | None:
     return text
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_inside(root: str, real: str) -> int:
+    """A descriptor for ``real`` (a resolved path inside ``root``) opened by walking from
+    ``root`` one component at a time, never following a symlink: a directory swapped for
+    a symlink after ``realpath`` fails the walk (``ELOOP``/``ENOTDIR``) instead of leading
+    the open out of the tree."""
+    parts = os.path.relpath(real, root).split(os.sep)
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 def read_checked(path: str, root: str) -> tuple[bytes | None, LocalImage | str]:
-    """The file's bytes and its :class:`LocalImage`, or the reason it is refused."""
-    real = os.path.realpath(path)
-    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+    """The file's bytes and its :class:`LocalImage`, or the reason it is refused. The bytes
+    hashed are the bytes returned (and uploaded): read once, from one descriptor."""
+    try:
+        real = os.path.realpath(path)  # EINVAL, ELOOP while a directory is being swapped
+    except (OSError, ValueError) as exc:
+        return None, f"cannot be checked ({exc.strerror if isinstance(exc, OSError) else exc})"
+    if real == root or not real.startswith(root.rstrip(os.sep) + os.sep):
         inside = os.path.abspath(path)
         leads = inside == root or inside.startswith(root.rstrip(os.sep) + os.sep)
-        return None, ("a symlink leading out of the sheet's folder" if leads else "outside the sheet's folder")
+        if real != root or not leads:
+            return None, ("a symlink leading out of the sheet's folder" if leads else "outside the sheet's folder")
+        return None, "not a regular file"
     try:
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        fd = _open_inside(root, real)
     except FileNotFoundError:
         return None, "no such file"
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            return None, "a symlink leading out of the sheet's folder (it changed while checked)"
         return None, f"cannot be read ({exc.strerror})"
     try:
         info = os.fstat(fd)
@@ -176,7 +207,16 @@ class LocalImages:
         self._checked: dict[tuple[str, int, int], LocalImage | str] = {}  # per path as named
 
     def check(self, value: str, sheet: Path | None) -> LocalImage | str:
-        """One cell's file, checked (cached per file, size and mtime), or why it is refused."""
+        """One cell's file, checked (cached per file, size and mtime), or why it is refused.
+        Never raises: a NUL byte, a name too long, a loop, a directory swapped mid-check
+        is that cell's problem (its row ``invalid``), never the night's."""
+        try:
+            return self._check(value, sheet)
+        except (ValueError, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return f"cannot be checked ({why})"
+
+    def _check(self, value: str, sheet: Path | None) -> LocalImage | str:
         if _BUCKET.match(value.strip()):
             return "a bucket URL: images in buckets are not uploaded (give a local path next to the sheet or an https URL)"
         named = local_reference(value)
@@ -328,7 +368,10 @@ class Uploader:
         image = self.images.by_hash.get(sha)
         if image is None:
             raise UploadError(f"image sha256:{sha[:12]} is not among this run's checked files", True)
-        data, found = read_checked(image.path, os.path.dirname(image.path))
+        try:
+            data, found = read_checked(image.path, os.path.dirname(image.path))
+        except (ValueError, OSError):  # swapped since the check: refused like a change
+            data, found = None, "unreadable"
         if data is None or not isinstance(found, LocalImage) or found.sha256 != sha:
             raise UploadError(f"{image.path} changed since it was checked; not uploaded", True)
         name = "image" + {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}[image.mime]
