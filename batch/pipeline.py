@@ -68,7 +68,6 @@ from batch.results import (
     ledger_frame,
     ledger_value,
     read_results,
-    request_frames,
     request_schema_of,
     write_frame,
     write_results,
@@ -284,7 +283,7 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
     try:
         estimator = Estimator(expander.catalog, opts.pricing, ledger.labels if ledger is not None else None)
         schema = request_schema_of(expander)
-        tally, _ = write_results(output, request_frames(expander, schema), schema,
+        tally, _ = write_results(output, expander.frames(schema), schema,
                                  ledger.outcome_rows if ledger is not None else None,
                                  Resolution(None, dry_run=True, resend_unknown=opts.submit.resend_unknown),
                                  tally=Tally(estimator=estimator), on_rows=on_rows)
@@ -483,7 +482,7 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
                        stats.stop_reason, outcome.interrupted, "", str(opts.state), unreadable=unreadable,
                        skipped=list(skipped or []))
     # A run that stopped early has not read every request: expand the input again.
-    frames = spool.frames() if spool.finish() else request_frames(expander, spool.schema)
+    frames = spool.frames() if spool.finish() else expander.frames(spool.schema)
     with interruptible():
         tally, table_error = write_results(opts.output, frames, spool.schema, ledger.outcome_rows,
                                            Resolution(run_id, stop_reason=stats.stop_reason), tolerate_io=True,
