@@ -41,7 +41,9 @@ EXIT_MEANING = {
     5: "the provider refused the night",
     6: "a local write failed after requests were sent",
 }
-_SECRET_ENV = re.compile(r"KEY|SECRET|TOKEN|PASSW|PWD|CREDENTIAL|AUTH", re.IGNORECASE)
+_SECRET_ENV = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH|_PWD$", re.IGNORECASE)
+# Not a bare PWD: the shell's PWD/OLDPWD hold the working directory, and masking it blanked
+# every path under $HOME in messages. MYSQL_PWD-style names (``_PWD`` at the end) are passwords.
 _URL_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]*(?::[^/\s@]*)?@")
 _BEARER = re.compile(r"(?i)\b(bearer|token|apikey|api_key|password|passwd|pwd)([=: ]+)[^\s&,;\"']+")
 MAX_BODY = 3500  # chat services cut long messages (Slack ~4k); the page and the table hold the rest

@@ -146,3 +146,21 @@ def test_no_secret_reaches_the_receiver(receiver, monkeypatch: pytest.MonkeyPatc
     for secret in (KEY, "proxy-pass-99", "corp-user", "abc.def.ghi", "db/pass-77", "db%2Fpass-77", "pg-Secret-Pass-42"):
         assert secret not in sent, secret
     assert "HTTP 401" in sent and "proxy.corp:3128" in sent  # the rest of the story stays
+
+
+def test_the_working_directory_is_not_a_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The shell's PWD/OLDPWD are paths, not passwords: masking them blanked every path under
+    $HOME in messages. Variables whose names say password still are masked."""
+    monkeypatch.setenv("PWD", str(tmp_path))
+    monkeypatch.setenv("OLDPWD", str(tmp_path.parent))
+    monkeypatch.setenv("PGPASSWORD", "pg-Secret-Pass-42")
+    monkeypatch.setenv("DB_PASSWD", "db-passwd-value-7")
+    monkeypatch.setenv("PASSWORD", "plain-password-9")
+    monkeypatch.setenv("MYSQL_PWD", "mysql-pwd-value-3")
+    _, body = notify.compose("collect", 0, {"results": str(tmp_path / "results.parquet")}, None,
+                             "pg-Secret-Pass-42 db-passwd-value-7 plain-password-9 mysql-pwd-value-3")
+    text = notify.scrub(body)
+    assert f"results: {tmp_path / 'results.parquet'}" in text
+    for secret in ("pg-Secret-Pass-42", "db-passwd-value-7", "plain-password-9", "mysql-pwd-value-3"):
+        assert secret not in text, secret
+    assert text.count("***") == 4
