@@ -138,7 +138,11 @@ def compose(command: str, exit_code: int, summary: Mapping[str, Any], page: str 
     tasks = summary.get("task_status") or (summary.get("collect") or {}).get("task_status") or {}
     if tasks:
         lines.append("tasks: " + ", ".join(f"{n} {s}" for s, n in tasks.items()))
-    for key, label in (("downloaded", "downloaded"), ("download_failed", "downloads failed")):
+    table = summary.get("table_tasks") or {}
+    if table:  # collect: what the table holds, also the tasks that ended on an earlier pass
+        lines.append("tasks in the results table: " + ", ".join(f"{n} {s}" for s, n in table.items()))
+    for key, label in (("downloaded", "downloaded"), ("download_failed", "downloads failed"),
+                       ("not_downloaded", "successful tasks without their files")):
         if summary.get(key):
             lines.append(f"{label}: {summary[key]}")
     if summary.get("estimated_spend_usd") is not None:

@@ -115,6 +115,16 @@ def render_collect(summary: dict[str, Any]) -> str:
     if summary.get("expiring_before_next_collect"):
         lines.append(f"  expiring: {summary['expiring_before_next_collect']} outputs not downloaded expire before "
                      "the next collect (24 h): collect with --download DIR now  <-")
+    table = summary.get("table_tasks") or {}
+    if table:
+        mark = "" if set(table) <= {"success"} else "  <-"
+        lines.append("  in the results table: " + ", ".join(f"{n} {s}" for s, n in table.items()) + mark)
+    if summary.get("not_downloaded"):
+        lines.append(f"  {summary['not_downloaded']} successful tasks without their files  <-")
+    errors = summary.get("top_errors") or []
+    if errors:
+        lines.append("  top errors:")
+        lines += [f"    {e['count']:>6} x {str(e['error'])[:110]}" for e in errors]
     if summary.get("stop_reason"):
         lines.append(f"  stop reason: {summary['stop_reason']}")
     lines.append(f"  elapsed {summary['elapsed_s']:.1f} s")

@@ -164,3 +164,51 @@ def test_the_working_directory_is_not_a_secret(monkeypatch: pytest.MonkeyPatch, 
     for secret in ("pg-Secret-Pass-42", "db-passwd-value-7", "plain-password-9", "mysql-pwd-value-3"):
         assert secret not in text, secret
     assert text.count("***") == 4
+
+
+def collect_args(fake, tmp_path: Path, url: str) -> list[str]:
+    return ["collect", "--state", str(tmp_path / "state.sqlite"), "--base-url", fake.url, "--rate", "0",
+            "--results", str(tmp_path / "results.parquet"), "--download", str(tmp_path / "videos"),
+            "--notify", url, "--no-html"]
+
+
+def test_a_second_collect_still_counts_the_tables_failed_tasks(fake, receiver, tmp_path: Path) -> None:
+    """Terminal tasks are not followed again; a second collect exited 0 and said "everything OK"
+    while the table held a failed task (README: collect exits 1 when some task is not success)."""
+    rec, url = receiver
+    inp = write_csv(tmp_path / "in.csv", [*prompts(2), {"prompt": "FAILTASK a fox"}])
+    assert cli(submit_args(fake, tmp_path, inp)).exit_code == 0
+    first = cli(collect_args(fake, tmp_path, url))
+    second = cli(collect_args(fake, tmp_path, url))
+    assert (first.exit_code, second.exit_code) == (1, 1), second.output
+    assert len(rec.messages) == 2
+    for msg in rec.messages:
+        assert msg["title"] == "seedance-batch collect: exit 1 (finished, but some requests or tasks are not OK)"
+        assert "tasks in the results table: 1 failed, 2 success" in msg["message"]
+    assert "1 failed, 2 success" in second.output
+    # A table whose every task succeeded and was downloaded is still exit 0 on a later pass.
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    assert cli(submit_args(fake, ok, write_csv(ok / "in.csv", prompts(2)))).exit_code == 0
+    assert [cli(collect_args(fake, ok, url)).exit_code for _ in range(2)] == [0, 0]
+
+
+def test_without_download_a_successful_table_is_ok_on_every_pass(fake, receiver, tmp_path: Path) -> None:
+    """The table's tasks need their files only when --download is given."""
+    _rec, url = receiver
+    inp = write_csv(tmp_path / "in.csv", prompts(2))
+    assert cli(submit_args(fake, tmp_path, inp)).exit_code == 0
+    without = ["collect", "--state", str(tmp_path / "state.sqlite"), "--base-url", fake.url, "--rate", "0",
+               "--results", str(tmp_path / "results.parquet"), "--notify", url]
+    assert [cli(without).exit_code for _ in range(2)] == [0, 0]
+    assert cli(collect_args(fake, tmp_path, url)).exit_code == 0  # downloads the two successful tasks
+
+
+def test_collect_tells_the_top_failure_reasons(fake, receiver, tmp_path: Path) -> None:
+    rec, url = receiver
+    inp = write_csv(tmp_path / "in.csv", [*prompts(1), {"prompt": "FAILTASK a fox"}, {"prompt": "FAILTASK a cat"}])
+    assert cli(submit_args(fake, tmp_path, inp)).exit_code == 0
+    for _ in range(2):
+        assert cli(collect_args(fake, tmp_path, url)).exit_code == 1
+    for msg in rec.messages:
+        assert "top errors:\n  2 x failed: 400: Content Moderation: the prompt was rejected" in msg["message"]
