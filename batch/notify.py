@@ -29,6 +29,7 @@ import structlog
 
 from batch import logs
 from batch.errors import ConfigError
+from batch.report import spend_line
 
 log = structlog.get_logger("batch.notify")
 
@@ -149,8 +150,15 @@ def compose(command: str, exit_code: int, summary: Mapping[str, Any], page: str 
         lines.append(f"estimated spend: {summary['estimated_spend_usd']:.2f} USD")
     elif (summary.get("estimate") or {}).get("cost_usd") is not None:
         lines.append(f"estimated cost (dry run): {summary['estimate']['cost_usd']:.2f} USD")
-    if summary.get("spend"):
-        lines.append(f"estimated spend: {summary['spend']}")
+    spend = summary.get("spend")
+    seconds = summary.get("video_seconds")
+    video = f"{seconds:.1f} s of video" if seconds is not None else None
+    if isinstance(spend, Mapping):  # submit's meter: as its printed summary says it
+        lines.append(spend_line(spend) + (f"; {video}" if video else ""))
+    elif spend:  # collect's: the page's figure
+        lines.append(f"estimated spend: {spend}")
+    elif video and summary.get("estimated_spend_usd") is None:
+        lines.append(f"estimated spend: {video} (no price table)")
     for key in ("stop_reason", "interrupted", "local_fault"):
         if summary.get(key):
             lines.append(f"{key.replace('_', ' ')}: {summary[key]}")

@@ -594,7 +594,8 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
         tally, table_error = write_results(opts.output, frames, spool.schema, ledger.outcome_rows,
                                            Resolution(run_id, stop_reason=stats.stop_reason,
                                                       resend_unknown=opts.submit.resend_unknown), tolerate_io=True,
-                                           tally=Tally(labels=lambda labels: ledger.labels(labels, run_id)))
+                                           tally=Tally(labels=lambda labels: ledger.labels(labels, run_id),
+                                                       sent=Estimator(expander.catalog)))
     faults = []
     if outcome.crash:
         faults.append(f"the run stopped after {stats.sent} requests were sent ({outcome.crash}); "
@@ -831,6 +832,8 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
     if not opts.dry_run:  # like the dry run's estimate: each one a new paid video
         summary.extra["edited"] = tally.edited
     summary.extra["passthrough_columns"] = passthrough or {}
+    if tally.sent is not None:  # what the night will show, priced or not
+        summary.extra["video_seconds"] = round(sum(tally.sent.seconds_by_resolution.values()), 1)
     if stats is not None and (window := stats.window_ms()):
         summary.extra["mark_to_wire_ms"] = window
     cap = opts.submit.spend_cap

@@ -212,3 +212,24 @@ def test_collect_tells_the_top_failure_reasons(fake, receiver, tmp_path: Path) -
         assert cli(collect_args(fake, tmp_path, url)).exit_code == 1
     for msg in rec.messages:
         assert "top errors:\n  2 x failed: 400: Content Moderation: the prompt was rejected" in msg["message"]
+
+
+def test_submit_tells_the_spend_as_the_summary_does(fake, receiver, tmp_path: Path) -> None:
+    """The spend line was a raw Python dict, and absent without prices."""
+    rec, url = receiver
+    inp = write_csv(tmp_path / "in.csv", prompts(3))
+    prices = tmp_path / "prices.toml"
+    prices.write_text('["bytedance/seedance-1.0-lite-t2v"]\n"480p" = 0.02\n"720p" = 0.08\n"1080p" = 0.16\n')
+    res = cli(submit_args(fake, tmp_path, inp, extra=["--notify", url, "--prices", str(prices)]))
+    assert res.exit_code == 0, res.output
+    # 3 videos of the model's default 5 s at 720p, 0.08 USD/s, at the flex share of that (the default tier).
+    line = next(x for x in res.output.splitlines() if "spend, night of" in x).strip()
+    assert line.endswith(": 0.60 USD estimated (0.60 by this run, 0.00 by earlier runs)")
+    body = rec.messages[0]["message"]
+    assert line in body and "{" not in body and "15.0 s of video" in body
+    unpriced = tmp_path / "unpriced"
+    unpriced.mkdir()
+    res = cli(submit_args(fake, unpriced, write_csv(unpriced / "in.csv", prompts(2, "Another night")),
+                          extra=["--notify", url]))
+    assert res.exit_code == 0, res.output
+    assert "estimated spend: 10.0 s of video (no price table)" in rec.messages[1]["message"]
