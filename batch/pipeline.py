@@ -906,6 +906,7 @@ class CollectOptions:
     # A job's output before {date} was filled in: the tables of the runs whose tasks are
     # followed that match it are found through the ledger (last night's, after midnight).
     run_tables: str | None = None
+    pricing: Pricing = field(default_factory=Pricing)  # the page's and the notification's spend (--prices)
 
     @property
     def api(self) -> str:

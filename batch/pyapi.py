@@ -131,8 +131,8 @@ def collect(
     http_timeout: float | None = None, download_max_bytes: int | None = None,
     download_max_task_bytes: int | None = None, download_timeout: str | None = None,
     download_min_rate: float | None = None, allow_insecure: bool = False, proxy: str | None = None,
-    ca_bundle: str | Path | None = None, no_html: bool = False, notify: Iterable[str] | None = None,
-    log_level: str | None = None,
+    ca_bundle: str | Path | None = None, no_html: bool = False, prices: str | Path | None = None,
+    notify: Iterable[str] | None = None, log_level: str | None = None,
 ) -> Night:
     """Follow submitted tasks (and download their outputs) as ``seedance-batch collect``
     does; ``job`` is a job file (its state, output, download and rate are the defaults),

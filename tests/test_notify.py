@@ -233,3 +233,22 @@ def test_submit_tells_the_spend_as_the_summary_does(fake, receiver, tmp_path: Pa
                           extra=["--notify", url]))
     assert res.exit_code == 0, res.output
     assert "estimated spend: 10.0 s of video (no price table)" in rec.messages[1]["message"]
+
+
+def test_collect_takes_prices_for_the_page_and_the_message(fake, receiver, tmp_path: Path) -> None:
+    """The page said "give --prices FILE for USD" but collect had no --prices."""
+    rec, url = receiver
+    inp = write_csv(tmp_path / "in.csv", prompts(2))
+    assert cli(submit_args(fake, tmp_path, inp)).exit_code == 0
+    prices = tmp_path / "prices.toml"
+    prices.write_text('["bytedance/seedance-1.0-lite-t2v"]\n"480p" = 0.02\n"720p" = 0.08\n"1080p" = 0.16\n')
+    res = cli([*collect_args(fake, tmp_path, url)[:-1], "--prices", str(prices)])  # with the page
+    assert res.exit_code == 0, res.output
+    # 2 videos of 5 s at 720p, 0.08 USD/s at the flex share (the default tier).
+    assert "estimated spend: 0.40 USD (10.0 s of video)" in rec.messages[0]["message"]
+    page = (tmp_path / "results.html").read_text()
+    assert "0.40" in page and "--prices FILE" not in page
+    bad = tmp_path / "bad.toml"
+    bad.write_text("not toml [")
+    res = cli([*collect_args(fake, tmp_path, url)[:-1], "--prices", str(bad)])
+    assert res.exit_code == 2 and "bad.toml" in res.output
