@@ -749,6 +749,9 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @transport_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-html", is_flag=True, help="With --download and --results: do not write the page beside the table.")
+@click.option("--prices", "prices_file", type=click.Path(path_type=Path, dir_okay=False),
+              envvar="SEEDANCE_BATCH_PRICES", help="Price table for the page's and the message's spend (a job "
+              "file's [prices] otherwise). [env SEEDANCE_BATCH_PRICES]")
 @notify_option("notify_urls")
 @log_option()
 @click.pass_context
@@ -809,7 +812,8 @@ def collect_options(kw: dict[str, Any], job: Path | None, unset: Callable[[str],
     default = fake_state_path() if fake_api else default_state_path()
     return CollectOptions(state_location(state) or default, config,
                           Target(no_url("--results", str(results))) if results else None, fake_api,
-                          budget_dir=state_home(), run_tables=run_tables), spec
+                          budget_dir=state_home(), run_tables=run_tables,
+                          pricing=pricing_of(kw.get("prices_file"), spec)), spec
 
 
 def collect_night(opts: CollectOptions, spec: JobFile | None, page: bool = True) -> dict[str, Any]:
@@ -821,7 +825,7 @@ def collect_night(opts: CollectOptions, spec: JobFile | None, page: bool = True)
         from batch.page import write_page_after  # jinja2 and PyAV: only when a page is made
 
         pages = []
-        pricing = pricing_of(None, spec)
+        pricing = opts.pricing
         for table in summary.get("tables") or []:  # each table collect rewrote gets its page beside it
             written = write_page_after(table, pricing=pricing)
             if written is not None:

@@ -29,6 +29,7 @@ import structlog
 
 from batch import logs
 from batch.errors import ConfigError
+from batch.report import spend_line
 
 log = structlog.get_logger("batch.notify")
 
@@ -41,7 +42,9 @@ EXIT_MEANING = {
     5: "the provider refused the night",
     6: "a local write failed after requests were sent",
 }
-_SECRET_ENV = re.compile(r"KEY|SECRET|TOKEN|PASSW|PWD|CREDENTIAL|AUTH", re.IGNORECASE)
+_SECRET_ENV = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH|_PWD$", re.IGNORECASE)
+# Not a bare PWD: the shell's PWD/OLDPWD hold the working directory, and masking it blanked
+# every path under $HOME in messages. MYSQL_PWD-style names (``_PWD`` at the end) are passwords.
 _URL_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]*(?::[^/\s@]*)?@")
 _BEARER = re.compile(r"(?i)\b(bearer|token|apikey|api_key|password|passwd|pwd)([=: ]+)[^\s&,;\"']+")
 MAX_BODY = 3500  # chat services cut long messages (Slack ~4k); the page and the table hold the rest
@@ -136,15 +139,26 @@ def compose(command: str, exit_code: int, summary: Mapping[str, Any], page: str 
     tasks = summary.get("task_status") or (summary.get("collect") or {}).get("task_status") or {}
     if tasks:
         lines.append("tasks: " + ", ".join(f"{n} {s}" for s, n in tasks.items()))
-    for key, label in (("downloaded", "downloaded"), ("download_failed", "downloads failed")):
+    table = summary.get("table_tasks") or {}
+    if table:  # collect: what the table holds, also the tasks that ended on an earlier pass
+        lines.append("tasks in the results table: " + ", ".join(f"{n} {s}" for s, n in table.items()))
+    for key, label in (("downloaded", "downloaded"), ("download_failed", "downloads failed"),
+                       ("not_downloaded", "successful tasks without their files")):
         if summary.get(key):
             lines.append(f"{label}: {summary[key]}")
     if summary.get("estimated_spend_usd") is not None:
         lines.append(f"estimated spend: {summary['estimated_spend_usd']:.2f} USD")
     elif (summary.get("estimate") or {}).get("cost_usd") is not None:
         lines.append(f"estimated cost (dry run): {summary['estimate']['cost_usd']:.2f} USD")
-    if summary.get("spend"):
-        lines.append(f"estimated spend: {summary['spend']}")
+    spend = summary.get("spend")
+    seconds = summary.get("video_seconds")
+    video = f"{seconds:.1f} s of video" if seconds is not None else None
+    if isinstance(spend, Mapping):  # submit's meter: as its printed summary says it
+        lines.append(spend_line(spend) + (f"; {video}" if video else ""))
+    elif spend:  # collect's: the page's figure
+        lines.append(f"estimated spend: {spend}")
+    elif video and summary.get("estimated_spend_usd") is None:
+        lines.append(f"estimated spend: {video} (no price table)")
     for key in ("stop_reason", "interrupted", "local_fault"):
         if summary.get(key):
             lines.append(f"{key.replace('_', ' ')}: {summary[key]}")

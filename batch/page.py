@@ -270,6 +270,12 @@ def glance(df: pl.DataFrame, cards: list[dict[str, Any]], catalog: Catalog, pric
             skipped["submitted by an earlier run; not sent again"] += 1
         elif c.get("s") in ("pending", "unknown") and c.get("e"):
             skipped[c["e"]] += 1
+        elif c.get("s") == "pending":
+            skipped["not sent (pending): the next run sends them"] += 1
+        elif c.get("s") == "dry_run":
+            skipped["not sent: a dry run"] += 1
+    # Input files the run found but did not read (the submit run's summary): no row says so.
+    files = [f for f in run.get("skipped_files") or [] if isinstance(f, dict)]
     spend = _spend(df, catalog, pricing)
     priced = [s["usd"] for s in spend if s["usd"] is not None]
     return {
@@ -287,6 +293,9 @@ def glance(df: pl.DataFrame, cards: list[dict[str, Any]], catalog: Catalog, pric
         "unreadable": [u for u in run.get("unreadable") or [] if isinstance(u, dict)],
         "top_errors": errors.most_common(8),
         "skipped": skipped.most_common(8),
+        "skipped_files": [{"source": str(f.get("source", "")), "reason": str(f.get("reason", ""))}
+                          for f in files[:50]],
+        "skipped_files_more": max(0, len(files) - 50),
         "downloaded": sum(1 for c in cards if c.get("v")),
     }
 

@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -593,7 +594,8 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
         tally, table_error = write_results(opts.output, frames, spool.schema, ledger.outcome_rows,
                                            Resolution(run_id, stop_reason=stats.stop_reason,
                                                       resend_unknown=opts.submit.resend_unknown), tolerate_io=True,
-                                           tally=Tally(labels=lambda labels: ledger.labels(labels, run_id)))
+                                           tally=Tally(labels=lambda labels: ledger.labels(labels, run_id),
+                                                       sent=Estimator(expander.catalog)))
     faults = []
     if outcome.crash:
         faults.append(f"the run stopped after {stats.sent} requests were sent ({outcome.crash}); "
@@ -830,6 +832,8 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
     if not opts.dry_run:  # like the dry run's estimate: each one a new paid video
         summary.extra["edited"] = tally.edited
     summary.extra["passthrough_columns"] = passthrough or {}
+    if tally.sent is not None:  # what the night will show, priced or not
+        summary.extra["video_seconds"] = round(sum(tally.sent.seconds_by_resolution.values()), 1)
     if stats is not None and (window := stats.window_ms()):
         summary.extra["mark_to_wire_ms"] = window
     cap = opts.submit.spend_cap
@@ -849,8 +853,42 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
 
 
 def collect_ok(stats: dict[str, Any]) -> bool:
-    """Every followed task succeeded, and no download failed."""
-    return set(stats["task_status"]) <= {"success"} and not stats["download_failed"] and not stats["stop_reason"]
+    """Every followed task succeeded, no download failed, and every task of the results
+    tables succeeded (and, with a download, has its files): terminal tasks are not
+    followed again, so a second collect must still count last pass's failures."""
+    return (set(stats["task_status"]) <= {"success"} and not stats["download_failed"] and not stats["stop_reason"]
+            and set(stats.get("table_tasks") or {}) <= {"success"} and not stats.get("not_downloaded"))
+
+
+def collect_outcome(ledger: Ledger, apis: list[str], table_ids: Iterable[str] | None, followed: Iterable[str],
+                    download: bool) -> dict[str, Any]:
+    """What the results tables' tasks (``table_ids``; None: no table) are now, from the
+    ledger: their states, how many successful ones lack their files (with a download), and
+    the top failure reasons and download errors of those and of the tasks followed."""
+    tables = set(table_ids) if table_ids is not None else None
+    entries = ledger.lookup(sorted((tables or set()) | set(followed)), apis)
+    states: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    missing = 0
+    for rid, e in entries.items():
+        if e.status != "submitted" or not e.task_id:
+            continue  # invalid, failed at submit, never sent: not a task (submit reports those)
+        state = e.task_status or "pending"
+        files = ledger_value("local_paths", e.local_paths)
+        absent = download and state == "success" and not files
+        if tables is not None and rid in tables:
+            states[state] += 1
+            missing += absent
+        if state != "success" and e.failure_reason:
+            errors[f"failed: {e.failure_reason}"] += 1
+        if (absent or state != "success") and e.download_error:
+            errors[f"download: {e.download_error}"] += 1
+    outcome: dict[str, Any] = {"top_errors": [{"error": k, "count": n} for k, n in errors.most_common(5)]}
+    if tables is not None:
+        outcome["table_tasks"] = dict(sorted(states.items()))
+        if download:
+            outcome["not_downloaded"] = missing
+    return outcome
 
 
 async def _follow(aledger: AsyncLedger, config: CollectConfig, api: str) -> list[Entry]:
@@ -868,6 +906,7 @@ class CollectOptions:
     # A job's output before {date} was filled in: the tables of the runs whose tasks are
     # followed that match it are found through the ledger (last night's, after midnight).
     run_tables: str | None = None
+    pricing: Pricing = field(default_factory=Pricing)  # the page's and the notification's spend (--prices)
 
     @property
     def api(self) -> str:
@@ -971,6 +1010,9 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
                    "results": ", ".join(str(t) for t, _ in tables) or str(opts.results or ""),
                    "tables": [str(t) for t, _ in tables],
                    "local_fault": "; ".join(faults) or None}
+        table_ids = {rid for _, frame in tables for rid in frame["request_id"].to_list() if rid is not None}
+        summary.update(collect_outcome(ledger, apis, table_ids if tables else None, (e.request_id for e in entries),
+                                       opts.config.download_dir is not None))
         summary["exit_code"] = EXIT_LOCAL_FAULT if faults else EXIT_INTERRUPTED if stats.interrupted else (
             EXIT_PROVIDER if stats.fatal else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE))
         return summary

@@ -21,9 +21,10 @@ Guarantees:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import click
@@ -45,6 +46,7 @@ from batch.errors import (
     StoppedError,
 )
 from batch.expand import normalize
+from batch.load import SUFFIXES
 from batch.pipeline import Interrupted
 from batch.results import read_results
 from batch.storage import Target
@@ -131,8 +133,8 @@ def collect(
     http_timeout: float | None = None, download_max_bytes: int | None = None,
     download_max_task_bytes: int | None = None, download_timeout: str | None = None,
     download_min_rate: float | None = None, allow_insecure: bool = False, proxy: str | None = None,
-    ca_bundle: str | Path | None = None, no_html: bool = False, notify: Iterable[str] | None = None,
-    log_level: str | None = None,
+    ca_bundle: str | Path | None = None, no_html: bool = False, prices: str | Path | None = None,
+    notify: Iterable[str] | None = None, log_level: str | None = None,
 ) -> Night:
     """Follow submitted tasks (and download their outputs) as ``seedance-batch collect``
     does; ``job`` is a job file (its state, output, download and rate are the defaults),
@@ -168,7 +170,7 @@ def _arm(urls: Iterable[str], proxy: str | None, command: str) -> None:
 
 def _split_inputs(inputs: Inputs, source: str) -> tuple[list[str], tuple[tuple[str, pl.DataFrame], ...]]:
     """Paths and URLs (as the CLI's arguments) apart from DataFrames (named sources)."""
-    single = (str, Path, pl.DataFrame, pl.LazyFrame)
+    single = (str, Path, pl.DataFrame, pl.LazyFrame, Mapping)
     items = [inputs] if isinstance(inputs, single) or not isinstance(inputs, Iterable) else list(inputs)
     specs, frames = [], []
     for item in items:
@@ -176,6 +178,13 @@ def _split_inputs(inputs: Inputs, source: str) -> tuple[list[str], tuple[tuple[s
             item = item.collect()
         if isinstance(item, pl.DataFrame):
             frames.append(item)
+        elif isinstance(item, Mapping):  # iterated, its keys ("prompt") were taken for file names
+            raise InputError("inputs: a dict is not a table; pass polars.DataFrame(...) (e.g. "
+                             "polars.DataFrame({'prompt': [...]}))")
+        elif isinstance(item, str) and not _path_like(item):
+            shown = item if len(item) <= 60 else item[:57] + "..."
+            raise InputError(f"inputs: {shown!r} is not a path, a URL or a DataFrame (no such file or directory); "
+                             "for prompts as text, pass polars.DataFrame({'prompt': [...]})")
         elif isinstance(item, (str, Path)):
             specs.append(_text("inputs", str(item)))
         else:
@@ -186,6 +195,20 @@ def _split_inputs(inputs: Inputs, source: str) -> tuple[list[str], tuple[tuple[s
         raise ConfigError("source: empty name for the DataFrame input")
     named = [(name if len(frames) == 1 else f"{name}[{i}]", df) for i, df in enumerate(frames, 1)]
     return specs, tuple(named)
+
+
+def _path_like(text: str) -> bool:
+    """Whether a string given as an input may name one: a URL, a glob, something that
+    exists, or a file name of a kind the loader reads (a missing one is then its own
+    "no such file" error). Anything else is text, most likely a prompt."""
+    if "://" in text or any(c in text for c in "*?[") or "\x00" in text:
+        return True  # a NUL is refused by _text with its own message
+    try:
+        if os.path.exists(text):
+            return True
+    except (OSError, ValueError):
+        return False
+    return PurePath(text).suffix.lower() in SUFFIXES
 
 
 def _params(grid: Mapping[str, Any]) -> dict[str, Any]:

@@ -58,11 +58,8 @@ def render(summary: dict[str, Any]) -> str:
     if estimate:
         lines.extend(render_estimate(estimate))
     spend = summary.get("spend")
-    if spend:
-        cap = "" if spend.get("max_usd") is None else \
-            f" of --max-spend {spend['max_usd']:g}, {spend['left_usd']:.2f} left"
-        lines.append(f"  spend, night of {spend['night']}: {spend['tonight_usd']:.2f} USD estimated "
-                     f"({spend['this_run_usd']:.2f} by this run, {spend['earlier_runs_usd']:.2f} by earlier runs){cap}")
+    if isinstance(spend, dict):
+        lines.append(f"  {spend_line(spend)}")
     for item in summary.get("unreadable") or []:
         lines.append(f"  unreadable: {item['source']}: {item['error']}  <-")
     if summary.get("edited"):
@@ -82,6 +79,14 @@ def render(summary: dict[str, Any]) -> str:
     if summary.get("results"):
         lines.append(f"  results: {summary['results']}")
     return "\n".join(lines)
+
+
+def spend_line(spend: dict[str, Any]) -> str:
+    """A run's spend meter (``summary["spend"]``) in words: the summary's and the notification's."""
+    cap = "" if spend.get("max_usd") is None else \
+        f" of --max-spend {spend['max_usd']:g}, {spend['left_usd']:.2f} left"
+    return (f"spend, night of {spend['night']}: {spend['tonight_usd']:.2f} USD estimated "
+            f"({spend['this_run_usd']:.2f} by this run, {spend['earlier_runs_usd']:.2f} by earlier runs){cap}")
 
 
 def render_estimate(estimate: dict[str, Any]) -> list[str]:
@@ -115,6 +120,16 @@ def render_collect(summary: dict[str, Any]) -> str:
     if summary.get("expiring_before_next_collect"):
         lines.append(f"  expiring: {summary['expiring_before_next_collect']} outputs not downloaded expire before "
                      "the next collect (24 h): collect with --download DIR now  <-")
+    table = summary.get("table_tasks") or {}
+    if table:
+        mark = "" if set(table) <= {"success"} else "  <-"
+        lines.append("  in the results table: " + ", ".join(f"{n} {s}" for s, n in table.items()) + mark)
+    if summary.get("not_downloaded"):
+        lines.append(f"  {summary['not_downloaded']} successful tasks without their files  <-")
+    errors = summary.get("top_errors") or []
+    if errors:
+        lines.append("  top errors:")
+        lines += [f"    {e['count']:>6} x {str(e['error'])[:110]}" for e in errors]
     if summary.get("stop_reason"):
         lines.append(f"  stop reason: {summary['stop_reason']}")
     lines.append(f"  elapsed {summary['elapsed_s']:.1f} s")

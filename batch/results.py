@@ -439,6 +439,7 @@ class Tally:
     estimator: Estimator | None = None
     labels: Labels | None = None  # a real run: Ledger.labels of the earlier runs, to count edited rows
     edited: int | None = 0  # submitted this run although their id was sent before with other content; None: unknown
+    sent: Estimator | None = None  # a real run: the video its ``submitted`` rows ask for (seconds, without prices)
 
     def add(self, rows: pl.DataFrame) -> None:
         """Count a chunk of result rows (``status``, ``error`` and the API fields), in order
@@ -450,6 +451,8 @@ class Tally:
             self.errors[error] += n
         if self.estimator is not None:
             self.estimator.add(rows.filter(pl.col("status") == "dry_run"))
+        if self.sent is not None:
+            self.sent.add(rows.filter(pl.col("status") == "submitted"))
         if self.labels is not None:
             try:
                 self.edited = (self.edited or 0) + count_edited(rows.filter(pl.col("status") == "submitted"),

@@ -91,3 +91,30 @@ def test_missing_and_bucket_videos_get_cards_that_say_so(tmp_path: Path) -> None
     assert cards["a"]["pe"] == "video file missing" and cards["a"]["v"] == "gone.mp4"
     assert cards["b"]["pe"] == "no poster: the video is in a bucket" and "v" not in cards["b"]  # no relative way
     assert info.posters == 0
+
+
+def test_the_glance_says_what_was_skipped_and_not_sent(fake, tmp_path: Path) -> None:
+    """The glance said "Skipped or not sent: nothing" while the run's summary listed skipped
+    input files."""
+    folder = tmp_path / "night"
+    folder.mkdir()
+    write_csv(folder / "in.csv", prompts(3))
+    (folder / "notes.txt").write_text("shot list, not prompts\n")
+    res = cli(submit_args(fake, tmp_path, folder, extra=["--max-requests", "2"]))
+    assert res.exit_code == 1, res.output
+    assert cli(collect_args(fake, tmp_path)).exit_code == 0
+    html = (tmp_path / "results.html").read_text(encoding="utf-8")
+    glance = html[html.index("<h2>Skipped or not sent</h2>"):]
+    glance = glance[:glance.index("</ul>")]
+    assert "notes.txt" in glance and "not a .csv" in glance
+    assert re.search(r'<span class="n">1 ×</span> not sent[^<]*max-requests', glance), glance
+
+
+def test_rows_never_sent_are_named_in_the_glance(tmp_path: Path) -> None:
+    table = tmp_path / "r.parquet"
+    pl.DataFrame({"request_id": ["a", "b", "c"], "status": ["pending", "pending", "dry_run"],
+                  "prompt": ["one", "two", "three"]}).write_parquet(table)
+    html, _ = render_page(table, tmp_path / "r.html", posters=False)
+    glance = html[html.index("<h2>Skipped or not sent</h2>"):]
+    assert '<span class="n">2 ×</span> not sent (pending): the next run sends them' in glance
+    assert '<span class="n">1 ×</span> not sent: a dry run' in glance

@@ -214,3 +214,25 @@ def test_collect_takes_a_job_file_whose_values_are_the_defaults(fake, tmp_path: 
     assert all(Path(p[0]).parent == tmp_path / "clips" for p in got.results["local_paths"].to_list())
     with pytest.raises(ConfigError):
         batch.collect(tmp_path, log_level="warning")  # a directory, not a job file
+
+
+def test_collect_takes_prices_as_the_cli_does(fake, tmp_path: Path) -> None:
+    night(fake, tmp_path, frame(3))
+    prices = tmp_path / "prices.toml"
+    prices.write_text('["bytedance/seedance-1.0-lite-t2v"]\n"720p" = 0.08\n')
+    got = batch.collect(results=tmp_path / "out.parquet", state=tmp_path / "state.sqlite", base_url=fake.url,
+                        download=tmp_path / "videos", rate="0", prices=prices, log_level="warning")
+    assert got.exit_code == 0, got.summary
+    assert got.summary["spend"] == "0.60 USD (15.0 s of video)"  # 3 x 5 s at 720p, flex: half of 0.08 USD/s
+
+
+def test_a_dict_or_a_list_of_prompts_is_a_clear_input_error(fake, tmp_path: Path) -> None:
+    """They gave "unsupported file type (none)": the dict's keys and the prompts were taken for paths."""
+    with pytest.raises(InputError, match=r"^inputs: a dict is not a table; pass polars.DataFrame\(\.\.\.\)"):
+        night(fake, tmp_path, {"prompt": ["A red kite", "A blue kite"]})
+    with pytest.raises(InputError, match=r"^inputs: 'A red kite over the dunes' is not a path, a URL or a "
+                                         r"DataFrame.*polars.DataFrame\(\{'prompt': \[\.\.\.\]\}\)"):
+        night(fake, tmp_path, ["A red kite over the dunes", "A blue kite"])
+    with pytest.raises(InputError, match="a dict is not a table"):
+        night(fake, tmp_path, [frame(1), {"prompt": "x"}])
+    assert fake.state.submissions() == []
