@@ -91,8 +91,9 @@ class Fault:
     id...): the provider took the request although its answer does not say so.
     ``form`` is how ``echo_key*`` and ``redirect_key`` spell the key: ``exact``,
     ``lower``, ``upper``, ``pct`` (percent-encoded), ``hex`` or ``b64`` (base64 of a
-    Basic credential, ``u:KEY``). ``surrogate`` answers a submit with its task (created)
-    and a poll with the task's state, each with a lone-surrogate escape in ``message``.
+    Basic credential, ``u:KEY``). ``surrogate`` puts a lone-surrogate escape into the
+    answer's messages: a submit's business error (``code`` ≠ 0; with ``form=ok`` an
+    accepted answer, task created), a poll's answer and a failed task's error.
     """
 
     kind: str
@@ -421,9 +422,10 @@ async def _apply_fault(
         url = f"{request.scheme}://{request.host}{TASK_PATH.format(task_id=task_id)}?api_key={key}"
         return _ok({"status": "pending", "task_id": task_id, "get_result": {"method": "GET", "url": url}})
     if kind == "surrogate" and fault.endpoint == "submit":
-        task_id = accept()
         record.status = 200
-        return _surrogate({"status": "pending", "task_id": task_id})
+        if fault.form == "ok":
+            return _surrogate({"status": "pending", "task_id": accept()})
+        return _surrogate(None, code=1001, message="Rejected: \ud800 injected business error")
     if kind.isdigit():
         status = int(kind)
         headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
@@ -446,10 +448,10 @@ async def _apply_fault(
     raise AssertionError(kind)
 
 
-def _surrogate(data: Any) -> web.Response:
+def _surrogate(data: Any, code: int = 0, message: str = "success \ud800") -> web.Response:
     # json.dumps escapes the lone surrogate as the six characters \ud800: valid JSON whose
     # decoded text cannot be encoded as UTF-8.
-    return web.Response(text=json.dumps({"code": 0, "message": "success \ud800", "data": data}),
+    return web.Response(text=json.dumps({"code": code, "message": message, "data": data}),
                         content_type="application/json")
 
 
@@ -601,6 +603,8 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         record.status = 200
         if fault is not None and fault.kind == "surrogate":
             data["message"] = "\ud800"
+            if isinstance(data.get("error"), dict):
+                data["error"]["message"] += " \ud800"
             return _surrogate(data)
         return _ok(data)
 

@@ -50,7 +50,7 @@ DOWNLOAD_FAULTS = ("drop,endpoint=download", "redirect,endpoint=download", "404,
 # Answer classes that belong to a scenario of sim_harness.FEATURES or PENDING_FIXES: a
 # night draws them only when its scenario is on.
 FEATURE_SUBMIT_FAULTS = {"key_forms": KEY_FORM_FAULTS,
-                         "surrogate": ("surrogate", "surrogate,accept=1"),
+                         "surrogate": ("surrogate", "surrogate,accept=1", "surrogate,form=ok"),
                          "key_b64": ("echo_key,form=b64", "echo_key_url,form=b64", "code,form=b64"),
                          "key_hex": ("echo_key,form=hex", "echo_key_url,form=hex", "code,form=hex")}
 FEATURE_COLLECT_FAULTS = {"bad_url": ("bad_url,endpoint=query",),

@@ -81,9 +81,9 @@ FOCUSED: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None, dict[str, Any]
     "hardlink": (("slow,delay=0.8,prob=0.5",), ("kill9", "none"), None, 0.5),
     "bad_url": (("bad_url,endpoint=query,prob=0.5",), None, None, 0.5),
     "key_forms": (("echo_key,form=lower,prob=0.3",), None, None, 0.5),
-    "surrogate": (("surrogate,prob=0.3",), None, None, 0.5),
-    "key_b64": (("echo_key,form=b64,prob=0.3",), None, None, 0.5),
-    "key_hex": (("echo_key_url,form=hex,prob=0.3",), None, None, 0.5),
+    "surrogate": (("surrogate,accept=1,prob=0.3", "surrogate,endpoint=query,prob=0.5"), None, None, 0.5),
+    "key_b64": (("code,accept=1,form=b64,prob=0.3", "echo_key_url,form=b64,prob=0.3"), None, None, 0.5),
+    "key_hex": (("code,accept=1,form=hex,prob=0.3", "echo_key_url,form=hex,prob=0.3"), None, None, 0.5),
 }
 
 
