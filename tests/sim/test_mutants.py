@@ -98,7 +98,7 @@ def _focused(feature: str, provider: Provider, base: Path, request: pytest.Fixtu
     report(capsys, f"{label} {feature}", stats, failed_seed=failure.seed if failure else None,
            by=failure.message.splitlines()[0][:200] if failure else None)
     assert failure is None, (f"{failure.message}\nreplay: SIM_KNOWN=1 SIM_PENDING=1 python -m pytest tests/sim "
-                             f"-k '{feature}' --replay {failure.seed}")
+                             f"-k '{feature}' --runxfail --replay {failure.seed}")
 
 
 @pytest.mark.skipif(not os.environ.get("SIM_KNOWN"), reason="set SIM_KNOWN=1 to run the issue-18 scenarios focused "
