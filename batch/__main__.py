@@ -23,18 +23,23 @@ def _interrupted_while_loading(signum: int, _frame: object) -> None:
 
 
 def run() -> None:
-    previous = {s: signal.signal(s, _interrupted_while_loading) for s in (signal.SIGINT, signal.SIGTERM)}
-    from batch.cli import entry
-
-    for s, handler in previous.items():
-        signal.signal(s, handler)
+    phase = "startup"
     try:
+        previous = {s: signal.signal(s, _interrupted_while_loading) for s in (signal.SIGINT, signal.SIGTERM)}
+        from batch.cli import entry
+
+        # Inside the try: signal.signal() runs Python code after it swaps the handler (the
+        # enum lookup of the old one), where a Ctrl-C now raises KeyboardInterrupt (found by
+        # tests/sim, seed 163941616: a traceback and exit -2).
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        phase = "running"
         entry()
     except KeyboardInterrupt:
-        # Between the tool's own handlers (its last bookkeeping after the table is written):
-        # whatever was sent is in the ledger; exit 4 as for any interruption, no traceback.
+        # Between the tool's own handlers (before its first, or in its last bookkeeping after
+        # the table is written): whatever was sent is in the ledger; exit 4, no traceback.
         sys.stderr.write(json.dumps({"event": "interrupted", "level": "warning", "signal": "SIGINT",
-                                     "phase": "finishing"}) + "\n")
+                                     "phase": phase}) + "\n")
         raise SystemExit(4) from None
     finally:
         # The exit code is decided: a late signal during the interpreter's shutdown (which

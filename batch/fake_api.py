@@ -26,6 +26,7 @@ the same body was *accepted*.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import gzip
 import hashlib
@@ -65,7 +66,9 @@ FAULT_KINDS = ("code", "badjson", "no_task_id", "drop", "drop_accepted", "slow",
                # once, each after creating the task unless said otherwise.
                "odd_task_id", "huge", "dup_task_id", "echo_key", "echo_key_url",
                # query and download answers
-               "bad_url", "redirect", "redirect_key", "gzip")
+               "bad_url", "redirect", "redirect_key", "gzip",
+               # a lone-surrogate escape (``"\\ud800"``: valid JSON, no UTF-8 text) in an answer
+               "surrogate")
 ROUTES = {
     "seed": "/api/v1/text-to-video/{provider}/{model}/async",
     "async": "/api/v1/{provider}/{model}/async",
@@ -87,7 +90,10 @@ class Fault:
     ``accept`` creates the task before any other answer (a 500, a ``code`` ≠ 0, no task
     id...): the provider took the request although its answer does not say so.
     ``form`` is how ``echo_key*`` and ``redirect_key`` spell the key: ``exact``,
-    ``lower``, ``upper`` or ``pct`` (percent-encoded).
+    ``lower``, ``upper``, ``pct`` (percent-encoded), ``hex`` or ``b64`` (base64 of a
+    Basic credential, ``u:KEY``). ``surrogate`` puts a lone-surrogate escape into the
+    answer's messages: a submit's business error (``code`` ≠ 0; with ``form=ok`` an
+    accepted answer, task created), a poll's answer and a failed task's error.
     """
 
     kind: str
@@ -393,7 +399,7 @@ async def _apply_fault(
     if kind == "slow":
         await asyncio.sleep(fault.delay)
         return None
-    if fault.accept and kind not in ("drop_accepted", "odd_task_id", "huge", "echo_key_url"):
+    if fault.accept and kind not in ("drop_accepted", "odd_task_id", "huge", "echo_key_url", "surrogate"):
         accept()
     key = spelled_key(state.last_key, fault.form)
     if kind == "odd_task_id":
@@ -415,6 +421,11 @@ async def _apply_fault(
         record.status = 200
         url = f"{request.scheme}://{request.host}{TASK_PATH.format(task_id=task_id)}?api_key={key}"
         return _ok({"status": "pending", "task_id": task_id, "get_result": {"method": "GET", "url": url}})
+    if kind == "surrogate" and fault.endpoint == "submit":
+        record.status = 200
+        if fault.form == "ok":
+            return _surrogate({"status": "pending", "task_id": accept()})
+        return _surrogate(None, code=1001, message="Rejected: \ud800 injected business error")
     if kind.isdigit():
         status = int(kind)
         headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
@@ -437,8 +448,19 @@ async def _apply_fault(
     raise AssertionError(kind)
 
 
+def _surrogate(data: Any, code: int = 0, message: str = "success \ud800") -> web.Response:
+    # json.dumps escapes the lone surrogate as the six characters \ud800: valid JSON whose
+    # decoded text cannot be encoded as UTF-8.
+    return web.Response(text=json.dumps({"code": code, "message": message, "data": data}),
+                        content_type="application/json")
+
+
 def spelled_key(key: str, form: str) -> str:
     """The bearer key as a hostile answer would echo it."""
+    if form == "hex":
+        return key.encode().hex()
+    if form == "b64":
+        return base64.b64encode(f"u:{key}".encode()).decode()
     if form == "lower":
         return key.lower()
     if form == "upper":
@@ -551,7 +573,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             record.status = 200
             return _ok({"status": "success", "task_id": task_id,
                         "result": {"resources": [{"url": "http://[bad/x.mp4", "type": "video", "format": "mp4"}]}})
-        if fault is not None and fault.kind != "bad_url":
+        if fault is not None and fault.kind not in ("bad_url", "surrogate"):
             answer = await _apply_fault(fault, request, state, record, lambda: None)
             if answer is not None:
                 return answer
@@ -579,6 +601,11 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         elif status == "cancelled":
             data["error"] = {"code": 499, "message": "Cancelled: the task was cancelled"}
         record.status = 200
+        if fault is not None and fault.kind == "surrogate":
+            data["message"] = "\ud800"
+            if isinstance(data.get("error"), dict):
+                data["error"]["message"] += " \ud800"
+            return _surrogate(data)
         return _ok(data)
 
     async def download(request: web.Request) -> web.StreamResponse:

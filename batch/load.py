@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 from batch import storage, xlsx
 from batch.api import check_task_id
 from batch.errors import InputError
+from batch.mutant import mutant
 from batch.names import normalize_name as header_name
 
 SUFFIXES = (".csv", ".tsv", ".parquet", ".xlsx", ".xlsm")
@@ -171,6 +172,8 @@ def own_file_kind(path: Path) -> str | None:
 def results_kind(df: pl.DataFrame, metadata: Mapping[bytes, bytes] | None = None) -> str | None:
     """Whether a table is one the tool wrote: its Parquet mark, or a results table's
     columns (request_id, status and the outcome columns), in whatever format it was saved."""
+    if mutant("forget_own_tables"):
+        return None
     if metadata and OWN_MARK in metadata:
         # The mark's value is the file's text: only the kinds the writer uses are echoed.
         kind = "dry-run results" if metadata[OWN_MARK] == b"dry-run results" else "results"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 
-NAMES = ("mark_after_send", "skip_claim_fsync", "treat_500_as_rejection", "drop_key_scrub")
+NAMES = ("mark_after_send", "skip_claim_fsync", "treat_500_as_rejection", "drop_key_scrub", "forget_own_tables",
+         "spend_cap_per_run", "skip_check_links")
 
 
 _ON = os.environ.get("SEEDANCE_BATCH_MUTANT")  # read once: some switches sit on the per-request path

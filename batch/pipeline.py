@@ -54,6 +54,7 @@ from batch.following import CollectConfig, Collector, CollectStats, Task
 from batch.ledger import AsyncLedger, Entry, Ledger, companion, locked_ledger, night_of, utcnow
 from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
+from batch.mutant import mutant
 from batch.preflight import Check, fatal, run_checks
 from batch.prices import Pricing
 from batch.progress import Progress
@@ -416,7 +417,7 @@ def run_submit(opts: RunOptions) -> Summary:
         night = night_of()
         cap = opts.submit.spend_cap
         if cap is not None:  # under the lock: no other submit run spends meanwhile
-            cap = replace(cap, night=night, earlier=night_spend(ledger, cap, night))
+            cap = replace(cap, night=night, earlier=0.0 if mutant("spend_cap_per_run") else night_spend(ledger, cap, night))
             opts = replace(opts, submit=replace(opts.submit, spend_cap=cap))
         if opts.submit.max_requests is not None:  # the night's, as the spend cap
             opts = replace(opts, submit=replace(opts.submit, night=night,

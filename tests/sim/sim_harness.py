@@ -21,6 +21,7 @@ what it accepted with the files the tool left, and returns the violations:
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import json
@@ -45,18 +46,38 @@ KEY = "sk-SIM-0123456789-Secret-KeyZ"  # mixed case: a lower-cased echo is anoth
 PRICE = 0.05  # USD per request: 5 s at 720p, flex = 50% of 0.02/s
 PRICES = '["bytedance/seedance-1.0-lite-t2v"]\n"480p" = 0.01\n"720p" = 0.02\n"1080p" = 0.04\n'
 
-# What the simulator finds on a branch without the issue-18 fixes. Each is left out of
-# the generated histories (or, for "spend_per_night", checked per run) unless a test
-# asks for it; tests/sim/test_sim.py runs each as an xfail test naming the item. After
-# merging the fixes, delete the entry here and the xfail marker there.
-KNOWN_ISSUE_18 = {
-    "own_tables": "issue 18 item 1: the tool's own results tables in the input folder are read back as prompts",
-    "spend_per_night": "issue 18 item 2: --max-spend is counted per run, not per night and ledger",
-    "hardlink": "issue 18 item 3: a hard link to the ledger plus kill -9 pays twice",
-    "bad_url": "issue 18 item 7: a task answer with an unparsable URL crashes collect",
-    "key_forms": "issue 18 item 11: a lower-cased or percent-encoded key in an answer is stored",
+# The scenarios a generated night may hold beyond the base mix (simulate.py draws them):
+# own results tables written into the input folder, the spend cap per night, the ledger
+# named through a hard link, bad result URLs in collect, the key echoed in other spellings.
+FEATURES = frozenset({"own_tables", "spend_per_night", "hardlink", "bad_url", "key_forms"})
+
+# Scenarios the tool on this branch is known to fail (issue 18's, until its fixes were
+# merged): left out of the generated nights; SIM_KNOWN=1 runs each in test_mutants.py.
+# All of issue 18's are fixed on main; an entry here names a new one until its fix lands.
+KNOWN_ISSUE_18: dict[str, str] = {}
+
+# Answer classes the attackers found since issue 18, whose fixes are on other branches:
+# left out of CI nights until the lead merges them. Switch them on with SIM_PENDING=1
+# (all) or SIM_PENDING=name,name; once a fix is merged, delete its entry here.
+PENDING_FIXES = {
+    "surrogate": "a lone-surrogate escape (\\ud800) in a submit or poll answer",
+    "key_b64": "the key echoed as base64 after a prefix (base64('u:' + KEY), a Basic credential)",
+    "key_hex": "the key echoed hex-encoded",
 }
 
+
+def default_features() -> frozenset[str]:
+    """The scenarios every generated night may draw: all but the known failures, plus the
+    pending answer classes SIM_PENDING names."""
+    wanted = os.environ.get("SIM_PENDING", "").strip()
+    pending = set(PENDING_FIXES) if wanted in ("1", "all") else {w.strip() for w in wanted.split(",") if w.strip()}
+    unknown = pending - set(PENDING_FIXES)
+    if unknown:
+        raise ValueError(f"SIM_PENDING: unknown {sorted(unknown)} (known: {sorted(PENDING_FIXES)})")
+    return frozenset((FEATURES - set(KNOWN_ISSUE_18)) | pending)
+
+
+HARDLINK_REFUSAL = "names (hard links)"  # batch.ledger.check_links' words
 
 REPORTS: list[dict[str, Any]] = []  # one per simulation in this session (tests/sim/conftest.py totals them)
 
@@ -72,15 +93,17 @@ def report(capsys: Any, name: str, stats: Stats, **extra: Any) -> None:
 
 # Found, not yet fixed (reported to the lead): counted in the report as known_open, not failed,
 # so that CI stays green until the fix; delete the entry to make it fail again.
-KNOWN_OPEN = {
-    "sigint_keyboardinterrupt": "soak seed 163941616: one SIGINT 1.1 s into a run ended in a KeyboardInterrupt "
-                                "traceback from an import (enum), exit -2; not reproduced in 60 direct tries",
-}
+# (seed 163941616's KeyboardInterrupt traceback was one: fixed, tests/sim/test_regressions.py.)
+KNOWN_OPEN: dict[str, str] = {}
 
 
 def key_forms(key: str = KEY) -> list[bytes]:
+    """The key as any answer might spell it: any case, percent-encoded, hex, and base64 of
+    a Basic credential (``u:KEY``) or of the key alone."""
     pct = "".join(f"%{b:02X}" for b in key.encode())
-    return [f.encode() for f in {key, key.lower(), key.upper(), pct, pct.lower()}]
+    hexed = key.encode().hex()
+    b64 = [base64.b64encode(f"u:{key}".encode()).decode(), base64.b64encode(key.encode()).decode().rstrip("=")]
+    return [f.encode() for f in {key, key.lower(), key.upper(), pct, pct.lower(), hexed, hexed.upper(), *b64}]
 
 
 # -- the provider -------------------------------------------------------------------------
@@ -170,6 +193,7 @@ class Run:
     out: str
     err: str
     command: str = "submit"
+    links: int = 1  # names the ledger had when the run started (a hard link makes two)
 
 
 @dataclass
@@ -186,6 +210,7 @@ class World:
     multiplicity: collections.Counter[str] = field(default_factory=collections.Counter)
     next_row: int = 0
     env_extra: dict[str, str] = field(default_factory=dict)
+    own_share: float = 0.5  # with "own_tables": the chance this history's tables go into the input folder
 
     def __post_init__(self) -> None:
         if self.base.exists():
@@ -194,6 +219,9 @@ class World:
             (self.base / d).mkdir(parents=True)
         (self.base / "harness" / "prices.toml").write_text(PRICES)
         self.tag = f"h{self.rng.getrandbits(32):08x}"
+        # Half the histories write their results tables into the input folder (a nightly
+        # ``-o in/{date}.parquet``): the next runs must not read them back as prompts.
+        self.own_tables = "own_tables" in self.features and self.rng.random() < self.own_share
         self.ledger = self.base / "state" / "ledger.sqlite"
         self.since = len(self.provider.records(0))
 
@@ -257,7 +285,7 @@ class World:
 
     # -- running the tool ---------------------------------------------------------------------------
     def output(self, csv: bool = False) -> Path:
-        folder = "in" if "own_tables" in self.features else "out"
+        folder = "in" if self.own_tables else "out"
         return self.base / folder / f"night{self.night}.{'csv' if csv else 'parquet'}"
 
     def state_arg(self, alias: str) -> str:
@@ -315,6 +343,7 @@ class World:
         self.stats.runs += 1
         self.stats.faults[spec.fault] += 1
         args = self.submit_args(spec)
+        links = self.links()
         start = time.time()
         procs = [self._popen(args, "submit", spec.fsize if spec.fault == "fsize" else None)]
         if spec.fault == "concurrent":
@@ -354,21 +383,35 @@ class World:
                 p.kill()
                 code = p.wait()
             runs.append(Run(self.night, spec, start, time.time(), code, out.read_text(errors="replace"),
-                            out.with_suffix(".err").read_text(errors="replace")))
+                            out.with_suffix(".err").read_text(errors="replace"), links=links))
         self.runs.extend(runs)
+        self.keep_one_name(runs)
         return runs
+
+    def links(self) -> int:
+        with contextlib.suppress(OSError):
+            return os.stat(self.ledger).st_nlink
+        return 1
+
+    def keep_one_name(self, runs: list[Run]) -> None:
+        """The operator does what a hard-link refusal says: removes the other name (the
+        refusal came before anything was opened, so nothing was kept beside it)."""
+        if any(run.code == 2 and HARDLINK_REFUSAL in run.err for run in runs):
+            (self.base / "state" / "hardlink.sqlite").unlink(missing_ok=True)
 
     def collect(self, alias: str) -> Run:
         self.stats.runs += 1
         args = ["collect", "--state", self.state_arg(alias), "--results", str(self.output()), "--download",
                 str(self.base / "dl"), "--base-url", self.provider.url, "--rate", "0", "--http-timeout", "2",
                 "--download-timeout", "10s"]
+        links = self.links()
         start = time.time()
         proc, out = self._popen(args, "collect")
         code = proc.wait(120)
         run = Run(self.night, RunSpec(alias=alias), start, time.time(), code, out.read_text(errors="replace"),
-                  out.with_suffix(".err").read_text(errors="replace"), "collect")
+                  out.with_suffix(".err").read_text(errors="replace"), "collect", links=links)
         self.runs.append(run)
+        self.keep_one_name([run])
         return run
 
     # -- the invariants ------------------------------------------------------------------------------
@@ -463,7 +506,7 @@ class World:
             rel = path.relative_to(self.base)
             if path.is_dir() or rel.parts[0] in allowed or str(rel) in inputs:
                 continue
-            if rel.parts[0] == "in" and "own_tables" in self.features:
+            if rel.parts[0] == "in" and self.own_tables:
                 continue
             checks["6_nothing_outside"] += 1
             problems.append(f"invariant 6: {rel} written outside the paths the run was given")
@@ -476,10 +519,7 @@ class World:
         collect = run.command == "collect"
         text = run.out + run.err
         checks["6_no_traceback"] += 1
-        if ("sigint_keyboardinterrupt" in KNOWN_OPEN and spec.fault in ("sigint", "sigint2") and code == -2
-                and run.err.rstrip().endswith("KeyboardInterrupt")):
-            self.stats.known_open["sigint_keyboardinterrupt"] += 1
-        elif "Traceback (most recent call last)" in text:
+        if "Traceback (most recent call last)" in text:
             last = [ln for ln in run.err.splitlines() if ln.strip()][-3:]
             problems.append(f"invariant 6: traceback (exit {code}): {' | '.join(last)[:600]}")
         checks["5_key_not_in_streams"] += 1
@@ -489,10 +529,11 @@ class World:
         if spec.fault == "kill9":
             expected.add(-signal.SIGKILL)
         checks["6_exit_code"] += 1
-        if code not in expected and not (code == -2 and self.stats.known_open["sigint_keyboardinterrupt"]
-                                         and run.err.rstrip().endswith("KeyboardInterrupt")):
+        if code not in expected:
             problems.append(f"invariant 6: exit {code} is not a documented code")
-        if code == 2 and spec.fault != "fsize":
+        if code == 2 and run.links > 1 and HARDLINK_REFUSAL in run.err:
+            checks["6_hardlink_refused"] += 1
+        elif code == 2 and spec.fault != "fsize":
             problems.append(f"invariant 6: exit 2 without a reason in the step: {self._error(run)}")
         if code == 3 and spec.fault != "concurrent":
             problems.append(f"invariant 6: exit 3 (locked) without a concurrent run: {self._error(run)}")
@@ -509,15 +550,18 @@ class World:
             problems += self._check_table(run)
         if not collect and spec.max_spend is not None and code != 3:
             checks["4_spend_cap"] += 1
-            if "spend_per_night" in self.features:
-                window = [(r.start, r.end) for r in self.runs if r.night == run.night]
-                scope = f"night {run.night}"
-            else:
-                window = [(run.start, run.end)]
-            paid = sum(1 for r in self.records if r["kind"] == "submit" and r["task_id"]
-                       and any(a <= r["wall"] <= b + 5 for a, b in window))
+            paid = self._paid(run.start, run.end + 5)
+            scope = "the run"
+            if "spend_per_night" in self.features and self._paid(run.start, run.end):
+                # The cap is the night's (per local date and ledger): a run that had anything
+                # accepted keeps the night's total within its own --max-spend. (The harness's
+                # nights may share a date; the tool then counts more, never less.)
+                date = time.strftime("%Y-%m-%d", time.localtime(run.start))
+                first = min(r.start for r in self.runs if r.night == run.night
+                            and time.strftime("%Y-%m-%d", time.localtime(r.start)) == date)
+                paid = self._paid(first, run.end + 5)
+                scope = f"night {run.night} up to this run"
             if paid * PRICE > spec.max_spend + 1e-9:
-                scope = f"night {run.night}" if "spend_per_night" in self.features else "the run"
                 problems.append(f"invariant 4: {paid} requests accepted in {scope} ({paid * PRICE:.2f} USD) with "
                                 f"--max-spend {spec.max_spend:.2f}")
         return problems
@@ -543,6 +587,10 @@ class World:
         if table["status"].null_count():
             problems.append(f"invariant 3: {table['status'].null_count()} results rows without a status")
         return problems
+
+    def _paid(self, start: float, end: float) -> int:
+        """Requests the provider accepted (created a task for) between two wall-clock times."""
+        return sum(1 for r in self.records if r["kind"] == "submit" and r["task_id"] and start <= r["wall"] <= end)
 
     @staticmethod
     def _error(run: Run) -> str:

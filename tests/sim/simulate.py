@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import seed as use_seed
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, initialize, precondition, rule
-from sim_harness import KNOWN_ISSUE_18, Provider, RunSpec, Stats, World
+from sim_harness import KNOWN_ISSUE_18, Provider, RunSpec, Stats, World, default_features
 
 # Answer classes of the README's outcome table, as the fake's Fault specs.
 SUBMIT_FAULTS = (
@@ -47,8 +47,16 @@ QUERY_FAULTS = ("500,endpoint=query", "429,endpoint=query,retry_after=1", "drop,
 DOWNLOAD_FAULTS = ("drop,endpoint=download", "redirect,endpoint=download", "404,endpoint=download",
                    "slow,endpoint=download,delay=0.2", "gzip,endpoint=download",
                    "redirect_key,endpoint=download,form=exact", "redirect_key,endpoint=download,form=lower")
-KNOWN_FAULTS = {"bad_url": ("bad_url,endpoint=query",),
-                "key_forms": KEY_FORM_FAULTS}
+# Answer classes that belong to a scenario of sim_harness.FEATURES or PENDING_FIXES: a
+# night draws them only when its scenario is on.
+FEATURE_SUBMIT_FAULTS = {"key_forms": KEY_FORM_FAULTS,
+                         "surrogate": ("surrogate", "surrogate,accept=1", "surrogate,form=ok"),
+                         "key_b64": ("echo_key,form=b64", "echo_key_url,form=b64", "code,form=b64"),
+                         "key_hex": ("echo_key,form=hex", "echo_key_url,form=hex", "code,form=hex")}
+FEATURE_COLLECT_FAULTS = {"bad_url": ("bad_url,endpoint=query",),
+                          "surrogate": ("surrogate,endpoint=query",),
+                          "key_b64": ("redirect_key,endpoint=download,form=b64",),
+                          "key_hex": ("redirect_key,endpoint=download,form=hex",)}
 FORMATS = ("csv", "parquet", "xlsx")
 SIGNAL_FAULTS = ("kill9", "sigint", "sigint2")
 
@@ -58,12 +66,13 @@ class Context:
     provider: Provider
     base: Path
     stats: Stats
-    features: frozenset[str] = frozenset()
+    features: frozenset[str] = field(default_factory=default_features)
     env: dict[str, str] = field(default_factory=dict)
     focus: tuple[str, ...] = ()  # fault specs every night's mix includes (mutant tests)
     run_faults: tuple[str, ...] = ("none", "none", "kill9", "sigint", "sigint2", "fsize", "concurrent")
     aliases: tuple[str, ...] = ("plain", "symlink", "relative")
     options: dict[str, Any] = field(default_factory=dict)  # RunSpec fields every run gets (a focused scenario)
+    own_tables: float = 0.5  # the share of histories writing their tables into the input folder
     serial: int = 0
     deadline: float = float("inf")  # time.monotonic(): past it, every step is a no-op (the budget)
 
@@ -73,8 +82,8 @@ class Context:
 
 def fault_mix(ctx: Context) -> st.SearchStrategy[list[str]]:
     kinds = list(SUBMIT_FAULTS)
-    for feature, specs in KNOWN_FAULTS.items():
-        if feature in ctx.features and feature in ("key_forms",):
+    for feature, specs in FEATURE_SUBMIT_FAULTS.items():
+        if feature in ctx.features:
             kinds += specs
     probs = st.sampled_from((0.05, 0.15, 0.3))
     one = st.tuples(st.sampled_from(kinds), probs).map(lambda kp: f"{kp[0]},prob={kp[1]}")
@@ -83,9 +92,9 @@ def fault_mix(ctx: Context) -> st.SearchStrategy[list[str]]:
 
 def collect_mix(ctx: Context) -> st.SearchStrategy[list[str]]:
     kinds = list(QUERY_FAULTS + DOWNLOAD_FAULTS)
-    for feature in ("bad_url",):
+    for feature, specs in FEATURE_COLLECT_FAULTS.items():
         if feature in ctx.features:
-            kinds += KNOWN_FAULTS[feature]
+            kinds += specs
     one = st.tuples(st.sampled_from(kinds), st.sampled_from((0.2, 0.5))).map(lambda kp: f"{kp[0]},prob={kp[1]}")
     return st.lists(one, max_size=3).map(lambda mix: [*ctx.focus, *mix])
 
@@ -124,7 +133,7 @@ def machine(ctx: Context) -> type[RuleBasedStateMachine]:
             ctx.serial += 1
             ctx.stats.histories += 1
             self.world = World(ctx.base / f"history{ctx.serial % 2}", ctx.provider, ctx.stats, random.Random(seed),
-                               ctx.features, env_extra=dict(ctx.env))
+                               ctx.features, env_extra=dict(ctx.env), own_share=ctx.own_tables)
             self.world.add_file(fmt, n, invalid)
             self._check()
             self.world.script(mix, latency, script_seed)
@@ -206,20 +215,22 @@ class Failure:
 
 
 def simulate(provider: Provider, base: Path, budget_s: float, *, seed: int | None = None, steps: int = 6,
-             per_seed: int = 2, features: frozenset[str] = frozenset(), env: dict[str, str] | None = None,
+             per_seed: int = 2, features: frozenset[str] | None = None, env: dict[str, str] | None = None,
              focus: tuple[str, ...] = (), shrink: bool = True, run_faults: tuple[str, ...] | None = None,
              aliases: tuple[str, ...] | None = None, max_seeds: int | None = None,
-             options: dict[str, Any] | None = None) -> tuple[Stats, Failure | None]:
+             options: dict[str, Any] | None = None, own_tables: float = 0.5) -> tuple[Stats, Failure | None]:
     """Histories until ``budget_s`` seconds pass (or one batch, with ``seed``); each batch of
     ``per_seed`` histories runs under its own Hypothesis seed, the replay handle."""
     stats = Stats()
+    features = default_features() if features is None else features
     ctx = Context(provider, base, stats, features, dict(env or {}), focus, options=dict(options or {}))
+    ctx.own_tables = own_tables
     if run_faults is not None:
         ctx.run_faults = run_faults
     if aliases is not None:
         ctx.aliases = aliases
     elif "hardlink" in features:
-        ctx.aliases = (*ctx.aliases, "hardlink", "hardlink")
+        ctx.aliases = (*ctx.aliases, "hardlink")
     phases = (Phase.explicit, Phase.generate, Phase.shrink) if shrink else (Phase.explicit, Phase.generate)
     config = settings(max_examples=per_seed, stateful_step_count=steps, deadline=None, database=None,
                       phases=phases, suppress_health_check=list(HealthCheck), print_blob=False)

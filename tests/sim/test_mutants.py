@@ -1,43 +1,68 @@
 """A checker that cannot fail proves nothing: each mutant breaks one guarantee of the tool
 (``SEEDANCE_BATCH_MUTANT``, see batch/mutant.py) and the simulator must catch it within
 the CI budget. Each runs the same night generator, with the night's answer mix weighted
-toward the classes its guarantee concerns (``focus``) and, where it needs one, the fault
-that exposes it; no shrinking (a caught mutant needs no minimal history).
+toward the classes its guarantee concerns (``focus``), the scenario and the fault that
+expose it; no shrinking (a caught mutant needs no minimal history).
 
-The issue-18 items the simulator finds on a branch without those fixes are listed in
-``sim_harness.KNOWN_ISSUE_18``: the generated nights leave them out, so the CI profile
-stays green. ``test_known_issue_18`` switches each on and expects the promises to hold:
-xfail until the fix is merged; then delete the entry (which also puts the feature back
-into every generated night) and its xfail.
+``test_known_issue_18`` (``SIM_KNOWN=1``) runs each scenario issue 18 found, focused: all
+are fixed and part of every generated night; a scenario listed in
+``sim_harness.KNOWN_ISSUE_18`` is left out of the nights and expected to fail here (xfail).
+``test_pending_fix`` (``SIM_PENDING=1``) does the same for the answer classes whose fixes
+are on other branches (``sim_harness.PENDING_FIXES``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sim_harness import KNOWN_ISSUE_18, Provider, report
+from sim_harness import FEATURES, KNOWN_ISSUE_18, PENDING_FIXES, Provider, report
 from simulate import simulate
 
 MUTANT_SECONDS = float(os.environ.get("SIM_MUTANT_SECONDS", "20"))
 KNOWN_SECONDS = float(os.environ.get("SIM_KNOWN_SECONDS", "20"))
+SENDS = {"max_spend": None, "deadline": None}  # runs that send
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What a mutant's nights are weighted toward."""
+
+    focus: tuple[str, ...] = ()  # answer classes always in the night's mix
+    run_faults: tuple[str, ...] = ("none",)  # the run faults drawn from
+    features: frozenset[str] = frozenset()  # the scenarios on (none: the base mix only)
+    options: dict[str, Any] = field(default_factory=lambda: dict(SENDS))  # RunSpec fields of every run
+    aliases: tuple[str, ...] | None = None
+    own_tables: float = 0.5
+
 
 MUTANTS = {
-    # name: (answer classes always in the night's mix, the run faults drawn from)
-    "mark_after_send": (("slow,delay=0.8,prob=0.9",), ("kill9",)),
-    "treat_500_as_rejection": (("500,accept=1,prob=0.7",), ("none",)),
-    "drop_key_scrub": (("echo_key_url,prob=0.7",), ("none",)),
+    "mark_after_send": Exposure(("slow,delay=0.8,prob=0.9",), ("kill9",)),
+    "treat_500_as_rejection": Exposure(("500,accept=1,prob=0.7",)),
+    "drop_key_scrub": Exposure(("echo_key_url,prob=0.7",)),
+    # caught as the night's table read back as prompts: its rows in the next table, or a run refused
+    "forget_own_tables": Exposure(features=frozenset({"own_tables"}), own_tables=1.0),
+    # caught as a second run of the night spending its own cap again (4 accepted at 0.11)
+    "spend_cap_per_run": Exposure(features=frozenset({"spend_per_night"}),
+                                  options={"max_spend": 0.11, "concurrency": 1, "deadline": None}),
+    # caught as kill -9 mid-send, then a rerun through the other name paying again
+    # (a paced run, killed after its first answers; every later run goes through the second name)
+    "skip_check_links": Exposure(("slow,delay=0.3,prob=0.3",), ("kill9",), frozenset({"hardlink"}),
+                                 {"rate": "5/s", "max_spend": None, "deadline": None}, aliases=("hardlink",)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(MUTANTS))
 def test_the_simulator_catches_the_mutant(name: str, sim_provider: Provider, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    focus, run_faults = MUTANTS[name]
+    how = MUTANTS[name]
     stats, failure = simulate(sim_provider, tmp_path / "sim", MUTANT_SECONDS, env={"SEEDANCE_BATCH_MUTANT": name},
-                              focus=focus, run_faults=run_faults, shrink=False, per_seed=3, steps=5,
-                              options={"max_spend": None, "deadline": None})  # runs that send
+                              focus=how.focus, run_faults=how.run_faults, shrink=False, per_seed=3, steps=5,
+                              features=how.features, options=how.options, aliases=how.aliases,
+                              own_tables=how.own_tables)
     report(capsys, f"mutant {name}", stats, caught=failure is not None,
            by=failure.message.splitlines()[0][:160] if failure else None)
     assert failure is not None, f"mutant {name} survived {stats.histories} histories"
@@ -50,40 +75,46 @@ def test_the_simulator_catches_a_claim_without_fsync() -> None:
     raise AssertionError("not catchable here: see the xfail reason")
 
 
-@pytest.mark.xfail(strict=False, run=False, reason=(
-    "issue 18 item 1: this branch has no skip of the tool's own tables to break; when merging, put "
-    "mutant('forget_own_tables') at the skip, drop 'own_tables' from KNOWN_ISSUE_18 and this marker"))
-def test_the_simulator_catches_forgetting_own_tables(sim_provider: Provider, tmp_path: Path) -> None:
-    _, failure = simulate(sim_provider, tmp_path / "sim", MUTANT_SECONDS, env={"SEEDANCE_BATCH_MUTANT": "forget_own_tables"},
-                          features=frozenset({"own_tables"}), run_faults=("none",), shrink=False)
-    assert failure is not None
+# The scenario, focused: (answer classes always in the mix, run faults, RunSpec fields, the share of own tables)
+FOCUSED: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None, dict[str, Any] | None, float]] = {
+    "own_tables": ((), None, None, 1.0),
+    "spend_per_night": ((), ("kill9", "none"), {"max_spend": 0.11, "concurrency": 1}, 0.5),
+    "hardlink": (("slow,delay=0.8,prob=0.5",), ("kill9", "none"), None, 0.5),
+    "bad_url": (("bad_url,endpoint=query,prob=0.5",), None, None, 0.5),
+    "key_forms": (("echo_key,form=lower,prob=0.3",), None, None, 0.5),
+    "surrogate": (("surrogate,accept=1,prob=0.3", "surrogate,endpoint=query,prob=0.5"), None, None, 0.5),
+    "key_b64": (("code,accept=1,form=b64,prob=0.3", "echo_key_url,form=b64,prob=0.3"), None, None, 0.5),
+    "key_hex": (("code,accept=1,form=hex,prob=0.3", "echo_key_url,form=hex,prob=0.3"), None, None, 0.5),
+}
 
 
-@pytest.mark.xfail(strict=False, run=False, reason=(
-    "issue 18 item 2: the cap is per run on this branch (the mutant's behaviour); when merging, put "
-    "mutant('spend_cap_per_run') where the night's earlier spend is read, drop 'spend_per_night' from "
-    "KNOWN_ISSUE_18 and this marker"))
-def test_the_simulator_catches_a_spend_cap_per_run(sim_provider: Provider, tmp_path: Path) -> None:
-    _, failure = simulate(sim_provider, tmp_path / "sim", MUTANT_SECONDS, env={"SEEDANCE_BATCH_MUTANT": "spend_cap_per_run"},
-                          features=frozenset({"spend_per_night"}), run_faults=("kill9", "none"), shrink=False)
-    assert failure is not None
+def _focused(feature: str, provider: Provider, base: Path, request: pytest.FixtureRequest, capsys: Any,
+             label: str) -> None:
+    focus, faults, options, own = FOCUSED[feature]
+    replay = request.config.getoption("--replay")
+    aliases = ("plain", "hardlink") if feature == "hardlink" else None
+    stats, failure = simulate(provider, base, KNOWN_SECONDS, features=frozenset({feature}), focus=focus,
+                              run_faults=faults, shrink=replay is not None, per_seed=3, steps=6, seed=replay,
+                              options=options, aliases=aliases, own_tables=own)
+    report(capsys, f"{label} {feature}", stats, failed_seed=failure.seed if failure else None,
+           by=failure.message.splitlines()[0][:200] if failure else None)
+    assert failure is None, (f"{failure.message}\nreplay: SIM_KNOWN=1 SIM_PENDING=1 python -m pytest tests/sim "
+                             f"-k '{feature}' --runxfail --replay {failure.seed}")
 
 
-@pytest.mark.skipif(not os.environ.get("SIM_KNOWN"), reason="set SIM_KNOWN=1 to run the issue-18 scenarios "
-                    "(outside the 90 s CI budget while they fail)")
-@pytest.mark.parametrize("feature", [pytest.param(f, marks=pytest.mark.xfail(strict=False, reason=reason))
-                                     for f, reason in sorted(KNOWN_ISSUE_18.items())])
+@pytest.mark.skipif(not os.environ.get("SIM_KNOWN"), reason="set SIM_KNOWN=1 to run the issue-18 scenarios focused "
+                    "(each is also part of every generated night)")
+@pytest.mark.parametrize("feature", [pytest.param(f, marks=[pytest.mark.xfail(strict=False, reason=KNOWN_ISSUE_18[f])]
+                                                  if f in KNOWN_ISSUE_18 else []) for f in sorted(FEATURES)])
 def test_known_issue_18(feature: str, sim_provider: Provider, tmp_path: Path, request: pytest.FixtureRequest,
                         capsys: pytest.CaptureFixture[str]) -> None:
-    faults = {"hardlink": ("kill9", "none"), "spend_per_night": ("kill9", "none")}.get(feature)
-    focus = {"bad_url": ("bad_url,endpoint=query,prob=0.5",),
-             "key_forms": ("echo_key,form=lower,prob=0.3",)}.get(feature, ())
-    options = {"spend_per_night": {"max_spend": 0.11, "concurrency": 1}}.get(feature)
-    replay = request.config.getoption("--replay")
-    stats, failure = simulate(sim_provider, tmp_path / "sim", KNOWN_SECONDS, features=frozenset({feature}),
-                              focus=focus, run_faults=faults, shrink=replay is not None, per_seed=3, steps=6,
-                              seed=replay, options=options)
-    report(capsys, f"known {feature}", stats, failed_seed=failure.seed if failure else None,
-           by=failure.message.splitlines()[0][:200] if failure else None)
-    assert failure is None, (f"{failure.message}\nreplay: SIM_KNOWN=1 python -m pytest tests/sim "
-                             f"-k 'known_issue_18 and {feature}' --replay {failure.seed}")
+    _focused(feature, sim_provider, tmp_path / "sim", request, capsys, "known")
+
+
+@pytest.mark.skipif(not os.environ.get("SIM_PENDING"), reason="set SIM_PENDING=1 to run the answer classes whose "
+                    "fixes are not merged yet")
+@pytest.mark.parametrize("feature", [pytest.param(f, marks=pytest.mark.xfail(strict=False, reason=why))
+                                     for f, why in sorted(PENDING_FIXES.items())])
+def test_pending_fix(feature: str, sim_provider: Provider, tmp_path: Path, request: pytest.FixtureRequest,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    _focused(feature, sim_provider, tmp_path / "sim", request, capsys, "pending")

@@ -132,3 +132,39 @@ def test_a_ctrl_c_between_the_tools_own_handlers_is_exit_4(tmp_path: Path, monke
     result = CliRunner().invoke(batch.cli.main, ["submit", str(tmp_path / "in.csv"), "-o", str(tmp_path / "o.parquet")],
                                 env={"SEEDANCE_API_KEY": "sk-test-0123456789"})
     assert result.exit_code == 4, result.output
+
+
+# A real SIGINT, sent by the process to itself at the instant the tool gives SIGINT back to
+# Python's default handler (the moment a Ctrl-C from outside cannot be aimed at).
+_SIGINT_AT_RESTORE = """
+import os, runpy, signal, sys
+real = signal.signal
+def signal_then_ctrl_c(signum, handler):
+    old = real(signum, handler)
+    if signum == signal.SIGINT and handler is signal.default_int_handler and not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+    return old
+sent = []
+signal.signal = signal_then_ctrl_c
+sys.argv = ["seedance-batch", *sys.argv[1:]]
+runpy.run_module("batch", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_ctrl_c_as_the_startup_handler_is_removed_is_exit_4(tmp_path: Path) -> None:
+    """Found by tests/sim (soak, seed 163941616: one SIGINT 1.1 s after polars loaded): the
+    Ctrl-C met the default handler while ``python -m batch`` put it back, inside
+    ``signal.signal()`` (its enum lookup of the old handler) and outside the ``try`` that
+    turns a KeyboardInterrupt into exit 4: a traceback ending in enum.py, exit -2."""
+    (tmp_path / "in.csv").write_text("prompt\na calm lake\n")
+    env = {**os.environ, "SEEDANCE_API_KEY": "sk-test-0123456789", "XDG_STATE_HOME": str(tmp_path / "xdg"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _SIGINT_AT_RESTORE, "submit", str(tmp_path / "in.csv"), "-o",
+                           str(tmp_path / "out.parquet"), "--base-url", "http://127.0.0.1:9", "--state",
+                           str(tmp_path / "state.sqlite")], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=tmp_path)
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert proc.returncode == 4, proc.stderr
+    assert '"interrupted"' in proc.stderr
+    assert not (tmp_path / "out.parquet").exists()
