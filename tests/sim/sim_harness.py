@@ -49,7 +49,8 @@ PRICES = '["bytedance/seedance-1.0-lite-t2v"]\n"480p" = 0.01\n"720p" = 0.02\n"10
 # The scenarios a generated night may hold beyond the base mix (simulate.py draws them):
 # own results tables written into the input folder, the spend cap per night, the ledger
 # named through a hard link, bad result URLs in collect, the key echoed in other spellings.
-FEATURES = frozenset({"own_tables", "spend_per_night", "hardlink", "bad_url", "key_forms"})
+FEATURES = frozenset({"own_tables", "spend_per_night", "hardlink", "bad_url", "key_forms",
+                      "surrogate", "key_b64", "key_hex"})
 
 # Scenarios the tool on this branch is known to fail (issue 18's, until its fixes were
 # merged): left out of the generated nights; SIM_KNOWN=1 runs each in test_mutants.py.
@@ -59,11 +60,7 @@ KNOWN_ISSUE_18: dict[str, str] = {}
 # Answer classes the attackers found since issue 18, whose fixes are on other branches:
 # left out of CI nights until the lead merges them. Switch them on with SIM_PENDING=1
 # (all) or SIM_PENDING=name,name; once a fix is merged, delete its entry here.
-PENDING_FIXES = {
-    "surrogate": "a lone-surrogate escape (\\ud800) in a submit or poll answer",
-    "key_b64": "the key echoed as base64 after a prefix (base64('u:' + KEY), a Basic credential)",
-    "key_hex": "the key echoed hex-encoded",
-}
+PENDING_FIXES: dict[str, str] = {}  # all merged: surrogate, key_b64, key_hex are FEATURES now
 
 
 def default_features() -> frozenset[str]:
