@@ -283,6 +283,9 @@ def common_options(fn: Any) -> Any:
         click.option("--fake-api", is_flag=True, help="Start the bundled fake API on 127.0.0.1 and submit to it (no key)."),
         click.option("--state", envvar="SEEDANCE_BATCH_STATE",
                      help=f"Ledger (SQLite) of what was sent. [env SEEDANCE_BATCH_STATE; default {default_state_path()}]"),
+        click.option("--results-from", "results_from", multiple=True, metavar="FILE|s3://...",
+                     help="An earlier results table whose task ids the ledger must know before sending (the run's "
+                          "own -o table is always read): a fresh state directory then pays nothing twice."),
         click.option("--resend-unknown", is_flag=True,
                      help="Resend requests whose earlier outcome is unknown (may pay twice for one video)."),
         click.option("--moved-from", "moved_from", multiple=True, metavar="OLD_BASE_URL",
@@ -526,6 +529,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         max_spend=kw.get("max_spend"),
         preflight=not kw.get("no_preflight") and bool(job.get("preflight", True) if job else True),
         metrics_file=kw.get("metrics_file"),
+        results_from=tuple(Target(str(t)) for t in kw.get("results_from") or ()),
     )
 
 

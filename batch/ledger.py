@@ -716,15 +716,26 @@ class Ledger:
             f"AND (task_status IS NULL OR task_status NOT IN {done}) ORDER BY submitted_at", tuple(apis)
         )]
 
-    def import_task(self, api: str, request_id: str, task_id: str, model: str | None, endpoint: str | None,
+    def import_task(self, api: str, request_id: str, task_id: str | None, model: str | None, endpoint: str | None,
                     source: str | None, row: int | None, body: str, submitted_at: str | None) -> None:
         """Adopt a task known only from a results table (collect --results on another machine)."""
-        self.db.execute(
-            "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, row, body, task_id, "
-            "submitted_at, updated_at) VALUES (?, ?, 'submitted', 'imported', ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(api, request_id) DO NOTHING",
-            (api, request_id, model, endpoint, source, row, body, task_id, submitted_at, utcnow()),
-        )
+        self.import_tasks([(api, request_id, task_id, model, endpoint, source, row, body, submitted_at)])
+
+    def import_tasks(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Adopt tasks known only from a results table, in one transaction: ``(api, request_id,
+        task_id, model, endpoint, source, row, body, submitted_at)``. A row with a task id
+        is ``submitted``; one without is ``unknown`` (the provider may hold it). A row the
+        ledger has already is left as it is."""
+        if not rows:
+            return
+        now = utcnow()
+        with transaction(self.db):
+            self.db.executemany(
+                "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, row, body, task_id, "
+                "submitted_at, updated_at) VALUES (?, ?, CASE WHEN ? IS NULL THEN 'unknown' ELSE 'submitted' END, "
+                "'imported', ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(api, request_id) DO NOTHING",
+                [(api, rid, task, model, endpoint, source, row, body, task, submitted, now)
+                 for api, rid, task, model, endpoint, source, row, body, submitted in rows])
 
 
 def backup(state: Path, dest: Path) -> dict[str, int]:

@@ -116,6 +116,7 @@ class RunOptions:
     max_spend: float | None = None  # USD: stop starting requests before tonight's estimate passes it
     preflight: bool = True  # check the key, the models and the balance before sending
     metrics_file: Path | None = None  # Prometheus textfile written after the run (by the CLI)
+    results_from: tuple[Target, ...] = ()  # earlier results tables whose task ids the ledger must know
 
     @property
     def api(self) -> str:
@@ -363,9 +364,16 @@ def run_submit(opts: RunOptions) -> Summary:
         opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander), routes=routes))
         schema = request_schema_of(expander)
         estimate = planned_cost(opts, expander) if opts.preflight else None
+        earlier = tables_to_adopt(opts)
 
     with locked_ledger(opts.state, opts.api) as ledger:  # local faults first, then the provider
         settle_apis(ledger, opts.api, opts.moved_from)
+        for target, frame in earlier:
+            adopted = _import_from_table(ledger, frame, opts.api)
+            if adopted.imported:
+                log.warning("task_ids_adopted", results=str(target), imported=adopted.imported,
+                            unknown=adopted.unknown, state=str(opts.state),
+                            reason="the table holds task ids this ledger did not know; they are not sent again")
         night = night_of()
         cap = opts.submit.spend_cap
         if cap is not None:  # under the lock: no other submit run spends meanwhile
@@ -859,29 +867,72 @@ def _read_table(path: Target) -> pl.DataFrame:
     return table
 
 
-def _import_from_table(ledger: Ledger, table: pl.DataFrame, api: str) -> set[str]:
+def tables_to_adopt(opts: RunOptions) -> list[tuple[Target, pl.DataFrame]]:
+    """The results tables whose task ids a submit run must know before it sends: its own
+    output (a fresh state directory, e.g. a new container each night, would otherwise pay
+    again for everything it records) and each ``--results-from``. A table that exists but
+    cannot be read stops the run (exit 2): the ids it may hold cannot be checked."""
+    found: list[tuple[Target, pl.DataFrame]] = []
+    for target, given in ((opts.output, False), *((t, True) for t in opts.results_from)):
+        fix = (f"the task ids it may hold cannot be checked against the ledger {opts.state}, so requests it "
+               f"records could be paid again. Restore the table, or (after checking it holds nothing sent) move it "
+               f"away, or name a readable copy with --results-from; nothing sent")
+        try:
+            if not target.remote and os.path.isfile(target.text) and os.path.getsize(target.text) == 0:
+                continue  # an empty file records nothing
+            table = read_results(target)
+        except FileNotFoundError:
+            if given:
+                raise InputError(f"--results-from {target}: no such results table; nothing sent") from None
+            continue
+        except Exception as exc:  # polars raises many types for a bad file
+            raise InputError(f"{target}: cannot read this results table ({type(exc).__name__}): {fix}") from None
+        if not is_results_table(table):
+            raise InputError(f"{target}: not a results table (no request_id and status columns): {fix}")
+        found.append((target, table))
+    return found
+
+
+class Adopted(set[str]):
+    """The request ids of a table, with how many of its tasks the ledger adopted."""
+
+    imported = 0
+    unknown = 0
+
+
+def _import_from_table(ledger: Ledger, table: pl.DataFrame, api: str) -> Adopted:
     """The table's request ids; tasks it names that the ledger lacks are adopted, under
-    the API their endpoint names (else this run's)."""
-    ids = table["request_id"].to_list()
+    the API their endpoint names (else this run's; the bundled fake's are the fake's), in
+    one transaction. A row the table calls ``unknown`` (the provider may hold it, no task
+    id) is adopted as ``unknown``: sent again only with ``--resend-unknown``."""
+    ids = Adopted(rid for rid in table["request_id"].to_list() if rid is not None)
     if "task_id" not in table.columns:
-        return set(ids)
-    rows = table.filter(pl.col("task_id").is_not_null() & pl.col("status").is_in(["submitted", "skipped"]))
-    odd = [t for t in rows["task_id"].to_list() if check_task_id(t) is None]
+        return ids
+    rows = table.filter((pl.col("task_id").is_not_null() & pl.col("status").is_in(["submitted", "skipped"]))
+                        | (pl.col("status") == "unknown"))
+    odd = [t for t in rows["task_id"].to_list() if t is not None and check_task_id(t) is None]
     if odd:  # a table is input like any other: such an id would become a URL and a file name
         log.warning("task_ids_refused", count=len(odd), reason="not plain tokens; not followed")
         rows = rows.filter(~pl.col("task_id").is_in(odd))
+    if rows.is_empty():
+        return ids
     known = ledger.lookup(rows["request_id"].to_list(), sorted(set(ledger.apis()) | {api}))
     fields = [c for c in rows.columns if c in Catalog().known_fields()]
+    adopt = []
     for row in rows.iter_rows(named=True):
-        if row["request_id"] in known:
+        if row["request_id"] in known or row["request_id"] is None:
             continue
         body = {k: row[k] for k in fields if row[k] is not None and row[k] != ""}
         endpoint = row.get("endpoint")
         submitted = row.get("submitted_at")
-        ledger.import_task(origin(endpoint) if endpoint else api, row["request_id"], row["task_id"], row.get("model"),
-                           endpoint, row.get("source"), row.get("row"), json.dumps(body, default=str),
-                           str(submitted) if submitted else None)
-    return {rid for rid in ids if rid is not None}
+        task_id = row["task_id"] if row["status"] != "unknown" else None
+        adopt.append((api if api == FAKE_API or not endpoint else origin(endpoint), row["request_id"],
+                      task_id, row.get("model"), endpoint, row.get("source"), row.get("row"),
+                      json.dumps(body, default=str), str(submitted) if submitted else None))
+    ledger.import_tasks(adopt)
+    ids.imported = len(adopt)
+    ids.unknown = sum(1 for a in adopt if a[2] is None)
+    return ids
 
 
 SUBMIT_COLUMNS = ("endpoint", "task_id", "error", "error_code", "http_status", "attempts", "submitted_at")

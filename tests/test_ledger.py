@@ -242,8 +242,8 @@ def test_lock_dies_with_a_killed_process(start_fake, tmp_path: Path) -> None:
 
 def test_no_temp_files_left_and_results_replaced_atomically(fake, tmp_path: Path) -> None:
     path = write_csv(tmp_path / "in.csv", prompts(3))
-    (tmp_path / "results.parquet").write_bytes(b"old")
-    cli(submit_args(fake, tmp_path, path))
+    (tmp_path / "results.parquet").write_bytes(b"")  # holds no task id (unreadable bytes refuse: test_fresh_state)
+    assert cli(submit_args(fake, tmp_path, path)).exit_code == 0
     assert results(tmp_path / "results.parquet").height == 3
     assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []
 
