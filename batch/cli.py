@@ -35,8 +35,8 @@ from batch.download import DownloadPolicy
 from batch.errors import EXIT_INTERRUPTED, EXIT_PROVIDER, BatchError, ConfigError, StateError
 from batch.expand import ExpandSpec, normalize, parse_param
 from batch.jobfile import JobFile, load_job
+from batch.ledger import PgLocation, State, default_state_path, fake_state_path, is_database_url, state_home
 from batch.ledger import backup as ledger_backup
-from batch.ledger import default_state_path, fake_state_path, state_home
 from batch.models import MAX_SPEC_BYTES, Catalog, save_spec
 from batch.pipeline import (
     CollectOptions,
@@ -533,14 +533,18 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
     )
 
 
-def state_location(state: str | Path | None) -> Path | None:
-    """The ledger's path: local disk only. SQLite's locking and its WAL need a local file
-    system (a bucket has neither locks nor partial writes), so a URL is a usage error."""
+def state_location(state: str | Path | None) -> State | None:
+    """The ledger: a local SQLite file, or ``postgresql://...[?ledger=NAME]``. SQLite's
+    locking and its WAL need a local file system (a bucket has neither locks nor partial
+    writes), so any other URL is a usage error."""
     if state is None or state == "":
         return None
+    if is_database_url(str(state)):
+        return PgLocation(str(state))
     if is_remote(str(state)):
         raise ConfigError(f"--state {state}: the ledger must be on local disk (SQLite locks it and writes its "
-                          "journal beside it; object storage offers neither): give a local path")
+                          "journal beside it; object storage offers neither): give a local path, or a "
+                          "postgresql:// URL")
     return Path(state)
 
 
@@ -816,6 +820,9 @@ def state_backup(dest: Path, state: str | None) -> None:
     A plain cp of the .sqlite file alone can miss what is still in its -wal companion."""
     logs.configure("warning")
     source = state_location(state) or default_state_path()
+    if isinstance(source, PgLocation):
+        raise ConfigError(f"--state {source}: a PostgreSQL ledger is backed up with pg_dump (or copied to a "
+                          f"SQLite file with 'seedance-batch state copy')")
     if not source.exists():
         raise StateError(f"{source}: no state file")
     counts = ledger_backup(source, dest)

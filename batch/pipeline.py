@@ -19,7 +19,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -48,7 +47,7 @@ from batch.errors import (
 )
 from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
-from batch.ledger import AsyncLedger, Entry, Ledger, companion, locked_ledger, night_of, utcnow
+from batch.ledger import AsyncLedger, Entry, LedgerStore, State, locked_ledger, night_of, open_readonly, utcnow
 from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
 from batch.preflight import Check, fatal, run_checks
@@ -97,7 +96,7 @@ class RunOptions:
     output: Target
     expand: ExpandSpec
     submit: SubmitConfig
-    state: Path
+    state: State  # a SQLite file or a PostgreSQL ledger
     dry_run: bool = False
     fake_api: bool = False
     deadline: float | None = None  # epoch seconds
@@ -195,7 +194,7 @@ def signals_to(callback: Callable[[int], None]) -> Iterator[None]:
             loop.remove_signal_handler(s)
 
 
-def settle_apis(ledger: Ledger, api: str, moved_from: Iterable[str]) -> None:
+def settle_apis(ledger: LedgerStore, api: str, moved_from: Iterable[str]) -> None:
     """Refuse a ledger whose entries were sent to another real API, unless the operator
     says that API is this one at another host (``--moved-from``): then its entries are
     moved, and count as sent here. The fake's entries are simply kept apart."""
@@ -238,11 +237,11 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 
-def consult_ledger(state: Path, api: str) -> Ledger | None:
+def consult_ledger(state: State, api: str) -> LedgerStore | None:
     """The ledger, read-only and without the lock, for an estimate; ``None`` if there is
     none yet or it cannot be read (then everything counts as new, and a warning says so)."""
     try:
-        return Ledger.open_readonly(state, api)
+        return open_readonly(state, api)
     except StateError as exc:
         log.warning("ledger_not_consulted", state=str(state), reason=str(exc),
                     consequence="the estimate counts every valid request as new")
@@ -322,7 +321,7 @@ def probe_outputs(opts: RunOptions, output: Target) -> None:
         probe(opts.collect.download_dir, "--download", directory=True)
 
 
-def night_spend(ledger: Ledger, cap: SpendCap, night: str) -> float:
+def night_spend(ledger: LedgerStore, cap: SpendCap, night: str) -> float:
     """What the night's earlier runs through this ledger may have had accepted: each
     request's recorded cost, or for one sent without prices, its cost at today's prices
     (a request no price covers counts as nothing, and a warning says so)."""
@@ -386,7 +385,7 @@ def run_submit(opts: RunOptions) -> Summary:
             asyncio.run(preflight(opts, expander.models_in_use, estimate))
         try:
             ledger.start_run(run_id, opts.command, output_record(opts.output), night)
-        except sqlite3.Error as exc:
+        except ledger.write_errors as exc:
             raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
         spool = RequestSpool(opts.output.temp_dir(), schema)
         outcome: _Outcome | None = None
@@ -398,7 +397,7 @@ def run_submit(opts: RunOptions) -> Summary:
                 if claimed == 0:
                     raise  # nothing was sent: the error as it is (a usage error, a refusal...)
                 log.error("run_failed_after_sending", error=_describe(exc))
-                rescue = companion(opts.state, "rescue.jsonl")  # written by the ledger if it broke meanwhile
+                rescue = ledger.rescue_file()  # written by the ledger if it broke meanwhile
                 outcome = _Outcome(RunStats(sent=claimed, stop_reason="internal error"), None, False,
                                    crash=_describe(exc), rescue=rescue if rescue.exists() else None)
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable,
@@ -435,7 +434,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
-def _claimed(ledger: Ledger, run_id: str) -> int:
+def _claimed(ledger: LedgerStore, run_id: str) -> int:
     """How many requests this run marked ``sending`` (so may have paid for); a ledger that
     cannot say counts as "some"."""
     try:
@@ -480,7 +479,7 @@ class _Outcome:
     crash: str | None = None  # an unexpected failure after sending: the run stopped there
 
 
-def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: Ledger, run_id: str,
+def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: LedgerStore, run_id: str,
                    outcome: _Outcome, started: float, unreadable: list[Unreadable],
                    skipped: list[Skipped] | None = None) -> Summary:
     """Write the results table (unless a second signal aborted the run) and summarize."""
@@ -515,7 +514,7 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     return summary
 
 
-def _rescue(opts: RunOptions, ledger: Ledger, run_id: str, outcome: _Outcome | None, started: float,
+def _rescue(opts: RunOptions, ledger: LedgerStore, run_id: str, outcome: _Outcome | None, started: float,
             unreadable: list[Unreadable], exc: BaseException, skipped: list[Skipped] | None = None) -> Summary:
     """The results table could not be built the usual way after requests were sent: write
     one from the ledger alone (this run's requests, each with its task id), and a summary
@@ -604,7 +603,7 @@ async def run_check(opts: RunOptions, models: list[str], estimate: float | None)
         return await run_checks(config.base_url, config.api_key, models, estimate, transport=config.transport)
 
 
-async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: Ledger,
+async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: LedgerStore,
                       run_id: str) -> _Outcome:
     async with bundled_fake(opts.submit, opts.fake_api) as config:
         if opts.fake_api:
@@ -616,7 +615,7 @@ async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[R
             return await _submit_paced(opts, expander, requests, ledger, run_id, config, limiter)
 
 
-async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: Ledger,
+async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: LedgerStore,
                         run_id: str, config: SubmitConfig, limiter: SmoothLimiter) -> _Outcome:
     loop = asyncio.get_running_loop()
     aledger = AsyncLedger(ledger, resend_unknown=config.resend_unknown)
@@ -733,7 +732,7 @@ async def _follow(aledger: AsyncLedger, config: CollectConfig, api: str) -> list
 
 @dataclass(frozen=True)
 class CollectOptions:
-    state: Path
+    state: State  # a SQLite file or a PostgreSQL ledger
     config: CollectConfig
     results: Target | None = None
     fake_api: bool = False
@@ -755,7 +754,7 @@ def template_pattern(template: str) -> re.Pattern[str]:
     return re.compile("".join(fills.get(p, re.escape(p)) for p in parts))
 
 
-def _run_tables(opts: CollectOptions, ledger: Ledger, apis: list[str], given: Target | None) -> list[Target]:
+def _run_tables(opts: CollectOptions, ledger: LedgerStore, apis: list[str], given: Target | None) -> list[Target]:
     """The results tables the runs of the followed tasks recorded, that the job's output
     template names and that still exist (the given table aside)."""
     if not opts.run_tables:
@@ -779,7 +778,7 @@ def _known_tables(opts: CollectOptions) -> str:
     """A hint for a results table that is not there: the tables the ledger's runs with
     tasks still open recorded (a cron line's date may have moved on since)."""
     try:
-        ledger = Ledger.open_readonly(opts.state, opts.api)
+        ledger = open_readonly(opts.state, opts.api)
     except BatchError:
         return ""
     if ledger is None:
@@ -788,7 +787,7 @@ def _known_tables(opts: CollectOptions) -> str:
         apis = sorted(set(ledger.apis()) - {FAKE_API}) or [opts.api]
         open_tasks = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=apis)
         outputs = sorted(set(ledger.run_outputs({e.run_id for e in open_tasks}).values()))
-    except sqlite3.Error:  # a ledger from before runs.output
+    except Exception:  # a ledger from before runs.output, or a server gone: only a hint is lost
         return ""
     finally:
         ledger.close()
@@ -844,7 +843,7 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         return summary
 
 
-async def _collect_all(opts: CollectOptions, ledger: Ledger, tasks: list[Task]) -> CollectStats:
+async def _collect_all(opts: CollectOptions, ledger: LedgerStore, tasks: list[Task]) -> CollectStats:
     # Any instance of the fake answers for its tasks.
     async with bundled_fake(opts.config, opts.fake_api) as config:
         with key_limiter(opts.budget_dir, config.rate, config.api_key, shared=not opts.fake_api) as limiter:
@@ -900,7 +899,7 @@ class Adopted(set[str]):
     unknown = 0
 
 
-def _import_from_table(ledger: Ledger, table: pl.DataFrame, api: str) -> Adopted:
+def _import_from_table(ledger: LedgerStore, table: pl.DataFrame, api: str) -> Adopted:
     """The table's request ids; tasks it names that the ledger lacks are adopted, under
     the API their endpoint names (else this run's; the bundled fake's are the fake's), in
     one transaction. A row the table calls ``unknown`` (the provider may hold it, no task
@@ -939,7 +938,7 @@ SUBMIT_COLUMNS = ("endpoint", "task_id", "error", "error_code", "http_status", "
 COLLECT_COLUMNS = ("task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error")
 
 
-def update_table(path: Target, table: pl.DataFrame, ledger: Ledger, apis: list[str]) -> None:
+def update_table(path: Target, table: pl.DataFrame, ledger: LedgerStore, apis: list[str]) -> None:
     """Rewrite the results table from the ledger, atomically: every submit and collect
     column of each row the ledger knows. A table that lost its task ids (a dry run of an
     older version wrote over it) gets them back."""

@@ -1,0 +1,147 @@
+"""The PostgreSQL ledger against a real server the suite starts: what only it has (a
+ledger shared by hosts, the server going away, credentials)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+from conftest import (
+    PgServer,
+    accepted_twice,
+    error_line,
+    prompts,
+    results,
+    run_cli_process,
+    subprocess_env,
+    write_csv,
+)
+
+
+def host_dir(tmp: Path, name: str) -> Path:
+    """A "host": its own working directory and state home, nothing shared but the database."""
+    d = tmp / name
+    (d / "xdg").mkdir(parents=True)
+    return d
+
+
+def host_env(d: Path, **extra: str) -> dict[str, str]:
+    return subprocess_env(XDG_STATE_HOME=str(d / "xdg"), **extra)
+
+
+def test_rerun_from_another_host_sends_nothing_twice(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    url = pg_server.url()
+    a, b = host_dir(tmp_path, "a"), host_dir(tmp_path, "b")
+    sheet = write_csv(tmp_path / "in.csv", prompts(6))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--state", url]
+    first = run_cli_process([*args, "-o", str(a / "r.parquet")], env=host_env(a), cwd=a)
+    assert first.returncode == 0, first.stderr
+    second = run_cli_process([*args, "-o", str(b / "r.parquet")], env=host_env(b), cwd=b)
+    assert second.returncode == 0, second.stderr
+    assert len(fake.state.submissions()) == 6
+    assert results(b / "r.parquet")["status"].to_list() == ["skipped"] * 6
+
+
+def test_a_second_host_exits_3_while_one_submits(start_fake, pg_server: PgServer, tmp_path: Path) -> None:
+    fake = start_fake(latency=0.5)
+    url = pg_server.url()
+    a, b = host_dir(tmp_path, "a"), host_dir(tmp_path, "b")
+    sheet = write_csv(tmp_path / "in.csv", prompts(8))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--concurrency", "2", "--state", url]
+    first = subprocess.Popen([sys.executable, "-m", "batch", *args, "-o", str(a / "r.parquet")], cwd=a,
+                             env=host_env(a), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not fake.state.submissions() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = run_cli_process([*args, "-o", str(b / "r.parquet")], env=host_env(b), cwd=b)
+    first.communicate(timeout=60)
+    assert first.returncode == 0
+    assert second.returncode == 3, second.stderr
+    assert "another submit run" in error_line(second.stderr)
+    assert len(fake.state.submissions()) == 8 and accepted_twice(fake) == []
+
+
+def test_without_the_lock_the_conditional_claim_alone_sends_each_once(start_fake, pg_server: PgServer,
+                                                                      tmp_path: Path) -> None:
+    fake = start_fake(latency=0.05)
+    url = pg_server.url()
+    sheet = write_csv(tmp_path / "in.csv", prompts(60))
+    procs = []
+    for name in ("a", "b", "c"):
+        d = host_dir(tmp_path, name)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "batch", "submit", str(sheet), "--base-url", fake.url, "--rate", "0",
+             "--concurrency", "8", "--state", url, "-o", str(d / "r.parquet")], cwd=d,
+            env=host_env(d, SEEDANCE_BATCH_TEST_NO_PG_LOCK="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode in (0, 1), err
+    assert len(fake.state.submissions()) == 60
+    assert accepted_twice(fake) == []
+
+
+def test_unreachable_database_exits_2_sending_nothing(fake, tmp_path: Path) -> None:
+    from conftest import free_port
+
+    sheet = write_csv(tmp_path / "in.csv", prompts(2))
+    url = f"postgresql://u:hunter2secret@127.0.0.1:{free_port()}/db?ledger=x"
+    proc = run_cli_process(["submit", str(sheet), "-o", str(tmp_path / "r.parquet"), "--base-url", fake.url,
+                            "--state", url])
+    assert proc.returncode == 2, proc.stderr
+    message = error_line(proc.stderr)
+    assert "cannot connect" in message and "nothing sent" in message
+    assert "hunter2secret" not in proc.stderr + proc.stdout
+    assert fake.state.submissions() == []
+
+
+def test_the_password_never_appears(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    url = pg_server.url().replace("postgres@", "postgres:pa55-w0rd-xyz@")
+    sheet = write_csv(tmp_path / "in.csv", prompts(3))
+    proc = run_cli_process(["submit", str(sheet), "-o", str(tmp_path / "r.parquet"), "--base-url", fake.url,
+                            "--rate", "0", "--state", url])
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "r.parquet.summary.json").read_text()
+    assert "pa55-w0rd-xyz" not in proc.stdout + proc.stderr + summary
+    assert json.loads(summary)["state"].startswith("postgresql://postgres:***@127.0.0.1")
+
+
+def test_server_killed_mid_run_loses_no_task_id(start_fake, tmp_path: Path) -> None:
+    """The database dies while requests are on the wire: sending stops at once (no request
+    without a committed claim), the outcomes in hand go to the local rescue file (exit 6),
+    and the next run replays them before it sends."""
+    server = PgServer()
+    try:
+        fake = start_fake(latency=0.3)
+        url = server.url()
+        sheet = write_csv(tmp_path / "in.csv", prompts(40))
+        args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--concurrency", "4",
+                "--state", url, "-o", str(tmp_path / "r.parquet")]
+        proc = subprocess.Popen([sys.executable, "-m", "batch", *args], env=subprocess_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while len(fake.state.submissions()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.kill()
+        killed_at = len(fake.state.submissions())
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 6, err
+        sent = fake.state.submissions()
+        assert len(sent) <= killed_at + 4  # only what was on the wire or claimed before the kill
+        rescue = list((Path(os.environ["XDG_STATE_HOME"]) / "seedance-batch" / "postgres").glob("*.rescue.jsonl"))
+        assert "rescue" in err
+        server.start()  # the same data directory: what was committed is there
+        again = run_cli_process(args)
+        assert again.returncode in (0, 1), again.stderr
+        with psycopg.connect(server.base_url()) as db:
+            schema = "seedance_" + url.rsplit("=", 1)[1]
+            rows = dict(db.execute(f"SELECT request_id, task_id FROM {schema}.requests WHERE task_id IS NOT NULL"))
+        accepted = {r.task_id for r in fake.state.submissions() if r.task_id}
+        assert accepted == set(rows.values())  # every task id the provider issued is in the ledger
+        assert rescue, err
+        assert accepted_twice(fake) == []
+    finally:
+        server.stop()
