@@ -1,11 +1,15 @@
 """The PostgreSQL ledger against a real server the suite starts: what only it has (a
 ledger shared by hosts, the server going away, credentials)."""
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -145,3 +149,79 @@ def test_server_killed_mid_run_loses_no_task_id(start_fake, tmp_path: Path) -> N
         assert accepted_twice(fake) == []
     finally:
         server.stop()
+
+
+class CutProxy:
+    """A TCP proxy on 127.0.0.1 to the server whose :meth:`cut` drops every connection
+    through it at once (a network fault, not a server fault)."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            with self.lock:
+                self.socks += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        with self.lock:
+            for s in self.socks:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self.socks = []
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def test_connections_cut_mid_run_stop_sending_and_lose_no_task_id(start_fake, pg_server: PgServer,
+                                                                 tmp_path: Path) -> None:
+    fake = start_fake(latency=0.3)
+    proxy = CutProxy(pg_server.port)
+    try:
+        ledger = "t" + uuid.uuid4().hex[:12]
+        url = pg_server.url(ledger, port=proxy.port)
+        sheet = write_csv(tmp_path / "in.csv", prompts(40))
+        args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--concurrency", "4",
+                "--state", url, "-o", str(tmp_path / "r.parquet")]
+        proc = subprocess.Popen([sys.executable, "-m", "batch", *args], env=subprocess_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while len(fake.state.submissions()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proxy.cut()
+        cut_at = len(fake.state.submissions())
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 6, err
+        assert len(fake.state.submissions()) <= cut_at + 4  # only what was claimed before the cut
+        again = run_cli_process(args)
+        assert again.returncode in (0, 1), again.stderr
+        with psycopg.connect(pg_server.base_url()) as db:
+            rows = dict(db.execute(f"SELECT request_id, task_id FROM seedance_{ledger}.requests "
+                                   f"WHERE task_id IS NOT NULL"))
+        assert {r.task_id for r in fake.state.submissions() if r.task_id} == set(rows.values())
+        assert accepted_twice(fake) == []
+    finally:
+        proxy.close()
