@@ -830,6 +830,25 @@ def state_backup(dest: Path, state: str | None) -> None:
                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
 
 
+@state_group.command("copy")
+@click.argument("source", metavar="SRC")
+@click.argument("dest", metavar="DST")
+def state_copy(source: str, dest: str) -> None:
+    """Copy a ledger between stores (a SQLite file or postgresql://...?ledger=NAME), each
+    under its lock, and check the copy's counts. DST must hold no requests yet."""
+    from batch.ledger import copy_ledger
+
+    logs.configure("warning")
+    src, dst = state_location(source), state_location(dest)
+    if src is None or dst is None:
+        raise ConfigError("state copy: give SRC and DST")
+    if isinstance(src, Path) and not src.exists():
+        raise StateError(f"{src}: no state file")
+    counts = copy_ledger(src, dst)
+    click.echo(f"{dst}: {sum(counts.values())} requests copied ("
+               + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "), counts verified")
+
+
 @main.command()
 @click.argument("results", metavar="RESULTS")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

@@ -16,10 +16,12 @@ import psycopg
 from conftest import (
     PgServer,
     accepted_twice,
+    cli,
     error_line,
     prompts,
     results,
     run_cli_process,
+    submit_args,
     subprocess_env,
     write_csv,
 )
@@ -225,3 +227,22 @@ def test_connections_cut_mid_run_stop_sending_and_lose_no_task_id(start_fake, pg
         assert accepted_twice(fake) == []
     finally:
         proxy.close()
+
+
+def test_state_copy_moves_a_history_both_ways(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    sheet = write_csv(tmp_path / "in.csv", prompts(5))
+    assert cli(submit_args(fake, tmp_path, sheet)).exit_code == 0
+    url = pg_server.url()
+    res = cli(["state", "copy", str(tmp_path / "state.sqlite"), url])
+    assert res.exit_code == 0, res.output
+    assert "5 requests copied (5 submitted), counts verified" in res.output
+    # The team's runs now go through PostgreSQL: nothing is paid twice.
+    again = cli(submit_args(fake, tmp_path, sheet, out="again.parquet", state=url))
+    assert again.exit_code == 0, again.output
+    assert results(tmp_path / "again.parquet")["status"].to_list() == ["skipped"] * 5
+    back = cli(["state", "copy", url, str(tmp_path / "back.sqlite")])
+    assert back.exit_code == 0, back.output
+    assert cli(submit_args(fake, tmp_path, sheet, out="third.parquet", state=str(tmp_path / "back.sqlite"))).exit_code == 0
+    assert len(fake.state.submissions()) == 5
+    refused = cli(["state", "copy", str(tmp_path / "state.sqlite"), url])
+    assert refused.exit_code == 2 and "already holds" in refused.output + (refused.stderr or "")

@@ -71,6 +71,27 @@ def open_readonly(state: State, api: str) -> LedgerStore | None:
     return Ledger.open_readonly(state, api)
 
 
+def copy_ledger(source: State, dest: State) -> dict[str, int]:
+    """Copy every request and run of ``source`` into ``dest`` (SQLite <-> PostgreSQL), which
+    must hold none yet, each under its submit lock (no run writes meanwhile); then compare
+    the counts by status of both. Returns them."""
+    from batch.errors import StateError
+
+    probe = open_readonly(source, "")
+    if probe is None:
+        raise StateError(f"{source}: no ledger there; nothing copied")
+    probe.close()
+    with locked_ledger(source, "") as src, locked_ledger(dest, "") as dst:
+        if dst.export_rows("requests") or dst.export_rows("runs"):
+            raise StateError(f"{dest}: already holds requests or runs; copy into a new ledger")
+        for table in ("runs", "requests"):
+            dst.import_rows(table, src.export_rows(table))
+        want, have = src.counts(), dst.counts()
+        if want != have:
+            raise StateError(f"{dest}: the copy's counts {have} differ from {source}'s {want}")
+        return have
+
+
 __all__ = [
     "ADDED_COLUMNS",
     "APPLICATION_ID",
@@ -96,6 +117,7 @@ __all__ = [
     "check_header",
     "check_links",
     "companion",
+    "copy_ledger",
     "create_ledger",
     "default_state_path",
     "fake_state_path",

@@ -42,6 +42,15 @@ LEDGER_COLUMNS = (
     "failure_reason", "completed_at", "local_paths", "download_error", "body", "polls", "resources",
 )
 
+# Every column of the two tables a copy moves (``state copy``), in one order for both stores.
+COPY_COLUMNS = {
+    "requests": ("api", "request_id", "status", "run_id", "label", "model", "endpoint", "source", "row", "body",
+                 "task_id", "poll_url", "error", "error_code", "http_status", "attempts", "sending_at",
+                 "submitted_at", "updated_at", "task_status", "resource_urls", "resources", "failure_reason",
+                 "completed_at", "local_paths", "download_error", "polls", "cost_usd"),
+    "runs": ("run_id", "started_at", "finished_at", "command", "summary", "api", "output", "night"),
+}
+
 # A row as the results table reads it (Ledger.outcome_rows).
 OUTCOME_COLUMNS = (
     "request_id", "status", "run_id", "endpoint", "task_id", "error", "error_code", "http_status", "attempts",
@@ -207,6 +216,21 @@ class LedgerStore(abc.ABC):
         """Adopt tasks known only from a results table, in one transaction: ``(api, request_id,
         task_id, model, endpoint, source, row, body, submitted_at)``. With a task id a row is
         ``submitted``, without one ``unknown``; a row the ledger has is left as it is."""
+
+    @abc.abstractmethod
+    def export_rows(self, table: str) -> list[tuple[Any, ...]]:
+        """Every row of ``table`` (``requests`` or ``runs``) as :data:`COPY_COLUMNS` orders it."""
+
+    @abc.abstractmethod
+    def import_rows(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert rows of ``table`` as :meth:`export_rows` gave them, in one transaction."""
+
+    def counts(self) -> dict[str, int]:
+        """Requests by status."""
+        counts: dict[str, int] = {}
+        for row in self.export_rows("requests"):
+            counts[row[2]] = counts.get(row[2], 0) + 1
+        return counts
 
     # -- written once for every store --------------------------------------------------
     def import_task(self, api: str, request_id: str, task_id: str | None, model: str | None, endpoint: str | None,

@@ -40,6 +40,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 from batch.api import FAKE_API
 from batch.errors import LockedError, StateError
 from batch.ledger.base import (
+    COPY_COLUMNS,
     LEDGER_COLUMNS,
     OUTCOME_COLUMNS,
     SQL_OUTCOME,
@@ -400,6 +401,18 @@ class PgLedger(LedgerStore):
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT status, count(*) FROM requests GROUP BY status").fetchall())
+
+    def export_rows(self, table: str) -> list[tuple[Any, ...]]:
+        cols = ", ".join(f'"{c}"' for c in COPY_COLUMNS[table])
+        return self.db.execute(f"SELECT {cols} FROM {table}").fetchall()
+
+    def import_rows(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        cols = COPY_COLUMNS[table]
+        row_at = cols.index("row") if "row" in cols else -1
+        with self.db.transaction(), self.db.cursor() as cur:
+            cur.executemany(f"INSERT INTO {table}({', '.join(f'{chr(34)}{c}{chr(34)}' for c in cols)}) "
+                            f"VALUES ({', '.join(['%s'] * len(cols))})",
+                            [tuple(_int(v) if i == row_at else v for i, v in enumerate(r)) for r in rows])
 
 
 class _NoLedger(Exception):

@@ -60,6 +60,7 @@ from batch.api import DEFAULT_MODEL, FAKE_API
 from batch.errors import LockedError, StateError
 from batch.identity import content_key, with_repeat
 from batch.ledger.base import (
+    COPY_COLUMNS,
     LEDGER_COLUMNS,
     OUTCOME_COLUMNS,
     SQL_OUTCOME,
@@ -484,6 +485,14 @@ class Ledger(LedgerStore):
                 if cur.rowcount:
                     claimed.add(m.request_id)
         return claimed
+
+    def export_rows(self, table: str) -> list[tuple[Any, ...]]:
+        return self.db.execute(f"SELECT {', '.join(COPY_COLUMNS[table])} FROM {table}").fetchall()
+
+    def import_rows(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        cols = COPY_COLUMNS[table]
+        with transaction(self.db):
+            self.db.executemany(f"INSERT INTO {table}({', '.join(cols)}) VALUES ({','.join('?' * len(cols))})", rows)
 
     def replay_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
         with transaction(self.db):
