@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -47,7 +48,7 @@ from batch.errors import (
 )
 from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
-from batch.ledger import AsyncLedger, Entry, LedgerStore, State, locked_ledger, night_of, open_readonly, utcnow
+from batch.ledger import AsyncLedger, Entry, LedgerStore, PgLocation, State, locked_ledger, night_of, open_readonly, utcnow
 from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
 from batch.preflight import Check, fatal, run_checks
@@ -572,10 +573,15 @@ async def bundled_fake(config: ConfigT, wanted: bool) -> AsyncIterator[ConfigT]:
 
 @contextlib.contextmanager
 def key_limiter(directory: Path | None, rate: Rate | None, key: Secret, margin: float = 0.02,
-                shared: bool = True) -> Iterator[SmoothLimiter]:
+                shared: bool = True, state: State | None = None) -> Iterator[SmoothLimiter]:
     """The pacing of one API key, shared with the other processes using it through
-    ``directory`` (never for the fake, whose key is no real one)."""
-    budget = shared_budget(directory, key) if shared and rate else None
+    ``directory``, or, when the ledger is in PostgreSQL, through that database (every
+    host's runs and collects with that key); never for the fake, whose key is no real one."""
+    budget: Any = None
+    if shared and rate and isinstance(state, PgLocation):
+        budget = database_budget(state, key, rate)
+    if budget is None:
+        budget = shared_budget(directory, key) if shared and rate else None
     try:
         yield SmoothLimiter(rate, margin, budget)
     finally:
@@ -588,7 +594,7 @@ async def preflight(opts: RunOptions, models: list[str], estimate: float | None,
     """The checks of :mod:`batch.preflight`; a definite refusal stops here (exit 5)."""
     config = config or opts.submit
     with key_limiter(opts.budget_dir, config.rate, config.api_key, config.rate_margin,
-                     shared=not opts.fake_api) as limiter:
+                     shared=not opts.fake_api, state=opts.state) as limiter:
         checks = await run_checks(config.base_url, config.api_key, models, estimate, limiter, config.transport)
     bad = fatal(checks)
     if bad:
@@ -611,7 +617,7 @@ async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[R
             if opts.preflight:
                 await preflight(opts, expander.models_in_use, None, config)
         with key_limiter(opts.budget_dir, config.rate, config.api_key, config.rate_margin,
-                         shared=not opts.fake_api) as limiter:
+                         shared=not opts.fake_api, state=opts.state) as limiter:
             return await _submit_paced(opts, expander, requests, ledger, run_id, config, limiter)
 
 
@@ -665,6 +671,17 @@ async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable
         stats.state_error = str(aledger.broken)
     return _Outcome(stats, state["interrupted"], bool(state["aborted"]), collected, aledger.rescue_path,
                     aledger.unsaved_count, aledger.committed_task_ids)
+
+
+def database_budget(state: PgLocation, key: Secret, rate: Rate) -> Any:
+    """The key's rate budget in the ledger's database, or ``None`` (then the local file's)."""
+    from batch.ledger.postgres import PgBudget
+
+    try:
+        return PgBudget(state, key.reveal(), min(1 << 16, max(1, math.floor(rate.count))))
+    except Exception as exc:  # the ledger itself says whether the database is usable
+        log.warning("rate_budget_not_in_database", state=str(state), error=state.scrub(str(exc))[:200])
+        return None
 
 
 def shared_budget(directory: Path | None, key: Secret) -> SharedBudget | None:
@@ -846,7 +863,8 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
 async def _collect_all(opts: CollectOptions, ledger: LedgerStore, tasks: list[Task]) -> CollectStats:
     # Any instance of the fake answers for its tasks.
     async with bundled_fake(opts.config, opts.fake_api) as config:
-        with key_limiter(opts.budget_dir, config.rate, config.api_key, shared=not opts.fake_api) as limiter:
+        with key_limiter(opts.budget_dir, config.rate, config.api_key, shared=not opts.fake_api,
+                         state=opts.state) as limiter:
             aledger = AsyncLedger(ledger)
             collector = Collector(config, aledger, limiter)
             with signals_to(lambda signum: collector.interrupt(signal.Signals(signum).name)):

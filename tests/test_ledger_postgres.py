@@ -246,3 +246,30 @@ def test_state_copy_moves_a_history_both_ways(fake, pg_server: PgServer, tmp_pat
     assert len(fake.state.submissions()) == 5
     refused = cli(["state", "copy", str(tmp_path / "state.sqlite"), url])
     assert refused.exit_code == 2 and "already holds" in refused.output + (refused.stderr or "")
+
+
+def peak_in_one_second(times: list[float]) -> int:
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times)), default=0)
+
+
+def test_one_rate_budget_per_key_across_hosts(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """Two "hosts" (own working directory and state home, two jobs with their own
+    ledgers in one database) with one key at --rate 5/s: together never more than 5 starts
+    in any second at the provider."""
+    sheets = []
+    procs = []
+    for name in ("a", "b"):
+        d = host_dir(tmp_path, name)
+        sheet = write_csv(d / "in.csv", prompts(15, prefix=f"host {name} prompt"))
+        sheets.append(sheet)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "batch", "submit", str(sheet), "--base-url", fake.url, "--rate", "5/s",
+             "--no-preflight", "--state", pg_server.url(), "-o", str(d / "r.parquet")], cwd=d, env=host_env(d),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    starts = [r.t for r in fake.state.submissions()]
+    assert len(starts) == 30
+    assert peak_in_one_second(starts) <= 5

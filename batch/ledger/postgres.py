@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -444,3 +445,104 @@ def open_pg_readonly(location: PgLocation, api: str) -> PgLedger | None:
         return PgLedger(location, api, readonly=True)
     except _NoLedger:
         return None
+
+
+class PgBudget:
+    """The pacing state of one API key for every host whose ledger is in this database
+    (:class:`batch.ratelimit.SharedBudget`'s role across machines): a row per key (named
+    by a hash of it) in ``seedance_shared.rate_budgets``, read and written under
+    ``SELECT ... FOR UPDATE`` in one short transaction per step. Times are kept on the
+    server's clock (``clock_timestamp()``): each process measures its offset to it once,
+    so hosts whose own clocks disagree still share one timeline (to within half a round
+    trip). The budget is advisory pacing, not a record: its commits skip the WAL flush.
+    If the database fails, the process paces alone from then on (its ledger stops the
+    run anyway)."""
+
+    def __init__(self, location: PgLocation, key: str, capacity: int) -> None:
+        from batch.ratelimit import _LocalBudget
+
+        self.location = location
+        self.digest = hashlib.sha256(key.encode()).hexdigest()[:16]  # names the key, cannot reveal it
+        self.capacity = capacity
+        self._fallback: _LocalBudget | None = None
+        self._local_budget = lambda: _LocalBudget(capacity)
+        self.db = location.connect("rate budget")
+        try:
+            self.db.execute("SET synchronous_commit = off")
+            with self.db.transaction():
+                self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("seedance_shared", "create"),))
+                self.db.execute("CREATE SCHEMA IF NOT EXISTS seedance_shared")
+                self.db.execute("CREATE TABLE IF NOT EXISTS seedance_shared.rate_budgets (key TEXT PRIMARY KEY, "
+                                "next DOUBLE PRECISION NOT NULL, resume_at DOUBLE PRECISION NOT NULL, "
+                                "starts DOUBLE PRECISION[] NOT NULL)")
+                self.db.execute("INSERT INTO seedance_shared.rate_budgets VALUES (%s, 0, 0, '{}') "
+                                "ON CONFLICT DO NOTHING", (self.digest,))
+            t0 = time.monotonic()
+            server = self.db.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
+            self.offset = server - (t0 + time.monotonic()) / 2
+        except Exception:
+            self.db.close()
+            raise
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[Any]:
+        import psycopg
+
+        if self._fallback is not None:
+            yield self._fallback
+            return
+        try:
+            tx = self.db.transaction()
+            tx.__enter__()
+            row = self.db.execute("SELECT next, resume_at, starts FROM seedance_shared.rate_budgets WHERE key = %s "
+                                  "FOR UPDATE", (self.digest,)).fetchone()
+        except psycopg.Error as exc:
+            self._give_up(exc)
+            yield self._fallback
+            return
+        view = _BudgetView(row, self.offset, self.capacity)
+        try:
+            yield view
+            self.db.execute("UPDATE seedance_shared.rate_budgets SET next=%s, resume_at=%s, starts=%s WHERE key=%s",
+                            (view.next + self.offset, view.resume_at + self.offset, view.stored(), self.digest))
+            tx.__exit__(None, None, None)
+        except psycopg.Error as exc:
+            self._give_up(exc)
+        except BaseException as exc:
+            with contextlib.suppress(psycopg.Error):
+                tx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    def _give_up(self, exc: BaseException) -> None:
+        import structlog
+
+        structlog.get_logger("batch").warning("rate_budget_not_shared", state=str(self.location),
+                                              error=self.location.scrub(str(exc).strip()[:200]),
+                                              consequence="this process paces alone from now on")
+        self._fallback = self._local_budget()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.db.close()
+
+
+class _BudgetView:
+    """A key's budget row while its row lock is held, in this process's monotonic time."""
+
+    def __init__(self, row: tuple[float, float, list[float]], offset: float, capacity: int) -> None:
+        nxt, resume, starts = row
+        now = time.monotonic()
+        self.next, self.resume_at = nxt - offset, resume - offset
+        self._starts = [s - offset for s in starts]
+        self._offset, self._keep = offset, max(capacity, len(starts))
+        if self.next > now + 3600:  # a slot an hour ahead is damage
+            self.next, self.resume_at, self._starts = 0.0, 0.0, []
+
+    def nth_last_start(self, n: int) -> float | None:
+        return self._starts[-n] if len(self._starts) >= n else None
+
+    def add_start(self, t: float) -> None:
+        self._starts.append(t)
+
+    def stored(self) -> list[float]:
+        return [s + self._offset for s in self._starts[-self._keep:]]
