@@ -4,6 +4,7 @@ ledger shared by hosts, the server going away, credentials)."""
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -273,3 +274,20 @@ def test_one_rate_budget_per_key_across_hosts(fake, pg_server: PgServer, tmp_pat
     starts = [r.t for r in fake.state.submissions()]
     assert len(starts) == 30
     assert peak_in_one_second(starts) <= 5
+
+
+def test_dry_run_and_validate_read_the_postgres_ledger(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    url = pg_server.url()
+    sheet = write_csv(tmp_path / "in.csv", prompts(4))
+    fresh = cli(["validate", str(sheet), "--state", url])  # no ledger yet: everything would be sent
+    assert fresh.exit_code == 0, fresh.output
+    assert "would send" in fresh.output
+    assert cli(submit_args(fake, tmp_path, sheet, state=url)).exit_code == 0
+    write_csv(sheet, [*prompts(4), {"id": "new", "prompt": "one more"}])
+    dry = cli(submit_args(fake, tmp_path, sheet, out="dry.parquet", state=url, extra=["--dry-run"]))
+    assert dry.exit_code == 0, dry.output
+    assert results(tmp_path / "dry.parquet")["status"].to_list() == ["skipped"] * 4 + ["dry_run"]
+    listed = cli(["validate", str(sheet), "--state", url, "--base-url", fake.url])
+    assert listed.exit_code == 0, listed.output
+    assert re.search(r"skipped\W+4", listed.output) and re.search(r"would send\W+1", listed.output), listed.output
+    assert len(fake.state.submissions()) == 4
