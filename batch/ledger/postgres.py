@@ -14,9 +14,10 @@ Keeps every guarantee of :mod:`batch.ledger.base`, and:
 * **One writer per ledger across hosts**: a session advisory lock
   (``pg_try_advisory_lock``) held on a connection of its own, for submit and collect
   apart. It frees when that session ends: at once on a clean exit or a killed process
-  (the kernel closes the socket), and within the TCP keepalive time when a host
-  vanishes (idle 10 s, then 3 probes 5 s apart: ~25 s; ``tcp_user_timeout`` 20 s
-  bounds a write the peer never acknowledges).
+  (the kernel closes the socket), and when a host vanishes without a word, once the
+  server's TCP keepalive gives up on it: the session sets ``tcp_keepalives_idle=10``,
+  ``_interval=5``, ``_count=3`` (~25 s) and ``tcp_user_timeout=20 s`` on the server's
+  side, and libpq the same on ours (so a server that vanishes is noticed too).
 * **The server gone mid-run stops sending at once.** A failed commit is one of
   :attr:`write_errors`: :class:`~batch.ledger.base.AsyncLedger` refuses every later
   claim and keeps the outcomes of requests already on the wire in a local rescue file,
@@ -199,6 +200,12 @@ class PgLocation:
             conn = psycopg.connect(self.conninfo, autocommit=True, application_name=f"seedance-batch {purpose}",
                                    **KEEPALIVE)
             conn.execute("SET synchronous_commit = on")
+            # The server's side of the same socket: a host that vanishes (power, network)
+            # without closing its session is noticed by the server after ~25 s of silence
+            # (10 s idle, 3 probes 5 s apart), which ends the session and frees its lock.
+            for name, value in (("tcp_keepalives_idle", 10), ("tcp_keepalives_interval", 5),
+                                ("tcp_keepalives_count", 3), ("tcp_user_timeout", 20000)):
+                conn.execute(f"SET {name} = {value}")
         except psycopg.Error as exc:
             raise StateError(f"{self}: cannot connect to the ledger's database "
                              f"({self.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)});"
