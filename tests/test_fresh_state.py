@@ -4,6 +4,7 @@ results table already records: its task ids are imported into the ledger before 
 from pathlib import Path
 
 import polars as pl
+import pytest
 from conftest import accepted_twice, cli, error_line, prompts, results, run_cli_process, write_csv
 
 
@@ -73,3 +74,21 @@ def test_results_from_a_missing_table_is_a_usage_error(fake, tmp_path: Path) -> 
     assert proc.returncode == 2, proc.stderr
     assert "nope.parquet" in error_line(proc.stderr)
     assert fake.state.submissions() == []
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_new_ledger_in_either_store_sends_nothing_the_table_holds(kind: str, fake, tmp_path: Path,
+                                                                    request: pytest.FixtureRequest) -> None:
+    def fresh(night: str) -> str:
+        if kind == "sqlite":
+            return str(tmp_path / night / "state.sqlite")
+        return request.getfixturevalue("pg_server").url()  # a ledger name never used before
+
+    sheet = write_csv(tmp_path / "in.csv", prompts(4))
+    out = tmp_path / "results.parquet"
+    for night in ("n1", "n2"):
+        res = cli(["submit", str(sheet), "-o", str(out), "--base-url", fake.url, "--rate", "0",
+                   "--state", fresh(night)])
+        assert res.exit_code == 0, res.output
+    assert len(fake.state.submissions()) == 4
+    assert results(out)["status"].to_list() == ["skipped"] * 4
