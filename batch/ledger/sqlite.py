@@ -1,4 +1,6 @@
-"""The durable state store: what was sent where, and what came of it.
+"""The SQLite store (the default): what was sent where, and what came of it, in one
+local file. The semantics every store keeps are in :mod:`batch.ledger.base`; here is how
+SQLite keeps them, and what only a file needs.
 
 Guarantees:
 
@@ -36,8 +38,8 @@ Guarantees:
 Statuses stored: ``sending``, ``submitted``, ``failed``, ``unknown`` and ``pending``
 (certainly not accepted, e.g. stopped between retries of a 429).
 
-:class:`AsyncLedger` batches writes (group commit): many workers waiting for their
-``sending`` mark share one fsync, so the ledger does not cap throughput.
+:class:`~batch.ledger.base.AsyncLedger` batches writes (group commit): many workers
+waiting for their ``sending`` mark share one fsync, so the ledger does not cap throughput.
 """
 
 from __future__ import annotations
