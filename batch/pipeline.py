@@ -933,12 +933,13 @@ def _import_from_table(ledger: LedgerStore, table: pl.DataFrame, api: str) -> Ad
         rows = rows.filter(~pl.col("task_id").is_in(odd))
     if rows.is_empty():
         return ids
-    known = ledger.lookup(rows["request_id"].to_list(), sorted(set(ledger.apis()) | {api}))
+    known = ledger.known(rows["request_id"].to_list(), sorted(set(ledger.apis()) | {api}))
+    rows = rows.filter(pl.col("request_id").is_not_null() & ~pl.col("request_id").is_in(list(known)))
+    if rows.is_empty():  # a rerun through the same ledger: nothing to adopt
+        return ids
     fields = [c for c in rows.columns if c in Catalog().known_fields()]
     adopt = []
     for row in rows.iter_rows(named=True):
-        if row["request_id"] in known or row["request_id"] is None:
-            continue
         body = {k: row[k] for k in fields if row[k] is not None and row[k] != ""}
         endpoint = row.get("endpoint")
         submitted = row.get("submitted_at")

@@ -77,6 +77,7 @@ class LedgerContract:
     def test_rows_are_per_api(self, ledger: LedgerStore) -> None:
         claim(ledger, mark("a"), outcomes=[submitted("a")])
         assert ledger.lookup(["a"], ["https://other.example"]) == {}
+        assert ledger.known(["a", "z"]) == {"a"} and ledger.known(["a"], ["https://other.example"]) == set()
         assert ledger.apis() == {API: 1}
 
     def test_a_second_writer_is_refused_and_collect_locks_apart(self, opened) -> None:

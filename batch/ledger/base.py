@@ -198,6 +198,10 @@ class LedgerStore(abc.ABC):
     def lookup(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, Entry]:
         """The rows of ``ids`` sent to this API (or to ``apis``)."""
 
+    def known(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> set[str]:
+        """Which of ``ids`` this API (or ``apis``) has a row for, whatever its status."""
+        return set(self.lookup(ids, apis))
+
     @abc.abstractmethod
     def outcome_columns(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         """Rows of ``ids`` as :data:`OUTCOME_COLUMNS`, as stored."""

@@ -388,6 +388,9 @@ class PgLedger(LedgerStore):
     def lookup(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, Entry]:
         return {row[1]: Entry(*row) for row in self._rows_of(LEDGER_COLUMNS, ids, apis)}
 
+    def known(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> set[str]:
+        return {row[0] for row in self._rows_of(("request_id",), ids, apis)}
+
     def outcome_columns(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         return self._rows_of(OUTCOME_COLUMNS, ids)
 
