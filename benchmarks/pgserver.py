@@ -1,5 +1,5 @@
 """A throwaway PostgreSQL server for the tests and the benchmark: Debian's binaries
-(``SEEDANCE_TEST_PG_BINDIR``, default /usr/lib/postgresql/15/bin), a temporary directory,
+(``SEEDANCE_TEST_PG_BINDIR``, default the newest /usr/lib/postgresql/N/bin), a temporary directory,
 a free loopback port; run as the ``postgres`` user when started by root. Never a server
 the system started."""
 
@@ -18,7 +18,17 @@ import time
 import uuid
 from pathlib import Path
 
-PG_BINDIR = Path(os.environ.get("SEEDANCE_TEST_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
+
+def _bindir() -> Path:
+    """``SEEDANCE_TEST_PG_BINDIR``, else the newest Debian ``postgresql-N`` installed."""
+    if os.environ.get("SEEDANCE_TEST_PG_BINDIR"):
+        return Path(os.environ["SEEDANCE_TEST_PG_BINDIR"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3])
+                   if p.parts[-3].isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BINDIR = _bindir()
 
 
 def free_port() -> int:
