@@ -53,7 +53,7 @@ def test_rerun_from_another_host_sends_nothing_twice(fake, pg_server: PgServer, 
 
 
 def test_a_second_host_exits_3_while_one_submits(start_fake, pg_server: PgServer, tmp_path: Path) -> None:
-    fake = start_fake(latency=0.5)
+    fake = start_fake(latency=3)  # the first run is still sending when the second starts
     url = pg_server.url()
     a, b = host_dir(tmp_path, "a"), host_dir(tmp_path, "b")
     sheet = write_csv(tmp_path / "in.csv", prompts(8))
@@ -64,6 +64,7 @@ def test_a_second_host_exits_3_while_one_submits(start_fake, pg_server: PgServer
     while not fake.state.submissions() and time.monotonic() < deadline:
         time.sleep(0.05)
     second = run_cli_process([*args, "-o", str(b / "r.parquet")], env=host_env(b), cwd=b)
+    assert first.poll() is None, "the first run ended before the second tried"
     first.communicate(timeout=60)
     assert first.returncode == 0
     assert second.returncode == 3, second.stderr

@@ -462,11 +462,11 @@ class PgBudget:
     (:class:`batch.ratelimit.SharedBudget`'s role across machines): a row per key (named
     by a hash of it) in ``seedance_shared.rate_budgets``, read and written under
     ``SELECT ... FOR UPDATE`` in one short transaction per step. Times are kept on the
-    server's clock (``clock_timestamp()``): each process measures its offset to it once,
-    so hosts whose own clocks disagree still share one timeline (to within half a round
-    trip). The budget is advisory pacing, not a record: its commits skip the WAL flush.
-    If the database fails, the process paces alone from then on (its ledger stops the
-    run anyway)."""
+    server's clock (``clock_timestamp()``): each process keeps its offset to it as measured
+    over the fastest round trip seen (every step reads the clock too), so hosts whose own
+    clocks disagree still share one timeline (to within half that round trip). The budget
+    is advisory pacing, not a record: its commits skip the WAL flush. If the database fails,
+    the process paces alone from then on (its ledger stops the run anyway)."""
 
     def __init__(self, location: PgLocation, key: str, capacity: int) -> None:
         from batch.ratelimit import _LocalBudget
@@ -487,12 +487,20 @@ class PgBudget:
                                 "starts DOUBLE PRECISION[] NOT NULL)")
                 self.db.execute("INSERT INTO seedance_shared.rate_budgets VALUES (%s, 0, 0, '{}') "
                                 "ON CONFLICT DO NOTHING", (self.digest,))
-            t0 = time.monotonic()
-            server = self.db.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
-            self.offset = server - (t0 + time.monotonic()) / 2
+            self.offset, self._rtt = 0.0, float("inf")
+            for _ in range(5):
+                t0 = time.monotonic()
+                server = self.db.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
+                self._sample(server, t0, time.monotonic())
         except Exception:
             self.db.close()
             raise
+
+    def _sample(self, server: float, t0: float, t1: float) -> None:
+        """Keep the offset to the server's clock measured over the fastest round trip so far
+        (NTP's filter): its error is at most half that trip."""
+        if t1 - t0 < self._rtt:
+            self._rtt, self.offset = t1 - t0, server - (t0 + t1) / 2
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[Any]:
@@ -504,13 +512,16 @@ class PgBudget:
         try:
             tx = self.db.transaction()
             tx.__enter__()
-            row = self.db.execute("SELECT next, resume_at, starts FROM seedance_shared.rate_budgets WHERE key = %s "
-                                  "FOR UPDATE", (self.digest,)).fetchone()
+            t0 = time.monotonic()
+            *row, server = self.db.execute(
+                "SELECT next, resume_at, starts, extract(epoch FROM clock_timestamp())::float8 "
+                "FROM seedance_shared.rate_budgets WHERE key = %s FOR UPDATE", (self.digest,)).fetchone()
+            self._sample(server, t0, time.monotonic())
         except psycopg.Error as exc:
             self._give_up(exc)
             yield self._fallback
             return
-        view = _BudgetView(row, self.offset, self.capacity)
+        view = _BudgetView((row[0], row[1], row[2]), self.offset, self.capacity)
         try:
             yield view
             self.db.execute("UPDATE seedance_shared.rate_budgets SET next=%s, resume_at=%s, starts=%s WHERE key=%s",
