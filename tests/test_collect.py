@@ -41,14 +41,14 @@ def downloads(fake) -> list:
 
 
 def test_collect_in_passes_then_download(start_fake, tmp_path: Path, store: str) -> None:
-    fake = start_fake(task_delay=1.0)
+    fake = start_fake(task_delay=2.0)  # "pending" for 1 s: a loaded machine still collects within it
     table = submit(fake, tmp_path, [*prompts(4), {"id": "lf", "prompt": "with frame", "return_last_frame": "true"}],
                    store)
     first = collect(fake, tmp_path, "--download", str(tmp_path / "videos"), state=store)
     assert first.exit_code == 1  # still pending
     assert results(table)["task_status"].to_list() == ["pending"] * 5
     assert polls(fake) == 5 and downloads(fake) == []
-    time.sleep(1.1)
+    time.sleep(2.1)
     second = collect(fake, tmp_path, "--download", str(tmp_path / "videos"), state=store)
     assert second.exit_code == 0, second.output
     df = results(table)
