@@ -6,6 +6,9 @@ Guarantees kept here:
   segments: a task id can never add a path segment, a query or a fragment;
 * a task id is accepted only as a plain token (:func:`check_task_id`), so nothing odd
   reaches the ledger, a file name or a URL;
+* text from outside is valid Unicode (:func:`whole_text`): a lone surrogate, which JSON's
+  ``\\ud800`` escape or a header's undecodable byte can carry, is U+FFFD before it is
+  stored, so no writer (sqlite, Parquet, CSV) can fail on it;
 * an API has one identity (:func:`api_identity`): the ledger counts a request as sent
   only for runs against the API that accepted it, and the bundled fake is one API
   whatever its port.
@@ -27,6 +30,26 @@ FAKE_API = "fake"  # the bundled fake's identity in the ledger, whatever its por
 # segment and one file-name part) and ask for an alphanumeric first character, so
 # "." and ".." can never be an id. 256 is far above any id the provider issues.
 _TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:+@=-]{0,255}")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def whole_text(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD (a pair in JSON is already
+    one character once parsed: what is left is lone, and no UTF-8 writer accepts it)."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
+def whole_json(value: object) -> object:
+    """A parsed JSON value with every string in it (names too) :func:`whole_text`."""
+    if isinstance(value, str):
+        return whole_text(value)
+    if isinstance(value, list):
+        return [whole_json(v) for v in value]
+    if isinstance(value, dict):
+        return {whole_text(k) if isinstance(k, str) else k: whole_json(v) for k, v in value.items()}
+    return value
 
 
 def check_task_id(value: object) -> str | None:

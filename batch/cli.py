@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import math
 import os
 import re
 import signal
 import ssl
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,21 +28,22 @@ import polars as pl
 import structlog
 from click.core import ParameterSource
 
-from batch import __version__, logs, notify
+from batch import __version__, logs, notify, retry
 from batch.api import DEFAULT_BASE_URL, DEFAULT_MODEL, check_endpoint, check_slug, is_loopback
 from batch.client import Secret, TooLarge, Transport, describe, make_session, read_capped, redact_url
-from batch.collect import CollectConfig
 from batch.download import DownloadPolicy
 from batch.errors import EXIT_INTERRUPTED, EXIT_PROVIDER, BatchError, ConfigError, StateError
 from batch.expand import ExpandSpec, normalize, parse_param
-from batch.jobfile import JobFile, load_job
+from batch.following import CollectConfig
+from batch.jobfile import JobFile, fill_output, load_job
 from batch.ledger import PgLocation, State, default_state_path, fake_state_path, is_database_url, state_home
 from batch.ledger import backup as ledger_backup
-from batch.models import MAX_SPEC_BYTES, Catalog, save_spec
+from batch.models import MAX_SPEC_BYTES, Catalog, names_only, save_spec
 from batch.pipeline import (
     CollectOptions,
     Interrupted,
     RunOptions,
+    Summary,
     add_fault,
     load_and_expand,
     plan,
@@ -60,11 +62,23 @@ from batch.results import (
     LABEL,
     write_text_atomically,
 )
+from batch.sending import SubmitConfig
 from batch.storage import Target, is_remote
-from batch.submit import SubmitConfig
 from batch.validate import TIERS
 
+MAX_DEADLINE_S = 366 * 86400
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float option's value that is a number: ``nan`` passes every range comparison and
+    ``inf``/``1e309`` every lower bound, so either would turn a cap or a timeout into none."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if isinstance(number, float) and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def parse_deadline(text: str, now: datetime | None = None) -> float:
@@ -72,23 +86,30 @@ def parse_deadline(text: str, now: datetime | None = None) -> float:
     or an ISO date-time; returns epoch seconds."""
     now = now or datetime.now().astimezone()
     raw = text.strip().lower()
+    usage = ConfigError(f"--deadline {text!r}: use a duration (90m, 1h30m), a clock time (06:00) "
+                        "or an ISO date-time")
     if re.fullmatch(r"\d{1,2}:\d{2}(:\d{2})?", raw):
         parts = [int(p) for p in raw.split(":")] + [0]
-        when = now.replace(hour=parts[0], minute=parts[1], second=parts[2], microsecond=0)
+        try:
+            when = now.replace(hour=parts[0], minute=parts[1], second=parts[2], microsecond=0)
+        except ValueError:
+            raise ConfigError(f"--deadline {text!r}: not a clock time (00:00 to 23:59)") from None
         if when <= now:
             when += timedelta(days=1)
         return when.timestamp()
     seconds = _duration_seconds(raw)
     if seconds is not None:
+        # Beyond a year no night is meant; past it the number breaks datetime arithmetic.
+        if seconds > MAX_DEADLINE_S:
+            raise ConfigError(f"--deadline {text!r}: longer than a year")
         return now.timestamp() + seconds
     try:
         when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ConfigError(f"--deadline {text!r}: use a duration (90m, 1h30m), a clock time (06:00) "
-                          "or an ISO date-time") from None
-    if when.tzinfo is None:
-        when = when.astimezone()
-    return when.timestamp()
+        if when.tzinfo is None:
+            when = when.astimezone()
+        return when.timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise usage from None
 
 
 def log_deadline(text: str, when: float, now: datetime | None = None) -> float:
@@ -128,9 +149,21 @@ def connection(key_file: Path | None, base_url: str, allow_insecure: bool, log_l
     """The key (when one is needed), logging that scrubs it, and a transport safe to send it over."""
     key = resolve_key(key_file) if needs_key else Secret("")
     logs.configure(log_level, secrets=[key.reveal()])
+    http_url("--base-url", base_url)  # also a dry run names its ledger's API by it
     if needs_key:
         check_transport(base_url, allow_insecure)
     return key
+
+
+def http_url(option: str, url: str, shown: str | None = None) -> None:
+    """An http(s)://host[:port] URL that every later split of it will accept."""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != -1
+    except ValueError:  # "http://[::1", a port out of range or not a number
+        ok = False
+    if not ok:
+        raise ConfigError(f"{option} {shown or url!r}: expected http(s)://host[:port]")
 
 
 def rate_option(text: str) -> Rate | None:
@@ -140,10 +173,9 @@ def rate_option(text: str) -> Rate | None:
         raise ConfigError(f"--rate: {exc}") from None
 
 
-def check_transport(base_url: str, allow_insecure: bool) -> None:
+def check_transport(base_url: str, allow_insecure: bool, option: str = "--base-url") -> None:
+    http_url(option, base_url)
     parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"--base-url {base_url!r}: expected http(s)://host[:port]")
     if parts.scheme == "http" and not is_loopback(base_url) and not allow_insecure:
         raise ConfigError(f"--base-url {base_url}: refusing to send the API key over plain http to a "
                           "non-loopback host (use https, or --allow-insecure)")
@@ -155,6 +187,10 @@ class ExitCodeGroup(click.Group):
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         try:
+            # No argv can hold a NUL, but an in-process caller's list can; every path and
+            # URL function would raise on it, so it is refused here once.
+            if args is not None and any("\x00" in str(a) for a in args):
+                raise click.UsageError("an argument contains a NUL character")
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:  # usage errors: click's own text on a TTY
             if logs.json_stderr():
@@ -164,7 +200,11 @@ class ExitCodeGroup(click.Group):
             if not standalone_mode:
                 raise
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                # A Ctrl-C that fell between the tool's own handlers: an interruption like any other.
+                logs.report_error("interrupted by SIGINT", EXIT_INTERRUPTED)
+                sys.exit(EXIT_INTERRUPTED)
             logs.report_error("aborted", 1)
             sys.exit(1)
         if standalone_mode:
@@ -193,7 +233,8 @@ class ExitCodeGroup(click.Group):
 @click.group(cls=ExitCodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="seedance-batch")
 def main() -> None:
-    """Turn prompt spreadsheets into Seedance text-to-video tasks, nightly and safely."""
+    """Turn prompt spreadsheets into Seedance video tasks (text-to-video, image-to-video,
+    video-to-video), nightly and safely."""
 
 
 def entry() -> None:
@@ -207,9 +248,14 @@ def entry() -> None:
     looks at them: ~0.04 s, same peak RSS. Only here, not for in-process callers such as
     tests through CliRunner, whose objects it would pin.
     """
+    global _PROCESS
+    _PROCESS = True
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
     main()
+
+
+_PROCESS = False  # set by entry(): this is the command's own process, not an in-process caller (tests)
 
 
 def base_url_option() -> Any:
@@ -240,9 +286,10 @@ def transport_options(fn: Any) -> Any:
 def transport_of(proxy: str | None, ca_bundle: Path | None) -> Transport:
     """The transport, checked now: a bad proxy URL or CA file is a usage error, not a night of retries."""
     if proxy:
-        parts = urlsplit(proxy)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"--proxy {redact_url(proxy)}: expected http://[user:password@]host:port")
+        try:
+            http_url("--proxy", proxy, redact_url(proxy))
+        except ConfigError:
+            raise ConfigError(f"--proxy {redact_url(proxy)}: expected http://[user:password@]host:port") from None
     transport = Transport(proxy or None, str(ca_bundle) if ca_bundle else None)
     try:
         transport.ssl_context()
@@ -293,14 +340,19 @@ def common_options(fn: Any) -> Any:
                           "at another host): nothing is resubmitted. Repeatable."),
         click.option("--max-attempts", type=click.IntRange(1, 50), default=5, show_default=True,
                      envvar="SEEDANCE_BATCH_MAX_ATTEMPTS", help="Attempts per request for 429/503/connect errors."),
-        click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+        click.option("--timeout", type=FiniteFloatRange(1, 3600), default=60.0, show_default=True,
                      envvar="SEEDANCE_BATCH_TIMEOUT", help="Seconds one HTTP attempt may take."),
+        click.option("--retry-failed", is_flag=True,
+                     help="Send again the requests whose task failed for a reason on the provider's side (internal, "
+                          "timeout, expired, cancelled); never content policy. Each is a new paid task."),
+        click.option("--retry-cap", type=click.IntRange(1, 20), default=2, show_default=True,
+                     help="With --retry-failed: tasks per request in all, across nights (the first included)."),
         click.option("--max-requests", type=click.IntRange(0), envvar="SEEDANCE_BATCH_MAX_REQUESTS",
                      help="Send at most N new requests tonight through this ledger (earlier runs of the same local "
                           "date included); the rest stay pending. [env SEEDANCE_BATCH_MAX_REQUESTS]"),
         click.option("--deadline", envvar="SEEDANCE_BATCH_DEADLINE",
                      help="Stop starting requests at a duration (90m) or clock time (06:00). [env SEEDANCE_BATCH_DEADLINE]"),
-        click.option("--grace", type=click.FloatRange(0, 3600), default=30.0, show_default=True,
+        click.option("--grace", type=FiniteFloatRange(0, 3600), default=30.0, show_default=True,
                      help="On SIGINT/SIGTERM/deadline, seconds to wait for requests in flight."),
         click.option("--sheet", help="Workbook sheet name or 1-based number, a comma list, or 'all' (default: the "
                      "visible sheet with a prompt column)."),
@@ -311,14 +363,14 @@ def common_options(fn: Any) -> Any:
         transport_options,
         click.option("--metrics-file", type=click.Path(path_type=Path), envvar="SEEDANCE_BATCH_METRICS_FILE",
                      help="Write a Prometheus textfile (node_exporter) with the run's counts. [env SEEDANCE_BATCH_METRICS_FILE]"),
-        click.option("--progress-interval", type=click.FloatRange(0.05), default=10.0, show_default=True,
+        click.option("--progress-interval", type=FiniteFloatRange(0.05), default=10.0, show_default=True,
                      envvar="SEEDANCE_BATCH_PROGRESS_INTERVAL",
                      help="Seconds between progress events when stderr is not a TTY. [env SEEDANCE_BATCH_PROGRESS_INTERVAL]"),
         click.option("--prices", "prices_file", type=click.Path(path_type=Path, dir_okay=False),
                      envvar="SEEDANCE_BATCH_PRICES",
                      help="TOML price table (USD per second of video by model and resolution) for estimates and "
                           "--max-spend. [env SEEDANCE_BATCH_PRICES]"),
-        click.option("--max-spend", type=click.FloatRange(0), envvar="SEEDANCE_BATCH_MAX_SPEND", metavar="USD",
+        click.option("--max-spend", type=FiniteFloatRange(0), envvar="SEEDANCE_BATCH_MAX_SPEND", metavar="USD",
                      help="Stop starting requests before the night's estimated cost through this ledger (this run's "
                           "and earlier runs' of the same local date) would pass USD (needs prices). "
                           "[env SEEDANCE_BATCH_MAX_SPEND]"),
@@ -375,6 +427,7 @@ def parse_duration(text: str, option: str) -> float:
 def submit(**kw: Any) -> None:
     """Validate, expand and submit INPUT files (.csv, .parquet, .xlsx, dirs, globs)."""
     notify.arm(kw["notify"], "submit", notify.url_secrets(kw.get("proxy")))
+    kw["output"] = dated("--output", kw["output"])
     finish(build_options(kw, command="submit"), kw.get("metrics_file"), "submit", page=not kw["no_html"])
 
 
@@ -388,10 +441,27 @@ def run(ctx: click.Context, job: Path, **kw: Any) -> None:
     """Run a declarative job file (TOML, see jobs/example.toml); options override the file."""
     notify.arm(kw["notify"], f"run {job}", notify.url_secrets(kw.get("proxy")))
     spec = read_job(job)
+    if kw.get("output"):  # from the command line or env: the job's own output is filled in already
+        kw["output"] = dated("--output", kw["output"])
     merged = merge_job(ctx, spec, kw)
     notify.arm(merged.get("notify"), f"run {job}", notify.url_secrets(merged.get("proxy")))
     finish(build_options(merged, command=f"run {job}", job=spec), merged.get("metrics_file"), job.stem,
            page=not merged["no_html"])
+
+
+def dated(option: str, text: str) -> str:
+    """``{date}``/``{datetime}`` in a results path given on the command line, filled in as a
+    job file's ``output`` is (:func:`batch.jobfile.fill_output`): the night's own table."""
+    try:
+        return fill_output(str(text))
+    except ValueError as exc:
+        raise ConfigError(f"{option} {text}: {exc}") from None
+
+
+def table_template(text: str) -> str:
+    """A dated ``--results`` as the ledger records outputs (a local path made absolute), so
+    collect finds the tables earlier nights' runs wrote under it."""
+    return text if is_remote(text) else os.path.abspath(text)
 
 
 def models_dir() -> Path:
@@ -432,7 +502,22 @@ def merge_job(ctx: click.Context, spec: JobFile, kw: dict[str, Any], need_output
 
 
 def finish(opts: RunOptions, metrics_file: Path | None, job_name: str, page: bool = True) -> None:
+    summary, data = submit_night(opts, metrics_file, job_name, page)
+    click.echo(render(data) + (f"\n  page: {data['page']}" if data.get("page") else ""))
+    if summary.local_fault:
+        logs.report_error(summary.local_fault, summary.exit_code)
+    notify.finish(summary.exit_code, data, data.get("page"))
+    sys.exit(summary.exit_code)
+
+
+def submit_night(opts: RunOptions, metrics_file: Path | None, job_name: str,
+                 page: bool = True) -> tuple[Summary, dict[str, Any]]:
+    """The run ``submit``/``run`` and :func:`batch.submit` share: send, then the metrics
+    file and (after ``--wait --download``) the page; the summary, printed by neither."""
     summary = run_submit(opts)
+    if _PROCESS:  # the exit code is decided: a late Ctrl-C must not turn it into click's "Aborted!" (exit 1)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     if metrics_file is not None:
         try:
             write_metrics(metrics_file, {**summary.as_dict(), "finished_unix": time.time()}, job_name)
@@ -450,11 +535,7 @@ def finish(opts: RunOptions, metrics_file: Path | None, job_name: str, page: boo
         written = write_page_after(opts.output, pricing=opts.pricing, catalog=Catalog(opts.models_dir))
         data["page"] = written.path if written else None
     structlog.get_logger("batch").info("summary", **data)
-    click.echo(render(data) + (f"\n  page: {data['page']}" if data.get("page") else ""))
-    if summary.local_fault:
-        logs.report_error(summary.local_fault, summary.exit_code)
-    notify.finish(summary.exit_code, data, data.get("page"))
-    sys.exit(summary.exit_code)
+    return summary, data
 
 
 def write_metrics(path: Path, summary: dict[str, Any], job_name: str) -> None:
@@ -492,6 +573,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
     except ValueError as exc:
         raise ConfigError(f"--{exc}") from None
     transport = transport_of(kw.get("proxy"), kw.get("ca_bundle"))
+    metrics_location(kw.get("metrics_file"))
     submit_cfg = SubmitConfig(
         base_url=kw["base_url"], api_key=key, endpoint=kw["endpoint"], rate=rate, concurrency=kw["concurrency"],
         transport=transport,
@@ -500,7 +582,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
     )
     return RunOptions(
         inputs=tuple(kw["inputs"]),
-        output=Target(str(kw["output"])),
+        output=Target(no_url("--output", str(kw["output"]))),
         expand=expand_spec(job, kw["params"], kw["tier"], kw["model"], kw.get("passthrough") or ()),
         submit=submit_cfg,
         # The fake API's task ids must never land in the real ledger (they would make
@@ -530,6 +612,7 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         preflight=not kw.get("no_preflight") and bool(job.get("preflight", True) if job else True),
         metrics_file=kw.get("metrics_file"),
         results_from=tuple(Target(str(t)) for t in kw.get("results_from") or ()),
+        retry_failed=bool(kw.get("retry_failed")), retry_cap=int(kw.get("retry_cap") or retry.DEFAULT_CAP),
     )
 
 
@@ -545,14 +628,50 @@ def state_location(state: str | Path | None) -> State | None:
         raise ConfigError(f"--state {state}: the ledger must be on local disk (SQLite locks it and writes its "
                           "journal beside it; object storage offers neither): give a local path, or a "
                           "postgresql:// URL")
-    return Path(state)
+    return local_file("--state", state)
+
+
+def local_file(option: str, value: str | Path) -> Path:
+    """A local file name the OS will accept, checked once here so that a bad one is a
+    usage error and not an OSError deep in a stage (or a file named after a URL)."""
+    text = str(value)
+    path = Path(text)
+    if not text.strip() or "\x00" in text or text.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
+        raise ConfigError(f"{option} {text!r}: not a file name")
+    if re.match(r"[a-z][a-z0-9+.-]*:/", text, re.IGNORECASE):  # else "s3:/b/x" appears in the cwd
+        raise ConfigError(f"{option} {text}: a URL; this file must be on local disk: give a local path")
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{option} {text}: is a directory, not a file")
+    except OSError as exc:  # a name too long, a parent that is a file, a loop of links
+        raise ConfigError(f"{option} {text}: {exc.strerror or exc}") from None
+    return path
+
+
+def metrics_location(value: str | Path | None) -> Path | None:
+    """The Prometheus textfile: a local file (node_exporter reads a directory on this
+    machine), checked before the run, not after the night was paid for."""
+    if value is None:
+        return None
+    text = str(value)
+    if is_remote(text):
+        raise ConfigError(f"--metrics-file {text}: node_exporter reads a local file; give a local path")
+    return local_file("--metrics-file", text)
+
+
+def no_url(option: str, text: str, hint: str = "give a local path or an s3://, gs:// or az:// URL") -> str:
+    """A URL that is not a bucket's would become a local path ("http:/host/x" in the
+    working directory), a file named after a URL: refused before anything is written."""
+    if not is_remote(text) and re.match(r"[a-z][a-z0-9+.-]*:/", text, re.IGNORECASE):
+        raise ConfigError(f"{option} {text}: not a place this tool writes to; {hint}")
+    return text
 
 
 def download_location(value: str | Path | None) -> str | Path | None:
     """Where collect puts videos: a local directory, or a bucket prefix (streamed there)."""
     if value is None or value == "":
         return None
-    return str(value) if is_remote(str(value)) else Path(value)
+    return str(value) if is_remote(no_url("--download", str(value))) else Path(value)
 
 
 def pricing_of(path: Path | None, job: JobFile | None) -> Pricing:
@@ -597,7 +716,8 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
     summary = {"title": "seedance-batch validate", "counts": counts, "estimate": tally.estimate(),
                "unreadable": [{"source": u.source, "error": u.error} for u in unreadable],
                "passthrough_columns": expander.passthrough_columns(),
-               "skipped_files": [{"source": s.source, "reason": s.reason} for s in skipped]}
+               "skipped_files": [{"source": s.source, "reason": s.reason} for s in skipped],
+               "uploads": {"files": expander.images.planned[0], "bytes": expander.images.planned[1], "planned": True}}
     click.echo(render(summary))
     sys.exit(1 if invalid or unreadable else 0)
 
@@ -615,7 +735,7 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
               "[env SEEDANCE_BATCH_DOWNLOAD_DIR]")
 @click.option("--wait", is_flag=True, help="Keep polling until every task is terminal or --timeout passes (default: one pass).")
 @click.option("--timeout", "wait_timeout", default="6h", show_default=True, help="With --wait: stop polling after this long.")
-@click.option("--poll-interval", type=click.FloatRange(0.1), default=10.0, show_default=True,
+@click.option("--poll-interval", type=FiniteFloatRange(0.1), default=10.0, show_default=True,
               help="First wait between polls of a pending task; grows 1.5x per poll up to 10 min.")
 @base_url_option()
 @api_key_file_option()
@@ -624,14 +744,14 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @click.option("--concurrency", type=click.IntRange(1, 512), default=8, show_default=True, help="Polls in flight.")
 @click.option("--download-concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Downloads in flight.")
-@click.option("--http-timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+@click.option("--http-timeout", type=FiniteFloatRange(1, 3600), default=60.0, show_default=True,
               help="Seconds one poll may take; for downloads, the longest pause between bytes.")
 @click.option("--download-max-bytes", type=click.IntRange(1), default=2 << 30, show_default=True,
               help="Largest output file accepted (announced or received).")
 @click.option("--download-max-task-bytes", type=click.IntRange(1), default=2 << 30, show_default=True,
               help="Largest total of one task's output files.")
 @click.option("--download-timeout", default="30m", show_default=True, help="Longest time one file may take.")
-@click.option("--download-min-rate", type=click.FloatRange(0), default=16 * 1024, show_default=True,
+@click.option("--download-min-rate", type=FiniteFloatRange(0), default=16 * 1024, show_default=True,
               help="Bytes/s a download must keep up over every 30 s, or it is cut off (and retried).")
 @allow_insecure_option()
 @transport_options
@@ -640,21 +760,38 @@ def validate(ctx: click.Context, targets: tuple[str, ...], show: int, **kw: Any)
 @notify_option("notify_urls")
 @log_option()
 @click.pass_context
-def collect(ctx: click.Context, job: Path | None, state: str | Path | None, results: str | None, fake_api: bool,
-            download_dir: str | None, wait: bool, wait_timeout: str, poll_interval: float, base_url: str,
-            api_key_file: Path | None, rate: str, concurrency: int, download_concurrency: int, http_timeout: float,
-            download_max_bytes: int, download_max_task_bytes: int, download_timeout: str, download_min_rate: float,
-            allow_insecure: bool, proxy: str | None, ca_bundle: Path | None, as_json: bool, no_html: bool,
-            notify_urls: tuple[str, ...], log_level: str) -> None:
+def collect(ctx: click.Context, job: Path | None, as_json: bool, **kw: Any) -> None:
     """Follow submitted tasks to completion and download their outputs before they expire.
 
     With JOB.toml, its state, base_url, output (as --results), download and rate are the
     defaults; options win."""
-    run_tables = None
-    notify.arm(notify_urls, "collect", notify.url_secrets(proxy))
+    unset = lambda name: ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)  # noqa: E731
+    opts, spec = collect_options(kw, job, unset)
+    summary = collect_night(opts, spec, page=not kw["no_html"])
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(render_collect(summary) + (f"\n  page: {summary['page']}" if summary.get("page") else ""))
+    if summary.get("local_fault"):
+        logs.report_error(summary["local_fault"], summary["exit_code"])
+    notify.finish(summary["exit_code"], summary, summary.get("page"))
+    sys.exit(summary["exit_code"])
+
+
+def collect_options(kw: dict[str, Any], job: Path | None, unset: Callable[[str], bool],
+                    command: str = "collect") -> tuple[CollectOptions, JobFile | None]:
+    """``collect``'s options (and :func:`batch.collect`'s) resolved once: the job file's
+    values where ``unset(name)``, the key, the transport; ``--notify`` armed."""
+    state, results, download_dir = kw["state"], kw["results"], kw["download_dir"]
+    base_url, rate, proxy, ca_bundle = kw["base_url"], kw["rate"], kw["proxy"], kw["ca_bundle"]
+    fake_api, http_timeout = kw["fake_api"], kw["http_timeout"]
+    run_tables, spec = None, None
+    notify.arm(kw["notify_urls"], command, notify.url_secrets(proxy))
+    if results and "{" in results:  # every night's table the followed runs wrote under this name
+        run_tables = table_template(results)
+        results = dated("--results", results)
     if job is not None:
         spec = read_job(job)
-        unset = lambda name: ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)  # noqa: E731
         state = state or spec.get("state")
         if not results and spec.output_template and "{" in spec.output_template:
             run_tables = spec.output_template  # tonight's name may not be last night's: ask the ledger too
@@ -664,38 +801,43 @@ def collect(ctx: click.Context, job: Path | None, state: str | Path | None, resu
         rate = str(spec.get("rate", rate)) if unset("rate") else rate
         proxy = proxy or spec.get("proxy")
         ca_bundle = ca_bundle or spec.get("ca_bundle")
-        notify.arm(notify_urls or spec.get("notify"), "collect", notify.url_secrets(proxy))
-    key = connection(api_key_file, base_url, allow_insecure, log_level, needs_key=not fake_api)
+        notify.arm(kw["notify_urls"] or spec.get("notify"), command, notify.url_secrets(proxy))
+    key = connection(kw["api_key_file"], base_url, kw["allow_insecure"], kw["log_level"], needs_key=not fake_api)
     config = CollectConfig(
-        base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=concurrency, http_timeout=http_timeout,
-        wait=wait, wait_timeout=parse_duration(wait_timeout, "--timeout"), poll_min=poll_interval,
-        download_dir=download_location(download_dir), download_concurrency=download_concurrency,
-        download=DownloadPolicy(allow_local=fake_api or is_loopback(base_url), max_bytes=download_max_bytes,
-                                task_max_bytes=download_max_task_bytes,
-                                deadline=parse_duration(download_timeout, "--download-timeout"),
-                                min_rate=download_min_rate, stall=http_timeout),
+        base_url=base_url, api_key=key, rate=rate_option(rate), concurrency=kw["concurrency"],
+        http_timeout=http_timeout, wait=kw["wait"], wait_timeout=parse_duration(kw["wait_timeout"], "--timeout"),
+        poll_min=kw["poll_interval"], download_dir=download_location(download_dir),
+        download_concurrency=kw["download_concurrency"],
+        download=DownloadPolicy(allow_local=fake_api or is_loopback(base_url), max_bytes=kw["download_max_bytes"],
+                                task_max_bytes=kw["download_max_task_bytes"],
+                                deadline=parse_duration(kw["download_timeout"], "--download-timeout"),
+                                min_rate=kw["download_min_rate"], stall=http_timeout),
         transport=transport_of(proxy, ca_bundle),
     )
     default = fake_state_path() if fake_api else default_state_path()
-    summary = run_collect(CollectOptions(state_location(state) or default, config,
-                                         Target(str(results)) if results else None, fake_api,
-                                         budget_dir=state_home(), run_tables=run_tables))
+    return CollectOptions(state_location(state) or default, config,
+                          Target(no_url("--results", str(results))) if results else None, fake_api,
+                          budget_dir=state_home(), run_tables=run_tables), spec
+
+
+def collect_night(opts: CollectOptions, spec: JobFile | None, page: bool = True) -> dict[str, Any]:
+    """The collect ``collect`` and :func:`batch.collect` share: follow, download, rewrite
+    the table, then (with a download and a table) its page; the summary, printed by neither."""
+    summary = run_collect(opts)
     structlog.get_logger("batch").info("collect_summary", **summary)
-    if results and download_dir and not no_html:
+    if opts.results is not None and opts.config.download_dir is not None and page:
         from batch.page import write_page_after  # jinja2 and PyAV: only when a page is made
 
-        written = write_page_after(results, pricing=pricing_of(None, read_job(job) if job else None))
-        summary["page"] = written.path if written else None
-        if written is not None and written.spend:
-            summary["spend"] = written.spend
-    if as_json:
-        click.echo(json.dumps(summary))
-    else:
-        click.echo(render_collect(summary) + (f"\n  page: {summary['page']}" if summary.get("page") else ""))
-    if summary.get("local_fault"):
-        logs.report_error(summary["local_fault"], summary["exit_code"])
-    notify.finish(summary["exit_code"], summary, summary.get("page"))
-    sys.exit(summary["exit_code"])
+        pages = []
+        pricing = pricing_of(None, spec)
+        for table in summary.get("tables") or []:  # each table collect rewrote gets its page beside it
+            written = write_page_after(table, pricing=pricing)
+            if written is not None:
+                pages.append(written.path)
+                if written.spend:
+                    summary["spend"] = written.spend
+        summary["page"] = ", ".join(pages) or None
+    return summary
 
 
 @main.command()
@@ -736,10 +878,16 @@ def models_list() -> None:
     for slug in sorted(catalog.models):
         spec = catalog.models[slug]
         click.echo(f"{slug}  {spec.kind}  {spec.origin}, {spec.completeness}"
-                   + (f" ({spec.source_date})" if spec.source_date else ""))
+                   + (f" ({spec.source_date})" if spec.source_date else "")
+                   + ("  [this tool's default]" if slug == DEFAULT_MODEL else "")
+                   + (f"  [provider's default for {spec.provider_default}]" if spec.provider_default else ""))
         click.echo("    " + ", ".join(f"{n}{'*' if f.required else ''}:{f.type}" for n, f in spec.fields.items()))
         if spec.rules:
             click.echo("    rules: " + ", ".join(spec.rules))
+    unknown = {s: k for s, k in names_only().items() if s not in catalog.models}
+    if unknown:  # named by the provider, fields stated nowhere: 'models fetch' or 'models add' makes them usable
+        click.echo("known by name only (fields not stated; 'models fetch SLUG' or 'models add FILE'): "
+                   + ", ".join(f"{s} ({k})" for s, k in sorted(unknown.items())))
 
 
 @models_group.command("fetch")
@@ -759,7 +907,7 @@ def models_fetch(slug: str, schema_base: str, fake_api: bool, allow_insecure: bo
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if not fake_api:
-        check_transport(schema_base, allow_insecure)
+        check_transport(schema_base, allow_insecure, "--schema-base")
     doc, url = asyncio.run(fetch_schema(schema_base, slug, fake_api, transport_of(proxy, ca_bundle)))
     spec = save_spec(models_dir(), doc, "fetched", url, slug)
     click.echo(f"{spec.slug}: {len(spec.fields)} fields ({', '.join(spec.fields)}) from {url}")
@@ -823,6 +971,7 @@ def state_backup(dest: Path, state: str | None) -> None:
     if isinstance(source, PgLocation):
         raise ConfigError(f"--state {source}: a PostgreSQL ledger is backed up with pg_dump (or copied to a "
                           f"SQLite file with 'seedance-batch state copy')")
+    dest = local_file("DEST", dest)
     if not source.exists():
         raise StateError(f"{source}: no state file")
     counts = ledger_backup(source, dest)
@@ -875,13 +1024,14 @@ def report(results: str, as_json: bool, html: str | None, prices_file: Path | No
 
 @main.command("fake-api")
 @click.option("--port", type=click.IntRange(0, 65535), default=8787, show_default=True, help="Port on 127.0.0.1 (0: random).")
-@click.option("--latency", type=float, default=0.0, show_default=True, help="Seconds added to every answer.")
-@click.option("--jitter", type=float, default=0.0, show_default=True, help="Extra random seconds, uniform in [0, jitter].")
+@click.option("--latency", type=FiniteFloatRange(0), default=0.0, show_default=True, help="Seconds added to every answer.")
+@click.option("--jitter", type=FiniteFloatRange(0), default=0.0, show_default=True,
+              help="Extra random seconds, uniform in [0, jitter].")
 @click.option("--rate-limit", type=int, help="Answer 429 beyond N requests in any sliding 1-second window.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Inject a fault: KIND[,prob=P][,match=S][,times=N][,retry_after=S][,endpoint=submit|query|download]; "
                    "KIND is an HTTP status or code|badjson|no_task_id|drop|drop_accepted|slow. Repeatable.")
-@click.option("--task-delay", type=float, default=0.0, show_default=True, help="Seconds until a task is terminal.")
+@click.option("--task-delay", type=FiniteFloatRange(0), default=0.0, show_default=True, help="Seconds until a task is terminal.")
 @click.option("--api-key", help="Accept only this bearer key (default: any non-empty key).")
 def fake_api(port: int, latency: float, jitter: float, rate_limit: int | None, faults: tuple[str, ...],
              task_delay: float, api_key: str | None) -> None:

@@ -18,13 +18,16 @@ which treats every answer it does not list as a definite rejection as "outcome u
                 timeout or dropped connection once connected, an answer over 1 MiB.
 
 Provider text enters the process here and only here: every answer is read with a size
-cap, and every string in it has the API key scrubbed and control characters removed
-before anything else sees it, so no output and no stored row can carry the key.
+cap, and every string in it (and every error text built from a network exception) has
+the API key scrubbed (:meth:`Secret.scrub`, every case and encoding) and control
+characters removed before anything else sees it, so no output and no stored row can
+carry the key. Downloads (:mod:`batch.following`) scrub their errors with the same method.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import functools
 import json
@@ -37,36 +40,86 @@ import urllib.request
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 import aiohttp
 
-from batch.api import check_task_id
+from batch.api import check_task_id, whole_text
+from batch.mutant import mutant
 
 
 class Secret:
     """An API key that does not print itself: ``repr``/``str`` show ``***``."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_b64", "_lower", "_needles", "_pattern", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        self._lower = value.lower()
+        raw = value.encode()
+        b64 = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
+        # The key base64-encoded after a prefix (Basic auth's "user:KEY", "Bearer KEY")
+        # lands at any of three byte alignments: each alignment's characters that hold
+        # only key bits, without the edge ones that depend on the neighbouring bytes.
+        for offset in range(3):
+            skip = (8 * offset + 5) // 6
+            keep = (8 * (offset + len(raw))) // 6
+            for enc in (base64.b64encode, base64.urlsafe_b64encode):
+                b64.add(enc(b"\0" * offset + raw).decode()[skip:keep])
+        self._b64 = sorted(b64 | {b.rstrip("=") for b in b64} | {raw.hex()}, key=len, reverse=True)
+        # The quick test needs only the forms no other form contains (lower-cased once here).
+        lowered = sorted({b.lower() for b in self._b64}, key=len)
+        self._needles = tuple(n for i, n in enumerate(lowered) if not any(m in n for m in lowered[:i]))
+        self._pattern: re.Pattern[str] | None = None
 
     def reveal(self) -> str:
         return self._value
 
     def scrub(self, text: str) -> str:
-        """``text`` with every occurrence of the key replaced by ``***``. A value shorter
-        than :data:`MIN_SECRET` is no real key (the fake's, a test's): scrubbing it would
-        rewrite ordinary text."""
-        if len(self._value) >= MIN_SECRET and self._value in text:
-            return text.replace(self._value, "***")
-        return text
+        """``text`` with every occurrence of the key replaced by ``***``, in every form a
+        server or library may hand it back: any letter case, each character as itself or
+        percent-encoded (once or twice, either hex case), a space form-encoded as ``+``,
+        base64 (standard or URL-safe, padded or not, alone or after a prefix as in Basic
+        auth: at every byte alignment), and hex (either case). This is the one scrubber: every
+        place outside text enters the tool calls it (through :func:`clean_text`). A value
+        shorter than :data:`MIN_SECRET` is no real key (the fake's, a test's): scrubbing it
+        would rewrite ordinary text."""
+        if len(self._value) < MIN_SECRET or not text or not self._maybe_in(text):
+            return text
+        if self._pattern is None:
+            self._pattern = _key_pattern(self._value, self._b64)
+        text = self._pattern.sub("***", text)
+        # A form the pattern missed but the quick test sees (the key split by an encoding
+        # the pattern does not know): the whole text goes rather than the key.
+        return "*** (text withheld: it carried the API key)" if self._maybe_in(text) else text
+
+    def _maybe_in(self, text: str) -> bool:
+        """A quick test every form passes (the full pattern costs ~15 us a string; this
+        ~1 us, and every string of every answer goes through here)."""
+        low = text.lower()
+        if self._lower in low or any(n in low for n in self._needles):
+            return True
+        for _ in range(2):  # percent-encoded, once or twice
+            if "%" not in text and not ("+" in text and " " in self._value):
+                return False
+            text = unquote_plus(text) if " " in self._value else unquote(text)
+            if self._lower in text.lower():
+                return True
+        return False
 
     def __repr__(self) -> str:
         return "Secret('***')"
 
     __str__ = __repr__
+
+
+def _key_pattern(value: str, b64: list[str]) -> re.Pattern[str]:
+    def char(c: str) -> str:
+        encoded = "".join(f"%(?:25)?{b:02x}" for b in c.encode())
+        return f"(?:{re.escape(c)}|{encoded}{'|[+]' if c == ' ' else ''})"
+
+    forms = ["".join(map(char, value)), *map(re.escape, b64)]
+    return re.compile("|".join(forms), re.IGNORECASE)
 
 
 class Kind(Enum):
@@ -170,7 +223,9 @@ def _int_header(headers: Any, name: str) -> int | None:
 
 
 def clean_text(text: str, secret: Secret | None, limit: int = MESSAGE_CHARS) -> str:
-    """Provider text made safe to store and print: key scrubbed, controls removed, capped."""
+    """Provider text made safe to store and print: key scrubbed, controls and lone
+    surrogates (a header's undecodable byte) replaced, capped."""
+    text = whole_text(text)
     if secret is not None:
         text = secret.scrub(text)
     text = _CONTROL.sub(" ", text)
@@ -180,15 +235,17 @@ def clean_text(text: str, secret: Secret | None, limit: int = MESSAGE_CHARS) -> 
 _NOT_JSON = object()  # an answer body that did not parse
 
 
-def _scrub_json(value: Any, secret: Secret) -> Any:
-    """Every string value of a parsed answer with the key replaced (names are left as
-    they are: the answer's structure never changes)."""
+def _scrub_json(value: Any, secret: Secret | None) -> Any:
+    """Every string of a parsed answer whole (a ``\\ud800`` escape is valid JSON but no
+    text any writer accepts) and, values only, with the key replaced (names keep their
+    meaning: the answer's structure never changes)."""
     if isinstance(value, str):
-        return secret.scrub(value)
+        value = whole_text(value)
+        return secret.scrub(value) if secret is not None else value
     if isinstance(value, list):
         return [_scrub_json(v, secret) for v in value]
     if isinstance(value, dict):
-        return {k: _scrub_json(v, secret) for k, v in value.items()}
+        return {whole_text(k): _scrub_json(v, secret) for k, v in value.items()}
     return value
 
 
@@ -198,7 +255,8 @@ def parse_answer(raw: bytes, secret: Secret | None) -> Any:
         value = json.loads(raw)
     except (ValueError, RecursionError):
         raise ValueError("not JSON") from None
-    return _scrub_json(value, secret) if secret is not None and secret.reveal() else value
+    scrub = secret is not None and secret.reveal() and not mutant("drop_key_scrub")
+    return _scrub_json(value, secret if scrub else None)
 
 
 def _provider_message(body: Any, fallback: str, secret: Secret | None) -> tuple[str, int | None]:
@@ -254,7 +312,7 @@ def _classify(status: int, body: Any, headers: Any, secret: Secret | None) -> Ve
                        retry_after=retry_after_seconds(headers))
     if status in FATAL_STATUSES:
         return Verdict(Kind.FATAL, status, error=message, error_code=code)
-    if status in PERMANENT:
+    if status in PERMANENT or (status == 500 and mutant("treat_500_as_rejection")):
         return Verdict(Kind.FAIL, status, error=message, error_code=code)
     return Verdict(Kind.UNKNOWN, status, error=message, error_code=code)
 
@@ -317,9 +375,12 @@ def redact_url(url: str | None) -> str | None:
     """A proxy URL fit for a log: no credentials."""
     if not url:
         return url
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+    try:
+        parts = urlsplit(url)
+        if parts.username or parts.password:
+            return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+    except ValueError:  # unparseable ("http://[::1"): drop all that could be credentials
+        return "***@" + url.rpartition("@")[2] if "@" in url else url
     return url
 
 
@@ -384,12 +445,12 @@ def tls_failure(exc: BaseException, url: str) -> str:
 
 async def request_once(
     session: aiohttp.ClientSession, method: str, url: str, key: Secret, body: bytes | None = None,
-    cap: int = MAX_ANSWER_BYTES, transport: Transport | None = None,
+    cap: int = MAX_ANSWER_BYTES, transport: Transport | None = None, extra_headers: dict[str, str] | None = None,
 ) -> Verdict:
     """One attempt; a network failure becomes RETRY (nothing sent) or UNKNOWN (maybe sent);
     a certificate the machine does not trust, or a proxy asking for credentials, is FATAL:
     no retry can help, and nothing was sent."""
-    headers = {"Authorization": f"Bearer {key.reveal()}"}
+    headers = {**(extra_headers or {}), "Authorization": f"Bearer {key.reveal()}"}
     if body is not None:
         headers["Content-Type"] = "application/json"
     proxy = transport.proxy_for(url) if transport is not None else None
@@ -403,13 +464,13 @@ async def request_once(
                 return Verdict(Kind.UNKNOWN, response.status, error=f"HTTP {response.status}: {exc}")
             return classify(response.status, raw, response.headers, key)
     except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError) as exc:
-        return Verdict(Kind.FATAL, error=tls_failure(exc, url))
+        return Verdict(Kind.FATAL, error=clean_text(tls_failure(exc, url), key, 500))
     except aiohttp.ClientHttpProxyError as exc:
         if exc.status == 407:
             return Verdict(Kind.FATAL, error="the proxy asks for credentials (HTTP 407): give them in the proxy URL, "
                                              "http://user:password@host:port")
         return Verdict(Kind.RETRY, error=f"the proxy refused the tunnel (HTTP {exc.status})")
     except NOT_SENT_ERRORS as exc:
-        return Verdict(Kind.RETRY, error=f"connection failed before sending ({describe(exc)})")
+        return Verdict(Kind.RETRY, error=f"connection failed before sending ({clean_text(describe(exc), key)})")
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        return Verdict(Kind.UNKNOWN, error=f"no answer after sending ({describe(exc)})")
+        return Verdict(Kind.UNKNOWN, error=f"no answer after sending ({clean_text(describe(exc), key)})")

@@ -10,22 +10,34 @@ Guarantees:
   files together, as the official CLI has it), enforced on the announced ``Content-Length``
   and on the bytes received; an overall deadline per file; a minimum throughput (a server
   dripping bytes is cut off); cancellation (SIGTERM) stops at once.
+* **What a byte is.** Outputs are asked for uncompressed (``Accept-Encoding: identity``);
+  a server that compresses anyway is unpacked, the caps count the unpacked bytes (and at
+  most :data:`MAX_RATIO` times what was sent), its ``Content-Length`` is not compared with
+  them, and it is never resumed.
 * **Where bytes go.** The file name comes only from our request id and label, and the
-  extension from a fixed allow-list, never from the URL or the answer; every path written
-  is checked to lie inside the download directory. Bytes go to ``.<name>.part`` (kept for
-  a ``Range`` resume), are fsynced and renamed: a final name only ever holds a whole file.
+  extension from a fixed allow-list, never from the URL or the answer. Every name is
+  opened relative to the download directory's descriptor, held from the first download
+  (a directory swapped for a symlink later is not followed), with ``O_NOFOLLOW``, and a
+  new ``.part`` with ``O_EXCL``: a symlink or hard link planted at a ``.part`` or final
+  name is never written through (it is removed, or replaced by the rename). Bytes go to
+  ``.<name>.part`` (kept for a ``Range`` resume), are fsynced and renamed: a final name
+  only ever holds a whole file. A download given up removes its ``.part``.
+* **Never a crash.** A URL or ``Location`` that does not parse is a :class:`DownloadError`
+  of its file, like any other refusal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import os
 import re
 import socket
+import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +46,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import aiohttp.abc
 import aiohttp.resolver
+from aiohttp import compression_utils
 
 from batch.client import Transport
 from batch.storage import stream_upload
@@ -43,6 +56,12 @@ VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "webm"})
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp"})
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 GIB = 1 << 30
+# What aiohttp decodes here (one encoding, not a list): br and zstd only with their
+# optional packages; without them aiohttp fails every attempt, so they are refused at once.
+UNPACKED = frozenset({"gzip", "deflate"}
+                     | ({"br"} if getattr(compression_utils, "HAS_BROTLI", False) else set())
+                     | ({"zstd"} if getattr(compression_utils, "HAS_ZSTD", False) else set()))
+MAX_RATIO = 64  # unpacked bytes per byte sent, for a server that compresses anyway (videos barely compress)
 
 
 @dataclass(frozen=True)
@@ -88,7 +107,11 @@ def check_url(url: str, policy: DownloadPolicy) -> str:
     """``url`` if it may be fetched under ``policy``, else :class:`DownloadError`."""
     if not isinstance(url, str) or len(url) > 4096 or any(c in url for c in "\r\n\t "):
         raise DownloadError("not a usable URL")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is no number or out of range
+    except ValueError:
+        raise DownloadError("not a usable URL (it does not parse)") from None
     allowed = ("https", "http") if policy.allow_local else ("https",)
     if parts.scheme not in allowed:
         raise DownloadError(f"refusing a {parts.scheme or 'schemeless'} URL (https only)")
@@ -156,12 +179,30 @@ def extension(resource: dict[str, Any], is_frame: bool) -> str:
 
 
 def contained(directory: Path, name: str) -> Path:
-    """``directory / name``, refusing anything that would land outside ``directory``."""
-    base = directory.resolve()
-    path = (base / name).resolve()
-    if path.parent != base or "/" in name or name.startswith("."):
+    """``directory / name``, refusing a name that is not one plain entry of ``directory``.
+    What is at that name is not looked at (a planted symlink must not decide): the sink
+    opens it relative to the directory's descriptor, without following links."""
+    if not name or "/" in name or "\0" in name or name.startswith("."):
         raise DownloadError(f"refusing to write outside {directory}")
-    return base / name
+    return directory.resolve() / name
+
+
+def open_directory(directory: Path) -> int:
+    """A descriptor of ``directory`` (created if need be): every name is then opened
+    relative to it, whatever becomes of the path later."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def regular_size(name: str, dir_fd: int) -> int | None:
+    """The size of the regular file ``name`` in ``dir_fd``; ``None`` when there is none
+    (or something else is there: a symlink, a directory, or a file with a second name:
+    a hard link planted at a predictable name is someone else's file, never our output)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else None
 
 
 class _Pace:
@@ -196,33 +237,71 @@ def _total_size(resp: aiohttp.ClientResponse) -> int | None:
 
 class FileSink:
     """A local file: bytes go to ``.<name>.part`` (kept for a ``Range`` resume), then are
-    fsynced and renamed to the final name."""
+    fsynced and renamed to the final name, every name relative to ``dir_fd`` (the
+    download directory's descriptor; without one, the final path's directory is opened
+    for each use)."""
 
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, dir_fd: int | None = None) -> None:
         self.final = final
         self.part = final.with_name(f".{final.name}.part")
+        self.dir_fd = dir_fd
+
+    def _dir(self) -> contextlib.AbstractContextManager[int]:
+        if self.dir_fd is not None:
+            return contextlib.nullcontext(self.dir_fd)
+        return _closing_fd(os.open(self.final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
 
     def resume_from(self, max_bytes: int) -> int:
-        have = self.part.stat().st_size if self.part.exists() else 0
-        if have > max_bytes:
-            self.part.unlink()
-            return 0
-        return have
+        with self._dir() as dfd:
+            try:
+                st = os.stat(self.part.name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return 0
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > max_bytes:
+                # A planted link, or longer than the output may be: never appended to.
+                os.unlink(self.part.name, dir_fd=dfd)
+                return 0
+            return st.st_size
 
     def restart(self) -> None:
-        self.part.unlink(missing_ok=True)
+        with self._dir() as dfd, contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(self.part.name, dir_fd=dfd)
+
+    def _open(self, dfd: int, have: int) -> int:
+        if have:
+            fd = os.open(self.part.name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == have:
+                return fd
+            os.close(fd)  # swapped since resume_from: start over
+            raise DownloadError("partial file changed under us", retry=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.part.name, dir_fd=dfd)  # whatever is there (a link) goes, not its target
+        return os.open(self.part.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o644, dir_fd=dfd)
 
     async def receive(self, chunks: AsyncIterator[bytes], have: int, total: int | None) -> int:
-        with open(self.part, "ab" if have else "wb") as out:
-            async for chunk in chunks:
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        size = self.part.stat().st_size
-        if total is not None and size != total:
-            raise DownloadError(f"got {size} of {total} bytes", retry=True)
-        os.replace(self.part, self.final)
+        with self._dir() as dfd:
+            with open(self._open(dfd, have), "ab") as out:
+                async for chunk in chunks:
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+                size = os.fstat(out.fileno()).st_size
+            if total is not None and size != total:
+                raise DownloadError(f"got {size} of {total} bytes", retry=True)
+            # rename replaces whatever is at the final name (a planted link itself, never its target)
+            os.rename(self.part.name, self.final.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.fsync(dfd)
         return size
+
+
+@contextlib.contextmanager
+def _closing_fd(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class ObjectSink:
@@ -272,7 +351,9 @@ async def fetch(session: aiohttp.ClientSession, url: str, sink: Sink, policy: Do
     pace = _Pace(policy)
     target = check_url(url, policy)
     for _hop in range(policy.max_redirects + 1):
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        # identity: a compressed answer's Content-Length counts packed bytes, and a Range of
+        # packed bytes cannot resume a file of unpacked ones.
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
         remaining = policy.deadline - (time.monotonic() - pace.start)
         try:
             async with asyncio.timeout(max(0.001, remaining)):
@@ -282,7 +363,12 @@ async def fetch(session: aiohttp.ClientSession, url: str, sink: Sink, policy: Do
                         location = resp.headers.get("Location")
                         if not location:
                             raise DownloadError(f"HTTP {resp.status} without Location")
-                        target = check_url(urljoin(target, location), policy)
+                        try:
+                            joined = urljoin(target, location)
+                        except ValueError:
+                            raise DownloadError(f"HTTP {resp.status} to a Location that is "
+                                                "not a usable URL (it does not parse)") from None
+                        target = check_url(joined, policy)
                         continue
                     if resp.status in (403, 404, 410):
                         raise DownloadError(f"HTTP {resp.status}: output no longer available", gone=True)
@@ -295,10 +381,24 @@ async def fetch(session: aiohttp.ClientSession, url: str, sink: Sink, policy: Do
                     total = _total_size(resp)
                     if total is not None and total > policy.cap:
                         raise DownloadError(f"output of {total} bytes is over {policy.cap_text()}")
-                    return await sink.receive(_bounded(resp, start, policy, pace), start, total)
+                    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+                    packed = encoding not in ("", "identity")
+                    if packed and encoding not in UNPACKED:  # aiohttp would hand us the packed bytes
+                        raise DownloadError(f"answer in a Content-Encoding we do not unpack ({encoding[:40]})")
+                    if packed and start:
+                        sink.restart()  # unpacked bytes cannot continue from a packed offset
+                        raise DownloadError("compressed answer to a resumed download", retry=True)
+                    limit = None if not packed or total is None else max(total, 1) * MAX_RATIO
+                    return await sink.receive(_bounded(resp, start, policy, pace, limit), start,
+                                              None if packed else total)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, PrivateAddress):
                 raise DownloadError(f"refusing a private or reserved address ({exc.os_error.strerror})") from None
+            raise DownloadError(str(exc) or type(exc).__name__, retry=True) from None
+        except aiohttp.ClientResponseError as exc:
+            if "content-encoding" in str(exc.message).lower():  # aiohttp cannot unpack it here: no retry can
+                raise DownloadError(f"answer in a Content-Encoding we do not unpack ({str(exc.message)[:80]})") \
+                    from None
             raise DownloadError(str(exc) or type(exc).__name__, retry=True) from None
         except aiohttp.ClientError as exc:  # before TimeoutError: a stalled read is one of these
             raise DownloadError(str(exc) or type(exc).__name__, retry=True) from None
@@ -306,16 +406,21 @@ async def fetch(session: aiohttp.ClientSession, url: str, sink: Sink, policy: Do
             raise DownloadError(f"deadline of {policy.deadline:g} s passed") from None
         except OSError as exc:
             raise DownloadError(exc.strerror or str(exc), retry=True) from None
+        except ValueError:  # a URL yarl or aiohttp will not take although it split
+            raise DownloadError("not a usable URL (it does not parse)") from None
     raise DownloadError(f"more than {policy.max_redirects} redirects")
 
 
 async def _bounded(resp: aiohttp.ClientResponse, have: int, policy: DownloadPolicy,
-                   pace: _Pace) -> AsyncIterator[bytes]:
-    """The body in chunks, under the size cap and the minimum throughput."""
+                   pace: _Pace, unpacked_limit: int | None = None) -> AsyncIterator[bytes]:
+    """The body in chunks (unpacked, when the server compressed it), under the size cap,
+    the unpacking ratio and the minimum throughput."""
     received = have
     async for chunk in resp.content.iter_chunked(CHUNK):
         received += len(chunk)
         if received > policy.cap:
             raise DownloadError(f"output over {policy.cap_text()}")
+        if unpacked_limit is not None and received > unpacked_limit:
+            raise DownloadError(f"compressed answer unpacks to over {MAX_RATIO} times the bytes sent")
         pace.check(received)
         yield chunk

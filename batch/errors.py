@@ -1,10 +1,14 @@
 """The exception hierarchy and exit codes: every user-facing failure is a :class:`BatchError`.
 
 The CLI turns a ``BatchError`` into one line on stderr (a JSON event off a TTY) and its
-``exit_code``; anything else escaping is a bug and keeps its traceback.
+``exit_code``; anything else escaping is a bug and keeps its traceback. The Python API
+(:mod:`batch.pyapi`) raises the same classes; one raised after a run carries its
+``summary`` (and ``results`` table when it could be read).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1  # finished, but some request or task is not OK
@@ -19,6 +23,8 @@ class BatchError(Exception):
     """Base of every error the tool reports to its user."""
 
     exit_code = EXIT_USAGE
+    summary: dict[str, Any] | None = None  # the run's summary, when the error ends a run (Python API)
+    results: Any = None  # its results table (a polars DataFrame), when one could be read back
 
 
 class InputError(BatchError):
@@ -37,6 +43,12 @@ class LockedError(BatchError):
     """Another run holds the state lock; nothing was sent."""
 
     exit_code = EXIT_LOCKED
+
+
+class StoppedError(BatchError):
+    """SIGINT/SIGTERM stopped the run; the ledger and the table say what was sent (Python API)."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 class ProviderError(BatchError):

@@ -30,17 +30,20 @@ import itertools
 import json
 import math
 import string
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import polars as pl
+import structlog
 
-from batch.api import DEFAULT_MODEL
+from batch.api import DEFAULT_MODEL, whole_json
 from batch.errors import ConfigError, InputError
 from batch.identity import content_key, with_repeat
 from batch.load import Table
 from batch.models import Catalog, FieldSpec, ModelSpec, normalize_name
+from batch.storage import is_remote
+from batch.upload import IMAGE_FIELDS, URL_FIELDS, LocalImages
 from batch.validate import DEFAULT_TIER, RuleError, Validator, to_bool, to_int
 
 T = TypeVar("T")
@@ -51,11 +54,13 @@ RESULT_COLUMNS = (
     "request_id", "source", "row", "model", "endpoint", "status", "task_id", "error", "error_code",
     "http_status", "attempts", "submitted_at", "as_written",
     "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error",
+    "task_attempt", "earlier_task_ids",
 )
 MODEL_COLUMN = "model"
 _KIND_WORDS = {"n": "a number", "b": "a boolean", "d": "a date", "date": "a date", "e": "an error value"}
 
 
+log = structlog.get_logger("batch")
 normalize = normalize_name  # how a header is matched: lower case, spaces and hyphens as underscores
 
 
@@ -103,7 +108,7 @@ def split_list(text: str, name: str, array_field: bool = False) -> list[Any]:
         return []
     if text[0] == "[" and text[-1] == "]":
         try:
-            parsed = json.loads(text)
+            parsed = whole_json(json.loads(text))  # "\\ud800" is valid JSON, not text
         except ValueError:
             parsed = None
         if isinstance(parsed, list):
@@ -212,7 +217,8 @@ class ColumnMap:
     id_column: str | None
     model_column: str | None
     template: dict[str, str]  # placeholder -> column
-    models: tuple[str, ...]  # the models this table's rows use
+    models: tuple[str, ...]  # the models this table's columns are checked against (the default among them)
+    named: tuple[str, ...] = ()  # the models its rows send to: the default only where a model cell is empty
 
     def describe(self) -> str:
         parts = [f"{c} -> {f}" for c, f in self.fields.items()]
@@ -278,7 +284,15 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
         norm = normalize(c)
         if c in fields or c in (id_column, model_column) or norm in passthrough:
             continue
-        close = difflib.get_close_matches(norm, names, n=1, cutoff=0.8) or [
+        # A field's name in whole words wins over a spelling guess ("Video duration" is no
+        # misspelt "video_ratio").
+        name = field_named_within(c, known, aliases)
+        if name is not None and name not in taken:
+            raise InputError(
+                f"{where}: column {c!r} names the field {name!r} in a form that is not its header, so its "
+                f"values would not be sent: rename the header to {name!r}, or keep it as a pass-through "
+                f"column with passthrough = [{c!r}] in the job file (or --passthrough {c!r})")
+        close = [] if name is not None else difflib.get_close_matches(norm, names, n=1, cutoff=0.8) or [
             a for a in difflib.get_close_matches(norm, sorted(set(meaning) - set(names)), n=1, cutoff=0.8)
             if not (a.startswith(norm) or norm.startswith(a))]
         if close and meaning[close[0]] not in taken:
@@ -289,9 +303,13 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
                 f"{name!r}, or keep it as a pass-through column with passthrough = [{c!r}] in the job file "
                 f"(or --passthrough {c!r})")
     models = {spec.model}
+    sent = {spec.model}
     if model_column is not None:
-        models |= {str(v).strip().lower() for v in table.df[model_column].drop_nulls().unique().to_list()
-                   if str(v).strip()}
+        cells = [str(v).strip() for v in table.df[model_column].unique().to_list() if v is not None]
+        models |= {v.lower() for v in cells if v}
+        sent = {v.lower() for v in cells if v}
+        if table.df[model_column].null_count() or "" in cells or not sent:
+            sent.add(spec.model)  # a row without a model cell uses the default model
     usable = [m for m in models if catalog.find(m) is not None]
     for c, f in fields.items():
         if not catalog.with_field(f, usable) and usable:
@@ -308,7 +326,26 @@ def map_columns(table: Table, spec: ExpandSpec, catalog: Catalog) -> ColumnMap:
     if "prompt" not in mapped and not template and "prompt" not in spec.params:
         raise InputError(f"{where}: no 'prompt' column (columns: {', '.join(columns) or 'none'})")
     extra = {c: (f"input_{c}" if c in RESULT_COLUMNS or c in known else c) for c in columns if c not in fields}
-    return ColumnMap(fields, extra, id_column, model_column, template, tuple(sorted(models)))
+    return ColumnMap(fields, extra, id_column, model_column, template, tuple(sorted(models)), tuple(sorted(sent)))
+
+
+def field_named_within(header: str, known: Iterable[str], aliases: Mapping[str, str]) -> str | None:
+    """The one field a header names in a longer form (``Video duration (sec)``, ``Target
+    resolution``, ``Fixed camera yes/no``: a field's name, or a synonym of several words,
+    as whole words of it) or as an abbreviation (``Dur.``: a dotted prefix of at least 3
+    letters of exactly one field's name); ``None`` when it names none, or several. One-word
+    synonyms (``tier``, ``sound``) count only as the whole header: inside one they are
+    ordinary words (``Customer tier``, ``Sound designer``)."""
+    norm = normalize(header)
+    words = norm.split("_")
+    found = set()
+    for name, target in [(f, f) for f in known] + [(a, f) for a, f in aliases.items() if "_" in a]:
+        part = name.split("_")
+        if len(part) < len(words) and any(words[i:i + len(part)] == part for i in range(len(words) - len(part) + 1)):
+            found.add(target)
+    if str(header).strip().endswith(".") and len(norm) >= 3 and norm.isalpha():
+        found |= set(prefixed) if len(prefixed := [f for f in known if f.startswith(norm)]) == 1 else set()
+    return found.pop() if len(found) == 1 else None
 
 
 def _enum_values(catalog: Catalog, slugs: Sequence[str]) -> dict[str, set[str]]:
@@ -397,10 +434,16 @@ class Expander:
         self.spec = spec = replace(spec, params=self._resolve_params(spec.params))
         default = self.catalog.get(spec.model)
         self.maps = [map_columns(t, spec, self.catalog) for t in self.tables]
+        headers = {normalize(c) for t in self.tables for c in t.df.columns}
+        for name in dict.fromkeys(spec.passthrough):
+            if self.tables and normalize(name) not in headers:  # a typo keeps nothing: say so
+                log.warning("passthrough_unused", column=name, reason="no input has a column of that name")
         self._models: dict[str, _Model | None] = {}
+        self._in_use: list[str] | None = None
         self._check_params(default)
         self.total_rows = sum(t.df.height for t in self.tables)
         self.rows_seen = 0  # rows read by the current iteration (for progress)
+        self.images = LocalImages()  # local reference images, checked as rows expand (batch.upload)
 
     def _resolve_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Job-level values keyed by field, a synonym (``aspect_ratio``) read as its field."""
@@ -421,7 +464,7 @@ class Expander:
             if name not in self.catalog.known_fields():
                 raise ConfigError(f"--param/params {name}: unknown API field (known: "
                                   f"{', '.join(sorted(self.catalog.known_fields()))})")
-            having = self.catalog.with_field(name, [default.slug, *self.models_in_use])
+            having = self.catalog.with_field(name, [default.slug, *self.models_named])
             if not having:
                 raise ConfigError(f"--param/params {name}: {default.slug} has no field {name!r}")
             prepared = self.model(having[0])
@@ -448,13 +491,29 @@ class Expander:
         return prepared
 
     @property
-    def models_in_use(self) -> list[str]:
+    def models_named(self) -> list[str]:
+        """Every known model the inputs may use: the default and each model cell's value
+        (what a column or a job-level value must fit)."""
         return sorted({m for cmap in self.maps for m in cmap.models if self.catalog.find(m) is not None})
 
+    @property
+    def models_in_use(self) -> list[str]:
+        """The models of the rows that will be sent (valid rows): what preflight, ``check``,
+        the routes and ``--max-spend``'s prices are about. The default is not in use when
+        every row names another model, nor a model only invalid rows name. One model named
+        needs no pass over the rows; more take one expansion (cached)."""
+        named = self.models_named
+        if len(named) <= 1:
+            return named
+        if self._in_use is None:
+            found = {r.model.strip().lower() for r in self if r.error is None}
+            self._in_use = sorted(m for m in found if self.catalog.find(m) is not None)
+        return self._in_use
+
     def field_types(self) -> dict[str, str]:
-        """Each field of the models in use and its JSON type; the default model's first."""
+        """Each field of the models named and its JSON type; the default model's first."""
         types: dict[str, str] = {}
-        for slug in [self.spec.model, *self.models_in_use]:
+        for slug in [self.spec.model, *self.models_named]:
             for name, f in self.catalog.get(slug).fields.items():
                 kind = f.type if f.type != "array" else f"array:{f.item.type if f.item else 'string'}"
                 types[name] = kind if types.get(name, kind) == kind else "string"
@@ -523,10 +582,14 @@ class Expander:
         template = self.spec.prompt_template
         default = self.spec.model
         index = -1
+        sheet = None if table.location and is_remote(table.location) else table.path.parent
+        column_of = {f: c for f, _, c in field_idx}
         for chunk in df.iter_slices(10_000):
-            self.rows_seen += chunk.height
             for cells in chunk.iter_rows():
                 index += 1
+                # Per row, not per slice: progress scales what was queued by the share of rows
+                # read, and a slice counted ahead made that share 1 while the queue was filling.
+                self.rows_seen += 1
                 if all(c is None or c == "" for c in cells):
                     continue  # a blank spreadsheet line is not a row
                 slug, written_model, unsent = default, None, {}
@@ -570,10 +633,18 @@ class Expander:
                 extra = {name: cells[i] for name, i in extra_idx}
                 label = label_of(cells[id_pos]) if id_pos is not None else None
                 names = list(choices)
+                localize = self._localizer(table, sheet, column_of, index) \
+                    if (IMAGE_FIELDS | URL_FIELDS) & fields.keys() else None
                 for combo in itertools.product(*(choices[n] for n in names)):
                     yield self._make(dict(zip(names, combo, strict=True)), errors, table.source,
                                      table.first_row + index, extra, label, occurrences, prepared, written_model,
-                                     unsent)
+                                     unsent, localize)
+
+    def _localizer(self, table: Table, sheet: Any, column_of: dict[str, str],
+                   index: int) -> Callable[[dict[str, Any]], list[str]]:
+        def where(field_name: str) -> str:
+            return table.cell(index, column_of[field_name]) if field_name in column_of else "--param"
+        return lambda body: self.images.localize(body, sheet, where)
 
     def _unknown_model(self, written: str) -> str:
         """The error of a model cell naming no known model, with the model it most likely
@@ -607,6 +678,7 @@ class Expander:
         model: _Model,
         written_model: str | None = None,
         unsent: dict[str, Any] | None = None,
+        localize: Callable[[dict[str, Any]], list[str]] | None = None,
     ) -> Request:
         errors = list(row_errors)
         body: dict[str, Any] = {}
@@ -618,6 +690,8 @@ class Expander:
                 errors.append(str(exc))
         if not errors:
             errors = model.validator.check_body(body)
+        if not errors and localize is not None:  # local images: checked now, identified by content
+            errors = localize(body)
         written = None
         if errors:
             key = content_key(model.spec.slug, {name: body.get(name, value) for name, value in raw.items()})

@@ -8,7 +8,9 @@ from the prompt's hash: :mod:`batch.poster`), ``failed``
 with a reason in the documented error envelope, or ``cancelled``; ``X-RateLimit-*``
 headers over a per-minute window; a concurrency limit (429); and the read-only
 endpoints (models, balance, key validation). It validates submissions as the provider
-documents them.
+documents them. Optionally (``state_names="dsh"``, ``result_ttl``) it speaks the newer
+client's state words (``queued``/``created``, ``running``/``in_progress``, ``done``) and
+states ``result_expires_at``; it records each submission's ``x-request-id``.
 
 Task ids carry their own creation time and fate, signed, so any instance of the fake
 (a later ``collect --fake-api`` in another process) answers for tasks an earlier one
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gzip
 import hashlib
 import hmac
 import itertools
@@ -36,14 +39,17 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import fastjsonschema
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from batch.api import TASK_PATH
 from batch.models import Catalog, shipped
 from batch.poster import RGB, colour_of, tiny_clip, tiny_png
+from batch.upload import MAX_BYTES as UPLOAD_MAX_BYTES
+from batch.upload import UPLOAD_PATH, sniff
 from batch.validate import RULES, BodyRule, FieldRule
 
 _REASONS = {
@@ -54,7 +60,12 @@ _REASONS = {
     503: "Service Unavailable", 504: "Gateway Timeout",
 }
 # Kinds a fault may have besides an HTTP status.
-FAULT_KINDS = ("code", "badjson", "no_task_id", "drop", "drop_accepted", "slow")
+FAULT_KINDS = ("code", "badjson", "no_task_id", "drop", "drop_accepted", "slow",
+               # Kinds of the simulation suite (tests/sim): answers a real provider might give
+               # once, each after creating the task unless said otherwise.
+               "odd_task_id", "huge", "dup_task_id", "echo_key", "echo_key_url",
+               # query and download answers
+               "bad_url", "redirect", "redirect_key", "gzip")
 ROUTES = {
     "seed": "/api/v1/text-to-video/{provider}/{model}/async",
     "async": "/api/v1/{provider}/{model}/async",
@@ -73,6 +84,10 @@ class Fault:
     ``times`` times (``None``: forever). ``drop`` closes the connection after reading
     the request without creating a task; ``drop_accepted`` creates the task first,
     the case that makes resending dangerous; ``slow`` adds ``delay`` seconds.
+    ``accept`` creates the task before any other answer (a 500, a ``code`` ≠ 0, no task
+    id...): the provider took the request although its answer does not say so.
+    ``form`` is how ``echo_key*`` and ``redirect_key`` spell the key: ``exact``,
+    ``lower``, ``upper`` or ``pct`` (percent-encoded).
     """
 
     kind: str
@@ -82,10 +97,12 @@ class Fault:
     retry_after: str | None = None
     endpoint: str = "submit"
     delay: float = 0.0
+    accept: bool = False
+    form: str = "exact"
 
     @classmethod
     def parse(cls, spec: str) -> Fault:
-        """``KIND[,prob=P][,match=S][,times=N][,retry_after=S][,endpoint=E][,delay=S]``."""
+        """``KIND[,prob=P][,match=S][,times=N][,retry_after=S][,endpoint=E][,delay=S][,accept=1][,form=F]``."""
         kind, *opts = [p.strip() for p in spec.split(",")]
         if not (kind.isdigit() or kind in FAULT_KINDS):
             raise ValueError(f"unknown fault kind {kind!r}")
@@ -98,7 +115,9 @@ class Fault:
                 kw["times"] = int(value)
             elif key == "delay":
                 kw["delay"] = float(value)
-            elif key in ("match", "retry_after", "endpoint"):
+            elif key == "accept":
+                kw["accept"] = value not in ("", "0", "false")
+            elif key in ("match", "retry_after", "endpoint", "form"):
                 kw[key] = value
             else:
                 raise ValueError(f"unknown fault option {key!r}")
@@ -119,6 +138,8 @@ class FakeConfig:
     task_delay: float = 0.0  # seconds from submission to a terminal task state
     fail_match: str = "FAILTASK"  # prompts containing this end as failed tasks
     cancel_match: str = "CANCELTASK"  # ... as cancelled tasks
+    flaky_match: str = "FLAKYTASK"  # ... fail with an internal error on their first flaky_failures submissions
+    flaky_failures: int = 1
     video_bytes: int = 4096  # an output's size: the real clip, padded up to this
     download_bps: float | None = None  # throttle downloads (bytes/s) to test interrupted ones
     seed: int = 0
@@ -128,6 +149,10 @@ class FakeConfig:
     schemas: dict[str, Any] = field(default_factory=dict)  # slug -> schema document served instead of the shipped
     balance: float = 100.0
     get_result: bool = True  # answer submissions with data.get_result.url
+    # "dsh": task states as the provider's newer client reads them (queued/created, running/
+    # in_progress, done) instead of pending/processing/success (provider-today.md, 2026-12-06)
+    state_names: str = "documented"
+    result_ttl: float | None = None  # seconds from completion: answer successes with result_expires_at
 
 
 @dataclass
@@ -141,6 +166,7 @@ class Record:
     kind: str = ""  # submit, query, download, models, balance, validate
     wall: float = 0.0  # time.time() when the handler started
     model: str | None = None
+    x_request_id: str | None = None  # the submission's x-request-id header
 
 
 class FakeState:
@@ -154,6 +180,8 @@ class FakeState:
         self._minute: collections.deque[float] = collections.deque()
         self.active = 0
         self.max_active = 0
+        self._flaky_seen: dict[str, int] = {}
+        self.last_key = ""  # the bearer key last seen, for answers that echo it
 
     def arrive(self, method: str, path: str, detail: Any = None, kind: str = "") -> Record:
         """Record a request as its handler starts; the handler fills in status and task id."""
@@ -173,6 +201,10 @@ class FakeState:
         return collections.Counter(
             json.dumps(b, sort_keys=True, ensure_ascii=False) for b in self.accepted_bodies()
         )
+
+    def uploads(self) -> list[Record]:
+        """The uploads the fake accepted (``detail``: sha256, size, filename)."""
+        return [r for r in self.records if r.kind == "upload" and r.status == 200]
 
     def submit_times(self) -> list[float]:
         return [r.t for r in self.submissions()]
@@ -223,6 +255,7 @@ class FakeState:
         prompt = str(body.get("prompt", ""))
         flags = "".join(flag for flag, on in (
             ("f", self.config.fail_match in prompt), ("c", self.config.cancel_match in prompt),
+            ("i", self.config.flaky_match in prompt and self._flaky(prompt)),
             ("l", bool(body.get("return_last_frame"))),
         ) if on) or "n"
         # The clip's colour rides in the id, so a later fake (collect's) serves the same video.
@@ -231,6 +264,12 @@ class FakeState:
         task_id = f"task-video-{core}-{_sign(core)}"
         self.tasks[task_id] = {"created": time.time(), "body": body, "model": model}
         return task_id
+
+    def _flaky(self, prompt: str) -> bool:
+        """Whether this submission of a flaky prompt still fails (counted per prompt)."""
+        seen = self._flaky_seen.get(prompt, 0)
+        self._flaky_seen[prompt] = seen + 1
+        return seen < self.config.flaky_failures
 
     def task_status(self, task_id: str) -> str | None:
         """The task's state now, from its id alone; ``None`` for an id this fake never issued."""
@@ -244,7 +283,17 @@ class FakeState:
             return "pending" if age < delay / 2 else "processing"
         if "c" in flags:
             return "cancelled"
-        return "failed" if "f" in flags else "success"
+        return "failed" if "f" in flags or "i" in flags else "success"
+
+
+_DSH_WORDS = {"pending": ("queued", "created"), "processing": ("running", "in_progress"), "success": ("done", "done")}
+
+
+def _state_word(status: str, names: str, task_id: str) -> str:
+    """A state as the chosen vocabulary spells it; alternate synonyms by task id so a
+    sheet's tasks show each of them."""
+    words = _DSH_WORDS.get(status) if names == "dsh" else None
+    return words[int(task_id[-1], 16) % 2] if words else status
 
 
 def _sign(core: str) -> str:
@@ -344,6 +393,28 @@ async def _apply_fault(
     if kind == "slow":
         await asyncio.sleep(fault.delay)
         return None
+    if fault.accept and kind not in ("drop_accepted", "odd_task_id", "huge", "echo_key_url"):
+        accept()
+    key = spelled_key(state.last_key, fault.form)
+    if kind == "odd_task_id":
+        record.status = 200
+        return _ok({"status": "pending", "task_id": f"../{accept()}/x y"})
+    if kind == "huge":
+        accept()
+        record.status = 200
+        return web.json_response({"code": 0, "message": "success", "data": {"pad": "x" * (1 << 21)}})
+    if kind == "dup_task_id":
+        previous = next((r.task_id for r in reversed(state.records) if r.task_id), None)
+        record.status = 200
+        return _ok({"status": "pending", "task_id": previous or "task-video-none"})
+    if kind == "echo_key":
+        record.status = 400
+        return _error(400, f"invalid request for key {key}", {"X-Echo": key})
+    if kind == "echo_key_url":
+        task_id = accept()
+        record.status = 200
+        url = f"{request.scheme}://{request.host}{TASK_PATH.format(task_id=task_id)}?api_key={key}"
+        return _ok({"status": "pending", "task_id": task_id, "get_result": {"method": "GET", "url": url}})
     if kind.isdigit():
         status = int(kind)
         headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
@@ -351,7 +422,7 @@ async def _apply_fault(
         return _error(status, "injected fault", headers)
     if kind == "code":
         record.status = 200
-        return web.json_response({"code": 1001, "message": "Rejected: injected business error"})
+        return web.json_response({"code": 1001, "message": f"Rejected: injected business error {key}"})
     if kind == "badjson":
         record.status = 200
         return web.Response(text="<html>upstream proxy error</html>", content_type="text/html")
@@ -364,6 +435,17 @@ async def _apply_fault(
         record.status = 0
         return _drop(request)
     raise AssertionError(kind)
+
+
+def spelled_key(key: str, form: str) -> str:
+    """The bearer key as a hostile answer would echo it."""
+    if form == "lower":
+        return key.lower()
+    if form == "upper":
+        return key.upper()
+    if form == "pct":
+        return "".join(f"%{b:02X}" for b in key.encode())
+    return key
 
 
 def make_app(config: FakeConfig | None = None) -> web.Application:
@@ -379,6 +461,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
     async def admit(request: web.Request, record: Record, slow: bool = True) -> web.Response | None:
         """What the provider checks before the endpoint: the key, the per-key rate; then the
         latency of generation endpoints (``slow``; the read-only ones answer at once)."""
+        state.last_key = request.headers.get("Authorization", "")[7:] or state.last_key
         if not _authorized(request, config):
             record.status = 401
             return _error(401, "invalid or missing API key")
@@ -427,6 +510,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         record = state.arrive("POST", request.path, body if config.record_bodies else None, "submit")
         slug = f"{request.match_info['provider']}/{request.match_info['model']}"
         record.model = slug
+        record.x_request_id = request.headers.get("x-request-id")
         refused = await admit(request, record)
         if refused is not None:
             return refused
@@ -463,7 +547,11 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         if refused is not None:
             return refused
         fault = state.pick_fault("query", task_id)
-        if fault is not None:
+        if fault is not None and fault.kind == "bad_url" and state.task_status(task_id) == "success":
+            record.status = 200
+            return _ok({"status": "success", "task_id": task_id,
+                        "result": {"resources": [{"url": "http://[bad/x.mp4", "type": "video", "format": "mp4"}]}})
+        if fault is not None and fault.kind != "bad_url":
             answer = await _apply_fault(fault, request, state, record, lambda: None)
             if answer is not None:
                 return answer
@@ -471,8 +559,11 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         if status is None:
             record.status = 404
             return _error(404, f"task {task_id} not found")
-        data: dict[str, Any] = {"status": status, "task_id": task_id}
-        flags = (parse_task_id(task_id) or (0.0, ""))[1]
+        data: dict[str, Any] = {"status": _state_word(status, config.state_names, task_id), "task_id": task_id}
+        created, flags = parse_task_id(task_id) or (0.0, "")
+        if status == "success" and config.result_ttl is not None:
+            data["result_expires_at"] = datetime.fromtimestamp(
+                created + config.task_delay + config.result_ttl, UTC).isoformat(timespec="seconds")
         if status == "success":
             base = f"{request.scheme}://{request.host}"
             resources = [{"url": f"{base}/files/{task_id}.mp4", "type": "video", "format": "mp4",
@@ -481,6 +572,8 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
                 resources.append({"url": f"{base}/files/{task_id}.png", "type": "image",
                                   "format": "png", "role": "last_frame"})
             data["result"] = {"resources": resources}
+        elif status == "failed" and "i" in flags:
+            data["error"] = {"code": 500, "message": "Internal Error: the generation failed, try again"}
         elif status == "failed":
             data["error"] = {"code": 400, "message": "Content Moderation: the prompt was rejected"}
         elif status == "cancelled":
@@ -506,7 +599,17 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         fault = state.pick_fault("download", task_id)
-        if fault is not None:
+        if fault is not None and fault.kind in ("redirect", "redirect_key") and "hop" not in request.query:
+            record.status = 302
+            key = spelled_key(state.last_key, fault.form)
+            # With the key, to a file that is not there: the download fails on a URL that holds the key.
+            target = f"/gone/{name}?api_key={key}" if fault.kind == "redirect_key" else f"/files/{name}?hop=1"
+            raise web.HTTPFound(target)
+        if fault is not None and fault.kind == "gzip":
+            record.status = 200
+            return web.Response(body=gzip.compress(part), status=200,
+                                headers={"Content-Type": headers["Content-Type"], "Content-Encoding": "gzip"})
+        if fault is not None and fault.kind not in ("redirect", "redirect_key"):
             if fault.kind in ("drop", "drop_accepted"):
                 # Send half of what was asked, then cut the connection: a truncated download.
                 response = web.StreamResponse(status=206 if start else 200, headers=headers)
@@ -564,6 +667,47 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
         record.status = 200
         return _ok({"is_valid": _authorized(request, config)})
 
+    async def media_upload(request: web.Request) -> web.StreamResponse:
+        """``POST /api/v1/media/files``: one PNG, JPEG or WebP of at most 16 MiB, multipart
+        (field ``file``); what else arrives is refused as the documentation says."""
+        record = state.arrive("POST", request.path, None, "upload")
+        refused = await admit(request, record, slow=False)
+        if refused is not None:
+            return refused
+        fault = state.pick_fault("upload", "")
+        if fault is not None:
+            answer = await _apply_fault(fault, request, state, record, lambda: None)
+            if answer is not None:
+                return answer
+        if not request.content_type.startswith("multipart/"):
+            record.status = 400
+            return _error(400, "expected multipart/form-data with a file")
+        reader = await request.multipart()
+        part = await reader.next()
+        while part is not None and getattr(part, "name", None) != "file":
+            part = await reader.next()
+        if not isinstance(part, BodyPartReader):
+            record.status = 400
+            return _error(400, "no file part")
+        data = bytearray()
+        while chunk := await part.read_chunk(1 << 16):
+            data += chunk
+            if len(data) > UPLOAD_MAX_BYTES:
+                record.status = 413
+                return _error(413, "the file is over 16 MiB")
+        mime = sniff(bytes(data[:16]))
+        if mime is None:
+            record.status = 415
+            return _error(415, "only PNG, JPEG or WebP images")
+        digest = hashlib.sha256(data).hexdigest()
+        file_id = f"file-{digest[:24]}"
+        ext = mime.rpartition("/")[2]
+        record.detail = {"sha256": digest, "size": len(data), "filename": part.filename}
+        record.status = 200
+        return _ok({"file_id": file_id, "url": f"{request.scheme}://{request.host}/media/{file_id}.{ext}",
+                    "type": mime, "filename": part.filename or "", "size": len(data),
+                    "created_at": datetime.now(UTC).isoformat(timespec="seconds")})
+
     async def records(request: web.Request) -> web.Response:
         return web.json_response([r.__dict__ for r in state.records])
 
@@ -572,6 +716,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
     app.router.add_get(TASK_PATH, query)
     app.router.add_get("/files/{name}", download)
     app.router.add_get("/api/v1/models", models)
+    app.router.add_post(UPLOAD_PATH, media_upload)
     app.router.add_get("/api/v1/team/balance", balance)
     app.router.add_get("/api/v1/apikey/validate", validate_key)
     app.router.add_get("/models/{provider}/{model}/api_schema", api_schema)

@@ -9,6 +9,7 @@ directory does not matter. ``output`` may contain ``{date}`` (the run's local da
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Iterable
@@ -57,7 +58,11 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "max_spend": ((int, float), "USD"),
     "preflight": ((bool,), "true or false"),
     "notify": ((list, str), "Apprise URLs told when a run or collect ends"),
+    "retry_failed": ((bool,), "true or false"),
+    "retry_cap": ((int,), "an integer (tasks per request in all)"),
 }
+# The number keys and the ranges their command-line options accept (batch.cli).
+_NUMBER_RANGES: dict[str, tuple[float, float | None]] = {"timeout": (1, 3600), "grace": (0, 3600), "max_spend": (0, None)}
 PATH_KEYS = ("output", "state", "metrics_file", "prices_file", "download", "ca_bundle")
 
 
@@ -73,8 +78,29 @@ class JobFile:
         return self.values.get(key, default)
 
 
+def fill_output(text: str, now: datetime | None = None) -> str:
+    """A results path with ``{date}`` (the night, :func:`batch.ledger.night_of`, the date
+    the spend cap counts) and ``{datetime}`` filled in: the one definition for a job's
+    ``output`` and the command line's ``-o``/``--results``. Other braces are an error."""
+    now = now or datetime.now()
+    try:
+        return text.format(date=night_of(now), datetime=now.strftime("%Y-%m-%dT%H%M%S"))
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ValueError(f"only {{date}} and {{datetime}} may be used ({type(exc).__name__}: {exc})") from None
+
+
 def _fail(path: Path, key: str, message: str) -> ConfigError:
     return ConfigError(f"{path}: {key}: {message}")
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str] = (),
@@ -97,7 +123,15 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
         types, what = _TOP[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise _fail(path, key, f"expected {what}, got {type(value).__name__}")
+        if _holds_nul(value):  # TOML allows "\u0000"; no path, URL or prompt setting may hold one
+            raise _fail(path, key, "contains a NUL character")
         values[key] = value
+    for key, (low, high) in _NUMBER_RANGES.items():
+        number = values.get(key)
+        # TOML has nan and inf: either would pass a range check and make a cap or a timeout none.
+        if number is not None and not (math.isfinite(number) and low <= number and (high is None or number <= high)):
+            raise _fail(path, key, f"expected a number from {low:g}" + (f" to {high:g}" if high else " up")
+                        + f", got {number!r}")
     base = path.parent
     inputs = values.get("inputs", [])
     if isinstance(inputs, str):
@@ -114,10 +148,9 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
             text = values[key]
             if key == "output":
                 try:
-                    text = text.format(date=night_of(now),  # the night the spend cap counts
-                                        datetime=now.strftime("%Y-%m-%dT%H%M%S"))
-                except (KeyError, IndexError, ValueError) as exc:
-                    raise _fail(path, key, f"only {{date}} and {{datetime}} may be used ({exc})") from None
+                    text = fill_output(text, now)
+                except ValueError as exc:
+                    raise _fail(path, key, str(exc)) from None
             # A bucket URL is kept as written: a path join would fold its "//".
             keep = is_remote(text) or (key == "state" and text.startswith(("postgresql://", "postgres://")))
             values[key] = text if keep else Path(os.path.normpath(base / text))

@@ -45,6 +45,7 @@ import io
 import itertools
 import os
 import re
+import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -54,6 +55,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from batch import storage, xlsx
+from batch.api import check_task_id
 from batch.errors import InputError
 from batch.names import normalize_name as header_name
 
@@ -64,6 +66,8 @@ KINDS = "a .csv, .tsv, .parquet, .xlsx or .xlsm"
 # Key of the Parquet key-value metadata on every table the tool writes (results, dry runs).
 OWN_MARK = b"seedance-batch"
 # Columns every results table has (after request_id and status), whatever wrote it.
+# Every status a results table holds (batch.results uses this tuple as its vocabulary).
+OWN_STATUSES = ("submitted", "skipped", "failed", "invalid", "unknown", "pending", "dry_run")
 RESULT_MARK_COLUMNS = frozenset({"task_id", "error", "endpoint", "attempts", "http_status", "submitted_at"})
 HEAD_ROWS = xlsx.HEAD_ROWS
 DEFAULT_PROMPT_NAMES = frozenset({"prompt"})
@@ -174,7 +178,25 @@ def results_kind(df: pl.DataFrame, metadata: Mapping[bytes, bytes] | None = None
     names = {header_name(c) for c in df.columns}
     if {"request_id", "status"} <= names and len(RESULT_MARK_COLUMNS & names) >= 3:
         return "a results table (its request_id, status and task_id... columns)"
+    if {"status", "task_id"} <= names and _own_status_and_task_ids(df):
+        return "a results table (its status and task_id columns hold the tool's statuses and task ids)"
     return None
+
+
+def _own_status_and_task_ids(df: pl.DataFrame) -> bool:
+    """A trimmed copy of a results table (Excel users delete columns: ``id, prompt,
+    status, task_id``): every status one of the tool's words and every task id a plain
+    token. A user's own status column ("approved", "todo") is never all of those."""
+    column = {header_name(c): c for c in df.columns}
+    statuses = {str(v).strip().lower() for v in df[column["status"]].drop_nulls().unique().head(10_000).to_list()}
+    statuses.discard("")
+    if not statuses or not statuses <= set(OWN_STATUSES):
+        return False
+    ids = [v for v in (str(v).strip() for v in df[column["task_id"]].drop_nulls().unique().head(10_000).to_list())
+           if v]
+    # Without a single task id only a dry run's word marks it: a planning sheet of "pending"
+    # rows with an empty task_id column is the user's, and nothing in it was paid for.
+    return all(check_task_id(v) is not None for v in ids) and (bool(ids) or "dry_run" in statuses)
 
 
 def _not_input(kind: str | None) -> str:
@@ -239,18 +261,19 @@ def resolve_inputs(specs: Iterable[str]) -> tuple[list[tuple[Path | str, bool]],
 
 
 def load_inputs(specs: Iterable[str], sheet: str | None = None, options: ReadOptions | None = None,
-                ) -> tuple[list[Table], list[Unreadable], list[Skipped]]:
+                frames: Iterable[tuple[str, pl.DataFrame]] = ()) -> tuple[list[Table], list[Unreadable], list[Skipped]]:
     """Every readable input, one :class:`Unreadable` per input that is not, and one
-    :class:`Skipped` per file (or sheet) that was found but is not an input."""
+    :class:`Skipped` per file (or sheet) that was found but is not an input. ``frames``
+    (``(source, DataFrame)``, from the Python API) come first, each one table."""
     options = options or ReadOptions(sheet=sheet)
     paths, failed, skipped = resolve_inputs(specs)
-    if options.sheet is not None:
+    tables = [frame_table(source, df) for source, df in frames]
+    if options.sheet is not None and paths:
         flat = [p for p, explicit in paths if explicit and _suffix(p) not in WORKBOOKS]
         if flat or not any(_suffix(p) in WORKBOOKS for p, _ in paths):
             named = flat[0] if flat else next((p for p, _ in paths), "the inputs")
             raise InputError(f"--sheet {options.sheet}: {named} is not a workbook (.xlsx/.xlsm); a sheet "
                              "applies to workbooks only")
-    tables = []
     for path, explicit in paths:
         try:
             found, passed = load_tables(path, options)
@@ -331,15 +354,29 @@ def load_tables(path: Path | str, options: ReadOptions) -> tuple[list[Table], li
     except Exception as exc:  # polars/pyarrow/fastexcel raise many unrelated types
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot read {suffix[1:]} file: {detail[:200]}") from None
-    out = []
-    for table in tables:
-        if (kind := results_kind(table.df)) is not None:
-            raise OwnOutputError(table.source, kind)
-        df = table.df.rename({c: c.strip() for c in table.df.columns if c != c.strip()})
-        df = drop_unnamed(table, df)
-        df, notes = cap_cells(df, table)
-        out.append(replace(table, df=df, notes=notes, location=str(path)))
-    return out, passed
+    return [_checked(table, str(path)) for table in tables], passed
+
+
+def _checked(table: Table, location: str) -> Table:
+    """Every table read, from a file or handed in as a DataFrame, passes the same checks:
+    not a table this tool wrote, headers trimmed, unnamed columns dropped, cells capped."""
+    if (kind := results_kind(table.df)) is not None:
+        raise OwnOutputError(table.source, kind)
+    df = table.df.rename({c: c.strip() for c in table.df.columns if c != c.strip()})
+    df = drop_unnamed(table, df)
+    df, notes = cap_cells(df, table)
+    return replace(table, df=df, notes=notes, location=location)
+
+
+def frame_table(source: str, df: pl.DataFrame) -> Table:
+    """A DataFrame handed to the Python API, as one more input named ``source``: read as
+    a Parquet file's rows are (typed columns, row 2 is its first row), with the same checks;
+    relative image paths in it are relative to the working directory."""
+    if not isinstance(df, pl.DataFrame):
+        raise InputError(f"{source}: not a polars DataFrame ({type(df).__name__})")
+    if any(not isinstance(c, str) for c in df.columns):  # polars names are str; be explicit anyway
+        raise InputError(f"{source}: column names must be text")
+    return _checked(Table(source, Path(source), df), "")
 
 
 def _unnamed(name: str) -> bool:
@@ -394,7 +431,7 @@ def _read_csv(path: Path, options: ReadOptions) -> Table:
         separator = sep_line.group(1)
         text = text[sep_line.end():]
     else:
-        separator = "\t" if path.suffix.lower() == ".tsv" else _sniff(text)
+        separator = "\t" if path.suffix.lower() == ".tsv" else _sniff(text, options.prompt_names or DEFAULT_PROMPT_NAMES)
     records = list(itertools.islice(csv.reader(io.StringIO(text), delimiter=separator), HEAD_ROWS))
     skip = _header_index(path, [[str(c) for c in r] for r in records], options)
     duplicate_header(path, records[skip] if skip < len(records) else [])
@@ -438,10 +475,18 @@ def _header_index(path: Path, records: list[list[str]], options: ReadOptions) ->
         if options.header_row > len(records):
             raise InputError(f"{path}: --header-row {options.header_row}: the file has {len(records)} rows")
         return options.header_row - 1
-    for i, record in enumerate(records):
-        if any(header_name(c) in options.prompt_names for c in record):
-            return i
+    for labels in (False, True):
+        for i, record in enumerate(records):
+            if names_prompt(record, options.prompt_names, labels):
+                return i
     return 0
+
+
+def names_prompt(cells: Iterable[str], names: frozenset[str], labels: bool = True) -> bool:
+    """Whether a row holds a prompt column's header. ``Prompt:`` is a title row's label
+    ("Prompt: December campaign"): a header row without the colon below it wins
+    (``labels=False`` first), and it is the header only when no such row is there."""
+    return any(header_name(c) in names and (labels or not str(c).rstrip().endswith(":")) for c in cells)
 
 
 def _check_utf8(path: Path) -> None:
@@ -482,19 +527,26 @@ def _transcode(path: Path, encoding: str) -> bytes:
                          ) from None
 
 
-def _sniff(text: str) -> str:
-    """The delimiter of the header line: the most frequent of ``,`` ``;`` and tab outside quotes."""
-    line, quoted = [], False
-    for ch in text:
-        if ch == '"':
-            quoted = not quoted
-        elif ch in "\r\n" and not quoted:
-            break
-        elif not quoted:
-            line.append(ch)
-    counts = {d: line.count(d) for d in DELIMITERS}
-    best = max(DELIMITERS, key=lambda d: counts[d])
-    return best if counts[best] else ","
+def _sniff(text: str, names: frozenset[str] = DEFAULT_PROMPT_NAMES) -> str:
+    """The delimiter, of ``,`` ``;`` and tab: the one under which a row has a prompt column
+    (a header ``prompt;Notes, remarks`` is no comma file), and of those (or of all, when
+    none has) the one whose count on that header line the most lines below repeat, then
+    the most frequent. Quotes are honoured; the choice only splits, never edits, a cell."""
+    best, best_key = ",", (0, 0)
+    split = {d: list(itertools.islice(csv.reader(io.StringIO(text), delimiter=d), 50)) for d in DELIMITERS}
+    header = {d: next((i for i, r in enumerate(records) if any(header_name(c) in names for c in r)), None)
+              for d, records in split.items()}
+    found = [d for d in DELIMITERS if header[d] is not None]
+    for d in found or DELIMITERS:
+        records = split[d]
+        at = header[d] or 0
+        width = len(records[at]) - 1 if at < len(records) else 0
+        if width <= 0:
+            continue
+        agree = sum(1 for r in records[at + 1:] if len(r) - 1 == width)
+        if (agree, width) > best_key:
+            best, best_key = d, (agree, width)
+    return best
 
 
 def _ragged_line(source: Path | bytes, separator: str, skip: int = 0) -> str:
@@ -564,9 +616,10 @@ def _find_header(scan: xlsx.SheetScan, texts: dict[int, str], options: ReadOptio
     prompt column; ``None`` when no head row holds one."""
     if options.header_row is not None:
         return options.header_row
-    for row in sorted(scan.head):
-        if any(header_name(t) in options.prompt_names for t in scan.row_texts(row, texts).values()):
-            return row
+    for labels in (False, True):
+        for row in sorted(scan.head):
+            if names_prompt(scan.row_texts(row, texts).values(), options.prompt_names, labels):
+                return row
     return None
 
 
@@ -584,7 +637,8 @@ def _read_workbook(path: Path, options: ReadOptions) -> tuple[list[Table], list[
         every = wanted is not None and wanted.strip().lower() == "all" and not any(s.name == wanted for s in sheets)
         candidates = visible if wanted is None or every else _named_sheets(path, sheets, wanted)
         styles = xlsx.date_styles(zf)
-        scans = {s.name: xlsx.scan_sheet(zf, s.part, styles, CELL_CHARS) for s in candidates}
+        trusted = not xlsx.values_are_placeholders(zf)
+        scans = {s.name: xlsx.scan_sheet(zf, s.part, styles, CELL_CHARS, trusted) for s in candidates}
         wanted_strings = set().union(*(sc.header_strings() for sc in scans.values()))
         oversized, texts = xlsx.shared_strings(zf, CELL_CHARS, wanted_strings)
         headers = {name: _find_header(sc, texts, options) for name, sc in scans.items()}
@@ -609,6 +663,10 @@ def _read_workbook(path: Path, options: ReadOptions) -> tuple[list[Table], list[
             chosen = with_prompt or visible[:1]
             passed = [Skipped(f"{path}[{s.name}]", "no prompt column") for s in visible
                       if s not in chosen and (every or len(visible) > 1)]
+            # Hidden sheets are never read unless named (`all` means the visible ones: a
+            # hidden sheet is often an old or a helper copy), but never passed over unsaid.
+            passed += [Skipped(f"{path}[{s.name}]", f"hidden sheet, not read; --sheet {shlex.quote(s.name)} reads it")
+                       for s in sheets if s.state != "visible"]
         else:
             chosen = candidates
         for info in chosen:
@@ -647,8 +705,8 @@ def _sheet_table(path: Path, reader: fastexcel.ExcelReader, index: int, info: xl
     for row, col in scan.formulas:
         if (key := at(row, col)) is not None:
             notes[key] = (f"cell {xlsx.column_letters(col)}{row} is a formula without a saved value (the file was "
-                          "written by a program that does not calculate): open it in Excel and save it, or paste "
-                          "values")
+                          "written by a program that does not calculate, or asks to be recalculated when opened): "
+                          "open it in Excel and save it, or paste values")
     for r1, c1, r2, c2, ref in scan.merged:
         for row in range(r1, r2 + 1):
             for col in range(c1, c2 + 1):

@@ -18,6 +18,8 @@ from typing import Any
 
 import structlog
 
+from batch.client import Secret
+
 LEVELS = ("debug", "info", "warning", "error")
 _SECRETS: list[str] = []  # every secret this process was configured with (batch.notify scrubs them too)
 
@@ -26,16 +28,51 @@ def known_secrets() -> list[str]:
     return list(_SECRETS)
 
 
+_keys: list[Secret] = []  # the process's keys, as configure() was given them
+
+
+def scrub(text: str) -> str:
+    """``text`` with this process's keys scrubbed (:meth:`batch.client.Secret.scrub`)."""
+    for secret in _keys:
+        text = secret.scrub(text)
+    return text
+
+
+def _scrubbed(value: Any, keys: list[Secret]) -> Any:
+    """``value`` with every string in it scrubbed, nested lists and dicts too (a summary
+    or an answer logged whole)."""
+    if isinstance(value, str):
+        for secret in keys:
+            value = secret.scrub(value)
+        return value
+    if isinstance(value, dict):
+        return {k: _scrubbed(v, keys) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(v, keys) for v in value]
+    return value
+
+
+# JSON leaves these unescaped, yet each ends a line for str.splitlines and many log
+# shippers: escaped, an event stays one line whatever text a user or server supplied.
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def one_line_json(obj: Any, **kw: Any) -> str:
+    text = json.dumps(obj, **kw)
+    for char, escaped in _LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text
+
+
 def _redactor(secrets: list[str]) -> Any:
+    keys = [Secret(s) for s in secrets]
+
     def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         # Defence in depth: provider text is scrubbed where it enters (batch.client), but
-        # an exception or a library message could still echo the key.
+        # an exception or a library message could still echo the key; the same scrubber,
+        # so every case and encoding of the key goes here too.
         for key, value in event.items():
-            if isinstance(value, str):
-                for secret in secrets:
-                    if secret and secret in value:
-                        value = value.replace(secret, "***")
-                event[key] = value
+            event[key] = _scrubbed(value, keys)
         return event
 
     return redact
@@ -52,7 +89,7 @@ def configure(level: str = "info", json_lines: bool | None = None, secrets: list
         json_lines = json_stderr()
     _SECRETS.extend(s for s in secrets or [] if s and s not in _SECRETS)
     renderer: Any = (
-        structlog.processors.JSONRenderer(ensure_ascii=False) if json_lines
+        structlog.processors.JSONRenderer(serializer=one_line_json, ensure_ascii=False) if json_lines
         else structlog.dev.ConsoleRenderer(colors=True)
     )
     shared: list[Any] = [
@@ -60,6 +97,7 @@ def configure(level: str = "info", json_lines: bool | None = None, secrets: list
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redactor([s for s in (secrets or []) if s]),
     ]
+    _keys[:] = [Secret(s) for s in (secrets or []) if s]
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
@@ -81,9 +119,11 @@ def configure(level: str = "info", json_lines: bool | None = None, secrets: list
 
 def report_error(message: str, exit_code: int) -> None:
     """The one line a failed command leaves on stderr: a JSON ``error`` event off a TTY."""
+    message = scrub(message)  # it may quote a URL or an answer
     if json_stderr():
         event = {"event": "error", "level": "error", "error": message, "exit_code": exit_code,
                  "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
-        print(json.dumps(event, ensure_ascii=False), file=sys.stderr, flush=True)
+        print(one_line_json(event, ensure_ascii=False), file=sys.stderr, flush=True)
     else:
-        print(f"seedance-batch: error: {message}", file=sys.stderr, flush=True)
+        flat = "".join(repr(c)[1:-1] if c in _LINE_BREAKS or not c.isprintable() else c for c in message)
+        print(f"seedance-batch: error: {flat}", file=sys.stderr, flush=True)

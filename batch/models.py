@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 from batch.api import check_slug
 from batch.errors import ConfigError
 from batch.names import normalize_name
+from batch.storage import exclusive_temp
 
 SHIPPED = "shipped"
 
@@ -85,6 +86,7 @@ class ModelSpec:
     rules: tuple[str, ...] = ()
     origin: str = SHIPPED  # shipped, fetched, added
     notes: tuple[str, ...] = field(default=())
+    provider_default: str | None = None  # the kind the provider's own tools default to this model for
     schema: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the body's JSON Schema
 
     @property
@@ -135,6 +137,8 @@ def parse_spec(doc: Any, origin: str, fallback: ModelSpec | None = None, slug: s
         rules=tuple(ours.get("rules") if "rules" in ours else (base.rules if base else ())),
         origin=origin,
         notes=tuple(str(n) for n in ours.get("notes", ())),
+        provider_default=str(ours["provider_default"]) if ours.get("provider_default")
+        else (base.provider_default if base else None),
         schema=schema,
     )
 
@@ -154,10 +158,18 @@ def shipped() -> dict[str, ModelSpec]:
     """The specs in the package (read once: they are part of the install)."""
     found = {}
     for entry in resources.files("batch").joinpath("specs").iterdir():
-        if entry.name.endswith(".json"):
+        if entry.name.endswith(".json") and not entry.name.startswith("_"):
             spec = parse_spec(json.loads(entry.read_text(encoding="utf-8")), SHIPPED)
             found[spec.slug] = spec
     return found
+
+
+@cache
+def names_only() -> dict[str, str]:
+    """Seedance models the sources name without stating their fields (slug → kind): not
+    specs (nothing can be validated against them), only known to exist."""
+    doc = json.loads(resources.files("batch").joinpath("specs", "_names_only.json").read_text(encoding="utf-8"))
+    return {m["slug"]: m["kind"] for m in doc["models"]}
 
 
 MAX_SPEC_BYTES = 1 << 20
@@ -182,7 +194,7 @@ def save_spec(directory: Path, doc: Any, origin: str, source: str, slug: str | N
     ours.setdefault("completeness", "as published" if origin == "fetched" else "as added")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / spec_filename(spec.slug)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = exclusive_temp(path)  # never a planted name
     tmp.write_text(json.dumps({**doc, "x-seedance-batch": ours}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
     return parse_spec(json.loads(path.read_text(encoding="utf-8")), origin, fallback, spec.slug)

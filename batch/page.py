@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import posixpath
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from batch.models import Catalog
 from batch.poster import extract_poster
 from batch.prices import Pricing
 from batch.results import OK_STATUSES, is_results_table, read_results
-from batch.storage import Target, is_remote
+from batch.storage import Target, exclusive_temp, is_remote
 
 log = structlog.get_logger("batch.page")
 
@@ -138,7 +139,11 @@ class Posters:
         path = Path(video)
         poster = path.with_name(path.name + POSTER_SUFFIX)
         try:
-            if poster.stat().st_mtime >= path.stat().st_mtime and poster.stat().st_size > 0:
+            # Only a file of its own counts: a symlink or hard link planted at this
+            # predictable name is someone else's picture.
+            st = poster.lstat()
+            if (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_mtime >= path.stat().st_mtime
+                    and st.st_size > 0):
                 return poster, None
         except OSError:
             pass
@@ -151,9 +156,11 @@ class Posters:
             self.errors += 1
             return None, f"video cannot be decoded ({found.error})"
         try:
-            tmp = poster.with_name(f".{poster.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(found.jpeg)
-            os.replace(tmp, poster)
+            tmp = exclusive_temp(poster)  # never a planted name: nothing written through a link
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "wb") as f:
+                f.write(found.jpeg)
+            os.replace(tmp, poster)  # replaces a planted link itself, never its target
         except OSError as exc:
             return None, f"poster not written ({exc.strerror})"
         self.made += 1

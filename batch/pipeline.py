@@ -20,6 +20,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -31,9 +32,9 @@ from typing import Any, TypeVar
 import polars as pl
 import structlog
 
+from batch import retry, upload
 from batch.api import FAKE_API, api_identity, check_task_id, origin
 from batch.client import Secret
-from batch.collect import CollectConfig, Collector, CollectStats, Task
 from batch.errors import (
     EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
@@ -48,7 +49,18 @@ from batch.errors import (
 )
 from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
-from batch.ledger import AsyncLedger, Entry, LedgerStore, PgLocation, State, locked_ledger, night_of, open_readonly, utcnow
+from batch.following import CollectConfig, Collector, CollectStats, Task
+from batch.ledger import (
+    AsyncLedger,
+    Entry,
+    LedgerStore,
+    PgLocation,
+    State,
+    locked_ledger,
+    night_of,
+    open_readonly,
+    utcnow,
+)
 from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
 from batch.preflight import Check, fatal, run_checks
@@ -58,7 +70,6 @@ from batch.ratelimit import Rate, SharedBudget, SmoothLimiter
 from batch.results import (
     OK_STATUSES,
     RESULT_DTYPES,
-    AtomicTableWriter,
     RequestSpool,
     Resolution,
     Tally,
@@ -74,8 +85,9 @@ from batch.results import (
     write_results,
     write_text_atomically,
 )
+from batch.sending import RunStats, SpendCap, SubmitConfig, Submitter
 from batch.storage import Target, probe
-from batch.submit import RunStats, SpendCap, SubmitConfig, Submitter
+from batch.upload import Uploader
 
 log = structlog.get_logger("batch")
 ConfigT = TypeVar("ConfigT", SubmitConfig, CollectConfig)
@@ -117,6 +129,9 @@ class RunOptions:
     preflight: bool = True  # check the key, the models and the balance before sending
     metrics_file: Path | None = None  # Prometheus textfile written after the run (by the CLI)
     results_from: tuple[Target, ...] = ()  # earlier results tables whose task ids the ledger must know
+    retry_failed: bool = False  # resend requests whose task failed on the provider's side (batch.retry)
+    retry_cap: int = retry.DEFAULT_CAP  # tasks per request in all, across nights
+    frames: tuple[tuple[str, pl.DataFrame], ...] = ()  # DataFrames given to the Python API: (source, rows)
 
     @property
     def api(self) -> str:
@@ -168,12 +183,31 @@ class Summary:
         }
 
 
+def _main_thread() -> bool:
+    """Signals reach the main thread only, and only it may handle them: a run that the
+    Python API starts in a worker thread (an orchestrator's, a notebook's executor) goes
+    without, and its caller's own stop applies."""
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextmanager
-def interruptible() -> Iterator[None]:
-    """Outside the event loop, turn SIGINT/SIGTERM into :class:`Interrupted`."""
+def interruptible(on_first: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Outside the event loop, turn SIGINT/SIGTERM into :class:`Interrupted`; with
+    ``on_first``, the first one is only handed to it (the work goes on: the results table
+    a run owes after sending) and a second one raises."""
+    first = on_first
+
     def raise_it(signum: int, _frame: object) -> None:
+        nonlocal first
+        if first is not None:
+            first, call = None, first
+            call(signum)
+            return
         raise Interrupted(signum)
 
+    if not _main_thread():
+        yield
+        return
     previous = {s: signal.signal(s, raise_it) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -185,6 +219,9 @@ def interruptible() -> Iterator[None]:
 @contextmanager
 def signals_to(callback: Callable[[int], None]) -> Iterator[None]:
     """Inside the event loop, hand SIGINT/SIGTERM to ``callback(signum)``."""
+    if not _main_thread():
+        yield
+        return
     loop = asyncio.get_running_loop()
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, callback, s)
@@ -263,8 +300,8 @@ def read_options(opts: RunOptions) -> ReadOptions:
 
 def load_and_expand(opts: RunOptions, run_id: str) -> tuple[Expander, list[Unreadable], list[Skipped]]:
     """file → rows → the expansion (requests are generated lazily from it)."""
-    tables, unreadable, skipped = load_inputs(opts.inputs, options=read_options(opts))
-    if any(opts.output.same_file(t.location) for t in tables):
+    tables, unreadable, skipped = load_inputs(opts.inputs, options=read_options(opts), frames=opts.frames)
+    if any(t.location and opts.output.same_file(t.location) for t in tables):
         raise ConfigError(f"--output {opts.output} is also an input: it would overwrite tonight's prompts")
     for failed in unreadable:
         log.error("input_unreadable", source=failed.source, error=failed.error)
@@ -285,14 +322,42 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
     try:
         estimator = Estimator(expander.catalog, opts.pricing, ledger.labels if ledger is not None else None)
         schema = request_schema_of(expander)
-        tally, _ = write_results(output, request_frames(expander, schema), schema,
-                                 ledger.outcome_rows if ledger is not None else None,
+        rows_of = ledger.outcome_rows if ledger is not None else None
+        if ledger is not None and opts.retry_failed:
+            rows_of = retried_as_pending(ledger, opts.retry_cap)
+        tally, _ = write_results(output, request_frames(expander, schema), schema, rows_of,
                                  Resolution(None, dry_run=True, resend_unknown=opts.submit.resend_unknown),
                                  tally=Tally(estimator=estimator), on_rows=on_rows)
+        known = ledger.uploads() if ledger is not None else {}
+        expander.images.planned = expander.images.totals(set(known))
     finally:
         if ledger is not None:
             ledger.close()
     return tally
+
+
+def refuse_on_postgres(opts: RunOptions, expander: Expander) -> None:
+    """What a PostgreSQL ledger does not keep yet (the retry lineage, the uploads table:
+    SQLite tables so far): refused before anything is sent, dry runs alike."""
+    if not isinstance(opts.state, PgLocation):
+        return
+    if opts.retry_failed:
+        raise ConfigError(f"--retry-failed is not yet supported with a PostgreSQL ledger ({opts.state}); "
+                          f"use a SQLite --state for the retry; nothing sent")
+    if expander.images.by_hash:
+        raise ConfigError(f"local image files are not yet supported with a PostgreSQL ledger ({opts.state}): "
+                          f"give the images as https:// URLs, or use a SQLite --state; nothing sent")
+
+
+def retried_as_pending(ledger: LedgerStore, cap: int) -> Callable[[list[str]], list[tuple[Any, ...]]]:
+    """The ledger's rows as a ``--retry-failed`` run would find them: the failed tasks it
+    would send again are ``pending``, so a dry run shows them as sent and its estimate (and
+    the preflight's) counts what they would cost."""
+    def rows_of(ids: list[str]) -> list[tuple[Any, ...]]:
+        again = set(retry.plan(retry.failed_tasks(ledger.db, ledger.api, ids), cap).retried)
+        return [(row[0], "pending", *row[2:]) if row[0] in again else row
+                for row in ledger.outcome_rows(ids)]
+    return rows_of
 
 
 def spend_cap(opts: RunOptions, expander: Expander) -> SpendCap | None:
@@ -303,7 +368,7 @@ def spend_cap(opts: RunOptions, expander: Expander) -> SpendCap | None:
         return SpendCap(None, opts.pricing, expander.catalog) if opts.pricing else None
     if not opts.pricing:
         raise ConfigError("--max-spend needs prices: give --prices FILE or [prices] in the job file")
-    for slug in expander.models_in_use:
+    for slug in expander.models_in_use:  # the models of rows that will be sent, the default only if used
         missing = opts.pricing.missing(expander.catalog.get(slug))
         if missing:
             raise ConfigError(f"--max-spend: no price for {slug} at {', '.join(missing)} "
@@ -316,6 +381,7 @@ def probe_outputs(opts: RunOptions, output: Target) -> None:
     the table (its summary, its temporary files and the request spool go beside it), the
     metrics file and the download directory or bucket."""
     probe(output.text, "--output")
+    probe(summary_path(output).text, "--output's summary")  # a directory in its name: exit 6 after sending
     if opts.metrics_file is not None:
         probe(opts.metrics_file, "--metrics-file")
     if opts.collect is not None and opts.collect.download_dir is not None:
@@ -350,6 +416,7 @@ def run_submit(opts: RunOptions) -> Summary:
     check_output_path(opts.output)
     with interruptible():  # Ctrl-C while a large file loads: exit 4, not a traceback
         expander, unreadable, skipped = load_and_expand(opts, run_id)
+        refuse_on_postgres(opts, expander)
         if opts.dry_run:
             output = dry_run_output(opts.output)
             probe_outputs(opts, output)
@@ -357,10 +424,13 @@ def run_submit(opts: RunOptions) -> Summary:
             summary = _summarize(run_id, tally, started, replace(opts, output=output), None, unreadable=unreadable,
                                  passthrough=expander.passthrough_columns(), skipped=skipped)
             summary.extra["columns"] = expander.mapping_lines()
+            files, size = expander.images.planned
+            summary.extra["uploads"] = {"files": files, "bytes": size, "planned": True}
             record_summary(output, summary, opts, sent=False)
             return summary
         probe_outputs(opts, opts.output)
-        routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_in_use}
+        replaced = table_task_ids(opts.output)
+        routes = {slug: expander.catalog.get(slug).route_path for slug in expander.models_named}  # a superset: harmless
         opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander), routes=routes))
         schema = request_schema_of(expander)
         estimate = planned_cost(opts, expander) if opts.preflight else None
@@ -386,6 +456,8 @@ def run_submit(opts: RunOptions) -> Summary:
             asyncio.run(preflight(opts, expander.models_in_use, estimate))
         try:
             ledger.start_run(run_id, opts.command, output_record(opts.output), night)
+            retried = retry_failed(opts, expander, ledger, run_id) if opts.retry_failed else None
+            opts = replace(opts, submit=replace(opts.submit, task_attempts=ledger.next_attempts()))
         except ledger.write_errors as exc:
             raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
         spool = RequestSpool(opts.output.temp_dir(), schema)
@@ -401,8 +473,15 @@ def run_submit(opts: RunOptions) -> Summary:
                 rescue = ledger.rescue_file()  # written by the ledger if it broke meanwhile
                 outcome = _Outcome(RunStats(sent=claimed, stop_reason="internal error"), None, False,
                                    crash=_describe(exc), rescue=rescue if rescue.exists() else None)
+            if outcome.stats.state_error and outcome.stats.sent == 0 and _claimed(ledger, run_id) == 0:
+                # It broke before the first request was claimed: there are no task ids to
+                # point at, and exit 6 ("after sending") would send the operator looking for them.
+                raise StateError(f"{outcome.stats.state_error}; nothing was sent")
             summary = _finish_submit(opts, expander, spool, ledger, run_id, outcome, started, unreadable,
-                                         skipped)
+                                     skipped)
+            if retried is not None:
+                summary.extra["retry_failed"] = {**retried.as_dict(),
+                                                 "sent": retry.retries_sent(ledger.db, opts.api, run_id)}
         except Exception as exc:
             if _claimed(ledger, run_id) == 0:
                 raise
@@ -419,9 +498,31 @@ def run_submit(opts: RunOptions) -> Summary:
         except Exception as exc:  # the outcomes are committed already; the table says what happened
             add_fault(summary, f"cannot record the end of run {run_id} in the ledger ({_describe(exc)}); "
                                f"{where_ids(opts, summary.table_written)}")
+        if summary.table_written and replaced:
+            dropped = len(replaced - table_task_ids(opts.output))
+            if dropped:
+                log.warning("table_replaced", results=str(opts.output), task_ids_dropped=dropped,
+                            note=f"the table held {dropped} task ids of requests not in tonight's input; they "
+                                 f"remain in the ledger {opts.state}: collect follows them; give each night its "
+                                 f"own table (-o 'results/{{date}}.parquet') to keep them in a table")
+                summary.extra["table_replaced"] = {"task_ids_dropped": dropped}
         if not (outcome is not None and outcome.aborted):  # a second signal: leave at once, as before
             record_summary(opts.output, summary, opts, sent=summary.sent > 0)
         return summary
+
+
+def table_task_ids(output: Target) -> set[str]:
+    """The task ids a results table at ``output`` holds (none when there is no table or it
+    cannot be read): what rewriting it would drop is said, not lost silently."""
+    try:
+        if not output.exists():
+            return set()
+        table = read_results(output)
+    except Exception:  # not a table this tool can read: nothing to compare
+        return set()
+    if "task_id" not in table.columns:
+        return set()
+    return {t for t in table["task_id"].cast(pl.String).to_list() if t}
 
 
 def output_record(output: Target) -> str:
@@ -468,6 +569,18 @@ def record_summary(output: Target, summary: Summary, opts: RunOptions, sent: boo
                                f"stdout and in the log); {where_ids(opts, summary.table_written)}")
 
 
+def retry_failed(opts: RunOptions, expander: Expander, ledger: LedgerStore, run_id: str) -> retry.RetryPlan:
+    """Before sending: tonight's requests whose task failed on the provider's side become
+    ``pending`` again (their task kept in the lineage); they then go out like any request."""
+    ids = [r.request_id for r in expander if r.error is None]
+    plan = retry.prepare(ledger.db, opts.api, ids, opts.retry_cap, run_id)
+    log.info("retry_failed", **plan.as_dict(), cap=opts.retry_cap)
+    if plan.never or plan.unclassified:
+        log.warning("not_retried", content_policy=plan.never[:20], unclassified=plan.unclassified[:20],
+                    why="a content-policy, invalid-input or unclassified failure would fail again, paid")
+    return plan
+
+
 @dataclass
 class _Outcome:
     stats: RunStats
@@ -478,6 +591,7 @@ class _Outcome:
     unsaved: int = 0
     task_ids: int = 0
     crash: str | None = None  # an unexpected failure after sending: the run stopped there
+    uploads: tuple[int, int] = (0, 0)  # images uploaded by this run: files, bytes
 
 
 def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: LedgerStore, run_id: str,
@@ -486,15 +600,30 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     """Write the results table (unless a second signal aborted the run) and summarize."""
     stats = outcome.stats
     if outcome.aborted:
-        # A second signal: leave now. The ledger is consistent; the table is not rewritten.
-        return Summary(run_id, {}, [], time.monotonic() - started, stats.sent, stats.send_rate,
-                       stats.stop_reason, outcome.interrupted, "", str(opts.state), unreadable=unreadable,
-                       skipped=list(skipped or []))
+        # A second signal: leave now. The ledger is consistent; the table is not rewritten,
+        # but the summary still says what this run did, as the ledger records it.
+        summary = Summary(run_id, _run_counts(ledger, run_id), [], time.monotonic() - started, stats.sent,
+                          stats.send_rate, stats.stop_reason, outcome.interrupted, "", str(opts.state),
+                          unreadable=unreadable, skipped=list(skipped or []))
+        summary.extra["aborted"] = True
+        summary.extra["note"] = ("results table not written (a second signal); rerun to write it: "
+                                 "nothing submitted is sent again")
+        try:
+            write_summary_file(opts.output, summary)
+        except OSError as exc:
+            log.error("summary_not_written", path=str(summary_path(opts.output)), error=exc.strerror or str(exc))
+        return summary
     # A run that stopped early has not read every request: expand the input again.
     frames = spool.frames() if spool.finish() else request_frames(expander, spool.schema)
-    with interruptible():
+
+    def first_signal(signum: int) -> None:  # the table is the night's record: finish it, then exit 4
+        outcome.interrupted = signal.Signals(signum).name
+        log.warning("interrupted", signal=outcome.interrupted, detail="writing the results table first")
+
+    with interruptible(None if outcome.interrupted else first_signal):
         tally, table_error = write_results(opts.output, frames, spool.schema, ledger.outcome_rows,
-                                           Resolution(run_id, stop_reason=stats.stop_reason), tolerate_io=True,
+                                           Resolution(run_id, stop_reason=stats.stop_reason,
+                                                      resend_unknown=opts.submit.resend_unknown), tolerate_io=True,
                                            tally=Tally(labels=lambda labels: ledger.labels(labels, run_id)))
     faults = []
     if outcome.crash:
@@ -502,16 +631,23 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
                       f"{where_ids(opts, not table_error, outcome.rescue)}; nothing is sent twice on a rerun")
     if stats.state_error:
         where = f"in {opts.output}" if not table_error else "in the summary below"
-        kept = f" and {outcome.rescue}" if outcome.rescue else " (the rescue file could not be written either)"
+        if outcome.rescue:
+            kept = f" and {outcome.rescue}; the next run replays the rescue file before sending"
+        elif not table_error:
+            kept = (" (the rescue file could not be written either); the next run adopts them from "
+                    f"{opts.output} before sending: keep that table")
+        else:
+            kept = " (neither the rescue file nor the table could be written): keep them"
         faults.append(f"{stats.state_error} after {stats.sent} requests were sent; their task ids "
-                      f"({outcome.unsaved} not in the ledger) are {where}{kept if outcome.unsaved else ''}; "
-                      f"the next run replays the rescue file before sending")
+                      f"({outcome.unsaved} not in the ledger) are {where}{kept if outcome.unsaved else ''}")
     if table_error:
         faults.append(f"{table_error}; {where_ids(opts, False, outcome.rescue)}: rerun to write the table "
                       f"(nothing is sent twice)")
     summary = _summarize(run_id, tally, started, opts, outcome, "; ".join(faults) or None, unreadable,
                          expander.passthrough_columns(), skipped)
     summary.table_written = not table_error
+    if table_error:  # stdout's "results:" line must not point at a table that is not there
+        summary.results = f"not written ({where_ids(opts, False, outcome.rescue)})"
     return summary
 
 
@@ -537,13 +673,29 @@ def _rescue(opts: RunOptions, ledger: LedgerStore, run_id: str, outcome: _Outcom
     fault = (f"the results could not be completed after requests were sent ({_describe(exc)}); the table is "
              f"{what}; {where_ids(opts, table, rescue)}; a rerun writes the whole table (nothing is sent twice)")
     summary = Summary(run_id, counts, [], time.monotonic() - started, stats.sent, stats.send_rate,
-                      stats.stop_reason, outcome.interrupted if outcome else None, str(opts.output),
+                      stats.stop_reason, outcome.interrupted if outcome else None,
+                      str(opts.output) if table else f"not written ({where_ids(opts, False, rescue)})",
                       str(opts.state), local_fault=fault, unreadable=unreadable,
                       skipped=list(skipped or []))
     summary.table_written = table
     if rescue is not None:
         summary.extra["rescue"] = str(rescue)
     return summary
+
+
+def _run_counts(ledger: LedgerStore, run_id: str) -> dict[str, int]:
+    """This run's requests by status, read back from the ledger (one scan, once, on abort).
+    A mark still ``sending`` is a request whose outcome is unknown, and is counted so."""
+    counts: dict[str, int] = {}
+    try:
+        rows = ledger.run_counts(run_id)
+    except ledger.write_errors as exc:
+        log.error("summary_counts_unread", state=str(ledger.path), error=str(exc))
+        return counts
+    for status, n in rows:
+        status = "unknown" if status == "sending" else status
+        counts[status] = counts.get(status, 0) + n
+    return dict(sorted(counts.items()))
 
 
 def planned_cost(opts: RunOptions, expander: Expander) -> float | None:
@@ -633,6 +785,9 @@ async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable
     progress = Progress(lambda: (expander.rows_seen, expander.total_rows), opts.progress_tty, opts.progress_interval)
     progress_task = asyncio.create_task(progress.run())
     submitter = Submitter(config, aledger, run_id, progress, limiter)
+    uploader = submitter.uploader = Uploader(
+        expander.images, config.base_url, config.api_key, ledger.api, ledger.uploads(),
+        lambda row: aledger.write(upload.SQL_RECORD, row), config.max_attempts, config.transport)
     state: dict[str, Any] = {"interrupted": None, "aborted": False, "on_halt": None}
 
     def on_signal(signum: int) -> None:
@@ -675,7 +830,7 @@ async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable
     if aledger.broken is not None and stats.state_error is None:
         stats.state_error = str(aledger.broken)
     return _Outcome(stats, state["interrupted"], bool(state["aborted"]), collected, aledger.rescue_path,
-                    aledger.unsaved_count, aledger.committed_task_ids)
+                    aledger.unsaved_count, aledger.committed_task_ids, uploads=(uploader.uploads, uploader.bytes))
 
 
 def database_budget(state: PgLocation, key: Secret, rate: Rate) -> Any:
@@ -739,6 +894,8 @@ def _summarize(run_id: str, tally: Tally, started: float, opts: RunOptions, outc
         summary.extra["rescue"] = str(outcome.rescue)
     if outcome is not None and outcome.collected is not None:
         summary.extra["collect"] = outcome.collected.as_dict()
+    if outcome is not None:
+        summary.extra["uploads"] = {"files": outcome.uploads[0], "bytes": outcome.uploads[1], "planned": False}
     return summary
 
 
@@ -786,7 +943,7 @@ def _run_tables(opts: CollectOptions, ledger: LedgerStore, apis: list[str], give
     found: list[Target] = []
     for output in sorted(set(ledger.run_outputs({e.run_id for e in open_tasks}).values())):
         target = Target(output)
-        if not pattern.fullmatch(output) or (given is not None and target.same_file(output)):
+        if not pattern.fullmatch(output) or (given is not None and given.same_file(output)):
             continue
         try:
             if target.exists():
@@ -849,7 +1006,11 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
             entries = [e for e in entries if e.request_id in only]
         stats = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
         faults = []
-        with interruptible():
+
+        def first_signal(_signum: int) -> None:  # as for submit: finish the tables, then exit 4
+            stats.interrupted = True
+
+        with interruptible(None if stats.interrupted else first_signal):
             for target, frame in tables:
                 try:
                     update_table(target, frame, ledger, apis)
@@ -859,6 +1020,7 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         summary = {"run_id": "collect", "followed": len(entries), **stats.as_dict(),
                    "elapsed_s": round(time.monotonic() - started, 3), "state": str(opts.state),
                    "results": ", ".join(str(t) for t, _ in tables) or str(opts.results or ""),
+                   "tables": [str(t) for t, _ in tables],
                    "local_fault": "; ".join(faults) or None}
         summary["exit_code"] = EXIT_LOCAL_FAULT if faults else EXIT_INTERRUPTED if stats.interrupted else (
             EXIT_PROVIDER if stats.fatal else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE))
@@ -925,33 +1087,44 @@ class Adopted(set[str]):
 def _import_from_table(ledger: LedgerStore, table: pl.DataFrame, api: str) -> Adopted:
     """The table's request ids; tasks it names that the ledger lacks are adopted, under
     the API their endpoint names (else this run's; the bundled fake's are the fake's), in
-    one transaction. A row the table calls ``unknown`` (the provider may hold it, no task
-    id) is adopted as ``unknown``: sent again only with ``--resend-unknown``."""
+    one transaction. A row the ledger has is left as it is, unless a run whose ledger write
+    failed left it ``sending``/``unknown`` without a task id and the table holds that id:
+    then it is recorded ``submitted`` with it (no rewrite of the table loses the only copy
+    of a paid task id, no run sends it again). A row the table calls ``unknown`` (the
+    provider may hold it, no task id) is adopted as ``unknown``: sent again only with
+    ``--resend-unknown``."""
     ids = Adopted(rid for rid in table["request_id"].to_list() if rid is not None)
     if "task_id" not in table.columns:
         return ids
-    rows = table.filter((pl.col("task_id").is_not_null() & pl.col("status").is_in(["submitted", "skipped"]))
-                        | (pl.col("status") == "unknown"))
-    odd = [t for t in rows["task_id"].to_list() if t is not None and check_task_id(t) is None]
+    has_task = pl.col("task_id").is_not_null() & (pl.col("task_id").cast(pl.Utf8) != "")
+    if "status" in table.columns:
+        rows = table.filter((has_task & (pl.col("status").is_null() | (pl.col("status") != "invalid")))
+                            | (pl.col("status") == "unknown"))
+    else:
+        rows = table.filter(has_task)
+    rows = rows.filter(pl.col("request_id").is_not_null())
+    odd = [t for t in rows["task_id"].to_list() if t is not None and t != "" and check_task_id(t) is None]
     if odd:  # a table is input like any other: such an id would become a URL and a file name
         log.warning("task_ids_refused", count=len(odd), reason="not plain tokens; not followed")
-        rows = rows.filter(~pl.col("task_id").is_in(odd))
+        rows = rows.filter(pl.col("task_id").is_null() | ~pl.col("task_id").is_in(odd))
     if rows.is_empty():
         return ids
-    known = ledger.known(rows["request_id"].to_list(), sorted(set(ledger.apis()) | {api}))
-    rows = rows.filter(pl.col("request_id").is_not_null() & ~pl.col("request_id").is_in(list(known)))
-    if rows.is_empty():  # a rerun through the same ledger: nothing to adopt
-        return ids
+    # Only the ids, status and task id of what the ledger knows: a 20,000-row rerun asks
+    # the store for three short columns, not whole rows.
+    known = ledger.task_states(rows["request_id"].to_list(), sorted(set(ledger.apis()) | {api}))
     fields = [c for c in rows.columns if c in Catalog().known_fields()]
     adopt = []
     for row in rows.iter_rows(named=True):
+        task_id = row["task_id"] if row["task_id"] not in (None, "") and row.get("status") != "unknown" else None
+        state = known.get(row["request_id"])
+        if state is not None and not (task_id and state[1] in ("sending", "unknown") and not state[2]):
+            continue  # a rerun through the same ledger: nothing to adopt
         body = {k: row[k] for k in fields if row[k] is not None and row[k] != ""}
         endpoint = row.get("endpoint")
         submitted = row.get("submitted_at")
-        task_id = row["task_id"] if row["status"] != "unknown" else None
-        adopt.append((api if api == FAKE_API or not endpoint else origin(endpoint), row["request_id"],
-                      task_id, row.get("model"), endpoint, row.get("source"), row.get("row"),
-                      json.dumps(body, default=str), str(submitted) if submitted else None))
+        where = state[0] if state is not None else api if api == FAKE_API or not endpoint else origin(endpoint)
+        adopt.append((where, row["request_id"], task_id, row.get("model"), endpoint, row.get("source"),
+                      row.get("row"), json.dumps(body, default=str), str(submitted) if submitted else None))
     ledger.import_tasks(adopt)
     ids.imported = len(adopt)
     ids.unknown = sum(1 for a in adopt if a[2] is None)
@@ -989,14 +1162,7 @@ def update_table(path: Target, table: pl.DataFrame, ledger: LedgerStore, apis: l
             values = [csv_text(v) for v in values]
             dtype = pl.String()
         columns.append(pl.Series(c, values, dtype=dtype, strict=False))
-    updated = table.with_columns(columns)
-    writer = AtomicTableWriter(path)
-    try:
-        writer.write(updated)
-        writer.commit(dict(updated.schema))
-    except BaseException:
-        writer.discard()
-        raise
+    write_frame(path, table.with_columns(columns))
 
 
 def summary_path(results: Target) -> Target:

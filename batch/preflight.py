@@ -98,8 +98,20 @@ def check_models(verdict: Verdict, slugs: Sequence[str]) -> Check:
                 not in ("active", "available", "online", "")]
     if missing or inactive:
         what = "; ".join([*(f"{s} is not listed" for s in missing), *(f"{s} is not active" for s in inactive)])
-        return Check("models", FAIL, f"{what} ({len(listed)} models listed): check --model or the model column")
+        return Check("models", FAIL, f"{what} ({len(listed)} models listed){_alternatives(by_slug)}: switch with "
+                     "--model SLUG, a model column, or model = \"SLUG\" in the job file")
     return Check("models", OK, ", ".join(slugs) + " listed and active")
+
+
+def _alternatives(by_slug: dict[str, dict[str, Any]], limit: int = 20) -> str:
+    """The Seedance models the listing has and says are active: what a model that left
+    the listing (as 1.0 Lite left the documentation index) can be switched to."""
+    usable = sorted(s for s, m in by_slug.items() if "seedance" in s and len(s) <= 100
+                    and str(m.get("status", "active")).lower() in ("active", "available", "online", ""))
+    if not usable:
+        return "; it lists no active Seedance model"
+    more = f" and {len(usable) - limit} more" if len(usable) > limit else ""
+    return f"; listed Seedance models: {', '.join(usable[:limit])}{more}"
 
 
 def check_balance(verdict: Verdict, estimate_usd: float | None) -> Check:

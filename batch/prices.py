@@ -12,7 +12,8 @@ slug, keys resolutions, values USD per second of video at the ``default`` tier::
 
 Seconds come from the body as the API reads it: ``frames / 24`` where frames is set
 (it wins over duration), else ``duration``, else the model's default duration; the
-resolution likewise falls back to the model's default.
+resolution likewise falls back to the model's default, and where the spec states none (the
+i2v and v2v models), to the dearest resolution the prices give for the model.
 """
 
 from __future__ import annotations
@@ -98,8 +99,17 @@ class Pricing:
         return None if base is None or isinstance(base, dict) else float(base)
 
     def cost(self, spec: ModelSpec, body: Mapping[str, Any]) -> float | None:
-        """USD of one request, or ``None`` without a price for its model and resolution."""
-        price = self.per_second(spec.slug, resolution_of(spec, body), tier_of(spec, body))
+        """USD of one request, or ``None`` without a price for its model and resolution. A
+        request that leaves the resolution to the API, for a model whose spec states no
+        default, costs what the dearest priced resolution of the model would: an estimate
+        and a spend cap never count it low."""
+        resolution, tier = resolution_of(spec, body), tier_of(spec, body)
+        price = self.per_second(spec.slug, resolution, tier)
+        if price is None and resolution == "default" and "resolution" in spec.fields:
+            field_ = spec.fields["resolution"]
+            prices = [self.per_second(spec.slug, str(r), tier) for r in (field_.enum or ())]
+            if prices and None not in prices:
+                price = max(p for p in prices if p is not None)
         return None if price is None else price * video_seconds(spec, body)
 
     def missing(self, spec: ModelSpec) -> list[str]:

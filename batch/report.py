@@ -41,6 +41,19 @@ def render(summary: dict[str, Any]) -> str:
     if collected:
         states = ", ".join(f"{n} {status}" for status, n in collected["task_status"].items()) or "none"
         lines.append(f"  tasks: {states}; downloaded {collected['downloaded']}, failed {collected['download_failed']}")
+        if collected.get("expiring_before_next_collect"):
+            lines.append(f"  expiring: {collected['expiring_before_next_collect']} outputs not downloaded expire "
+                         "before the next collect (24 h): collect with --download DIR now  <-")
+    retried = summary.get("retry_failed")
+    if retried:
+        sent = f", {retried['sent']} retries sent" if "sent" in retried else ""
+        lines.append(f"  retry-failed: {retried['retried']} failed tasks made pending again{sent}; not retried: "
+                     f"{retried['content_policy']} content policy, {retried['unclassified']} unclassified, "
+                     f"{retried['cap_reached']} at the cap")
+    uploads = summary.get("uploads")
+    if uploads and uploads.get("files"):
+        verb = "would be uploaded" if uploads.get("planned") else "uploaded"
+        lines.append(f"  uploads: {uploads['files']} local images, {uploads['bytes']} bytes {verb}")
     estimate = summary.get("estimate")
     if estimate:
         lines.extend(render_estimate(estimate))
@@ -64,6 +77,8 @@ def render(summary: dict[str, Any]) -> str:
     for key in ("stop_reason", "interrupted"):
         if summary.get(key):
             lines.append(f"  {key.replace('_', ' ')}: {summary[key]}")
+    if summary.get("aborted"):
+        lines.append(f"  aborted: {summary.get('note') or 'results table not written'}  <-")
     if summary.get("results"):
         lines.append(f"  results: {summary['results']}")
     return "\n".join(lines)
@@ -97,6 +112,9 @@ def render_collect(summary: dict[str, Any]) -> str:
         lines.append(f"  {status:<10} {n:>8}{mark}")
     lines.append(f"  downloaded {summary['downloaded']}, already present {summary['download_skipped']}, "
                  f"failed {summary['download_failed']}")
+    if summary.get("expiring_before_next_collect"):
+        lines.append(f"  expiring: {summary['expiring_before_next_collect']} outputs not downloaded expire before "
+                     "the next collect (24 h): collect with --download DIR now  <-")
     if summary.get("stop_reason"):
         lines.append(f"  stop reason: {summary['stop_reason']}")
     lines.append(f"  elapsed {summary['elapsed_s']:.1f} s")

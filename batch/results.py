@@ -29,14 +29,15 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import structlog
 
+from batch.api import whole_text
 from batch.errors import ConfigError
 from batch.estimate import LABEL, Estimator, Labels, count_edited
 from batch.expand import Expander, Request, chunks
 from batch.ledger import OUTCOME_COLUMNS
-from batch.load import OWN_MARK
+from batch.load import OWN_MARK, OWN_STATUSES
 from batch.storage import Target
 
-STATUSES = ("submitted", "skipped", "failed", "invalid", "unknown", "pending", "dry_run")
+STATUSES = OWN_STATUSES  # the loader recognises a trimmed copy of a results table by them
 OK_STATUSES = frozenset({"submitted", "skipped", "dry_run"})
 RESULT_SUFFIXES = (".parquet", ".csv")
 # Spreadsheet tools run a cell starting with one of these as a formula (OWASP CSV injection).
@@ -60,6 +61,7 @@ RESULT_DTYPES: dict[str, pl.DataType] = {
     "http_status": pl.Int64(), "attempts": pl.Int64(), "submitted_at": pl.Datetime("ms", "UTC"),
     "task_status": pl.String(), "resource_urls": pl.List(pl.String()), "failure_reason": pl.String(),
     "completed_at": pl.Datetime("ms", "UTC"), "local_paths": pl.List(pl.String()), "download_error": pl.String(),
+    "task_attempt": pl.Int64(), "earlier_task_ids": pl.List(pl.String()),  # batch.retry: the request's lineage
 }
 
 
@@ -80,7 +82,7 @@ class Resolution:
     run_id: str | None
     dry_run: bool = False
     stop_reason: str | None = None
-    resend_unknown: bool = False  # a dry run: would the run resend what an earlier one may have sent?
+    resend_unknown: bool = False  # would the run resend (dry run) or did it try to (an unsent one: why)
 
 
 # Ledger.outcome_rows, typed; the ledger's status and run_id only decide the row's status.
@@ -89,7 +91,7 @@ _ENTRY_SCHEMA: dict[str, pl.DataType] = {
     **{c: RESULT_DTYPES[c] for c in OUTCOME_COLUMNS[3:]},
 }
 _TIMESTAMPS = ("submitted_at", "completed_at")
-_LISTS = ("resource_urls", "local_paths")
+_LISTS = ("resource_urls", "local_paths", "earlier_task_ids")
 CSV_DATETIME = "%Y-%m-%dT%H:%M:%S%.3fZ"  # one ISO 8601 UTC spelling in every CSV table
 
 
@@ -120,8 +122,9 @@ def ledger_value(column: str, value: Any) -> Any:
             return None
         if column == "local_paths" and isinstance(parsed, dict):
             return [str(v.get("path")) for v in parsed.values() if isinstance(v, dict) and v.get("path")]
-        return [str(v) for v in parsed] if isinstance(parsed, list) else None
-    return value
+        # An older version stored a lone surrogate as its JSON escape: whole it again.
+        return [whole_text(str(v)) for v in parsed] if isinstance(parsed, list) else None
+    return whole_text(value) if isinstance(value, str) else value
 
 
 def entries_frame(rows: Sequence[tuple[Any, ...]]) -> pl.DataFrame:
@@ -154,6 +157,10 @@ def resolve_frame(frame: pl.DataFrame, entries: pl.DataFrame | None, how: Resolu
     this_run = pl.col("_run_id") == pl.lit(how.run_id, pl.String())
     stop = f": {how.stop_reason}" if how.stop_reason else ""
     has_error = err.is_not_null() & (err != "")
+    # An earlier run's unknown left unsent: the hint names the option, unless it was given
+    # (then the run stopped before it: the cap, the deadline, a signal).
+    unsent = (f"not resent this run{stop}" if how.resend_unknown and not how.dry_run
+              else "not resent (use --resend-unknown)")
     may_exist = st.is_in(["sending", "unknown"]) & pl.lit(not how.resend_unknown)
     status = (
         pl.when(invalid.is_not_null()).then(pl.lit("invalid"))
@@ -176,10 +183,9 @@ def resolve_frame(frame: pl.DataFrame, entries: pl.DataFrame | None, how: Resolu
         .when(st.is_null()).then(pl.lit(f"not sent{stop}"))
         .when(st == "sending").then(
             pl.when(this_run).then(pl.lit("interrupted after sending; the provider may have accepted it"))
-            .otherwise(pl.lit("an earlier run stopped after sending it; outcome unknown, not resent "
-                              "(use --resend-unknown)")))
+            .otherwise(pl.lit(f"an earlier run stopped after sending it; outcome unknown, {unsent}")))
         .when((st == "unknown") & ~this_run).then(
-            pl.lit("earlier run: ") + err.fill_null("outcome unknown") + pl.lit("; not resent (use --resend-unknown)"))
+            pl.lit("earlier run: ") + err.fill_null("outcome unknown") + pl.lit(f"; {unsent}"))
         .when(st.is_in(["submitted", "unknown"]) | ((st == "failed") & this_run)).then(err)
         .otherwise(pl.lit(f"not sent this run{stop}")
                    + pl.when(has_error).then(pl.lit("; last error: ") + err).otherwise(pl.lit("")))
@@ -368,7 +374,7 @@ def write_text_atomically(path: Path | Target, text: str) -> None:
 
 
 class AtomicTableWriter:
-    """Writes chunks to a temporary file (``<dir>/.<name>.tmp-<pid>``, or the system's for
+    """Writes chunks to a temporary file (``<dir>/.<name>.tmp-<pid>-<random>``, created exclusively, or the system's for
     a bucket); :meth:`commit` renames it into place or uploads it as one object."""
 
     def __init__(self, target: Target | Path) -> None:

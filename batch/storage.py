@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import secrets
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -47,7 +48,8 @@ MAX_INPUT_BYTES = 2 << 30
 
 
 def is_remote(location: str | Path) -> bool:
-    return isinstance(location, str) and urlsplit(location).scheme in SCHEMES and "://" in location
+    # Not urlsplit: it raises on a malformed netloc ("s3://[x"), and this only asks which scheme.
+    return isinstance(location, str) and location.partition("://")[0].lower() in SCHEMES and "://" in location
 
 
 def fsync_path(path: Path | str) -> None:
@@ -281,6 +283,19 @@ def probe(location: str | Path, what: str, directory: bool = False) -> None:
         raise ConfigError(f"{what} {text}: cannot write there ({reason}); nothing sent") from None
 
 
+def exclusive_temp(final: Path) -> Path:
+    """A new, empty ``.<name>.tmp-<random>`` beside ``final``, created with ``O_EXCL`` (which
+    never follows a symlink): no name planted beforehand (a link to a file elsewhere) is
+    ever written through, and the random part cannot be guessed to plant one."""
+    while True:
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
 @dataclass(frozen=True)
 class Target:
     """A file we write (a results table, its summary): a local path or an object URL."""
@@ -333,7 +348,7 @@ class Target:
             os.close(fd)
             return Path(name)
         Path(self.text).parent.mkdir(parents=True, exist_ok=True)
-        return Path(self.text).with_name(f".{self.name}.tmp-{os.getpid()}")
+        return exclusive_temp(Path(self.text))
 
     def publish(self, tmp: Path) -> None:
         """Make a finished temporary file the target: renamed into place (and the directory

@@ -7,7 +7,8 @@ the API's defaults or a wrong prompt without a word. So, besides fastexcel:
 
 * :func:`list_sheets` reads sheet names and visibility (hidden sheets are never the
   default);
-* :func:`scan_sheet` finds formula cells without a cached value, merged ranges and the
+* :func:`scan_sheet` finds formula cells without a cached value (every formula cell of a
+  workbook that asks to be recalculated on load: its cached values are placeholders), merged ranges and the
   type of every cell, keeping only the cells that are not plain text or plain numbers;
 * :func:`shared_strings` measures shared strings without holding them, and
   :func:`sanitized_copy` replaces those over the cell cap with a marker, so a workbook
@@ -217,8 +218,19 @@ class SheetScan:
                 for col, (kind, raw) in sorted(self.head.get(row, {}).items())}
 
 
-def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int) -> SheetScan:
-    """One streaming pass over a sheet's XML (see the module docstring)."""
+def values_are_placeholders(zf: zipfile.ZipFile) -> bool:
+    """Whether the workbook asks to be recalculated when opened (``<calcPr
+    fullCalcOnLoad="1"/>``): xlsxwriter and other writers that do not calculate set it and
+    save 0 as every formula's value, so no cached formula value in it can be trusted."""
+    root = _small_xml(zf, "xl/workbook.xml")
+    calc = root.find(f"{_NS}calcPr") if root is not None else None
+    return calc is not None and calc.get("fullCalcOnLoad", "").strip().lower() in ("1", "true")
+
+
+def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int,
+               trust_cached: bool = True) -> SheetScan:
+    """One streaming pass over a sheet's XML (see the module docstring). Without
+    ``trust_cached`` every formula cell counts as one without a saved value."""
     scan = SheetScan()
     cell: list[object] = [None, None, None, False, False, 0]  # row, col, t, has_f, has_v, inline length
     in_v = in_is = False
@@ -272,7 +284,7 @@ def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int) 
             if row is None or col is None:
                 return
             key = (int(row), int(col))  # type: ignore[call-overload]
-            if has_f and not has_v:
+            if has_f and (not has_v or not trust_cached):
                 scan.formulas.append(key)
             if has_v and in_head(key[0]):
                 scan.head.setdefault(key[0], {})[key[1]] = (str(kind), "".join(value)[:4096])

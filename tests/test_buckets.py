@@ -149,11 +149,52 @@ def test_videos_stream_into_the_bucket_and_a_rerun_skips_them(start_fake, bucket
     assert sum(1 for r in fake.state.records if r.kind == "download") == downloads
 
 
-def test_a_bucket_is_no_place_for_the_ledger(tmp_path: Path) -> None:
+def test_a_bucket_is_no_place_for_the_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before anything is written: a file named s3:/b/state.sqlite.runmark was once
+    found in the working directory (and committed)."""
+    monkeypatch.chdir(tmp_path)
     path = write_csv(tmp_path / "in.csv", prompts(1))
     res = cli(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--state", "s3://b/state.sqlite",
                "--base-url", "https://api.example"])
     assert res.exit_code == 2 and "the ledger must be on local disk (SQLite locks it" in error_line(res.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+@pytest.mark.parametrize("args", [
+    ["--metrics-file", "s3://b/night.prom"],
+    ["--state", "http://b/state.sqlite"],
+    ["--download", "https://b/videos/", "--wait"],
+    ["-o", "https://b/r.parquet"],
+    ["-o", "file:///tmp/r.parquet"],
+], ids=["metrics-bucket", "state-http", "download-http", "output-http", "output-file-url"])
+def test_no_local_file_is_named_after_a_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    """Siblings: every place the tool writes refuses a URL it cannot write to, before writing
+    anything (a URL taken as a local path becomes "http:/b/..." in the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    path = write_csv(tmp_path / "in.csv", prompts(1))
+    res = cli(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--state", str(tmp_path / "s.sqlite"),
+               "--dry-run", *args])
+    assert res.exit_code == 2 and args[1] in error_line(res.stderr).replace("s3:/b", "s3://b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+@pytest.mark.parametrize("dest", ["s3://b/copy.sqlite", "https://b/copy.sqlite"])
+def test_a_ledger_backup_is_not_written_under_a_url_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          dest: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    res = cli(["state", "backup", dest, "--state", str(tmp_path / "s.sqlite")])
+    assert res.exit_code == 2 and "must be on local disk" in error_line(res.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_job_files_bucket_metrics_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path / "in.csv", prompts(1))
+    (tmp_path / "job.toml").write_text('inputs = ["in.csv"]\noutput = "r.parquet"\nstate = "s.sqlite"\n'
+                                       'metrics_file = "s3://b/night.prom"\n')
+    res = cli(["run", str(tmp_path / "job.toml"), "--dry-run"])
+    assert res.exit_code == 2 and "--metrics-file s3://b/night.prom" in error_line(res.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "job.toml"]
 
 
 def test_an_aws_profile_supplies_the_credentials(fake, bucket: str, tmp_path: Path,

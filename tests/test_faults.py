@@ -68,6 +68,9 @@ def test_output_disk_full_is_one_line_and_the_ledger_keeps_everything(fake, tmp_
     line = error_line(res.stderr)
     assert "cannot write results table" in line and "File too large" in line and "nothing is sent twice" in line
     assert "submitted      2000" in res.stdout  # the summary still says what happened
+    # ... and not that the table is where it is not (fresh-eyes review, #18 item 9)
+    assert f"results: {tmp_path / 'out' / 'r.parquet'}\n" not in res.stdout + "\n"
+    assert "results: not written" in res.stdout
     assert not (tmp_path / "out" / "r.parquet").exists()
     assert [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name] == []
     again = submit_process(fake, tmp_path, path)

@@ -195,21 +195,6 @@ def test_a_bare_fetched_spec_keeps_the_shipped_synonyms(fake, tmp_path: Path) ->
     assert bodies(fake) == [{"prompt": "a fox", "ratio": "9:16", "service_tier": "flex"}]
 
 
-def test_the_readme_synonym_table_is_the_specs() -> None:
-    import importlib.util
-
-    tool = Path(__file__).resolve().parent.parent / "tools" / "models_table.py"
-    module_spec = importlib.util.spec_from_file_location("models_table", tool)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    begin, end = readme.index("<!-- aliases:begin -->"), readme.index("<!-- aliases:end -->")
-    assert readme[begin:end].split("\n", 1)[1].strip() == module.aliases_table().strip()
-
-
-# -- 14. the results table records what the user wrote ------------------------------------------
-
 def test_an_invalid_row_is_recorded_as_written(fake, tmp_path: Path) -> None:
     """Reported: a model cell Seedance-1.5-Pro-T2V was shown as the default model, seed 3.7
     as 3, an invalid frames as null."""

@@ -37,7 +37,7 @@ from batch.expand import Expander, ExpandSpec
 from batch.ledger import AsyncLedger, Ledger, create_ledger
 from batch.load import load_table
 from batch.ratelimit import SmoothLimiter
-from batch.submit import PREWIRE, SubmitConfig, Submitter
+from batch.sending import PREWIRE, SubmitConfig, Submitter
 
 
 def popen(fake, tmp_path: Path, inputs: Path, state: Path, *extra: str, cwd: Path | None = None) -> subprocess.Popen[str]:
@@ -373,8 +373,8 @@ def test_a_rerun_through_a_symlink_after_kill_9_reads_the_same_wal(start_fake, t
     assert len(fake.state.submissions()) == 40
 
 
-@pytest.mark.parametrize("companion", ["-wal", "-shm", ".runmark", ".rescue.jsonl", ".v1-backup"])
-@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+@pytest.mark.parametrize("companion", ["-wal", "-shm", "-journal", ".runmark", ".rescue.jsonl", ".v1-backup"])
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "directory"])
 def test_a_planted_link_beside_the_ledger_is_refused(fake, tmp_path: Path, companion: str, kind: str) -> None:
     """The ledger's companions are its own files: one planted as a link to another file
     (another ledger's -wal, a file the attacker wants appended to) is refused, nothing sent."""
@@ -384,7 +384,10 @@ def test_a_planted_link_beside_the_ledger_is_refused(fake, tmp_path: Path, compa
     target = tmp_path / "target"
     target.write_text("")
     planted = tmp_path / f"state.sqlite{companion}"
-    (os.symlink if kind == "symlink" else os.link)(target, planted)
+    if kind == "directory":  # reported for -journal: SQLite's misleading "unable to open database file"
+        planted.mkdir()
+    else:
+        (os.symlink if kind == "symlink" else os.link)(target, planted)
     res = cli(submit_args(fake, tmp_path, path))
     assert res.exit_code == 2, res.output
     line = res.stderr.strip().splitlines()[-1]

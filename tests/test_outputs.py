@@ -26,7 +26,7 @@ import batch.cli
 import batch.ledger
 import batch.pipeline
 import batch.results
-import batch.submit
+import batch.sending
 
 
 def accepted(fake) -> set[str]:
@@ -111,7 +111,7 @@ async def _send_then_fail(self: Any, *args: Any, **kw: Any) -> Any:
     raise RuntimeError("injected fault after sending")
 
 
-ORIGINAL_RUN = batch.submit.Submitter.run
+ORIGINAL_RUN = batch.sending.Submitter.run
 
 
 def _raise(*_args: Any, **_kw: Any) -> Any:
@@ -124,7 +124,7 @@ def _disk_full(*_args: Any, **_kw: Any) -> Any:
 
 # Every stage after the first send, each failing as a bug (RuntimeError) or a disk (OSError).
 STAGES = {
-    "submit": (batch.submit.Submitter, "run", _send_then_fail),
+    "submit": (batch.sending.Submitter, "run", _send_then_fail),
     "collect": (batch.pipeline.Collector, "run", _raise),
     "spool": (batch.results.RequestSpool, "frames", _raise),
     "resolve": (batch.results, "resolve_frame", _raise),

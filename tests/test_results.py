@@ -99,7 +99,7 @@ def test_status_of_every_ledger_state_as_tonight_sees_it() -> None:
     frame = pl.DataFrame({"request_id": ids, INVALID: [None] * len(cases) + ["duration=99: must be ..."]})
     stamp = "2026-11-25T23:22:44.123+00:00"
     rows = [(rid, st, run, "https://api.example/route", f"task-{rid}", err, None, 200, attempts, stamp if rid != "sub_old" else
-             "2026-11-24 22:00:00.500000+00:00", None, None, None, None, None, None)
+             "2026-11-24 22:00:00.500000+00:00", None, None, None, None, None, None, 1, None)
             for rid, (entry, _) in cases.items() if entry is not None for st, run, err, attempts in [entry]]
     out = resolve_frame(frame, entries_frame(rows), Resolution("tonight", stop_reason="deadline reached"))
     got = {r["request_id"]: (r["status"], r["error"], r["attempts"]) for r in out.iter_rows(named=True)}

@@ -47,7 +47,8 @@ COPY_COLUMNS = {
     "requests": ("api", "request_id", "status", "run_id", "label", "model", "endpoint", "source", "row", "body",
                  "task_id", "poll_url", "error", "error_code", "http_status", "attempts", "sending_at",
                  "submitted_at", "updated_at", "task_status", "resource_urls", "resources", "failure_reason",
-                 "completed_at", "local_paths", "download_error", "polls", "cost_usd"),
+                 "completed_at", "local_paths", "download_error", "polls", "cost_usd", "failure_class",
+                 "task_attempt", "earlier_task_ids"),
     "runs": ("run_id", "started_at", "finished_at", "command", "summary", "api", "output", "night"),
 }
 
@@ -55,7 +56,7 @@ COPY_COLUMNS = {
 OUTCOME_COLUMNS = (
     "request_id", "status", "run_id", "endpoint", "task_id", "error", "error_code", "http_status", "attempts",
     "submitted_at", "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths",
-    "download_error",
+    "download_error", "task_attempt", "earlier_task_ids",  # the last two: batch.retry (additive columns)
 )
 
 
@@ -123,6 +124,15 @@ SQL_OUTCOME = (
     "WHERE api=? AND run_id=? AND request_id=?"
 )
 OUTCOME_FIELDS = 10
+
+# An import meets a row the ledger has: left as it is, unless a run left it ``sending`` or
+# ``unknown`` without a task id (its ledger write failed) and the table holds the task id.
+# Both stores' syntax (PostgreSQL and SQLite share ON CONFLICT ... DO UPDATE ... WHERE).
+SQL_IMPORT_UPGRADE = (
+    "ON CONFLICT (api, request_id) DO UPDATE SET status='submitted', task_id=excluded.task_id, "
+    "submitted_at=COALESCE(requests.submitted_at, excluded.submitted_at), updated_at=excluded.updated_at "
+    "WHERE excluded.task_id IS NOT NULL AND requests.status IN ('sending', 'unknown') AND requests.task_id IS NULL"
+)
 
 
 class LedgerStore(abc.ABC):
@@ -202,9 +212,31 @@ class LedgerStore(abc.ABC):
         """Which of ``ids`` this API (or ``apis``) has a row for, whatever its status."""
         return set(self.lookup(ids, apis))
 
+    def uploads(self) -> dict[str, str]:
+        """sha256 -> URL of every image uploaded for this API (batch.upload); a store that
+        keeps no uploads (PostgreSQL, for now: the run refuses local images) has none."""
+        return {}
+
+    def next_attempts(self) -> dict[str, int]:
+        """Request id -> attempt number of each retried request not yet sent again
+        (batch.retry); a store that keeps no lineage (PostgreSQL, for now) has none."""
+        return {}
+
+    @abc.abstractmethod
+    def run_counts(self, run_id: str) -> list[tuple[str, int]]:
+        """``(status, count)`` of the requests ``run_id`` holds for this API."""
+
+    def task_states(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, tuple[Any, ...]]:
+        """``request_id`` -> ``(api, status, task_id)`` of the rows of ``ids`` this API (or ``apis``) has."""
+        return {rid: (e.api, e.status, e.task_id) for rid, e in self.lookup(ids, apis).items()}
+
     @abc.abstractmethod
     def outcome_columns(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         """Rows of ``ids`` as :data:`OUTCOME_COLUMNS`, as stored."""
+
+    @abc.abstractmethod
+    def expiries(self) -> dict[tuple[str, str], str]:
+        """``(api, request_id)`` -> when the provider said its outputs expire (batch.expiry)."""
 
     @abc.abstractmethod
     def labels(self, labels: Sequence[str], before_run: str | None = None) -> dict[str, set[str]]:
@@ -219,7 +251,9 @@ class LedgerStore(abc.ABC):
     def import_tasks(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Adopt tasks known only from a results table, in one transaction: ``(api, request_id,
         task_id, model, endpoint, source, row, body, submitted_at)``. With a task id a row is
-        ``submitted``, without one ``unknown``; a row the ledger has is left as it is."""
+        ``submitted``, without one ``unknown``; a row the ledger has is left as it is, except
+        :data:`SQL_IMPORT_UPGRADE`'s: a ``sending``/``unknown`` row without a task id takes the
+        table's task id."""
 
     @abc.abstractmethod
     def export_rows(self, table: str) -> list[tuple[Any, ...]]:
@@ -239,7 +273,8 @@ class LedgerStore(abc.ABC):
     # -- written once for every store --------------------------------------------------
     def import_task(self, api: str, request_id: str, task_id: str | None, model: str | None, endpoint: str | None,
                     source: str | None, row: int | None, body: str, submitted_at: str | None) -> None:
-        """Adopt one task known only from a results table (collect --results on another machine)."""
+        """Adopt one task known only from a results table (collect --results on another machine,
+        or a run whose ledger write failed: its row left ``sending``/``unknown``, no task id)."""
         self.import_tasks([(api, request_id, task_id, model, endpoint, source, row, body, submitted_at)])
 
     def write_marker(self, run_id: str) -> None:  # noqa: B027 - a store without local companions needs none
@@ -425,7 +460,8 @@ class AsyncLedger:
             if sending or outcomes or other:
                 try:
                     claimed = self._apply(sending, outcomes, other)
-                except self.ledger.write_errors as exc:  # disk full, I/O error, read-only, the server gone
+                except Exception as exc:  # disk full, I/O error, read-only, the server gone; any other
+                    # error too: the flusher must settle every waiter, or the run waits for it forever
                     self.broken = StateError(f"state write failed ({exc})")
                     self._kept.extend(outcomes)
                     if fut is not None and not fut.done():

@@ -45,6 +45,7 @@ from batch.ledger.base import (
     COPY_COLUMNS,
     LEDGER_COLUMNS,
     OUTCOME_COLUMNS,
+    SQL_IMPORT_UPGRADE,
     SQL_OUTCOME,
     Entry,
     LedgerStore,
@@ -56,7 +57,16 @@ from batch.ledger.base import (
 
 SCHEMES = ("postgresql://", "postgres://")
 LEDGER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 (main's issue 20, additive): the failure class collect records, the retry
+# columns the results table reads, and batch.expiry's table. Applied in place to a v1 ledger.
+_MIGRATION_2 = (
+    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS failure_class TEXT",
+    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS task_attempt INTEGER",
+    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS earlier_task_ids TEXT",
+    "CREATE TABLE IF NOT EXISTS task_expiry (api TEXT NOT NULL, request_id TEXT NOT NULL, "
+    "expires_at TEXT NOT NULL, PRIMARY KEY (api, request_id))",
+)
 # Dead-peer detection for the lock's session and the writer's (libpq parameters).
 KEEPALIVE = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
              "tcp_user_timeout": "20000", "connect_timeout": "10"}
@@ -94,6 +104,9 @@ CREATE TABLE IF NOT EXISTS requests (
     download_error TEXT,
     polls          INTEGER NOT NULL DEFAULT 0,
     cost_usd       DOUBLE PRECISION,
+    failure_class  TEXT,
+    task_attempt   INTEGER,
+    earlier_task_ids TEXT,
     PRIMARY KEY (api, request_id)
 );
 CREATE INDEX IF NOT EXISTS requests_open_tasks ON requests(task_status) WHERE task_id IS NOT NULL;
@@ -112,6 +125,12 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT
+);
+CREATE TABLE IF NOT EXISTS task_expiry (
+    api        TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    PRIMARY KEY (api, request_id)
 );
 CREATE TABLE IF NOT EXISTS migrations (
     version    INTEGER PRIMARY KEY,
@@ -257,12 +276,20 @@ class PgLedger(LedgerStore):
                     if statement.strip():
                         self.db.execute(statement)
                 self.db.execute("INSERT INTO migrations VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                                (SCHEMA_VERSION, "create", utcnow()))
+                                (1, "create", utcnow()))
                 self.db.execute("INSERT INTO meta VALUES ('created_at', %s) ON CONFLICT DO NOTHING", (utcnow(),))
         self.db.execute(sql.SQL("SET search_path TO {}").format(schema))
         version = self.db.execute("SELECT max(version) FROM migrations").fetchone()[0] or 0
         if version > SCHEMA_VERSION:
             raise StateError(f"{self.location}: ledger schema {version} is newer than this tool ({SCHEMA_VERSION})")
+        if version < 2 and not self.readonly:
+            with self.db.transaction():
+                self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(self.location.schema, "create"),))
+                for statement in _MIGRATION_2:
+                    self.db.execute(statement)
+                self.db.execute("INSERT INTO migrations VALUES (2, 'retry columns, task_expiry', %s) "
+                                "ON CONFLICT DO NOTHING", (utcnow(),))
+        self._v2 = version >= 2 or not self.readonly
 
     def _has_tables(self) -> bool:
         return self.db.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename IN "
@@ -339,8 +366,7 @@ class PgLedger(LedgerStore):
             cur.executemany(
                 "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, \"row\", body, "
                 "task_id, submitted_at, updated_at) VALUES (%s, %s, CASE WHEN %s::text IS NULL THEN 'unknown' "
-                "ELSE 'submitted' END, 'imported', %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (api, request_id) DO NOTHING",
+                "ELSE 'submitted' END, 'imported', %s, %s, %s, %s, %s, %s, %s, %s) " + SQL_IMPORT_UPGRADE,
                 [(api, rid, task, model, endpoint, source, _int(row), body, task, submitted, now)
                  for api, rid, task, model, endpoint, source, row, body, submitted in rows])
 
@@ -391,8 +417,23 @@ class PgLedger(LedgerStore):
     def known(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> set[str]:
         return {row[0] for row in self._rows_of(("request_id",), ids, apis)}
 
+    def task_states(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, tuple[Any, ...]]:
+        return {row[0]: row[1:] for row in self._rows_of(("request_id", "api", "status", "task_id"), ids, apis)}
+
     def outcome_columns(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
-        return self._rows_of(OUTCOME_COLUMNS, ids)
+        # A v1 ledger opened read-only lacks the retry columns (retries never ran on it).
+        tail = ("COALESCE(task_attempt, 1)", "earlier_task_ids") if self._v2 else ("1", "NULL")
+        return self._rows_of((*OUTCOME_COLUMNS[:-2], *tail), ids)
+
+    def run_counts(self, run_id: str) -> list[tuple[str, int]]:
+        return self.db.execute("SELECT status, count(*) FROM requests WHERE api=%s AND run_id=%s GROUP BY status",
+                               (self.api, run_id)).fetchall()
+
+    def expiries(self) -> dict[tuple[str, str], str]:
+        if not self._v2:
+            return {}
+        return {(api, rid): at for api, rid, at in
+                self.db.execute("SELECT api, request_id, expires_at FROM task_expiry")}
 
     def labels(self, labels: Sequence[str], before_run: str | None = None) -> dict[str, set[str]]:
         found: dict[str, set[str]] = {}

@@ -58,6 +58,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from batch import expiry, retry, upload
 from batch.api import DEFAULT_MODEL, FAKE_API
 from batch.errors import LockedError, StateError
 from batch.identity import content_key, with_repeat
@@ -65,6 +66,7 @@ from batch.ledger.base import (
     COPY_COLUMNS,
     LEDGER_COLUMNS,
     OUTCOME_COLUMNS,
+    SQL_IMPORT_UPGRADE,
     SQL_OUTCOME,
     Entry,
     LedgerStore,
@@ -72,6 +74,7 @@ from batch.ledger.base import (
     night_of,
     utcnow,
 )
+from batch.mutant import mutant
 from batch.storage import fsync_path
 
 APPLICATION_ID = 0x5EEDBA7C  # marks the file as ours (PRAGMA application_id)
@@ -258,7 +261,7 @@ START_OVER = ("if you mean to start over, move it away (every request it recorde
 
 
 # Files SQLite and this tool keep beside the ledger's real name.
-COMPANIONS = ("-wal", "-shm", ".runmark", ".rescue.jsonl", ".v1-backup")
+COMPANIONS = ("-wal", "-shm", "-journal", ".runmark", ".rescue.jsonl", ".v1-backup")
 
 
 def check_links(path: Path, settle: float = 2.0) -> None:
@@ -399,6 +402,9 @@ class Ledger(LedgerStore):
         db.execute("PRAGMA busy_timeout=5000")
         if version < SCHEMA_VERSION:
             self._migrate_v1()
+        expiry.ensure(db)  # additive (issue 20): result_expires_at per request, IF NOT EXISTS
+        upload.ensure(db)  # additive (issue 20): one uploaded image per content hash, IF NOT EXISTS
+        retry.ensure(db)  # additive (issue 20): task_lineage table; requests.task_attempt, earlier_task_ids
         self._add_columns()
 
     def _add_columns(self) -> None:
@@ -459,6 +465,7 @@ class Ledger(LedgerStore):
     def synchronous(self, *, full: bool) -> None:
         """FULL (fsync at commit) for what must be durable before the wire; NORMAL for the
         rest (durable against a crash of this process; see the module's guarantees)."""
+        full = full and not mutant("skip_claim_fsync")
         if full != self._full:
             self.db.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
             self._full = full
@@ -551,14 +558,17 @@ class Ledger(LedgerStore):
                                     "ORDER BY source, row", (self.api, run_id)))
 
     def night_requests(self, night: str) -> list[tuple[str | None, str | None, float | None]]:
-        """``(model, body, cost_usd)`` of every request that runs of ``night`` sent and the
-        provider may have accepted (``sending``, ``submitted``, ``unknown``): what the
-        night has spent. Real runs count the real APIs' requests, fake runs the fake's."""
+        """``(model, body, cost_usd)`` of every task that runs of ``night`` sent and the
+        provider may have accepted (``sending``, ``submitted``, ``unknown``, and the earlier
+        tasks of a retried request, kept in the lineage): what the night has spent. Real
+        runs count the real APIs' requests, fake runs the fake's."""
         fake = self.api == FAKE_API
-        return self.db.execute(
+        current = self.db.execute(
             "SELECT r.model, r.body, r.cost_usd FROM requests r JOIN runs u ON u.run_id = r.run_id "
             "WHERE u.night = ? AND r.status IN ('sending', 'submitted', 'unknown') AND (r.api = ?) = ?",
             (night, FAKE_API, fake)).fetchall()
+        # ... and the earlier, failed tasks of requests --retry-failed sent again (issue 20).
+        return current + retry.night_attempts(self.db, night, FAKE_API, fake)
 
     def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
         self.db.execute("UPDATE runs SET finished_at=?, summary=? WHERE run_id=?",
@@ -567,7 +577,10 @@ class Ledger(LedgerStore):
 
     # -- the run marker: a ledger that lost writes is detected ----------------------------
     def _submitted_count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM requests WHERE task_id IS NOT NULL").fetchone()[0]
+        # With the earlier tasks --retry-failed moved to the lineage: a retry run killed after
+        # resetting rows must not look like a ledger that lost writes.
+        have = self.db.execute("SELECT count(*) FROM requests WHERE task_id IS NOT NULL").fetchone()[0]
+        return have + retry.lineage_tasks(self.db)
 
     def write_marker(self, run_id: str) -> None:
         """Record, outside the database, the last run and how many task ids it held."""
@@ -624,8 +637,27 @@ class Ledger(LedgerStore):
     def known(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> set[str]:
         return {row[0] for row in self._rows_of(("request_id",), ids, apis)}
 
+    def task_states(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, tuple[Any, ...]]:
+        return {row[0]: row[1:] for row in self._rows_of(("request_id", "api", "status", "task_id"), ids, apis)}
+
     def outcome_columns(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
-        return list(self._rows_of(OUTCOME_COLUMNS, ids))
+        # A ledger an earlier version wrote, opened read-only, lacks batch.retry's columns.
+        columns = (*OUTCOME_COLUMNS[:-2], "COALESCE(task_attempt, 1)", "earlier_task_ids") \
+            if retry.has_columns(self.db) else (*OUTCOME_COLUMNS[:-2], "1", "NULL")
+        return list(self._rows_of(columns, ids))
+
+    def expiries(self) -> dict[tuple[str, str], str]:
+        return expiry.load(self.db)
+
+    def uploads(self) -> dict[str, str]:
+        return upload.uploaded(self.db, self.api)
+
+    def next_attempts(self) -> dict[str, int]:
+        return retry.next_attempts(self.db, self.api)
+
+    def run_counts(self, run_id: str) -> list[tuple[str, int]]:
+        return self.db.execute("SELECT status, count(*) FROM requests WHERE api=? AND run_id=? GROUP BY status",
+                               (self.api, run_id)).fetchall()
 
     def labels(self, labels: Sequence[str], before_run: str | None = None) -> dict[str, set[str]]:
         """For each label, the request ids this API has under it (to spot edited rows);
@@ -655,7 +687,8 @@ class Ledger(LedgerStore):
         """Adopt tasks known only from a results table, in one transaction: ``(api, request_id,
         task_id, model, endpoint, source, row, body, submitted_at)``. A row with a task id
         is ``submitted``; one without is ``unknown`` (the provider may hold it). A row the
-        ledger has already is left as it is."""
+        ledger has already is left as it is, except one a run left ``sending``/``unknown``
+        without a task id (its ledger write failed): the task id upgrades it to ``submitted``."""
         if not rows:
             return
         now = utcnow()
@@ -663,7 +696,7 @@ class Ledger(LedgerStore):
             self.db.executemany(
                 "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, row, body, task_id, "
                 "submitted_at, updated_at) VALUES (?, ?, CASE WHEN ? IS NULL THEN 'unknown' ELSE 'submitted' END, "
-                "'imported', ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(api, request_id) DO NOTHING",
+                "'imported', ?, ?, ?, ?, ?, ?, ?, ?) " + SQL_IMPORT_UPGRADE,
                 [(api, rid, task, model, endpoint, source, row, body, task, submitted, now)
                  for api, rid, task, model, endpoint, source, row, body, submitted in rows])
 

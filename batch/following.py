@@ -12,17 +12,24 @@ Guarantees:
   (:func:`read_task`): a malformed one is recorded on that task (it stays non-terminal, or
   fails with the reason) and every other task goes on; an unexpected error while handling
   one task is logged and that task is polled again next pass.
-* **Task states as the provider has them.** ``pending`` and ``processing`` are not terminal;
-  ``success`` (also ``succeeded``/``completed``) is; ``failed``, ``cancelled``/``canceled``,
+* **Task states as the provider has them.** ``pending`` (also ``queued``/``created``) and
+  ``processing`` (also ``running``/``in_progress``) are not terminal; ``success`` (also
+  ``succeeded``/``completed``/``done``) is; ``failed``, ``cancelled``/``canceled``,
   ``error`` and ``expired`` are terminal failures with the reason the answer carries; an
   unknown state is logged once per value and kept non-terminal.
 * **A success must be downloadable.** A success without a usable video URL is a
   ``download_error`` ("success without a downloadable output"), never a quiet exit 0.
+* **One bad output costs one task.** Every per-task step of a download (the URL, each
+  redirect, the file, the rename, the upload) fails into that task's ``download_error``,
+  never into the run: the other tasks are downloaded and the table is written.
+* **The key is never stored.** Every error text built from an answer, an exception or a
+  URL passes :meth:`~batch.client.Secret.scrub` before it is logged or stored.
 * **Bounded.** ``--timeout`` bounds the whole collect, downloads included; SIGTERM stops
   polls and downloads at once (partial files stay for a resume); see :mod:`batch.download`.
 
 The provider deletes outputs 24 hours after completion; a success seen more than
-``output_ttl`` ago whose files are still missing is ``expired``.
+``output_ttl`` ago, or past the ``result_expires_at`` its answer states, whose files are
+still missing is ``expired``. Downloads go soonest-expiring first (:mod:`batch.expiry`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -40,7 +48,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from batch.api import FAKE_API, task_url
+from batch import expiry, retry
+from batch.api import FAKE_API, task_url, whole_json
 from batch.client import (
     Kind,
     Secret,
@@ -62,15 +71,19 @@ from batch.download import (
     fetch,
     file_stem,
     make_download_session,
+    open_directory,
+    regular_size,
 )
+from batch.expiry import parse_expiry
 from batch.ledger import AsyncLedger, Entry, utcnow
 from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
-from batch.storage import ObjectUrl, is_remote, object_size_async
+from batch.storage import ObjectUrl, object_size_async
 
 TERMINAL = frozenset({"success", "failed", "expired"})
-SUCCESS_STATES = frozenset({"success", "succeeded", "completed"})
+SUCCESS_STATES = frozenset({"success", "succeeded", "completed", "done"})
 FAILURE_STATES = frozenset({"failed", "cancelled", "canceled", "error", "expired"})
-RUNNING_STATES = frozenset({"pending", "processing", "queued", "running"})
+RUNNING_STATES = frozenset({"pending", "processing", "queued", "created", "running", "in_progress"})
+GENERATING_STATES = frozenset({"processing", "running", "in_progress"})  # the rest of RUNNING_STATES: pending
 MAX_RESOURCES = 100
 NO_OUTPUT = "success without a downloadable output"
 T = TypeVar("T")
@@ -78,7 +91,8 @@ _SAFE_WORD = re.compile(r"[A-Za-z0-9_.:/+-]{1,32}")
 
 SQL_TASK = (
     "UPDATE requests SET task_status=?, resource_urls=COALESCE(?, resource_urls), resources=COALESCE(?, resources), "
-    "failure_reason=?, completed_at=COALESCE(completed_at, ?), polls=polls+1, updated_at=? WHERE api=? AND request_id=?"
+    "failure_reason=?, failure_class=?, completed_at=COALESCE(completed_at, ?), polls=polls+1, updated_at=? "
+    "WHERE api=? AND request_id=?"
 )
 SQL_DOWNLOAD = ("UPDATE requests SET local_paths=?, download_error=?, task_status=?, updated_at=? "
                 "WHERE api=? AND request_id=?")
@@ -100,6 +114,7 @@ class CollectConfig:
     download_concurrency: int = 4
     download_attempts: int = 5
     output_ttl: float = 24 * 3600.0
+    next_collect: float = expiry.NEXT_COLLECT  # outputs expiring sooner than this are warned about
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     download: DownloadPolicy = field(default_factory=DownloadPolicy)
@@ -121,6 +136,7 @@ class Task:
     polls: int
     next_poll: float = 0.0
     download_tried: bool = False  # in this process: one pass of downloads per task
+    expires_at: str | None = None  # result_expires_at (batch.expiry), UTC ISO
 
     @classmethod
     def from_entry(cls, e: Entry) -> Task:
@@ -137,7 +153,7 @@ def _json(text: str | None, default: Any) -> Any:
     if not text:
         return default
     try:
-        return json.loads(text)
+        return whole_json(json.loads(text))  # an older version stored "\\ud800" escapes
     except ValueError:
         return default
 
@@ -150,6 +166,9 @@ class TaskView:
     resources: list[dict[str, Any]] | None = None
     reason: str | None = None  # why it failed, or what is wrong with the answer
     unknown_state: str | None = None
+    expires_at: str | None = None  # result_expires_at, UTC ISO
+    expiry_ignored: str | None = None  # a result_expires_at stated but unreadable (clipped repr)
+    failure_class: str | None = None  # batch.retry's class of a failure, read on the whole answer
 
 
 def _word(value: Any) -> str | None:
@@ -178,6 +197,28 @@ def read_resources(data: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+def failure_parts(body: dict[str, Any], data: dict[str, Any], state: str) -> list[str]:
+    """Every piece of text a failed task's answer carries, each field on its own and whole:
+    the nested error's code and message, the task's own message or reason, the code, the
+    envelope's message when it is not "success", and the state when it is not ``failed``."""
+    parts: list[str] = [] if state == "failed" else [f"{state}:"]
+    err = data.get("error")
+    if isinstance(err, dict):
+        parts.extend(str(err[k]) for k in ("code", "message") if isinstance(err.get(k), (str, int))
+                     and not isinstance(err.get(k), bool) and err.get(k) != "")
+    elif isinstance(err, (str, int)) and not isinstance(err, bool):
+        parts.append(str(err))
+    for key in ("message", "reason", "failure_reason", "error_message", "fail_reason"):
+        if isinstance(data.get(key), str):
+            parts.append(data[key])
+    if isinstance(data.get("code"), (str, int)) and not isinstance(data.get("code"), bool):
+        parts.append(f"code {data['code']}")
+    envelope = body.get("message")
+    if isinstance(envelope, str) and envelope.lower() not in ("success", "ok", ""):
+        parts.append(envelope)
+    return [p for p in parts if p]
+
+
 def failure_reason(body: dict[str, Any], data: dict[str, Any], state: str) -> str:
     """Whatever text a failed task's answer carries: the nested error's code and message,
     the task's own message or reason, the envelope's message when it is not "success"."""
@@ -200,6 +241,16 @@ def failure_reason(body: dict[str, Any], data: dict[str, Any], state: str) -> st
     return clean_text(text if state == "failed" else f"{state}: {text}", None)
 
 
+def _clip_repr(value: Any) -> str:
+    """A provider value for a log line, without converting a huge int to text (which
+    Python refuses past 4300 digits) or copying a huge string."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** 30:
+        return f"an integer of about {value.bit_length() * 3 // 10} digits"
+    if isinstance(value, str):
+        return repr(value[:64])
+    return type(value).__name__ if isinstance(value, (dict, list)) else repr(value)
+
+
 def read_task(body: Any, task_id: str) -> TaskView:
     """Validate one task answer (the whole JSON body) on its own."""
     data = body.get("data") if isinstance(body, dict) else None
@@ -213,11 +264,15 @@ def read_task(body: Any, task_id: str) -> TaskView:
         return TaskView(None, reason="answer about another task id")
     state = clean_text(raw.strip().lower(), None, 64)
     if state in SUCCESS_STATES:
-        return TaskView("success", resources=read_resources(data))
+        stated = data.get("result_expires_at")
+        expires = parse_expiry(stated)
+        ignored = None if stated is None or expires is not None else clean_text(_clip_repr(stated), None, 80)
+        return TaskView("success", resources=read_resources(data), expires_at=expires, expiry_ignored=ignored)
     if state in FAILURE_STATES:
-        return TaskView("failed", reason=failure_reason(body, data, state))
+        return TaskView("failed", reason=failure_reason(body, data, state),
+                        failure_class=retry.classify_parts(failure_parts(body, data, state)))
     if state in RUNNING_STATES:
-        return TaskView("processing" if state in ("processing", "running") else "pending")
+        return TaskView("processing" if state in GENERATING_STATES else "pending")
     return TaskView("pending", unknown_state=state)
 
 
@@ -229,6 +284,7 @@ class CollectStats:
     download_skipped: int = 0
     download_failed: int = 0
     no_output: int = 0
+    expiring: list[str] = field(default_factory=list)  # request ids whose outputs go before the next collect
     stop_reason: str | None = None
     interrupted: bool = False
     fatal: bool = False
@@ -237,7 +293,7 @@ class CollectStats:
         return {"task_status": dict(sorted(self.task_status.items())), "polls": self.polls,
                 "downloaded": self.downloaded, "download_skipped": self.download_skipped,
                 "download_failed": self.download_failed + self.no_output, "no_output": self.no_output,
-                "stop_reason": self.stop_reason}
+                "expiring_before_next_collect": len(self.expiring), "stop_reason": self.stop_reason}
 
 
 async def bounded(items: Iterable[T], fn: Callable[[T], Awaitable[None]], workers: int) -> None:
@@ -293,9 +349,15 @@ class Collector:
         self.limiter = limiter or SmoothLimiter(config.rate)
         self.stats = CollectStats()
         self.stopping = asyncio.Event()
-        self.log = structlog.get_logger("batch.collect")
+        self.log = structlog.get_logger("batch.following")
         self._main: asyncio.Task[None] | None = None
         self._unknown_states: set[str] = set()
+        self._dir_fd: int | None = None  # the download directory, opened once (batch.download)
+        self._dir_path = Path()
+
+    def _clean(self, text: str) -> str:
+        """Network- or provider-made text fit to store: the key scrubbed in every form."""
+        return clean_text(text, self.config.api_key, 500)
 
     def interrupt(self, signame: str) -> None:
         self.stats.interrupted = True
@@ -321,6 +383,9 @@ class Collector:
         expire = loop.call_later(cfg.wait_timeout, lambda: self.halt(
             f"--timeout {cfg.wait_timeout:g}s reached with "
             f"{sum(1 for t in tasks if t.status not in TERMINAL)} tasks pending", at_once=True))
+        known = self.ledger.ledger.expiries()
+        for t in tasks:
+            t.expires_at = t.expires_at or known.get((t.api, t.request_id))
         self._main = asyncio.create_task(self._loop(tasks))
         try:
             await asyncio.wait({self._main})
@@ -328,8 +393,16 @@ class Collector:
                 self._main.result()
         finally:
             expire.cancel()
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
         for t in tasks:
             self.stats.task_status[t.status or "pending"] += 1
+            if t.status == "success" and not t.local_paths and expiry.before(t.expires_at, cfg.next_collect):
+                self.stats.expiring.append(t.request_id)
+        if self.stats.expiring:
+            self.log.warning("outputs_expire_before_next_collect", count=len(self.stats.expiring),
+                             within_seconds=cfg.next_collect, request_ids=self.stats.expiring[:20])
         return self.stats
 
     async def _loop(self, tasks: list[Task]) -> None:
@@ -342,7 +415,8 @@ class Collector:
                 now = loop.time()
                 due = [t for t in tasks if t.status not in TERMINAL and t.next_poll <= now]
                 await bounded(due, self._poll, cfg.concurrency)
-                ready = [t for t in tasks if t.status == "success" and not t.download_tried]
+                ready = sorted((t for t in tasks if t.status == "success" and not t.download_tried),
+                               key=lambda t: expiry.sort_key(t.expires_at))
                 for t in ready:
                     if not has_video(t):
                         self._no_output(t)
@@ -361,7 +435,7 @@ class Collector:
         try:
             await self._poll_once(task)
         except Exception as exc:  # one task's surprise must not cost the others
-            self.log.error("task_error", request_id=task.request_id, error=f"{type(exc).__name__}: {exc}")
+            self.log.error("task_error", request_id=task.request_id, error=self._clean(f"{type(exc).__name__}: {exc}"))
         cfg = self.config
         task.polls += 1
         task.next_poll = asyncio.get_running_loop().time() + min(cfg.poll_max, cfg.poll_min * 1.5 ** min(task.polls, 30))
@@ -404,20 +478,30 @@ class Collector:
             self._unknown_states.add(view.unknown_state)
             self.log.warning("task_state_unknown", state=view.unknown_state, request_id=task.request_id,
                              handling="kept non-terminal")
-        self._set(task, view.status, view.resources, view.reason)
+        if view.expiry_ignored is not None:
+            self.log.warning("result_expires_at_ignored", request_id=task.request_id, value=view.expiry_ignored,
+                             handling="unknown expiry; the 24 h rule still holds")
+        if view.expires_at is not None and view.expires_at != task.expires_at:
+            task.expires_at = view.expires_at
+            self.ledger.write(expiry.SQL_SET, (task.api, task.request_id, view.expires_at))
+        self._set(task, view.status, view.resources, view.reason, view.failure_class)
 
-    def _set(self, task: Task, status: str, resources: list[dict[str, Any]] | None, reason: str | None) -> None:
+    def _set(self, task: Task, status: str, resources: list[dict[str, Any]] | None, reason: str | None,
+             failure_class: str | None = None) -> None:
         now = utcnow()
         if status in TERMINAL and task.completed_at is None:
             task.completed_at = now
         if status == "success" and task.local_paths is None and _age_seconds(task.completed_at) > self.config.output_ttl:
             status, reason = "expired", "outputs are deleted 24 h after completion and were not downloaded"
+        elif status == "success" and task.local_paths is None and expiry.before(task.expires_at, 0):
+            status, reason = "expired", f"outputs expired at {task.expires_at} (result_expires_at) and were not downloaded"
         task.status = status
         if resources is not None:
             task.resources = resources
         urls = json.dumps([r.get("url") for r in resources]) if resources is not None else None
         full = json.dumps(resources) if resources is not None else None
-        self.ledger.write(SQL_TASK, (status, urls, full, reason, task.completed_at if status in TERMINAL else None,
+        self.ledger.write(SQL_TASK, (status, urls, full, reason, failure_class if status == "failed" else None,
+                                     task.completed_at if status in TERMINAL else None,
                                      now, task.api, task.request_id))
         self.log.debug("task", request_id=task.request_id, task_id=task.task_id, task_status=status)
 
@@ -437,37 +521,48 @@ class Collector:
                 raise DownloadError(f"refusing the object name {name!r}")
             url = str(ObjectUrl.parse(dest).child(name))
             return url, ObjectSink(url)
-        final = contained(dest, name)
-        return str(final), FileSink(final)
+        if self._dir_fd is None:
+            self._dir_fd = open_directory(dest)
+            self._dir_path = dest.resolve()  # where the descriptor is, whatever the path becomes
+        final = contained(self._dir_path, name)
+        return str(final), FileSink(final, self._dir_fd)
 
-    async def _present(self, where: str) -> int | None:
+    async def _present(self, where: str, sink: Sink) -> int | None:
         """The size of an output already there: a final file name or an object only ever
-        holds a whole download, so being there is being complete."""
-        if is_remote(where):
-            return await object_size_async(where)
-        path = Path(where)
-        return path.stat().st_size if path.exists() else None
+        holds a whole download, so being there is being complete. Only a regular file
+        counts (a planted symlink of the right size does not)."""
+        if isinstance(sink, FileSink):
+            return regular_size(sink.final.name, sink.dir_fd) if sink.dir_fd is not None else None
+        return await object_size_async(where)
 
     async def _download(self, task: Task) -> None:
+        task.download_tried = True
+        try:
+            await self._download_task(task)
+        except Exception as exc:  # one task's surprise must not cost the others, nor the table
+            error = self._clean(f"{type(exc).__name__}: {exc}")
+            self.stats.download_failed += 1
+            self.ledger.write(SQL_DOWNLOAD, (json.dumps(task.local_paths) if task.local_paths else None, error,
+                                             task.status, utcnow(), task.api, task.request_id))
+            self.log.warning("download_failed", request_id=task.request_id, error=error)
+
+    async def _download_task(self, task: Task) -> None:
         directory = self.config.download_dir
         assert directory is not None
-        task.download_tried = True
         paths: dict[str, Any] = dict(task.local_paths or {})
         error = None
         fetched = False
         try:
-            if isinstance(directory, Path):
-                directory.mkdir(parents=True, exist_ok=True)
             files = [(role, url, *self._destination(name)) for role, url, name in wanted_files(task)]
-        except (OSError, DownloadError) as exc:
-            files, error = [], f"{exc}"
+        except (OSError, ValueError, DownloadError) as exc:
+            files, error = [], self._clean(f"{exc}")
         policy, used = self.config.download, 0
         for role, url, where, sink in files:
             known = paths.get(role)
             try:
-                present = await self._present(where)
+                present = await self._present(where, sink)
             except Exception as exc:  # a bucket that cannot be asked: try the download itself
-                self.log.debug("present_unknown", where=where, error=str(exc))
+                self.log.debug("present_unknown", where=where, error=self._clean(str(exc)))
                 present = None
             if present is not None and (not isinstance(known, dict) or present == known.get("bytes")):
                 paths[role] = {"path": where, "bytes": present}
@@ -480,9 +575,12 @@ class Collector:
             try:
                 size = await self._fetch(url, sink, replace(policy, task_left=room))
             except DownloadError as exc:
-                error = f"{role}: {exc}"
+                error = self._clean(f"{role}: {exc}")
                 if exc.gone:
                     task.status = "expired"
+                break
+            except (OSError, ValueError) as exc:  # the file or the bucket: this output only
+                error = self._clean(f"{role}: {type(exc).__name__}: {exc}")
                 break
             paths[role] = {"path": where, "bytes": size}
             used += size
@@ -501,6 +599,8 @@ class Collector:
             self.log.warning("download_failed", request_id=task.request_id, error=error)
 
     async def _fetch(self, url: str, sink: Sink, policy: DownloadPolicy) -> int:
+        """Download with retries. Stopped (SIGTERM, --timeout), the ``.part`` stays for a
+        resume; given up, it goes: a rerun starts over, and no dead partial piles up."""
         last: DownloadError | None = None
         for attempt in range(1, self.config.download_attempts + 1):
             if self.stopping.is_set():
@@ -509,8 +609,18 @@ class Collector:
                 return await fetch(self._plain, url, sink, policy, self.config.transport)
             except DownloadError as exc:
                 if not exc.retry:
+                    self._discard(sink)
                     raise
                 last = exc
-                self.log.debug("download_retry", attempt=attempt, error=str(exc))
+                self.log.debug("download_retry", attempt=attempt, error=self._clean(str(exc)))
                 await asyncio.sleep(backoff_delay(attempt, self.config.backoff_base, self.config.backoff_max))
+        self._discard(sink)
         raise DownloadError(f"gave up after {self.config.download_attempts} attempts: {last}")
+
+    def _discard(self, sink: Sink) -> None:
+        if self.stopping.is_set():
+            return  # stopped, not given up: keep the partial file for a resume
+        try:
+            sink.restart()
+        except OSError as exc:
+            self.log.warning("part_not_removed", error=self._clean(f"{exc}"))

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import math
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -42,14 +43,16 @@ import aiohttp.payload
 import structlog
 
 from batch.api import DOCUMENTED, endpoint_url, origin
-from batch.client import Kind, Secret, Transport, Verdict, make_session, request_once, retry_wait
-from batch.errors import ConfigError
+from batch.client import Kind, Secret, Transport, Verdict, clean_text, make_session, request_once, retry_wait
+from batch.errors import ConfigError, StateError
 from batch.expand import Request, chunks
 from batch.ledger import AsyncLedger, Mark, utcnow
 from batch.models import Catalog
+from batch.mutant import mutant
 from batch.prices import Pricing, resolution_of
 from batch.progress import Progress
 from batch.ratelimit import DEFAULT_RATE, Rate, SmoothLimiter
+from batch.upload import Uploader, UploadError, placeholders
 
 _STATUS = {Kind.OK: "submitted", Kind.FAIL: "failed", Kind.FATAL: "failed", Kind.UNKNOWN: "unknown"}
 MAX_ADAPTIVE_CONCURRENCY = 512
@@ -125,6 +128,13 @@ class SubmitConfig:
     prewire: int = PREWIRE
     spend_cap: SpendCap | None = None
     transport: Transport = field(default_factory=Transport)
+    task_attempts: Mapping[str, int] = field(default_factory=dict)  # request id -> its task's attempt, when > 1
+
+    def trace_id(self, request_id: str) -> str:
+        """The x-request-id of a request's next task: the request id, ``.a<n>`` for the
+        n-th task of a retried one (batch.retry), so each paid task is told apart."""
+        n = self.task_attempts.get(request_id, 1)
+        return request_id if n <= 1 else f"{request_id}.a{n}"
 
     def url_for(self, model: str) -> str:
         return endpoint_url(self.endpoint, self.base_url, model, self.routes.get(model))
@@ -253,6 +263,8 @@ class _WireWatch:
 class Submitter:
     """Sends the valid requests of one run; ``halt()`` stops starting new ones."""
 
+    uploader: Uploader | None = None  # local images to upload before their requests (batch.upload)
+
     def __init__(self, config: SubmitConfig, ledger: AsyncLedger, run_id: str,
                  progress: Progress | None = None, limiter: SmoothLimiter | None = None) -> None:
         self.config = config
@@ -263,7 +275,7 @@ class Submitter:
         self.stopping = asyncio.Event()
         # Bound once per run: a module-level lazy proxy would rebuild its logger on every
         # call (structlog's cache is off so that each CLI invocation can reconfigure).
-        self.log = structlog.get_logger("batch.submit").bind(run_id=run_id)
+        self.log = structlog.get_logger("batch.sending").bind(run_id=run_id)
         self._unknown_streak = 0
         self._gate = InFlightGate(config.concurrency, config.rate)
         self._prewire = asyncio.Semaphore(config.prewire)
@@ -279,7 +291,9 @@ class Submitter:
         self._warm = asyncio.Event()
         self._warming = False
         self._producer: asyncio.Task[None] | None = None
+        self._feed_error: Exception | None = None  # what the request generator raised
         self._cap_next: float | None = None  # set when the spend cap stopped the run: the next cost
+        self._claimed: set[str] = set()  # marked ``sending``, no outcome recorded yet: may be on the wire
 
     def halt(self, reason: str, fatal: bool = False) -> None:
         """Stop starting requests; those on the wire finish and are recorded."""
@@ -310,6 +324,8 @@ class Submitter:
             try:
                 await self._until_done(queue, grace)
                 self._settle_cap_reason()
+                if self._feed_error is not None:
+                    raise self._feed_error
             finally:
                 tasks = [self._producer, *self._workers]
                 for task in tasks:
@@ -344,6 +360,22 @@ class Submitter:
             self.log.warning("grace_expired", grace=grace, in_flight=len(late))
 
     async def _produce(self, requests: Iterable[Request], queue: asyncio.Queue[Request]) -> None:
+        """Feed the queue. An exception from ``requests`` (a bug while a row is expanded)
+        stops the feeding and drops what is queued (still ``pending``: the next run sends
+        it); the requests workers already hold get their answers recorded, then
+        :meth:`run` raises it (cancelling the workers here would leave accepted, paid tasks
+        ``sending``)."""
+        try:
+            await self._feed(requests, queue)
+        except Exception as exc:
+            self._feed_error = exc
+            while not queue.empty():
+                queue.get_nowait()
+                queue.task_done()
+            self.log.error("input_failed", error=f"{type(exc).__name__}: {exc}",
+                           handling="no more requests started; those in flight settle first")
+
+    async def _feed(self, requests: Iterable[Request], queue: asyncio.Queue[Request]) -> None:
         cfg = self.config
         budget = None if cfg.max_requests is None else max(0, cfg.max_requests - cfg.night_requests)
         queued = 0
@@ -385,12 +417,28 @@ class Submitter:
                 await self._submit(req, me)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the ledger broke (disk full): stop, keep what came back
+            except (StateError, sqlite3.Error, OSError) as exc:  # the ledger broke (disk full): stop
                 self.stats.state_error = self.stats.state_error or str(exc)
                 self.halt(str(exc))
+            except Exception as exc:  # a fault handling this one request costs only this request
+                self._unexpected(req, exc)
             finally:
+                self._claimed.discard(req.request_id)
                 self._waiting.discard(me)
                 queue.task_done()
+
+    def _unexpected(self, req: Request, exc: Exception) -> None:
+        """Record what an unexpected error in one request's handling leaves: ``unknown``
+        if it was marked and so may have been sent (never resent by a later run), else
+        nothing (it stays ``pending``, sent by the next run). The run goes on."""
+        error = f"unexpected error handling the request: {clean_text(f'{type(exc).__name__}: {exc}', self.config.api_key)}"
+        self.log.error("request_error", request_id=req.request_id, error=error)
+        if req.request_id not in self._claimed:
+            return
+        self.ledger.outcome(req.request_id, self.run_id, "unknown", error=error, attempts=1, submitted_at=utcnow())
+        self.stats.counts["unknown"] += 1
+        if self.progress is not None:
+            self.progress.counts["unknown"] += 1
 
     async def _submit(self, req: Request, me: asyncio.Task[Any]) -> None:
         """One request: its share of the night's spend (reserved before it is claimed,
@@ -445,6 +493,19 @@ class Submitter:
         body = text.encode()
         url = cfg.url_for(req.model)
         mark = Mark(req.request_id, self.run_id, req.label, req.model, url, req.source, req.row, text, cost)
+        if self.uploader is not None and placeholders(req.body):
+            # The ledger keeps the body with its content placeholders (the identity); the
+            # wire gets the uploaded URLs. An upload that fails sends nothing and pays nothing.
+            try:
+                body = _WIRE.encode(await self.uploader.resolve(req.body, self._session, self.limiter.acquire,
+                                                                self.limiter.heed)).encode()
+            except UploadError as exc:
+                if await ledger.sending(mark):
+                    status = "failed" if exc.definite else "pending"
+                    ledger.outcome(req.request_id, self.run_id, status, error=str(exc), attempts=0)
+                    self.stats.counts[status] += 1
+                    self.log.warning("upload_failed", request_id=req.request_id, error=str(exc))
+                return False
         attempts = 0
         while True:
             if not self._warm.is_set():
@@ -463,9 +524,10 @@ class Submitter:
                     if self.stopping.is_set():
                         return False
                     self._waiting.discard(me)  # from the claim on, settle the row here
-                    if not await ledger.sending(mark):
+                    if not mutant("mark_after_send") and not await ledger.sending(mark):
                         self.log.debug("already_taken", request_id=req.request_id)
                         return False  # the ledger shows it submitted or in flight elsewhere
+                    self._claimed.add(req.request_id)
                     wire.marked()
                     paced_at = loop.time()
                     # The window guard counts wire times: a slow commit must not bunch requests.
@@ -480,11 +542,17 @@ class Submitter:
                     self.stats.last_send = paced_at
                     self.stats.sent += 1
                     try:
+                        # x-request-id (as the provider's newer client sends one) lets its support
+                        # trace a task: our request id (a hash of model and body, nothing secret),
+                        # with the attempt for a retried request's later tasks.
                         verdict = await request_once(self._session, "POST", url, cfg.api_key,
                                                      WirePayload(body, wire),  # type: ignore[arg-type]
-                                                     transport=cfg.transport)
+                                                     transport=cfg.transport,
+                                                     extra_headers={"x-request-id": cfg.trace_id(req.request_id)})
                     finally:
                         self._warm.set()
+                        if mutant("mark_after_send"):
+                            await ledger.sending(mark)
                 finally:
                     wire.release()
                 self._gate.observe(loop.time() - started, verdict.http_status == 429)
@@ -509,6 +577,7 @@ class Submitter:
                 return False
             ledger.outcome(req.request_id, self.run_id, "pending", error=verdict.error, error_code=verdict.error_code,
                            http_status=verdict.http_status, attempts=attempts)
+            self._claimed.discard(req.request_id)  # certainly not accepted: pending until resent
             self.log.debug("retry", request_id=req.request_id, attempt=attempts, wait=round(wait, 3),
                            http_status=verdict.http_status, error=verdict.error)
             if self.stopping.is_set():
@@ -556,6 +625,7 @@ class Submitter:
             error_code=verdict.error_code, http_status=verdict.http_status, attempts=attempts,
             submitted_at=utcnow(), poll_url=self._poll_url(verdict) if verdict.kind is Kind.OK else None,
         )
+        self._claimed.discard(req.request_id)
         self.stats.counts[status] += 1
         if self.progress is not None:
             self.progress.counts[status] += 1
