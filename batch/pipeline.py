@@ -338,15 +338,17 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
 
 def refuse_on_postgres(opts: RunOptions, expander: Expander) -> None:
     """What a PostgreSQL ledger does not keep yet (the retry lineage, the uploads table:
-    SQLite tables so far): refused before anything is sent, dry runs alike."""
+    SQLite tables so far): --retry-failed is refused before anything is sent (exit 2), a
+    local image makes its row invalid; dry runs alike."""
     if not isinstance(opts.state, PgLocation):
         return
     if opts.retry_failed:
         raise ConfigError(f"--retry-failed is not yet supported with a PostgreSQL ledger ({opts.state}); "
                           f"use a SQLite --state for the retry; nothing sent")
-    if expander.images.by_hash:
-        raise ConfigError(f"local image files are not yet supported with a PostgreSQL ledger ({opts.state}): "
-                          f"give the images as https:// URLs, or use a SQLite --state; nothing sent")
+    # Rows stream into the run as it sends: a row naming a local image is invalid (field,
+    # value, rule), never a stop after other rows were paid.
+    expander.images.refused = ("local image files are not yet supported with a PostgreSQL ledger: give an "
+                               "https:// URL, or use a SQLite --state")
 
 
 def retried_as_pending(ledger: LedgerStore, cap: int) -> Callable[[list[str]], list[tuple[Any, ...]]]:

@@ -73,9 +73,10 @@ def test_collect_in_passes_then_download(start_fake, tmp_path: Path, store: str)
     assert "already present 5" in third.output
 
 
-def test_failed_tasks_carry_the_providers_reason(fake, tmp_path: Path) -> None:
-    table = submit(fake, tmp_path, [{"prompt": "fine"}, {"prompt": "FAILTASK please"}])
-    res = collect(fake, tmp_path)
+def test_failed_tasks_carry_the_providers_reason(fake, tmp_path: Path, store: str) -> None:
+    # Collect records the failure's class too (batch.retry's column, in both stores).
+    table = submit(fake, tmp_path, [{"prompt": "fine"}, {"prompt": "FAILTASK please"}], state=store)
+    res = collect(fake, tmp_path, state=store)
     assert res.exit_code == 1
     df = results(table).sort("prompt")
     assert df["task_status"].to_list() == ["failed", "success"]

@@ -292,3 +292,31 @@ def test_dry_run_and_validate_read_the_postgres_ledger(fake, pg_server: PgServer
     assert listed.exit_code == 0, listed.output
     assert re.search(r"skipped\W+4", listed.output) and re.search(r"would send\W+1", listed.output), listed.output
     assert len(fake.state.submissions()) == 4
+
+
+def test_retry_failed_and_local_images_are_refused_before_sending(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """The retry lineage and the uploads table are SQLite tables so far. With a PostgreSQL
+    ledger --retry-failed is a usage error (exit 2, one line, dry runs alike); a row naming
+    a local image is invalid (field, value, rule) while the others are sent; nothing uploaded."""
+    url = pg_server.url()
+    sheet = write_csv(tmp_path / "in.csv", prompts(2))
+    base = ["--base-url", fake.url, "--rate", "0", "--state", url, "--no-preflight"]
+    for dry in ([], ["--dry-run"]):
+        proc = run_cli_process(["submit", str(sheet), "-o", str(tmp_path / "r.parquet"), "--retry-failed",
+                                *dry, *base])
+        assert proc.returncode == 2, proc.stderr
+        line = error_line(proc.stderr)
+        assert "--retry-failed is not yet supported with a PostgreSQL ledger" in line, line
+    assert fake.state.submissions() == []
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "refs" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(64)))
+    framed = write_csv(tmp_path / "framed.csv", [{"prompt": "one", "first_frame_image": "refs/a.png"},
+                                                 {"prompt": "two", "first_frame_image": "https://example.com/f.jpg"}])
+    proc = run_cli_process(["submit", str(framed), "-o", str(tmp_path / "f.parquet"), "--model",
+                            "bytedance/seedance-2.0-fast-i2v", *base])
+    assert proc.returncode == 1, proc.stderr  # some rows invalid
+    rows = {r["prompt"]: r for r in results(tmp_path / "f.parquet").iter_rows(named=True)}
+    assert rows["two"]["status"] == "submitted"
+    assert rows["one"]["status"] == "invalid" and "refs/a.png" in rows["one"]["error"]
+    assert "not yet supported with a PostgreSQL ledger" in rows["one"]["error"]
+    assert fake.state.uploads() == [] and len(fake.state.submissions()) == 1
