@@ -113,6 +113,20 @@ class LedgerContract:
         assert entries["c"].status == "unknown"
         assert claim(ledger, mark("b", "run-2"), mark("c", "run-2")) == set()
 
+    def test_an_import_upgrades_only_a_row_left_without_its_task_id(self, ledger: LedgerStore) -> None:
+        """A run whose ledger write failed left rows ``sending``/``unknown`` without a task id
+        that its table holds (main's review fix): the import records them ``submitted``."""
+        claim(ledger, mark("s"), mark("u"), mark("k"),
+              outcomes=[{"request_id": "u", "run_id": "run-1", "status": "unknown", "attempts": 1},
+                        submitted("k", task="kept")])
+        ledger.import_tasks([(API, rid, f"table-{rid}", None, None, None, None, "{}", None) for rid in "suk"]
+                            + [(API, "n", None, None, None, None, None, "{}", None)])
+        ledger.import_tasks([(API, "s", None, None, None, None, None, "{}", None)])  # no id: nothing to upgrade
+        got = {rid: (e.status, e.task_id) for rid, e in ledger.lookup(["s", "u", "k", "n"]).items()}
+        assert got == {"s": ("submitted", "table-s"), "u": ("submitted", "table-u"), "k": ("submitted", "kept"),
+                       "n": ("unknown", None)}
+        assert ledger.task_states(["s", "n", "zz"]) == {"s": (API, "submitted", "table-s"), "n": (API, "unknown", None)}
+
     def test_runs_labels_and_the_nights_spend(self, ledger: LedgerStore) -> None:
         ledger.start_run("run-1", "submit", "/out/r.parquet", "2026-01-01")
         claim(ledger, mark("a", label="row-1"), mark("b", label="row-2"), outcomes=[submitted("a")])

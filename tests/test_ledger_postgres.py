@@ -27,6 +27,8 @@ from conftest import (
     write_csv,
 )
 
+from batch import expiry
+
 
 def host_dir(tmp: Path, name: str) -> Path:
     """A "host": its own working directory and state home, nothing shared but the database."""
@@ -320,3 +322,30 @@ def test_retry_failed_and_local_images_are_refused_before_sending(fake, pg_serve
     assert rows["one"]["status"] == "invalid" and "refs/a.png" in rows["one"]["error"]
     assert "not yet supported with a PostgreSQL ledger" in rows["one"]["error"]
     assert fake.state.uploads() == [] and len(fake.state.submissions()) == 1
+
+
+def test_a_schema_1_ledger_is_migrated_in_place_and_collect_records_expiry(pg_server: PgServer) -> None:
+    """Schema 2 (the failure class, the retry columns, task_expiry) is applied in place to a
+    ledger a schema-1 version created; a read-only open of a schema-1 ledger reads it as is."""
+    from batch.ledger import PgLocation, locked_ledger, open_readonly
+
+    location = PgLocation(pg_server.url())
+    api = "https://api.example"
+    with locked_ledger(location, api) as ledger:
+        ledger.import_tasks([(api, "a", "task-a", None, None, None, None, "{}", None)])
+        for statement in ("ALTER TABLE requests DROP COLUMN failure_class", "ALTER TABLE requests DROP COLUMN "
+                          "task_attempt", "ALTER TABLE requests DROP COLUMN earlier_task_ids",
+                          "DROP TABLE task_expiry", "DELETE FROM migrations WHERE version = 2"):
+            ledger.db.execute(statement)
+    old = open_readonly(location, api)
+    assert old is not None
+    try:
+        assert [r[-2:] for r in old.outcome_rows(["a"])] == [(1, None)] and old.expiries() == {}
+    finally:
+        old.close()
+    with locked_ledger(location, api) as ledger:
+        assert ledger.db.execute("SELECT max(version) FROM migrations").fetchone()[0] == 2
+        ledger.commit([], [], [("UPDATE requests SET failure_class=? WHERE request_id=?", ("retryable", "a")),
+                               (expiry.SQL_SET, (api, "a", "2030-01-01T00:00:00+00:00"))], False)
+        assert ledger.expiries() == {(api, "a"): "2030-01-01T00:00:00+00:00"}
+        assert [r[-2:] for r in ledger.outcome_rows(["a"])] == [(1, None)]
