@@ -36,8 +36,8 @@ from batch.errors import EXIT_INTERRUPTED, EXIT_PROVIDER, BatchError, ConfigErro
 from batch.expand import ExpandSpec, normalize, parse_param
 from batch.following import CollectConfig
 from batch.jobfile import JobFile, fill_output, load_job
+from batch.ledger import PgLocation, State, default_state_path, fake_state_path, is_database_url, state_home
 from batch.ledger import backup as ledger_backup
-from batch.ledger import default_state_path, fake_state_path, state_home
 from batch.models import MAX_SPEC_BYTES, Catalog, names_only, save_spec
 from batch.pipeline import (
     CollectOptions,
@@ -330,6 +330,9 @@ def common_options(fn: Any) -> Any:
         click.option("--fake-api", is_flag=True, help="Start the bundled fake API on 127.0.0.1 and submit to it (no key)."),
         click.option("--state", envvar="SEEDANCE_BATCH_STATE",
                      help=f"Ledger (SQLite) of what was sent. [env SEEDANCE_BATCH_STATE; default {default_state_path()}]"),
+        click.option("--results-from", "results_from", multiple=True, metavar="FILE|s3://...",
+                     help="An earlier results table whose task ids the ledger must know before sending (the run's "
+                          "own -o table is always read): a fresh state directory then pays nothing twice."),
         click.option("--resend-unknown", is_flag=True,
                      help="Resend requests whose earlier outcome is unknown (may pay twice for one video)."),
         click.option("--moved-from", "moved_from", multiple=True, metavar="OLD_BASE_URL",
@@ -608,18 +611,23 @@ def build_options(kw: dict[str, Any], command: str, job: JobFile | None = None) 
         max_spend=kw.get("max_spend"),
         preflight=not kw.get("no_preflight") and bool(job.get("preflight", True) if job else True),
         metrics_file=kw.get("metrics_file"),
+        results_from=tuple(Target(str(t)) for t in kw.get("results_from") or ()),
         retry_failed=bool(kw.get("retry_failed")), retry_cap=int(kw.get("retry_cap") or retry.DEFAULT_CAP),
     )
 
 
-def state_location(state: str | Path | None) -> Path | None:
-    """The ledger's path: local disk only. SQLite's locking and its WAL need a local file
-    system (a bucket has neither locks nor partial writes), so a URL is a usage error."""
+def state_location(state: str | Path | None) -> State | None:
+    """The ledger: a local SQLite file, or ``postgresql://...[?ledger=NAME]``. SQLite's
+    locking and its WAL need a local file system (a bucket has neither locks nor partial
+    writes), so any other URL is a usage error."""
     if state is None or state == "":
         return None
+    if is_database_url(str(state)):
+        return PgLocation(str(state))
     if is_remote(str(state)):
         raise ConfigError(f"--state {state}: the ledger must be on local disk (SQLite locks it and writes its "
-                          "journal beside it; object storage offers neither): give a local path")
+                          "journal beside it; object storage offers neither): give a local path, or a "
+                          "postgresql:// URL")
     return local_file("--state", state)
 
 
@@ -964,12 +972,34 @@ def state_backup(dest: Path, state: str | None) -> None:
     A plain cp of the .sqlite file alone can miss what is still in its -wal companion."""
     logs.configure("warning")
     source = state_location(state) or default_state_path()
+    if isinstance(source, PgLocation):
+        raise ConfigError(f"--state {source}: a PostgreSQL ledger is backed up with pg_dump (or copied to a "
+                          f"SQLite file with 'seedance-batch state copy')")
     dest = local_file("DEST", dest)
     if not source.exists():
         raise StateError(f"{source}: no state file")
     counts = ledger_backup(source, dest)
     click.echo(f"{dest}: {sum(counts.values())} requests ("
                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
+
+
+@state_group.command("copy")
+@click.argument("source", metavar="SRC")
+@click.argument("dest", metavar="DST")
+def state_copy(source: str, dest: str) -> None:
+    """Copy a ledger between stores (a SQLite file or postgresql://...?ledger=NAME), each
+    under its lock, and check the copy's counts. DST must hold no requests yet."""
+    from batch.ledger import copy_ledger
+
+    logs.configure("warning")
+    src, dst = state_location(source), state_location(dest)
+    if src is None or dst is None:
+        raise ConfigError("state copy: give SRC and DST")
+    if isinstance(src, Path) and not src.exists():
+        raise StateError(f"{src}: no state file")
+    counts = copy_ledger(src, dst)
+    click.echo(f"{dst}: {sum(counts.values())} requests copied ("
+               + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "), counts verified")
 
 
 @main.command()

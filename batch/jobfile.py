@@ -28,7 +28,7 @@ from batch.validate import TIERS
 _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "inputs": ((list, str), "a list of files, directories or globs"),
     "output": ((str,), "a results path (.parquet or .csv)"),
-    "state": ((str,), "a state file path"),
+    "state": ((str,), "a state file path or a postgresql:// URL"),
     "sheet": ((str, int, list), "a workbook sheet name or number, a list of them, or \"all\""),
     "header_row": ((int,), "the 1-based row of the header (1 to 20)"),
     "encoding": ((str,), "the encoding of CSV/TSV inputs that are not UTF-8 (e.g. cp1252)"),
@@ -152,7 +152,8 @@ def load_job(path: Path, now: datetime | None = None, known_fields: Iterable[str
                 except ValueError as exc:
                     raise _fail(path, key, str(exc)) from None
             # A bucket URL is kept as written: a path join would fold its "//".
-            values[key] = text if is_remote(text) else Path(os.path.normpath(base / text))
+            keep = is_remote(text) or (key == "state" and text.startswith(("postgresql://", "postgres://")))
+            values[key] = text if keep else Path(os.path.normpath(base / text))
     if "tier" in values and values["tier"] not in TIERS:
         raise _fail(path, "tier", f"expected one of {', '.join(TIERS)}, got {values['tier']!r}")
     known = {normalize_name(f) for f in known_fields}

@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import signal
-import sqlite3
 import threading
 import time
 import uuid
@@ -51,7 +51,17 @@ from batch.errors import (
 from batch.estimate import Estimator
 from batch.expand import Expander, ExpandSpec, Request
 from batch.following import CollectConfig, Collector, CollectStats, Task
-from batch.ledger import AsyncLedger, Entry, Ledger, companion, locked_ledger, night_of, utcnow
+from batch.ledger import (
+    AsyncLedger,
+    Entry,
+    LedgerStore,
+    PgLocation,
+    State,
+    locked_ledger,
+    night_of,
+    open_readonly,
+    utcnow,
+)
 from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
 from batch.mutant import mutant
@@ -101,7 +111,7 @@ class RunOptions:
     output: Target
     expand: ExpandSpec
     submit: SubmitConfig
-    state: Path
+    state: State  # a SQLite file or a PostgreSQL ledger
     dry_run: bool = False
     fake_api: bool = False
     deadline: float | None = None  # epoch seconds
@@ -120,6 +130,7 @@ class RunOptions:
     max_spend: float | None = None  # USD: stop starting requests before tonight's estimate passes it
     preflight: bool = True  # check the key, the models and the balance before sending
     metrics_file: Path | None = None  # Prometheus textfile written after the run (by the CLI)
+    results_from: tuple[Target, ...] = ()  # earlier results tables whose task ids the ledger must know
     retry_failed: bool = False  # resend requests whose task failed on the provider's side (batch.retry)
     retry_cap: int = retry.DEFAULT_CAP  # tasks per request in all, across nights
     frames: tuple[tuple[str, pl.DataFrame], ...] = ()  # DataFrames given to the Python API: (source, rows)
@@ -223,7 +234,7 @@ def signals_to(callback: Callable[[int], None]) -> Iterator[None]:
             loop.remove_signal_handler(s)
 
 
-def settle_apis(ledger: Ledger, api: str, moved_from: Iterable[str]) -> None:
+def settle_apis(ledger: LedgerStore, api: str, moved_from: Iterable[str]) -> None:
     """Refuse a ledger whose entries were sent to another real API, unless the operator
     says that API is this one at another host (``--moved-from``): then its entries are
     moved, and count as sent here. The fake's entries are simply kept apart."""
@@ -266,11 +277,11 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 
-def consult_ledger(state: Path, api: str) -> Ledger | None:
+def consult_ledger(state: State, api: str) -> LedgerStore | None:
     """The ledger, read-only and without the lock, for an estimate; ``None`` if there is
     none yet or it cannot be read (then everything counts as new, and a warning says so)."""
     try:
-        return Ledger.open_readonly(state, api)
+        return open_readonly(state, api)
     except StateError as exc:
         log.warning("ledger_not_consulted", state=str(state), reason=str(exc),
                     consequence="the estimate counts every valid request as new")
@@ -319,7 +330,7 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
         tally, _ = write_results(output, request_frames(expander, schema), schema, rows_of,
                                  Resolution(None, dry_run=True, resend_unknown=opts.submit.resend_unknown),
                                  tally=Tally(estimator=estimator), on_rows=on_rows)
-        known = upload.uploaded(ledger.db, ledger.api) if ledger is not None else {}
+        known = ledger.uploads() if ledger is not None else {}
         expander.images.planned = expander.images.totals(set(known))
     finally:
         if ledger is not None:
@@ -327,7 +338,22 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
     return tally
 
 
-def retried_as_pending(ledger: Ledger, cap: int) -> Callable[[list[str]], list[tuple[Any, ...]]]:
+def refuse_on_postgres(opts: RunOptions, expander: Expander) -> None:
+    """What a PostgreSQL ledger does not keep yet (the retry lineage, the uploads table:
+    SQLite tables so far): --retry-failed is refused before anything is sent (exit 2), a
+    local image makes its row invalid; dry runs alike."""
+    if not isinstance(opts.state, PgLocation):
+        return
+    if opts.retry_failed:
+        raise ConfigError(f"--retry-failed is not yet supported with a PostgreSQL ledger ({opts.state}); "
+                          f"use a SQLite --state for the retry; nothing sent")
+    # Rows stream into the run as it sends: a row naming a local image is invalid (field,
+    # value, rule), never a stop after other rows were paid.
+    expander.images.refused = ("local image files are not yet supported with a PostgreSQL ledger: give an "
+                               "https:// URL, or use a SQLite --state")
+
+
+def retried_as_pending(ledger: LedgerStore, cap: int) -> Callable[[list[str]], list[tuple[Any, ...]]]:
     """The ledger's rows as a ``--retry-failed`` run would find them: the failed tasks it
     would send again are ``pending``, so a dry run shows them as sent and its estimate (and
     the preflight's) counts what they would cost."""
@@ -366,7 +392,7 @@ def probe_outputs(opts: RunOptions, output: Target) -> None:
         probe(opts.collect.download_dir, "--download", directory=True)
 
 
-def night_spend(ledger: Ledger, cap: SpendCap, night: str) -> float:
+def night_spend(ledger: LedgerStore, cap: SpendCap, night: str) -> float:
     """What the night's earlier runs through this ledger may have had accepted: each
     request's recorded cost, or for one sent without prices, its cost at today's prices
     (a request no price covers counts as nothing, and a warning says so)."""
@@ -394,6 +420,7 @@ def run_submit(opts: RunOptions) -> Summary:
     check_output_path(opts.output)
     with interruptible():  # Ctrl-C while a large file loads: exit 4, not a traceback
         expander, unreadable, skipped = load_and_expand(opts, run_id)
+        refuse_on_postgres(opts, expander)
         if opts.dry_run:
             output = dry_run_output(opts.output)
             probe_outputs(opts, output)
@@ -411,9 +438,16 @@ def run_submit(opts: RunOptions) -> Summary:
         opts = replace(opts, submit=replace(opts.submit, spend_cap=spend_cap(opts, expander), routes=routes))
         schema = request_schema_of(expander)
         estimate = planned_cost(opts, expander) if opts.preflight else None
+        earlier = tables_to_adopt(opts)
 
     with locked_ledger(opts.state, opts.api) as ledger:  # local faults first, then the provider
         settle_apis(ledger, opts.api, opts.moved_from)
+        for target, frame in earlier:
+            adopted = _import_from_table(ledger, frame, opts.api)
+            if adopted.imported:
+                log.warning("task_ids_adopted", results=str(target), imported=adopted.imported,
+                            unknown=adopted.unknown, state=str(opts.state),
+                            reason="the table holds task ids this ledger did not know; they are not sent again")
         night = night_of()
         cap = opts.submit.spend_cap
         if cap is not None:  # under the lock: no other submit run spends meanwhile
@@ -424,12 +458,11 @@ def run_submit(opts: RunOptions) -> Summary:
                                                 night_requests=len(ledger.night_requests(night))))
         if opts.preflight and not opts.fake_api:
             asyncio.run(preflight(opts, expander.models_in_use, estimate))
-        adopt_output_task_ids(opts, ledger)
         try:
             ledger.start_run(run_id, opts.command, output_record(opts.output), night)
             retried = retry_failed(opts, expander, ledger, run_id) if opts.retry_failed else None
-            opts = replace(opts, submit=replace(opts.submit, task_attempts=retry.next_attempts(ledger.db, opts.api)))
-        except sqlite3.Error as exc:
+            opts = replace(opts, submit=replace(opts.submit, task_attempts=ledger.next_attempts()))
+        except ledger.write_errors as exc:
             raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
         spool = RequestSpool(opts.output.temp_dir(), schema)
         outcome: _Outcome | None = None
@@ -441,7 +474,7 @@ def run_submit(opts: RunOptions) -> Summary:
                 if claimed == 0:
                     raise  # nothing was sent: the error as it is (a usage error, a refusal...)
                 log.error("run_failed_after_sending", error=_describe(exc))
-                rescue = companion(opts.state, "rescue.jsonl")  # written by the ledger if it broke meanwhile
+                rescue = ledger.rescue_file()  # written by the ledger if it broke meanwhile
                 outcome = _Outcome(RunStats(sent=claimed, stop_reason="internal error"), None, False,
                                    crash=_describe(exc), rescue=rescue if rescue.exists() else None)
             if outcome.stats.state_error and outcome.stats.sent == 0 and _claimed(ledger, run_id) == 0:
@@ -507,7 +540,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
-def _claimed(ledger: Ledger, run_id: str) -> int:
+def _claimed(ledger: LedgerStore, run_id: str) -> int:
     """How many requests this run marked ``sending`` (so may have paid for); a ledger that
     cannot say counts as "some"."""
     try:
@@ -540,7 +573,7 @@ def record_summary(output: Target, summary: Summary, opts: RunOptions, sent: boo
                                f"stdout and in the log); {where_ids(opts, summary.table_written)}")
 
 
-def retry_failed(opts: RunOptions, expander: Expander, ledger: Ledger, run_id: str) -> retry.RetryPlan:
+def retry_failed(opts: RunOptions, expander: Expander, ledger: LedgerStore, run_id: str) -> retry.RetryPlan:
     """Before sending: tonight's requests whose task failed on the provider's side become
     ``pending`` again (their task kept in the lineage); they then go out like any request."""
     ids = [r.request_id for r in expander if r.error is None]
@@ -565,7 +598,7 @@ class _Outcome:
     uploads: tuple[int, int] = (0, 0)  # images uploaded by this run: files, bytes
 
 
-def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: Ledger, run_id: str,
+def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, ledger: LedgerStore, run_id: str,
                    outcome: _Outcome, started: float, unreadable: list[Unreadable],
                    skipped: list[Skipped] | None = None) -> Summary:
     """Write the results table (unless a second signal aborted the run) and summarize."""
@@ -623,7 +656,7 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     return summary
 
 
-def _rescue(opts: RunOptions, ledger: Ledger, run_id: str, outcome: _Outcome | None, started: float,
+def _rescue(opts: RunOptions, ledger: LedgerStore, run_id: str, outcome: _Outcome | None, started: float,
             unreadable: list[Unreadable], exc: BaseException, skipped: list[Skipped] | None = None) -> Summary:
     """The results table could not be built the usual way after requests were sent: write
     one from the ledger alone (this run's requests, each with its task id), and a summary
@@ -655,14 +688,13 @@ def _rescue(opts: RunOptions, ledger: Ledger, run_id: str, outcome: _Outcome | N
     return summary
 
 
-def _run_counts(ledger: Ledger, run_id: str) -> dict[str, int]:
+def _run_counts(ledger: LedgerStore, run_id: str) -> dict[str, int]:
     """This run's requests by status, read back from the ledger (one scan, once, on abort).
     A mark still ``sending`` is a request whose outcome is unknown, and is counted so."""
     counts: dict[str, int] = {}
     try:
-        rows = ledger.db.execute("SELECT status, count(*) FROM requests WHERE api=? AND run_id=? GROUP BY status",
-                                 (ledger.api, run_id)).fetchall()
-    except sqlite3.Error as exc:
+        rows = ledger.run_counts(run_id)
+    except ledger.write_errors as exc:
         log.error("summary_counts_unread", state=str(ledger.path), error=str(exc))
         return counts
     for status, n in rows:
@@ -698,10 +730,20 @@ async def bundled_fake(config: ConfigT, wanted: bool) -> AsyncIterator[ConfigT]:
 
 @contextlib.contextmanager
 def key_limiter(directory: Path | None, rate: Rate | None, key: Secret, margin: float = 0.02,
-                shared: bool = True) -> Iterator[SmoothLimiter]:
+                shared: bool = True, state: State | None = None) -> Iterator[SmoothLimiter]:
     """The pacing of one API key, shared with the other processes using it through
-    ``directory`` (never for the fake, whose key is no real one)."""
-    budget = shared_budget(directory, key) if shared and rate else None
+    ``directory``, or, when the ledger is in PostgreSQL, through that database (every
+    host's runs and collects with that key); never for the fake, whose key is no real one."""
+    budget: Any = None
+    if shared and rate and isinstance(state, PgLocation):
+        budget = database_budget(state, key, rate)
+        if budget is not None:
+            # Starts from several hosts reach the provider along different paths, and each
+            # admission is a round trip to the database: a wider margin (the hard window
+            # becomes 1.03 periods) keeps the provider's window under the rate.
+            margin = max(margin, 0.06)
+    if budget is None:
+        budget = shared_budget(directory, key) if shared and rate else None
     try:
         yield SmoothLimiter(rate, margin, budget)
     finally:
@@ -714,7 +756,7 @@ async def preflight(opts: RunOptions, models: list[str], estimate: float | None,
     """The checks of :mod:`batch.preflight`; a definite refusal stops here (exit 5)."""
     config = config or opts.submit
     with key_limiter(opts.budget_dir, config.rate, config.api_key, config.rate_margin,
-                     shared=not opts.fake_api) as limiter:
+                     shared=not opts.fake_api, state=opts.state) as limiter:
         checks = await run_checks(config.base_url, config.api_key, models, estimate, limiter, config.transport)
     bad = fatal(checks)
     if bad:
@@ -729,7 +771,7 @@ async def run_check(opts: RunOptions, models: list[str], estimate: float | None)
         return await run_checks(config.base_url, config.api_key, models, estimate, transport=config.transport)
 
 
-async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: Ledger,
+async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: LedgerStore,
                       run_id: str) -> _Outcome:
     async with bundled_fake(opts.submit, opts.fake_api) as config:
         if opts.fake_api:
@@ -737,11 +779,11 @@ async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[R
             if opts.preflight:
                 await preflight(opts, expander.models_in_use, None, config)
         with key_limiter(opts.budget_dir, config.rate, config.api_key, config.rate_margin,
-                         shared=not opts.fake_api) as limiter:
+                         shared=not opts.fake_api, state=opts.state) as limiter:
             return await _submit_paced(opts, expander, requests, ledger, run_id, config, limiter)
 
 
-async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: Ledger,
+async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: LedgerStore,
                         run_id: str, config: SubmitConfig, limiter: SmoothLimiter) -> _Outcome:
     loop = asyncio.get_running_loop()
     aledger = AsyncLedger(ledger, resend_unknown=config.resend_unknown)
@@ -749,7 +791,7 @@ async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable
     progress_task = asyncio.create_task(progress.run())
     submitter = Submitter(config, aledger, run_id, progress, limiter)
     uploader = submitter.uploader = Uploader(
-        expander.images, config.base_url, config.api_key, ledger.api, upload.uploaded(ledger.db, ledger.api),
+        expander.images, config.base_url, config.api_key, ledger.api, ledger.uploads(),
         lambda row: aledger.write(upload.SQL_RECORD, row), config.max_attempts, config.transport)
     state: dict[str, Any] = {"interrupted": None, "aborted": False, "on_halt": None}
 
@@ -794,6 +836,17 @@ async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable
         stats.state_error = str(aledger.broken)
     return _Outcome(stats, state["interrupted"], bool(state["aborted"]), collected, aledger.rescue_path,
                     aledger.unsaved_count, aledger.committed_task_ids, uploads=(uploader.uploads, uploader.bytes))
+
+
+def database_budget(state: PgLocation, key: Secret, rate: Rate) -> Any:
+    """The key's rate budget in the ledger's database, or ``None`` (then the local file's)."""
+    from batch.ledger.postgres import PgBudget
+
+    try:
+        return PgBudget(state, key.reveal(), min(1 << 16, max(1, math.floor(rate.count))))
+    except Exception as exc:  # the ledger itself says whether the database is usable
+        log.warning("rate_budget_not_in_database", state=str(state), error=state.scrub(str(exc))[:200])
+        return None
 
 
 def shared_budget(directory: Path | None, key: Secret) -> SharedBudget | None:
@@ -899,7 +952,7 @@ async def _follow(aledger: AsyncLedger, config: CollectConfig, api: str) -> list
 
 @dataclass(frozen=True)
 class CollectOptions:
-    state: Path
+    state: State  # a SQLite file or a PostgreSQL ledger
     config: CollectConfig
     results: Target | None = None
     fake_api: bool = False
@@ -922,7 +975,7 @@ def template_pattern(template: str) -> re.Pattern[str]:
     return re.compile("".join(fills.get(p, re.escape(p)) for p in parts))
 
 
-def _run_tables(opts: CollectOptions, ledger: Ledger, apis: list[str], given: Target | None) -> list[Target]:
+def _run_tables(opts: CollectOptions, ledger: LedgerStore, apis: list[str], given: Target | None) -> list[Target]:
     """The results tables the runs of the followed tasks recorded, that the job's output
     template names and that still exist (the given table aside)."""
     if not opts.run_tables:
@@ -946,7 +999,7 @@ def _known_tables(opts: CollectOptions) -> str:
     """A hint for a results table that is not there: the tables the ledger's runs with
     tasks still open recorded (a cron line's date may have moved on since)."""
     try:
-        ledger = Ledger.open_readonly(opts.state, opts.api)
+        ledger = open_readonly(opts.state, opts.api)
     except BatchError:
         return ""
     if ledger is None:
@@ -955,7 +1008,7 @@ def _known_tables(opts: CollectOptions) -> str:
         apis = sorted(set(ledger.apis()) - {FAKE_API}) or [opts.api]
         open_tasks = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=apis)
         outputs = sorted(set(ledger.run_outputs({e.run_id for e in open_tasks}).values()))
-    except sqlite3.Error:  # a ledger from before runs.output
+    except Exception:  # a ledger from before runs.output, or a server gone: only a hint is lost
         return ""
     finally:
         ledger.close()
@@ -1019,10 +1072,11 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         return summary
 
 
-async def _collect_all(opts: CollectOptions, ledger: Ledger, tasks: list[Task]) -> CollectStats:
+async def _collect_all(opts: CollectOptions, ledger: LedgerStore, tasks: list[Task]) -> CollectStats:
     # Any instance of the fake answers for its tasks.
     async with bundled_fake(opts.config, opts.fake_api) as config:
-        with key_limiter(opts.budget_dir, config.rate, config.api_key, shared=not opts.fake_api) as limiter:
+        with key_limiter(opts.budget_dir, config.rate, config.api_key, shared=not opts.fake_api,
+                         state=opts.state) as limiter:
             aledger = AsyncLedger(ledger)
             collector = Collector(config, aledger, limiter)
             with signals_to(lambda signum: collector.interrupt(signal.Signals(signum).name)):
@@ -1042,69 +1096,91 @@ def _read_table(path: Target) -> pl.DataFrame:
     return table
 
 
-def _import_from_table(ledger: Ledger, table: pl.DataFrame, api: str) -> set[str]:
+def tables_to_adopt(opts: RunOptions) -> list[tuple[Target, pl.DataFrame]]:
+    """The results tables whose task ids a submit run must know before it sends: its own
+    output (a fresh state directory, e.g. a new container each night, would otherwise pay
+    again for everything it records) and each ``--results-from``. A table that exists but
+    cannot be read stops the run (exit 2): the ids it may hold cannot be checked."""
+    found: list[tuple[Target, pl.DataFrame]] = []
+    for target, given in ((opts.output, False), *((t, True) for t in opts.results_from)):
+        fix = (f"the task ids it may hold cannot be checked against the ledger {opts.state}, so requests it "
+               f"records could be paid again. Restore the table, or (after checking it holds nothing sent) move it "
+               f"away, or name a readable copy with --results-from; nothing sent")
+        try:
+            if not target.remote and os.path.isfile(target.text) and os.path.getsize(target.text) == 0:
+                continue  # an empty file records nothing
+            table = read_results(target)
+        except FileNotFoundError:
+            if given:
+                raise InputError(f"--results-from {target}: no such results table; nothing sent") from None
+            continue
+        except Exception as exc:  # polars raises many types for a bad file
+            raise InputError(f"{target}: cannot read this results table ({type(exc).__name__}): {fix}") from None
+        if not is_results_table(table):
+            raise InputError(f"{target}: not a results table (no request_id and status columns): {fix}")
+        found.append((target, table))
+    return found
+
+
+class Adopted(set[str]):
+    """The request ids of a table, with how many of its tasks the ledger adopted."""
+
+    imported = 0
+    unknown = 0
+
+
+def _import_from_table(ledger: LedgerStore, table: pl.DataFrame, api: str) -> Adopted:
     """The table's request ids; tasks it names that the ledger lacks are adopted, under
-    the API their endpoint names (else this run's)."""
-    adopt_table_task_ids(ledger, table, api)
-    return {rid for rid in table["request_id"].to_list() if rid is not None}
-
-
-def adopt_table_task_ids(ledger: Ledger, table: pl.DataFrame, api: str) -> int:
-    """Task ids ``table`` holds for requests the ledger has not as submitted (missing, or
-    ``sending``/``unknown`` without a task id: a run whose ledger write failed left them
-    only in the table) are recorded ``submitted`` with that id, so no rewrite of the
-    table loses the only copy of a paid task id and no run sends them again. Returns how
-    many were adopted."""
-    if "task_id" not in table.columns or "request_id" not in table.columns:
-        return 0
-    rows = table.filter(pl.col("task_id").is_not_null() & (pl.col("task_id") != "") & pl.col("request_id").is_not_null())
+    the API their endpoint names (else this run's; the bundled fake's are the fake's), in
+    one transaction. A row the ledger has is left as it is, unless a run whose ledger write
+    failed left it ``sending``/``unknown`` without a task id and the table holds that id:
+    then it is recorded ``submitted`` with it (no rewrite of the table loses the only copy
+    of a paid task id, no run sends it again). A row the table calls ``unknown`` (the
+    provider may hold it, no task id) is adopted as ``unknown``: sent again only with
+    ``--resend-unknown``."""
+    ids = Adopted(rid for rid in table["request_id"].to_list() if rid is not None)
+    if "task_id" not in table.columns:
+        return ids
+    has_task = pl.col("task_id").is_not_null() & (pl.col("task_id").cast(pl.Utf8) != "")
     if "status" in table.columns:
-        rows = rows.filter(pl.col("status").is_null() | (pl.col("status") != "invalid"))
-    odd = [t for t in rows["task_id"].to_list() if check_task_id(t) is None]
+        rows = table.filter((has_task & (pl.col("status").is_null() | (pl.col("status") != "invalid")))
+                            | (pl.col("status") == "unknown"))
+    else:
+        rows = table.filter(has_task)
+    rows = rows.filter(pl.col("request_id").is_not_null())
+    odd = [t for t in rows["task_id"].to_list() if t is not None and t != "" and check_task_id(t) is None]
     if odd:  # a table is input like any other: such an id would become a URL and a file name
         log.warning("task_ids_refused", count=len(odd), reason="not plain tokens; not followed")
-        rows = rows.filter(~pl.col("task_id").is_in(odd))
+        rows = rows.filter(pl.col("task_id").is_null() | ~pl.col("task_id").is_in(odd))
     if rows.is_empty():
-        return 0
-    known = ledger.lookup(rows["request_id"].to_list(), sorted(set(ledger.apis()) | {api}))
+        return ids
+    # Only the ids, status and task id of what the ledger knows: a 20,000-row rerun asks
+    # the store for three short columns, not whole rows.
+    known = ledger.task_states(rows["request_id"].to_list(), sorted(set(ledger.apis()) | {api}))
     fields = [c for c in rows.columns if c in Catalog().known_fields()]
-    adopted = 0
+    adopt = []
     for row in rows.iter_rows(named=True):
-        entry = known.get(row["request_id"])
-        if entry is not None and not (entry.status in ("sending", "unknown") and not entry.task_id):
-            continue
+        task_id = row["task_id"] if row["task_id"] not in (None, "") and row.get("status") != "unknown" else None
+        state = known.get(row["request_id"])
+        if state is not None and not (task_id and state[1] in ("sending", "unknown") and not state[2]):
+            continue  # a rerun through the same ledger: nothing to adopt
         body = {k: row[k] for k in fields if row[k] is not None and row[k] != ""}
         endpoint = row.get("endpoint")
         submitted = row.get("submitted_at")
-        where = entry.api if entry is not None else origin(endpoint) if endpoint else api
-        ledger.import_task(where, row["request_id"], row["task_id"], row.get("model"),
-                           endpoint, row.get("source"), row.get("row"), json.dumps(body, default=str),
-                           str(submitted) if submitted else None)
-        adopted += 1
-    if adopted:
-        log.warning("task_ids_adopted", count=adopted, reason="held only by the results table; recorded submitted")
-    return adopted
-
-
-def adopt_output_task_ids(opts: RunOptions, ledger: Ledger) -> None:
-    """Before a run sends or rewrites its table: the task ids only that table holds."""
-    try:
-        table = read_results(opts.output) if opts.output.exists() else None
-    except Exception as exc:  # polars raises many types for a bad file; the run goes on as before
-        log.warning("results_table_unreadable", results=str(opts.output), error=_describe(exc))
-        return
-    if table is not None and is_results_table(table):
-        try:
-            adopt_table_task_ids(ledger, table, opts.api)
-        except sqlite3.Error as exc:
-            raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
+        where = state[0] if state is not None else api if api == FAKE_API or not endpoint else origin(endpoint)
+        adopt.append((where, row["request_id"], task_id, row.get("model"), endpoint, row.get("source"),
+                      row.get("row"), json.dumps(body, default=str), str(submitted) if submitted else None))
+    ledger.import_tasks(adopt)
+    ids.imported = len(adopt)
+    ids.unknown = sum(1 for a in adopt if a[2] is None)
+    return ids
 
 
 SUBMIT_COLUMNS = ("endpoint", "task_id", "error", "error_code", "http_status", "attempts", "submitted_at")
 COLLECT_COLUMNS = ("task_status", "resource_urls", "failure_reason", "completed_at", "local_paths", "download_error")
 
 
-def update_table(path: Target, table: pl.DataFrame, ledger: Ledger, apis: list[str]) -> None:
+def update_table(path: Target, table: pl.DataFrame, ledger: LedgerStore, apis: list[str]) -> None:
     """Rewrite the results table from the ledger, atomically: every submit and collect
     column of each row the ledger knows. A table that lost its task ids (a dry run of an
     older version wrote over it) gets them back."""

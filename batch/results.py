@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import os
-import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -457,7 +456,7 @@ class Tally:
             try:
                 self.edited = (self.edited or 0) + count_edited(rows.filter(pl.col("status") == "submitted"),
                                                                 self.labels)
-            except sqlite3.Error as exc:  # a count is never worth the table: that is written regardless
+            except Exception as exc:
                 structlog.get_logger("batch.results").warning("edited_not_counted", error=str(exc))
                 self.labels, self.edited = None, None
 

@@ -205,6 +205,9 @@ class LocalImages:
         self.by_hash: dict[str, LocalImage] = {}
         self.planned: tuple[int, int] = (0, 0)  # files, bytes a run would upload (set by a dry run's plan)
         self._checked: dict[tuple[str, int, int], LocalImage | str] = {}  # per path as named
+        # Why local files cannot be uploaded at all in this run (a ledger that keeps no
+        # uploads table: PostgreSQL, for now): each such cell is its row's problem.
+        self.refused: str | None = None
 
     def check(self, value: str, sheet: Path | None) -> LocalImage | str:
         """One cell's file, checked (cached per file, size and mtime), or why it is refused.
@@ -254,7 +257,7 @@ class LocalImages:
         def one(name: str, value: Any, item: int | None) -> Any:
             if local_reference(value) is None:
                 return value
-            found = self.check(value, sheet)
+            found = self.refused or self.check(value, sheet)
             if isinstance(found, str):
                 at = f"{name}[{item}]" if item is not None else name
                 shown = value if len(value) <= 200 else f"{value[:200]}..."

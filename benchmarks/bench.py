@@ -195,6 +195,48 @@ def overhead(tmp: Path, n: int, concurrency: int = 64, repeats: int = 2) -> dict
             "ok": ok, "target": ">= 0.8", "met": ratio >= 0.8}
 
 
+def overhead_postgres(tmp: Path, n: int, concurrency: int = 64) -> dict[str, Any]:
+    """Unpaced submit of ``n`` requests with the ledger in a local PostgreSQL (a throwaway
+    server on loopback TCP, fsync on), beside the SQLite ledger and the bare aiohttp loop in
+    the same run: requests/s and client CPU per request. The server's own CPU is not counted
+    (another user's processes); what it costs shows in the wall time."""
+    from benchmarks.pgserver import PgServer
+
+    inp = make_input(tmp / "overhead-pg.csv", n)
+    bodies = tmp / "bodies-pg.json"
+    bodies.write_text(json.dumps([
+        {"prompt": f"A paper boat drifting down a rainy street, take {i}", "duration": 5, "service_tier": "flex"}
+        for i in range(n)
+    ]))
+    bare_script = tmp / "bare.py"
+    bare_script.write_text(BARE_LOOP)
+    server = PgServer()
+    try:
+        runs: dict[str, Measured] = {}
+        ok = True
+        for name in ("bare", "sqlite", "postgres"):
+            with fake_api() as fake:
+                if name == "bare":
+                    m = run_measured([PY, str(bare_script), f"{fake.url}/api/v1/text-to-video/bytedance/"
+                                      "seedance-1.0-lite-t2v/async", str(bodies), str(concurrency)])
+                else:
+                    out = f"overhead-{name}.parquet"
+                    state = ["--state", server.url()] if name == "postgres" else []
+                    m = run_measured([*submit_cmd(inp, tmp, fake.url, "--rate", "0", "--concurrency",
+                                                  str(concurrency), out=out), *state], env())
+                    ok &= statuses(tmp / out) == {"submitted": n}
+                ok &= m.rc == 0 and len(fake.submissions()) == n
+                runs[name] = m
+    finally:
+        server.stop()
+    rps = "/".join(f"{n / runs[k].wall:.0f}" for k in ("bare", "sqlite", "postgres"))
+    cpu = "/".join(f"{1000 * runs[k].cpu / n:.3f}" for k in ("bare", "sqlite", "postgres"))
+    return {"phase": "overhead postgres", "n": n, "rps bare/sqlite/postgres": rps,
+            "cpu_ms_per_request bare/sqlite/postgres": cpu,
+            "postgres/sqlite wall": round(runs["postgres"].wall / runs["sqlite"].wall, 2),
+            "ok": ok, "target": "measured", "met": True}
+
+
 def rate_precision(tmp: Path, rate: int, seconds: float, strict: bool) -> dict[str, Any]:
     n = int(rate * seconds)
     inp = make_input(tmp / f"rate{rate}.csv", n)
@@ -371,6 +413,7 @@ def run_all(quick: bool) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="seedance-bench-") as d:
         tmp = Path(d)
         rows.append(overhead(tmp, 1_000 if quick else 20_000, repeats=1 if quick else 2))
+        rows.append(overhead_postgres(tmp, 1_000 if quick else 20_000))
         for rate in (20, 100, 500):
             rows.append(rate_precision(tmp, rate, 1.5 if quick else 6.0, strict=False))
         for rate in (20, 100, 500):

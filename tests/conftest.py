@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 
 from batch.cli import main
 from batch.fake_api import FakeConfig, FakeServer, Fault, app_in_thread, fake_in_thread
+from benchmarks.pgserver import PgServer, free_port  # noqa: F401 - the tests import them from here
 
 KEY = "sk-test-0123456789-SECRET-abcdef"
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,9 +78,9 @@ def cli(args: list[str], env: dict[str, str] | None = None) -> Result:
 
 
 def submit_args(server: FakeServer, tmp: Path, *inputs: Path, out: str = "results.parquet", rate: str = "0",
-                extra: list[str] | None = None) -> list[str]:
+                extra: list[str] | None = None, state: str | None = None) -> list[str]:
     return ["submit", *map(str, inputs), "-o", str(tmp / out), "--base-url", server.url,
-            "--state", str(tmp / "state.sqlite"), "--rate", rate, *(extra or [])]
+            "--state", state or str(tmp / "state.sqlite"), "--rate", rate, *(extra or [])]
 
 
 def results(path: Path) -> pl.DataFrame:
@@ -137,3 +138,22 @@ def steady_clock() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+# -- a real PostgreSQL server, started by the suite (benchmarks/pgserver.py) -----------
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A ``--state`` value: a SQLite file, or a fresh ledger in the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.sqlite")
+    return request.getfixturevalue("pg_server").url()

@@ -12,6 +12,12 @@ def test_overhead_phase_submits_everything(tmp_path: Path) -> None:
     assert row["ours_rps"] > 0 and row["bare_rps"] > 0
 
 
+def test_postgres_overhead_phase_submits_everything(tmp_path: Path) -> None:
+    row = bench.overhead_postgres(tmp_path, 200, concurrency=16)
+    assert row["ok"], row
+    assert row["rps bare/sqlite/postgres"].count("/") == 2
+
+
 def test_rate_phase_never_exceeds_the_window(tmp_path: Path) -> None:
     row = bench.rate_precision(tmp_path, 40, 1.0, strict=False)
     assert row["ok"] and row["max_1s_window"] <= 40, row  # the hard guarantee, unlike the achieved rate

@@ -79,6 +79,7 @@ def base_args(path: tuple[str, ...], tmp: Path, url: str, fake_url: str = "") ->
         ("models", "add"): ["models", "add", str(tmp / "none.json")],
         ("state",): ["state"],
         ("state", "backup"): ["state", "backup", str(tmp / "copy.sqlite"), *state],
+        ("state", "copy"): ["state", "copy", str(tmp / "s.sqlite"), str(tmp / "copy2.sqlite")],
     }[path]
 
 

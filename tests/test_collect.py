@@ -15,15 +15,15 @@ from batch.download import file_stem
 from batch.fake_api import fake_file_bytes
 
 
-def submit(fake, tmp_path: Path, rows: list[dict]) -> Path:
+def submit(fake, tmp_path: Path, rows: list[dict], state: str | None = None) -> Path:
     path = write_csv(tmp_path / "in.csv", rows)
-    res = cli(submit_args(fake, tmp_path, path))
+    res = cli(submit_args(fake, tmp_path, path, state=state))
     assert res.exit_code == 0, res.output
     return tmp_path / "results.parquet"
 
 
-def collect(fake, tmp_path: Path, *extra: str):
-    return cli(["collect", "--state", str(tmp_path / "state.sqlite"), "--base-url", fake.url, "--rate", "0",
+def collect(fake, tmp_path: Path, *extra: str, state: str | None = None):
+    return cli(["collect", "--state", state or str(tmp_path / "state.sqlite"), "--base-url", fake.url, "--rate", "0",
                 "--results", str(tmp_path / "results.parquet"), *extra])
 
 
@@ -40,15 +40,16 @@ def downloads(fake) -> list:
     return [r for r in fake.state.records if r.path.startswith("/files/")]
 
 
-def test_collect_in_passes_then_download(start_fake, tmp_path: Path) -> None:
-    fake = start_fake(task_delay=1.0)
-    table = submit(fake, tmp_path, [*prompts(4), {"id": "lf", "prompt": "with frame", "return_last_frame": "true"}])
-    first = collect(fake, tmp_path, "--download", str(tmp_path / "videos"))
+def test_collect_in_passes_then_download(start_fake, tmp_path: Path, store: str) -> None:
+    fake = start_fake(task_delay=2.0)  # "pending" for 1 s: a loaded machine still collects within it
+    table = submit(fake, tmp_path, [*prompts(4), {"id": "lf", "prompt": "with frame", "return_last_frame": "true"}],
+                   store)
+    first = collect(fake, tmp_path, "--download", str(tmp_path / "videos"), state=store)
     assert first.exit_code == 1  # still pending
     assert results(table)["task_status"].to_list() == ["pending"] * 5
     assert polls(fake) == 5 and downloads(fake) == []
-    time.sleep(1.1)
-    second = collect(fake, tmp_path, "--download", str(tmp_path / "videos"))
+    time.sleep(2.1)
+    second = collect(fake, tmp_path, "--download", str(tmp_path / "videos"), state=store)
     assert second.exit_code == 0, second.output
     df = results(table)
     assert df["task_status"].to_list() == ["success"] * 5
@@ -66,15 +67,16 @@ def test_collect_in_passes_then_download(start_fake, tmp_path: Path) -> None:
         assert str(video) in row["local_paths"]
     # A third pass polls nothing and downloads nothing again.
     before_polls, before_dl = polls(fake), len(downloads(fake))
-    third = collect(fake, tmp_path, "--download", str(tmp_path / "videos"))
+    third = collect(fake, tmp_path, "--download", str(tmp_path / "videos"), state=store)
     assert third.exit_code == 0
     assert polls(fake) == before_polls and len(downloads(fake)) == before_dl
     assert "already present 5" in third.output
 
 
-def test_failed_tasks_carry_the_providers_reason(fake, tmp_path: Path) -> None:
-    table = submit(fake, tmp_path, [{"prompt": "fine"}, {"prompt": "FAILTASK please"}])
-    res = collect(fake, tmp_path)
+def test_failed_tasks_carry_the_providers_reason(fake, tmp_path: Path, store: str) -> None:
+    # Collect records the failure's class too (batch.retry's column, in both stores).
+    table = submit(fake, tmp_path, [{"prompt": "fine"}, {"prompt": "FAILTASK please"}], state=store)
+    res = collect(fake, tmp_path, state=store)
     assert res.exit_code == 1
     df = results(table).sort("prompt")
     assert df["task_status"].to_list() == ["failed", "success"]
@@ -146,11 +148,11 @@ def test_wait_timeout_gives_up(start_fake, tmp_path: Path) -> None:
     assert "--timeout 1s reached" in res.output
 
 
-def test_unknown_task_ids_from_a_results_table(fake, tmp_path: Path) -> None:
+def test_unknown_task_ids_from_a_results_table(fake, tmp_path: Path, store: str) -> None:
     table = tmp_path / "results.parquet"
     pl.DataFrame({"request_id": ["r1"], "status": ["submitted"], "task_id": ["task-nobody-knows"],
                   "prompt": ["x"], "task_status": [None]}, schema_overrides={"task_status": pl.String}).write_parquet(table)
-    res = collect(fake, tmp_path)
+    res = collect(fake, tmp_path, state=store)
     assert res.exit_code == 1
     row = results(table).row(0, named=True)
     assert row["task_status"] == "failed" and "404" in row["failure_reason"]
@@ -175,10 +177,10 @@ def test_submit_wait_downloads_in_the_same_process(fake, tmp_path: Path) -> None
     assert "tasks: 3 success; downloaded 3" in res.output
 
 
-def test_kill_9_during_download_then_rerun_fetches_only_whats_missing(start_fake, tmp_path: Path) -> None:
+def test_kill_9_during_download_then_rerun_fetches_only_whats_missing(start_fake, tmp_path: Path, store: str) -> None:
     fake = start_fake(video_bytes=60_000, download_bps=40_000)
-    table = submit(fake, tmp_path, prompts(3))
-    args = [sys.executable, "-m", "batch", "collect", "--state", str(tmp_path / "state.sqlite"), "--base-url",
+    table = submit(fake, tmp_path, prompts(3), store)
+    args = [sys.executable, "-m", "batch", "collect", "--state", store, "--base-url",
             fake.url, "--rate", "0", "--results", str(table), "--download", str(tmp_path / "v"),
             "--download-concurrency", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())

@@ -1,4 +1,6 @@
-"""The durable state store: what was sent where, and what came of it.
+"""The SQLite store (the default): what was sent where, and what came of it, in one
+local file. The semantics every store keeps are in :mod:`batch.ledger.base`; here is how
+SQLite keeps them, and what only a file needs.
 
 Guarantees:
 
@@ -36,13 +38,12 @@ Guarantees:
 Statuses stored: ``sending``, ``submitted``, ``failed``, ``unknown`` and ``pending``
 (certainly not accepted, e.g. stopped between retries of a 429).
 
-:class:`AsyncLedger` batches writes (group commit): many workers waiting for their
-``sending`` mark share one fsync, so the ledger does not cap throughput.
+:class:`~batch.ledger.base.AsyncLedger` batches writes (group commit): many workers
+waiting for their ``sending`` mark share one fsync, so the ledger does not cap throughput.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -54,8 +55,6 @@ import struct
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,18 @@ from batch import expiry, retry, upload
 from batch.api import DEFAULT_MODEL, FAKE_API
 from batch.errors import LockedError, StateError
 from batch.identity import content_key, with_repeat
+from batch.ledger.base import (
+    COPY_COLUMNS,
+    LEDGER_COLUMNS,
+    OUTCOME_COLUMNS,
+    SQL_IMPORT_UPGRADE,
+    SQL_OUTCOME,
+    Entry,
+    LedgerStore,
+    Mark,
+    night_of,
+    utcnow,
+)
 from batch.mutant import mutant
 from batch.storage import fsync_path
 
@@ -127,42 +138,8 @@ CREATE TABLE IF NOT EXISTS meta (
 # Nullable columns added after schema 2 without a version of their own: older versions never read them.
 ADDED_COLUMNS = (("requests", "cost_usd", "REAL"), ("runs", "night", "TEXT"), ("runs", "output", "TEXT"))
 
-LEDGER_COLUMNS = (
-    "api", "request_id", "status", "run_id", "label", "model", "endpoint", "task_id", "poll_url", "error",
-    "error_code", "http_status", "attempts", "sending_at", "submitted_at", "task_status", "resource_urls",
-    "failure_reason", "completed_at", "local_paths", "download_error", "body", "polls", "resources",
-)
-
-# A row as the results table reads it (Ledger.outcome_rows).
-OUTCOME_COLUMNS = (
-    "request_id", "status", "run_id", "endpoint", "task_id", "error", "error_code", "http_status", "attempts",
-    "submitted_at", "task_status", "resource_urls", "failure_reason", "completed_at", "local_paths",
-    "download_error", "task_attempt", "earlier_task_ids",  # the last two: batch.retry (additive columns)
-)
 
 
-def utcnow() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def night_of(now: datetime | None = None) -> str:
-    """The night a run belongs to: the local date (the machine's time zone, or ``TZ``)
-    when it starts, ``YYYY-MM-DD``, the same date a job's ``{date}`` output gets. The
-    spend cap is per night and per ledger."""
-    return (now or datetime.now().astimezone()).strftime("%Y-%m-%d")
-
-
-def state_home() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "seedance-batch"
-
-
-def default_state_path() -> Path:
-    return state_home() / "state.sqlite"
-
-
-def fake_state_path() -> Path:
-    return state_home() / "fake-api-state.sqlite"
 
 
 def companion(state: Path, suffix: str) -> Path:
@@ -171,34 +148,6 @@ def companion(state: Path, suffix: str) -> Path:
     return real.with_name(f"{real.name}.{suffix}")
 
 
-@dataclass(slots=True)
-class Entry:
-    """A ledger row as read back."""
-
-    api: str
-    request_id: str
-    status: str
-    run_id: str
-    label: str | None
-    model: str | None
-    endpoint: str | None
-    task_id: str | None
-    poll_url: str | None
-    error: str | None
-    error_code: int | None
-    http_status: int | None
-    attempts: int
-    sending_at: str | None
-    submitted_at: str | None
-    task_status: str | None
-    resource_urls: str | None
-    failure_reason: str | None
-    completed_at: str | None
-    local_paths: str | None
-    download_error: str | None
-    body: str | None
-    polls: int
-    resources: str | None
 
 
 # -- the lock ------------------------------------------------------------------------
@@ -379,17 +328,19 @@ def check_header(path: Path) -> None:
 
 # -- the ledger ----------------------------------------------------------------------
 
-class Ledger:
+class Ledger(LedgerStore):
     """Synchronous access to the state file; use from one thread only.
 
     ``api`` scopes every look-up: a request counts as sent only for that API.
     """
 
+    write_errors = (sqlite3.Error, OSError)
+
     def __init__(self, path: Path, api: str, *, readonly: bool = False) -> None:
+        super().__init__()
         self.path = path
         self.api = api
         self.readonly = readonly
-        self.unsaved: dict[str, tuple[Any, ...]] = {}  # outcomes the disk refused (see AsyncLedger)
         self._full = True  # PRAGMA synchronous, as last set
         try:
             # Through the real name: SQLite's -wal and -shm sit beside the name it opens.
@@ -521,6 +472,44 @@ class Ledger:
             self.db.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
             self._full = full
 
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def rescue_file(self) -> Path:
+        return companion(self.path, "rescue.jsonl")
+
+    def commit(self, sending: Sequence[Mark], outcomes: Sequence[tuple[Any, ...]],
+               other: Sequence[tuple[str, tuple[Any, ...]]], resend_unknown: bool) -> set[str]:
+        db, api = self.db, self.api
+        claimed: set[str] = set()
+        self.synchronous(full=bool(sending))
+        with transaction(db):
+            for sql, params in other:
+                db.execute(sql, params)
+            now = utcnow()  # one timestamp per transaction: what was committed together
+            if outcomes:
+                db.executemany(SQL_OUTCOME, [(*o[:-2], now, api, o[-2], o[-1]) for o in outcomes])
+            for m in sending:
+                cur = db.execute(SQL_CLAIM, (api, m.request_id, m.run_id, m.label, m.model, m.endpoint, m.source,
+                                             m.row, m.body, now, now, m.cost, resend_unknown))
+                if cur.rowcount:
+                    claimed.add(m.request_id)
+        return claimed
+
+    def export_rows(self, table: str) -> list[tuple[Any, ...]]:
+        return self.db.execute(f"SELECT {', '.join(COPY_COLUMNS[table])} FROM {table}").fetchall()
+
+    def import_rows(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        cols = COPY_COLUMNS[table]
+        with transaction(self.db):
+            self.db.executemany(f"INSERT INTO {table}({', '.join(cols)}) VALUES ({','.join('?' * len(cols))})", rows)
+
+    def replay_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        with transaction(self.db):
+            for api, *o in rows:
+                self.db.execute(SQL_OUTCOME, (*o[:-2], utcnow(), api, o[-2], o[-1]))
+
     def close(self) -> None:
         if not self.readonly:
             # A clean exit leaves everything in the main file: a copy of it alone is whole.
@@ -630,49 +619,6 @@ class Ledger:
                 f"ledger (use 'seedance-batch state backup' to copy one safely); to go on with this one anyway "
                 f"(requests may be paid twice) remove {marker}")
 
-    # -- rescue: outcomes the disk could not take --------------------------------------
-    def save_unsaved(self, outcomes: Iterable[tuple[Any, ...]]) -> Path | None:
-        """Keep outcomes that could not be committed: in memory for the results table and,
-        where the disk allows, in ``<state>.rescue.jsonl`` for the next run."""
-        rows = list(outcomes)
-        for o in rows:
-            self.unsaved[o[-1]] = o
-        if not rows:
-            return None
-        path = companion(self.path, "rescue.jsonl")
-        try:
-            # O_NOFOLLOW: a symlink planted under this name must not take the task ids elsewhere.
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with open(fd, "a", encoding="utf-8") as f:
-                for o in rows:
-                    f.write(json.dumps({"api": self.api, "outcome": list(o)}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError:
-            return None
-        return path
-
-    def _replay_rescue(self) -> None:
-        path = companion(self.path, "rescue.jsonl")
-        if not path.exists():
-            return
-        rows = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                item = json.loads(line)
-                outcome = list(item["outcome"])
-                if len(outcome) == OUTCOME_FIELDS - 1:  # written before outcomes carried poll_url
-                    outcome.insert(7, None)
-                if len(outcome) != OUTCOME_FIELDS:
-                    continue
-                rows.append((item["api"], *outcome))
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line: the rest still counts
-        with transaction(self.db):
-            for api, *o in rows:
-                self.db.execute(SQL_OUTCOME, (*o[:-2], utcnow(), api, o[-2], o[-1]))
-        path.rename(path.with_name(path.name + f".replayed-{datetime.now(UTC):%Y%m%dT%H%M%S}"))
-
     # -- requests ----------------------------------------------------------------------
     def _rows_of(self, columns: Sequence[str], ids: Sequence[str],
                  apis: Sequence[str] | None = None) -> Iterator[tuple[Any, ...]]:
@@ -690,24 +636,30 @@ class Ledger:
     def lookup(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, Entry]:
         return {row[1]: Entry(*row) for row in self._rows_of(LEDGER_COLUMNS, ids, apis)}
 
-    def outcome_rows(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
-        """Rows of ``ids`` as the results table reads them (``OUTCOME_COLUMNS``), with any
-        outcome the disk refused laid over the stored row."""
+    def known(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> set[str]:
+        return {row[0] for row in self._rows_of(("request_id",), ids, apis)}
+
+    def task_states(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, tuple[Any, ...]]:
+        return {row[0]: row[1:] for row in self._rows_of(("request_id", "api", "status", "task_id"), ids, apis)}
+
+    def outcome_columns(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         # A ledger an earlier version wrote, opened read-only, lacks batch.retry's columns.
         columns = (*OUTCOME_COLUMNS[:-2], "COALESCE(task_attempt, 1)", "earlier_task_ids") \
             if retry.has_columns(self.db) else (*OUTCOME_COLUMNS[:-2], "1", "NULL")
-        rows = list(self._rows_of(columns, ids))
-        if not self.unsaved:
-            return rows
-        out = []
-        for row in rows:
-            o = self.unsaved.get(row[0])
-            if o is not None:
-                status, task_id, error, error_code, http_status, attempts, submitted_at, _poll, _run, _rid = o
-                row = (row[0], status, row[2], row[3], task_id, error, error_code, http_status, attempts,
-                       submitted_at or row[9], *row[10:])
-            out.append(row)
-        return out
+        return list(self._rows_of(columns, ids))
+
+    def expiries(self) -> dict[tuple[str, str], str]:
+        return expiry.load(self.db)
+
+    def uploads(self) -> dict[str, str]:
+        return upload.uploaded(self.db, self.api)
+
+    def next_attempts(self) -> dict[str, int]:
+        return retry.next_attempts(self.db, self.api)
+
+    def run_counts(self, run_id: str) -> list[tuple[str, int]]:
+        return self.db.execute("SELECT status, count(*) FROM requests WHERE api=? AND run_id=? GROUP BY status",
+                               (self.api, run_id)).fetchall()
 
     def labels(self, labels: Sequence[str], before_run: str | None = None) -> dict[str, set[str]]:
         """For each label, the request ids this API has under it (to spot edited rows);
@@ -733,18 +685,22 @@ class Ledger:
             f"AND (task_status IS NULL OR task_status NOT IN {done}) ORDER BY submitted_at", tuple(apis)
         )]
 
-    def import_task(self, api: str, request_id: str, task_id: str, model: str | None, endpoint: str | None,
-                    source: str | None, row: int | None, body: str, submitted_at: str | None) -> None:
-        """Adopt a task known only from a results table (collect --results on another machine,
-        or a run whose ledger write failed: its row left ``sending``/``unknown``, no task id)."""
-        self.db.execute(
-            "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, row, body, task_id, "
-            "submitted_at, updated_at) VALUES (?, ?, 'submitted', 'imported', ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(api, request_id) DO UPDATE SET status='submitted', task_id=excluded.task_id, "
-            "submitted_at=COALESCE(requests.submitted_at, excluded.submitted_at), updated_at=excluded.updated_at "
-            "WHERE requests.status IN ('sending', 'unknown') AND requests.task_id IS NULL",
-            (api, request_id, model, endpoint, source, row, body, task_id, submitted_at, utcnow()),
-        )
+    def import_tasks(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Adopt tasks known only from a results table, in one transaction: ``(api, request_id,
+        task_id, model, endpoint, source, row, body, submitted_at)``. A row with a task id
+        is ``submitted``; one without is ``unknown`` (the provider may hold it). A row the
+        ledger has already is left as it is, except one a run left ``sending``/``unknown``
+        without a task id (its ledger write failed): the task id upgrades it to ``submitted``."""
+        if not rows:
+            return
+        now = utcnow()
+        with transaction(self.db):
+            self.db.executemany(
+                "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, row, body, task_id, "
+                "submitted_at, updated_at) VALUES (?, ?, CASE WHEN ? IS NULL THEN 'unknown' ELSE 'submitted' END, "
+                "'imported', ?, ?, ?, ?, ?, ?, ?, ?) " + SQL_IMPORT_UPGRADE,
+                [(api, rid, task, model, endpoint, source, row, body, task, submitted, now)
+                 for api, rid, task, model, endpoint, source, row, body, submitted in rows])
 
 
 def backup(state: Path, dest: Path) -> dict[str, int]:
@@ -807,176 +763,3 @@ SQL_CLAIM = (
     "WHERE requests.status IN ('failed', 'pending') OR (? AND requests.status IN ('sending', 'unknown') "
     "AND requests.run_id != excluded.run_id)"
 )
-# An outcome row: (status, task_id, error, error_code, http_status, attempts, submitted_at,
-# poll_url, run_id, request_id); the statement takes it with ``updated_at`` and ``api`` spliced
-# in before the last two. One statement per outcome: a separate poll_url update cost
-# 70 us a row (1.4 s of 20k).
-SQL_OUTCOME = (
-    "UPDATE requests SET status=?, task_id=?, error=?, error_code=?, http_status=?, "
-    "attempts=?, submitted_at=COALESCE(?, submitted_at), poll_url=COALESCE(?, poll_url), updated_at=? "
-    "WHERE api=? AND run_id=? AND request_id=?"
-)
-OUTCOME_FIELDS = 10
-
-
-@dataclass(frozen=True, slots=True)
-class Mark:
-    """What the ledger records when a request is about to be sent."""
-
-    request_id: str
-    run_id: str
-    label: str | None
-    model: str
-    endpoint: str
-    source: str
-    row: int
-    body: str
-    cost: float | None = None  # estimated USD (with prices): what the night's spend cap counts
-
-
-class AsyncLedger:
-    """Group-committing async front of a :class:`Ledger`.
-
-    Writes queue up while the event loop serves other requests; one flush writes them all
-    in one transaction, and every caller of :meth:`sending` in that batch awaits the same
-    future, resolved once the transaction is durable.
-
-    The statements run on the event-loop thread, blocking it for one commit (~0.3 ms with
-    fsync here). Alternatives measured with benchmarks/bench.py (20k unpaced requests,
-    2 cores): a writer thread was slower (5.8 s vs 4.1 s: it fought the loop for the GIL
-    around every ``sqlite3_step``); only the COMMIT in an executor thread, no faster;
-    a writer child process fed over a pipe, with group commit in the child, cut this
-    process's CPU by ~0.4 s but not the wall time (ratio 0.48 vs 0.47): the fake API
-    keeps the other core busy and every ``sending`` mark then waited for the child's
-    turn on a CPU. Yielding two or three loop turns before a commit (940 or 840 commits
-    instead of 1,560) changed nothing measurable either.
-
-    Claims run one statement per row (to read each row's claim result); measured against
-    ``executemany`` on 20k marks: +0.03 s. A batch with claims is fsynced; a batch of
-    outcomes alone is not (see the module's guarantees): between one in four and one in
-    eight commits of the 20k-request benchmark.
-
-    When a commit fails (disk full, I/O error) the ledger is *broken*: every later
-    :meth:`sending` raises (nothing more is sent), while outcomes of requests already on
-    the wire keep arriving; they are kept and handed to :meth:`Ledger.save_unsaved` at
-    :meth:`close`, unless a last attempt to commit them succeeds.
-    """
-
-    def __init__(self, ledger: Ledger, resend_unknown: bool = False) -> None:
-        self.ledger = ledger
-        self.resend_unknown = resend_unknown
-        self._sending: list[Mark] = []
-        self._outcomes: list[tuple[Any, ...]] = []
-        self._other: list[tuple[str, tuple[Any, ...]]] = []
-        self._committed: asyncio.Future[set[str]] | None = None
-        self._wake = asyncio.Event()
-        self._closed = False
-        self._task = asyncio.get_running_loop().create_task(self._flusher())
-        self.commits = 0
-        self.broken: StateError | None = None
-        self._kept: list[tuple[Any, ...]] = []  # outcomes not committed because the ledger broke
-        self.rescue_path: Path | None = None
-        self.committed_task_ids = 0
-
-    @property
-    def unsaved_count(self) -> int:
-        return len(self._kept)
-
-    def lookup(self, ids: Sequence[str]) -> dict[str, Entry]:
-        return self.ledger.lookup(ids)
-
-    async def sending(self, mark: Mark) -> bool:
-        """Durably claim a request as about to be sent; ``False`` if the ledger shows it
-        taken (submitted, or in flight elsewhere): then it must not be sent."""
-        if self.broken is not None:
-            raise self.broken
-        self._sending.append(mark)
-        claimed = await self.flush()
-        return mark.request_id in claimed
-
-    def outcome(
-        self, request_id: str, run_id: str, status: str, *, task_id: str | None = None, error: str | None = None,
-        error_code: int | None = None, http_status: int | None = None, attempts: int = 0,
-        submitted_at: str | None = None, poll_url: str | None = None,
-    ) -> None:
-        """Queue an outcome; committed with the next batch (losing it only leaves ``sending``)."""
-        row = (status, task_id, error, error_code, http_status, attempts, submitted_at, poll_url, run_id, request_id)
-        if self.broken is not None:
-            self._kept.append(row)
-            return
-        self._outcomes.append(row)
-        self._wake.set()
-
-    def write(self, sql: str, params: tuple[Any, ...]) -> None:
-        if self.broken is not None:
-            return  # collect bookkeeping: the next pass polls again
-        self._other.append((sql, params))
-        self._wake.set()
-
-    async def flush(self) -> set[str]:
-        """Return once everything queued so far is committed; the ids claimed in that batch."""
-        if self._committed is None:
-            self._committed = asyncio.get_running_loop().create_future()
-        fut = self._committed
-        self._wake.set()
-        return await fut
-
-    def _apply(self, sending: list[Mark], outcomes: list[tuple[Any, ...]],
-               other: list[tuple[str, tuple[Any, ...]]]) -> set[str]:
-        db, api = self.ledger.db, self.ledger.api
-        claimed: set[str] = set()
-        self.ledger.synchronous(full=bool(sending))
-        with transaction(db):
-            for sql, params in other:
-                db.execute(sql, params)
-            # Outcomes before sendings: within one batch an outcome for a request was
-            # always queued before its next ``sending`` (a retry), never after.
-            now = utcnow()  # one timestamp per transaction: what was committed together
-            if outcomes:
-                db.executemany(SQL_OUTCOME, [(*o[:-2], now, api, o[-2], o[-1]) for o in outcomes])
-            for m in sending:
-                cur = db.execute(SQL_CLAIM, (api, m.request_id, m.run_id, m.label, m.model, m.endpoint, m.source,
-                                             m.row, m.body, now, now, m.cost, self.resend_unknown))
-                if cur.rowcount:
-                    claimed.add(m.request_id)
-        self.committed_task_ids += sum(1 for o in outcomes if o[1] is not None)
-        return claimed
-
-    async def _flusher(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(0)  # let the other ready workers queue their writes too
-            sending, outcomes, other = self._sending, self._outcomes, self._other
-            fut, self._committed = self._committed, None
-            self._sending, self._outcomes, self._other = [], [], []
-            claimed: set[str] = set()
-            if sending or outcomes or other:
-                try:
-                    claimed = self._apply(sending, outcomes, other)
-                except Exception as exc:  # disk full, I/O error, read-only; any other error too:
-                    # the flusher must settle every waiter, or the run waits for it forever
-                    self.broken = StateError(f"state write failed ({exc})")
-                    self._kept.extend(outcomes)
-                    if fut is not None and not fut.done():
-                        fut.set_exception(self.broken)
-                    if self._closed:
-                        return
-                    continue
-                self.commits += 1
-            if fut is not None and not fut.done():
-                fut.set_result(claimed)
-            if self._closed and not (self._sending or self._outcomes or self._other):
-                return
-
-    async def close(self) -> None:
-        """Flush everything queued (the connection stays open); keep what cannot be written."""
-        self._closed = True
-        self._wake.set()
-        await asyncio.shield(self._task)
-        if self._kept:
-            try:  # the disk may have room again (a log rotated, a file removed)
-                self._apply([], self._kept, [])
-                self._kept = []
-            except (sqlite3.Error, OSError):
-                self.rescue_path = self.ledger.save_unsaved(self._kept)

@@ -1,0 +1,610 @@
+"""The PostgreSQL store: one ledger shared by every host that runs a job.
+
+Keeps every guarantee of :mod:`batch.ledger.base`, and:
+
+* **A ledger is a name inside a database** (``?ledger=NAME``, default ``default``): a
+  schema ``seedance_<name>`` created on first use (under a transaction-scoped advisory
+  lock, so two hosts creating it at once end with one) with its ``migrations`` table.
+* **Durable before the wire.** Every transaction commits with ``synchronous_commit=on``
+  (set for the session, whatever the database's default): a claim is in the server's
+  WAL on disk before the first byte of its request leaves. Claims of a batch are one
+  ``INSERT ... ON CONFLICT DO UPDATE ... WHERE ... RETURNING`` statement: the condition
+  and the claim are one atomic step, so two hosts cannot both claim one request (the
+  second waits for the first's row lock, then sees ``sending``).
+* **One writer per ledger across hosts**: a session advisory lock
+  (``pg_try_advisory_lock``) held on a connection of its own, for submit and collect
+  apart. It frees when that session ends: at once on a clean exit or a killed process
+  (the kernel closes the socket), and when a host vanishes without a word, once the
+  server's TCP keepalive gives up on it: the session sets ``tcp_keepalives_idle=10``,
+  ``_interval=5``, ``_count=3`` (~25 s) and ``tcp_user_timeout=20 s`` on the server's
+  side, and libpq the same on ours (so a server that vanishes is noticed too).
+* **The server gone mid-run stops sending at once.** A failed commit is one of
+  :attr:`write_errors`: :class:`~batch.ledger.base.AsyncLedger` refuses every later
+  claim and keeps the outcomes of requests already on the wire in a local rescue file,
+  which the next run on this host replays before it sends.
+* **The password never leaves**: :class:`PgLocation` prints the URL without it, and
+  every driver message is scrubbed of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+from batch.api import FAKE_API
+from batch.errors import LockedError, StateError
+from batch.ledger.base import (
+    COPY_COLUMNS,
+    LEDGER_COLUMNS,
+    OUTCOME_COLUMNS,
+    SQL_IMPORT_UPGRADE,
+    SQL_OUTCOME,
+    Entry,
+    LedgerStore,
+    Mark,
+    night_of,
+    state_home,
+    utcnow,
+)
+
+SCHEMES = ("postgresql://", "postgres://")
+LEDGER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")
+SCHEMA_VERSION = 2
+# Version 2 (main's issue 20, additive): the failure class collect records, the retry
+# columns the results table reads, and batch.expiry's table. Applied in place to a v1 ledger.
+_MIGRATION_2 = (
+    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS failure_class TEXT",
+    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS task_attempt INTEGER",
+    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS earlier_task_ids TEXT",
+    "CREATE TABLE IF NOT EXISTS task_expiry (api TEXT NOT NULL, request_id TEXT NOT NULL, "
+    "expires_at TEXT NOT NULL, PRIMARY KEY (api, request_id))",
+)
+# Dead-peer detection for the lock's session and the writer's (libpq parameters).
+KEEPALIVE = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
+             "tcp_user_timeout": "20000", "connect_timeout": "10"}
+# A test switch (never set in production): run without the writer lock to show that the
+# conditional claim alone sends each request once.
+NO_LOCK_ENV = "SEEDANCE_BATCH_TEST_NO_PG_LOCK"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    api            TEXT NOT NULL,
+    request_id     TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    run_id         TEXT NOT NULL,
+    label          TEXT,
+    model          TEXT,
+    endpoint       TEXT,
+    source         TEXT,
+    "row"          BIGINT,
+    body           TEXT,
+    task_id        TEXT,
+    poll_url       TEXT,
+    error          TEXT,
+    error_code     BIGINT,
+    http_status    INTEGER,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    sending_at     TEXT,
+    submitted_at   TEXT,
+    updated_at     TEXT NOT NULL,
+    task_status    TEXT,
+    resource_urls  TEXT,
+    resources      TEXT,
+    failure_reason TEXT,
+    completed_at   TEXT,
+    local_paths    TEXT,
+    download_error TEXT,
+    polls          INTEGER NOT NULL DEFAULT 0,
+    cost_usd       DOUBLE PRECISION,
+    failure_class  TEXT,
+    task_attempt   INTEGER,
+    earlier_task_ids TEXT,
+    PRIMARY KEY (api, request_id)
+);
+CREATE INDEX IF NOT EXISTS requests_open_tasks ON requests(task_status) WHERE task_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_label ON requests(api, label) WHERE label IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_run ON requests(run_id);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    started_at  TEXT NOT NULL,
+    finished_at TEXT,
+    command     TEXT,
+    summary     TEXT,
+    api         TEXT,
+    output      TEXT,
+    night       TEXT
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT
+);
+CREATE TABLE IF NOT EXISTS task_expiry (
+    api        TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    PRIMARY KEY (api, request_id)
+);
+CREATE TABLE IF NOT EXISTS migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at TEXT NOT NULL
+)
+"""
+
+_CLAIM_COLUMNS = ("api, request_id, status, run_id, label, model, endpoint, source, \"row\", body, attempts, "
+                  "sending_at, updated_at, cost_usd")
+# The same condition as SQLite's claim (batch.ledger.sqlite.SQL_CLAIM), for a batch at once.
+_CLAIM_TAIL = (
+    " ON CONFLICT (api, request_id) DO UPDATE SET status='sending', run_id=excluded.run_id, label=excluded.label, "
+    "model=excluded.model, endpoint=excluded.endpoint, source=excluded.source, \"row\"=excluded.\"row\", "
+    "body=excluded.body, sending_at=excluded.sending_at, updated_at=excluded.updated_at, cost_usd=excluded.cost_usd "
+    "WHERE requests.status IN ('failed', 'pending') OR (%s AND requests.status IN ('sending', 'unknown') "
+    "AND requests.run_id != excluded.run_id) RETURNING request_id"
+)
+
+
+def is_database_url(text: object) -> bool:
+    return isinstance(text, str) and text.startswith(SCHEMES)
+
+
+def pg(sql: str) -> str:
+    """A statement written for SQLite's ``?`` placeholders, for psycopg's ``%s``."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PgLocation:
+    """A ledger in PostgreSQL: ``postgresql://[user[:password]@][host][:port]/[db][?ledger=NAME&...]``.
+
+    The rest of the query (``sslmode``, ``service``...) goes to libpq as given; what the
+    URL leaves out comes from libpq's environment (``PGHOST``, ``PGPASSWORD``...),
+    ``~/.pgpass`` or a service file. ``str()`` never shows the password."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        names = [v for k, v in query if k == "ledger"]
+        name = names[-1] if names else "default"
+        if not LEDGER_NAME.fullmatch(name):
+            raise StateError(f"--state: ledger={name!r}: use letters, digits, - and _ (at most 48)")
+        self.ledger = name
+        self.schema = "seedance_" + name.replace("-", "_").lower()
+        self._password = unquote(parts.password) if parts.password else None
+        rest = [(k, v) for k, v in query if k != "ledger"]
+        self.conninfo = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
+        netloc = parts.netloc
+        if parts.password is not None:
+            user = parts.username or ""
+            netloc = f"{quote(unquote(user), safe='')}:***@" + netloc.rpartition("@")[2]
+        self.display = urlunsplit((parts.scheme, netloc, parts.path,
+                                   urlencode([*[(k, v) for k, v in rest if "pass" not in k.lower()],
+                                              ("ledger", name)]), ""))
+        # The local files (the rescue file) of this ledger on this host.
+        ident = hashlib.sha256(f"{parts.hostname}:{parts.port}:{parts.path}:{name}".encode()).hexdigest()[:16]
+        self.local = state_home() / "postgres" / f"{name}-{ident}"
+
+    def __str__(self) -> str:
+        return self.display
+
+    def __repr__(self) -> str:
+        return f"PgLocation({self.display!r})"
+
+    def __fspath__(self) -> str:  # a path-taking call with a database URL is a bug: say so plainly
+        raise TypeError(f"{self.display} is a database, not a file")
+
+    def exists(self) -> bool:
+        return True  # the server says when it is opened
+
+    def companion(self, suffix: str) -> Path:
+        return self.local.with_name(f"{self.local.name}.{suffix}")
+
+    def scrub(self, text: str) -> str:
+        if self._password:
+            text = text.replace(self._password, "***").replace(quote(self._password, safe=""), "***")
+        return text
+
+    def connect(self, purpose: str) -> Any:
+        """A new autocommit connection with ``synchronous_commit=on`` and the keepalives;
+        a :class:`StateError` (exit 2), scrubbed, if the server cannot be reached."""
+        import psycopg
+
+        try:
+            conn = psycopg.connect(self.conninfo, autocommit=True, application_name=f"seedance-batch {purpose}",
+                                   **KEEPALIVE)
+            conn.execute("SET synchronous_commit = on")
+            # The server's side of the same socket: a host that vanishes (power, network)
+            # without closing its session is noticed by the server after ~25 s of silence
+            # (10 s idle, 3 probes 5 s apart), which ends the session and frees its lock.
+            for name, value in (("tcp_keepalives_idle", 10), ("tcp_keepalives_interval", 5),
+                                ("tcp_keepalives_count", 3), ("tcp_user_timeout", 20000)):
+                conn.execute(f"SET {name} = {value}")
+        except psycopg.Error as exc:
+            raise StateError(f"{self}: cannot connect to the ledger's database "
+                             f"({self.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)});"
+                             f" nothing sent") from None
+        return conn
+
+
+def _lock_key(schema: str, kind: str) -> int:
+    digest = hashlib.sha256(f"seedance-batch:{schema}:{kind}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class PgLedger(LedgerStore):
+    """One ledger (a schema) in a PostgreSQL database."""
+
+    def __init__(self, location: PgLocation, api: str, *, readonly: bool = False) -> None:
+        import psycopg
+
+        super().__init__()
+        self.location = location
+        self.path = location  # what messages name
+        self.api = api
+        self.readonly = readonly
+        self.write_errors = (psycopg.Error, OSError)
+        self._lock_conn: Any = None
+        self.db = location.connect("ledger")
+        try:
+            self._open()
+        except psycopg.Error as exc:
+            self.db.close()
+            raise StateError(f"{location}: cannot use the ledger ({location.scrub(str(exc).strip())})") from None
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _open(self) -> None:
+        from psycopg import sql
+
+        schema = sql.Identifier(self.location.schema)
+        exists = self.db.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.location.schema,)).fetchone()
+        if not exists and self.readonly:
+            raise _NoLedger
+        if not exists or not self._has_tables():
+            with self.db.transaction():
+                self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(self.location.schema, "create"),))
+                self.db.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+                self.db.execute(sql.SQL("SET LOCAL search_path TO {}").format(schema))
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute("INSERT INTO migrations VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                                (1, "create", utcnow()))
+                self.db.execute("INSERT INTO meta VALUES ('created_at', %s) ON CONFLICT DO NOTHING", (utcnow(),))
+        self.db.execute(sql.SQL("SET search_path TO {}").format(schema))
+        version = self.db.execute("SELECT max(version) FROM migrations").fetchone()[0] or 0
+        if version > SCHEMA_VERSION:
+            raise StateError(f"{self.location}: ledger schema {version} is newer than this tool ({SCHEMA_VERSION})")
+        if version < 2 and not self.readonly:
+            with self.db.transaction():
+                self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(self.location.schema, "create"),))
+                for statement in _MIGRATION_2:
+                    self.db.execute(statement)
+                self.db.execute("INSERT INTO migrations VALUES (2, 'retry columns, task_expiry', %s) "
+                                "ON CONFLICT DO NOTHING", (utcnow(),))
+        self._v2 = version >= 2 or not self.readonly
+
+    def _has_tables(self) -> bool:
+        return self.db.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename IN "
+                               "('requests', 'runs', 'meta', 'migrations')",
+                               (self.location.schema,)).fetchone()[0] == 4
+
+    # -- the writer lock -------------------------------------------------------------
+    def lock(self, kind: str) -> None:
+        """The submit (or collect) lock of this ledger for every host: a session advisory
+        lock on a connection of its own, so it lives exactly as long as this process's
+        session (see the module's note on hosts that vanish)."""
+        if os.environ.get(NO_LOCK_ENV) == "1":
+            return
+        import psycopg
+
+        conn = self.location.connect(f"{kind} lock")
+        try:
+            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_lock_key(self.location.schema, kind),)).fetchone()[0]
+        except psycopg.Error as exc:
+            conn.close()
+            raise StateError(f"{self.location}: cannot lock the ledger ({self.location.scrub(str(exc))})") from None
+        if not got:
+            conn.close()
+            raise LockedError(f"another {kind} run is using ledger {self.location}; nothing sent")
+        self._lock_conn = conn
+
+    @property
+    def where(self) -> str:
+        return str(self.location)
+
+    def rescue_file(self) -> Path:
+        return self.location.companion("rescue.jsonl")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.db.close()
+        if self._lock_conn is not None:
+            with contextlib.suppress(Exception):
+                self._lock_conn.close()
+            self._lock_conn = None
+
+    # -- writes ------------------------------------------------------------------------
+    def commit(self, sending: Sequence[Mark], outcomes: Sequence[tuple[Any, ...]],
+               other: Sequence[tuple[str, tuple[Any, ...]]], resend_unknown: bool) -> set[str]:
+        claimed: set[str] = set()
+        now = utcnow()
+        with self.db.transaction(), self.db.cursor() as cur:
+            for statement, params in other:
+                cur.execute(pg(statement), params)
+            if outcomes:
+                cur.executemany(pg(SQL_OUTCOME), [(*o[:-2], now, self.api, o[-2], o[-1]) for o in outcomes])
+            marks = list({m.request_id: m for m in sending}.values())
+            if marks:
+                values = ", ".join(["(%s, %s, 'sending', %s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s)"] * len(marks))
+                params: list[Any] = []
+                for m in marks:
+                    params += [self.api, m.request_id, m.run_id, m.label, m.model, m.endpoint, m.source, m.row,
+                               m.body, now, now, m.cost]
+                cur.execute(f"INSERT INTO requests({_CLAIM_COLUMNS}) VALUES {values}{_CLAIM_TAIL}",
+                            (*params, resend_unknown))
+                claimed = {row[0] for row in cur.fetchall()}
+        return claimed
+
+    def replay_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        now = utcnow()
+        with self.db.transaction(), self.db.cursor() as cur:
+            cur.executemany(pg(SQL_OUTCOME), [(*o[:-2], now, api, o[-2], o[-1]) for api, *o in rows])
+
+    def import_tasks(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        now = utcnow()
+        with self.db.transaction(), self.db.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, \"row\", body, "
+                "task_id, submitted_at, updated_at) VALUES (%s, %s, CASE WHEN %s::text IS NULL THEN 'unknown' "
+                "ELSE 'submitted' END, 'imported', %s, %s, %s, %s, %s, %s, %s, %s) " + SQL_IMPORT_UPGRADE,
+                [(api, rid, task, model, endpoint, source, _int(row), body, task, submitted, now)
+                 for api, rid, task, model, endpoint, source, row, body, submitted in rows])
+
+    def move_api(self, old: str, new: str) -> int:
+        with self.db.transaction():
+            moved = self.db.execute("UPDATE requests SET api=%s, poll_url=NULL, updated_at=%s WHERE api=%s",
+                                    (new, utcnow(), old)).rowcount
+            self.db.execute("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                            (f"moved {old}", f"{utcnow()} to {new}"))
+        return moved
+
+    def start_run(self, run_id: str, command: str, output: str | None = None, night: str | None = None) -> None:
+        self.db.execute("INSERT INTO runs(run_id, started_at, command, api, output, night) VALUES (%s,%s,%s,%s,%s,%s)",
+                        (run_id, utcnow(), command, self.api, output, night or night_of()))
+
+    def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
+        self.db.execute("UPDATE runs SET finished_at=%s, summary=%s WHERE run_id=%s",
+                        (utcnow(), json.dumps(summary), run_id))
+
+    # -- reads -------------------------------------------------------------------------
+    def apis(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT api, count(*) FROM requests GROUP BY api").fetchall())
+
+    def run_outputs(self, run_ids: Iterable[str]) -> dict[str, str]:
+        return dict(self.db.execute("SELECT run_id, output FROM runs WHERE output IS NOT NULL AND run_id = ANY(%s)",
+                                    (sorted(set(run_ids)),)).fetchall())
+
+    def run_places(self, run_id: str) -> list[tuple[str, str | None, int | None, str | None]]:
+        return self.db.execute("SELECT request_id, source, \"row\", model FROM requests WHERE api=%s AND run_id=%s "
+                               "ORDER BY source, \"row\"", (self.api, run_id)).fetchall()
+
+    def night_requests(self, night: str) -> list[tuple[str | None, str | None, float | None]]:
+        return self.db.execute(
+            "SELECT r.model, r.body, r.cost_usd FROM requests r JOIN runs u ON u.run_id = r.run_id "
+            "WHERE u.night = %s AND r.status IN ('sending', 'submitted', 'unknown') AND (r.api = %s) = %s",
+            (night, FAKE_API, self.api == FAKE_API)).fetchall()
+
+    def _rows_of(self, columns: Sequence[str], ids: Sequence[str],
+                 apis: Sequence[str] | None = None) -> list[tuple[Any, ...]]:
+        cols = ", ".join('"row"' if c == "row" else c for c in columns)
+        scope = list(apis) if apis is not None else [self.api]
+        return self.db.execute(f"SELECT {cols} FROM requests WHERE api = ANY(%s) AND request_id = ANY(%s)",
+                               (scope, list(ids))).fetchall()
+
+    def lookup(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, Entry]:
+        return {row[1]: Entry(*row) for row in self._rows_of(LEDGER_COLUMNS, ids, apis)}
+
+    def known(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> set[str]:
+        return {row[0] for row in self._rows_of(("request_id",), ids, apis)}
+
+    def task_states(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, tuple[Any, ...]]:
+        return {row[0]: row[1:] for row in self._rows_of(("request_id", "api", "status", "task_id"), ids, apis)}
+
+    def outcome_columns(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        # A v1 ledger opened read-only lacks the retry columns (retries never ran on it).
+        tail = ("COALESCE(task_attempt, 1)", "earlier_task_ids") if self._v2 else ("1", "NULL")
+        return self._rows_of((*OUTCOME_COLUMNS[:-2], *tail), ids)
+
+    def run_counts(self, run_id: str) -> list[tuple[str, int]]:
+        return self.db.execute("SELECT status, count(*) FROM requests WHERE api=%s AND run_id=%s GROUP BY status",
+                               (self.api, run_id)).fetchall()
+
+    def expiries(self) -> dict[tuple[str, str], str]:
+        if not self._v2:
+            return {}
+        return {(api, rid): at for api, rid, at in
+                self.db.execute("SELECT api, request_id, expires_at FROM task_expiry")}
+
+    def labels(self, labels: Sequence[str], before_run: str | None = None) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for label, rid in self.db.execute(
+                "SELECT label, request_id FROM requests WHERE api=%s AND label = ANY(%s) "
+                "AND status IN ('submitted', 'sending', 'unknown') AND run_id IS DISTINCT FROM %s",
+                (self.api, list(labels), before_run)):
+            found.setdefault(label, set()).add(rid)
+        return found
+
+    def tasks_to_follow(self, include_success: bool, apis: Sequence[str]) -> list[Entry]:
+        done = ["failed", "expired"] if include_success else ["success", "failed", "expired"]
+        cols = ", ".join(LEDGER_COLUMNS)
+        return [Entry(*row) for row in self.db.execute(
+            f"SELECT {cols} FROM requests WHERE task_id IS NOT NULL AND status = 'submitted' AND api = ANY(%s) "
+            f"AND (task_status IS NULL OR NOT (task_status = ANY(%s))) ORDER BY submitted_at", (list(apis), done))]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, count(*) FROM requests GROUP BY status").fetchall())
+
+    def export_rows(self, table: str) -> list[tuple[Any, ...]]:
+        cols = ", ".join(f'"{c}"' for c in COPY_COLUMNS[table])
+        return self.db.execute(f"SELECT {cols} FROM {table}").fetchall()
+
+    def import_rows(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        cols = COPY_COLUMNS[table]
+        row_at = cols.index("row") if "row" in cols else -1
+        with self.db.transaction(), self.db.cursor() as cur:
+            cur.executemany(f"INSERT INTO {table}({', '.join(f'{chr(34)}{c}{chr(34)}' for c in cols)}) "
+                            f"VALUES ({', '.join(['%s'] * len(cols))})",
+                            [tuple(_int(v) if i == row_at else v for i, v in enumerate(r)) for r in rows])
+
+
+class _NoLedger(Exception):
+    """A read-only open of a ledger not created yet."""
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def locked_pg_ledger(location: PgLocation, api: str, kind: str = "submit") -> Iterator[PgLedger]:
+    """The ledger, created on first use, under its writer lock; outcomes an earlier run
+    on this host could not commit are replayed first."""
+    ledger = PgLedger(location, api)
+    try:
+        ledger.lock(kind)
+        ledger._replay_rescue()
+        yield ledger
+    finally:
+        ledger.close()
+
+
+def open_pg_readonly(location: PgLocation, api: str) -> PgLedger | None:
+    try:
+        return PgLedger(location, api, readonly=True)
+    except _NoLedger:
+        return None
+
+
+class PgBudget:
+    """The pacing state of one API key for every host whose ledger is in this database
+    (:class:`batch.ratelimit.SharedBudget`'s role across machines): a row per key (named
+    by a hash of it) in ``seedance_shared.rate_budgets``, read and written under
+    ``SELECT ... FOR UPDATE`` in one short transaction per step. Times are kept on the
+    server's clock (``clock_timestamp()``): each process keeps its offset to it as measured
+    over the fastest round trip seen (every step reads the clock too), so hosts whose own
+    clocks disagree still share one timeline (to within half that round trip). The budget
+    is advisory pacing, not a record: its commits skip the WAL flush. If the database fails,
+    the process paces alone from then on (its ledger stops the run anyway)."""
+
+    def __init__(self, location: PgLocation, key: str, capacity: int) -> None:
+        from batch.ratelimit import _LocalBudget
+
+        self.location = location
+        self.digest = hashlib.sha256(key.encode()).hexdigest()[:16]  # names the key, cannot reveal it
+        self.capacity = capacity
+        self._fallback: _LocalBudget | None = None
+        self._local_budget = lambda: _LocalBudget(capacity)
+        self.db = location.connect("rate budget")
+        try:
+            self.db.execute("SET synchronous_commit = off")
+            with self.db.transaction():
+                self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("seedance_shared", "create"),))
+                self.db.execute("CREATE SCHEMA IF NOT EXISTS seedance_shared")
+                self.db.execute("CREATE TABLE IF NOT EXISTS seedance_shared.rate_budgets (key TEXT PRIMARY KEY, "
+                                "next DOUBLE PRECISION NOT NULL, resume_at DOUBLE PRECISION NOT NULL, "
+                                "starts DOUBLE PRECISION[] NOT NULL)")
+                self.db.execute("INSERT INTO seedance_shared.rate_budgets VALUES (%s, 0, 0, '{}') "
+                                "ON CONFLICT DO NOTHING", (self.digest,))
+            self.offset, self._rtt = 0.0, float("inf")
+            for _ in range(5):
+                t0 = time.monotonic()
+                server = self.db.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
+                self._sample(server, t0, time.monotonic())
+        except Exception:
+            self.db.close()
+            raise
+
+    def _sample(self, server: float, t0: float, t1: float) -> None:
+        """Keep the offset to the server's clock measured over the fastest round trip so far
+        (NTP's filter): its error is at most half that trip."""
+        if t1 - t0 < self._rtt:
+            self._rtt, self.offset = t1 - t0, server - (t0 + t1) / 2
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[Any]:
+        import psycopg
+
+        if self._fallback is not None:
+            yield self._fallback
+            return
+        try:
+            tx = self.db.transaction()
+            tx.__enter__()
+            t0 = time.monotonic()
+            *row, server = self.db.execute(
+                "SELECT next, resume_at, starts, extract(epoch FROM clock_timestamp())::float8 "
+                "FROM seedance_shared.rate_budgets WHERE key = %s FOR UPDATE", (self.digest,)).fetchone()
+            self._sample(server, t0, time.monotonic())
+        except psycopg.Error as exc:
+            self._give_up(exc)
+            yield self._fallback
+            return
+        view = _BudgetView((row[0], row[1], row[2]), self.offset, self.capacity)
+        try:
+            yield view
+            self.db.execute("UPDATE seedance_shared.rate_budgets SET next=%s, resume_at=%s, starts=%s WHERE key=%s",
+                            (view.next + self.offset, view.resume_at + self.offset, view.stored(), self.digest))
+            tx.__exit__(None, None, None)
+        except psycopg.Error as exc:
+            self._give_up(exc)
+        except BaseException as exc:
+            with contextlib.suppress(psycopg.Error):
+                tx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    def _give_up(self, exc: BaseException) -> None:
+        import structlog
+
+        structlog.get_logger("batch").warning("rate_budget_not_shared", state=str(self.location),
+                                              error=self.location.scrub(str(exc).strip()[:200]),
+                                              consequence="this process paces alone from now on")
+        self._fallback = self._local_budget()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.db.close()
+
+
+class _BudgetView:
+    """A key's budget row while its row lock is held, in this process's monotonic time."""
+
+    def __init__(self, row: tuple[float, float, list[float]], offset: float, capacity: int) -> None:
+        nxt, resume, starts = row
+        now = time.monotonic()
+        self.next, self.resume_at = nxt - offset, resume - offset
+        self._starts = [s - offset for s in starts]
+        self._offset, self._keep = offset, max(capacity, len(starts))
+        if self.next > now + 3600:  # a slot an hour ahead is damage
+            self.next, self.resume_at, self._starts = 0.0, 0.0, []
+
+    def nth_last_start(self, n: int) -> float | None:
+        return self._starts[-n] if len(self._starts) >= n else None
+
+    def add_start(self, t: float) -> None:
+        self._starts.append(t)
+
+    def stored(self) -> list[float]:
+        return [s + self._offset for s in self._starts[-self._keep:]]
