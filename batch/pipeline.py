@@ -914,7 +914,7 @@ def collect_ok(stats: dict[str, Any]) -> bool:
             and set(stats.get("table_tasks") or {}) <= {"success"} and not stats.get("not_downloaded"))
 
 
-def collect_outcome(ledger: Ledger, apis: list[str], table_ids: Iterable[str] | None, followed: Iterable[str],
+def collect_outcome(ledger: LedgerStore, apis: list[str], table_ids: Iterable[str] | None, followed: Iterable[str],
                     download: bool) -> dict[str, Any]:
     """What the results tables' tasks (``table_ids``; None: no table) are now, from the
     ledger: their states, how many successful ones lack their files (with a download), and
