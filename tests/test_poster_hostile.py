@@ -1,0 +1,57 @@
+"""Hostile files beside (and instead of) the night's videos: planted names, FIFOs, image bombs."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import polars as pl
+from test_page_build import cards_of
+
+from batch.page import POSTER_SUFFIX, Posters, render_page, write_page
+from batch.poster import tiny_clip
+
+
+def _table(tmp_path: Path, video: Path) -> Path:
+    table = tmp_path / "r.parquet"
+    pl.DataFrame({"request_id": ["a"], "status": ["submitted"], "task_status": ["success"], "source": ["in.csv"],
+                  "row": [2], "model": ["m"], "prompt": ["x"], "local_paths": [[str(video)]]}).write_parquet(table)
+    return table
+
+
+def test_the_page_and_its_temp_names_are_never_written_through(tmp_path: Path) -> None:
+    video = tmp_path / "v.mp4"
+    video.write_bytes(tiny_clip((10, 200, 30)))
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    page = tmp_path / "night.html"
+    page.symlink_to(victim)
+    for name in (f".{page.name}.tmp-{os.getpid()}", f".v.mp4{POSTER_SUFFIX}.tmp-{os.getpid()}"):
+        (tmp_path / name).symlink_to(victim)
+    write_page(str(_table(tmp_path, video)), str(page))
+    assert victim.read_bytes() == b"precious"
+    assert not page.is_symlink() and "<html" in page.read_text(encoding="utf-8").lower()
+
+
+def test_a_planted_regular_file_at_the_poster_name_is_not_inlined_unless_a_jpeg(tmp_path: Path) -> None:
+    video = tmp_path / "v.mp4"
+    video.write_bytes(tiny_clip((10, 200, 30)))
+    poster = tmp_path / f"v.mp4{POSTER_SUFFIX}"
+    poster.write_bytes(b"SEEDANCE_API_KEY=sk-live-secret\n")  # its own file, one link, newer than the video
+    os.utime(poster, (time.time() + 60, time.time() + 60))
+    html, _ = render_page(str(_table(tmp_path, video)), str(tmp_path / "p.html"))
+    card = cards_of(html)[0]
+    import base64
+    assert base64.b64decode(card["po"].split(",", 1)[1])[:3] == b"\xff\xd8\xff"  # regenerated: our JPEG
+    assert poster.read_bytes()[:3] == b"\xff\xd8\xff"
+
+
+def test_the_page_inlines_the_bytes_it_checked_never_a_reread_of_the_name(tmp_path: Path) -> None:
+    video = tmp_path / "v.mp4"
+    video.write_bytes(tiny_clip((10, 200, 30)))
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"\xff\xd8\xff sk-live-secret")
+    _, jpeg, why = Posters().take(str(video))
+    assert why is None and jpeg is not None and jpeg[:3] == b"\xff\xd8\xff"
+    assert b"sk-live-secret" not in jpeg  # the bytes we inline are the bytes we checked, never a re-read path
