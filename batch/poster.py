@@ -15,8 +15,11 @@ needed besides.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
+import stat
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -109,11 +112,16 @@ def extract_poster(source: Path | bytes, width: int = POSTER_WIDTH) -> Poster:
     import av
 
     try:
-        opened = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), "r")
-    except (av.FFmpegError, OSError, ValueError) as exc:
+        fileobj = io.BytesIO(source) if isinstance(source, bytes) else open_regular(source)
+    except OSError as exc:
         return Poster(None, f"cannot open video: {_why(exc)}")
     try:
-        with opened as container:
+        opened = av.open(fileobj, "r")
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        fileobj.close()
+        return Poster(None, f"cannot open video: {_why(exc)}")
+    try:
+        with fileobj, opened as container:
             if not container.streams.video:
                 return Poster(None, "no video stream")
             stream = container.streams.video[0]
@@ -131,6 +139,23 @@ def extract_poster(source: Path | bytes, width: int = POSTER_WIDTH) -> Poster:
             return Poster(None, "no decodable frame", w, h, duration)
     except (av.FFmpegError, OSError, ValueError, MemoryError) as exc:
         return Poster(None, f"cannot decode video: {_why(exc)}")
+
+
+def open_regular(path: Path) -> io.BufferedReader:
+    """``path`` opened for reading if it is a regular file of its own, else ``OSError``.
+    FFmpeg given a path opens whatever is there: a FIFO blocks it forever, a device reads
+    without end. So we open it, without blocking and without following a link, check the
+    descriptor, and hand FFmpeg the file object."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _why(exc: BaseException) -> str:

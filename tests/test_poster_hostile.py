@@ -55,3 +55,23 @@ def test_the_page_inlines_the_bytes_it_checked_never_a_reread_of_the_name(tmp_pa
     _, jpeg, why = Posters().take(str(video))
     assert why is None and jpeg is not None and jpeg[:3] == b"\xff\xd8\xff"
     assert b"sk-live-secret" not in jpeg  # the bytes we inline are the bytes we checked, never a re-read path
+
+
+def test_a_fifo_at_a_video_path_gets_its_card_and_never_hangs_the_page(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "v.mp4"
+    os.mkfifo(fifo)
+    table = _table(tmp_path, fifo)
+    code = ("import sys, json; from batch.page import render_page; from test_page_build import cards_of; "
+            "html, _ = render_page(sys.argv[1], sys.argv[2]); print(json.dumps(cards_of(html)))")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code, str(table), str(tmp_path / "p.html")], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [os.environ.get("PYTHONPATH", ""), str(Path(__file__).parent)])})
+    assert done.returncode == 0, done.stderr
+    import json
+    card = json.loads(done.stdout)[0]
+    assert card["pe"] == "video cannot be decoded (cannot open video: not a regular file)"
+    assert time.monotonic() - started < 30
