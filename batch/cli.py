@@ -250,6 +250,7 @@ def entry() -> None:
     """
     global _PROCESS
     _PROCESS = True
+    notify.exit_when_abandoned = True
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
     main()
