@@ -48,6 +48,7 @@ log = structlog.get_logger("batch.page")
 
 INLINE_POSTERS = 200  # up to this many posters go into the page as data URIs (it then travels alone)
 POSTER_SUFFIX = ".poster.jpg"
+FAILED_SUFFIX = ".poster.failed"  # why a video (by size and mtime) gave no poster
 JPEG_MAGIC = b"\xff\xd8\xff"
 MAX_POSTER_BYTES = 1 << 20  # ours are ~2 KB; a bigger file at the name is not ours
 PAGE_SIZE = 60  # cards drawn at a time
@@ -154,11 +155,19 @@ class Posters:
         reused = _own_jpeg(poster, video_mtime)
         if reused is not None:
             return poster, reused, None
+        failed = path.with_name(path.name + FAILED_SUFFIX)
+        key = _video_key(path)
+        remembered = _remembered_failure(failed, key)
+        if remembered is not None:  # a video that failed before is not decoded again every pass
+            self.errors += 1
+            return None, None, f"video cannot be decoded ({remembered})"
         started = time.perf_counter()
         found = extract_poster(path)
         self.seconds += time.perf_counter() - started
         if found.jpeg is None:
             self.errors += 1
+            if key is not None and not found.error.startswith("cannot open video"):
+                _write_own(failed, f"{key}\n{found.error}".encode())
             return None, None, f"video cannot be decoded ({found.error})"
         try:
             tmp = exclusive_temp(poster)  # never a planted name: nothing written through a link
@@ -170,6 +179,49 @@ class Posters:
             return None, None, f"poster not written ({exc.strerror})"
         self.made += 1
         return poster, found.jpeg, None
+
+
+def _video_key(path: Path) -> str | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
+def _read_own(path: Path, limit: int) -> bytes | None:
+    """A small regular file of its own (never through a link), else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= limit):
+            return None
+        return f.read(limit + 1)
+
+
+def _remembered_failure(failed: Path, key: str | None) -> str | None:
+    """Why this very video (same size and mtime) could not be decoded last time, or None."""
+    data = _read_own(failed, 4096)
+    if key is None or data is None:
+        return None
+    first, _, why = data.decode("utf-8", "replace").partition("\n")
+    return (why.strip()[:200] or None) if first == key else None
+
+
+def _write_own(final: Path, data: bytes) -> None:
+    """``data`` at ``final`` through a fresh exclusive temp file renamed over it: a link
+    planted at either name is replaced, never written through. Best effort."""
+    try:
+        tmp = exclusive_temp(final)
+        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, final)
+    except OSError:
+        pass
 
 
 def _own_jpeg(poster: Path, video_mtime: float) -> bytes | None:

@@ -75,3 +75,40 @@ def test_a_fifo_at_a_video_path_gets_its_card_and_never_hangs_the_page(tmp_path:
     card = json.loads(done.stdout)[0]
     assert card["pe"] == "video cannot be decoded (cannot open video: not a regular file)"
     assert time.monotonic() - started < 30
+
+
+def _big_png(width: int, height: int) -> bytes:
+    """A real PNG, large in pixels and small on disk (one colour compresses to nothing)."""
+    import av
+
+    frame = av.VideoFrame(width, height, "gray")
+    from batch.poster import _encode_image
+    return _encode_image(frame, "png", "gray")
+
+
+def test_an_image_saved_as_a_video_is_refused_before_decoding_and_not_retried(tmp_path: Path) -> None:
+    from batch.poster import extract_poster
+
+    bomb = tmp_path / "v.mp4"
+    bomb.write_bytes(_big_png(8000, 8000))
+    started = time.monotonic()
+    assert extract_poster(bomb).error == "not a video (a PNG image)"
+    assert time.monotonic() - started < 0.5  # no probing, no decoding
+    maker = Posters()
+    assert maker.take(str(bomb))[2] == "video cannot be decoded (not a video (a PNG image))"
+    marker = tmp_path / "v.mp4.poster.failed"
+    assert marker.is_file() and not marker.is_symlink()
+    marker.write_text(marker.read_text().replace("PNG", "remembered"))  # proves the next pass reads it
+    assert Posters().take(str(bomb))[2] == "video cannot be decoded (not a video (a remembered image))"
+    bomb.write_bytes(tiny_clip((1, 2, 3)))  # a new file (size and mtime): tried again
+    assert Posters().take(str(bomb))[1] is not None
+
+
+def test_a_failed_marker_name_is_never_written_through(tmp_path: Path) -> None:
+    bomb = tmp_path / "v.mp4"
+    bomb.write_bytes(b"GIF89a" + b"\0" * 100)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "v.mp4.poster.failed").symlink_to(victim)
+    assert Posters().take(str(bomb))[2] == "video cannot be decoded (not a video (a GIF image))"
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "v.mp4.poster.failed").is_symlink()
