@@ -214,3 +214,16 @@ def test_collect_takes_a_job_file_whose_values_are_the_defaults(fake, tmp_path: 
     assert all(Path(p[0]).parent == tmp_path / "clips" for p in got.results["local_paths"].to_list())
     with pytest.raises(ConfigError):
         batch.collect(tmp_path, log_level="warning")  # a directory, not a job file
+
+
+def test_a_library_call_leaves_the_callers_root_logger_alone(fake, tmp_path: Path) -> None:
+    import logging
+    import warnings
+
+    root = logging.getLogger()
+    handlers, level, show = list(root.handlers), root.level, warnings.showwarning
+    done = night(fake, tmp_path, frame(1))
+    assert done.exit_code == 0
+    assert root.handlers == handlers and root.level == level  # the notebook's own logging as it was
+    assert warnings.showwarning is show
+    assert logging.getLogger("batch").handlers  # the tool's own loggers are configured instead
