@@ -186,6 +186,15 @@ class ExitCodeGroup(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        # The command owns the process's logging while it runs; the Python API never does.
+        previous, logs.command = logs.command, True
+        try:
+            return self._main(args, prog_name, complete_var, standalone_mode, **extra)
+        finally:
+            logs.command = previous
+
+    def _main(self, args: Any, prog_name: str | None, complete_var: str | None, standalone_mode: bool,
+              **extra: Any) -> Any:
         try:
             # No argv can hold a NUL, but an in-process caller's list can; every path and
             # URL function would raise on it, so it is refused here once.
@@ -250,6 +259,7 @@ def entry() -> None:
     """
     global _PROCESS
     _PROCESS = True
+    notify.exit_when_abandoned = True
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
     main()

@@ -78,13 +78,19 @@ def _redactor(secrets: list[str]) -> Any:
     return redact
 
 
+# True while a command runs (set by batch.cli's command group): the command owns the process's
+# logging. False for the Python API (batch.submit/collect), whose caller owns it.
+command = False
+
+
 def json_stderr() -> bool:
     return not sys.stderr.isatty()
 
 
 def configure(level: str = "info", json_lines: bool | None = None, secrets: list[str] | None = None) -> None:
     """Configure structlog (and stdlib logging, and warnings) for this process;
-    ``json_lines=None`` decides by stderr being a TTY."""
+    ``json_lines=None`` decides by stderr being a TTY. Outside a command (see :data:`command`)
+    only the ``batch`` stdlib logger is configured, never the root logger."""
     if json_lines is None:
         json_lines = json_stderr()
     _SECRETS.extend(s for s in secrets or [] if s and s not in _SECRETS)
@@ -111,9 +117,19 @@ def configure(level: str = "info", json_lines: bool | None = None, secrets: list
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
     ))
+    stdlib_level = max(logging.WARNING, getattr(logging, level.upper()))
+    if not command:
+        # Called as a library (a notebook, a DAG task): the caller's logging is the caller's.
+        # Only the tool's own stdlib logger gets our handler; the root logger, its level and
+        # warnings.showwarning are left exactly as they were.
+        own = logging.getLogger("batch")
+        own.handlers[:] = [handler]
+        own.setLevel(stdlib_level)
+        own.propagate = False
+        return
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(max(logging.WARNING, getattr(logging, level.upper())))
+    root.setLevel(stdlib_level)
     logging.captureWarnings(True)
 
 

@@ -7,8 +7,9 @@ Guarantees:
   URLs, then :func:`finish` at the end or :func:`fatal` on a fatal exit; whichever comes
   first sends, the other is a no-op.
 * **A notification never changes the outcome**: whatever Apprise or the receiver does
-  (refused, unreachable, slow up to Apprise's socket timeouts), it is logged as a
-  ``notify_failed`` warning and the exit code stays the run's.
+  (refused, unreachable, dripping its answer), it is logged as a ``notify_failed`` warning
+  and the exit code stays the run's. The whole notification takes at most
+  :data:`NOTIFY_LIMIT_S`, and SIGINT/SIGTERM while it runs ends it at once.
 * **No secret leaves in a message or a log line**: the API key and every secret the
   logs know (:func:`batch.logs.known_secrets`), passwords in URLs (a proxy's, a
   database's: ``scheme://user:password@host``), bearer tokens, and the values of
@@ -20,6 +21,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +52,7 @@ _SECRET_ENV = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH|_PWD$", re.IGN
 # every path under $HOME in messages. MYSQL_PWD-style names (``_PWD`` at the end) are passwords.
 _URL_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]*(?::[^/\s@]*)?@")
 _BEARER = re.compile(r"(?i)\b(bearer|token|apikey|api_key|password|passwd|pwd)([=: ]+)[^\s&,;\"']+")
+NOTIFY_LIMIT_S = 15.0  # the whole notification, all URLs: a cron job's end is not held longer
 MAX_BODY = 3500  # chat services cut long messages (Slack ~4k); the page and the table hold the rest
 
 
@@ -59,6 +65,9 @@ class _Armed:
 
 
 _armed: _Armed | None = None
+# Set by the console script (never for in-process callers): a notification given up on ends
+# the process at once instead of at Apprise's pool join.
+exit_when_abandoned = False
 
 
 def check_urls(urls: Iterable[str]) -> tuple[str, ...]:
@@ -100,15 +109,59 @@ def _send(exit_code: int, message: tuple[str, str]) -> None:
         return
     armed.sent = True
     title, body = (scrub(part, armed.secrets) for part in message)
+    results: dict[str, tuple[bool, str]] = {}
+
+    def deliver_all() -> None:
+        for url in armed.urls:
+            try:
+                results[url] = _deliver(url, title, body, exit_code)
+            except Exception as exc:  # a notifier must never turn a night's outcome into a crash
+                results[url] = (False, f"{type(exc).__name__}: {exc}")
+
+    # Apprise bounds each socket read, not the whole answer: a receiver that drips a byte
+    # a second holds it for ever. So it runs in a daemon thread (abandoned at exit) and we
+    # wait at most NOTIFY_LIMIT_S, and a SIGINT/SIGTERM meanwhile stops the wait at once.
+    worker = threading.Thread(target=deliver_all, name="notify", daemon=True)
+    stopped = _wait(worker, NOTIFY_LIMIT_S)
+    abandoned = worker.is_alive()
     for url in armed.urls:
-        try:
-            ok, why = _deliver(url, title, body, exit_code)
-        except Exception as exc:  # a notifier must never turn a night's outcome into a crash
-            ok, why = False, f"{type(exc).__name__}: {exc}"
+        ok, why = results.get(url, (False, f"interrupted by {stopped}" if stopped
+                                    else f"gave up after {NOTIFY_LIMIT_S:g} s (the receiver did not answer)"))
         if ok:
             log.info("notified", to=safe_url(url), exit_code=exit_code)
         else:
             log.warning("notify_failed", to=safe_url(url), error=scrub(why, armed.secrets)[:300])
+    if abandoned and exit_when_abandoned:
+        # Apprise's worker pool is joined at interpreter exit, so a normal exit would wait
+        # for the dripping receiver after all. The command's own process exits here, with
+        # the code it was about to exit with (every caller of finish/fatal exits next).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+
+
+def _wait(worker: threading.Thread, limit: float) -> str | None:
+    """Run ``worker`` and wait for it up to ``limit`` seconds; the name of a signal that
+    stopped the wait, else None. The exit code is decided before we notify, so a signal
+    only cuts the message short (the caller then exits with the run's code)."""
+    stop: list[str] = []
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            stop.append(signal.Signals(signum).name)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_signal)
+    try:
+        worker.start()
+        deadline = time.monotonic() + limit
+        while worker.is_alive() and not stop and time.monotonic() < deadline:
+            worker.join(0.1)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return stop[0] if stop else None
 
 
 def _deliver(url: str, title: str, body: str, exit_code: int) -> tuple[bool, str]:

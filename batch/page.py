@@ -48,6 +48,9 @@ log = structlog.get_logger("batch.page")
 
 INLINE_POSTERS = 200  # up to this many posters go into the page as data URIs (it then travels alone)
 POSTER_SUFFIX = ".poster.jpg"
+FAILED_SUFFIX = ".poster.failed"  # why a video (by size and mtime) gave no poster
+JPEG_MAGIC = b"\xff\xd8\xff"
+MAX_POSTER_BYTES = 1 << 20  # ours are ~2 KB; a bigger file at the name is not ours
 PAGE_SIZE = 60  # cards drawn at a time
 _RESULT_COLUMNS = frozenset({
     "request_id", "source", "row", "model", "status", "endpoint", "task_id", "error", "error_code", "http_status",
@@ -134,37 +137,109 @@ class Posters:
 
     def of(self, video: str) -> tuple[Path | None, str | None]:
         """(poster path, None) or (None, why there is none)."""
+        path, _, why = self.take(video)
+        return path, why
+
+    def take(self, video: str) -> tuple[Path | None, bytes | None, str | None]:
+        """(poster path, its JPEG bytes, None) or (None, None, why there is none). The bytes
+        are the ones checked: a page inlines them, never a re-read of a name that may since
+        have become a link to the key file."""
         if is_remote(video):
-            return None, "no poster: the video is in a bucket"
+            return None, None, "no poster: the video is in a bucket"
         path = Path(video)
         poster = path.with_name(path.name + POSTER_SUFFIX)
         try:
-            # Only a file of its own counts: a symlink or hard link planted at this
-            # predictable name is someone else's picture.
-            st = poster.lstat()
-            if (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_mtime >= path.stat().st_mtime
-                    and st.st_size > 0):
-                return poster, None
+            video_mtime = os.lstat(path).st_mtime
         except OSError:
-            pass
-        if not path.exists():
-            return None, "video file missing"
+            return None, None, "video file missing"
+        reused = _own_jpeg(poster, video_mtime)
+        if reused is not None:
+            return poster, reused, None
+        failed = path.with_name(path.name + FAILED_SUFFIX)
+        key = _video_key(path)
+        remembered = _remembered_failure(failed, key)
+        if remembered is not None:  # a video that failed before is not decoded again every pass
+            self.errors += 1
+            return None, None, f"video cannot be decoded ({remembered})"
         started = time.perf_counter()
         found = extract_poster(path)
         self.seconds += time.perf_counter() - started
         if found.jpeg is None:
             self.errors += 1
-            return None, f"video cannot be decoded ({found.error})"
+            if key is not None and not found.error.startswith("cannot open video"):
+                _write_own(failed, f"{key}\n{found.error}".encode())
+            return None, None, f"video cannot be decoded ({found.error})"
         try:
             tmp = exclusive_temp(poster)  # never a planted name: nothing written through a link
             fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             with os.fdopen(fd, "wb") as f:
                 f.write(found.jpeg)
-            os.replace(tmp, poster)  # replaces a planted link itself, never its target
+            os.replace(tmp, poster)  # replaces a planted name itself, never its target
         except OSError as exc:
-            return None, f"poster not written ({exc.strerror})"
+            return None, None, f"poster not written ({exc.strerror})"
         self.made += 1
-        return poster, None
+        return poster, found.jpeg, None
+
+
+def _video_key(path: Path) -> str | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
+def _read_own(path: Path, limit: int) -> bytes | None:
+    """A small regular file of its own (never through a link), else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= limit):
+            return None
+        return f.read(limit + 1)
+
+
+def _remembered_failure(failed: Path, key: str | None) -> str | None:
+    """Why this very video (same size and mtime) could not be decoded last time, or None."""
+    data = _read_own(failed, 4096)
+    if key is None or data is None:
+        return None
+    first, _, why = data.decode("utf-8", "replace").partition("\n")
+    return (why.strip()[:200] or None) if first == key else None
+
+
+def _write_own(final: Path, data: bytes) -> None:
+    """``data`` at ``final`` through a fresh exclusive temp file renamed over it: a link
+    planted at either name is replaced, never written through. Best effort."""
+    try:
+        tmp = exclusive_temp(final)
+        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, final)
+    except OSError:
+        pass
+
+
+def _own_jpeg(poster: Path, video_mtime: float) -> bytes | None:
+    """A poster we made earlier, or None. Only a file of its own counts (a symlink or hard link
+    planted at this predictable name is someone else's file, the key perhaps), opened without
+    following a link and checked on the open descriptor, newer than its video, small, and a
+    JPEG by its magic bytes: anything else is regenerated over the planted name."""
+    try:
+        fd = os.open(poster, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_mtime >= video_mtime
+                and 0 < st.st_size <= MAX_POSTER_BYTES):
+            return None
+        data = f.read(MAX_POSTER_BYTES + 1)
+    return data if len(data) <= MAX_POSTER_BYTES and data.startswith(JPEG_MAGIC) else None
 
 
 def _fields(catalog: Catalog) -> set[str]:
@@ -207,9 +282,9 @@ def card_rows(df: pl.DataFrame, page: Target, catalog: Catalog, posters: Posters
         if videos:
             card["v"] = _href(videos[0], page_dir, page_remote)
             if posters is not None:
-                poster, why = posters.of(videos[0])
-                if poster is not None:
-                    card["po"] = ("data:image/jpeg;base64," + base64.b64encode(poster.read_bytes()).decode()) \
+                poster, jpeg, why = posters.take(videos[0])
+                if poster is not None and jpeg is not None:
+                    card["po"] = ("data:image/jpeg;base64," + base64.b64encode(jpeg).decode()) \
                         if inline else _href(str(poster), page_dir, page_remote)
                 else:
                     card["pe"] = why

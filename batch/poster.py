@@ -15,8 +15,11 @@ needed besides.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
+import stat
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -26,7 +29,12 @@ CLIP_SIZE = (64, 36)  # tiny, 16:9, even sides as yuv420p needs
 CLIP_FPS = 12
 CLIP_SECONDS = 1.5
 POSTER_WIDTH = 160
-MAX_PIXELS = 8192 * 8192  # a frame larger than this is not decoded (memory bound)
+MAX_PIXELS = 4096 * 4096  # a frame larger than this is not decoded (memory bound: 4K is 3840x2160)
+MAX_SIDE = 8192
+PROBE_BYTES = 1 << 20  # what FFmpeg may read to find the streams before we check their size
+_IMAGES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+           (b"RIFF", "a RIFF file (WebP, AVI, WAV)"), (b"BM", "a BMP image"))
+_MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
 MAX_PACKETS = 2000  # packets read looking for the first decodable frame
 
 RGB = tuple[int, int, int]
@@ -109,16 +117,31 @@ def extract_poster(source: Path | bytes, width: int = POSTER_WIDTH) -> Poster:
     import av
 
     try:
-        opened = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), "r")
+        fileobj = io.BytesIO(source) if isinstance(source, bytes) else open_regular(source)
+    except OSError as exc:
+        return Poster(None, f"cannot open video: {_why(exc)}")
+    hint = None
+    if not isinstance(source, bytes):  # a file on disk must say it is a video before FFmpeg probes it
+        head = fileobj.read(16)
+        fileobj.seek(0)
+        hint, why = container_of(head)
+        if hint is None:
+            fileobj.close()
+            return Poster(None, why)
+    try:
+        # Probing bounded: FFmpeg otherwise reads and decodes up to 5 MB/5 s "to find the
+        # streams", which for a crafted file is where the memory and time go.
+        opened = av.open(fileobj, "r", format=hint, options={"probesize": str(PROBE_BYTES), "analyzeduration": "0"})
     except (av.FFmpegError, OSError, ValueError) as exc:
+        fileobj.close()
         return Poster(None, f"cannot open video: {_why(exc)}")
     try:
-        with opened as container:
+        with fileobj, opened as container:
             if not container.streams.video:
                 return Poster(None, "no video stream")
             stream = container.streams.video[0]
             w, h = stream.codec_context.width, stream.codec_context.height
-            if w * h > MAX_PIXELS:
+            if w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
                 return Poster(None, f"frame {w}x{h} too large to decode", w, h)
             duration = float(container.duration) / 1_000_000 if container.duration else None
             for n, packet in enumerate(container.demux(stream)):
@@ -131,6 +154,38 @@ def extract_poster(source: Path | bytes, width: int = POSTER_WIDTH) -> Poster:
             return Poster(None, "no decodable frame", w, h, duration)
     except (av.FFmpegError, OSError, ValueError, MemoryError) as exc:
         return Poster(None, f"cannot decode video: {_why(exc)}")
+
+
+def container_of(head: bytes) -> tuple[str | None, str]:
+    """FFmpeg's demuxer for a file's first bytes (MP4/MOV or WebM/Matroska, what the API
+    returns and browsers play), or (None, why not). Anything else is refused before FFmpeg
+    sees it: given a PNG named .mp4 it would probe, pick its image decoder and decode a
+    16000x16000 picture (2.2 GB) to "find the stream"."""
+    if head[4:8] in _MP4_BOXES:
+        return "mov", ""
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska", ""
+    for magic, what in _IMAGES:
+        if head.startswith(magic):
+            return None, f"not a video ({what})"
+    return None, "not a video (neither MP4/MOV nor WebM)"
+
+
+def open_regular(path: Path) -> io.BufferedReader:
+    """``path`` opened for reading if it is a regular file of its own, else ``OSError``.
+    FFmpeg given a path opens whatever is there: a FIFO blocks it forever, a device reads
+    without end. So we open it, without blocking and without following a link, check the
+    descriptor, and hand FFmpeg the file object."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _why(exc: BaseException) -> str:

@@ -349,7 +349,7 @@ def test_library_warnings_and_logs_are_json_events_off_a_tty() -> None:
     import subprocess
     import sys
 
-    code = ("import logging, warnings\nfrom batch import logs\nlogs.configure('info')\n"
+    code = ("import logging, warnings\nfrom batch import logs\nlogs.command = True\nlogs.configure('info')\n"
             "warnings.warn('a library says so', DeprecationWarning, stacklevel=1)\n"
             "logging.getLogger('aiohttp.client').warning('Unclosed client session')\n"
             "logs.report_error('one line', 2)\n")

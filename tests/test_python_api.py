@@ -236,3 +236,16 @@ def test_a_dict_or_a_list_of_prompts_is_a_clear_input_error(fake, tmp_path: Path
     with pytest.raises(InputError, match="a dict is not a table"):
         night(fake, tmp_path, [frame(1), {"prompt": "x"}])
     assert fake.state.submissions() == []
+
+
+def test_a_library_call_leaves_the_callers_root_logger_alone(fake, tmp_path: Path) -> None:
+    import logging
+    import warnings
+
+    root = logging.getLogger()
+    handlers, level, show = list(root.handlers), root.level, warnings.showwarning
+    done = night(fake, tmp_path, frame(1))
+    assert done.exit_code == 0
+    assert root.handlers == handlers and root.level == level  # the notebook's own logging as it was
+    assert warnings.showwarning is show
+    assert logging.getLogger("batch").handlers  # the tool's own loggers are configured instead
