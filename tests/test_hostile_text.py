@@ -15,18 +15,8 @@ import polars as pl
 import pytest
 from aiohttp import web
 from conftest import cli, results
+from test_collect_hostile import rows_by_prompt, video
 from test_hostile import ROUTE, collect, files_app, ok, submit
-
-
-def video(body: bytes = b"video bytes") -> object:
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=body)
-    return handler
-
-
-def rows_by_prompt(path: Path) -> dict[str, dict]:
-    return {r["prompt"]: r for r in results(path).iter_rows(named=True)}
-
 
 # -- a lone surrogate in an answer never bricks the table -------------------------------------
 
