@@ -197,46 +197,42 @@ def read_resources(data: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def failure_parts(body: dict[str, Any], data: dict[str, Any], state: str) -> list[str]:
-    """Every piece of text a failed task's answer carries, each field on its own and whole:
-    the nested error's code and message, the task's own message or reason, the code, the
-    envelope's message when it is not "success", and the state when it is not ``failed``."""
-    parts: list[str] = [] if state == "failed" else [f"{state}:"]
+def _scalar(value: Any) -> bool:
+    """A text or a number a provider may put in an error field (a bool is neither)."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool) and value != ""
+
+
+def _answer_texts(body: dict[str, Any], data: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """A failed task's answer's text, as (the nested error's code and message, every other
+    field that may say why: the task's message or reason, its code, the envelope's message
+    when it is not "success")."""
     err = data.get("error")
     if isinstance(err, dict):
-        parts.extend(str(err[k]) for k in ("code", "message") if isinstance(err.get(k), (str, int))
-                     and not isinstance(err.get(k), bool) and err.get(k) != "")
-    elif isinstance(err, (str, int)) and not isinstance(err, bool):
-        parts.append(str(err))
-    for key in ("message", "reason", "failure_reason", "error_message", "fail_reason"):
-        if isinstance(data.get(key), str):
-            parts.append(data[key])
-    if isinstance(data.get("code"), (str, int)) and not isinstance(data.get("code"), bool):
-        parts.append(f"code {data['code']}")
+        error = [str(err[k]) for k in ("code", "message") if _scalar(err.get(k))]
+    else:
+        error = [str(err)] if _scalar(err) else []
+    rest = [data[k] for k in ("message", "reason", "failure_reason", "error_message", "fail_reason")
+            if isinstance(data.get(k), str)]
+    if _scalar(data.get("code")):
+        rest.append(f"code {data['code']}")
     envelope = body.get("message")
     if isinstance(envelope, str) and envelope.lower() not in ("success", "ok", ""):
-        parts.append(envelope)
-    return [p for p in parts if p]
+        rest.append(envelope)
+    return error, rest
+
+
+def failure_parts(body: dict[str, Any], data: dict[str, Any], state: str) -> list[str]:
+    """Every piece of text a failed task's answer carries, each field on its own and whole
+    (the retry classifier reads each), and the state when it is not ``failed``."""
+    error, rest = _answer_texts(body, data)
+    return [p for p in ([] if state == "failed" else [f"{state}:"]) + error + rest if p]
 
 
 def failure_reason(body: dict[str, Any], data: dict[str, Any], state: str) -> str:
-    """Whatever text a failed task's answer carries: the nested error's code and message,
-    the task's own message or reason, the envelope's message when it is not "success"."""
-    parts: list[str] = []
-    err = data.get("error")
-    if isinstance(err, dict):
-        code, message = err.get("code"), err.get("message")
-        parts.append(": ".join(str(p) for p in (code, message) if p not in (None, "")))
-    elif isinstance(err, (str, int)) and not isinstance(err, bool):
-        parts.append(str(err))
-    for key in ("message", "reason", "failure_reason", "error_message", "fail_reason"):
-        if isinstance(data.get(key), str):
-            parts.append(data[key])
-    if isinstance(data.get("code"), (str, int)) and not isinstance(data.get("code"), bool):
-        parts.append(f"code {data['code']}")
-    envelope = body.get("message")
-    if isinstance(envelope, str) and envelope.lower() not in ("success", "ok", ""):
-        parts.append(envelope)
+    """The same text as one line for the results table: the nested error as "code: message",
+    then the rest, each once."""
+    error, rest = _answer_texts(body, data)
+    parts = ([": ".join(error)] if error else []) + rest
     text = "; ".join(p for p in dict.fromkeys(parts) if p) or "no reason given"
     return clean_text(text if state == "failed" else f"{state}: {text}", None)
 

@@ -189,17 +189,21 @@ def _video_key(path: Path) -> str | None:
     return f"{st.st_size} {st.st_mtime_ns}"
 
 
-def _read_own(path: Path, limit: int) -> bytes | None:
-    """A small regular file of its own (never through a link), else None."""
+def _read_own(path: Path, limit: int, newer_than: float | None = None) -> bytes | None:
+    """A small non-empty regular file of its own, or None: opened without following a link
+    and checked on the open descriptor (one link, at most ``limit`` bytes, and not older
+    than ``newer_than`` when given), so a name someone planted is never read through."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
-        if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= limit):
+        if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and 0 < st.st_size <= limit
+                and (newer_than is None or st.st_mtime >= newer_than)):
             return None
-        return f.read(limit + 1)
+        data = f.read(limit + 1)
+    return data if len(data) <= limit else None
 
 
 def _remembered_failure(failed: Path, key: str | None) -> str | None:
@@ -226,20 +230,11 @@ def _write_own(final: Path, data: bytes) -> None:
 
 def _own_jpeg(poster: Path, video_mtime: float) -> bytes | None:
     """A poster we made earlier, or None. Only a file of its own counts (a symlink or hard link
-    planted at this predictable name is someone else's file, the key perhaps), opened without
-    following a link and checked on the open descriptor, newer than its video, small, and a
-    JPEG by its magic bytes: anything else is regenerated over the planted name."""
-    try:
-        fd = os.open(poster, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_mtime >= video_mtime
-                and 0 < st.st_size <= MAX_POSTER_BYTES):
-            return None
-        data = f.read(MAX_POSTER_BYTES + 1)
-    return data if len(data) <= MAX_POSTER_BYTES and data.startswith(JPEG_MAGIC) else None
+    planted at this predictable name is someone else's file, the key perhaps), newer than its
+    video, small, and a JPEG by its magic bytes: anything else is regenerated over the
+    planted name."""
+    data = _read_own(poster, MAX_POSTER_BYTES, newer_than=video_mtime)
+    return data if data is not None and data.startswith(JPEG_MAGIC) else None
 
 
 def _fields(catalog: Catalog) -> set[str]:

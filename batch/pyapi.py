@@ -21,8 +21,9 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from typing import Any
@@ -74,6 +75,20 @@ class Night:
         return self.exit_code == EXIT_OK
 
 
+@contextlib.contextmanager
+def _told(stopped: str) -> Iterator[None]:
+    """A night that ends early as an exception, after the notification the CLI would send;
+    an interruption becomes :class:`StoppedError` (``stopped`` says what it left behind)."""
+    try:
+        yield
+    except BatchError as exc:
+        notices.fatal(exc.exit_code, str(exc))
+        raise
+    except Interrupted as exc:
+        notices.fatal(EXIT_INTERRUPTED, f"interrupted by {exc}")
+        raise StoppedError(f"interrupted by {exc}{stopped}") from None
+
+
 def submit(
     inputs: Inputs, *, output: str | Path, source: str = "dataframe",
     state: str | Path | None = None, base_url: str | None = None, model: str | None = None,
@@ -110,18 +125,12 @@ def submit(
     specs, frames = _split_inputs(inputs, source)
     kw = _cli_options(cli.submit, given)
     _arm(kw["notify"], kw["proxy"], "submit (Python API)")
-    try:
+    with _told("; nothing was sent that the ledger does not record"):
         opts = cli.build_options({**kw, "inputs": specs}, command="submit")
         if grid is not None:
             opts = replace(opts, expand=replace(opts.expand, params={**opts.expand.params, **_params(grid)}))
         summary, data = cli.submit_night(replace(opts, frames=frames), kw["metrics_file"], "python",
                                          page=not kw["no_html"])
-    except BatchError as exc:
-        notices.fatal(exc.exit_code, str(exc))
-        raise
-    except Interrupted as exc:
-        notices.fatal(EXIT_INTERRUPTED, f"interrupted by {exc}")
-        raise StoppedError(f"interrupted by {exc}; nothing was sent that the ledger does not record") from None
     notices.finish(summary.exit_code, data, data.get("page"))
     return _night(data, data.get("results") or None, summary.table_written or opts.dry_run)
 
@@ -149,17 +158,11 @@ def collect(
     given = {name: value for name, value in locals().items() if name != "job"}
     kw = _cli_options(cli.collect, given)
     _arm(kw["notify_urls"], kw["proxy"], "collect (Python API)")
-    try:
+    with _told(""):
         job_path = cli.local_file("JOB", job) if job is not None else None
         opts, spec = cli.collect_options(kw, job_path, lambda name: given.get(_api_name(cli.collect, name)) is None,
                                          command="collect (Python API)")
         summary = cli.collect_night(opts, spec, page=not kw["no_html"])
-    except BatchError as exc:
-        notices.fatal(exc.exit_code, str(exc))
-        raise
-    except Interrupted as exc:
-        notices.fatal(EXIT_INTERRUPTED, f"interrupted by {exc}")
-        raise StoppedError(f"interrupted by {exc}") from None
     notices.finish(summary["exit_code"], summary, summary.get("page"))
     return _night(summary, str(opts.results) if opts.results is not None else None, opts.results is not None)
 
