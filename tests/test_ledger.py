@@ -215,7 +215,9 @@ def test_second_signal_aborts_at_once_leaving_ledger_consistent(start_fake, tmp_
 
 
 def test_two_concurrent_runs_the_second_exits_3_sending_nothing(start_fake, tmp_path: Path, store: str) -> None:
-    fake = start_fake(latency=0.2)
+    # 15 rounds of 0.6 s: the first run must outlast the second's start-up, which took
+    # over 3 s at a load average of 10 (with 0.2 s the first had finished: exit 0, not 3).
+    fake = start_fake(latency=0.6)
     path, first = run_until_sent(fake, tmp_path, store, 30, 2, "--concurrency", "2")
     t0 = time.monotonic()
     second = start_run(fake, tmp_path, path, store, "-o", str(tmp_path / "second.parquet"))
