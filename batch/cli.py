@@ -339,7 +339,8 @@ def common_options(fn: Any) -> Any:
         click.option("--dry-run", is_flag=True, help="Validate and expand, send nothing, still write the table."),
         click.option("--fake-api", is_flag=True, help="Start the bundled fake API on 127.0.0.1 and submit to it (no key)."),
         click.option("--state", envvar="SEEDANCE_BATCH_STATE",
-                     help=f"Ledger (SQLite) of what was sent. [env SEEDANCE_BATCH_STATE; default {default_state_path()}]"),
+                     help="Ledger of what was sent: a SQLite file or postgresql://...?ledger=NAME. "
+                          f"[env SEEDANCE_BATCH_STATE; default {default_state_path()}]"),
         click.option("--results-from", "results_from", multiple=True, metavar="FILE|s3://...",
                      help="An earlier results table whose task ids the ledger must know before sending (the run's "
                           "own -o table is always read): a fresh state directory then pays nothing twice."),

@@ -51,7 +51,9 @@ _SECRET_ENV = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH|_PWD$", re.IGN
 # Not a bare PWD: the shell's PWD/OLDPWD hold the working directory, and masking it blanked
 # every path under $HOME in messages. MYSQL_PWD-style names (``_PWD`` at the end) are passwords.
 _URL_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]*(?::[^/\s@]*)?@")
-_BEARER = re.compile(r"(?i)\b(bearer|token|apikey|api_key|password|passwd|pwd)([=: ]+)[^\s&,;\"']+")
+# "Bearer X" takes a space; the other names a ``=`` or ``:`` (libpq's "password authentication
+# failed" is a sentence, not a credential).
+_BEARER = re.compile(r"(?i)\b(bearer)( +)[^\s&,;\"']+|\b(token|apikey|api_key|password|passwd|pwd)( *[=:] *)[^\s&,;\"']+")
 NOTIFY_LIMIT_S = 15.0  # the whole notification, all URLs: a cron job's end is not held longer
 MAX_BODY = 3500  # chat services cut long messages (Slack ~4k); the page and the table hold the rest
 
@@ -241,12 +243,15 @@ def environment_secrets(env: Mapping[str, str] | None = None) -> list[str]:
 
 
 def url_secrets(url: str | None) -> list[str]:
-    """The user name and password of ``scheme://user:password@host`` (as written and decoded)."""
+    """The password of ``scheme://user:password@host`` (as written and decoded), and the user
+    name too but for a database's URL: a proxy's user name may be a token, a ledger's role is
+    a plain word (README's ``batch``) that masking would blank in every path and sentence."""
     if not url:
         return []
     try:
         parts = urlsplit(url)
-        secrets = [parts.password or "", parts.username or ""]
+        database = parts.scheme.lower() in ("postgresql", "postgres")
+        secrets = [parts.password or "", "" if database else parts.username or ""]
     except ValueError:
         return []
     return [s for secret in secrets if len(secret) >= 3 for s in {secret, unquote(secret)}]
@@ -255,7 +260,7 @@ def url_secrets(url: str | None) -> list[str]:
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with every secret we know and every credential-shaped part replaced by ``***``."""
     text = _URL_USERINFO.sub(r"\1***@", text)
-    text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    text = _BEARER.sub(lambda m: f"{m.group(1) or m.group(3)}{m.group(2) or m.group(4)}***", text)
     known = {*secrets, *logs.known_secrets(), *environment_secrets()}
     for secret in sorted((s for s in known if s), key=len, reverse=True):
         text = text.replace(secret, "***")

@@ -252,3 +252,19 @@ def test_collect_takes_prices_for_the_page_and_the_message(fake, receiver, tmp_p
     bad.write_text("not toml [")
     res = cli([*collect_args(fake, tmp_path, url)[:-1], "--prices", str(bad)])
     assert res.exit_code == 2 and "bad.toml" in res.output
+
+
+def test_a_database_user_name_is_not_a_secret(receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """README's own example ledger user is `batch`: masking it turned the title into
+    "seedance-*** submit", a results path into ".../***-results/...", and libpq's "password
+    authentication failed" lost its words. A database URL's password still is a secret."""
+    rec, url = receiver
+    monkeypatch.setenv("SEEDANCE_BATCH_STATE", "postgresql://batch:Db-Pass-4242@127.0.0.1:5/seedance?ledger=x")
+    table = tmp_path / "batch-results" / "o.parquet"
+    notify.arm([url], "submit", [])
+    notify.fatal(2, 'cannot use the ledger: password authentication failed for user "batch" (Db-Pass-4242); '
+                    f"results: {table}")
+    sent = rec.messages[0]
+    assert sent["title"].startswith("seedance-batch submit: exit 2"), sent["title"]
+    assert str(table) in sent["message"] and 'password authentication failed for user "batch"' in sent["message"]
+    assert "Db-Pass-4242" not in json.dumps(sent)
