@@ -119,6 +119,43 @@ def test_the_password_never_appears(fake, pg_server: PgServer, tmp_path: Path) -
     assert json.loads(summary)["state"].startswith("postgresql://postgres:***@127.0.0.1")
 
 
+def check_night_without_ledger(fake, table: Path, err: str, n: int) -> None:
+    """A run whose ledger went away mid-run still leaves its results table: every request of
+    the input, every task id the provider issued, no request called unsent that reached the
+    provider, the summary and the message saying the ledger was unreachable and naming the
+    rescue file that holds what the ledger could not take."""
+    assert table.exists(), err
+    rows = results(table)
+    assert rows.height == n
+    accepted = {r.body["prompt"]: r.task_id for r in fake.state.submissions() if r.task_id}
+    assert set(accepted.values()) <= set(rows["task_id"].drop_nulls().to_list())
+    reached = {r.body["prompt"] for r in fake.state.submissions()}
+    for row in rows.iter_rows(named=True):
+        if row["prompt"] in accepted:
+            assert row["task_id"] == accepted[row["prompt"]] and row["status"] in ("submitted", "skipped"), row
+        if row["status"] == "pending":  # "not sent" only when certainly not sent
+            assert row["prompt"] not in reached, row
+        if row["status"] == "unknown":
+            assert "ledger" in row["error"], row
+    summary = json.loads(table.with_name(table.name + ".summary.json").read_text())
+    assert "unreachable" in summary["local_fault"] and summary["ledger_unreachable"], summary
+    rescue = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    named = [e for e in rescue if e.get("event") == "error"]
+    assert len(named) == 1, err
+    assert summary.get("rescue") and summary["rescue"] in named[0]["error"], (summary, named)
+    assert Path(summary["rescue"]).exists()
+
+
+def check_rerun_table(fake, table: Path, n: int) -> None:
+    """The rerun with the ledger back: the whole night in its table, each task id once."""
+    rows = results(table)
+    assert rows.height == n
+    accepted = {r.task_id for r in fake.state.submissions() if r.task_id}
+    assert set(rows["task_id"].drop_nulls().to_list()) == accepted
+    assert set(rows["status"].to_list()) <= {"submitted", "skipped", "unknown"}, rows["status"].value_counts()
+    assert accepted_twice(fake) == []
+
+
 def test_server_killed_mid_run_loses_no_task_id(start_fake, tmp_path: Path) -> None:
     """The database dies while requests are on the wire: sending stops at once (no request
     without a committed claim), the outcomes in hand go to the local rescue file (exit 6),
@@ -143,9 +180,11 @@ def test_server_killed_mid_run_loses_no_task_id(start_fake, tmp_path: Path) -> N
         assert len(sent) <= killed_at + 4  # only what was on the wire or claimed before the kill
         rescue = list((Path(os.environ["XDG_STATE_HOME"]) / "seedance-batch" / "postgres").glob("*.rescue.jsonl"))
         assert "rescue" in err
+        check_night_without_ledger(fake, tmp_path / "r.parquet", err, 40)
         server.start()  # the same data directory: what was committed is there
         again = run_cli_process(args)
         assert again.returncode in (0, 1), again.stderr
+        check_rerun_table(fake, tmp_path / "r.parquet", 40)
         with psycopg.connect(server.base_url()) as db:
             schema = "seedance_" + url.rsplit("=", 1)[1]
             rows = dict(db.execute(f"SELECT request_id, task_id FROM {schema}.requests WHERE task_id IS NOT NULL"))
@@ -209,21 +248,32 @@ def test_connections_cut_mid_run_stop_sending_and_lose_no_task_id(start_fake, pg
     try:
         ledger = "t" + uuid.uuid4().hex[:12]
         url = pg_server.url(ledger, port=proxy.port)
-        sheet = write_csv(tmp_path / "in.csv", prompts(40))
+        # An earlier run sent the first 5; the run that is cut reads the first 256 requests'
+        # state in one look-up, and never the rest.
+        earlier = write_csv(tmp_path / "earlier.csv", prompts(5))
+        assert run_cli_process(["submit", str(earlier), "--base-url", fake.url, "--rate", "0", "--state", url,
+                                "-o", str(tmp_path / "earlier.parquet")]).returncode == 0
+        sheet = write_csv(tmp_path / "in.csv", prompts(300))
         args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--concurrency", "4",
                 "--state", url, "-o", str(tmp_path / "r.parquet")]
         proc = subprocess.Popen([sys.executable, "-m", "batch", *args], env=subprocess_env(), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
-        while len(fake.state.submissions()) < 6 and time.monotonic() < deadline:
+        while len(fake.state.submissions()) < 11 and time.monotonic() < deadline:
             time.sleep(0.02)
         proxy.cut()
         cut_at = len(fake.state.submissions())
         _, err = proc.communicate(timeout=90)
         assert proc.returncode == 6, err
         assert len(fake.state.submissions()) <= cut_at + 4  # only what was claimed before the cut
-        again = run_cli_process(args)
+        check_night_without_ledger(fake, tmp_path / "r.parquet", err, 300)
+        rows = results(tmp_path / "r.parquet")
+        assert rows["status"].head(5).to_list() == ["skipped"] * 5  # as read before the cut, with their task ids
+        unread = rows.slice(256)  # never read: an earlier run may have sent them, so not "not sent"
+        assert set(unread["status"]) == {"unknown"} and unread["error"].str.contains("not confirmed").all()
+        again = run_cli_process([*args, "--concurrency", "32"])
         assert again.returncode in (0, 1), again.stderr
+        check_rerun_table(fake, tmp_path / "r.parquet", 300)
         with psycopg.connect(pg_server.base_url()) as db:
             rows = dict(db.execute(f"SELECT request_id, task_id FROM seedance_{ledger}.requests "
                                    f"WHERE task_id IS NOT NULL"))
