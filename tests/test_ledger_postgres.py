@@ -5,15 +5,19 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pytest
 from conftest import (
     PgServer,
     accepted_twice,
@@ -399,3 +403,101 @@ def test_a_schema_1_ledger_is_migrated_in_place_and_collect_records_expiry(pg_se
                                (expiry.SQL_SET, (api, "a", "2030-01-01T00:00:00+00:00"))], False)
         assert ledger.expiries() == {(api, "a"): "2030-01-01T00:00:00+00:00"}
         assert [r[-2:] for r in ledger.outcome_rows(["a"])] == [(1, None)]
+
+
+class SourcedProxy(CutProxy):
+    """:class:`CutProxy` whose connections to the server leave from ``source`` (another
+    loopback address), so that a packet filter can make that "host" vanish alone."""
+
+    def __init__(self, port: int, source: str) -> None:
+        self.source = source
+        super().__init__(port)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream), source_address=(self.source, 0))
+            with self.lock:
+                self.socks += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+
+@contextlib.contextmanager
+def vanished(address: str) -> Iterator[None]:
+    """Every packet to or from ``address`` dropped (nftables, a table of this test's own,
+    removed after): a host gone without closing its connections. Skips where the test
+    cannot filter packets (not root, no nft, no CAP_NET_ADMIN)."""
+    nft = shutil.which("nft")
+    if os.geteuid() != 0 or nft is None:
+        pytest.skip("dropping packets needs root and nft (Debian's nftables)")
+    table = f"sb_vanish_{os.getpid()}"
+    made = subprocess.run([nft, "add", "table", "ip", table], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"nft cannot filter packets here: {made.stderr.strip()[:200]}")
+    try:
+        for rule in (f"add chain ip {table} out {{ type filter hook output priority 0 ; }}",
+                     f"add rule ip {table} out ip saddr {address} drop",
+                     f"add rule ip {table} out ip daddr {address} drop"):
+            subprocess.run([nft, *rule.split()], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run([nft, "delete", "table", "ip", table], capture_output=True)
+
+
+def allow_loopback_net(server: PgServer) -> None:
+    """The server's pg_hba trusts 127.0.0.1 only: let the other loopback addresses in."""
+    with psycopg.connect(server.base_url(), autocommit=True) as db:
+        hba = Path(db.execute("SHOW hba_file").fetchone()[0])
+        if "127.0.0.0/8" not in hba.read_text():
+            with hba.open("a") as f:
+                f.write("host all all 127.0.0.0/8 trust\n")
+            db.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)  # the postmaster rereads it on SIGHUP
+
+
+def test_a_vanished_host_frees_the_lock_by_keepalive(start_fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """Host A holds the submit lock and vanishes without closing its connection (every
+    packet to and from its address dropped, its process stopped): the server's keepalive
+    ends A's session and the lock is free within ~25 s; a run on host B then proceeds."""
+    from batch.ledger.postgres import _lock_key
+
+    allow_loopback_net(pg_server)
+    fake = start_fake(latency=120)  # A is waiting on the provider, holding the lock, when it vanishes
+    proxy = SourcedProxy(pg_server.port, "127.0.0.2")
+    ledger = "t" + uuid.uuid4().hex[:12]
+    a, b = host_dir(tmp_path, "a"), host_dir(tmp_path, "b")
+    sheet = write_csv(tmp_path / "in.csv", prompts(1))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--no-preflight"]
+    first = subprocess.Popen([sys.executable, "-m", "batch", *args, "--state", pg_server.url(ledger, port=proxy.port),
+                              "-o", str(a / "r.parquet")], cwd=a, env=host_env(a), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not fake.state.submissions() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fake.state.submissions(), "host A never started sending"
+        key = _lock_key("seedance_" + ledger, "submit")
+        with psycopg.connect(pg_server.base_url(), autocommit=True) as db, vanished("127.0.0.2"):
+            first.send_signal(signal.SIGSTOP)
+            gone = time.monotonic()
+            freed = None
+            while time.monotonic() - gone < 40:
+                if db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+                    freed = time.monotonic() - gone
+                    db.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                    break
+                time.sleep(0.25)
+            print(f"lock free {freed} s after host A vanished")
+            assert freed is not None and 10 <= freed <= 30, freed
+            second = run_cli_process([*args, "--state", pg_server.url(ledger), "-o", str(b / "r.parquet")],
+                                     env=host_env(b), cwd=b)
+        assert second.returncode != 3, second.stderr  # B runs: A's claims stay claimed (unknown), none resent
+        assert len(fake.state.submissions()) == 1 and accepted_twice(fake) == []
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+        proxy.close()
