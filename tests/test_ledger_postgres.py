@@ -501,3 +501,102 @@ def test_a_vanished_host_frees_the_lock_by_keepalive(start_fake, pg_server: PgSe
         first.kill()
         first.wait(timeout=30)
         proxy.close()
+
+
+PASSWORD = "S3cr@t:%40-pw"  # an @, a :, and a %40 that must stay three characters
+
+
+@pytest.fixture(scope="module")
+def pw_role(pg_server: PgServer) -> str:
+    """A role that must give its password (scram), ahead of the server's trust lines."""
+    with psycopg.connect(pg_server.base_url(), autocommit=True) as db:
+        hba = Path(db.execute("SHOW hba_file").fetchone()[0])
+        text = hba.read_text()
+        if "pwuser" not in text:
+            hba.write_text("host all pwuser 127.0.0.0/8 scram-sha-256\n" + text)
+            db.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+        if not db.execute("SELECT 1 FROM pg_roles WHERE rolname = 'pwuser'").fetchone():
+            db.execute("CREATE ROLE pwuser LOGIN PASSWORD %s" % psycopg.sql.quote(PASSWORD))  # noqa: UP031
+            db.execute("GRANT CREATE ON DATABASE postgres TO pwuser")
+    return "pwuser"
+
+
+def secret_forms(password: str) -> list[str]:
+    from urllib.parse import quote
+    return [password, quote(password, safe=""), "S3cr@t", "%40-pw", "40-pw"]
+
+
+def assert_hidden(proc: subprocess.CompletedProcess[str], *extra: Path) -> None:
+    seen = proc.stdout + proc.stderr + "".join(p.read_text() for p in extra if p.exists())
+    for form in secret_forms(PASSWORD):
+        assert form not in seen, (form, seen)
+
+
+def refused(proc: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc.stderr)  # one line, no traceback
+    assert all(w in line for w in words), line
+    assert_hidden(proc)
+    return line
+
+
+def test_a_password_with_at_colon_and_percent_works_and_never_shows(fake, pg_server: PgServer, pw_role: str,
+                                                                     tmp_path: Path) -> None:
+    from urllib.parse import quote
+
+    sheet = write_csv(tmp_path / "in.csv", prompts(2))
+    base = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--no-preflight"]
+    port = pg_server.port
+    good = {
+        "url": (f"postgresql://{pw_role}:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/postgres?ledger=pw1", {}),
+        "query": (f"postgresql://{pw_role}@127.0.0.1:{port}/postgres?password={quote(PASSWORD, safe='')}"
+                  f"&ledger=pw2", {}),
+        "PGPASSWORD": (f"postgresql://{pw_role}@127.0.0.1:{port}/postgres?ledger=pw3", {"PGPASSWORD": PASSWORD}),
+    }
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{port}:postgres:{pw_role}:{PASSWORD.replace(':', chr(92) + ':')}\n")
+    pgpass.chmod(0o600)
+    good[".pgpass"] = (f"postgresql://{pw_role}@127.0.0.1:{port}/postgres?ledger=pw4", {"PGPASSFILE": str(pgpass)})
+    for name, (url, env) in good.items():
+        out = tmp_path / f"{name}.parquet"
+        proc = run_cli_process([*base, "--state", url, "-o", str(out)], env=subprocess_env(**env))
+        assert proc.returncode == 0, (name, proc.stderr)
+        assert_hidden(proc, Path(f"{out}.summary.json"))
+
+
+def test_wrong_credentials_and_odd_ledger_names_are_one_line_exit_2(fake, pg_server: PgServer, pw_role: str,
+                                                                    tmp_path: Path) -> None:
+    """A wrong password (in the URL, as typed with a raw @ : %40, in ?password=, in
+    PGPASSWORD, in .pgpass), an unknown database or an odd ledger name: exit 2, one line,
+    no traceback, nothing sent, and no form of the password anywhere."""
+    from urllib.parse import quote
+
+    sheet = write_csv(tmp_path / "in.csv", prompts(1))
+    base = ["submit", str(sheet), "-o", str(tmp_path / "r.parquet"), "--base-url", fake.url, "--no-preflight"]
+    port = pg_server.port
+    host = f"127.0.0.1:{port}/postgres"
+    wrong = PASSWORD + "x"
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{port}:postgres:{pw_role}:{wrong.replace(':', chr(92) + ':')}\n")
+    pgpass.chmod(0o600)
+    cases: list[tuple[str, dict[str, str]]] = [
+        (f"postgresql://{pw_role}:{quote(wrong, safe='')}@{host}?ledger=a", {}),
+        (f"postgresql://{pw_role}:{wrong}@{host}?ledger=a", {}),  # typed raw: @, : and %40 unencoded
+        (f"postgresql://{pw_role}@{host}?password={quote(wrong, safe='')}&ledger=a", {}),
+        (f"postgresql://{pw_role}@{host}?ledger=a&password={wrong}", {}),
+        (f"postgresql://{pw_role}@{host}?ledger=a", {"PGPASSWORD": wrong}),
+        (f"postgresql://{pw_role}@{host}?ledger=a", {"PGPASSFILE": str(pgpass)}),
+    ]
+    for url, env in cases:
+        proc = run_cli_process([*base, "--state", url], env=subprocess_env(**env))
+        line = refused(proc, "nothing sent")
+        assert "password" in line or "authentication" in line, line
+    for url in (f"postgresql://{pw_role}:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/nosuchdb?ledger=a",
+                f"postgresql://{pw_role}:{PASSWORD}@127.0.0.1:{port}/nosuchdb?ledger=a"):
+        refused(run_cli_process([*base, "--state", url]), "nosuchdb")
+    for name in ("a b", "x;drop", "\u00e9t\u00e9", "a" * 49, "'\"", "x" * 5000, "%00", ""):
+        url = f"postgresql://{pw_role}:{quote(PASSWORD, safe='')}@{host}?ledger={quote(name, safe='')}"
+        line = refused(run_cli_process([*base, "--state", url]), "ledger")
+        assert len(line) < 400, line
+    assert fake.state.submissions() == []
