@@ -527,11 +527,18 @@ def run_submit(opts: RunOptions) -> Summary:
         return summary
 
 
+def ledger_failure(state: State, why: str) -> str:
+    """The first line of a database's error, scrubbed of the password, without the ledger's
+    own "state write failed (...)" wrapping (the driver's message is several lines)."""
+    why = state.scrub(why) if isinstance(state, PgLocation) else why
+    first = why.strip().splitlines()[0] if why.strip() else ""
+    return first.removeprefix("state write failed (").rstrip(")")[:200] or "connection lost"
+
+
 def note_unreachable(summary: Summary, opts: RunOptions, why: str, outcome: _Outcome | None) -> None:
     """Say in the summary (and so in the exit-6 message) that the table was written without
     the ledger, from what the run itself saw, and where the answers the ledger lacks are."""
-    why = opts.state.scrub(why) if isinstance(opts.state, PgLocation) else why
-    why = why.strip().splitlines()[0][:200] if why.strip() else "connection lost"
+    why = ledger_failure(opts.state, why)
     rescue = outcome.rescue if outcome is not None else None
     unsaved = outcome.unsaved if outcome is not None else 0
     if not unsaved:
@@ -1082,8 +1089,15 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         entries = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=apis)
         if only is not None:
             entries = [e for e in entries if e.request_id in only]
-        stats = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
+        stats, broken = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
         faults = []
+        if broken is not None:
+            # The ledger went away mid-collect (a database gone): what this pass learnt is
+            # not recorded, so the tables are left as they are (each keeps every task id it
+            # held) and nothing more is read from it. Polls and downloads cost nothing: the
+            # next collect polls again; the files written stay where they are.
+            faults.append(unreachable_in_collect(opts, broken, tables, stats))
+            tables = []
 
         def first_signal(_signum: int) -> None:  # as for submit: finish the tables, then exit 4
             stats.interrupted = True
@@ -1101,14 +1115,18 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
                    "tables": [str(t) for t, _ in tables],
                    "local_fault": "; ".join(faults) or None}
         table_ids = {rid for _, frame in tables for rid in frame["request_id"].to_list() if rid is not None}
-        summary.update(collect_outcome(ledger, apis, table_ids if tables else None, (e.request_id for e in entries),
-                                       opts.config.download_dir is not None))
+        if broken is None:
+            summary.update(collect_outcome(ledger, apis, table_ids if tables else None,
+                                           (e.request_id for e in entries), opts.config.download_dir is not None))
+        else:
+            summary["ledger_unreachable"] = broken
         summary["exit_code"] = EXIT_LOCAL_FAULT if faults else EXIT_INTERRUPTED if stats.interrupted else (
             EXIT_PROVIDER if stats.fatal else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE))
         return summary
 
 
-async def _collect_all(opts: CollectOptions, ledger: LedgerStore, tasks: list[Task]) -> CollectStats:
+async def _collect_all(opts: CollectOptions, ledger: LedgerStore, tasks: list[Task]) -> tuple[CollectStats, str | None]:
+    """The collect pass, and why the ledger failed during it (``None``: it did not)."""
     # Any instance of the fake answers for its tasks.
     async with bundled_fake(opts.config, opts.fake_api) as config:
         with key_limiter(opts.budget_dir, config.rate, config.api_key, shared=not opts.fake_api,
@@ -1117,9 +1135,23 @@ async def _collect_all(opts: CollectOptions, ledger: LedgerStore, tasks: list[Ta
             collector = Collector(config, aledger, limiter)
             with signals_to(lambda signum: collector.interrupt(signal.Signals(signum).name)):
                 try:
-                    return await collector.run(tasks)
+                    stats = await collector.run(tasks)
                 finally:
                     await aledger.close()
+            return stats, None if aledger.broken is None else str(aledger.broken)
+
+
+def unreachable_in_collect(opts: CollectOptions, why: str, tables: list[tuple[Target, pl.DataFrame]],
+                           stats: CollectStats) -> str:
+    """The exit-6 message of a collect whose ledger failed mid-pass: what is kept where."""
+    why = ledger_failure(opts.state, why)
+    left = (f"the results table {', '.join(str(t) for t, _ in tables)} is left as it was (every task id it held "
+            f"is kept)" if tables else "no results table was rewritten")
+    files = (f"; the {stats.downloaded} files downloaded stay in {opts.config.download_dir}"
+             if opts.config.download_dir is not None and stats.downloaded else "")
+    return (f"the ledger {opts.state} became unreachable mid-collect ({why}): the task states and files this "
+            f"collect saw are not recorded; {left}{files}; a collect with the ledger back polls again and rewrites "
+            f"the table (polls and downloads cost nothing)")
 
 
 def _read_table(path: Target) -> pl.DataFrame:

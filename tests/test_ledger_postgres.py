@@ -600,3 +600,45 @@ def test_wrong_credentials_and_odd_ledger_names_are_one_line_exit_2(fake, pg_ser
         line = refused(run_cli_process([*base, "--state", url]), "ledger")
         assert len(line) < 400, line
     assert fake.state.submissions() == []
+
+
+def test_collect_cut_mid_run_keeps_the_table_and_the_downloads(start_fake, pg_server: PgServer,
+                                                                 tmp_path: Path) -> None:
+    """collect's connections cut while it polls and downloads: exit 6 saying the ledger went
+    away (not that the ledger holds what it could not take); the table keeps every task id;
+    the files downloaded stay; a collect with the ledger back finishes the table and files."""
+    fake = start_fake(latency=0.1)
+    ledger = "t" + uuid.uuid4().hex[:12]
+    sheet = write_csv(tmp_path / "in.csv", prompts(30))
+    table = tmp_path / "r.parquet"
+    sent = run_cli_process(["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--concurrency", "16",
+                            "--state", pg_server.url(ledger), "-o", str(table)])
+    assert sent.returncode == 0, sent.stderr
+    task_ids = set(results(table)["task_id"].to_list())
+    assert len(task_ids) == 30
+    proxy = CutProxy(pg_server.port)
+    videos = tmp_path / "videos"
+    args = ["collect", "--base-url", fake.url, "--rate", "0", "--results", str(table), "--download", str(videos),
+            "--concurrency", "1", "--download-concurrency", "1", "--no-html"]
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "batch", *args, "--state", pg_server.url(ledger, port=proxy.port)],
+                                env=subprocess_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while len(list(videos.glob("*.mp4"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proxy.cut()
+        _, err = proc.communicate(timeout=90)
+    finally:
+        proxy.close()
+    assert proc.returncode == 6, err
+    line = error_line(err)
+    assert "unreachable" in line and "ledger" in line, line
+    assert "are in the ledger" not in line, line
+    assert set(results(table)["task_id"].to_list()) == task_ids
+    kept = {p.name for p in videos.glob("*.mp4")}
+    assert len(kept) >= 4
+    again = run_cli_process([*args, "--state", pg_server.url(ledger)])
+    assert again.returncode == 0, again.stderr
+    rows = results(table)
+    assert set(rows["task_id"].to_list()) == task_ids and set(rows["task_status"].to_list()) == {"success"}
+    assert kept <= {p.name for p in videos.glob("*.mp4")} and len(list(videos.glob("*.mp4"))) == 30
