@@ -38,7 +38,9 @@ class RememberingLedger:
         self.unreachable: str | None = None  # why the store failed, once it did
         self._seen: set[str] = set()  # ids whose state this run read
         self._rows: dict[str, tuple[Any, ...]] = {}  # their rows as read (OUTCOME_COLUMNS)
-        self._marks: dict[str, Mark] = {}  # claims committed by this run
+        # Claims committed by this run: (endpoint, source, row, model), not the body (a
+        # million-row night must not keep every body twice).
+        self._marks: dict[str, tuple[str, str, int, str]] = {}
         self._outcomes: dict[str, tuple[Any, ...]] = {}  # outcomes committed by this run
 
     def __getattr__(self, name: str) -> Any:
@@ -70,14 +72,14 @@ class RememberingLedger:
             self._outcomes[o[-1]] = o
         for m in sending:
             if m.request_id in claimed:
-                self._marks[m.request_id] = m
+                self._marks[m.request_id] = (m.endpoint, m.source, m.row, m.model)
         return claimed
 
     # -- the results table's questions, answered from memory once the store failed -----
     def _outcome_row(self, o: tuple[Any, ...]) -> tuple[Any, ...]:
         status, task_id, error, error_code, http_status, attempts, submitted_at, _poll, run_id, rid = o
         mark = self._marks.get(rid)
-        return (rid, status, run_id, mark.endpoint if mark else None, task_id, error, error_code, http_status,
+        return (rid, status, run_id, mark[0] if mark else None, task_id, error, error_code, http_status,
                 attempts, submitted_at, *_TAIL)
 
     def outcome_rows(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
@@ -90,8 +92,7 @@ class RememberingLedger:
             if o is not None:
                 out.append(self._outcome_row(o))
             elif rid in self._marks:
-                m = self._marks[rid]
-                out.append((rid, "unknown", self.run_id, m.endpoint, None, NO_ANSWER, None, None, 1, None, *_TAIL))
+                out.append((rid, "unknown", self.run_id, self._marks[rid][0], None, NO_ANSWER, None, None, 1, None, *_TAIL))
             elif rid in self._rows:
                 out.append(self._rows[rid])
             elif rid not in self._seen:
@@ -100,7 +101,7 @@ class RememberingLedger:
 
     def run_places(self, run_id: str) -> list[tuple[str, str | None, int | None, str | None]]:
         """The requests this run claimed, in input order (as the store answers)."""
-        places = [(m.request_id, m.source, m.row, m.model) for m in self._marks.values()]
+        places = [(rid, source, row, model) for rid, (_, source, row, model) in self._marks.items()]
         return sorted(places, key=lambda p: (p[1] or "", p[2] or 0))
 
     def run_counts(self, run_id: str) -> list[tuple[str, int]]:

@@ -642,3 +642,36 @@ def test_collect_cut_mid_run_keeps_the_table_and_the_downloads(start_fake, pg_se
     rows = results(table)
     assert set(rows["task_id"].to_list()) == task_ids and set(rows["task_status"].to_list()) == {"success"}
     assert kept <= {p.name for p in videos.glob("*.mp4")} and len(list(videos.glob("*.mp4"))) == 30
+
+
+def test_without_its_database_a_run_answers_from_what_it_saw(pg_server: PgServer) -> None:
+    """batch.offline against a real store whose connection is gone: an earlier run's row as
+    read, this run's committed answer, a claim without an answer (unknown), a request read
+    and not sent (no row: pending), a request never read (unknown, not "not sent")."""
+    from batch.ledger import PgLocation, locked_ledger
+    from batch.ledger.base import Mark, utcnow
+    from batch.offline import NO_ANSWER, NOT_READ, RememberingLedger
+
+    location = PgLocation(pg_server.url())
+    api = "https://api.example"
+
+    def mark(rid: str, row: int) -> Mark:
+        return Mark(rid, "run1", None, "m", "/ep", "in.csv", row, "{}")
+
+    with locked_ledger(location, api) as ledger:
+        ledger.import_tasks([(api, "old", "task-old", None, None, None, None, "{}", None)])
+        memo = RememberingLedger(ledger, "run1")
+        assert set(memo.lookup(["old", "a", "b", "c"])) == {"old"}
+        assert memo.commit([mark("a", 1), mark("b", 2)], [], [], False) == {"a", "b"}
+        memo.commit([], [("submitted", "task-a", None, None, 200, 1, utcnow(), None, "run1", "a")], [], False)
+        ledger.db.close()  # the server gone
+        with pytest.raises(ledger.write_errors):
+            memo.commit([mark("c", 3)], [], [], False)
+        assert memo.unreachable
+        rows = {r[0]: r for r in memo.outcome_rows(["old", "a", "b", "c", "d"])}
+    assert (rows["old"][1], rows["old"][4]) == ("submitted", "task-old")
+    assert (rows["a"][1], rows["a"][2], rows["a"][3], rows["a"][4]) == ("submitted", "run1", "/ep", "task-a")
+    assert (rows["b"][1], rows["b"][5]) == ("unknown", NO_ANSWER)
+    assert "c" not in rows  # read, claimed in a batch that failed: not sent
+    assert (rows["d"][1], rows["d"][5]) == ("unknown", NOT_READ)
+    assert [p[0] for p in memo.run_places("run1")] == ["a", "b"]
