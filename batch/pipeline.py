@@ -1091,6 +1091,8 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
             entries = [e for e in entries if e.request_id in only]
         stats, broken = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
         faults = []
+        if broken is not None and not isinstance(opts.state, PgLocation):
+            broken = None  # SQLite (a full disk) is still read: the tables are rewritten from it as before
         if broken is not None:
             # The ledger went away mid-collect (a database gone): what this pass learnt is
             # not recorded, so the tables are left as they are (each keeps every task id it
@@ -1119,7 +1121,7 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
             summary.update(collect_outcome(ledger, apis, table_ids if tables else None,
                                            (e.request_id for e in entries), opts.config.download_dir is not None))
         else:
-            summary["ledger_unreachable"] = broken
+            summary["ledger_unreachable"] = ledger_failure(opts.state, broken)
         summary["exit_code"] = EXIT_LOCAL_FAULT if faults else EXIT_INTERRUPTED if stats.interrupted else (
             EXIT_PROVIDER if stats.fatal else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE))
         return summary
