@@ -65,6 +65,7 @@ from batch.ledger import (
 from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
 from batch.mutant import mutant
+from batch.offline import RememberingLedger
 from batch.preflight import Check, fatal, run_checks
 from batch.prices import Pricing
 from batch.progress import Progress
@@ -466,10 +467,16 @@ def run_submit(opts: RunOptions) -> Summary:
             raise StateError(f"{opts.state}: cannot write state ({exc}); nothing sent") from None
         spool = RequestSpool(opts.output.temp_dir(), schema)
         outcome: _Outcome | None = None
+        # A database can go away mid-run: remember what the run read and committed, so that
+        # its table can be written without it (batch.offline). SQLite reads on after a failed
+        # write (a full disk), and its path stays as fast as it was.
+        memo = RememberingLedger(ledger, run_id) if isinstance(opts.state, PgLocation) else None
         try:
             try:
-                outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), ledger, run_id))
+                outcome = asyncio.run(_submit_all(opts, expander, spool.tee(expander), memo or ledger, run_id))
             except Exception as exc:
+                if memo is not None and memo.unreachable:
+                    ledger = memo  # type: ignore[assignment]  # no more reads of a database gone away
                 claimed = _claimed(ledger, run_id)
                 if claimed == 0:
                     raise  # nothing was sent: the error as it is (a usage error, a refusal...)
@@ -477,6 +484,8 @@ def run_submit(opts: RunOptions) -> Summary:
                 rescue = ledger.rescue_file()  # written by the ledger if it broke meanwhile
                 outcome = _Outcome(RunStats(sent=claimed, stop_reason="internal error"), None, False,
                                    crash=_describe(exc), rescue=rescue if rescue.exists() else None)
+            if memo is not None and memo.unreachable:
+                ledger = memo  # type: ignore[assignment]  # no more reads of a database gone away
             if outcome.stats.state_error and outcome.stats.sent == 0 and _claimed(ledger, run_id) == 0:
                 # It broke before the first request was claimed: there are no task ids to
                 # point at, and exit 6 ("after sending") would send the operator looking for them.
@@ -497,11 +506,14 @@ def run_submit(opts: RunOptions) -> Summary:
             raise
         finally:
             spool.close()
-        try:
-            ledger.finish_run(run_id, summary.as_dict())
-        except Exception as exc:  # the outcomes are committed already; the table says what happened
-            add_fault(summary, f"cannot record the end of run {run_id} in the ledger ({_describe(exc)}); "
-                               f"{where_ids(opts, summary.table_written)}")
+        if memo is not None and memo.unreachable:
+            note_unreachable(summary, opts, memo.unreachable, outcome)
+        else:
+            try:
+                ledger.finish_run(run_id, summary.as_dict())
+            except Exception as exc:  # the outcomes are committed already; the table says what happened
+                add_fault(summary, f"cannot record the end of run {run_id} in the ledger ({_describe(exc)}); "
+                                   f"{where_ids(opts, summary.table_written)}")
         if summary.table_written and replaced:
             dropped = len(replaced - table_task_ids(opts.output))
             if dropped:
@@ -513,6 +525,37 @@ def run_submit(opts: RunOptions) -> Summary:
         if not (outcome is not None and outcome.aborted):  # a second signal: leave at once, as before
             record_summary(opts.output, summary, opts, sent=summary.sent > 0)
         return summary
+
+
+def ledger_failure(state: State, why: str) -> str:
+    """The first line of a database's error, scrubbed of the password, without the ledger's
+    own "state write failed (...)" wrapping (the driver's message is several lines)."""
+    why = state.scrub(why) if isinstance(state, PgLocation) else why
+    first = why.strip().splitlines()[0] if why.strip() else ""
+    return first.removeprefix("state write failed (").rstrip(")")[:200] or "connection lost"
+
+
+def note_unreachable(summary: Summary, opts: RunOptions, why: str, outcome: _Outcome | None) -> None:
+    """Say in the summary (and so in the exit-6 message) that the table was written without
+    the ledger, from what the run itself saw, and where the answers the ledger lacks are."""
+    why = ledger_failure(opts.state, why)
+    rescue = outcome.rescue if outcome is not None else None
+    unsaved = outcome.unsaved if outcome is not None else 0
+    if not unsaved:
+        kept = ""
+    elif rescue is not None:
+        kept = (f"; {unsaved} task ids the ledger could not take are kept in the rescue file {rescue}, which the "
+                f"next run replays into the ledger before it sends")
+    else:
+        kept = f"; {unsaved} task ids the ledger could not take are only in the table (the rescue file failed too)"
+    table = (f"the results table {opts.output} was written without it, from what this run read before and the "
+             f"answers it holds: every task id the provider gave this run is in it, and rows whose state could "
+             f"not be confirmed are 'unknown' and say so" if summary.table_written else "the results table is not written")
+    sent = outcome.stats.sent if outcome is not None else 0
+    add_fault(summary, f"the ledger {opts.state} became unreachable mid-run ({why}) after {sent} requests were "
+                       f"sent; sending stopped; {table}{kept}; a rerun with the ledger back rewrites the table "
+                       f"(nothing is sent twice)")
+    summary.extra["ledger_unreachable"] = why
 
 
 def table_task_ids(output: Target) -> set[str]:
@@ -634,7 +677,7 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
     if outcome.crash:
         faults.append(f"the run stopped after {stats.sent} requests were sent ({outcome.crash}); "
                       f"{where_ids(opts, not table_error, outcome.rescue)}; nothing is sent twice on a rerun")
-    if stats.state_error:
+    if stats.state_error and not (isinstance(ledger, RememberingLedger) and ledger.unreachable):  # noted apart
         where = f"in {opts.output}" if not table_error else "in the summary below"
         if outcome.rescue:
             kept = f" and {outcome.rescue}; the next run replays the rescue file before sending"
@@ -1046,8 +1089,17 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         entries = ledger.tasks_to_follow(include_success=opts.config.download_dir is not None, apis=apis)
         if only is not None:
             entries = [e for e in entries if e.request_id in only]
-        stats = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
+        stats, broken = asyncio.run(_collect_all(opts, ledger, [Task.from_entry(e) for e in entries]))
         faults = []
+        if broken is not None and not isinstance(opts.state, PgLocation):
+            broken = None  # SQLite (a full disk) is still read: the tables are rewritten from it as before
+        if broken is not None:
+            # The ledger went away mid-collect (a database gone): what this pass learnt is
+            # not recorded, so the tables are left as they are (each keeps every task id it
+            # held) and nothing more is read from it. Polls and downloads cost nothing: the
+            # next collect polls again; the files written stay where they are.
+            faults.append(unreachable_in_collect(opts, broken, tables, stats))
+            tables = []
 
         def first_signal(_signum: int) -> None:  # as for submit: finish the tables, then exit 4
             stats.interrupted = True
@@ -1065,14 +1117,18 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
                    "tables": [str(t) for t, _ in tables],
                    "local_fault": "; ".join(faults) or None}
         table_ids = {rid for _, frame in tables for rid in frame["request_id"].to_list() if rid is not None}
-        summary.update(collect_outcome(ledger, apis, table_ids if tables else None, (e.request_id for e in entries),
-                                       opts.config.download_dir is not None))
+        if broken is None:
+            summary.update(collect_outcome(ledger, apis, table_ids if tables else None,
+                                           (e.request_id for e in entries), opts.config.download_dir is not None))
+        else:
+            summary["ledger_unreachable"] = ledger_failure(opts.state, broken)
         summary["exit_code"] = EXIT_LOCAL_FAULT if faults else EXIT_INTERRUPTED if stats.interrupted else (
             EXIT_PROVIDER if stats.fatal else (EXIT_OK if collect_ok(summary) else EXIT_INCOMPLETE))
         return summary
 
 
-async def _collect_all(opts: CollectOptions, ledger: LedgerStore, tasks: list[Task]) -> CollectStats:
+async def _collect_all(opts: CollectOptions, ledger: LedgerStore, tasks: list[Task]) -> tuple[CollectStats, str | None]:
+    """The collect pass, and why the ledger failed during it (``None``: it did not)."""
     # Any instance of the fake answers for its tasks.
     async with bundled_fake(opts.config, opts.fake_api) as config:
         with key_limiter(opts.budget_dir, config.rate, config.api_key, shared=not opts.fake_api,
@@ -1081,9 +1137,23 @@ async def _collect_all(opts: CollectOptions, ledger: LedgerStore, tasks: list[Ta
             collector = Collector(config, aledger, limiter)
             with signals_to(lambda signum: collector.interrupt(signal.Signals(signum).name)):
                 try:
-                    return await collector.run(tasks)
+                    stats = await collector.run(tasks)
                 finally:
                     await aledger.close()
+            return stats, None if aledger.broken is None else str(aledger.broken)
+
+
+def unreachable_in_collect(opts: CollectOptions, why: str, tables: list[tuple[Target, pl.DataFrame]],
+                           stats: CollectStats) -> str:
+    """The exit-6 message of a collect whose ledger failed mid-pass: what is kept where."""
+    why = ledger_failure(opts.state, why)
+    left = (f"the results table {', '.join(str(t) for t, _ in tables)} is left as it was (every task id it held "
+            f"is kept)" if tables else "no results table was rewritten")
+    files = (f"; the {stats.downloaded} files downloaded stay in {opts.config.download_dir}"
+             if opts.config.download_dir is not None and stats.downloaded else "")
+    return (f"the ledger {opts.state} became unreachable mid-collect ({why}): the task states and files this "
+            f"collect saw are not recorded; {left}{files}; a collect with the ledger back polls again and rewrites "
+            f"the table (polls and downloads cost nothing)")
 
 
 def _read_table(path: Target) -> pl.DataFrame:

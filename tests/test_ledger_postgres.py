@@ -5,15 +5,19 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pytest
 from conftest import (
     PgServer,
     accepted_twice,
@@ -28,6 +32,7 @@ from conftest import (
 )
 
 from batch import expiry
+from batch.errors import StateError
 
 
 def host_dir(tmp: Path, name: str) -> Path:
@@ -119,6 +124,43 @@ def test_the_password_never_appears(fake, pg_server: PgServer, tmp_path: Path) -
     assert json.loads(summary)["state"].startswith("postgresql://postgres:***@127.0.0.1")
 
 
+def check_night_without_ledger(fake, table: Path, err: str, n: int) -> None:
+    """A run whose ledger went away mid-run still leaves its results table: every request of
+    the input, every task id the provider issued, no request called unsent that reached the
+    provider, the summary and the message saying the ledger was unreachable and naming the
+    rescue file that holds what the ledger could not take."""
+    assert table.exists(), err
+    rows = results(table)
+    assert rows.height == n
+    accepted = {r.body["prompt"]: r.task_id for r in fake.state.submissions() if r.task_id}
+    assert set(accepted.values()) <= set(rows["task_id"].drop_nulls().to_list())
+    reached = {r.body["prompt"] for r in fake.state.submissions()}
+    for row in rows.iter_rows(named=True):
+        if row["prompt"] in accepted:
+            assert row["task_id"] == accepted[row["prompt"]] and row["status"] in ("submitted", "skipped"), row
+        if row["status"] == "pending":  # "not sent" only when certainly not sent
+            assert row["prompt"] not in reached, row
+        if row["status"] == "unknown":
+            assert "ledger" in row["error"], row
+    summary = json.loads(table.with_name(table.name + ".summary.json").read_text())
+    assert "unreachable" in summary["local_fault"] and summary["ledger_unreachable"], summary
+    rescue = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    named = [e for e in rescue if e.get("event") == "error"]
+    assert len(named) == 1, err
+    assert summary.get("rescue") and summary["rescue"] in named[0]["error"], (summary, named)
+    assert Path(summary["rescue"]).exists()
+
+
+def check_rerun_table(fake, table: Path, n: int) -> None:
+    """The rerun with the ledger back: the whole night in its table, each task id once."""
+    rows = results(table)
+    assert rows.height == n
+    accepted = {r.task_id for r in fake.state.submissions() if r.task_id}
+    assert set(rows["task_id"].drop_nulls().to_list()) == accepted
+    assert set(rows["status"].to_list()) <= {"submitted", "skipped", "unknown"}, rows["status"].value_counts()
+    assert accepted_twice(fake) == []
+
+
 def test_server_killed_mid_run_loses_no_task_id(start_fake, tmp_path: Path) -> None:
     """The database dies while requests are on the wire: sending stops at once (no request
     without a committed claim), the outcomes in hand go to the local rescue file (exit 6),
@@ -143,9 +185,11 @@ def test_server_killed_mid_run_loses_no_task_id(start_fake, tmp_path: Path) -> N
         assert len(sent) <= killed_at + 4  # only what was on the wire or claimed before the kill
         rescue = list((Path(os.environ["XDG_STATE_HOME"]) / "seedance-batch" / "postgres").glob("*.rescue.jsonl"))
         assert "rescue" in err
+        check_night_without_ledger(fake, tmp_path / "r.parquet", err, 40)
         server.start()  # the same data directory: what was committed is there
         again = run_cli_process(args)
         assert again.returncode in (0, 1), again.stderr
+        check_rerun_table(fake, tmp_path / "r.parquet", 40)
         with psycopg.connect(server.base_url()) as db:
             schema = "seedance_" + url.rsplit("=", 1)[1]
             rows = dict(db.execute(f"SELECT request_id, task_id FROM {schema}.requests WHERE task_id IS NOT NULL"))
@@ -209,21 +253,32 @@ def test_connections_cut_mid_run_stop_sending_and_lose_no_task_id(start_fake, pg
     try:
         ledger = "t" + uuid.uuid4().hex[:12]
         url = pg_server.url(ledger, port=proxy.port)
-        sheet = write_csv(tmp_path / "in.csv", prompts(40))
+        # An earlier run sent the first 5; the run that is cut reads the first 256 requests'
+        # state in one look-up, and never the rest.
+        earlier = write_csv(tmp_path / "earlier.csv", prompts(5))
+        assert run_cli_process(["submit", str(earlier), "--base-url", fake.url, "--rate", "0", "--state", url,
+                                "-o", str(tmp_path / "earlier.parquet")]).returncode == 0
+        sheet = write_csv(tmp_path / "in.csv", prompts(300))
         args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--concurrency", "4",
                 "--state", url, "-o", str(tmp_path / "r.parquet")]
         proc = subprocess.Popen([sys.executable, "-m", "batch", *args], env=subprocess_env(), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
-        while len(fake.state.submissions()) < 6 and time.monotonic() < deadline:
+        while len(fake.state.submissions()) < 11 and time.monotonic() < deadline:
             time.sleep(0.02)
         proxy.cut()
         cut_at = len(fake.state.submissions())
         _, err = proc.communicate(timeout=90)
         assert proc.returncode == 6, err
         assert len(fake.state.submissions()) <= cut_at + 4  # only what was claimed before the cut
-        again = run_cli_process(args)
+        check_night_without_ledger(fake, tmp_path / "r.parquet", err, 300)
+        rows = results(tmp_path / "r.parquet")
+        assert rows["status"].head(5).to_list() == ["skipped"] * 5  # as read before the cut, with their task ids
+        unread = rows.slice(256)  # never read: an earlier run may have sent them, so not "not sent"
+        assert set(unread["status"]) == {"unknown"} and unread["error"].str.contains("not confirmed").all()
+        again = run_cli_process([*args, "--concurrency", "32"])
         assert again.returncode in (0, 1), again.stderr
+        check_rerun_table(fake, tmp_path / "r.parquet", 300)
         with psycopg.connect(pg_server.base_url()) as db:
             rows = dict(db.execute(f"SELECT request_id, task_id FROM seedance_{ledger}.requests "
                                    f"WHERE task_id IS NOT NULL"))
@@ -349,3 +404,278 @@ def test_a_schema_1_ledger_is_migrated_in_place_and_collect_records_expiry(pg_se
                                (expiry.SQL_SET, (api, "a", "2030-01-01T00:00:00+00:00"))], False)
         assert ledger.expiries() == {(api, "a"): "2030-01-01T00:00:00+00:00"}
         assert [r[-2:] for r in ledger.outcome_rows(["a"])] == [(1, None)]
+
+
+class SourcedProxy(CutProxy):
+    """:class:`CutProxy` whose connections to the server leave from ``source`` (another
+    loopback address), so that a packet filter can make that "host" vanish alone."""
+
+    def __init__(self, port: int, source: str) -> None:
+        self.source = source
+        super().__init__(port)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream), source_address=(self.source, 0))
+            with self.lock:
+                self.socks += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+
+@contextlib.contextmanager
+def vanished(address: str) -> Iterator[None]:
+    """Every packet to or from ``address`` dropped (nftables, a table of this test's own,
+    removed after): a host gone without closing its connections. Skips where the test
+    cannot filter packets (not root, no nft, no CAP_NET_ADMIN)."""
+    nft = shutil.which("nft")
+    if os.geteuid() != 0 or nft is None:
+        pytest.skip("dropping packets needs root and nft (Debian's nftables)")
+    table = f"sb_vanish_{os.getpid()}"
+    made = subprocess.run([nft, "add", "table", "ip", table], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"nft cannot filter packets here: {made.stderr.strip()[:200]}")
+    try:
+        for rule in (f"add chain ip {table} out {{ type filter hook output priority 0 ; }}",
+                     f"add rule ip {table} out ip saddr {address} drop",
+                     f"add rule ip {table} out ip daddr {address} drop"):
+            subprocess.run([nft, *rule.split()], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run([nft, "delete", "table", "ip", table], capture_output=True)
+
+
+def allow_loopback_net(server: PgServer) -> None:
+    """The server's pg_hba trusts 127.0.0.1 only: let the other loopback addresses in."""
+    with psycopg.connect(server.base_url(), autocommit=True) as db:
+        hba = Path(db.execute("SHOW hba_file").fetchone()[0])
+        if "127.0.0.0/8" not in hba.read_text():
+            with hba.open("a") as f:
+                f.write("host all all 127.0.0.0/8 trust\n")
+            db.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)  # the postmaster rereads it on SIGHUP
+
+
+def test_a_vanished_host_frees_the_lock_by_keepalive(start_fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """Host A holds the submit lock and vanishes without closing its connection (every
+    packet to and from its address dropped, its process stopped): the server's keepalive
+    ends A's session and the lock is free within ~25 s; a run on host B then proceeds."""
+    from batch.ledger.postgres import _lock_key
+
+    allow_loopback_net(pg_server)
+    fake = start_fake(latency=120)  # A is waiting on the provider, holding the lock, when it vanishes
+    proxy = SourcedProxy(pg_server.port, "127.0.0.2")
+    ledger = "t" + uuid.uuid4().hex[:12]
+    a, b = host_dir(tmp_path, "a"), host_dir(tmp_path, "b")
+    sheet = write_csv(tmp_path / "in.csv", prompts(1))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--no-preflight"]
+    first = subprocess.Popen([sys.executable, "-m", "batch", *args, "--state", pg_server.url(ledger, port=proxy.port),
+                              "-o", str(a / "r.parquet")], cwd=a, env=host_env(a), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not fake.state.submissions() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fake.state.submissions(), "host A never started sending"
+        key = _lock_key("seedance_" + ledger, "submit")
+        with psycopg.connect(pg_server.base_url(), autocommit=True) as db, vanished("127.0.0.2"):
+            first.send_signal(signal.SIGSTOP)
+            gone = time.monotonic()
+            freed = None
+            while time.monotonic() - gone < 40:
+                if db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+                    freed = time.monotonic() - gone
+                    db.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                    break
+                time.sleep(0.25)
+            print(f"lock free {freed} s after host A vanished")
+            assert freed is not None and 10 <= freed <= 30, freed
+            second = run_cli_process([*args, "--state", pg_server.url(ledger), "-o", str(b / "r.parquet")],
+                                     env=host_env(b), cwd=b)
+        assert second.returncode != 3, second.stderr  # B runs: A's claims stay claimed (unknown), none resent
+        assert len(fake.state.submissions()) == 1 and accepted_twice(fake) == []
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+        proxy.close()
+
+
+PASSWORD = "S3cr@t:%40-pw"  # an @, a :, and a %40 that must stay three characters
+
+
+@pytest.fixture(scope="module")
+def pw_role(pg_server: PgServer) -> str:
+    """A role that must give its password (scram), ahead of the server's trust lines."""
+    with psycopg.connect(pg_server.base_url(), autocommit=True) as db:
+        hba = Path(db.execute("SHOW hba_file").fetchone()[0])
+        text = hba.read_text()
+        if "pwuser" not in text:
+            hba.write_text("host all pwuser 127.0.0.0/8 scram-sha-256\n" + text)
+            db.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+        if not db.execute("SELECT 1 FROM pg_roles WHERE rolname = 'pwuser'").fetchone():
+            db.execute("CREATE ROLE pwuser LOGIN PASSWORD %s" % psycopg.sql.quote(PASSWORD))  # noqa: UP031
+            db.execute("GRANT CREATE ON DATABASE postgres TO pwuser")
+    return "pwuser"
+
+
+def secret_forms(password: str) -> list[str]:
+    from urllib.parse import quote
+    return [password, quote(password, safe=""), "S3cr@t", "%40-pw", "40-pw"]
+
+
+def assert_hidden(proc: subprocess.CompletedProcess[str], *extra: Path) -> None:
+    seen = proc.stdout + proc.stderr + "".join(p.read_text() for p in extra if p.exists())
+    for form in secret_forms(PASSWORD):
+        assert form not in seen, (form, seen)
+
+
+def refused(proc: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc.stderr)  # one line, no traceback
+    assert all(w in line for w in words), line
+    assert_hidden(proc)
+    return line
+
+
+def test_a_password_with_at_colon_and_percent_works_and_never_shows(fake, pg_server: PgServer, pw_role: str,
+                                                                     tmp_path: Path) -> None:
+    from urllib.parse import quote
+
+    sheet = write_csv(tmp_path / "in.csv", prompts(2))
+    base = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--no-preflight"]
+    port = pg_server.port
+    good = {
+        "url": (f"postgresql://{pw_role}:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/postgres?ledger=pw1", {}),
+        "query": (f"postgresql://{pw_role}@127.0.0.1:{port}/postgres?password={quote(PASSWORD, safe='')}"
+                  f"&ledger=pw2", {}),
+        "PGPASSWORD": (f"postgresql://{pw_role}@127.0.0.1:{port}/postgres?ledger=pw3", {"PGPASSWORD": PASSWORD}),
+    }
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{port}:postgres:{pw_role}:{PASSWORD.replace(':', chr(92) + ':')}\n")
+    pgpass.chmod(0o600)
+    good[".pgpass"] = (f"postgresql://{pw_role}@127.0.0.1:{port}/postgres?ledger=pw4", {"PGPASSFILE": str(pgpass)})
+    for name, (url, env) in good.items():
+        out = tmp_path / f"{name}.parquet"
+        proc = run_cli_process([*base, "--state", url, "-o", str(out)], env=subprocess_env(**env))
+        assert proc.returncode == 0, (name, proc.stderr)
+        assert_hidden(proc, Path(f"{out}.summary.json"))
+
+
+def test_wrong_credentials_and_odd_ledger_names_are_one_line_exit_2(fake, pg_server: PgServer, pw_role: str,
+                                                                    tmp_path: Path) -> None:
+    """A wrong password (in the URL, as typed with a raw @ : %40, in ?password=, in
+    PGPASSWORD, in .pgpass), an unknown database or an odd ledger name: exit 2, one line,
+    no traceback, nothing sent, and no form of the password anywhere."""
+    from urllib.parse import quote
+
+    sheet = write_csv(tmp_path / "in.csv", prompts(1))
+    base = ["submit", str(sheet), "-o", str(tmp_path / "r.parquet"), "--base-url", fake.url, "--no-preflight"]
+    port = pg_server.port
+    host = f"127.0.0.1:{port}/postgres"
+    wrong = PASSWORD + "x"
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{port}:postgres:{pw_role}:{wrong.replace(':', chr(92) + ':')}\n")
+    pgpass.chmod(0o600)
+    cases: list[tuple[str, dict[str, str]]] = [
+        (f"postgresql://{pw_role}:{quote(wrong, safe='')}@{host}?ledger=a", {}),
+        (f"postgresql://{pw_role}:{wrong}@{host}?ledger=a", {}),  # typed raw: @, : and %40 unencoded
+        (f"postgresql://{pw_role}@{host}?password={quote(wrong, safe='')}&ledger=a", {}),
+        (f"postgresql://{pw_role}@{host}?ledger=a&password={wrong}", {}),
+        (f"postgresql://{pw_role}@{host}?ledger=a", {"PGPASSWORD": wrong}),
+        (f"postgresql://{pw_role}@{host}?ledger=a", {"PGPASSFILE": str(pgpass)}),
+    ]
+    for url, env in cases:
+        proc = run_cli_process([*base, "--state", url], env=subprocess_env(**env))
+        line = refused(proc, "nothing sent")
+        assert "password" in line or "authentication" in line, line
+    url = f"postgresql://{pw_role}:{PASSWORD}@127.0.0.1:{port}/nosuchdb?ledger=a"
+    refused(run_cli_process([*base, "--state", url]), "nosuchdb")
+    for name in ("x;drop'\u00e9", "x" * 5000, ""):  # each a process: the names PgLocation refuses, in-process
+        url = f"postgresql://{pw_role}:{quote(PASSWORD, safe='')}@{host}?ledger={quote(name, safe='')}"
+        line = refused(run_cli_process([*base, "--state", url]), "ledger")
+        assert len(line) < 400, line
+    from batch.ledger import PgLocation
+    for name in ("a b", "\u00e9t\u00e9", "a" * 49, "'\"", "%00", "a\x00b"):
+        with pytest.raises(StateError, match="use letters, digits"):
+            PgLocation(f"postgresql://{pw_role}:{quote(PASSWORD, safe='')}@{host}?ledger={quote(name, safe='')}")
+    assert fake.state.submissions() == []
+
+
+def test_collect_cut_mid_run_keeps_the_table_and_the_downloads(start_fake, pg_server: PgServer,
+                                                                 tmp_path: Path) -> None:
+    """collect's connections cut while it polls and downloads: exit 6 saying the ledger went
+    away (not that the ledger holds what it could not take); the table keeps every task id;
+    the files downloaded stay; a collect with the ledger back finishes the table and files."""
+    fake = start_fake(latency=0.1)
+    ledger = "t" + uuid.uuid4().hex[:12]
+    sheet = write_csv(tmp_path / "in.csv", prompts(30))
+    table = tmp_path / "r.parquet"
+    sent = run_cli_process(["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--concurrency", "16",
+                            "--state", pg_server.url(ledger), "-o", str(table)])
+    assert sent.returncode == 0, sent.stderr
+    task_ids = set(results(table)["task_id"].to_list())
+    assert len(task_ids) == 30
+    proxy = CutProxy(pg_server.port)
+    videos = tmp_path / "videos"
+    args = ["collect", "--base-url", fake.url, "--rate", "0", "--results", str(table), "--download", str(videos),
+            "--concurrency", "1", "--download-concurrency", "1", "--no-html"]
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "batch", *args, "--state", pg_server.url(ledger, port=proxy.port)],
+                                env=subprocess_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while len(list(videos.glob("*.mp4"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proxy.cut()
+        _, err = proc.communicate(timeout=90)
+    finally:
+        proxy.close()
+    assert proc.returncode == 6, err
+    line = error_line(err)
+    assert "unreachable" in line and "ledger" in line, line
+    assert "are in the ledger" not in line, line
+    assert set(results(table)["task_id"].to_list()) == task_ids
+    kept = {p.name for p in videos.glob("*.mp4")}
+    assert len(kept) >= 4
+    again = run_cli_process([*args, "--state", pg_server.url(ledger)])
+    assert again.returncode == 0, again.stderr
+    rows = results(table)
+    assert set(rows["task_id"].to_list()) == task_ids and set(rows["task_status"].to_list()) == {"success"}
+    assert kept <= {p.name for p in videos.glob("*.mp4")} and len(list(videos.glob("*.mp4"))) == 30
+
+
+def test_without_its_database_a_run_answers_from_what_it_saw(pg_server: PgServer) -> None:
+    """batch.offline against a real store whose connection is gone: an earlier run's row as
+    read, this run's committed answer, a claim without an answer (unknown), a request read
+    and not sent (no row: pending), a request never read (unknown, not "not sent")."""
+    from batch.ledger import PgLocation, locked_ledger
+    from batch.ledger.base import Mark, utcnow
+    from batch.offline import NO_ANSWER, NOT_READ, RememberingLedger
+
+    location = PgLocation(pg_server.url())
+    api = "https://api.example"
+
+    def mark(rid: str, row: int) -> Mark:
+        return Mark(rid, "run1", None, "m", "/ep", "in.csv", row, "{}")
+
+    with locked_ledger(location, api) as ledger:
+        ledger.import_tasks([(api, "old", "task-old", None, None, None, None, "{}", None)])
+        memo = RememberingLedger(ledger, "run1")
+        assert set(memo.lookup(["old", "a", "b", "c"])) == {"old"}
+        assert memo.commit([mark("a", 1), mark("b", 2)], [], [], False) == {"a", "b"}
+        memo.commit([], [("submitted", "task-a", None, None, 200, 1, utcnow(), None, "run1", "a")], [], False)
+        ledger.db.close()  # the server gone
+        with pytest.raises(ledger.write_errors):
+            memo.commit([mark("c", 3)], [], [], False)
+        assert memo.unreachable
+        rows = {r[0]: r for r in memo.outcome_rows(["old", "a", "b", "c", "d"])}
+    assert (rows["old"][1], rows["old"][4]) == ("submitted", "task-old")
+    assert (rows["a"][1], rows["a"][2], rows["a"][3], rows["a"][4]) == ("submitted", "run1", "/ep", "task-a")
+    assert (rows["b"][1], rows["b"][5]) == ("unknown", NO_ANSWER)
+    assert "c" not in rows  # read, claimed in a batch that failed: not sent
+    assert (rows["d"][1], rows["d"][5]) == ("unknown", NOT_READ)
+    assert [p[0] for p in memo.run_places("run1")] == ["a", "b"]
