@@ -1,0 +1,121 @@
+"""The column path (batch.columns) gives the per-row path's frames exactly: the same
+request ids (repeat counts across slices and tables included), values, labels and
+validation errors, for a generated mix of valid, invalid, multi-valued and odd rows."""
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
+
+from batch import columns
+from batch.expand import Expander, ExpandSpec
+from batch.load import Table
+from batch.results import request_frame, request_schema_of
+
+# Cells as people and spreadsheets write them: valid, padded, multi-valued, out of range,
+# the wrong kind, whitespace only Python strips (\x1c), unicode spaces, JSON-looking text.
+
+
+def mostly(valid: list[object], odd: list[object]) -> st.SearchStrategy[object]:
+    """Usually a valid cell (so that whole rows take the column path), sometimes an odd one."""
+    return st.one_of(*[st.sampled_from(valid)] * 6, st.sampled_from(odd))
+
+
+PROMPTS = mostly(["A paper boat", "  A paper boat ", "a | b", "[Scene 1] a cat", "quote \" and \\ back\nslash\t",
+                  "é ü 😀 \u2028", "\u3000wide\u3000", "\x01ctrl", "İstanbul", "A cat"],
+                 ['["a cat", "a dog"]', "", " ", None, "\x1ca boat\x1f", "x" * 2001, "[1, 2]"])
+DURATIONS = mostly(["5", " 5 ", "5.0", "5.", "+5", "12", "0005", None, ""],
+                   ["5_0", "5.5", "13", "1", "x", "[3, 5]", "3|5", "٥", "-0", "1e1"])
+RATIOS = mostly(["16:9", " 9:16 ", "ADAPTIVE", None], ["16:9|1:1", "16/9", "", "１:1"])
+BOOLS = mostly(["yes", "No", "TRUE", "1", "0", " t ", None], ["2", "ja", "", "yes|no"])
+SEEDS = mostly(["7", "-1", None, "2147483647"], ["-2", "2147483648", "3.7", "", "99999999999999999999"])
+FRAMES = mostly(["29", "33", "289", None, "29.0"], ["30", "293", ""])
+IDS = mostly(["a1", " a2 ", "", None, "7"], ["\x1cid"])
+
+ODD_ROW = st.fixed_dictionaries({"id": IDS, "prompt": PROMPTS, "duration": DURATIONS, "ratio": RATIOS,
+                                 "camera_fixed": BOOLS, "seed": SEEDS, "frames": FRAMES,
+                                 "notes": st.sampled_from(["n", "", None])})
+# Rows valid as written (padded, spelt in other cases, empty cells), some of them identical.
+PLAIN_ROW = st.fixed_dictionaries({
+    "id": st.sampled_from(["a1", " a2 ", None, "7"]),
+    "prompt": st.sampled_from(["A paper boat", "  A paper boat ", "a | b", "[Scene 1] a cat", "é 😀 \u2028",
+                               "quote \" and \\ back\nslash\t", "\u3000wide\u3000", "\x01ctrl"]),
+    "duration": st.sampled_from(["5", " 5 ", "5.0", "5.", "+5", "12", "0005", None, ""]),
+    "ratio": st.sampled_from(["16:9", " 9:16 ", "ADAPTIVE", None]),
+    "camera_fixed": st.sampled_from(["yes", "No", "TRUE", "1", "0", " t ", None]),
+    "seed": st.sampled_from(["7", "-1", None, "2147483647"]),
+    "frames": st.sampled_from(["29", "33", "289", None, "29.0"]),
+    "notes": st.sampled_from(["n", "", None])})
+ROW = st.one_of(PLAIN_ROW, ODD_ROW)
+
+
+def _frames_both(tables: list[Table], spec: ExpandSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
+    expander = Expander(tables, spec)
+    schema = request_schema_of(expander)
+    by_columns = list(expander.frames(schema))
+    by_rows = request_frame(list(expander), schema)
+    return (pl.concat(by_columns) if by_columns else by_rows.clear()), by_rows
+
+
+@pytest.fixture
+def column_path_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every table takes the column path, in slices of 7 rows (repeats across slices)."""
+    monkeypatch.setattr(columns, "SMALL", 0)
+    monkeypatch.setattr(columns, "SLICE", 7)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(ROW, min_size=1, max_size=40), st.lists(ROW, min_size=1, max_size=10),
+       st.sampled_from([{}, {"params": {"resolution": "720p"}}, {"params": {"seed": "5"}}, {"tier": "default"}]))
+def test_column_path_equals_row_path(column_path_everywhere: None, rows: list[dict[str, object]],
+                                     more: list[dict[str, object]], spec: dict[str, object]) -> None:
+    text = {k: pl.String for k in rows[0]}
+    tables = [Table("a.csv", Path("a.csv"), pl.DataFrame(rows, schema=text)),
+              Table("b.csv", Path("b.csv"), pl.DataFrame(more, schema=text), first_row=5)]
+    fast, slow = _frames_both(tables, ExpandSpec(**spec))  # type: ignore[arg-type]
+    assert_frame_equal(fast, slow)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["A boat", "A cat", None, ""]),
+                          st.one_of(st.none(), st.integers(-3, 14)),
+                          st.one_of(st.none(), st.sampled_from([5.0, 5.5, 1e300, -0.0, 12.0, float("nan")])),
+                          st.one_of(st.none(), st.booleans()),
+                          st.one_of(st.none(), st.integers(-3, 3))), min_size=1, max_size=40))
+def test_typed_columns_equal_row_path(column_path_everywhere: None,
+                                      rows: list[tuple[object, object, object, object, object]]) -> None:
+    """Parquet-typed cells: integers, floats, booleans, integer ids."""
+    df = pl.DataFrame(rows, schema={"prompt": pl.String, "duration": pl.Int64, "seed": pl.Float64,
+                                    "camera_fixed": pl.Boolean, "id": pl.Int32}, orient="row")
+    fast, slow = _frames_both([Table("p.parquet", Path("p.parquet"), df)], ExpandSpec())
+    assert_frame_equal(fast, slow)
+
+
+def test_marked_cells_and_list_cells_take_the_row_path(column_path_everywhere: None) -> None:
+    df = pl.DataFrame({"prompt": ["a", "b", "c"], "ratio": [["16:9", "1:1"], None, ["4:3"]]})
+    marked = Table("w.xlsx", Path("w.xlsx"), df, notes={(1, "prompt"): "formula without a saved value"})
+    fast, slow = _frames_both([marked], ExpandSpec())
+    assert_frame_equal(fast, slow)
+    assert fast.height == 4 and fast["__invalid"].null_count() == 3
+
+
+def test_large_table_takes_the_column_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default thresholds: 5,000 rows, duplicates among them, one in 100 invalid."""
+    n = 5_000
+    df = pl.DataFrame({"id": [f"r{i}" for i in range(n)], "prompt": [f"boat {i % 1000}" for i in range(n)],
+                       "duration": [("5" if i % 100 else "99") for i in range(n)]})
+    calls: list[int] = []
+    real = Expander.rows_at
+
+    def counted(self: Expander, table: Table, cmap: object, positions: list[int]):  # type: ignore[no-untyped-def]
+        calls.append(len(positions))
+        return real(self, table, cmap, positions)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Expander, "rows_at", counted)
+    fast, slow = _frames_both([Table("big.csv", Path("big.csv"), df)], ExpandSpec())
+    assert_frame_equal(fast, slow)
+    assert sum(calls) == n // 100  # only the invalid rows went row by row
+    assert fast.filter(pl.col("request_id").str.ends_with("-4")).height == 1000  # each prompt 5 times
