@@ -77,6 +77,7 @@ from batch.results import (
     Tally,
     check_output_path,
     csv_text,
+    holds_task_ids,
     is_results_table,
     ledger_frame,
     ledger_value,
@@ -259,8 +260,7 @@ def dry_run_output(path: Target) -> Target:
     if not path.exists():
         return path
     try:
-        table = read_results(path)
-        holds_ids = "task_id" in table.columns and table["task_id"].drop_nulls().len() > 0
+        holds_ids = holds_task_ids(path)
     except Exception:  # not a results table we can read: leave it alone too
         holds_ids = True
     if not holds_ids:
