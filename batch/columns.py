@@ -195,7 +195,7 @@ def request_frames(expander: Expander, schema: dict[str, pl.DataType]) -> Iterat
     seen = pl.Series(_KEY, [], dtype=pl.Binary)  # the content keys of every request so far
     for table, cmap in zip(expander.tables, expander.maps, strict=True):
         plan = _Plan(expander, table, cmap) if table.df.height >= SMALL else None
-        marked = {i for i, _ in table.notes} | {i for i, _ in table.kinds}
+        marked = _marked_rows(expander, table, cmap)
         for start in range(0, table.df.height, SLICE):
             chunk = table.df.slice(start, SLICE)
             expander.rows_seen += chunk.height
@@ -216,6 +216,21 @@ def request_frames(expander: Expander, schema: dict[str, pl.DataType]) -> Iterat
             yield frame.drop(_POS, _KEY)
 
 
+def _marked_rows(expander: Expander, table: Table, cmap: ColumnMap) -> list[int]:
+    """Rows with a cell the per-row code reports (``Expander._cell_error``): a note on a
+    cell it checks, or a cell of a text field holding a number, a date, a boolean. A
+    workbook marks every number cell's kind; a number in ``duration`` is no error."""
+    if not (table.notes or table.kinds):
+        return []
+    checked = set(cmap.fields) | set(cmap.template.values()) | {cmap.id_column, cmap.model_column}
+    prepared = expander.model(expander.spec.model)
+    fields = prepared.spec.fields if prepared is not None else {}
+    named = [*((f, c) for c, f in cmap.fields.items()), ("id", cmap.id_column), ("model", cmap.model_column)]
+    text = {c for f, c in named if f in fields and fields[f].is_text} | set(cmap.template.values())
+    rows = {i for i, c in table.notes if c in checked} | {i for i, c in table.kinds if c in text}
+    return sorted(rows)
+
+
 def _repeat_ids(frame: pl.DataFrame, seen: pl.Series) -> tuple[pl.DataFrame, pl.Series]:
     """Request ids with their repeat count (``<key>-1``...) over the whole run, in order.
     ``seen`` holds every earlier key as its 8 bytes (inline in polars' string views: 16
@@ -233,7 +248,7 @@ def _repeat_ids(frame: pl.DataFrame, seen: pl.Series) -> tuple[pl.DataFrame, pl.
 
 
 def _fast_frame(expander: Expander, table: Table, cmap: ColumnMap, plan: _Plan | None, chunk: pl.DataFrame, start: int,
-                marked: set[int], schema: dict[str, pl.DataType]) -> tuple[pl.DataFrame | None, list[int]]:
+                marked: list[int], schema: dict[str, pl.DataType]) -> tuple[pl.DataFrame | None, list[int]]:
     """The frame of the rows the column path takes, and the positions of the others."""
     height = chunk.height
     if plan is None or not plan.ok:
@@ -247,7 +262,7 @@ def _fast_frame(expander: Expander, table: Table, cmap: ColumnMap, plan: _Plan |
     fields = prepared.spec.fields
     ok = ~blank
     if marked:
-        ok &= ~pos.is_in(sorted(marked))
+        ok &= ~pos.is_in(marked)
     values: dict[str, pl.Series] = {}
     for column, name in cmap.fields.items():
         value, sure = _cell(chunk[column], name, name in prepared.arrays)

@@ -119,3 +119,15 @@ def test_large_table_takes_the_column_path(monkeypatch: pytest.MonkeyPatch) -> N
     assert_frame_equal(fast, slow)
     assert sum(calls) == n // 100  # only the invalid rows went row by row
     assert fast.filter(pl.col("request_id").str.ends_with("-4")).height == 1000  # each prompt 5 times
+
+
+def test_workbook_kinds_mark_only_text_fields(column_path_everywhere: None) -> None:
+    """A number in ``duration`` or the id column is fine; in ``prompt`` it is the row's error."""
+    df = pl.DataFrame({"id": [1, 2, 3], "prompt": ["a", "b", None], "duration": [5, 5, 6]})
+    kinds = {(0, "id"): "n", (0, "duration"): "n", (1, "duration"): "n", (2, "prompt"): "n", (2, "duration"): "n"}
+    book = Table("w.xlsx", Path("w.xlsx"), df, kinds=kinds, sheet="S")
+    expander = Expander([book], ExpandSpec())
+    assert columns._marked_rows(expander, book, expander.maps[0]) == [2]
+    fast, slow = _frames_both([book], ExpandSpec())
+    assert_frame_equal(fast, slow)
+    assert "must be text" in fast["__invalid"][2]
