@@ -5,7 +5,9 @@ Guarantee: :func:`request_frames` yields exactly the rows that
 in input order); only chunk boundaries may differ. Most rows of a night hold one value a
 cell, valid; those rows are converted, validated and keyed column by column in polars.
 Every other row (a list or ``|`` cell, a template, several models or job-level values,
-a cell a workbook marked, anything a vectorised check is not sure of, every invalid row)
+a cell a workbook marked, an image that is not an http(s) URL (a local file must be
+checked and becomes its content's placeholder, :mod:`batch.upload`), anything a
+vectorised check is not sure of, every invalid row)
 goes through the per-row code of :class:`batch.expand.Expander`, so every error message
 is the per-row code's own. The vectorised checks are conservative by design: a row they
 cannot prove valid takes the per-row path, never the other way round.
@@ -21,6 +23,7 @@ import polars_hash as plh
 
 from batch.identity import NON_IDENTITY_FIELDS
 from batch.models import FieldSpec
+from batch.upload import IMAGE_FIELDS, URL_FIELDS
 from batch.validate import _FALSE, _TRUE, RuleError
 
 if TYPE_CHECKING:
@@ -139,6 +142,20 @@ def _convert(f: FieldSpec, value: pl.Series, extra_rules: list[str]) -> tuple[pl
     return out, (ok.fill_null(False) | ~present)
 
 
+def _sent_as_is(value: Any) -> bool:
+    """An image or URL field's value the per-row path sends unchanged and without a check
+    of its own: an http(s) URL (:func:`batch.upload.local_reference`, ``localize``)."""
+    return isinstance(value, str) and value.strip().lower().startswith(("http://", "https://"))
+
+
+def _urls(value: pl.Series) -> pl.Series:
+    """:func:`_sent_as_is` over a column of trimmed text (``None`` where not text)."""
+    if value.dtype != pl.String:
+        return value.is_null()
+    low = value.str.slice(0, 8).str.to_lowercase()  # Python's lower(): no case folding
+    return (low.str.starts_with("http://") | low.str.starts_with("https://")).fill_null(False)
+
+
 def _json_pieces(frame: pl.DataFrame, names: list[str]) -> pl.Expr:
     """``"name":value`` of each present identity field, sorted by name and joined by
     commas: the body of :data:`batch.identity._CANONICAL`'s text (compact, sorted,
@@ -183,6 +200,8 @@ class _Plan:
             return
         if any(isinstance(v, (list, float)) for v in self.params.values()):
             return
+        if any(not _sent_as_is(v) for n, v in self.params.items() if n in IMAGE_FIELDS | URL_FIELDS):
+            return  # a job-level local image: every row checks and localizes it (per row)
         self.prepared: _Model = prepared
         self.ok = True
 
@@ -266,6 +285,8 @@ def _fast_frame(expander: Expander, table: Table, cmap: ColumnMap, plan: _Plan |
     values: dict[str, pl.Series] = {}
     for column, name in cmap.fields.items():
         value, sure = _cell(chunk[column], name, name in prepared.arrays)
+        if name in IMAGE_FIELDS | URL_FIELDS:  # anything but a URL may be a local file: per row
+            sure &= value.is_null() | _urls(value)
         converted = _convert(fields[name], value, plan.field_rules.get(name, []))
         if converted is None:
             sure &= value.is_null()

@@ -131,3 +131,92 @@ def test_workbook_kinds_mark_only_text_fields(column_path_everywhere: None) -> N
     fast, slow = _frames_both([book], ExpandSpec())
     assert_frame_equal(fast, slow)
     assert "must be text" in fast["__invalid"][2]
+
+
+# Image fields: URLs pass the column path; every value that names a local file (or might:
+# Base64, data:, file://, a bucket, another scheme, odd case or spaces) must be checked and
+# replaced by its content placeholder exactly as the per-row path does (batch.upload).
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(range(64))
+B64_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB"
+IMAGES = mostly(["https://cdn.example/a.png", " HTTPS://cdn.example/B.PNG ", "http://x.test/c.jpg", None, ""],
+                ["refs/a.png", "./refs/a.png", "refs/copy.png", "refs/notes.png", "refs/missing.png",
+                 "../outside.png", "s3://bucket/a.png", "ftp://x.test/a.png", "httpſ://x.test/a.png",
+                 "data:image/png;base64," + B64_PNG, B64_PNG, "file://LOCAL", "https://a.test/x|https://b.test/y",
+                 "refs/a.png|https://b.test/y", "\x1chttps://a.test/x", "https://a.test/é 😀"])
+LISTS = mostly([None, ""], ['["https://a.test/r.png"]', "https://a.test/r.png", "refs/a.png",
+                            '["refs/a.png", "https://b.test/s.png"]', "mp3/a.mp3", "https://a.test/a.mp3"])
+IMAGE_ROW_KEYS = ["Prompt text", "start image", "last_frame_image", "reference_images", "audio_urls", "Aspect ratio",
+                  "status", "notes"]  # synonyms of first_frame_image, prompt, ratio; "status" passes through
+IMAGE_ROW = st.fixed_dictionaries({
+    "Prompt text": PROMPTS, "start image": IMAGES, "last_frame_image": IMAGES, "reference_images": LISTS,
+    "audio_urls": LISTS, "Aspect ratio": RATIOS, "status": st.sampled_from(["kept", None]),
+    "notes": st.sampled_from(["n", "", None])})
+
+
+@pytest.fixture(scope="module")
+def sheet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sheet's folder with a real image, a copy of it, a text file named .png, and an
+    image outside the folder."""
+    root = tmp_path_factory.mktemp("columns")
+    (root / "sheet" / "refs").mkdir(parents=True)
+    (root / "sheet" / "refs" / "a.png").write_bytes(PNG)
+    (root / "sheet" / "refs" / "copy.png").write_bytes(PNG)
+    (root / "sheet" / "refs" / "notes.png").write_bytes(b"not a picture at all")
+    (root / "outside.png").write_bytes(PNG)
+    return root / "sheet"
+
+
+def _both_with_images(tables: list[Table], spec: ExpandSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Both paths on separate expanders, so each one's record of local images is its own."""
+    by_columns, by_rows = Expander(tables, spec), Expander(tables, spec)
+    schema = request_schema_of(by_rows)
+    assert request_schema_of(by_columns) == schema
+    fast = list(by_columns.frames(schema))
+    slow = request_frame(list(by_rows), schema)
+    assert by_columns.images.by_hash == by_rows.images.by_hash  # the same images would be uploaded
+    return (pl.concat(fast) if fast else slow.clear()), slow
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(IMAGE_ROW, min_size=1, max_size=30),
+       st.sampled_from(["bytedance/seedance-1.5-pro-i2v", "bytedance/seedance-2.0-fast-i2v"]),
+       st.sampled_from([{}, {"first_frame_image": "https://cdn.example/p.png"}, {"first_frame_image": "refs/a.png"},
+                        {"last_frame_image": "refs/notes.png"}, {"resolution": "720p"}]))
+def test_image_fields_equal_row_path(column_path_everywhere: None, sheet_dir: Path, rows: list[dict[str, object]],
+                                     model: str, params: dict[str, object]) -> None:
+    """Image and URL fields (URLs, local files good and bad, Base64, data: URIs), header
+    synonyms, a pass-through column named like a result column, job-level images."""
+    local = f"file://{sheet_dir / 'refs' / 'a.png'}"
+    rows = [{k: (local if v == "file://LOCAL" else v) for k, v in r.items()} for r in rows]
+    df = pl.DataFrame(rows, schema={k: pl.String for k in IMAGE_ROW_KEYS})
+    if "2.0" not in model:
+        df = df.drop("reference_images", "audio_urls")
+    table = Table("sheet.csv", sheet_dir / "sheet.csv", df)
+    fast, slow = _both_with_images([table], ExpandSpec(model=model, params=params))
+    assert_frame_equal(fast, slow)
+
+
+
+def test_local_images_take_the_row_path(column_path_everywhere: None, sheet_dir: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local image becomes its content placeholder and counts for upload; a bad one makes
+    its row invalid naming the cell; URLs stay as written (by the column path)."""
+    per_row: list[int] = []
+    real = Expander.rows_at
+
+    def counted(self: Expander, table: Table, cmap: object, positions: list[int]):  # type: ignore[no-untyped-def]
+        per_row.extend(positions)
+        return real(self, table, cmap, positions)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Expander, "rows_at", counted)
+    df = pl.DataFrame({"prompt": ["a", "b", "c", "d"],
+                       "first_frame_image": ["https://cdn.example/a.png", "refs/a.png", "refs/notes.png", None],
+                       "last_frame_image": [None, None, None, "refs/copy.png"]})
+    table = Table("sheet.csv", sheet_dir / "sheet.csv", df)
+    fast, slow = _both_with_images([table], ExpandSpec(model="bytedance/seedance-1.5-pro-i2v"))
+    assert_frame_equal(fast, slow)
+    assert fast["first_frame_image"][0] == "https://cdn.example/a.png"
+    assert fast["first_frame_image"][1].startswith("local-image:sha256:")
+    assert "refs/notes.png" in fast["__invalid"][2] and "first_frame_image" in fast["__invalid"][2]
+    assert fast["last_frame_image"][3] == fast["first_frame_image"][1]  # identity by content
+    assert per_row == [1, 2, 3]  # the URL row took the column path
