@@ -220,3 +220,32 @@ def test_local_images_take_the_row_path(column_path_everywhere: None, sheet_dir:
     assert "refs/notes.png" in fast["__invalid"][2] and "first_frame_image" in fast["__invalid"][2]
     assert fast["last_frame_image"][3] == fast["first_frame_image"][1]  # identity by content
     assert per_row == [1, 2, 3]  # the URL row took the column path
+
+
+def test_a_large_dry_run_checks_and_counts_its_local_images(tmp_path: Path) -> None:
+    """Through the CLI at the default thresholds (the column path on): the rows naming local
+    images are checked, their images counted for upload, a bad one is invalid; the URL rows
+    are sent as written."""
+    from conftest import cli, results, write_csv
+
+    folder = tmp_path / "sheet"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "a.png").write_bytes(PNG)
+    (folder / "refs" / "b.png").write_bytes(PNG + b"other bytes")
+    (folder / "refs" / "notes.png").write_bytes(b"not a picture")
+    n = 3 * columns.SMALL
+    local = {10: "refs/a.png", 20: "refs/b.png", 30: "./refs/a.png", 40: "refs/notes.png"}
+    rows = [{"prompt": f"boat {i}", "first_frame_image": local.get(i, f"https://cdn.example/{i}.png")}
+            for i in range(n)]
+    sheet = write_csv(folder / "in.csv", rows)
+    out = tmp_path / "r.parquet"
+    res = cli(["submit", str(sheet), "-o", str(out), "--dry-run", "--model", "bytedance/seedance-1.5-pro-i2v",
+               "--state", str(tmp_path / "s.sqlite")])
+    assert f"uploads: 2 local images, {2 * len(PNG) + len(b'other bytes')} bytes would be uploaded" in res.output, \
+        res.output
+    table = results(out)
+    assert table.height == n and table["status"].value_counts().sort("status").rows() == [("dry_run", n - 1),
+                                                                                          ("invalid", 1)]
+    image = table["first_frame_image"]
+    assert image[10].startswith("local-image:sha256:") and image[10] == image[30] != image[20]
+    assert "refs/notes.png" in table["error"][40] and image[0] == "https://cdn.example/0.png"
