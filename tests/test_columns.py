@@ -249,3 +249,32 @@ def test_a_large_dry_run_checks_and_counts_its_local_images(tmp_path: Path) -> N
     image = table["first_frame_image"]
     assert image[10].startswith("local-image:sha256:") and image[10] == image[30] != image[20]
     assert "refs/notes.png" in table["error"][40] and image[0] == "https://cdn.example/0.png"
+
+
+TYPED = {  # the polars types a DataFrame handed to the Python API may hold (batch.load.frame_table)
+    "decimal": (pl.Decimal(10, 2), st.sampled_from(["0", "1", "5", "5.50", "-1"])),
+    "uint8": (pl.UInt8, st.integers(0, 13)),
+    "int8": (pl.Int8, st.integers(-3, 13)),
+    "float32": (pl.Float32, st.sampled_from([0.0, 1.0, 5.0, 5.5, 12.0, -1.0])),
+    "date": (pl.Date, st.dates()),
+    "categorical": (pl.Categorical, st.sampled_from(["5", "yes", "16:9", "A boat", " 9:16 ", "x"])),
+    "enum": (pl.Enum(["5", "yes", "16:9", "A boat"]), st.sampled_from(["5", "yes", "16:9", "A boat"])),
+    "list": (pl.List(pl.String), st.lists(st.sampled_from(["5", "16:9", "A boat"]), max_size=2)),
+}
+
+
+@pytest.mark.parametrize("field", ["prompt", "duration", "camera_fixed", "ratio", "seed"])
+@pytest.mark.parametrize("kind", sorted(TYPED))
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_polars_type_equals_row_path(column_path_everywhere: None, data: st.DataObject, kind: str,
+                                         field: str) -> None:
+    """A field's column of any type a DataFrame may hold: decimals, small and unsigned
+    integers, 32-bit floats, dates, categoricals, enums, lists."""
+    dtype, values = TYPED[kind]
+    cells = data.draw(st.lists(st.one_of(st.none(), values), min_size=1, max_size=20))
+    df = pl.DataFrame({"prompt": [f"boat {i % 3}" for i in range(len(cells))]})
+    df = df.with_columns(pl.Series(field, [str(c) if kind == "decimal" and c is not None else c for c in cells])
+                         .cast(dtype))
+    fast, slow = _frames_both([Table("frame", Path("frame"), df)], ExpandSpec())
+    assert_frame_equal(fast, slow)
