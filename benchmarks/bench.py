@@ -462,10 +462,11 @@ def _mib(values: list[int]) -> str:
 
 def targets(tmp: Path, baseline: Path | None, rows: int = 1_000_000, xlsx_rows: int = 100_000,
             submit_n: int = 20_000, rss_sizes: tuple[int, ...] = (20_000, 100_000),
-            concurrency: int = 64) -> list[dict[str, Any]]:
+            concurrency: int = 64, submit: bool = True) -> list[dict[str, Any]]:
     """The rows of issue #21's target table, before (``baseline``) and after (this checkout)
     in one run: each measurement runs both versions back to back, so load on the shared
-    machine hits both alike. Without a baseline only "after" is measured."""
+    machine hits both alike. Without a baseline only "after" is measured; without
+    ``submit`` only the dry-run rows."""
     variants = {"after": ROOT} if baseline is None else {"before": baseline.resolve(), "after": ROOT}
     for root in variants.values():
         compileall.compile_dir(root / "batch", quiet=1)
@@ -499,6 +500,8 @@ def targets(tmp: Path, baseline: Path | None, rows: int = 1_000_000, xlsx_rows: 
                 **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
                 **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
                 "ok": ok, "target": "<= 2.5 s", "met": dry["after"].wall <= 2.5})
+    if not submit:
+        return out
 
     inp = make_input(tmp / "t_submit.csv", submit_n)
     bodies = tmp / "t_bodies.json"
@@ -592,11 +595,13 @@ def main() -> None:
                         help="a checkout to compare with (git worktree add /tmp/base main): the issue #21 rows "
                              "then show before (it) and after (this checkout), measured in one run")
     parser.add_argument("--targets-only", action="store_true", help="only the issue #21 rows")
+    parser.add_argument("--dry-only", action="store_true", help="with --targets-only: only its dry-run rows")
     args = parser.parse_args()
     if args.targets_only:
         with tempfile.TemporaryDirectory(prefix="seedance-bench-") as d:
             small = {"rows": 20_000, "xlsx_rows": 2_000, "submit_n": 1_000, "rss_sizes": (500, 2_000)}
-            rows = targets(Path(d), args.baseline, **(small if args.quick else {}))  # type: ignore[arg-type]
+            rows = targets(Path(d), args.baseline, **(small if args.quick else {}),  # type: ignore[arg-type]
+                           submit=not args.dry_only)
     else:
         rows = run_all(args.quick)
         with tempfile.TemporaryDirectory(prefix="seedance-bench-") as d:

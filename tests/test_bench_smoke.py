@@ -68,6 +68,12 @@ def test_target_rows_compare_two_checkouts(tmp_path: Path) -> None:
     assert "wall_s before" in rows[0] and "wall_s after" in rows[0] and "rss before" in rows[-1], rows
 
 
+def test_target_rows_of_the_dry_run_alone(tmp_path: Path) -> None:
+    rows = bench.targets(tmp_path, None, rows=500, xlsx_rows=50, submit=False)
+    assert [r["phase"] for r in rows] == ["dry run, 500 Parquet rows", "dry run, 50 .xlsx rows"], rows
+    assert all(r["ok"] and "peak_rss_mib after" in r for r in rows), rows
+
+
 def test_a_variant_runs_its_own_checkout(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """``python -m batch`` started from inside a checkout imports that checkout's batch
     before PYTHONPATH's: the before/after rows would both measure "after"."""
