@@ -269,12 +269,12 @@ TYPED = {  # the polars types a DataFrame handed to the Python API may hold (bat
 @given(data=st.data())
 def test_any_polars_type_equals_row_path(column_path_everywhere: None, data: st.DataObject, kind: str,
                                          field: str) -> None:
-    """A field's column of any type a DataFrame may hold: decimals, small and unsigned
-    integers, 32-bit floats, dates, categoricals, enums, lists."""
+    """A field's column of any type a DataFrame may hold (decimals, small and unsigned
+    integers, 32-bit floats, dates, categoricals, enums, lists), and a pass-through one."""
     dtype, values = TYPED[kind]
     cells = data.draw(st.lists(st.one_of(st.none(), values), min_size=1, max_size=20))
     df = pl.DataFrame({"prompt": [f"boat {i % 3}" for i in range(len(cells))]})
-    df = df.with_columns(pl.Series(field, [str(c) if kind == "decimal" and c is not None else c for c in cells])
-                         .cast(dtype))
-    fast, slow = _frames_both([Table("frame", Path("frame"), df)], ExpandSpec())
+    typed = pl.Series(field, [str(c) if kind == "decimal" and c is not None else c for c in cells]).cast(dtype)
+    df = df.with_columns(typed, typed.alias("kept"))  # "kept": a pass-through column of the same type
+    fast, slow = _frames_both([Table("frame", Path("frame"), df)], ExpandSpec(passthrough=("kept",)))
     assert_frame_equal(fast, slow)
