@@ -215,7 +215,7 @@ def request_frames(expander: Expander, schema: dict[str, pl.DataType]) -> Iterat
     from batch.results import request_frame
 
     expander.rows_seen = 0
-    seen = pl.Series(_KEY, [], dtype=pl.Binary)  # the content keys of every request so far
+    seen = pl.Series(_KEY, [], dtype=pl.UInt64)  # the content keys of every request so far
     for table, cmap in zip(expander.tables, expander.maps, strict=True):
         plan = _Plan(expander, table, cmap) if table.df.height >= SMALL else None
         marked = _marked_rows(expander, table, cmap)
@@ -256,10 +256,10 @@ def _marked_rows(expander: Expander, table: Table, cmap: ColumnMap) -> list[int]
 
 def _repeat_ids(frame: pl.DataFrame, seen: pl.Series) -> tuple[pl.DataFrame, pl.Series]:
     """Request ids with their repeat count (``<key>-1``...) over the whole run, in order.
-    ``seen`` holds every earlier key as its 8 bytes (inline in polars' string views: 16
-    bytes a request; the hex text, a slice of the SHA-256 text, kept ~100)."""
+    ``seen`` holds every earlier key as the 64-bit integer its 16 hex digits spell (8 bytes
+    a request, and probed ~3.5x faster than their bytes: each slice probes all of them)."""
     keys = frame[_KEY]
-    raw = keys.str.decode("hex").rename(_KEY)
+    raw = keys.str.to_integer(base=16, dtype=pl.UInt64).rename(_KEY)
     # The n-th occurrence of a key = its earlier ones in this frame + those in earlier frames.
     within = frame.select(pl.int_range(pl.len()).over(_KEY)).to_series()
     earlier = seen.to_frame().filter(pl.col(_KEY).is_in(raw.unique().implode())).group_by(_KEY).agg(
