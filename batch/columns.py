@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
 # Rows a frame is built from: bounded memory, few Python round trips. Each slice's working
 # set (its intermediate columns, the writer's Arrow copy) is held by the allocators after
-# use: a 1M-row Parquet dry run peaked at ~410 MiB with 100,000, ~330 with 25,000, at the
-# same CPU within this machine's noise (3.5-4.0 s).
+# use: a 1M-row Parquet dry run peaked at ~410 MiB with 100,000, ~330 with 25,000, for
+# ~5% more CPU (3.3 vs 3.5 s).
 SLICE = 25_000
 # Below this many rows a table takes the per-row path: each column operation costs a
 # fixed ~0.1 ms, more than a few hundred rows cost per row (a 37-row CSV: 70 ms vs 7 ms).
@@ -153,7 +153,7 @@ def _sent_as_is(value: Any) -> bool:
 
 
 def _urls(value: pl.Series) -> pl.Series:
-    """:func:`_sent_as_is` over a column of trimmed text (``None`` where not text)."""
+    """:func:`_sent_as_is` over a column of trimmed cells; a cell that is no text is not."""
     if value.dtype != pl.String:
         return value.is_null()
     low = value.str.slice(0, 8).str.to_lowercase()  # Python's lower(): no case folding
