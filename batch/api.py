@@ -72,6 +72,16 @@ def origin(url: str) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+def on_origin(url: str, api_origin: str) -> bool:
+    """``origin(url) == api_origin`` (``api_origin`` as :func:`origin` gives it), without
+    parsing the usual answer: a URL that starts with the origin and then ``/`` has that
+    scheme, host and port (the authority ends at the first ``/``). Anything else is
+    parsed; ``ValueError`` for a URL that cannot be."""
+    if url.startswith(api_origin) and url[len(api_origin):len(api_origin) + 1] == "/":
+        return True
+    return origin(url) == api_origin
+
+
 def is_loopback(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     if host == "localhost":

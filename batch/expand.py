@@ -421,6 +421,32 @@ class _Model:
     arrays: frozenset[str]
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where one table's cells are, by position in a row tuple."""
+
+    field_idx: list[tuple[str, int, str]]
+    extra_idx: list[tuple[str, int]]
+    id_pos: int | None
+    model_pos: int | None
+    tmpl_idx: list[tuple[str, int, str]]
+    checked: list[tuple[str, str]]
+    cell_checks: bool
+    column_of: dict[str, str]  # field -> its column (where a local image's cell is)
+
+    @classmethod
+    def of(cls, table: Table, cmap: ColumnMap) -> _Layout:
+        columns = table.df.columns
+        field_idx = [(f, columns.index(c), c) for c, f in cmap.fields.items()]
+        tmpl_idx = [(p, columns.index(c), c) for p, c in cmap.template.items()]
+        checked = [(f, c) for f, _, c in field_idx] + [("prompt_template", c) for _, _, c in tmpl_idx] + \
+            [(n, c) for n, c in (("id", cmap.id_column), ("model", cmap.model_column)) if c]
+        return cls(field_idx, [(out, columns.index(c)) for c, out in cmap.extra.items()],
+                   columns.index(cmap.id_column) if cmap.id_column else None,
+                   columns.index(cmap.model_column) if cmap.model_column else None,
+                   tmpl_idx, checked, bool(table.notes or table.kinds), {f: c for f, _, c in field_idx})
+
+
 class Expander:
     """Iterable of :class:`Request` over the input tables, in input order.
 
@@ -551,6 +577,13 @@ class Expander:
                 dtypes[out] = dtype
         return dtypes
 
+    def frames(self, schema: dict[str, pl.DataType]) -> Iterator[pl.DataFrame]:
+        """The request frames of the expansion, built column-wise where rows allow
+        (:mod:`batch.columns`): the same rows as ``request_frame(list(self))``."""
+        from batch.columns import request_frames
+
+        return request_frames(self, schema)
+
     def __iter__(self) -> Iterator[Request]:
         occurrences: dict[str, int] = {}
         self.rows_seen = 0
@@ -569,76 +602,89 @@ class Expander:
         return None
 
     def _rows(self, table: Table, cmap: ColumnMap, occurrences: dict[str, int]) -> Iterator[Request]:
-        df = table.df
-        columns = df.columns
-        field_idx = [(f, columns.index(c), c) for c, f in cmap.fields.items()]
-        extra_idx = [(out, columns.index(c)) for c, out in cmap.extra.items()]
-        id_pos = columns.index(cmap.id_column) if cmap.id_column else None
-        model_pos = columns.index(cmap.model_column) if cmap.model_column else None
-        tmpl_idx = [(p, columns.index(c), c) for p, c in cmap.template.items()]
-        checked = [(f, c) for f, _, c in field_idx] + [("prompt_template", c) for _, _, c in tmpl_idx] + \
-            [(n, c) for n, c in (("id", cmap.id_column), ("model", cmap.model_column)) if c]
-        cell_checks = bool(table.notes or table.kinds)
-        template = self.spec.prompt_template
-        default = self.spec.model
+        at = _Layout.of(table, cmap)
         index = -1
-        sheet = None if table.location and is_remote(table.location) else table.path.parent
-        column_of = {f: c for f, _, c in field_idx}
-        for chunk in df.iter_slices(10_000):
+        sheet = self._sheet(table)
+        for chunk in table.df.iter_slices(10_000):
             for cells in chunk.iter_rows():
                 index += 1
                 # Per row, not per slice: progress scales what was queued by the share of rows
                 # read, and a slice counted ahead made that share 1 while the queue was filling.
                 self.rows_seen += 1
-                if all(c is None or c == "" for c in cells):
-                    continue  # a blank spreadsheet line is not a row
-                slug, written_model, unsent = default, None, {}
-                if model_pos is not None and cells[model_pos] is not None and str(cells[model_pos]).strip():
-                    slug = str(cells[model_pos]).strip().lower()
-                prepared = self.model(slug)
-                errors: list[str] = []
-                if prepared is None:
-                    written_model = str(cells[model_pos]).strip()
-                    unsent["model"] = written_model
-                    errors.append(self._unknown_model(written_model))
-                    prepared = self.model(default)
-                    assert prepared is not None
-                fields = prepared.spec.fields
-                if cell_checks:
-                    for name, column in checked:
-                        spec_field = fields.get(name)
-                        problem = self._cell_error(table, index, column, name,
-                                                   name == "prompt_template" or bool(spec_field and spec_field.is_text))
-                        if problem is not None:
-                            errors.append(problem)
-                choices: dict[str, list[Any]] = {}
-                for name, i, _ in field_idx:
-                    values = cell_values(name, cells[i], name in prepared.arrays)
-                    if values:
-                        if name not in fields:
-                            errors.append(f"{name}: {prepared.spec.slug} has no field {name!r}")
-                            unsent[name] = cells[i]
-                            continue
-                        choices[name] = values
-                if template is not None:
-                    try:
-                        choices["prompt"] = [self._fill(template, tmpl_idx, cells)]
-                    except RuleError as exc:
-                        errors.append(str(exc))
-                for name, values in prepared.params.items():
-                    if name not in choices:
-                        choices[name] = values
-                if "prompt" not in choices and "prompt" in fields and fields["prompt"].required and not errors:
-                    errors.append("prompt: missing (empty cell)")
-                extra = {name: cells[i] for name, i in extra_idx}
-                label = label_of(cells[id_pos]) if id_pos is not None else None
-                names = list(choices)
-                localize = self._localizer(table, sheet, column_of, index) \
-                    if (IMAGE_FIELDS | URL_FIELDS) & fields.keys() else None
-                for combo in itertools.product(*(choices[n] for n in names)):
-                    yield self._make(dict(zip(names, combo, strict=True)), errors, table.source,
-                                     table.first_row + index, extra, label, occurrences, prepared, written_model,
-                                     unsent, localize)
+                yield from self._row(table, at, sheet, index, cells, occurrences)
+
+    def rows_at(self, table: Table, cmap: ColumnMap, positions: list[int]) -> Iterator[tuple[int, Request]]:
+        """The requests of the rows at ``positions`` (ascending), each with its row's
+        position; request ids without their repeat count (the caller counts them in order,
+        :mod:`batch.columns`)."""
+        at = _Layout.of(table, cmap)
+        sheet = self._sheet(table)
+        for start in range(0, len(positions), 10_000):
+            part = positions[start:start + 10_000]
+            for index, cells in zip(part, table.df[part].iter_rows(), strict=True):
+                for req in self._row(table, at, sheet, index, cells, None):
+                    yield index, req
+
+    @staticmethod
+    def _sheet(table: Table) -> Any:
+        """The folder a table's local image names are relative to (``None``: a bucket's)."""
+        return None if table.location and is_remote(table.location) else table.path.parent
+
+    def _row(self, table: Table, at: _Layout, sheet: Any, index: int, cells: tuple[Any, ...],
+             occurrences: dict[str, int] | None) -> Iterator[Request]:
+        field_idx, extra_idx, id_pos, model_pos, tmpl_idx = at.field_idx, at.extra_idx, at.id_pos, at.model_pos, \
+            at.tmpl_idx
+        template = self.spec.prompt_template
+        default = self.spec.model
+        if all(c is None or c == "" for c in cells):
+            return  # a blank spreadsheet line is not a row
+        slug, written_model, unsent = default, None, {}
+        if model_pos is not None and cells[model_pos] is not None and str(cells[model_pos]).strip():
+            slug = str(cells[model_pos]).strip().lower()
+        prepared = self.model(slug)
+        errors: list[str] = []
+        if prepared is None:
+            written_model = str(cells[model_pos]).strip()
+            unsent["model"] = written_model
+            errors.append(self._unknown_model(written_model))
+            prepared = self.model(default)
+            assert prepared is not None
+        fields = prepared.spec.fields
+        if at.cell_checks:
+            for name, column in at.checked:
+                spec_field = fields.get(name)
+                problem = self._cell_error(table, index, column, name,
+                                           name == "prompt_template" or bool(spec_field and spec_field.is_text))
+                if problem is not None:
+                    errors.append(problem)
+        choices: dict[str, list[Any]] = {}
+        for name, i, _ in field_idx:
+            values = cell_values(name, cells[i], name in prepared.arrays)
+            if values:
+                if name not in fields:
+                    errors.append(f"{name}: {prepared.spec.slug} has no field {name!r}")
+                    unsent[name] = cells[i]
+                    continue
+                choices[name] = values
+        if template is not None:
+            try:
+                choices["prompt"] = [self._fill(template, tmpl_idx, cells)]
+            except RuleError as exc:
+                errors.append(str(exc))
+        for name, values in prepared.params.items():
+            if name not in choices:
+                choices[name] = values
+        if "prompt" not in choices and "prompt" in fields and fields["prompt"].required and not errors:
+            errors.append("prompt: missing (empty cell)")
+        extra = {name: cells[i] for name, i in extra_idx}
+        label = label_of(cells[id_pos]) if id_pos is not None else None
+        names = list(choices)
+        localize = self._localizer(table, sheet, at.column_of, index) \
+            if (IMAGE_FIELDS | URL_FIELDS) & fields.keys() else None
+        for combo in itertools.product(*(choices[n] for n in names)):
+            yield self._make(dict(zip(names, combo, strict=True)), errors, table.source,
+                             table.first_row + index, extra, label, occurrences, prepared, written_model,
+                             unsent, localize)
 
     def _localizer(self, table: Table, sheet: Any, column_of: dict[str, str],
                    index: int) -> Callable[[dict[str, Any]], list[str]]:
@@ -674,7 +720,7 @@ class Expander:
         row_no: int,
         extra: dict[str, Any],
         label: str | None,
-        occurrences: dict[str, int],
+        occurrences: dict[str, int] | None,
         model: _Model,
         written_model: str | None = None,
         unsent: dict[str, Any] | None = None,
@@ -704,7 +750,9 @@ class Expander:
             written = {**(unsent or {}), **raw}  # with what could not even be tried: a model, a field
         else:
             key = content_key(model.spec.slug, body)
-        n = occurrences.get(key, 0)
-        occurrences[key] = n + 1
+        n = 0
+        if occurrences is not None:
+            n = occurrences.get(key, 0)
+            occurrences[key] = n + 1
         return Request(with_repeat(key, n), source, row_no, body, extra, "; ".join(errors) if errors else None,
                        label, written_model or model.spec.slug, written)

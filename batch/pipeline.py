@@ -78,11 +78,11 @@ from batch.results import (
     Tally,
     check_output_path,
     csv_text,
+    holds_task_ids,
     is_results_table,
     ledger_frame,
     ledger_value,
     read_results,
-    request_frames,
     request_schema_of,
     write_frame,
     write_results,
@@ -261,8 +261,7 @@ def dry_run_output(path: Target) -> Target:
     if not path.exists():
         return path
     try:
-        table = read_results(path)
-        holds_ids = "task_id" in table.columns and table["task_id"].drop_nulls().len() > 0
+        holds_ids = holds_task_ids(path)
     except Exception:  # not a results table we can read: leave it alone too
         holds_ids = True
     if not holds_ids:
@@ -328,7 +327,7 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
         rows_of = ledger.outcome_rows if ledger is not None else None
         if ledger is not None and opts.retry_failed:
             rows_of = retried_as_pending(ledger, opts.retry_cap)
-        tally, _ = write_results(output, request_frames(expander, schema), schema, rows_of,
+        tally, _ = write_results(output, expander.frames(schema), schema, rows_of,
                                  Resolution(None, dry_run=True, resend_unknown=opts.submit.resend_unknown),
                                  tally=Tally(estimator=estimator), on_rows=on_rows)
         known = ledger.uploads() if ledger is not None else {}
@@ -661,7 +660,7 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
             log.error("summary_not_written", path=str(summary_path(opts.output)), error=exc.strerror or str(exc))
         return summary
     # A run that stopped early has not read every request: expand the input again.
-    frames = spool.frames() if spool.finish() else request_frames(expander, spool.schema)
+    frames = spool.frames() if spool.finish() else expander.frames(spool.schema)
 
     def first_signal(signum: int) -> None:  # the table is the night's record: finish it, then exit 4
         outcome.interrupted = signal.Signals(signum).name

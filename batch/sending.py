@@ -42,7 +42,7 @@ from typing import Any
 import aiohttp.payload
 import structlog
 
-from batch.api import DOCUMENTED, endpoint_url, origin
+from batch.api import DOCUMENTED, endpoint_url, on_origin, origin
 from batch.client import Kind, Secret, Transport, Verdict, clean_text, make_session, request_once, retry_wait
 from batch.errors import ConfigError, StateError
 from batch.expand import Request, chunks
@@ -609,7 +609,7 @@ class Submitter:
         if not isinstance(url, str) or len(url) > 2048:
             return None
         try:
-            same = origin(url) == self._api_origin
+            same = on_origin(url, self._api_origin)
         except ValueError:
             return None
         if not same or any(c in url for c in "\r\n\t #"):

@@ -48,3 +48,39 @@ def test_validator_and_bucket_phases(tmp_path: Path) -> None:
     assert row["ok"] and row["s per 1M ours/fastjsonschema/jsonschema"].count("/") == 2, row
     bucket = bench.bucket_read(tmp_path, 2_000)
     assert bucket["ok"], bucket
+
+
+def test_memory_is_the_commands_own() -> None:
+    """A bench holding 300 MiB measures ``python -c pass`` at its own size, not the bench's
+    (ru_maxrss of a child forked from a big parent includes the parent's memory)."""
+    held = bytearray(300 * 2**20)
+    held[:: 4096] = b"1" * len(held[:: 4096])
+    small = bench.run_measured([bench.PY, "-c", "pass"])
+    big = bench.run_measured([bench.PY, "-c", "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096])"])
+    assert small.rc == 0 and small.rss_mib < 60, small
+    assert 200 <= big.rss_mib < 300, big
+    assert bench.runner_floor_mib() < 30
+
+
+def test_target_rows_compare_two_checkouts(tmp_path: Path) -> None:
+    rows = bench.targets(tmp_path, bench.ROOT, rows=2_000, xlsx_rows=300, submit_n=200, rss_sizes=(100, 300))
+    assert [r["ok"] for r in rows] == [True] * 5, rows
+    assert "wall_s before" in rows[0] and "wall_s after" in rows[0] and "rss before" in rows[-1], rows
+
+
+def test_target_rows_of_the_dry_run_alone(tmp_path: Path) -> None:
+    rows = bench.targets(tmp_path, None, rows=500, xlsx_rows=50, submit=False)
+    assert [r["phase"] for r in rows] == ["dry run, 500 Parquet rows", "dry run, 50 .xlsx rows"], rows
+    assert all(r["ok"] and "peak_rss_mib after" in r for r in rows), rows
+
+
+def test_a_variant_runs_its_own_checkout(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``python -m batch`` started from inside a checkout imports that checkout's batch
+    before PYTHONPATH's: the before/after rows would both measure "after"."""
+    other = tmp_path / "base"
+    (other / "batch").mkdir(parents=True)
+    (other / "batch" / "__main__.py").write_text("import sys; sys.exit(0 if __file__.startswith(sys.argv[1]) else 3)")
+    (other / "batch" / "__init__.py").write_text("")
+    monkeypatch.chdir(bench.ROOT)
+    m = bench.run_measured([bench.PY, "-m", "batch", str(other)], {**bench.env(), "PYTHONPATH": str(other)})
+    assert m.rc == 0, m
