@@ -59,9 +59,6 @@ COPY_COLUMNS = {
     "uploads": ("api", "sha256", "file_id", "url", "type", "filename", "size", "created_at", "uploaded_at"),
     "task_expiry": ("api", "request_id", "expires_at"),
 }
-# Tables a ledger written before issue 20 (SQLite) or schema 3 (PostgreSQL) may lack when
-# opened read-only; a writable open creates them.
-ADDITIVE_TABLES = ("task_lineage", "uploads", "task_expiry")
 
 # A row as the results table reads it (Ledger.outcome_rows).
 OUTCOME_COLUMNS = (
