@@ -76,7 +76,7 @@ def copy_ledger(source: State, dest: State) -> dict[str, int]:
     """Copy every table of ``source``'s history into ``dest`` (SQLite <-> PostgreSQL): runs,
     requests, the retry lineage, uploads and expiry times. ``dest`` must hold none of them
     yet; both are under their submit lock (no run writes meanwhile), the copy is one
-    transaction per table. Then every table's row count, and the requests' counts by
+    transaction. Then every table's row count, and the requests' counts by
     status, are compared: a mismatch is a :class:`StateError` naming the table. Returns
     the rows copied per table and, under ``"requests:<status>"``, the requests by status."""
     from batch.errors import StateError
@@ -89,8 +89,7 @@ def copy_ledger(source: State, dest: State) -> dict[str, int]:
         held = [table for table in COPY_COLUMNS if dst.table_count(table)]
         if held:
             raise StateError(f"{dest}: already holds {', '.join(held)}; copy into a new ledger")
-        for table in COPY_COLUMNS:
-            dst.import_rows(table, src.export_rows(table))
+        dst.import_tables({table: src.export_rows(table) for table in COPY_COLUMNS})
         copied: dict[str, int] = {}
         for table in COPY_COLUMNS:
             want, have = src.table_count(table), dst.table_count(table)

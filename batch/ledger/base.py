@@ -304,11 +304,19 @@ class LedgerStore(abc.ABC):
 
     def import_rows(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert rows of ``table`` as :meth:`export_rows` gave them, in one transaction."""
-        cols = COPY_COLUMNS[_table(table)]
-        sql = f"INSERT INTO {table}({', '.join(f'{chr(34)}{c}{chr(34)}' for c in cols)}) " \
-              f"VALUES ({', '.join('?' * len(cols))})"
-        self._atomic([(sql, [tuple(self._coerce(table, c, v) for c, v in zip(cols, r, strict=True))
-                             for r in rows])])
+        self.import_tables({table: rows})
+
+    def import_tables(self, tables: dict[str, Sequence[tuple[Any, ...]]]) -> None:
+        """Insert the rows of several tables as :meth:`export_rows` gave them, all in one
+        transaction (a copy interrupted midway leaves nothing)."""
+        batches = []
+        for table, rows in tables.items():
+            cols = COPY_COLUMNS[_table(table)]
+            sql = f"INSERT INTO {table}({', '.join(f'{chr(34)}{c}{chr(34)}' for c in cols)}) " \
+                  f"VALUES ({', '.join('?' * len(cols))})"
+            batches.append((sql, [tuple(self._coerce(table, c, v) for c, v in zip(cols, r, strict=True))
+                                  for r in rows]))
+        self._atomic(batches)
 
     # -- batch.expiry ------------------------------------------------------------------
     def expiries(self) -> dict[tuple[str, str], str]:
