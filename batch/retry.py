@@ -25,7 +25,8 @@ Guarantees:
   of a request: attempt number, task id, failure reason and class, when it was retried,
   and the run that sent it with its estimated cost (``sent_run_id``, ``cost_usd``): the
   provider took that task, so the night it was sent keeps counting it against
-  ``--max-spend`` and ``--max-requests`` after the row is reset (:func:`night_attempts`).
+  ``--max-spend`` and ``--max-requests`` after the row is reset
+  (:meth:`batch.ledger.base.LedgerStore.night_requests`).
   The ``requests`` row has two more columns: ``task_attempt`` (1 for the first task) and
   ``earlier_task_ids`` (JSON list), which the results table shows.
 * A retry only resets rows that tonight's input holds and that are ``submitted`` with a

@@ -18,6 +18,13 @@ keeps these guarantees (each method's docstring in :class:`LedgerStore` says its
   results table and replayed by the next run before it sends anything.
 * **No silent fresh start; per API; the night's spend**: as :mod:`batch.ledger.sqlite`
   describes, the same in every store.
+* **Retries, uploads, expiry times in every store.** The retry lineage, the uploads and
+  the expiry times (tables ``task_lineage``, ``uploads``, ``task_expiry``) are kept by
+  methods written here once, over the statements of :mod:`batch.ledger.queries`; a store
+  only runs them (:meth:`LedgerStore._rows`, :meth:`LedgerStore._atomic`) and says which
+  tables an older ledger opened read-only lacks (:meth:`LedgerStore._columns`). What is
+  retried, the cap and which upload is reused are decided above, in :mod:`batch.retry`
+  and :mod:`batch.upload`.
 
 :class:`AsyncLedger` batches writes (group commit) in front of any store.
 """

@@ -4,7 +4,8 @@ Keeps every guarantee of :mod:`batch.ledger.base`, and:
 
 * **A ledger is a name inside a database** (``?ledger=NAME``, default ``default``): a
   schema ``seedance_<name>`` created on first use (under a transaction-scoped advisory
-  lock, so two hosts creating it at once end with one) with its ``migrations`` table.
+  lock, so two hosts creating it at once end with one) with its ``migrations`` table;
+  :data:`MIGRATIONS` bring a ledger an older version created up to date in place.
 * **Durable before the wire.** Every transaction commits with ``synchronous_commit=on``
   (set for the session, whatever the database's default): a claim is in the server's
   WAL on disk before the first byte of its request leaves. Claims of a batch are one
