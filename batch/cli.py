@@ -999,7 +999,8 @@ def state_backup(dest: Path, state: str | None) -> None:
 @click.argument("dest", metavar="DST")
 def state_copy(source: str, dest: str) -> None:
     """Copy a ledger between stores (a SQLite file or postgresql://...?ledger=NAME), each
-    under its lock, and check the copy's counts. DST must hold no requests yet."""
+    under its lock: requests, runs, the retry lineage, uploads and expiry times; then check
+    every table's count (exit 2 on a mismatch). DST must hold none of them yet."""
     from batch.ledger import copy_ledger
 
     logs.configure("warning")
@@ -1009,8 +1010,12 @@ def state_copy(source: str, dest: str) -> None:
     if isinstance(src, Path) and not src.exists():
         raise StateError(f"{src}: no state file")
     counts = copy_ledger(src, dst)
-    click.echo(f"{dst}: {sum(counts.values())} requests copied ("
-               + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "), counts verified")
+    by_status = {k.partition(":")[2]: n for k, n in counts.items() if k.startswith("requests:")}
+    others = {"runs": "runs", "task_lineage": "earlier tasks (retry lineage)", "uploads": "uploads",
+              "task_expiry": "expiry times"}
+    click.echo(f"{dst}: {counts['requests']} requests copied ("
+               + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) + "), "
+               + ", ".join(f"{counts[t]} {name}" for t, name in others.items()) + "; counts verified")
 
 
 @main.command()

@@ -7,28 +7,17 @@ or UTC when it has none) and a Unix time in seconds or milliseconds are read; an
 is ignored with a warning (the 24 h rule of :mod:`batch.following` still holds): an
 unreadable expiry never makes a task's answer an error.
 
-Guarantee: the times are kept in their own ledger table, ``task_expiry`` (created with
-``IF NOT EXISTS`` when a writable ledger opens: an additive change, no version bump; an
-older ledger simply has none), one row per request, as UTC ISO text, so ``collect`` can
+Guarantee: the times are kept in their own ledger table, ``task_expiry`` (in either store;
+added in place when a writable ledger opens; an older ledger opened read-only simply has
+none), one row per request, as UTC ISO text, so ``collect`` can
 download the soonest-expiring outputs first and warn about outputs that will be gone
 before the next collect.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-SCHEMA = """CREATE TABLE IF NOT EXISTS task_expiry (
-    api        TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    expires_at TEXT NOT NULL,
-    PRIMARY KEY (api, request_id)
-) WITHOUT ROWID"""
-
-SQL_SET = ("INSERT INTO task_expiry (api, request_id, expires_at) VALUES (?, ?, ?) "
-           "ON CONFLICT (api, request_id) DO UPDATE SET expires_at = excluded.expires_at")
 
 # Nightly cron: the next collect is a day away unless told otherwise.
 NEXT_COLLECT = 24 * 3600.0
@@ -79,14 +68,3 @@ def before(expires_at: str | None, horizon: float) -> bool:
 def sort_key(expires_at: str | None) -> str:
     """Soonest first; a task without a stated expiry after every one with."""
     return expires_at or (datetime.now(UTC) + timedelta(days=36500)).isoformat()
-
-
-def ensure(db: sqlite3.Connection) -> None:
-    db.execute(SCHEMA)
-
-
-def load(db: sqlite3.Connection) -> dict[tuple[str, str], str]:
-    """Every recorded expiry; none when the ledger predates the table (read-only opens)."""
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='task_expiry'").fetchone() is None:
-        return {}
-    return {(api, rid): at for api, rid, at in db.execute("SELECT api, request_id, expires_at FROM task_expiry")}

@@ -479,7 +479,7 @@ class Collector:
                              handling="unknown expiry; the 24 h rule still holds")
         if view.expires_at is not None and view.expires_at != task.expires_at:
             task.expires_at = view.expires_at
-            self.ledger.write(expiry.SQL_SET, (task.api, task.request_id, view.expires_at))
+            self.ledger.record_expiry(task.api, task.request_id, view.expires_at)
         self._set(task, view.status, view.resources, view.reason, view.failure_class)
 
     def _set(self, task: Task, status: str, resources: list[dict[str, Any]] | None, reason: str | None,

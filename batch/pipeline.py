@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import polars as pl
 import structlog
 
-from batch import retry, upload
+from batch import retry
 from batch.api import FAKE_API, api_identity, check_task_id, origin
 from batch.client import Secret
 from batch.errors import (
@@ -338,27 +338,12 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
     return tally
 
 
-def refuse_on_postgres(opts: RunOptions, expander: Expander) -> None:
-    """What a PostgreSQL ledger does not keep yet (the retry lineage, the uploads table:
-    SQLite tables so far): --retry-failed is refused before anything is sent (exit 2), a
-    local image makes its row invalid; dry runs alike."""
-    if not isinstance(opts.state, PgLocation):
-        return
-    if opts.retry_failed:
-        raise ConfigError(f"--retry-failed is not yet supported with a PostgreSQL ledger ({opts.state}); "
-                          f"use a SQLite --state for the retry; nothing sent")
-    # Rows stream into the run as it sends: a row naming a local image is invalid (field,
-    # value, rule), never a stop after other rows were paid.
-    expander.images.refused = ("local image files are not yet supported with a PostgreSQL ledger: give an "
-                               "https:// URL, or use a SQLite --state")
-
-
 def retried_as_pending(ledger: LedgerStore, cap: int) -> Callable[[list[str]], list[tuple[Any, ...]]]:
     """The ledger's rows as a ``--retry-failed`` run would find them: the failed tasks it
     would send again are ``pending``, so a dry run shows them as sent and its estimate (and
     the preflight's) counts what they would cost."""
     def rows_of(ids: list[str]) -> list[tuple[Any, ...]]:
-        again = set(retry.plan(retry.failed_tasks(ledger.db, ledger.api, ids), cap).retried)
+        again = set(retry.plan(retry.failed_tasks(ledger, ids), cap).retried)
         return [(row[0], "pending", *row[2:]) if row[0] in again else row
                 for row in ledger.outcome_rows(ids)]
     return rows_of
@@ -420,7 +405,6 @@ def run_submit(opts: RunOptions) -> Summary:
     check_output_path(opts.output)
     with interruptible():  # Ctrl-C while a large file loads: exit 4, not a traceback
         expander, unreadable, skipped = load_and_expand(opts, run_id)
-        refuse_on_postgres(opts, expander)
         if opts.dry_run:
             output = dry_run_output(opts.output)
             probe_outputs(opts, output)
@@ -493,7 +477,7 @@ def run_submit(opts: RunOptions) -> Summary:
                                      skipped)
             if retried is not None:
                 summary.extra["retry_failed"] = {**retried.as_dict(),
-                                                 "sent": retry.retries_sent(ledger.db, opts.api, run_id)}
+                                                 "sent": ledger.retries_sent(run_id)}
         except Exception as exc:
             if _claimed(ledger, run_id) == 0:
                 raise
@@ -619,7 +603,7 @@ def retry_failed(opts: RunOptions, expander: Expander, ledger: LedgerStore, run_
     """Before sending: tonight's requests whose task failed on the provider's side become
     ``pending`` again (their task kept in the lineage); they then go out like any request."""
     ids = [r.request_id for r in expander if r.error is None]
-    plan = retry.prepare(ledger.db, opts.api, ids, opts.retry_cap, run_id)
+    plan = retry.prepare(ledger, ids, opts.retry_cap, run_id)
     log.info("retry_failed", **plan.as_dict(), cap=opts.retry_cap)
     if plan.never or plan.unclassified:
         log.warning("not_retried", content_policy=plan.never[:20], unclassified=plan.unclassified[:20],
@@ -834,7 +818,7 @@ async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable
     submitter = Submitter(config, aledger, run_id, progress, limiter)
     uploader = submitter.uploader = Uploader(
         expander.images, config.base_url, config.api_key, ledger.api, ledger.uploads(),
-        lambda row: aledger.write(upload.SQL_RECORD, row), config.max_attempts, config.transport)
+        aledger.record_upload, config.max_attempts, config.transport)
     state: dict[str, Any] = {"interrupted": None, "aborted": False, "on_halt": None}
 
     def on_signal(signum: int) -> None:

@@ -23,9 +23,9 @@ Guarantees:
   request body, so the request id (and the ledger's memory) follows the image's bytes, not
   its path: a renamed or copied file is the same request.
 * **Once per content.** Just before a request is sent its placeholders become URLs: the
-  ledger's ``uploads`` table (one row per API and SHA-256, created ``IF NOT EXISTS``) is
-  consulted first, so reruns, duplicates and later nights upload nothing again (no
-  lifetime of the URL is documented, so a recorded URL is reused). Concurrent requests
+  ledger's ``uploads`` table (one row per API and SHA-256, in either store, so hosts
+  sharing a PostgreSQL ledger share its uploads) is consulted first, so reruns, duplicates
+  and later nights upload nothing again (no lifetime of the URL is documented, so a recorded URL is reused). Concurrent requests
   with the same image share one upload. The bytes are re-read and re-hashed at upload
   time: a file changed since the check fails its request, never sends other bytes.
 * **Same rules as submissions.** An upload takes its turn in the key's rate budget, goes
@@ -41,7 +41,6 @@ import errno
 import hashlib
 import os
 import re
-import sqlite3
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,22 +63,6 @@ URL_FIELDS = frozenset({"video_urls", "audio_urls"})
 _PLACEHOLDER = re.compile(re.escape(PLACEHOLDER) + r"([0-9a-f]{64})")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _BUCKET = re.compile(r"(s3|gs|gcs|az|abfs|r2)://", re.IGNORECASE)
-
-SCHEMA = """CREATE TABLE IF NOT EXISTS uploads (
-    api         TEXT NOT NULL,
-    sha256      TEXT NOT NULL,
-    file_id     TEXT,
-    url         TEXT NOT NULL,
-    type        TEXT,
-    filename    TEXT,
-    size        INTEGER,
-    created_at  TEXT,
-    uploaded_at TEXT NOT NULL,
-    PRIMARY KEY (api, sha256)
-) WITHOUT ROWID"""
-SQL_RECORD = ("INSERT OR REPLACE INTO uploads (api, sha256, file_id, url, type, filename, size, created_at, "
-              "uploaded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-
 
 class UploadError(Exception):
     """An image could not be uploaded; ``definite``: the provider refused it (no retry helps)."""
@@ -205,9 +188,6 @@ class LocalImages:
         self.by_hash: dict[str, LocalImage] = {}
         self.planned: tuple[int, int] = (0, 0)  # files, bytes a run would upload (set by a dry run's plan)
         self._checked: dict[tuple[str, int, int], LocalImage | str] = {}  # per path as named
-        # Why local files cannot be uploaded at all in this run (a ledger that keeps no
-        # uploads table: PostgreSQL, for now): each such cell is its row's problem.
-        self.refused: str | None = None
 
     def check(self, value: str, sheet: Path | None) -> LocalImage | str:
         """One cell's file, checked (cached per file, size and mtime), or why it is refused.
@@ -257,7 +237,7 @@ class LocalImages:
         def one(name: str, value: Any, item: int | None) -> Any:
             if local_reference(value) is None:
                 return value
-            found = self.refused or self.check(value, sheet)
+            found = self.check(value, sheet)
             if isinstance(found, str):
                 at = f"{name}[{item}]" if item is not None else name
                 shown = value if len(value) <= 200 else f"{value[:200]}..."
@@ -295,17 +275,6 @@ def placeholders(body: dict[str, Any]) -> set[str]:
             if isinstance(v, str) and (m := _PLACEHOLDER.fullmatch(v)):
                 found.add(m.group(1))
     return found
-
-
-def ensure(db: sqlite3.Connection) -> None:
-    db.execute(SCHEMA)
-
-
-def uploaded(db: sqlite3.Connection, api: str) -> dict[str, str]:
-    """sha256 → URL of every upload the ledger records for this API."""
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='uploads'").fetchone() is None:
-        return {}
-    return dict(db.execute("SELECT sha256, url FROM uploads WHERE api = ?", (api,)).fetchall())
 
 
 def read_answer(verdict: Verdict) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from batch import retry
 from batch.errors import LockedError
 from batch.ledger import AsyncLedger, LedgerStore, Mark, State, locked_ledger, open_readonly
 
@@ -145,3 +146,55 @@ class LedgerContract:
 
     def test_read_only_open_of_no_ledger_is_none(self, state: State) -> None:
         assert open_readonly(state, API) is None
+
+    # -- batch.retry, batch.upload, batch.expiry: kept by every store (issue 23) --------------
+    def test_retry_lineage_moves_a_failed_task_and_the_cap_holds(self, ledger: LedgerStore) -> None:
+        """--retry-failed's storage: a retryable failed task moves to the lineage, its row
+        becomes ``pending`` with attempt 2; the lineage keeps counting in the night it was
+        sent; the cap (2 tasks) stops a third."""
+        ledger.start_run("run-1", "submit", None, "2026-01-01")
+        claim(ledger, mark("a"), mark("b"), mark("c"),
+              outcomes=[submitted("a"), submitted("b", task="task-b"), submitted("c", task="task-c")])
+        fail = "UPDATE requests SET task_status='failed', failure_reason=? WHERE request_id=?"
+        ledger.commit([], [], [(fail, ("500: Internal Error", "a")), (fail, ("400: Content Moderation", "b"))], False)
+        first = retry.prepare(ledger, ["a", "b", "c"], 2, "run-2")
+        assert (first.retried, first.never, first.capped) == (["a"], ["b"], [])
+        a = ledger.lookup(["a"])["a"]
+        assert (a.status, a.task_id, a.task_status) == ("pending", None, None)
+        assert ledger.next_attempts() == {"a": 2}
+        assert [r[-2:] for r in ledger.outcome_rows(["a"])] == [(2, '["task-1"]')]
+        assert ledger.lineage_tasks() == 1
+        # the night of run-1 still counts a's first task, though its row was reset
+        assert len(ledger.night_requests("2026-01-01")) == 3
+        ledger.start_run("run-2", "submit", None, "2026-01-02")
+        claim(ledger, mark("a", "run-2"), outcomes=[submitted("a", "run-2", task="task-2")])
+        assert ledger.next_attempts() == {} and ledger.retries_sent("run-2") == 1
+        ledger.commit([], [], [(fail, ("503: busy", "a"))], False)
+        capped = retry.prepare(ledger, ["a"], 2, "run-3")
+        assert (capped.retried, capped.capped) == ([], ["a"])
+        assert ledger.lookup(["a"])["a"].task_id == "task-2"
+
+    def test_an_upload_is_kept_per_api_and_content(self, ledger: LedgerStore) -> None:
+        sha = "ab" * 32
+
+        async def go() -> None:
+            front = AsyncLedger(ledger)
+            front.record_upload((API, sha, "file-1", "https://cdn.example/1.png", "image/png", "image.png", 70,
+                                 None, "2026-01-01T00:00:00+00:00"))
+            front.record_upload((API, sha, "file-2", "https://cdn.example/2.png", "image/png", "image.png", 70,
+                                 None, "2026-01-02T00:00:00+00:00"))  # uploaded again: the newer URL counts
+            await front.close()
+        asyncio.run(go())
+        assert ledger.uploads() == {sha: "https://cdn.example/2.png"}
+        assert ledger.export_rows("uploads")[0][:4] == (API, sha, "file-2", "https://cdn.example/2.png")
+
+    def test_expiry_times_are_kept_per_request(self, ledger: LedgerStore) -> None:
+        async def go() -> None:
+            front = AsyncLedger(ledger)
+            front.record_expiry(API, "a", "2030-01-01T00:00:00+00:00")
+            front.record_expiry(API, "a", "2030-01-02T00:00:00+00:00")
+            front.record_expiry("https://other.example", "a", "2031-01-01T00:00:00+00:00")
+            await front.close()
+        asyncio.run(go())
+        assert ledger.expiries() == {(API, "a"): "2030-01-02T00:00:00+00:00",
+                                     ("https://other.example", "a"): "2031-01-01T00:00:00+00:00"}

@@ -265,3 +265,33 @@ def test_ctrl_c_during_a_dry_run_exits_4_without_traceback_or_temp_file(tmp_path
     assert "Traceback" not in err and "interrupted by SIGINT" in err
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
     assert not (tmp_path / "r.parquet").exists()
+
+
+def test_a_ledger_from_before_the_lineage_gains_its_tables_in_place(tmp_path: Path) -> None:
+    """SQLite's side of issue 23's migrations: a ledger written before issue 20 (no lineage,
+    uploads or expiry tables, no retry columns) reads as empty of them when opened read-only,
+    and its first writable open adds them in place, keeping its rows."""
+    from batch.ledger import locked_ledger, open_readonly
+
+    state = tmp_path / "old.sqlite"
+    api = "https://api.example"
+    with locked_ledger(state, api) as ledger:
+        ledger.import_tasks([(api, "a", "task-a", None, None, None, None, "{}", None)])
+    with sqlite3.connect(state) as db:
+        for statement in ("DROP TABLE task_lineage", "DROP TABLE uploads", "DROP TABLE task_expiry",
+                          "ALTER TABLE requests DROP COLUMN task_attempt",
+                          "ALTER TABLE requests DROP COLUMN earlier_task_ids",
+                          "ALTER TABLE requests DROP COLUMN failure_class"):
+            db.execute(statement)
+    old = open_readonly(state, api)
+    assert old is not None
+    try:
+        assert (old.uploads(), old.expiries(), old.next_attempts(), old.lineage_tasks(), old.retries_sent("r"),
+                old.failed_tasks(["a"]), old.export_rows("task_lineage")) == ({}, {}, {}, 0, 0, [], [])
+        assert [r[-2:] for r in old.outcome_rows(["a"])] == [(1, None)]
+    finally:
+        old.close()
+    with locked_ledger(state, api) as ledger:
+        assert {"task_attempt", "earlier_task_ids", "failure_class"} <= ledger._columns("requests")
+        assert all(ledger._columns(t) for t in ("task_lineage", "uploads", "task_expiry"))
+        assert ledger.lookup(["a"])["a"].task_id == "task-a"

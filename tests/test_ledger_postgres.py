@@ -23,6 +23,7 @@ from conftest import (
     accepted_twice,
     cli,
     error_line,
+    json_lines,
     prompts,
     results,
     run_cli_process,
@@ -31,8 +32,9 @@ from conftest import (
     write_csv,
 )
 
-from batch import expiry
 from batch.errors import StateError
+from batch.ledger import PgLocation, queries
+from batch.ledger.postgres import SCHEMA_VERSION
 
 
 def host_dir(tmp: Path, name: str) -> Path:
@@ -294,7 +296,8 @@ def test_state_copy_moves_a_history_both_ways(fake, pg_server: PgServer, tmp_pat
     url = pg_server.url()
     res = cli(["state", "copy", str(tmp_path / "state.sqlite"), url])
     assert res.exit_code == 0, res.output
-    assert "5 requests copied (5 submitted), counts verified" in res.output
+    assert "5 requests copied (5 submitted), 1 runs, 0 earlier tasks (retry lineage), 0 uploads, 0 expiry times; " \
+        "counts verified" in res.output
     # The team's runs now go through PostgreSQL: nothing is paid twice.
     again = cli(submit_args(fake, tmp_path, sheet, out="again.parquet", state=url))
     assert again.exit_code == 0, again.output
@@ -305,6 +308,77 @@ def test_state_copy_moves_a_history_both_ways(fake, pg_server: PgServer, tmp_pat
     assert len(fake.state.submissions()) == 5
     refused = cli(["state", "copy", str(tmp_path / "state.sqlite"), url])
     assert refused.exit_code == 2 and "already holds" in refused.output + (refused.stderr or "")
+
+
+def full_history(state: Path) -> None:
+    """A SQLite ledger holding a row in every table a copy moves: runs, requests, a retried
+    request's earlier task, an upload, an expiry time (through the store's own methods)."""
+    import asyncio
+
+    from ledger_contract import API, claim, mark, submitted
+
+    from batch import retry
+    from batch.ledger import AsyncLedger, locked_ledger
+
+    with locked_ledger(state, API) as ledger:
+        ledger.start_run("run-1", "submit", "/out/r.parquet", "2026-01-01")
+        claim(ledger, mark("a"), mark("b"), outcomes=[submitted("a"), submitted("b", task="task-b")])
+        ledger.commit([], [], [("UPDATE requests SET task_status='failed', failure_reason='500: Internal Error' "
+                                "WHERE request_id='a'", ())], False)
+        assert retry.prepare(ledger, ["a", "b"], 2, "run-2").retried == ["a"]
+
+        async def record() -> None:
+            front = AsyncLedger(ledger)
+            front.record_upload((API, "ab" * 32, "file-1", "https://cdn.example/1.png", "image/png", "image.png",
+                                 "70", None, "2026-01-01T00:00:00+00:00"))  # a size as the provider's text
+            front.record_expiry(API, "b", "2030-01-01T00:00:00+00:00")
+            await front.close()
+        asyncio.run(record())
+
+
+def every_table(state) -> dict[str, list]:
+    from batch.ledger import COPY_COLUMNS, open_readonly
+
+    ledger = open_readonly(state, "")
+    assert ledger is not None
+    try:
+        return {t: sorted(ledger.export_rows(t), key=repr) for t in COPY_COLUMNS}
+    finally:
+        ledger.close()
+
+
+def test_state_copy_moves_lineage_uploads_and_expiry_both_ways(pg_server: PgServer, tmp_path: Path) -> None:
+    """Issue 23: ``state copy`` moved only requests and runs, so a team moving to PostgreSQL
+    lost its retry lineage (the cap restarted: paid again), its uploads (uploaded again) and
+    its expiry times. Every table goes, both ways, each verified by its count."""
+    full_history(tmp_path / "state.sqlite")
+    url = pg_server.url()
+    there = cli(["state", "copy", str(tmp_path / "state.sqlite"), url])
+    assert there.exit_code == 0, there.output
+    assert "2 requests copied (1 pending, 1 submitted), 1 runs, 1 earlier tasks (retry lineage), 1 uploads, " \
+           "1 expiry times; counts verified" in there.output
+    back = cli(["state", "copy", url, str(tmp_path / "back.sqlite")])
+    assert back.exit_code == 0, back.output
+    original = every_table(tmp_path / "state.sqlite")
+    assert all(original[t] for t in ("task_lineage", "uploads", "task_expiry"))
+    assert every_table(PgLocation(url)) == original
+    assert every_table(tmp_path / "back.sqlite") == original
+
+
+def test_state_copy_refuses_a_copy_whose_counts_differ(pg_server: PgServer, tmp_path: Path) -> None:
+    """A table the destination silently drops rows of (here a DBA's trigger on the lineage)
+    is a failed copy: exit 2 naming the table, never "counts verified"."""
+    from batch.ledger import locked_ledger
+
+    full_history(tmp_path / "state.sqlite")
+    url = pg_server.url()
+    with locked_ledger(PgLocation(url), "") as ledger:
+        ledger.db.execute("CREATE FUNCTION drop_row() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'")
+        ledger.db.execute("CREATE TRIGGER drop_lineage BEFORE INSERT ON task_lineage FOR EACH ROW "
+                          "EXECUTE FUNCTION drop_row()")
+    res = cli(["state", "copy", str(tmp_path / "state.sqlite"), url])
+    assert res.exit_code == 2, res.output
+    assert "0 rows of task_lineage" in res.output + (res.stderr or "") and "counts verified" not in res.output
 
 
 def peak_in_one_second(times: list[float]) -> int:
@@ -351,37 +425,88 @@ def test_dry_run_and_validate_read_the_postgres_ledger(fake, pg_server: PgServer
     assert len(fake.state.submissions()) == 4
 
 
-def test_retry_failed_and_local_images_are_refused_before_sending(fake, pg_server: PgServer, tmp_path: Path) -> None:
-    """The retry lineage and the uploads table are SQLite tables so far. With a PostgreSQL
-    ledger --retry-failed is a usage error (exit 2, one line, dry runs alike); a row naming
-    a local image is invalid (field, value, rule) while the others are sent; nothing uploaded."""
+RETRY_ROWS = [{"id": "ok", "prompt": "a calm lake"}, {"id": "flaky", "prompt": "FLAKYTASK a storm at sea"},
+              {"id": "policy", "prompt": "FAILTASK something forbidden"}, {"id": "cancel", "prompt": "CANCELTASK a fox"}]
+
+
+def run_summary(stderr: str) -> dict:
+    return next(e for e in json_lines(stderr) if e.get("event") == "summary")
+
+
+def host_night(fake, url: str, d: Path, n: int, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """One night on one "host": submit then collect from its own directory and state home."""
+    sheet = d / "in.csv"
+    if not sheet.exists():
+        write_csv(sheet, RETRY_ROWS)
+    table = d / f"night{n}.parquet"
+    common = ["--base-url", fake.url, "--state", url, "--rate", "0"]
+    sub = run_cli_process(["submit", str(sheet), "-o", str(table), "--no-preflight", *common, *extra],
+                          env=host_env(d), cwd=d)
+    assert sub.returncode == 0, sub.stderr
+    col = run_cli_process(["collect", "--results", str(table), *common], env=host_env(d), cwd=d)
+    assert col.returncode in (0, 1), col.stderr  # 1: some tasks failed, as they should
+    return sub, {r["id"]: r for r in results(table).iter_rows(named=True)}
+
+
+def test_retry_failed_on_a_postgres_ledger_holds_its_cap_across_hosts(start_fake, pg_server: PgServer,
+                                                                      tmp_path: Path) -> None:
+    """Issue 23: --retry-failed exited 2 with a PostgreSQL ledger. Three nights on two hosts
+    sharing only the database: night 2 (host b) retries the provider-side failures as
+    ``<request_id>.a2`` with the lineage in the database; night 3 (host a, whose disk never
+    saw night 2) finds the cap of 2 tasks reached and pays for nothing."""
+    fake = start_fake(flaky_failures=5)
     url = pg_server.url()
-    sheet = write_csv(tmp_path / "in.csv", prompts(2))
-    base = ["--base-url", fake.url, "--rate", "0", "--state", url, "--no-preflight"]
-    for dry in ([], ["--dry-run"]):
-        proc = run_cli_process(["submit", str(sheet), "-o", str(tmp_path / "r.parquet"), "--retry-failed",
-                                *dry, *base])
-        assert proc.returncode == 2, proc.stderr
-        line = error_line(proc.stderr)
-        assert "--retry-failed is not yet supported with a PostgreSQL ledger" in line, line
-    assert fake.state.submissions() == []
-    (tmp_path / "refs").mkdir()
-    (tmp_path / "refs" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(64)))
-    framed = write_csv(tmp_path / "framed.csv", [{"prompt": "one", "first_frame_image": "refs/a.png"},
-                                                 {"prompt": "two", "first_frame_image": "https://example.com/f.jpg"}])
-    proc = run_cli_process(["submit", str(framed), "-o", str(tmp_path / "f.parquet"), "--model",
-                            "bytedance/seedance-2.0-fast-i2v", *base])
-    assert proc.returncode == 1, proc.stderr  # some rows invalid
-    rows = {r["prompt"]: r for r in results(tmp_path / "f.parquet").iter_rows(named=True)}
-    assert rows["two"]["status"] == "submitted"
-    assert rows["one"]["status"] == "invalid" and "refs/a.png" in rows["one"]["error"]
-    assert "not yet supported with a PostgreSQL ledger" in rows["one"]["error"]
-    assert fake.state.uploads() == [] and len(fake.state.submissions()) == 1
+    a, b = host_dir(tmp_path, "a"), host_dir(tmp_path, "b")
+    _, first = host_night(fake, url, a, 1)
+    assert {k: r["task_status"] for k, r in first.items()} == {"ok": "success", "flaky": "failed",
+                                                                "policy": "failed", "cancel": "failed"}
+    dry = run_cli_process(["submit", str(a / "in.csv"), "-o", str(b / "dry.parquet"), "--dry-run", "--retry-failed",
+                           "--base-url", fake.url, "--state", url, "--rate", "0"], env=host_env(b), cwd=b)
+    assert dry.returncode == 0, dry.stderr
+    assert sorted(results(b / "dry.parquet")["status"].to_list()) == ["dry_run", "dry_run", "skipped", "skipped"]
+    sub, second = host_night(fake, url, b, 2, "--retry-failed")
+    assert run_summary(sub.stderr)["retry_failed"] == {"retried": 2, "cap_reached": 0, "content_policy": 1,
+                                                        "unclassified": 0, "sent": 2}
+    for k in ("flaky", "cancel"):
+        assert second[k]["task_attempt"] == 2 and second[k]["earlier_task_ids"] == [first[k]["task_id"]]
+    flaky = first["flaky"]["request_id"]
+    assert [r.x_request_id for r in fake.state.submissions() if r.body["prompt"].startswith("FLAKYTASK")] \
+        == [flaky, f"{flaky}.a2"]
+    sub, third = host_night(fake, url, a, 3, "--retry-failed")
+    assert run_summary(sub.stderr)["retry_failed"]["cap_reached"] == 2
+    assert len(fake.state.submissions()) == 6  # 4 first tasks, 2 retries, none after the cap
+    assert third["flaky"]["earlier_task_ids"] == [first["flaky"]["task_id"]]
+    with psycopg.connect(pg_server.base_url()) as db:
+        schema = PgLocation(url).schema
+        lineage = db.execute(f"SELECT attempt, task_id, failure_class FROM {schema}.task_lineage "
+                             "WHERE request_id = %s", (flaky,)).fetchall()
+    assert lineage == [(1, first["flaky"]["task_id"], "retryable")]
+
+
+def test_a_local_image_is_uploaded_once_across_two_hosts(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """Issue 23: a local image was ``invalid`` with a PostgreSQL ledger. Two hosts, each with
+    its own copy of the picture and its own sheet, one ledger: one upload, one URL in both."""
+    url = pg_server.url()
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(range(64))
+    for name, prompt in (("a", "one"), ("b", "two")):
+        d = host_dir(tmp_path, name)
+        (d / "refs").mkdir()
+        (d / "refs" / "frame.png").write_bytes(png)
+        sheet = write_csv(d / "in.csv", [{"prompt": prompt, "first_frame_image": "refs/frame.png"}])
+        proc = run_cli_process(["submit", str(sheet), "-o", str(d / "r.parquet"), "--base-url", fake.url,
+                                "--state", url, "--rate", "0", "--no-preflight", "--model",
+                                "bytedance/seedance-2.0-fast-i2v"], env=host_env(d), cwd=d)
+        assert proc.returncode == 0, proc.stderr
+        assert results(d / "r.parquet")["status"].to_list() == ["submitted"]
+    assert len(fake.state.uploads()) == 1
+    sent = {r.body["prompt"]: r.body["first_frame_image"] for r in fake.state.submissions()}
+    assert sent["one"] == sent["two"] and sent["one"].startswith(f"{fake.url}/media/file-")
 
 
 def test_a_schema_1_ledger_is_migrated_in_place_and_collect_records_expiry(pg_server: PgServer) -> None:
-    """Schema 2 (the failure class, the retry columns, task_expiry) is applied in place to a
-    ledger a schema-1 version created; a read-only open of a schema-1 ledger reads it as is."""
+    """Schemas 2 (the failure class, the retry columns, task_expiry) and 3 (task_lineage,
+    uploads) are applied in place to a ledger a schema-1 version created; a read-only open
+    of a schema-1 ledger reads it as is."""
     from batch.ledger import PgLocation, locked_ledger, open_readonly
 
     location = PgLocation(pg_server.url())
@@ -390,20 +515,26 @@ def test_a_schema_1_ledger_is_migrated_in_place_and_collect_records_expiry(pg_se
         ledger.import_tasks([(api, "a", "task-a", None, None, None, None, "{}", None)])
         for statement in ("ALTER TABLE requests DROP COLUMN failure_class", "ALTER TABLE requests DROP COLUMN "
                           "task_attempt", "ALTER TABLE requests DROP COLUMN earlier_task_ids",
-                          "DROP TABLE task_expiry", "DELETE FROM migrations WHERE version = 2"):
+                          "DROP TABLE task_expiry", "DROP TABLE task_lineage", "DROP TABLE uploads",
+                          "DELETE FROM migrations WHERE version >= 2"):
             ledger.db.execute(statement)
     old = open_readonly(location, api)
     assert old is not None
     try:
         assert [r[-2:] for r in old.outcome_rows(["a"])] == [(1, None)] and old.expiries() == {}
+        assert (old.uploads(), old.next_attempts(), old.lineage_tasks(), old.night_requests("2026-01-01")) \
+            == ({}, {}, 0, [])
+        assert old.failed_tasks(["a"]) == []
     finally:
         old.close()
     with locked_ledger(location, api) as ledger:
-        assert ledger.db.execute("SELECT max(version) FROM migrations").fetchone()[0] == 2
+        assert ledger.db.execute("SELECT max(version) FROM migrations").fetchone()[0] == SCHEMA_VERSION
         ledger.commit([], [], [("UPDATE requests SET failure_class=? WHERE request_id=?", ("retryable", "a")),
-                               (expiry.SQL_SET, (api, "a", "2030-01-01T00:00:00+00:00"))], False)
+                               (queries.SET_EXPIRY, (api, "a", "2030-01-01T00:00:00+00:00"))], False)
         assert ledger.expiries() == {(api, "a"): "2030-01-01T00:00:00+00:00"}
         assert [r[-2:] for r in ledger.outcome_rows(["a"])] == [(1, None)]
+        assert [v for v, in ledger.db.execute("SELECT version FROM migrations ORDER BY version")] == [1, 2, 3]
+        assert ledger.uploads() == {} and ledger.lineage_tasks() == 0  # the tables are back, empty
 
 
 class SourcedProxy(CutProxy):

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batch.ledger.base import (
+    COPY_COLUMNS,
     LEDGER_COLUMNS,
     OUTCOME_COLUMNS,
     OUTCOME_FIELDS,
@@ -72,9 +73,12 @@ def open_readonly(state: State, api: str) -> LedgerStore | None:
 
 
 def copy_ledger(source: State, dest: State) -> dict[str, int]:
-    """Copy every request and run of ``source`` into ``dest`` (SQLite <-> PostgreSQL), which
-    must hold none yet, each under its submit lock (no run writes meanwhile); then compare
-    the counts by status of both. Returns them."""
+    """Copy every table of ``source``'s history into ``dest`` (SQLite <-> PostgreSQL): runs,
+    requests, the retry lineage, uploads and expiry times. ``dest`` must hold none of them
+    yet; both are under their submit lock (no run writes meanwhile), the copy is one
+    transaction. Then every table's row count, and the requests' counts by
+    status, are compared: a mismatch is a :class:`StateError` naming the table. Returns
+    the rows copied per table and, under ``"requests:<status>"``, the requests by status."""
     from batch.errors import StateError
 
     probe = open_readonly(source, "")
@@ -82,20 +86,28 @@ def copy_ledger(source: State, dest: State) -> dict[str, int]:
         raise StateError(f"{source}: no ledger there; nothing copied")
     probe.close()
     with locked_ledger(source, "") as src, locked_ledger(dest, "") as dst:
-        if dst.export_rows("requests") or dst.export_rows("runs"):
-            raise StateError(f"{dest}: already holds requests or runs; copy into a new ledger")
-        for table in ("runs", "requests"):
-            dst.import_rows(table, src.export_rows(table))
-        want, have = src.counts(), dst.counts()
-        if want != have:
-            raise StateError(f"{dest}: the copy's counts {have} differ from {source}'s {want}")
-        return have
+        held = [table for table in COPY_COLUMNS if dst.table_count(table)]
+        if held:
+            raise StateError(f"{dest}: already holds {', '.join(held)}; copy into a new ledger")
+        dst.import_tables({table: src.export_rows(table) for table in COPY_COLUMNS})
+        copied: dict[str, int] = {}
+        for table in COPY_COLUMNS:
+            want, have = src.table_count(table), dst.table_count(table)
+            copied[table] = have
+            if want != have:
+                raise StateError(f"{dest}: the copy holds {have} rows of {table}, {source} {want}; "
+                                 f"the copy is incomplete: drop it and copy again")
+        want_status, have_status = src.counts(), dst.counts()
+        if want_status != have_status:
+            raise StateError(f"{dest}: the copy's counts {have_status} differ from {source}'s {want_status}")
+        return copied | {f"requests:{status}": n for status, n in have_status.items()}
 
 
 __all__ = [
     "ADDED_COLUMNS",
     "APPLICATION_ID",
     "COMPANIONS",
+    "COPY_COLUMNS",
     "LEDGER_COLUMNS",
     "OUTCOME_COLUMNS",
     "OUTCOME_FIELDS",

@@ -18,6 +18,13 @@ keeps these guarantees (each method's docstring in :class:`LedgerStore` says its
   results table and replayed by the next run before it sends anything.
 * **No silent fresh start; per API; the night's spend**: as :mod:`batch.ledger.sqlite`
   describes, the same in every store.
+* **Retries, uploads, expiry times in every store.** The retry lineage, the uploads and
+  the expiry times (tables ``task_lineage``, ``uploads``, ``task_expiry``) are kept by
+  methods written here once, over the statements of :mod:`batch.ledger.queries`; a store
+  only runs them (:meth:`LedgerStore._rows`, :meth:`LedgerStore._atomic`) and says which
+  tables an older ledger opened read-only lacks (:meth:`LedgerStore._columns`). What is
+  retried, the cap and which upload is reused are decided above, in :mod:`batch.retry`
+  and :mod:`batch.upload`.
 
 :class:`AsyncLedger` batches writes (group commit) in front of any store.
 """
@@ -34,7 +41,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batch.api import FAKE_API
 from batch.errors import StateError
+from batch.ledger import queries as q
 
 LEDGER_COLUMNS = (
     "api", "request_id", "status", "run_id", "label", "model", "endpoint", "task_id", "poll_url", "error",
@@ -42,7 +51,8 @@ LEDGER_COLUMNS = (
     "failure_reason", "completed_at", "local_paths", "download_error", "body", "polls", "resources",
 )
 
-# Every column of the two tables a copy moves (``state copy``), in one order for both stores.
+# Every column of every table a copy moves (``state copy``), in one order for both stores;
+# each is verified by its count after the copy.
 COPY_COLUMNS = {
     "requests": ("api", "request_id", "status", "run_id", "label", "model", "endpoint", "source", "row", "body",
                  "task_id", "poll_url", "error", "error_code", "http_status", "attempts", "sending_at",
@@ -50,6 +60,11 @@ COPY_COLUMNS = {
                  "completed_at", "local_paths", "download_error", "polls", "cost_usd", "failure_class",
                  "task_attempt", "earlier_task_ids"),
     "runs": ("run_id", "started_at", "finished_at", "command", "summary", "api", "output", "night"),
+    # batch.retry's earlier tasks, batch.upload's images, batch.expiry's times
+    "task_lineage": ("api", "request_id", "attempt", "task_id", "failure_reason", "failure_class", "submitted_at",
+                     "completed_at", "retried_at", "run_id", "sent_run_id", "cost_usd"),
+    "uploads": ("api", "sha256", "file_id", "url", "type", "filename", "size", "created_at", "uploaded_at"),
+    "task_expiry": ("api", "request_id", "expires_at"),
 }
 
 # A row as the results table reads it (Ledger.outcome_rows).
@@ -125,14 +140,11 @@ SQL_OUTCOME = (
 )
 OUTCOME_FIELDS = 10
 
-# An import meets a row the ledger has: left as it is, unless a run left it ``sending`` or
-# ``unknown`` without a task id (its ledger write failed) and the table holds the task id.
-# Both stores' syntax (PostgreSQL and SQLite share ON CONFLICT ... DO UPDATE ... WHERE).
-SQL_IMPORT_UPGRADE = (
-    "ON CONFLICT (api, request_id) DO UPDATE SET status='submitted', task_id=excluded.task_id, "
-    "submitted_at=COALESCE(requests.submitted_at, excluded.submitted_at), updated_at=excluded.updated_at "
-    "WHERE excluded.task_id IS NOT NULL AND requests.status IN ('sending', 'unknown') AND requests.task_id IS NULL"
-)
+def _table(name: str) -> str:
+    """A table a copy or a count may name (never text from outside into SQL)."""
+    if name not in COPY_COLUMNS:
+        raise ValueError(f"not a ledger table: {name!r}")
+    return name
 
 
 class LedgerStore(abc.ABC):
@@ -168,41 +180,32 @@ class LedgerStore(abc.ABC):
         committed."""
 
     @abc.abstractmethod
-    def replay_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Commit ``(api, *outcome)`` rows read back from a rescue file, in one transaction."""
-
-    @abc.abstractmethod
     def close(self) -> None:
         """Release the lock and the connection (a clean end leaves nothing to recover)."""
 
+    # -- what each store says in its own dialect -----------------------------------------
     @abc.abstractmethod
-    def apis(self) -> dict[str, int]:
-        """Requests per API this ledger holds."""
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one statement written with ``?`` placeholders (:mod:`batch.ledger.queries`)."""
 
     @abc.abstractmethod
-    def move_api(self, old: str, new: str) -> int:
-        """Count ``old``'s requests as sent to ``new`` (the same provider at another host)."""
+    def _atomic(self, batches: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> list[int]:
+        """Each statement (``?`` placeholders) with each of its parameter rows, all in one
+        transaction; the rows each statement changed. Raises one of :attr:`write_errors`
+        when nothing was committed."""
 
     @abc.abstractmethod
-    def start_run(self, run_id: str, command: str, output: str | None = None, night: str | None = None) -> None:
-        """Record a run before it sends: its results table (``output``) and its night."""
+    def _columns(self, table: str) -> frozenset[str]:
+        """The columns ``table`` has (none when it does not exist): a ledger an earlier
+        version wrote, opened read-only, lacks the additive tables and columns."""
 
-    @abc.abstractmethod
-    def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
-        """Record the run's end and summary."""
+    def _coerce(self, table: str, column: str, value: Any) -> Any:
+        """A value read from another store, as this one's column takes it."""
+        return value
 
     @abc.abstractmethod
     def run_outputs(self, run_ids: Iterable[str]) -> dict[str, str]:
         """The results table each of ``run_ids`` recorded at its start."""
-
-    @abc.abstractmethod
-    def run_places(self, run_id: str) -> list[tuple[str, str | None, int | None, str | None]]:
-        """``(request_id, source, row, model)`` of every request the run claimed, in input order."""
-
-    @abc.abstractmethod
-    def night_requests(self, night: str) -> list[tuple[str | None, str | None, float | None]]:
-        """``(model, body, cost_usd)`` of every request runs of ``night`` sent that the provider
-        may have accepted; real runs count the real APIs', fake runs the fake's."""
 
     @abc.abstractmethod
     def lookup(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, Entry]:
@@ -211,20 +214,6 @@ class LedgerStore(abc.ABC):
     def known(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> set[str]:
         """Which of ``ids`` this API (or ``apis``) has a row for, whatever its status."""
         return set(self.lookup(ids, apis))
-
-    def uploads(self) -> dict[str, str]:
-        """sha256 -> URL of every image uploaded for this API (batch.upload); a store that
-        keeps no uploads (PostgreSQL, for now: the run refuses local images) has none."""
-        return {}
-
-    def next_attempts(self) -> dict[str, int]:
-        """Request id -> attempt number of each retried request not yet sent again
-        (batch.retry); a store that keeps no lineage (PostgreSQL, for now) has none."""
-        return {}
-
-    @abc.abstractmethod
-    def run_counts(self, run_id: str) -> list[tuple[str, int]]:
-        """``(status, count)`` of the requests ``run_id`` holds for this API."""
 
     def task_states(self, ids: Sequence[str], apis: Sequence[str] | None = None) -> dict[str, tuple[Any, ...]]:
         """``request_id`` -> ``(api, status, task_id)`` of the rows of ``ids`` this API (or ``apis``) has."""
@@ -235,10 +224,6 @@ class LedgerStore(abc.ABC):
         """Rows of ``ids`` as :data:`OUTCOME_COLUMNS`, as stored."""
 
     @abc.abstractmethod
-    def expiries(self) -> dict[tuple[str, str], str]:
-        """``(api, request_id)`` -> when the provider said its outputs expire (batch.expiry)."""
-
-    @abc.abstractmethod
     def labels(self, labels: Sequence[str], before_run: str | None = None) -> dict[str, set[str]]:
         """For each label, the request ids this API has under it that may be at the provider;
         with ``before_run``, only those other runs sent."""
@@ -247,28 +232,158 @@ class LedgerStore(abc.ABC):
     def tasks_to_follow(self, include_success: bool, apis: Sequence[str]) -> list[Entry]:
         """Submitted tasks of ``apis`` not yet terminal (with downloads, the successful too)."""
 
-    @abc.abstractmethod
+    # -- written once for every store (the statements of batch.ledger.queries) -------------
+    def replay_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Commit ``(api, *outcome)`` rows read back from a rescue file, in one transaction."""
+        now = utcnow()
+        self._atomic([(SQL_OUTCOME, [(*o[:-2], now, api, o[-2], o[-1]) for api, *o in rows])])
+
+    def apis(self) -> dict[str, int]:
+        """Requests per API this ledger holds."""
+        return dict(self._rows(q.APIS))
+
+    def move_api(self, old: str, new: str) -> int:
+        """Count ``old``'s requests as sent to ``new`` (the same provider at another host)."""
+        now = utcnow()
+        return self._atomic([(q.MOVE_API, [(new, now, old)]), (q.SET_META, [(f"moved {old}", f"{now} to {new}")])])[0]
+
+    def start_run(self, run_id: str, command: str, output: str | None = None, night: str | None = None) -> None:
+        """Record a run before it sends, with the results table it writes (``output``): a
+        later collect finds the table by the run, whatever date the job's name holds; and
+        its night, which the spend cap counts by."""
+        self._atomic([(q.START_RUN, [(run_id, utcnow(), command, self.api, output, night or night_of())])])
+        self.write_marker(run_id)
+
+    def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
+        """Record the run's end and summary."""
+        self._atomic([(q.FINISH_RUN, [(utcnow(), json.dumps(summary), run_id)])])
+        self.write_marker(run_id)
+
+    def run_places(self, run_id: str) -> list[tuple[str, str | None, int | None, str | None]]:
+        """``(request_id, source, row, model)`` of every request the run claimed (marked
+        ``sending``), whatever came of it, in input order."""
+        return self._rows(q.RUN_PLACES, (self.api, run_id))
+
+    def run_counts(self, run_id: str) -> list[tuple[str, int]]:
+        """``(status, count)`` of the requests ``run_id`` holds for this API."""
+        return self._rows(q.RUN_COUNTS, (self.api, run_id))
+
+    def night_requests(self, night: str) -> list[tuple[str | None, str | None, float | None]]:
+        """``(model, body, cost_usd)`` of every task that runs of ``night`` sent and the
+        provider may have accepted (``sending``, ``submitted``, ``unknown``, and the earlier
+        tasks of a retried request, kept in the lineage): what the night has spent. Real
+        runs count the real APIs' requests, fake runs the fake's."""
+        fake = self.api == FAKE_API
+        current = self._rows(q.NIGHT_REQUESTS, (night, FAKE_API, fake))
+        if not self._columns("task_lineage"):
+            return current
+        return current + self._rows(q.NIGHT_ATTEMPTS, (night, FAKE_API, fake))
+
     def import_tasks(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Adopt tasks known only from a results table, in one transaction: ``(api, request_id,
         task_id, model, endpoint, source, row, body, submitted_at)``. With a task id a row is
-        ``submitted``, without one ``unknown``; a row the ledger has is left as it is, except
-        :data:`SQL_IMPORT_UPGRADE`'s: a ``sending``/``unknown`` row without a task id takes the
-        table's task id."""
-
-    @abc.abstractmethod
-    def export_rows(self, table: str) -> list[tuple[Any, ...]]:
-        """Every row of ``table`` (``requests`` or ``runs``) as :data:`COPY_COLUMNS` orders it."""
-
-    @abc.abstractmethod
-    def import_rows(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Insert rows of ``table`` as :meth:`export_rows` gave them, in one transaction."""
+        ``submitted``, without one ``unknown`` (the provider may hold it); a row the ledger has
+        is left as it is, except one a run left ``sending``/``unknown`` without a task id (its
+        ledger write failed): the table's task id upgrades it to ``submitted``."""
+        if not rows:
+            return
+        now = utcnow()
+        self._atomic([(q.IMPORT_TASK, [
+            (api, rid, task, model, endpoint, source, self._coerce("requests", "row", row), body, task, submitted, now)
+            for api, rid, task, model, endpoint, source, row, body, submitted in rows])])
 
     def counts(self) -> dict[str, int]:
         """Requests by status."""
-        counts: dict[str, int] = {}
-        for row in self.export_rows("requests"):
-            counts[row[2]] = counts.get(row[2], 0) + 1
-        return counts
+        return dict(self._rows(q.COUNTS))
+
+    def table_count(self, table: str) -> int:
+        """Rows of one of :data:`COPY_COLUMNS`' tables (none when it does not exist)."""
+        if not self._columns(table):
+            return 0
+        return int(self._rows(f"SELECT count(*) FROM {_table(table)}")[0][0])
+
+    def export_rows(self, table: str) -> list[tuple[Any, ...]]:
+        """Every row of ``table`` (one of :data:`COPY_COLUMNS`) in its order."""
+        if not self._columns(table):
+            return []
+        cols = ", ".join(f'"{c}"' for c in COPY_COLUMNS[_table(table)])
+        return self._rows(f"SELECT {cols} FROM {table}")
+
+    def import_rows(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert rows of ``table`` as :meth:`export_rows` gave them, in one transaction."""
+        self.import_tables({table: rows})
+
+    def import_tables(self, tables: dict[str, Sequence[tuple[Any, ...]]]) -> None:
+        """Insert the rows of several tables as :meth:`export_rows` gave them, all in one
+        transaction (a copy interrupted midway leaves nothing)."""
+        batches = []
+        for table, rows in tables.items():
+            cols = COPY_COLUMNS[_table(table)]
+            sql = f"INSERT INTO {table}({', '.join(f'{chr(34)}{c}{chr(34)}' for c in cols)}) " \
+                  f"VALUES ({', '.join('?' * len(cols))})"
+            batches.append((sql, [tuple(self._coerce(table, c, v) for c, v in zip(cols, r, strict=True))
+                                  for r in rows]))
+        self._atomic(batches)
+
+    # -- batch.expiry ------------------------------------------------------------------
+    def expiries(self) -> dict[tuple[str, str], str]:
+        """``(api, request_id)`` -> when the provider said its outputs expire (batch.expiry)."""
+        if not self._columns("task_expiry"):
+            return {}
+        return {(api, rid): at for api, rid, at in self._rows(q.EXPIRIES)}
+
+    # -- batch.upload ------------------------------------------------------------------
+    def uploads(self) -> dict[str, str]:
+        """sha256 -> URL of every image uploaded for this API (batch.upload reuses them)."""
+        if not self._columns("uploads"):
+            return {}
+        return dict(self._rows(q.UPLOADS, (self.api,)))
+
+    # -- batch.retry: the lineage --------------------------------------------------------
+    def failed_tasks(self, ids: Iterable[str]) -> list[tuple[Any, ...]]:
+        """``(request_id, task_id, failure_reason, submitted_at, completed_at, attempt,
+        earlier_task_ids, run_id, cost_usd, failure_class)`` of the rows of ``ids`` this API
+        has ``submitted`` with a ``failed`` task (what :func:`batch.retry.plan` reads)."""
+        wanted = list(dict.fromkeys(ids))
+        have = self._columns("requests")
+        query = q.FAILED_TASKS
+        if "task_attempt" not in have:  # an earlier version's ledger, read-only: no retry ever ran
+            query = query.replace("COALESCE(task_attempt, 1)", "1").replace("earlier_task_ids", "NULL")
+        if "failure_class" not in have:
+            query = query.replace(", failure_class FROM", ", NULL FROM")
+        rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(wanted), 500):  # SQLite's parameter limit
+            chunk = wanted[start:start + 500]
+            rows += self._rows(query.format(marks=",".join("?" * len(chunk))), (self.api, *chunk))
+        return rows
+
+    def reset_for_retry(self, lineage: Sequence[tuple[Any, ...]], resets: Sequence[tuple[Any, ...]]) -> None:
+        """In one transaction: earlier tasks into the lineage (rows as :data:`~batch.ledger.
+        queries.ADD_LINEAGE` takes them), their requests made ``pending`` (as
+        :data:`~batch.ledger.queries.RESET_FOR_RETRY` takes them). A crash leaves the old
+        rows or the reset ones, never a task id in neither place."""
+        self._atomic([(q.ADD_LINEAGE, lineage), (q.RESET_FOR_RETRY, resets)])
+
+    def next_attempts(self) -> dict[str, int]:
+        """Request id -> attempt number of each retried request not yet sent again (its row
+        reset, no task yet): what its next task's x-request-id carries."""
+        if "task_attempt" not in self._columns("requests"):
+            return {}
+        return dict(self._rows(q.NEXT_ATTEMPTS, (self.api,)))
+
+    def lineage_tasks(self) -> int:
+        """How many earlier tasks the lineage holds: task ids that left ``requests`` when
+        their row was reset, which a count of the ledger's task ids must keep."""
+        if not self._columns("task_lineage"):
+            return 0
+        return int(self._rows(q.LINEAGE_TASKS)[0][0])
+
+    def retries_sent(self, run_id: str) -> int:
+        """How many retry tasks (attempt 2 or later) ``run_id`` sent that the provider may
+        have taken (a --max-spend stop leaves some pending, sent by a later run)."""
+        if "task_attempt" not in self._columns("requests"):
+            return 0
+        return int(self._rows(q.RETRIES_SENT, (self.api, run_id))[0][0])
 
     # -- written once for every store --------------------------------------------------
     def import_task(self, api: str, request_id: str, task_id: str | None, model: str | None, endpoint: str | None,
@@ -433,6 +548,15 @@ class AsyncLedger:
             return  # collect bookkeeping: the next pass polls again
         self._other.append((sql, params))
         self._wake.set()
+
+    def record_upload(self, row: tuple[Any, ...]) -> None:
+        """An image uploaded (batch.upload): committed with the next batch, before the
+        requests that carry its URL are claimed."""
+        self.write(q.RECORD_UPLOAD, row)
+
+    def record_expiry(self, api: str, request_id: str, expires_at: str) -> None:
+        """When the provider said a task's outputs expire (batch.expiry)."""
+        self.write(q.SET_EXPIRY, (api, request_id, expires_at))
 
     async def flush(self) -> set[str]:
         """Return once everything queued so far is committed; the ids claimed in that batch."""

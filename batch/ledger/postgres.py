@@ -4,7 +4,8 @@ Keeps every guarantee of :mod:`batch.ledger.base`, and:
 
 * **A ledger is a name inside a database** (``?ledger=NAME``, default ``default``): a
   schema ``seedance_<name>`` created on first use (under a transaction-scoped advisory
-  lock, so two hosts creating it at once end with one) with its ``migrations`` table.
+  lock, so two hosts creating it at once end with one) with its ``migrations`` table;
+  :data:`MIGRATIONS` bring a ledger an older version created up to date in place.
 * **Durable before the wire.** Every transaction commits with ``synchronous_commit=on``
   (set for the session, whatever the database's default): a claim is in the server's
   WAL on disk before the first byte of its request leaves. Claims of a batch are one
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import time
@@ -42,34 +42,49 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-from batch.api import FAKE_API
 from batch.errors import LockedError, StateError
 from batch.ledger.base import (
-    COPY_COLUMNS,
     LEDGER_COLUMNS,
     OUTCOME_COLUMNS,
-    SQL_IMPORT_UPGRADE,
     SQL_OUTCOME,
     Entry,
     LedgerStore,
     Mark,
-    night_of,
     state_home,
     utcnow,
 )
 
 SCHEMES = ("postgresql://", "postgres://")
 LEDGER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")
-SCHEMA_VERSION = 2
-# Version 2 (main's issue 20, additive): the failure class collect records, the retry
-# columns the results table reads, and batch.expiry's table. Applied in place to a v1 ledger.
-_MIGRATION_2 = (
-    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS failure_class TEXT",
-    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS task_attempt INTEGER",
-    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS earlier_task_ids TEXT",
-    "CREATE TABLE IF NOT EXISTS task_expiry (api TEXT NOT NULL, request_id TEXT NOT NULL, "
-    "expires_at TEXT NOT NULL, PRIMARY KEY (api, request_id))",
+SCHEMA_VERSION = 3
+# The migrations after ``create`` (version 1), each applied in place, in order, by the first
+# writable open of an older ledger, in one transaction under the creation lock, and
+# recorded in the ``migrations`` table. Every statement is idempotent (``IF NOT EXISTS``):
+# a new ledger runs them all after its schema. A version that knows fewer refuses the ledger.
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    # main's issue 20: the failure class collect records, the retry columns the results
+    # table reads, and batch.expiry's table
+    (2, "retry columns, task_expiry", (
+        "ALTER TABLE requests ADD COLUMN IF NOT EXISTS failure_class TEXT",
+        "ALTER TABLE requests ADD COLUMN IF NOT EXISTS task_attempt INTEGER",
+        "ALTER TABLE requests ADD COLUMN IF NOT EXISTS earlier_task_ids TEXT",
+        "CREATE TABLE IF NOT EXISTS task_expiry (api TEXT NOT NULL, request_id TEXT NOT NULL, "
+        "expires_at TEXT NOT NULL, PRIMARY KEY (api, request_id))",
+    )),
+    # issue 23: batch.retry's lineage and batch.upload's one upload per content, as SQLite has them
+    (3, "task_lineage, uploads", (
+        "CREATE TABLE IF NOT EXISTS task_lineage (api TEXT NOT NULL, request_id TEXT NOT NULL, "
+        "attempt INTEGER NOT NULL, task_id TEXT, failure_reason TEXT, failure_class TEXT, submitted_at TEXT, "
+        "completed_at TEXT, retried_at TEXT NOT NULL, run_id TEXT, sent_run_id TEXT, cost_usd DOUBLE PRECISION, "
+        "PRIMARY KEY (api, request_id, attempt))",
+        "CREATE INDEX IF NOT EXISTS task_lineage_sent_run ON task_lineage(sent_run_id)",
+        "CREATE TABLE IF NOT EXISTS uploads (api TEXT NOT NULL, sha256 TEXT NOT NULL, file_id TEXT, "
+        "url TEXT NOT NULL, type TEXT, filename TEXT, size BIGINT, created_at TEXT, uploaded_at TEXT NOT NULL, "
+        "PRIMARY KEY (api, sha256))",
+    )),
 )
+# Integer columns: a value copied from SQLite (whose columns take any type) is read as one.
+_INTEGERS = frozenset({"row", "error_code", "http_status", "attempts", "polls", "task_attempt", "attempt", "size"})
 # Dead-peer detection for the lock's session and the writer's (libpq parameters).
 KEEPALIVE = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
              "tcp_user_timeout": "20000", "connect_timeout": "10"}
@@ -265,6 +280,7 @@ class PgLedger(LedgerStore):
         self.readonly = readonly
         self.write_errors = (psycopg.Error, OSError)
         self._lock_conn: Any = None
+        self._known_columns: dict[str, frozenset[str]] = {}
         self.db = location.connect("ledger")
         try:
             self._open()
@@ -297,14 +313,15 @@ class PgLedger(LedgerStore):
         version = self.db.execute("SELECT max(version) FROM migrations").fetchone()[0] or 0
         if version > SCHEMA_VERSION:
             raise StateError(f"{self.location}: ledger schema {version} is newer than this tool ({SCHEMA_VERSION})")
-        if version < 2 and not self.readonly:
+        if version < SCHEMA_VERSION and not self.readonly:
             with self.db.transaction():
                 self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(self.location.schema, "create"),))
-                for statement in _MIGRATION_2:
-                    self.db.execute(statement)
-                self.db.execute("INSERT INTO migrations VALUES (2, 'retry columns, task_expiry', %s) "
-                                "ON CONFLICT DO NOTHING", (utcnow(),))
-        self._v2 = version >= 2 or not self.readonly
+                for number, name, statements in MIGRATIONS:
+                    if number > version:
+                        for statement in statements:
+                            self.db.execute(statement)
+                        self.db.execute("INSERT INTO migrations VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                                        (number, name, utcnow()))
 
     def _has_tables(self) -> bool:
         return self.db.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename IN "
@@ -368,56 +385,34 @@ class PgLedger(LedgerStore):
                 claimed = {row[0] for row in cur.fetchall()}
         return claimed
 
-    def replay_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        now = utcnow()
+    # -- the statements of batch.ledger.queries, in PostgreSQL ----------------------------
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.db.execute(pg(sql), tuple(params)).fetchall()
+
+    def _atomic(self, batches: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> list[int]:
+        changed = []
         with self.db.transaction(), self.db.cursor() as cur:
-            cur.executemany(pg(SQL_OUTCOME), [(*o[:-2], now, api, o[-2], o[-1]) for api, *o in rows])
+            for sql, rows in batches:
+                if rows:
+                    cur.executemany(pg(sql), rows)
+                changed.append(cur.rowcount if rows else 0)
+        return changed
 
-    def import_tasks(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
-        now = utcnow()
-        with self.db.transaction(), self.db.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, \"row\", body, "
-                "task_id, submitted_at, updated_at) VALUES (%s, %s, CASE WHEN %s::text IS NULL THEN 'unknown' "
-                "ELSE 'submitted' END, 'imported', %s, %s, %s, %s, %s, %s, %s, %s) " + SQL_IMPORT_UPGRADE,
-                [(api, rid, task, model, endpoint, source, _int(row), body, task, submitted, now)
-                 for api, rid, task, model, endpoint, source, row, body, submitted in rows])
+    def _columns(self, table: str) -> frozenset[str]:
+        if table not in self._known_columns:
+            self._known_columns[table] = frozenset(r[0] for r in self.db.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+                (self.location.schema, table)))
+        return self._known_columns[table]
 
-    def move_api(self, old: str, new: str) -> int:
-        with self.db.transaction():
-            moved = self.db.execute("UPDATE requests SET api=%s, poll_url=NULL, updated_at=%s WHERE api=%s",
-                                    (new, utcnow(), old)).rowcount
-            self.db.execute("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
-                            (f"moved {old}", f"{utcnow()} to {new}"))
-        return moved
-
-    def start_run(self, run_id: str, command: str, output: str | None = None, night: str | None = None) -> None:
-        self.db.execute("INSERT INTO runs(run_id, started_at, command, api, output, night) VALUES (%s,%s,%s,%s,%s,%s)",
-                        (run_id, utcnow(), command, self.api, output, night or night_of()))
-
-    def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
-        self.db.execute("UPDATE runs SET finished_at=%s, summary=%s WHERE run_id=%s",
-                        (utcnow(), json.dumps(summary), run_id))
+    def _coerce(self, table: str, column: str, value: Any) -> Any:
+        return _int(value) if column in _INTEGERS else value
 
     # -- reads -------------------------------------------------------------------------
-    def apis(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT api, count(*) FROM requests GROUP BY api").fetchall())
 
     def run_outputs(self, run_ids: Iterable[str]) -> dict[str, str]:
         return dict(self.db.execute("SELECT run_id, output FROM runs WHERE output IS NOT NULL AND run_id = ANY(%s)",
                                     (sorted(set(run_ids)),)).fetchall())
-
-    def run_places(self, run_id: str) -> list[tuple[str, str | None, int | None, str | None]]:
-        return self.db.execute("SELECT request_id, source, \"row\", model FROM requests WHERE api=%s AND run_id=%s "
-                               "ORDER BY source, \"row\"", (self.api, run_id)).fetchall()
-
-    def night_requests(self, night: str) -> list[tuple[str | None, str | None, float | None]]:
-        return self.db.execute(
-            "SELECT r.model, r.body, r.cost_usd FROM requests r JOIN runs u ON u.run_id = r.run_id "
-            "WHERE u.night = %s AND r.status IN ('sending', 'submitted', 'unknown') AND (r.api = %s) = %s",
-            (night, FAKE_API, self.api == FAKE_API)).fetchall()
 
     def _rows_of(self, columns: Sequence[str], ids: Sequence[str],
                  apis: Sequence[str] | None = None) -> list[tuple[Any, ...]]:
@@ -437,18 +432,9 @@ class PgLedger(LedgerStore):
 
     def outcome_columns(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         # A v1 ledger opened read-only lacks the retry columns (retries never ran on it).
-        tail = ("COALESCE(task_attempt, 1)", "earlier_task_ids") if self._v2 else ("1", "NULL")
+        tail = ("COALESCE(task_attempt, 1)", "earlier_task_ids") if "task_attempt" in self._columns("requests") \
+            else ("1", "NULL")
         return self._rows_of((*OUTCOME_COLUMNS[:-2], *tail), ids)
-
-    def run_counts(self, run_id: str) -> list[tuple[str, int]]:
-        return self.db.execute("SELECT status, count(*) FROM requests WHERE api=%s AND run_id=%s GROUP BY status",
-                               (self.api, run_id)).fetchall()
-
-    def expiries(self) -> dict[tuple[str, str], str]:
-        if not self._v2:
-            return {}
-        return {(api, rid): at for api, rid, at in
-                self.db.execute("SELECT api, request_id, expires_at FROM task_expiry")}
 
     def labels(self, labels: Sequence[str], before_run: str | None = None) -> dict[str, set[str]]:
         found: dict[str, set[str]] = {}
@@ -465,21 +451,6 @@ class PgLedger(LedgerStore):
         return [Entry(*row) for row in self.db.execute(
             f"SELECT {cols} FROM requests WHERE task_id IS NOT NULL AND status = 'submitted' AND api = ANY(%s) "
             f"AND (task_status IS NULL OR NOT (task_status = ANY(%s))) ORDER BY submitted_at", (list(apis), done))]
-
-    def counts(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT status, count(*) FROM requests GROUP BY status").fetchall())
-
-    def export_rows(self, table: str) -> list[tuple[Any, ...]]:
-        cols = ", ".join(f'"{c}"' for c in COPY_COLUMNS[table])
-        return self.db.execute(f"SELECT {cols} FROM {table}").fetchall()
-
-    def import_rows(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        cols = COPY_COLUMNS[table]
-        row_at = cols.index("row") if "row" in cols else -1
-        with self.db.transaction(), self.db.cursor() as cur:
-            cur.executemany(f"INSERT INTO {table}({', '.join(f'{chr(34)}{c}{chr(34)}' for c in cols)}) "
-                            f"VALUES ({', '.join(['%s'] * len(cols))})",
-                            [tuple(_int(v) if i == row_at else v for i, v in enumerate(r)) for r in rows])
 
 
 class _NoLedger(Exception):

@@ -58,20 +58,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from batch import expiry, retry, upload
 from batch.api import DEFAULT_MODEL, FAKE_API
 from batch.errors import LockedError, StateError
 from batch.identity import content_key, with_repeat
 from batch.ledger.base import (
-    COPY_COLUMNS,
     LEDGER_COLUMNS,
     OUTCOME_COLUMNS,
-    SQL_IMPORT_UPGRADE,
     SQL_OUTCOME,
     Entry,
     LedgerStore,
     Mark,
-    night_of,
     utcnow,
 )
 from batch.mutant import mutant
@@ -133,10 +129,50 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
-# Columns added after schema 2 shipped, added in place by the first run that opens an
-# older file (a version that does not know them simply leaves them NULL).
-# Nullable columns added after schema 2 without a version of their own: older versions never read them.
-ADDED_COLUMNS = (("requests", "cost_usd", "REAL"), ("runs", "night", "TEXT"), ("runs", "output", "TEXT"))
+# Tables and nullable columns added after schema 2 shipped, without a version of their
+# own: the first writable open of an older file adds them in place (``IF NOT EXISTS``, or
+# when missing); an older version never reads them. Issue 20: batch.expiry's times,
+# batch.upload's one upload per content, batch.retry's lineage and the request's attempt.
+ADDED_TABLES = (
+    """CREATE TABLE IF NOT EXISTS task_expiry (
+    api        TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    PRIMARY KEY (api, request_id)
+) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS uploads (
+    api         TEXT NOT NULL,
+    sha256      TEXT NOT NULL,
+    file_id     TEXT,
+    url         TEXT NOT NULL,
+    type        TEXT,
+    filename    TEXT,
+    size        INTEGER,
+    created_at  TEXT,
+    uploaded_at TEXT NOT NULL,
+    PRIMARY KEY (api, sha256)
+) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS task_lineage (
+    api            TEXT NOT NULL,
+    request_id     TEXT NOT NULL,
+    attempt        INTEGER NOT NULL,
+    task_id        TEXT,
+    failure_reason TEXT,
+    failure_class  TEXT,
+    submitted_at   TEXT,
+    completed_at   TEXT,
+    retried_at     TEXT NOT NULL,
+    run_id         TEXT,
+    PRIMARY KEY (api, request_id, attempt)
+) WITHOUT ROWID""",
+)
+ADDED_COLUMNS = (
+    ("requests", "cost_usd", "REAL"), ("runs", "night", "TEXT"), ("runs", "output", "TEXT"),
+    ("requests", "task_attempt", "INTEGER"), ("requests", "earlier_task_ids", "TEXT"),
+    ("requests", "failure_class", "TEXT"),
+    # the lineage's attempt's own run (hence its night) and cost, added after its first release
+    ("task_lineage", "sent_run_id", "TEXT"), ("task_lineage", "cost_usd", "REAL"),
+)
 
 
 
@@ -342,6 +378,7 @@ class Ledger(LedgerStore):
         self.api = api
         self.readonly = readonly
         self._full = True  # PRAGMA synchronous, as last set
+        self._known_columns: dict[str, frozenset[str]] = {}
         try:
             # Through the real name: SQLite's -wal and -shm sit beside the name it opens.
             real = os.path.realpath(path)
@@ -404,10 +441,13 @@ class Ledger(LedgerStore):
         db.execute("PRAGMA busy_timeout=5000")
         if version < SCHEMA_VERSION:
             self._migrate_v1()
-        expiry.ensure(db)  # additive (issue 20): result_expires_at per request, IF NOT EXISTS
-        upload.ensure(db)  # additive (issue 20): one uploaded image per content hash, IF NOT EXISTS
-        retry.ensure(db)  # additive (issue 20): task_lineage table; requests.task_attempt, earlier_task_ids
+        self._add_tables()
         self._add_columns()
+
+    def _add_tables(self) -> None:
+        with transaction(self.db):
+            for statement in ADDED_TABLES:
+                self.db.execute(statement)
 
     def _add_columns(self) -> None:
         for table, column, kind in ADDED_COLUMNS:
@@ -415,6 +455,24 @@ class Ledger(LedgerStore):
             if column not in have:
                 with transaction(self.db):
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        self._known_columns.clear()
+
+    # -- the statements of batch.ledger.queries, in SQLite -------------------------------
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.db.execute(sql, tuple(params)).fetchall()
+
+    def _atomic(self, batches: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> list[int]:
+        changed = []
+        with transaction(self.db):
+            for sql, rows in batches:
+                changed.append(self.db.executemany(sql, rows).rowcount if rows else 0)
+        return changed
+
+    def _columns(self, table: str) -> frozenset[str]:
+        if table not in self._known_columns:
+            self._known_columns[table] = frozenset(
+                r[1] for r in self.db.execute("SELECT * FROM pragma_table_info(?)", (table,)))
+        return self._known_columns[table]
 
     def _migrate_v1(self) -> None:
         """Version 1 keyed rows by ``<id>:<hash>#n`` for one API and one model; key them by
@@ -497,19 +555,6 @@ class Ledger(LedgerStore):
                     claimed.add(m.request_id)
         return claimed
 
-    def export_rows(self, table: str) -> list[tuple[Any, ...]]:
-        return self.db.execute(f"SELECT {', '.join(COPY_COLUMNS[table])} FROM {table}").fetchall()
-
-    def import_rows(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        cols = COPY_COLUMNS[table]
-        with transaction(self.db):
-            self.db.executemany(f"INSERT INTO {table}({', '.join(cols)}) VALUES ({','.join('?' * len(cols))})", rows)
-
-    def replay_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        with transaction(self.db):
-            for api, *o in rows:
-                self.db.execute(SQL_OUTCOME, (*o[:-2], utcnow(), api, o[-2], o[-1]))
-
     def close(self) -> None:
         if not self.readonly:
             # A clean exit leaves everything in the main file: a copy of it alone is whole.
@@ -519,28 +564,6 @@ class Ledger(LedgerStore):
                 with contextlib.suppress(OSError):
                     fsync_path(os.path.realpath(self.path) + "-wal")
         self.db.close()
-
-    # -- which APIs this ledger knows --------------------------------------------------
-    def apis(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT api, count(*) FROM requests GROUP BY api"))
-
-    def move_api(self, old: str, new: str) -> int:
-        """Count ``old``'s requests as sent to ``new`` (the same provider at another host)."""
-        with transaction(self.db):
-            moved = self.db.execute(
-                "UPDATE OR FAIL requests SET api=?, poll_url=NULL, updated_at=? WHERE api=?",
-                (new, utcnow(), old)).rowcount
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"moved {old}", f"{utcnow()} to {new}"))
-        return moved
-
-    # -- runs ------------------------------------------------------------------------
-    def start_run(self, run_id: str, command: str, output: str | None = None, night: str | None = None) -> None:
-        """Record a run before it sends, with the results table it writes (``output``):
-        a later collect finds the table by the run, whatever date the job's name holds;
-        and its night, which the spend cap counts by."""
-        self.db.execute("INSERT INTO runs(run_id, started_at, command, api, output, night) VALUES (?,?,?,?,?,?)",
-                        (run_id, utcnow(), command, self.api, output, night or night_of()))
-        self.write_marker(run_id)
 
     def run_outputs(self, run_ids: Iterable[str]) -> dict[str, str]:
         """The results table each of ``run_ids`` recorded at its start (runs that recorded one)."""
@@ -553,36 +576,12 @@ class Ledger(LedgerStore):
                 f"SELECT run_id, output FROM runs WHERE output IS NOT NULL AND run_id IN ({marks})", chunk))
         return found
 
-    def run_places(self, run_id: str) -> list[tuple[str, str | None, int | None, str | None]]:
-        """``(request_id, source, row, model)`` of every request a run claimed (marked
-        ``sending``), whatever came of it, in input order."""
-        return list(self.db.execute("SELECT request_id, source, row, model FROM requests WHERE api=? AND run_id=? "
-                                    "ORDER BY source, row", (self.api, run_id)))
-
-    def night_requests(self, night: str) -> list[tuple[str | None, str | None, float | None]]:
-        """``(model, body, cost_usd)`` of every task that runs of ``night`` sent and the
-        provider may have accepted (``sending``, ``submitted``, ``unknown``, and the earlier
-        tasks of a retried request, kept in the lineage): what the night has spent. Real
-        runs count the real APIs' requests, fake runs the fake's."""
-        fake = self.api == FAKE_API
-        current = self.db.execute(
-            "SELECT r.model, r.body, r.cost_usd FROM requests r JOIN runs u ON u.run_id = r.run_id "
-            "WHERE u.night = ? AND r.status IN ('sending', 'submitted', 'unknown') AND (r.api = ?) = ?",
-            (night, FAKE_API, fake)).fetchall()
-        # ... and the earlier, failed tasks of requests --retry-failed sent again (issue 20).
-        return current + retry.night_attempts(self.db, night, FAKE_API, fake)
-
-    def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
-        self.db.execute("UPDATE runs SET finished_at=?, summary=? WHERE run_id=?",
-                        (utcnow(), json.dumps(summary), run_id))
-        self.write_marker(run_id)
-
     # -- the run marker: a ledger that lost writes is detected ----------------------------
     def _submitted_count(self) -> int:
         # With the earlier tasks --retry-failed moved to the lineage: a retry run killed after
         # resetting rows must not look like a ledger that lost writes.
         have = self.db.execute("SELECT count(*) FROM requests WHERE task_id IS NOT NULL").fetchone()[0]
-        return have + retry.lineage_tasks(self.db)
+        return have + self.lineage_tasks()
 
     def write_marker(self, run_id: str) -> None:
         """Record, outside the database, the last run and how many task ids it held."""
@@ -645,21 +644,8 @@ class Ledger(LedgerStore):
     def outcome_columns(self, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         # A ledger an earlier version wrote, opened read-only, lacks batch.retry's columns.
         columns = (*OUTCOME_COLUMNS[:-2], "COALESCE(task_attempt, 1)", "earlier_task_ids") \
-            if retry.has_columns(self.db) else (*OUTCOME_COLUMNS[:-2], "1", "NULL")
+            if "task_attempt" in self._columns("requests") else (*OUTCOME_COLUMNS[:-2], "1", "NULL")
         return list(self._rows_of(columns, ids))
-
-    def expiries(self) -> dict[tuple[str, str], str]:
-        return expiry.load(self.db)
-
-    def uploads(self) -> dict[str, str]:
-        return upload.uploaded(self.db, self.api)
-
-    def next_attempts(self) -> dict[str, int]:
-        return retry.next_attempts(self.db, self.api)
-
-    def run_counts(self, run_id: str) -> list[tuple[str, int]]:
-        return self.db.execute("SELECT status, count(*) FROM requests WHERE api=? AND run_id=? GROUP BY status",
-                               (self.api, run_id)).fetchall()
 
     def labels(self, labels: Sequence[str], before_run: str | None = None) -> dict[str, set[str]]:
         """For each label, the request ids this API has under it (to spot edited rows);
@@ -684,23 +670,6 @@ class Ledger(LedgerStore):
             f"SELECT {cols} FROM requests WHERE task_id IS NOT NULL AND status = 'submitted' AND api IN ({marks}) "
             f"AND (task_status IS NULL OR task_status NOT IN {done}) ORDER BY submitted_at", tuple(apis)
         )]
-
-    def import_tasks(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Adopt tasks known only from a results table, in one transaction: ``(api, request_id,
-        task_id, model, endpoint, source, row, body, submitted_at)``. A row with a task id
-        is ``submitted``; one without is ``unknown`` (the provider may hold it). A row the
-        ledger has already is left as it is, except one a run left ``sending``/``unknown``
-        without a task id (its ledger write failed): the task id upgrades it to ``submitted``."""
-        if not rows:
-            return
-        now = utcnow()
-        with transaction(self.db):
-            self.db.executemany(
-                "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, row, body, task_id, "
-                "submitted_at, updated_at) VALUES (?, ?, CASE WHEN ? IS NULL THEN 'unknown' ELSE 'submitted' END, "
-                "'imported', ?, ?, ?, ?, ?, ?, ?, ?) " + SQL_IMPORT_UPGRADE,
-                [(api, rid, task, model, endpoint, source, row, body, task, submitted, now)
-                 for api, rid, task, model, endpoint, source, row, body, submitted in rows])
 
 
 def backup(state: Path, dest: Path) -> dict[str, int]:
