@@ -259,7 +259,7 @@ def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int,
                 text = data[:end].decode()
             except UnicodeDecodeError:  # another encoding declared: expat reads it
                 return scan_sheet_streaming(zf, part, date_styles, cap, trust_cached)
-            facts = _block_facts(text)
+            facts = _block_facts(text, cap)
             if facts["unusual"]:  # the regexes read name="value" only
                 return scan_sheet_streaming(zf, part, date_styles, cap, trust_cached)
             _scan_block(scan, text, facts, date_styles, cap, trust_cached, _typed_only(scan, facts, cap))
@@ -268,30 +268,39 @@ def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int,
                 return scan
 
 
-def _block_facts(text: str) -> dict[str, Any]:
+def _block_facts(text: str, cap: int) -> dict[str, Any]:
     """What decides how a block is read, found by polars' regexes in one pass each."""
     t = pl.col("t")
-    return pl.DataFrame({"t": [text]}).select(
+    facts = pl.DataFrame({"t": [text]}).select(
         # Single quotes or blanks around '=': valid XML, written by no common program.
         t.str.contains(r"""\s=|=\s|='""").alias("unusual"),
         t.str.contains(r"<f[\s/>]").alias("formula"),
         *(t.str.contains(mark, literal=True).alias(name) for name, mark in (
             ("cdata", "<![CDATA["), ("merge", "<mergeCell"), ("cells", "<c"), ("inline", "<is"), ("entity", "&"))),
-        # Text holds no '<': the longest run without one bounds every inline string.
-        t.str.extract_all(r"[^<]{256}[^<]*").list.eval(pl.element().str.len_bytes()).list.max().alias("longest"),
         t.str.extract_all(r'<row\s[^>]*?\br="\d+"').list.eval(pl.element().str.extract(r'(\d+)"$').cast(pl.Int64))
         .alias("rows"),
         t.str.count_matches("<row").alias("row_tags"),
         t.str.count_matches(r' t="[si]').alias("si_kinds"),
         t.str.count_matches(r' t="(?:s|str|inlineStr)"').alias("text_kinds"),
     ).row(0, named=True)
+    # A cell runs from one '<c' to the next: the longest such run bounds every inline
+    # string in the block (each one or rich-text run of it).
+    facts["longest"] = _longest(text, r"(?:[^<]|<[^c])", cap) if facts["inline"] else 0
+    return facts
+
+
+def _longest(text: str, unit: str, cap: int) -> int:
+    """Bytes of the longest run of ``unit`` (a regex matching one character or two)
+    in ``text``; 0 when none is as long as ``cap`` (or 256)."""
+    runs = pl.Series([text]).str.extract_all(f"{unit}{{{min(cap, 256)}}}{unit}*")
+    return int(runs.list.eval(pl.element().str.len_bytes()).list.max()[0] or 0)
 
 
 def _typed_only(scan: SheetScan, facts: dict[str, Any], cap: int) -> bool:
     """Whether only the block's cells that are not text need reading: the head is complete
     and the block's rows come after it, and no cell in it is a formula, a CDATA section, an
     inline string over ``cap`` or of a kind the non-text regex cannot tell from text."""
-    if len(scan.head) < HEAD_ROWS or facts["formula"] or facts["cdata"] or (facts["longest"] or 0) > cap:
+    if len(scan.head) < HEAD_ROWS or facts["formula"] or facts["cdata"] or facts["longest"] > cap:
         return False
     rows = facts["rows"]
     return (facts["si_kinds"] == facts["text_kinds"] and len(rows) == facts["row_tags"]

@@ -110,6 +110,7 @@ _TEMPLATES = [
     '<c r="{ref}"><v>&#32;</v></c>',  # an entity that is blank
     '<c r="{ref}"><v><![CDATA[9]]></v></c>',
     '<c r="{ref}" t="inlineStr"><is><t><![CDATA[' + "<a>" * CAP + "]]></t></is></c>",  # '<' in the text
+    '<c r="{ref}" t="inlineStr"><is>' + "<r><t>q</t></r>" * (CAP + 1) + "</is></c>",  # over the cap in runs
     '<c r="{ref}" t="sx"><v>1</v></c>',  # an unknown kind
     '<c r="{ref}" s="1"/>',
     '<c r="{ref}" t="s"/>',
