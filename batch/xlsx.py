@@ -25,6 +25,7 @@ the streaming scan 1.4-1.9 s, the block scan 0.4 s.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
@@ -153,25 +154,60 @@ def _walk_strings(stream: Any, keep: Callable[[int], bool], cap: int | None,
     parser.ParseFile(stream)
 
 
+class _Enough(Exception):
+    """Raised from an expat handler to stop a walk once it has what it needs."""
+
+
 def shared_strings(zf: zipfile.ZipFile, cap: int, wanted: set[int]) -> tuple[dict[int, int], dict[int, str]]:
     """(index → length of the shared strings longer than ``cap`` characters, measured
-    without holding any of them; index → text of the ``wanted`` ones)."""
-    try:
-        stream = zf.open("xl/sharedStrings.xml")
-    except KeyError:
+    without holding any of them; index → text of the ``wanted`` ones). When no string can
+    be that long (:func:`_strings_may_exceed`), only the strings up to the last wanted one
+    are walked."""
+    if "xl/sharedStrings.xml" not in zf.NameToInfo:
         return {}, {}
     found: dict[int, int] = {}
     texts: dict[int, str] = {}
+    whole = _strings_may_exceed(zf, cap)
+    last = max(wanted, default=-1)
 
     def on_string(index: int, length: int, text: str | None) -> None:
         if length > cap:
             found[index] = length
         elif text is not None:
             texts[index] = text
+        if not whole and index >= last:
+            raise _Enough
 
-    with stream:
-        _walk_strings(stream, wanted.__contains__, cap, on_string)
+    if whole or wanted:
+        with zf.open("xl/sharedStrings.xml") as stream, contextlib.suppress(_Enough):
+            _walk_strings(stream, wanted.__contains__, cap, on_string)
     return found, texts
+
+
+def _strings_may_exceed(zf: zipfile.ZipFile, cap: int) -> bool:
+    """Whether a shared string may be longer than ``cap`` characters: one runs from its
+    ``<si`` to the next, so the longest such run in bytes bounds them all (a CDATA section,
+    whose text may hold '<si', or XML not in UTF-8 leave the question open)."""
+    with zf.open("xl/sharedStrings.xml") as stream:
+        carry = b""
+        while True:
+            block = stream.read(BLOCK)
+            data = carry + block
+            end = len(data) if not block else data.rfind(b"</si>") + len(b"</si>")
+            if end < len(b"</si>"):
+                if len(data) > MAX_ROW_BYTES:
+                    return True
+                carry = data
+                continue
+            try:
+                text = data[:end].decode()
+            except UnicodeDecodeError:
+                return True
+            if "<![CDATA[" in text or _longest(text, r"(?:[^<]|<[^s]|<s[^i])", cap) > cap:
+                return True
+            carry = data[end:]
+            if not block:
+                return False
 
 
 def sanitized_copy(zf: zipfile.ZipFile, oversized: dict[int, int]) -> Path:

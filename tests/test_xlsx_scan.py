@@ -178,3 +178,39 @@ def test_single_quoted_attributes_are_read_by_the_streaming_scan(tmp_path: Path)
     with zipfile.ZipFile(path) as zf:
         scan = xlsx.scan_sheet(zf, "xl/worksheets/sheet1.xml", set(), CAP)
     assert scan.types == {(2, 0): "n"} and scan.head[1] == {0: ("inlineStr", "prompt")}
+
+
+def _strings_reference(zf: zipfile.ZipFile, cap: int, wanted: set[int]) -> tuple[dict[int, int], dict[int, str]]:
+    """Every shared string walked, as before the early stop."""
+    found: dict[int, int] = {}
+    texts: dict[int, str] = {}
+
+    def on_string(index: int, length: int, text: str | None) -> None:
+        if length > cap:
+            found[index] = length
+        elif text is not None:
+            texts[index] = text
+
+    with zf.open("xl/sharedStrings.xml") as stream:
+        xlsx._walk_strings(stream, wanted.__contains__, cap, on_string)
+    return found, texts
+
+
+@pytest.mark.parametrize("odd", [
+    "",
+    "<si><t>" + "w" * (CAP + 1) + "</t></si>",  # over the cap
+    "<si>" + "<r><t>q</t></r>" * (CAP + 1) + "</si>",  # over the cap in short runs
+    "<si><t><![CDATA[" + "<si>" * CAP + "]]></t></si>",  # '<si' inside a CDATA section
+    "<si><t>" + "&amp;" * (CAP // 2) + "</t></si>",  # long in bytes, short in characters
+])
+@pytest.mark.parametrize("wanted", [set(), {0, 3}, {41}, {999}])
+def test_shared_strings_stop_early_only_when_none_can_be_oversized(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   odd: str, wanted: set[int]) -> None:
+    strings = [f"<si><t>prompt {i} &amp; more</t></si>" for i in range(40)] + [odd] * bool(odd) + ["<si><t>x</t></si>"]
+    path = tmp_path / "s.xlsx"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("xl/sharedStrings.xml", '<sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main">'
+                    + "".join(strings) + "</sst>")
+    monkeypatch.setattr(xlsx, "BLOCK", 100)
+    with zipfile.ZipFile(path) as zf:
+        assert xlsx.shared_strings(zf, CAP, wanted) == _strings_reference(zf, CAP, wanted)
