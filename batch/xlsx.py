@@ -45,7 +45,7 @@ from batch.errors import InputError
 HEAD_ROWS = 20  # rows searched for the header below a workbook's title rows
 BLOCK = 8 << 20  # bytes of a sheet's XML taken apart at once (whole rows)
 FIRST_BLOCK = 64 << 10  # the head is usually in it; the blocks after it need their typed cells only
-MAX_ROW_BYTES = 64 << 20  # a longer row is read by the streaming scan (bounded memory)
+MAX_ROW_BYTES = 16 << 20  # a longer row (or shared string) is read by expat, streaming: bounded memory
 MAX_PART_BYTES = 512 << 20  # uncompressed XML of one part; a 100k-row prompt sheet is ~25 MB
 MARKER = "\ue000seedance-batch: oversized cell of "  # private-use char: never in real text
 _NS = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
