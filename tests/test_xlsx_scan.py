@@ -214,3 +214,40 @@ def test_shared_strings_stop_early_only_when_none_can_be_oversized(tmp_path: Pat
     monkeypatch.setattr(xlsx, "BLOCK", 100)
     with zipfile.ZipFile(path) as zf:
         assert xlsx.shared_strings(zf, CAP, wanted) == _strings_reference(zf, CAP, wanted)
+
+
+def test_a_big_plain_sheet_costs_no_python_call_per_cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The speed of issue #21 as structure: on 3,000 rows of text and numbers, expat reads
+    only the head cells (20 rows), the streaming scan is never used, and blocks after the
+    head read their number cells only."""
+    path = tmp_path / "big.xlsx"
+    book = xlsxwriter.Workbook(path)
+    sheet = book.add_worksheet("Prompts")
+    sheet.write_row(0, 0, ["prompt", "duration", "ratio"])
+    for i in range(1, 3001):
+        sheet.write_row(i, 0, [f"take {i} & more", 5, "16:9"])
+    book.close()
+    calls = {"cell": 0, "typed": 0}
+    cell_text, scan_block = xlsx._cell_text, xlsx._scan_block
+
+    def counted(cell: str) -> tuple[str, bool, int]:
+        calls["cell"] += 1
+        return cell_text(cell)
+
+    def block(*args: object) -> None:
+        calls["typed"] += bool(args[-1])
+        scan_block(*args)  # type: ignore[arg-type]
+
+    def never(*_args: object) -> xlsx.SheetScan:
+        raise AssertionError("the streaming scan read a plain sheet")
+
+    monkeypatch.setattr(xlsx, "_cell_text", counted)
+    monkeypatch.setattr(xlsx, "_scan_block", block)
+    monkeypatch.setattr(xlsx, "scan_sheet_streaming", never)
+    monkeypatch.setattr(xlsx, "FIRST_BLOCK", 4096)
+    monkeypatch.setattr(xlsx, "BLOCK", 16384)
+    with zipfile.ZipFile(path) as zf:
+        scan = xlsx.scan_sheet(zf, "xl/worksheets/sheet1.xml", xlsx.date_styles(zf), CAP)
+    assert len(scan.types) == 3000 and len(scan.head) == xlsx.HEAD_ROWS
+    assert calls["cell"] == 3 * xlsx.HEAD_ROWS
+    assert calls["typed"] >= 5
