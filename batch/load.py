@@ -698,7 +698,6 @@ def _sheet_table(path: Path, reader: fastexcel.ExcelReader, index: int, info: xl
     where = f"{path}[{info.name}]"
     first_row = header + 1
     notes: dict[tuple[int, str], str] = {}
-    kinds: dict[tuple[int, str], str] = {}
 
     def at(row: int, col: int) -> tuple[int, str] | None:
         name = columns.get(col)
@@ -719,11 +718,14 @@ def _sheet_table(path: Path, reader: fastexcel.ExcelReader, index: int, info: xl
     for (row, col), length in scan.inline_oversized.items():
         if (key := at(row, col)) is not None:
             notes[key] = _oversized(f"cell {xlsx.column_letters(col)}{row}", length)
-    for (row, col), kind in scan.types.items():
-        if (key := at(row, col)) is not None:
-            kinds[key] = kind
-            if kind == "date" and key not in notes and (hint := _ratio_hint(df[key[1]][key[0]])):
-                notes[key] = f"cell {xlsx.column_letters(col)}{row} {hint}"
+    # One comprehension, no call per cell: a sheet of numbers has a kind for each of them.
+    last_row = first_row + df.height
+    kinds = {(row - first_row, columns[col]): kind for (row, col), kind in scan.types.items()
+             if col in columns and first_row <= row < last_row}
+    col_of = {name: col for col, name in columns.items()}
+    for (index, name), kind in kinds.items():
+        if kind == "date" and (index, name) not in notes and (hint := _ratio_hint(df[name][index])):
+            notes[(index, name)] = f"cell {xlsx.column_letters(col_of[name])}{index + first_row} {hint}"
     return Table(where, path, df, first_row, notes, kinds, info.name, min(columns) if columns else 0)
 
 
