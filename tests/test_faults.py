@@ -99,19 +99,22 @@ def test_a_read_only_state_directory_is_one_line_exit_2(fake) -> None:
 
 def test_submit_and_collect_share_one_rate_budget_per_key(start_fake, tmp_path: Path) -> None:
     """Reported: a 15-minute collect beside the nightly submit, each with its own limiter,
-    could together send twice the per-key limit. The fake enforces a strict 10/s window."""
+    could together send twice the per-key limit. The fake enforces a strict 10/s window; the
+    runs share 9/s: at a load average of 10, scheduling jitter alone bunched sends paced at
+    exactly 10/s into 11 arrivals in some second (1-2 of 65 answered 429), while two budgets
+    of 9/s would send 18/s."""
     fake = start_fake(rate_limit=10, task_delay=3.0)
     first = write_csv(tmp_path / "first.csv", prompts(20, "first"))
-    res = submit_process(fake, tmp_path, first, "--rate", "10/s", out="first.parquet")
+    res = submit_process(fake, tmp_path, first, "--rate", "9/s", out="first.parquet")
     assert res.returncode == 0, res.stderr
     before = len(fake.state.records)
     second = write_csv(tmp_path / "second.csv", prompts(40, "second"))
     t0 = time.monotonic()
     sub = subprocess.Popen([sys.executable, "-m", "batch", "submit", str(second), "-o", str(tmp_path / "second.parquet"),
-                            "--base-url", fake.url, "--state", str(tmp_path / "s2.sqlite"), "--rate", "10/s"],
+                            "--base-url", fake.url, "--state", str(tmp_path / "s2.sqlite"), "--rate", "9/s"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     col = subprocess.Popen([sys.executable, "-m", "batch", "collect", "--state", str(tmp_path / "s.sqlite"),
-                            "--base-url", fake.url, "--rate", "10/s", "--wait", "--poll-interval", "0.5",
+                            "--base-url", fake.url, "--rate", "9/s", "--wait", "--poll-interval", "0.5",
                             "--timeout", "20s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=subprocess_env())
     sub.communicate(timeout=60)
@@ -124,7 +127,7 @@ def test_submit_and_collect_share_one_rate_budget_per_key(start_fake, tmp_path: 
     times = sorted(r.t for r in during if r.kind in ("submit", "query"))
     worst = max(sum(1 for u in times if t <= u < t + 1.0) for t in times)
     assert worst <= 10, worst
-    assert elapsed >= len(times) / 10 * 0.9  # together they kept to one budget
+    assert elapsed >= len(times) / 9 * 0.9  # together they kept to one budget
 
 
 def test_separate_budgets_would_have_tripped_the_limit(start_fake, tmp_path: Path) -> None:
