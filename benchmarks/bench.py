@@ -5,6 +5,11 @@ bundled fake API (``seedance-batch fake-api``) as its own process on 127.0.0.1 f
 phase, runs the real CLI as a subprocess against it, and reads the fake's own record of
 request timestamps. Absolute numbers on a shared 2-core machine are noise; each ratio
 compares two things measured side by side in the same run.
+
+``--baseline DIR`` (a checkout made with ``git worktree add /tmp/base main``) adds the rows
+of issue #21 with before (DIR's ``batch``) and after (this checkout's) measured back to back
+in the same run; ``--targets-only`` runs only those rows. Peak memory is that of the
+measured command alone, read by a small runner process (see :data:`RUNNER`).
 """
 
 from __future__ import annotations
@@ -103,18 +108,45 @@ def make_input(path: Path, n: int, fmt: str = "csv") -> Path:
 class Measured:
     wall: float
     rc: int
-    rss_mib: int
+    rss_mib: int  # peak resident set of the command alone (see run_measured)
     cpu: float  # user + system seconds of the process (and the children it waited for)
 
 
+# Peak RSS is measured from a small parent that holds nothing else. On Linux a child's
+# ru_maxrss includes the memory of the process it was forked from, as it was at fork
+# time (the kernel carries the old mm's high-water mark across exec; posix_spawn's vfork
+# shares the parent's mm, same result): a 400 MiB bench launching ``python -c pass``
+# reports 411 MiB. So the bench starts this runner (python -S, ~8 MiB, no imports beyond
+# os/time), which runs the command and reports the command's own rusage and wall time;
+# what it adds to the peak is its own RSS at fork, printed beside it as ``floor``.
+RUNNER = r"""
+import os, resource, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[1], sys.argv[1:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(time.perf_counter() - t0, os.waitstatus_to_exitcode(status), usage.ru_maxrss, own,
+      usage.ru_utime + usage.ru_stime, file=sys.stderr)
+"""
+
+
 def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> Measured:
-    """Run a command; measure that process alone."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    return Measured(wall, os.waitstatus_to_exitcode(status), usage.ru_maxrss // 1024,
-                    usage.ru_utime + usage.ru_stime)
+    """Run a command through :data:`RUNNER`; measure that process alone."""
+    proc = subprocess.run([PY, "-S", "-c", RUNNER, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=env, text=True, check=False)
+    wall, rc, rss_kib, _runner_kib, cpu = proc.stderr.strip().splitlines()[-1].split()
+    return Measured(float(wall), int(rc), int(rss_kib) // 1024, float(cpu))
+
+
+def runner_floor_mib() -> int:
+    """The smallest peak the runner can report: ``true``'s, which is the runner's own RSS
+    at fork (the runner's own ru_maxrss would include the bench's, for the same reason)."""
+    return run_measured(["true"]).rss_mib
 
 
 def submit_cmd(inp: Path, tmp: Path, url: str, *extra: str, out: str = "out.parquet") -> list[str]:
@@ -404,6 +436,111 @@ def bucket_read(tmp: Path, rows: int) -> dict[str, Any]:
             "ok": local.rc == 0 and remote.rc == 0 and same, "target": "measured", "met": True}
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def variant_env(root: Path) -> dict[str, str]:
+    """The environment that runs the ``batch`` of checkout ``root`` (this one, or a
+    baseline made with ``git worktree add /tmp/base main``)."""
+    return {**env(), "PYTHONPATH": str(root)}
+
+
+def make_workbook(path: Path, n: int) -> Path:
+    """An ``.xlsx`` as people make them: a header row, text and number cells."""
+    pl.DataFrame({"id": [f"b{i:07d}" for i in range(n)],
+                  "prompt": [f"A paper boat drifting down a rainy street, take {i}" for i in range(n)],
+                  "duration": [5] * n}).write_excel(path, autofit=False)
+    return path
+
+
+def _mib(values: list[int]) -> str:
+    return "/".join(str(v) for v in values)
+
+
+def targets(tmp: Path, baseline: Path | None, rows: int = 1_000_000, xlsx_rows: int = 100_000,
+            submit_n: int = 20_000, rss_sizes: tuple[int, ...] = (20_000, 100_000),
+            concurrency: int = 64) -> list[dict[str, Any]]:
+    """The rows of issue #21's target table, before (``baseline``) and after (this checkout)
+    in one run: each measurement runs both versions back to back, so load on the shared
+    machine hits both alike. Without a baseline only "after" is measured."""
+    variants = {"after": ROOT} if baseline is None else {"before": baseline.resolve(), "after": ROOT}
+    for root in variants.values():
+        compileall.compile_dir(root / "batch", quiet=1)
+    out: list[dict[str, Any]] = []
+
+    parquet = make_input(tmp / "t_dry.parquet", rows, fmt="parquet")
+    dry = {v: run_measured(submit_cmd(parquet, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_dry_{v}.parquet"),
+                           variant_env(root)) for v, root in variants.items()}
+    ok = all(m.rc == 0 for m in dry.values())
+    ids = [pl.read_parquet(tmp / f"t_dry_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
+    ok &= ids[0].len() == rows and all(i.equals(ids[0]) for i in ids)
+    a = dry["after"]
+    out.append({"phase": f"dry run, {rows:,} Parquet rows",
+                **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
+                **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
+                "ok": ok, "target": "<= 5 s, <= 400 MiB", "met": a.wall <= 5 and a.rss_mib <= 400})
+
+    book = make_workbook(tmp / "t_dry.xlsx", xlsx_rows)
+    dry = {v: run_measured(submit_cmd(book, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_xl_{v}.parquet"),
+                           variant_env(root)) for v, root in variants.items()}
+    ok = all(m.rc == 0 for m in dry.values())
+    ids = [pl.read_parquet(tmp / f"t_xl_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
+    ok &= ids[0].len() == xlsx_rows and all(i.equals(ids[0]) for i in ids)
+    out.append({"phase": f"dry run, {xlsx_rows:,} .xlsx rows",
+                **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
+                **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
+                "ok": ok, "target": "<= 2.5 s", "met": dry["after"].wall <= 2.5})
+
+    inp = make_input(tmp / "t_submit.csv", submit_n)
+    bodies = tmp / "t_bodies.json"
+    bodies.write_text(json.dumps([
+        {"prompt": f"A paper boat drifting down a rainy street, take {i}", "duration": 5, "service_tier": "flex"}
+        for i in range(submit_n)]))
+    bare_script = tmp / "bare.py"
+    bare_script.write_text(BARE_LOOP)
+    with fake_api() as fake:
+        bare = run_measured([PY, str(bare_script), f"{fake.url}/api/v1/text-to-video/bytedance/"
+                             "seedance-1.0-lite-t2v/async", str(bodies), str(concurrency)])
+    ok = bare.rc == 0
+    cpu: dict[str, float] = {}
+    p99: dict[str, Any] = {}
+    for v, root in variants.items():
+        with fake_api() as fake:
+            name = f"t_submit_{v}.parquet"
+            m = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", "0", "--concurrency", str(concurrency),
+                                        out=name), variant_env(root))
+            ok &= m.rc == 0 and statuses(tmp / name) == {"submitted": submit_n}
+            ok &= len(fake.submissions()) == submit_n
+        cpu[v] = m.cpu
+        p99[v] = (json.loads((tmp / f"{name}.summary.json").read_text()).get("mark_to_wire_ms") or {}).get("p99")
+    per = {v: c / bare.cpu for v, c in cpu.items()}
+    out.append({"phase": f"submit CPU per request / bare aiohttp, {submit_n:,} unpaced",
+                "bare_us": round(bare.cpu / submit_n * 1e6),
+                **{f"us {v}": round(c / submit_n * 1e6) for v, c in cpu.items()},
+                **{f"ratio {v}": round(r, 2) for v, r in per.items()},
+                "ok": ok, "target": "<= 2.0", "met": per["after"] <= 2.0})
+    out.append({"phase": "mark-to-wire p99 (ms), same runs", **{f"p99 {v}": p for v, p in p99.items()},
+                "ok": ok, "target": "<= 5 ms", "met": (p99["after"] or 0) <= 5})
+
+    peaks: dict[str, list[int]] = {v: [] for v in variants}
+    ok = True
+    for size in rss_sizes:
+        inp = make_input(tmp / f"t_mem{size}.parquet", size, fmt="parquet")
+        for v, root in variants.items():
+            with fake_api() as fake:
+                name = f"t_mem{size}_{v}.parquet"
+                m = run_measured(submit_cmd(inp, tmp, fake.url, "--rate", "0", "--concurrency", str(concurrency),
+                                            out=name), variant_env(root))
+            ok &= m.rc == 0 and statuses(tmp / name) == {"submitted": size}
+            peaks[v].append(m.rss_mib)
+    after = peaks["after"]
+    out.append({"phase": f"submit peak RSS (MiB) at {'/'.join(f'{s:,}' for s in rss_sizes)} requests",
+                **{f"rss {v}": _mib(p) for v, p in peaks.items()}, "runner_floor_mib": runner_floor_mib(),
+                "ok": ok, "target": "<= 250 MiB, flat past 20k",
+                "met": after[-1] <= 250 and after[-1] <= after[0] * 1.1})
+    return out
+
+
 def run_all(quick: bool) -> list[dict[str, Any]]:
     # An installed package ships its bytecode, as aiohttp's in the bare loop does; with
     # PYTHONDONTWRITEBYTECODE (set in some sandboxes and containers) an editable checkout
@@ -442,8 +579,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--baseline", type=Path,
+                        help="a checkout to compare with (git worktree add /tmp/base main): the issue #21 rows "
+                             "then show before (it) and after (this checkout), measured in one run")
+    parser.add_argument("--targets-only", action="store_true", help="only the issue #21 rows")
     args = parser.parse_args()
-    rows = run_all(args.quick)
+    if args.targets_only:
+        with tempfile.TemporaryDirectory(prefix="seedance-bench-") as d:
+            small = {"rows": 20_000, "xlsx_rows": 2_000, "submit_n": 1_000, "rss_sizes": (500, 2_000)}
+            rows = targets(Path(d), args.baseline, **(small if args.quick else {}))  # type: ignore[arg-type]
+    else:
+        rows = run_all(args.quick)
+        with tempfile.TemporaryDirectory(prefix="seedance-bench-") as d:
+            rows += targets(Path(d), args.baseline, **({"rows": 20_000, "xlsx_rows": 2_000, "submit_n": 1_000,
+                                                          "rss_sizes": (500, 2_000)} if args.quick else {}))
     print(render(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

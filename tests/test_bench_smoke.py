@@ -48,3 +48,21 @@ def test_validator_and_bucket_phases(tmp_path: Path) -> None:
     assert row["ok"] and row["s per 1M ours/fastjsonschema/jsonschema"].count("/") == 2, row
     bucket = bench.bucket_read(tmp_path, 2_000)
     assert bucket["ok"], bucket
+
+
+def test_memory_is_the_commands_own() -> None:
+    """A bench holding 300 MiB measures ``python -c pass`` at its own size, not the bench's
+    (ru_maxrss of a child forked from a big parent includes the parent's memory)."""
+    held = bytearray(300 * 2**20)
+    held[:: 4096] = b"1" * len(held[:: 4096])
+    small = bench.run_measured([bench.PY, "-c", "pass"])
+    big = bench.run_measured([bench.PY, "-c", "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096])"])
+    assert small.rc == 0 and small.rss_mib < 60, small
+    assert 200 <= big.rss_mib < 300, big
+    assert bench.runner_floor_mib() < 30
+
+
+def test_target_rows_compare_two_checkouts(tmp_path: Path) -> None:
+    rows = bench.targets(tmp_path, bench.ROOT, rows=2_000, xlsx_rows=300, submit_n=200, rss_sizes=(100, 300))
+    assert [r["ok"] for r in rows] == [True] * 5, rows
+    assert "wall_s before" in rows[0] and "wall_s after" in rows[0] and "rss before" in rows[-1], rows
