@@ -66,3 +66,15 @@ def test_target_rows_compare_two_checkouts(tmp_path: Path) -> None:
     rows = bench.targets(tmp_path, bench.ROOT, rows=2_000, xlsx_rows=300, submit_n=200, rss_sizes=(100, 300))
     assert [r["ok"] for r in rows] == [True] * 5, rows
     assert "wall_s before" in rows[0] and "wall_s after" in rows[0] and "rss before" in rows[-1], rows
+
+
+def test_a_variant_runs_its_own_checkout(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``python -m batch`` started from inside a checkout imports that checkout's batch
+    before PYTHONPATH's: the before/after rows would both measure "after"."""
+    other = tmp_path / "base"
+    (other / "batch").mkdir(parents=True)
+    (other / "batch" / "__main__.py").write_text("import sys; sys.exit(0 if __file__.startswith(sys.argv[1]) else 3)")
+    (other / "batch" / "__init__.py").write_text("")
+    monkeypatch.chdir(bench.ROOT)
+    m = bench.run_measured([bench.PY, "-m", "batch", str(other)], {**bench.env(), "PYTHONPATH": str(other)})
+    assert m.rc == 0, m
