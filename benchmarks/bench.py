@@ -475,30 +475,32 @@ def targets(tmp: Path, baseline: Path | None, rows: int = 1_000_000, xlsx_rows: 
             raise RuntimeError(f"PYTHONPATH={root} imports {imported.strip()}, not that checkout's batch")
     out: list[dict[str, Any]] = []
 
-    parquet = make_input(tmp / "t_dry.parquet", rows, fmt="parquet")
-    dry = {v: run_measured(submit_cmd(parquet, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_dry_{v}.parquet"),
-                           variant_env(root)) for v, root in variants.items()}
-    ok = all(m.rc == 0 for m in dry.values())
-    ids = [pl.read_parquet(tmp / f"t_dry_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
-    ok &= ids[0].len() == rows and all(i.equals(ids[0]) for i in ids)
-    a = dry["after"]
-    out.append({"phase": f"dry run, {rows:,} Parquet rows",
-                **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
-                **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
-                **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
-                "ok": ok, "target": "<= 5 s, <= 400 MiB", "met": a.wall <= 5 and a.rss_mib <= 400})
+    if rows:  # 0: skip (--submit-only)
+        parquet = make_input(tmp / "t_dry.parquet", rows, fmt="parquet")
+        dry = {v: run_measured(submit_cmd(parquet, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_dry_{v}.parquet"),
+                               variant_env(root)) for v, root in variants.items()}
+        ok = all(m.rc == 0 for m in dry.values())
+        ids = [pl.read_parquet(tmp / f"t_dry_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
+        ok &= ids[0].len() == rows and all(i.equals(ids[0]) for i in ids)
+        a = dry["after"]
+        out.append({"phase": f"dry run, {rows:,} Parquet rows",
+                    **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
+                    **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
+                    **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
+                    "ok": ok, "target": "<= 5 s, <= 400 MiB", "met": a.wall <= 5 and a.rss_mib <= 400})
 
-    book = make_workbook(tmp / "t_dry.xlsx", xlsx_rows)
-    dry = {v: run_measured(submit_cmd(book, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_xl_{v}.parquet"),
-                           variant_env(root)) for v, root in variants.items()}
-    ok = all(m.rc == 0 for m in dry.values())
-    ids = [pl.read_parquet(tmp / f"t_xl_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
-    ok &= ids[0].len() == xlsx_rows and all(i.equals(ids[0]) for i in ids)
-    out.append({"phase": f"dry run, {xlsx_rows:,} .xlsx rows",
-                **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
-                **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
-                **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
-                "ok": ok, "target": "<= 2.5 s", "met": dry["after"].wall <= 2.5})
+    if xlsx_rows:
+        book = make_workbook(tmp / "t_dry.xlsx", xlsx_rows)
+        dry = {v: run_measured(submit_cmd(book, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_xl_{v}.parquet"),
+                               variant_env(root)) for v, root in variants.items()}
+        ok = all(m.rc == 0 for m in dry.values())
+        ids = [pl.read_parquet(tmp / f"t_xl_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
+        ok &= ids[0].len() == xlsx_rows and all(i.equals(ids[0]) for i in ids)
+        out.append({"phase": f"dry run, {xlsx_rows:,} .xlsx rows",
+                    **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
+                    **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
+                    **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
+                    "ok": ok, "target": "<= 2.5 s", "met": dry["after"].wall <= 2.5})
 
     inp = make_input(tmp / "t_submit.csv", submit_n)
     bodies = tmp / "t_bodies.json"
@@ -592,11 +594,15 @@ def main() -> None:
                         help="a checkout to compare with (git worktree add /tmp/base main): the issue #21 rows "
                              "then show before (it) and after (this checkout), measured in one run")
     parser.add_argument("--targets-only", action="store_true", help="only the issue #21 rows")
+    parser.add_argument("--submit-only", action="store_true", help="only the submit rows of issue #21")
     args = parser.parse_args()
-    if args.targets_only:
+    if args.targets_only or args.submit_only:
         with tempfile.TemporaryDirectory(prefix="seedance-bench-") as d:
             small = {"rows": 20_000, "xlsx_rows": 2_000, "submit_n": 1_000, "rss_sizes": (500, 2_000)}
-            rows = targets(Path(d), args.baseline, **(small if args.quick else {}))  # type: ignore[arg-type]
+            if args.submit_only:
+                small["rows"] = small["xlsx_rows"] = 0
+            sizes = small if args.quick else {"rows": 0, "xlsx_rows": 0} if args.submit_only else {}
+            rows = targets(Path(d), args.baseline, **sizes)  # type: ignore[arg-type]
     else:
         rows = run_all(args.quick)
         with tempfile.TemporaryDirectory(prefix="seedance-bench-") as d:
