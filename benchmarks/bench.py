@@ -135,6 +135,29 @@ print(time.perf_counter() - t0, os.waitstatus_to_exitcode(status), usage.ru_maxr
 """
 
 
+# Bench-only ablations of this checkout's submit (never in the tool): ``python -c ABLATION
+# MODE submit ...`` runs the CLI with the SQLite ledger's fsync off (``nofsync``) or with
+# every ledger commit a no-op that claims everything (``nowrites``): the floor the
+# ledger's durability sits on.
+ABLATION = r"""
+import runpy, sys
+from batch.ledger import sqlite
+mode = sys.argv.pop(1)
+if mode == "nofsync":
+    def synchronous(self, *, full):
+        self.db.execute("PRAGMA synchronous=OFF")
+    sqlite.Ledger.synchronous = synchronous
+elif mode == "nowrites":
+    def stage(self, sending, outcomes, other, resend_unknown):
+        return {m.request_id for m in sending}
+    sqlite.Ledger.stage = stage
+    sqlite.Ledger.finish_stage = lambda self: None
+    sqlite.Ledger.commit = stage
+sys.argv[0] = "batch"
+runpy.run_module("batch", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> Measured:
     """Run a command through :data:`RUNNER`; measure that process alone. It runs in the
     system's temporary directory: ``python -m batch`` puts the working directory first on
@@ -532,6 +555,25 @@ def targets(tmp: Path, baseline: Path | None, rows: int = 1_000_000, xlsx_rows: 
                 "ok": ok, "target": "<= 2.0", "met": per["after"] <= 2.0})
     out.append({"phase": "mark-to-wire p99 (ms), same runs", **{f"p99 {v}": p for v, p in p99.items()},
                 "ok": ok, "target": "<= 5 ms", "met": (p99["after"] or 0) <= 5})
+
+    # The floor under both rows: the same run of this checkout with the ledger's fsync off,
+    # then with no ledger writes at all (ABLATION; the results table is then not checked:
+    # it reads the outcomes from the ledger).
+    floor: dict[str, tuple[Measured, Any]] = {}
+    for mode in ("nofsync", "nowrites"):
+        with fake_api() as fake:
+            name = f"t_floor_{mode}.parquet"
+            cmd = submit_cmd(inp, tmp, fake.url, "--rate", "0", "--concurrency", str(concurrency), out=name)
+            m = run_measured([PY, "-c", ABLATION, mode, *cmd[3:]], variant_env(ROOT))
+            # Without ledger writes the table finds nothing sent (exit 1): the fake's count decides.
+            ok &= (m.rc == 0 or mode == "nowrites") and len(fake.submissions()) == submit_n
+        floor[mode] = (m, (json.loads((tmp / f"{name}.summary.json").read_text()).get("mark_to_wire_ms") or {})
+                       .get("p99"))
+    out.append({"phase": "floor (after): ledger fsync off / no ledger writes",
+                "us": "/".join(f"{m.cpu / submit_n * 1e6:.0f}" for m, _ in floor.values()),
+                "ratio": "/".join(f"{m.cpu / bare.cpu:.2f}" for m, _ in floor.values()),
+                "p99_ms": "/".join(str(p) for _, p in floor.values()),
+                "ok": ok, "target": "measured", "met": True})
 
     peaks: dict[str, list[int]] = {v: [] for v in variants}
     ok = True
