@@ -72,6 +72,7 @@ from batch.ratelimit import Rate, SharedBudget, SmoothLimiter
 from batch.results import (
     OK_STATUSES,
     RESULT_DTYPES,
+    SUBMIT_CHUNK,
     RequestSpool,
     Resolution,
     Tally,
@@ -618,7 +619,7 @@ def _finish_submit(opts: RunOptions, expander: Expander, spool: RequestSpool, le
             log.error("summary_not_written", path=str(summary_path(opts.output)), error=exc.strerror or str(exc))
         return summary
     # A run that stopped early has not read every request: expand the input again.
-    frames = spool.frames() if spool.finish() else request_frames(expander, spool.schema)
+    frames = spool.frames() if spool.finish() else request_frames(expander, spool.schema, SUBMIT_CHUNK)
 
     def first_signal(signum: int) -> None:  # the table is the night's record: finish it, then exit 4
         outcome.interrupted = signal.Signals(signum).name
