@@ -787,8 +787,10 @@ async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[R
 async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: LedgerStore,
                         run_id: str, config: SubmitConfig, limiter: SmoothLimiter) -> _Outcome:
     loop = asyncio.get_running_loop()
-    # The writer thread: a commit's fsync no longer stalls the requests already claimed.
-    aledger = AsyncLedger(ledger, resend_unknown=config.resend_unknown, writer_thread=True)
+    # Commits on the loop's thread: the writer thread (writer_thread=True) measured no better in
+    # three runs of benchmarks/bench.py --submit-only, and off it one run gave 366 vs 605 us per
+    # request (README "The submit hot path"): to be settled on a quieter machine.
+    aledger = AsyncLedger(ledger, resend_unknown=config.resend_unknown)
     progress = Progress(lambda: (expander.rows_seen, expander.total_rows), opts.progress_tty, opts.progress_interval)
     progress_task = asyncio.create_task(progress.run())
     submitter = Submitter(config, aledger, run_id, progress, limiter)
