@@ -252,11 +252,27 @@ def _scrub_json(value: Any, secret: Secret | None) -> Any:
 def parse_answer(raw: bytes, secret: Secret | None) -> Any:
     """The JSON value of an answer with the key scrubbed, or ``ValueError``."""
     try:
-        value = json.loads(raw)
+        # As json.loads(bytes) decodes, but keeping the text for the quick test below.
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        value = json.loads(text)
     except (ValueError, RecursionError):
         raise ValueError("not JSON") from None
     scrub = secret is not None and secret.reveal() and not mutant("drop_key_scrub")
+    if _clean_as_text(text, secret if scrub else None):
+        return value
     return _scrub_json(value, secret if scrub else None)
+
+
+def _clean_as_text(text: str, secret: Secret | None) -> bool:
+    """Whether no string parsed from the JSON ``text`` needs :func:`_scrub_json`, judged
+    on the whole text at once (the walk cost ~60 us an answer, issue #21). Without a
+    backslash every string of the answer stands in the text as it is parsed, so a text
+    without a lone surrogate holds none, and a text in which :meth:`Secret._maybe_in`
+    finds no form of the key holds no string with one (the quick test only ever answers
+    yes for a part of a text when it does for the whole). Otherwise: the walk."""
+    if "\\" in text or whole_text(text) != text:
+        return False
+    return secret is None or len(secret.reveal()) < MIN_SECRET or not secret._maybe_in(text)
 
 
 def _provider_message(body: Any, fallback: str, secret: Secret | None) -> tuple[str, int | None]:
@@ -338,18 +354,36 @@ class Transport:
     def proxy_for(self, url: str) -> str | None:
         """The proxy for ``url``: ``--proxy``, else the environment's for its scheme; none
         when ``NO_PROXY`` lists its host."""
-        env = os.environ
-        return _choose_proxy(self.proxy, url, (
-            env.get("https_proxy") or env.get("HTTPS_PROXY") or "",
-            env.get("http_proxy") or env.get("HTTP_PROXY") or "",
-            env.get("no_proxy") or env.get("NO_PROXY") or "",
-        ))
+        return _choose_proxy(self.proxy, url, _proxy_env())
 
     @property
     def proxied(self) -> bool:
         """Whether any request may go through a proxy (which then resolves host names)."""
         env = os.environ
         return self.proxy is not None or any(env.get(v) for v in _PROXY_VARS)
+
+    def pinned(self) -> Transport:
+        """This transport with the environment's proxies read once, now: a run's hot path
+        asks :meth:`proxy_for` for every request, and reading six variables each time was
+        measurable (issue #21). The environment of a running run does not change."""
+        return _PinnedTransport(self.proxy, self.ca_bundle, _proxy_env())
+
+
+def _proxy_env() -> tuple[str, str, str]:
+    env = os.environ
+    return (env.get("https_proxy") or env.get("HTTPS_PROXY") or "",
+            env.get("http_proxy") or env.get("HTTP_PROXY") or "",
+            env.get("no_proxy") or env.get("NO_PROXY") or "")
+
+
+@dataclass(frozen=True)
+class _PinnedTransport(Transport):
+    """:meth:`Transport.pinned`: the proxy environment as it was when the run started."""
+
+    env: tuple[str, str, str] = ("", "", "")
+
+    def proxy_for(self, url: str) -> str | None:
+        return _choose_proxy(self.proxy, url, self.env)
 
 
 _PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")

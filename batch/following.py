@@ -379,7 +379,8 @@ class Collector:
         expire = loop.call_later(cfg.wait_timeout, lambda: self.halt(
             f"--timeout {cfg.wait_timeout:g}s reached with "
             f"{sum(1 for t in tasks if t.status not in TERMINAL)} tasks pending", at_once=True))
-        known = self.ledger.ledger.expiries()
+        with self.ledger.reading() as ledger:
+            known = ledger.expiries()
         for t in tasks:
             t.expires_at = t.expires_at or known.get((t.api, t.request_id))
         self._main = asyncio.create_task(self._loop(tasks))

@@ -812,6 +812,9 @@ async def _submit_all(opts: RunOptions, expander: Expander, requests: Iterable[R
 async def _submit_paced(opts: RunOptions, expander: Expander, requests: Iterable[Request], ledger: LedgerStore,
                         run_id: str, config: SubmitConfig, limiter: SmoothLimiter) -> _Outcome:
     loop = asyncio.get_running_loop()
+    # Commits on the loop's thread: the writer thread (writer_thread=True) measured no better in
+    # three runs of benchmarks/bench.py --submit-only, and off it one run gave 366 vs 605 us per
+    # request (README "The submit hot path"): to be settled on a quieter machine.
     aledger = AsyncLedger(ledger, resend_unknown=config.resend_unknown)
     progress = Progress(lambda: (expander.rows_seen, expander.total_rows), opts.progress_tty, opts.progress_interval)
     progress_task = asyncio.create_task(progress.run())
@@ -973,7 +976,8 @@ def collect_outcome(ledger: LedgerStore, apis: list[str], table_ids: Iterable[st
 
 async def _follow(aledger: AsyncLedger, config: CollectConfig, api: str) -> list[Entry]:
     await aledger.flush()  # the outcomes just received must be readable
-    return aledger.ledger.tasks_to_follow(include_success=config.download_dir is not None, apis=[api])
+    with aledger.reading() as ledger:
+        return ledger.tasks_to_follow(include_success=config.download_dir is not None, apis=[api])
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ import json
 import math
 import sqlite3
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -204,7 +205,9 @@ class RunStats:
     fatal: bool = False  # stopped by the provider: bad key, no balance, no such route
     state_error: str | None = None  # the ledger could not be written (disk full...)
     spend_usd: float = 0.0  # estimated cost of what this run may have had accepted (with prices)
-    mark_to_wire: list[float] = field(default_factory=list)  # seconds, per attempt
+    # Seconds, per attempt: packed doubles (8 bytes each, a list of floats takes 32), as
+    # this grows with the run.
+    mark_to_wire: array[float] = field(default_factory=lambda: array("d"))
 
     @property
     def send_rate(self) -> float:
@@ -241,7 +244,7 @@ class _WireWatch:
 
     __slots__ = ("_done", "_marked_at", "_sem", "_times")
 
-    def __init__(self, sem: asyncio.Semaphore, times: list[float]) -> None:
+    def __init__(self, sem: asyncio.Semaphore, times: array[float]) -> None:
         self._sem, self._times = sem, times
         self._marked_at: float | None = None
         self._done = False
@@ -280,6 +283,8 @@ class Submitter:
         self._gate = InFlightGate(config.concurrency, config.rate)
         self._prewire = asyncio.Semaphore(config.prewire)
         self._api_origin = origin(config.base_url)
+        self._api_prefix = self._api_origin + "/"
+        self._transport = config.transport.pinned()  # the proxy decided once per run, not per request
         self._workers: list[asyncio.Task[None]] = []
         self._waiting: set[asyncio.Task[Any]] = set()  # cancellable now: not marked, not on the wire
         self.progress = progress
@@ -547,7 +552,7 @@ class Submitter:
                         # with the attempt for a retried request's later tasks.
                         verdict = await request_once(self._session, "POST", url, cfg.api_key,
                                                      WirePayload(body, wire),  # type: ignore[arg-type]
-                                                     transport=cfg.transport,
+                                                     transport=self._transport,
                                                      extra_headers={"x-request-id": cfg.trace_id(req.request_id)})
                     finally:
                         self._warm.set()
@@ -608,6 +613,8 @@ class Submitter:
         url = result.get("url") if isinstance(result, dict) else None
         if not isinstance(url, str) or len(url) > 2048:
             return None
+        if url.startswith(self._api_prefix) and not any(c in url for c in "\r\n\t #"):
+            return url  # what the parse below accepts: the authority ends at that "/" (no parse per answer)
         try:
             same = on_origin(url, self._api_origin)
         except ValueError:

@@ -135,6 +135,29 @@ print(time.perf_counter() - t0, os.waitstatus_to_exitcode(status), usage.ru_maxr
 """
 
 
+# Bench-only ablations of this checkout's submit (never in the tool): ``python -c ABLATION
+# MODE submit ...`` runs the CLI with the SQLite ledger's fsync off (``nofsync``) or with
+# every ledger commit a no-op that claims everything (``nowrites``): the floor the
+# ledger's durability sits on.
+ABLATION = r"""
+import runpy, sys
+from batch.ledger import sqlite
+mode = sys.argv.pop(1)
+if mode == "nofsync":
+    def synchronous(self, *, full):
+        self.db.execute("PRAGMA synchronous=OFF")
+    sqlite.Ledger.synchronous = synchronous
+elif mode == "nowrites":
+    def stage(self, sending, outcomes, other, resend_unknown):
+        return {m.request_id for m in sending}
+    sqlite.Ledger.stage = stage
+    sqlite.Ledger.finish_stage = lambda self: None
+    sqlite.Ledger.commit = stage
+sys.argv[0] = "batch"
+runpy.run_module("batch", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> Measured:
     """Run a command through :data:`RUNNER`; measure that process alone. It runs in the
     system's temporary directory: ``python -m batch`` puts the working directory first on
@@ -476,30 +499,32 @@ def targets(tmp: Path, baseline: Path | None, rows: int = 1_000_000, xlsx_rows: 
             raise RuntimeError(f"PYTHONPATH={root} imports {imported.strip()}, not that checkout's batch")
     out: list[dict[str, Any]] = []
 
-    parquet = make_input(tmp / "t_dry.parquet", rows, fmt="parquet")
-    dry = {v: run_measured(submit_cmd(parquet, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_dry_{v}.parquet"),
-                           variant_env(root)) for v, root in variants.items()}
-    ok = all(m.rc == 0 for m in dry.values())
-    ids = [pl.read_parquet(tmp / f"t_dry_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
-    ok &= ids[0].len() == rows and all(i.equals(ids[0]) for i in ids)
-    a = dry["after"]
-    out.append({"phase": f"dry run, {rows:,} Parquet rows",
-                **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
-                **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
-                **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
-                "ok": ok, "target": "<= 5 s, <= 400 MiB", "met": a.wall <= 5 and a.rss_mib <= 400})
+    if rows:  # 0: skip (--submit-only)
+        parquet = make_input(tmp / "t_dry.parquet", rows, fmt="parquet")
+        dry = {v: run_measured(submit_cmd(parquet, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_dry_{v}.parquet"),
+                               variant_env(root)) for v, root in variants.items()}
+        ok = all(m.rc == 0 for m in dry.values())
+        ids = [pl.read_parquet(tmp / f"t_dry_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
+        ok &= ids[0].len() == rows and all(i.equals(ids[0]) for i in ids)
+        a = dry["after"]
+        out.append({"phase": f"dry run, {rows:,} Parquet rows",
+                    **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
+                    **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
+                    **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
+                    "ok": ok, "target": "<= 5 s, <= 400 MiB", "met": a.wall <= 5 and a.rss_mib <= 400})
 
-    book = make_workbook(tmp / "t_dry.xlsx", xlsx_rows)
-    dry = {v: run_measured(submit_cmd(book, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_xl_{v}.parquet"),
-                           variant_env(root)) for v, root in variants.items()}
-    ok = all(m.rc == 0 for m in dry.values())
-    ids = [pl.read_parquet(tmp / f"t_xl_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
-    ok &= ids[0].len() == xlsx_rows and all(i.equals(ids[0]) for i in ids)
-    out.append({"phase": f"dry run, {xlsx_rows:,} .xlsx rows",
-                **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
-                **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
-                **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
-                "ok": ok, "target": "<= 2.5 s", "met": dry["after"].wall <= 2.5})
+    if xlsx_rows:
+        book = make_workbook(tmp / "t_dry.xlsx", xlsx_rows)
+        dry = {v: run_measured(submit_cmd(book, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_xl_{v}.parquet"),
+                               variant_env(root)) for v, root in variants.items()}
+        ok = all(m.rc == 0 for m in dry.values())
+        ids = [pl.read_parquet(tmp / f"t_xl_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
+        ok &= ids[0].len() == xlsx_rows and all(i.equals(ids[0]) for i in ids)
+        out.append({"phase": f"dry run, {xlsx_rows:,} .xlsx rows",
+                    **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
+                    **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
+                    **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
+                    "ok": ok, "target": "<= 2.5 s", "met": dry["after"].wall <= 2.5})
     if not submit:
         return out
 
@@ -533,6 +558,25 @@ def targets(tmp: Path, baseline: Path | None, rows: int = 1_000_000, xlsx_rows: 
                 "ok": ok, "target": "<= 2.0", "met": per["after"] <= 2.0})
     out.append({"phase": "mark-to-wire p99 (ms), same runs", **{f"p99 {v}": p for v, p in p99.items()},
                 "ok": ok, "target": "<= 5 ms", "met": (p99["after"] or 0) <= 5})
+
+    # The floor under both rows: the same run of this checkout with the ledger's fsync off,
+    # then with no ledger writes at all (ABLATION; the results table is then not checked:
+    # it reads the outcomes from the ledger).
+    floor: dict[str, tuple[Measured, Any]] = {}
+    for mode in ("nofsync", "nowrites"):
+        with fake_api() as fake:
+            name = f"t_floor_{mode}.parquet"
+            cmd = submit_cmd(inp, tmp, fake.url, "--rate", "0", "--concurrency", str(concurrency), out=name)
+            m = run_measured([PY, "-c", ABLATION, mode, *cmd[3:]], variant_env(ROOT))
+            # Without ledger writes the table finds nothing sent (exit 1): the fake's count decides.
+            ok &= (m.rc == 0 or mode == "nowrites") and len(fake.submissions()) == submit_n
+        floor[mode] = (m, (json.loads((tmp / f"{name}.summary.json").read_text()).get("mark_to_wire_ms") or {})
+                       .get("p99"))
+    out.append({"phase": "floor (after): ledger fsync off / no ledger writes",
+                "us": "/".join(f"{m.cpu / submit_n * 1e6:.0f}" for m, _ in floor.values()),
+                "ratio": "/".join(f"{m.cpu / bare.cpu:.2f}" for m, _ in floor.values()),
+                "p99_ms": "/".join(str(p) for _, p in floor.values()),
+                "ok": ok, "target": "measured", "met": True})
 
     peaks: dict[str, list[int]] = {v: [] for v in variants}
     ok = True
@@ -596,12 +640,15 @@ def main() -> None:
                              "then show before (it) and after (this checkout), measured in one run")
     parser.add_argument("--targets-only", action="store_true", help="only the issue #21 rows")
     parser.add_argument("--dry-only", action="store_true", help="with --targets-only: only its dry-run rows")
+    parser.add_argument("--submit-only", action="store_true", help="only the submit rows of issue #21")
     args = parser.parse_args()
-    if args.targets_only:
+    if args.targets_only or args.submit_only:
         with tempfile.TemporaryDirectory(prefix="seedance-bench-") as d:
             small = {"rows": 20_000, "xlsx_rows": 2_000, "submit_n": 1_000, "rss_sizes": (500, 2_000)}
-            rows = targets(Path(d), args.baseline, **(small if args.quick else {}),  # type: ignore[arg-type]
-                           submit=not args.dry_only)
+            if args.submit_only:
+                small["rows"] = small["xlsx_rows"] = 0
+            sizes = small if args.quick else {"rows": 0, "xlsx_rows": 0} if args.submit_only else {}
+            rows = targets(Path(d), args.baseline, **sizes, submit=not args.dry_only)  # type: ignore[arg-type]
     else:
         rows = run_all(args.quick)
         with tempfile.TemporaryDirectory(prefix="seedance-bench-") as d:

@@ -64,8 +64,16 @@ def test_memory_is_the_commands_own() -> None:
 
 def test_target_rows_compare_two_checkouts(tmp_path: Path) -> None:
     rows = bench.targets(tmp_path, bench.ROOT, rows=2_000, xlsx_rows=300, submit_n=200, rss_sizes=(100, 300))
-    assert [r["ok"] for r in rows] == [True] * 5, rows
+    assert [r["ok"] for r in rows] == [True] * 6, rows
     assert "wall_s before" in rows[0] and "wall_s after" in rows[0] and "rss before" in rows[-1], rows
+    floor = next(r for r in rows if r["phase"].startswith("floor"))  # the ablations ran and sent everything
+    assert len(floor["us"].split("/")) == 2 and len(floor["p99_ms"].split("/")) == 2, floor
+
+
+def test_submit_only_measures_the_submit_rows_alone(tmp_path: Path) -> None:
+    rows = bench.targets(tmp_path, None, rows=0, xlsx_rows=0, submit_n=100, rss_sizes=(50, 100))
+    assert [r["phase"].split(" ")[0] for r in rows] == ["submit", "mark-to-wire", "floor", "submit"], rows
+    assert all(r["ok"] for r in rows), rows
 
 
 def test_target_rows_of_the_dry_run_alone(tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
+import base64
 import json
 from email.utils import formatdate
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from batch.client import Kind, Secret, classify, retry_after_seconds
@@ -132,3 +135,66 @@ def test_rate_limit_headers_are_read() -> None:
     v = classify(200, OK, CIMultiDict({"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "3",
                                        "X-RateLimit-Reset": "12"}))
     assert (v.rate_limit, v.rate_remaining, v.rate_reset) == (100, 3, 12)
+
+
+# -- issue #21: the quick paths of the hot path give what the slow ones give -------------
+
+_FRAGMENTS = [KEY, KEY.upper(), KEY.replace("/", "%2F"), KEY.replace("/", "%252f"), KEY.replace("+", "%2B"),
+              base64.b64encode(KEY.encode()).decode(), KEY[:5], "plain", "%", "+", "\ud800", "\udfff", "é", "\\", '"']
+_texts = st.lists(st.sampled_from(_FRAGMENTS), max_size=4).map("".join) | st.text(max_size=12)
+_values = st.recursive(st.none() | st.booleans() | st.integers() | _texts,
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_texts, inner, max_size=3),
+                       max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_values, st.sampled_from(["utf-8", "utf-16", "utf-32-le"]), st.booleans())
+def test_an_answer_checked_as_a_whole_text_parses_as_the_walk_does(value: object, encoding: str, ascii: bool) -> None:
+    """parse_answer skips the walk over every string when the whole text shows it needs
+    none: whatever the answer holds (the key in any form or case, escapes, lone surrogates,
+    any JSON encoding), the result is the walk's."""
+    from batch.client import Secret as S
+    from batch.client import _scrub_json, parse_answer
+
+    raw = json.dumps(value, ensure_ascii=ascii).encode(encoding, "surrogatepass")
+    for secret in (S(KEY), S("short"), None):
+        assert parse_answer(raw, secret) == _scrub_json(json.loads(raw), secret)
+
+
+def test_a_runs_proxy_is_read_once_and_still_honours_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batch.client import Transport
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "api.internal")
+    pinned = Transport().pinned()
+    monkeypatch.setenv("HTTPS_PROXY", "http://other.example:1")
+    assert pinned.proxy_for("https://api.example/x") == "http://proxy.example:3128"
+    assert pinned.proxy_for("https://api.internal/x") is None
+    assert pinned.proxied
+    assert Transport().proxy_for("https://api.example/x") == "http://other.example:1"  # unpinned: read each time
+    assert Transport(proxy="http://explicit.example:1").pinned().proxy_for("https://api.internal/x") is None
+    assert Transport(proxy="http://explicit.example:1").pinned().proxy_for("https://api.example/x") \
+        == "http://explicit.example:1"
+
+
+@pytest.mark.parametrize(("poll", "kept"), [
+    ("http://127.0.0.1:8080/api/v1/task/t-1", True),
+    ("HTTP://127.0.0.1:8080/api/v1/task/t-1", True),  # the parse's answer: scheme case does not matter
+    ("http://127.0.0.1:8080@evil.example/api/v1/task/t-1", False),
+    ("http://127.0.0.1:80800/api/v1/task/t-1", False),
+    ("http://127.0.0.1:8080.evil.example/x", False),
+    ("http://127.0.0.1:8080/api/v1/task/t-1#frag", False),
+    ("http://127.0.0.1:8080/api/v1/task/t 1", False),
+    ("http://127.0.0.1:8080/api/v1/task/t-1\r\nX: y", False),
+    ("https://127.0.0.1:8080/api/v1/task/t-1", False),
+    ("http://127.0.0.1:8080/" + "x" * 2100, False),
+])
+def test_only_the_apis_own_poll_url_is_kept(poll: str, kept: bool) -> None:
+    from batch.client import Verdict
+    from batch.ratelimit import SmoothLimiter
+    from batch.sending import SubmitConfig, Submitter
+
+    submitter = Submitter(SubmitConfig("http://127.0.0.1:8080", Secret(KEY)), None, "run",  # type: ignore[arg-type]
+                          limiter=SmoothLimiter(None))
+    verdict = Verdict(Kind.OK, 200, task_id="t-1", data={"task_id": "t-1", "get_result": {"url": poll}})
+    assert submitter._poll_url(verdict) == (poll if kept else None)

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,6 +112,74 @@ def test_two_writers_that_bypass_the_lock_never_send_one_request_twice(fake, tmp
     assert len(fake.state.submissions()) == 60 and accepted_twice(fake) == []
     db = sqlite3.connect(state)
     assert db.execute("SELECT count(*) FROM requests WHERE status='submitted'").fetchone()[0] == 60
+
+
+class SlowCommitLedger(Ledger):
+    """A ledger whose COMMIT takes ``delay`` seconds (a slow disk's fsync), noting when
+    each claim's commit returned and in which thread it ran."""
+
+    delay = 0.15
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.durable_at: dict[str, float] = {}
+        self.threads: set[str] = set()
+        self._staged: set[str] = set()
+
+    def stage(self, sending, outcomes, other, resend_unknown):
+        claimed = super().stage(sending, outcomes, other, resend_unknown)
+        self._staged |= claimed
+        return claimed
+
+    def finish_stage(self) -> None:
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        super().finish_stage()
+        now = time.monotonic()
+        for rid in self._staged:
+            self.durable_at[rid] = now
+        self._staged = set()
+
+
+def test_with_the_writer_thread_no_request_leaves_before_its_claim_is_committed(serve, tmp_path: Path) -> None:
+    """The commit runs in the writer thread while the loop goes on sending: a slow commit
+    must hold back the requests it claims, never be overtaken by them. The server notes
+    when each request arrives; each must arrive after its claim's COMMIT returned."""
+    from aiohttp import web
+
+    arrived: dict[str, float] = {}
+
+    async def submit(request: web.Request) -> web.Response:
+        arrived[request.headers["x-request-id"]] = time.monotonic()
+        await request.read()
+        return web.json_response({"code": 0, "data": {"task_id": f"t-{len(arrived)}"}})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", submit)
+    url = serve(app)
+    state = tmp_path / "s.sqlite"
+    create_ledger(state)
+    requests = list(Expander([load_table(write_csv(tmp_path / "in.csv", prompts(40)))], ExpandSpec()))
+
+    ledger = SlowCommitLedger(state, api_identity(url))
+
+    async def night() -> Submitter:
+        aledger = AsyncLedger(ledger, writer_thread=True)
+        submitter = Submitter(SubmitConfig(url, Secret(KEY), rate=None, concurrency=8), aledger, "night",
+                              limiter=SmoothLimiter(None))
+        try:
+            await submitter.run(iter(requests))
+        finally:
+            await aledger.close()
+        return submitter
+
+    submitter = asyncio.run(night())
+    ledger.close()
+    assert submitter.stats.counts["submitted"] == 40
+    assert ledger.threads and threading.main_thread().name not in ledger.threads  # the writer thread committed
+    assert set(arrived) == set(ledger.durable_at) and len(arrived) == 40
+    early = {rid: round(ledger.durable_at[rid] - t, 3) for rid, t in arrived.items() if t <= ledger.durable_at[rid]}
+    assert early == {}, f"sent before their claim was committed (seconds early): {early}"
 
 
 def test_a_submitted_row_is_never_claimed_again(tmp_path: Path) -> None:

@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,6 +181,18 @@ class LedgerStore(abc.ABC):
         the conditional claim of each mark. Returns the ids claimed; returns only once a
         batch with claims is durable. Raises one of :attr:`write_errors` when nothing was
         committed."""
+
+    def stage(self, sending: Sequence[Mark], outcomes: Sequence[tuple[Any, ...]],
+              other: Sequence[tuple[str, tuple[Any, ...]]], resend_unknown: bool) -> set[str] | None:
+        """:meth:`commit` without its last step, for a store whose statements are cheap and
+        whose COMMIT waits for the disk (SQLite): run the statements, leave the transaction
+        open for :meth:`finish_stage`, return the ids claimed (durable only once that
+        returns). ``None``: this store commits only in one call (then the writer thread
+        runs :meth:`commit` whole)."""
+        return None
+
+    def finish_stage(self) -> None:  # noqa: B027 - only a store whose stage() stages needs it
+        """Commit what :meth:`stage` left open; roll it back and raise if that fails."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -475,22 +490,23 @@ class AsyncLedger:
 
     Writes queue up while the event loop serves other requests; one flush writes them all
     in one transaction, and every caller of :meth:`sending` in that batch awaits the same
-    future, resolved once the transaction is durable.
+    future, resolved only once the transaction is durable (the store's ``commit`` has
+    returned): no request goes out before its claim is.
 
-    The statements run on the event-loop thread, blocking it for one commit (~0.3 ms with
-    fsync here). Alternatives measured with benchmarks/bench.py (20k unpaced requests,
-    2 cores): a writer thread was slower (5.8 s vs 4.1 s: it fought the loop for the GIL
-    around every ``sqlite3_step``); only the COMMIT in an executor thread, no faster;
-    a writer child process fed over a pipe, with group commit in the child, cut this
-    process's CPU by ~0.4 s but not the wall time (ratio 0.48 vs 0.47): the fake API
-    keeps the other core busy and every ``sending`` mark then waited for the child's
-    turn on a CPU. Yielding two or three loop turns before a commit (940 or 840 commits
-    instead of 1,560) changed nothing measurable either.
+    With ``writer_thread`` (a submit run) the transaction runs in one writer thread: the
+    event loop keeps sending the requests already claimed and reading answers while a
+    commit waits for its fsync (on the loop's thread every fsync stalled every request: a
+    mark-to-wire p99 of 7-18 ms on the shared 2-core machine, issue #21), and the claims
+    that queue meanwhile share the next commit. The store is used by one thread at a
+    time (:meth:`reading` for reads while a run writes). Measured with
+    ``benchmarks/bench.py --submit-only`` (README "Performance"). An earlier measurement
+    found a writer thread slower (5.8 s vs 4.1 s for 20k requests: it fought the loop for
+    the GIL around every ``sqlite3_step``); that writer took one batch per wake-up, this
+    one takes everything queued while the previous commit ran.
 
     Claims run one statement per row (to read each row's claim result); measured against
     ``executemany`` on 20k marks: +0.03 s. A batch with claims is fsynced; a batch of
-    outcomes alone is not (see the module's guarantees): between one in four and one in
-    eight commits of the 20k-request benchmark.
+    outcomes alone is not (see the module's guarantees).
 
     When a commit fails (disk full, I/O error) the ledger is *broken*: every later
     :meth:`sending` raises (nothing more is sent), while outcomes of requests already on
@@ -498,9 +514,12 @@ class AsyncLedger:
     :meth:`close`, unless a last attempt to commit them succeeds.
     """
 
-    def __init__(self, ledger: LedgerStore, resend_unknown: bool = False) -> None:
+    def __init__(self, ledger: LedgerStore, resend_unknown: bool = False, writer_thread: bool = False) -> None:
         self.ledger = ledger
         self.resend_unknown = resend_unknown
+        # One user of the store's connection at a time: the writer thread, or a read.
+        self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer") if writer_thread else None
         self._sending: list[Mark] = []
         self._outcomes: list[tuple[Any, ...]] = []
         self._other: list[tuple[str, tuple[Any, ...]]] = []
@@ -519,7 +538,14 @@ class AsyncLedger:
         return len(self._kept)
 
     def lookup(self, ids: Sequence[str]) -> dict[str, Entry]:
-        return self.ledger.lookup(ids)
+        with self._lock:
+            return self.ledger.lookup(ids)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[LedgerStore]:
+        """The store, for reads, while no commit runs in the writer thread."""
+        with self._lock:
+            yield self.ledger
 
     async def sending(self, mark: Mark) -> bool:
         """Durably claim a request as about to be sent; ``False`` if the ledger shows it
@@ -568,7 +594,37 @@ class AsyncLedger:
 
     def _apply(self, sending: list[Mark], outcomes: list[tuple[Any, ...]],
                other: list[tuple[str, tuple[Any, ...]]]) -> set[str]:
-        claimed = self.ledger.commit(sending, outcomes, other, self.resend_unknown)
+        with self._lock:
+            claimed = self.ledger.commit(sending, outcomes, other, self.resend_unknown)
+        self.committed_task_ids += sum(1 for o in outcomes if o[1] is not None)
+        return claimed
+
+    async def _apply_in_writer(self, sending: list[Mark], outcomes: list[tuple[Any, ...]],
+                               other: list[tuple[str, tuple[Any, ...]]]) -> set[str]:
+        """As :meth:`_apply`, with the commit in the writer thread. A store that stages
+        runs its statements here on the loop's thread (microseconds each: in a thread each
+        one fought the loop for the GIL) and only the COMMIT, which waits for the fsync,
+        in the thread; another runs its whole commit there. Not cancellable: a commit
+        under way completes, and its waiters are settled."""
+        assert self._writer is not None
+        loop = asyncio.get_running_loop()
+        self._lock.acquire()
+        try:
+            claimed = self.ledger.stage(sending, outcomes, other, self.resend_unknown)
+        except BaseException:
+            self._lock.release()
+            raise
+        if claimed is None:
+            self._lock.release()
+            return await asyncio.shield(loop.run_in_executor(self._writer, self._apply, sending, outcomes, other))
+
+        def finish() -> None:
+            try:
+                self.ledger.finish_stage()
+            finally:
+                self._lock.release()
+
+        await asyncio.shield(loop.run_in_executor(self._writer, finish))
         self.committed_task_ids += sum(1 for o in outcomes if o[1] is not None)
         return claimed
 
@@ -583,7 +639,10 @@ class AsyncLedger:
             claimed: set[str] = set()
             if sending or outcomes or other:
                 try:
-                    claimed = self._apply(sending, outcomes, other)
+                    if self._writer is None:
+                        claimed = self._apply(sending, outcomes, other)
+                    else:
+                        claimed = await self._apply_in_writer(sending, outcomes, other)
                 except Exception as exc:  # disk full, I/O error, read-only, the server gone; any other
                     # error too: the flusher must settle every waiter, or the run waits for it forever
                     self.broken = StateError(f"state write failed ({exc})")
@@ -603,7 +662,11 @@ class AsyncLedger:
         """Flush everything queued (the connection stays open); keep what cannot be written."""
         self._closed = True
         self._wake.set()
-        await asyncio.shield(self._task)
+        try:
+            await asyncio.shield(self._task)
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
         if self._kept:
             try:  # the disk may have room again (a log rotated, a file removed)
                 self._apply([], self._kept, [])

@@ -539,10 +539,20 @@ class Ledger(LedgerStore):
 
     def commit(self, sending: Sequence[Mark], outcomes: Sequence[tuple[Any, ...]],
                other: Sequence[tuple[str, tuple[Any, ...]]], resend_unknown: bool) -> set[str]:
+        claimed = self.stage(sending, outcomes, other, resend_unknown)
+        self.finish_stage()
+        return claimed
+
+    def stage(self, sending: Sequence[Mark], outcomes: Sequence[tuple[Any, ...]],
+              other: Sequence[tuple[str, tuple[Any, ...]]], resend_unknown: bool) -> set[str]:
+        """:meth:`commit` up to its COMMIT: the statements run in a transaction left open
+        for :meth:`finish_stage` (rolled back here if one fails). The claims it returns
+        are not durable until that returns."""
         db, api = self.db, self.api
         claimed: set[str] = set()
         self.synchronous(full=bool(sending))
-        with transaction(db):
+        db.execute("BEGIN IMMEDIATE")
+        try:
             for sql, params in other:
                 db.execute(sql, params)
             now = utcnow()  # one timestamp per transaction: what was committed together
@@ -553,7 +563,22 @@ class Ledger(LedgerStore):
                                              m.row, m.body, now, now, m.cost, resend_unknown))
                 if cur.rowcount:
                     claimed.add(m.request_id)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
         return claimed
+
+    def finish_stage(self) -> None:
+        """COMMIT what :meth:`stage` left open (the fsync, with claims in it): the one
+        statement the writer thread runs (:class:`~batch.ledger.base.AsyncLedger`); rolled
+        back if it fails (disk full), so the connection stays usable."""
+        try:
+            self.db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         if not self.readonly:
