@@ -107,7 +107,7 @@ def test_truncated_downloads_resume_and_never_leave_partial_files(start_fake, tm
     assert [p.name for p in (tmp_path / "v").iterdir() if p.name.startswith(".")] == []
 
 
-def test_download_that_keeps_failing_is_reported(start_fake, tmp_path: Path) -> None:
+def test_download_that_keeps_failing_is_reported(start_fake, tmp_path: Path, quick_download_retries: None) -> None:
     fake = start_fake(faults=["503,endpoint=download"])
     table = submit(fake, tmp_path, prompts(1))
     res = cli(["collect", "--state", str(tmp_path / "state.sqlite"), "--base-url", fake.url, "--rate", "0",
