@@ -67,6 +67,7 @@ def test_a_second_host_exits_3_while_one_submits(start_fake, pg_server: PgServer
         time.sleep(0.05)
     second = run_cli_process([*args, "-o", str(b / "r.parquet")], env=host_env(b), cwd=b)
     assert first.poll() is None, "the first run ended before the second tried"
+    fake.state.config.latency = 0  # the second has tried; the first's other rounds need not take 3 s
     first.communicate(timeout=60)
     assert first.returncode == 0
     assert second.returncode == 3, second.stderr
@@ -144,6 +145,7 @@ def test_server_killed_mid_run_loses_no_task_id(start_fake, tmp_path: Path) -> N
         rescue = list((Path(os.environ["XDG_STATE_HOME"]) / "seedance-batch" / "postgres").glob("*.rescue.jsonl"))
         assert "rescue" in err
         server.start()  # the same data directory: what was committed is there
+        fake.state.config.latency = 0  # the rerun's pace is not the point
         again = run_cli_process(args)
         assert again.returncode in (0, 1), again.stderr
         with psycopg.connect(server.base_url()) as db:
@@ -222,6 +224,7 @@ def test_connections_cut_mid_run_stop_sending_and_lose_no_task_id(start_fake, pg
         _, err = proc.communicate(timeout=90)
         assert proc.returncode == 6, err
         assert len(fake.state.submissions()) <= cut_at + 4  # only what was claimed before the cut
+        fake.state.config.latency = 0  # the rerun's pace is not the point
         again = run_cli_process(args)
         assert again.returncode in (0, 1), again.stderr
         with psycopg.connect(pg_server.base_url()) as db:

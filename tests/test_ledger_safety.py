@@ -331,6 +331,7 @@ def test_a_rerun_through_a_hard_link_after_kill_9_sends_nothing_twice(start_fake
     proc.kill()
     proc.wait(10)
     time.sleep(1.5)  # the fake accepts what was in flight
+    fake.state.config.latency = 0  # the reruns' pace is not the point
     os.link(state, other)
     sent = len(fake.state.submissions())
     res = cli(["submit", str(path), "-o", str(tmp_path / "again.parquet"), "--base-url", fake.url,
@@ -365,6 +366,7 @@ def test_a_rerun_through_a_symlink_after_kill_9_reads_the_same_wal(start_fake, t
     proc.kill()
     proc.wait(10)
     time.sleep(1.5)
+    fake.state.config.latency = 0  # the rerun's pace is not the point
     assert not (link.parent / "link.sqlite-wal").exists()  # SQLite worked beside the real name
     res = cli(["submit", str(path), "-o", str(tmp_path / "again.parquet"), "--base-url", fake.url,
                "--state", str(state), "--rate", "0", "--no-preflight"])
