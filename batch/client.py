@@ -345,11 +345,13 @@ class Transport:
     ca_bundle: str | None = None
 
     def ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
         bundle = self.ca_bundle or os.environ.get("SSL_CERT_FILE")
-        if bundle:
-            context.load_verify_locations(cafile=bundle)
-        return context
+        try:
+            stamp = _file_stamp(bundle) if bundle else None
+        except OSError:
+            return _new_ssl_context(bundle, None, None)  # unreadable: the caller reports the error
+        # The environment's defaults are part of the key: create_default_context reads them.
+        return _ssl_context(bundle, stamp, (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")))
 
     def proxy_for(self, url: str) -> str | None:
         """The proxy for ``url``: ``--proxy``, else the environment's for its scheme; none
@@ -387,6 +389,25 @@ class _PinnedTransport(Transport):
 
 
 _PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+
+
+def _file_stamp(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _new_ssl_context(bundle: str | None, _stamp: object, _defaults: object) -> ssl.SSLContext:
+    context = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+    if bundle:
+        context.load_verify_locations(cafile=bundle)
+    return context
+
+
+# Loading the system's authorities takes 20-90 ms of CPU, and a run (or a test suite calling
+# the CLI in-process) asked for a context three times: one per trust setting is enough. The
+# key holds the bundle's identity and stamp, so an edited bundle is read again; nothing
+# changes a context once made, so sessions may share it.
+_ssl_context = functools.lru_cache(maxsize=8)(_new_ssl_context)
 
 
 # Sessions never read the environment themselves (trust_env=False): aiohttp would then look

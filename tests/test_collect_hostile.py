@@ -159,7 +159,7 @@ def test_a_compression_bomb_is_capped_and_leaves_no_part_file(serve, tmp_path: P
     assert list((tmp_path / "v").iterdir()) == []  # no video and no .part left behind
 
 
-def test_a_download_that_keeps_failing_leaves_no_part_file(serve, tmp_path: Path) -> None:
+def test_a_download_that_keeps_failing_leaves_no_part_file(serve, tmp_path: Path, quick_download_retries: None) -> None:
     async def short(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Length": "100"})
         await resp.prepare(request)
@@ -212,7 +212,8 @@ def test_the_scrubber_finds_every_form_of_the_key() -> None:
     assert secret.scrub("plain text, no key: sk-test-0123") == "plain text, no key: sk-test-0123"
 
 
-def test_a_redirect_carrying_the_key_never_reaches_a_stored_row_or_output(serve, tmp_path: Path) -> None:
+def test_a_redirect_carrying_the_key_never_reaches_a_stored_row_or_output(serve, tmp_path: Path,
+                                                                         quick_download_retries: None) -> None:
     """Reported: a redirect's Location carrying the key (in its query, or as its host) put
     it in download_error, the ledger and report output; lower-cased or encoded too."""
     def to(location: str) -> object:

@@ -76,14 +76,15 @@ def test_a_table_replaced_by_another_nights_requests_warns(fake, tmp_path: Path)
     common = ["-o", str(out), "--state", str(tmp_path / "s.sqlite"), "--base-url", fake.url, "--rate", "0"]
     write_csv(tmp_path / "a.csv", prompts(3, "first"))
     write_csv(tmp_path / "b.csv", prompts(1, "second"))
-    assert run_cli_process(["submit", str(tmp_path / "a.csv"), *common]).returncode == 0
-    res = run_cli_process(["submit", str(tmp_path / "b.csv"), *common])
-    assert res.returncode == 0, res.stderr
+    # In-process (a warning, not a process's behaviour): three start-ups of the CLI saved.
+    assert cli(["submit", str(tmp_path / "a.csv"), *common]).exit_code == 0
+    res = cli(["submit", str(tmp_path / "b.csv"), *common])
+    assert res.exit_code == 0, res.stderr
     (event,) = [e for e in json_lines(res.stderr) if e.get("event") == "table_replaced"]
     assert event["task_ids_dropped"] == 3
     assert "ledger" in event["note"]
     # Rerunning the same input replaces nothing: no warning.
-    again = run_cli_process(["submit", str(tmp_path / "b.csv"), *common])
+    again = cli(["submit", str(tmp_path / "b.csv"), *common])
     assert not [e for e in json_lines(again.stderr) if e.get("event") == "table_replaced"]
 
 
@@ -301,9 +302,9 @@ def test_non_finite_or_negative_job_numbers_are_refused(tmp_path: Path, key: str
 
 def test_a_passthrough_naming_no_column_warns(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "in.csv", [{"prompt": "p", "Aspect ratio note": "wide"}])
-    res = run_cli_process(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--dry-run", "--fake-api",
-                           "--passthrough", "Aspect Ratoi", "--passthrough", "aspect ratio note"])
-    assert res.returncode == 0, res.stderr
+    res = cli(["submit", str(path), "-o", str(tmp_path / "r.parquet"), "--dry-run", "--fake-api",
+               "--passthrough", "Aspect Ratoi", "--passthrough", "aspect ratio note"])
+    assert res.exit_code == 0, res.stderr
     events = [e for e in json_lines(res.stderr) if e.get("event") == "passthrough_unused"]
     assert [e["column"] for e in events] == ["Aspect Ratoi"]
 
@@ -322,9 +323,9 @@ def test_a_trimmed_results_table_in_the_inbox_is_not_paid_again(fake, tmp_path: 
     trimmed = pl.read_parquet(out).select("id", "prompt", "status", "task_id")
     trimmed = trimmed.with_columns(pl.Series("prompt", ["an edited prompt 0", "an edited prompt 1"]))
     trimmed.write_csv(inbox / "copy of results.csv")
-    res = run_cli_process(["submit", str(inbox), "-o", str(tmp_path / "second.parquet"), "--base-url", fake.url,
-                           "--state", str(tmp_path / "s.sqlite"), "--rate", "0"])
-    assert res.returncode == 0, res.stderr
+    res = cli(["submit", str(inbox), "-o", str(tmp_path / "second.parquet"), "--base-url", fake.url,
+               "--state", str(tmp_path / "s.sqlite"), "--rate", "0"])
+    assert res.exit_code == 0, res.stderr
     assert len(fake.state.submissions()) == 2
     (event,) = [e for e in json_lines(res.stderr) if e.get("event") == "input_skipped"]
     assert event["source"].endswith("copy of results.csv") and "results table" in event["reason"]

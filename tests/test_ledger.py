@@ -162,6 +162,7 @@ def test_kill_9_mid_run_then_rerun_never_pays_twice(start_fake, tmp_path: Path, 
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         db.close()
 
+    fake.state.config.latency = fake.state.config.jitter = 0  # the rerun's pace is not the point
     rerun = start_run(fake, tmp_path, path, store, "--concurrency", "8")
     _out, err = rerun.communicate(timeout=60)
     assert rerun.returncode == 1, err  # the in-flight ones are unknown
@@ -191,7 +192,8 @@ def test_sigterm_finishes_in_flight_and_writes_table(start_fake, tmp_path: Path,
     assert counts["pending"] == 100 - counts["submitted"]
     assert "interrupted by SIGTERM" in out
     assert '"event": "stopping"' in err
-    # The next night sends exactly the rest.
+    # The next night sends exactly the rest (at once: its pace is not the point).
+    fake.state.config.latency = 0
     rerun = start_run(fake, tmp_path, path, store, "--concurrency", "8")
     rerun.communicate(timeout=60)
     assert rerun.returncode == 0
@@ -222,6 +224,7 @@ def test_two_concurrent_runs_the_second_exits_3_sending_nothing(start_fake, tmp_
     t0 = time.monotonic()
     second = start_run(fake, tmp_path, path, store, "-o", str(tmp_path / "second.parquet"))
     _out, err = second.communicate(timeout=30)
+    fake.state.config.latency = 0  # the first outlasted the second; the rest of its rounds need not take 0.6 s
     assert second.returncode == 3
     assert time.monotonic() - t0 < 10
     assert "another submit run is using" in err

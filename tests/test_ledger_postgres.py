@@ -74,6 +74,7 @@ def test_a_second_host_exits_3_while_one_submits(start_fake, pg_server: PgServer
         time.sleep(0.05)
     second = run_cli_process([*args, "-o", str(b / "r.parquet")], env=host_env(b), cwd=b)
     assert first.poll() is None, "the first run ended before the second tried"
+    fake.state.config.latency = 0  # the second has tried; the first's other rounds need not take 3 s
     first.communicate(timeout=60)
     assert first.returncode == 0
     assert second.returncode == 3, second.stderr
@@ -189,6 +190,7 @@ def test_server_killed_mid_run_loses_no_task_id(start_fake, tmp_path: Path) -> N
         assert "rescue" in err
         check_night_without_ledger(fake, tmp_path / "r.parquet", err, 40)
         server.start()  # the same data directory: what was committed is there
+        fake.state.config.latency = 0  # the rerun's pace is not the point
         again = run_cli_process(args)
         assert again.returncode in (0, 1), again.stderr
         check_rerun_table(fake, tmp_path / "r.parquet", 40)
@@ -278,6 +280,7 @@ def test_connections_cut_mid_run_stop_sending_and_lose_no_task_id(start_fake, pg
         assert rows["status"].head(5).to_list() == ["skipped"] * 5  # as read before the cut, with their task ids
         unread = rows.slice(256)  # never read: an earlier run may have sent them, so not "not sent"
         assert set(unread["status"]) == {"unknown"} and unread["error"].str.contains("not confirmed").all()
+        fake.state.config.latency = 0  # the rerun's pace is not the point
         again = run_cli_process([*args, "--concurrency", "32"])
         assert again.returncode in (0, 1), again.stderr
         check_rerun_table(fake, tmp_path / "r.parquet", 300)

@@ -78,6 +78,7 @@ def test_a_second_run_through_another_path_to_the_ledger_is_refused(start_fake, 
         other, cwd = "../s.sqlite", sub
     second = popen(fake, tmp_path, inputs, Path(other), "--concurrency", "8", cwd=cwd)
     _out, err = second.communicate(timeout=30)
+    fake.state.config.latency = 0  # the second has been refused; the first's other rounds need not crawl
     assert second.returncode == 3, err
     assert "another submit run is using state" in err
     first.communicate(timeout=60)
@@ -313,6 +314,7 @@ def test_state_backup_while_a_run_writes(start_fake, tmp_path: Path) -> None:
     wait_for(lambda: len(fake.state.submissions()) >= 40)
     res = run_cli_process(["state", "backup", str(tmp_path / "copy.sqlite"), "--state", str(tmp_path / "state.sqlite")])
     assert res.returncode == 0, res.stderr
+    fake.state.config.latency = 0  # the backup was taken mid-run; the run's other requests need not crawl
     proc.communicate(timeout=60)
     db = sqlite3.connect(tmp_path / "copy.sqlite")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -400,6 +402,7 @@ def test_a_rerun_through_a_hard_link_after_kill_9_sends_nothing_twice(start_fake
     proc.kill()
     proc.wait(10)
     time.sleep(1.5)  # the fake accepts what was in flight
+    fake.state.config.latency = 0  # the reruns' pace is not the point
     os.link(state, other)
     sent = len(fake.state.submissions())
     res = cli(["submit", str(path), "-o", str(tmp_path / "again.parquet"), "--base-url", fake.url,
@@ -434,6 +437,7 @@ def test_a_rerun_through_a_symlink_after_kill_9_reads_the_same_wal(start_fake, t
     proc.kill()
     proc.wait(10)
     time.sleep(1.5)
+    fake.state.config.latency = 0  # the rerun's pace is not the point
     assert not (link.parent / "link.sqlite-wal").exists()  # SQLite worked beside the real name
     res = cli(["submit", str(path), "-o", str(tmp_path / "again.parquet"), "--base-url", fake.url,
                "--state", str(state), "--rate", "0", "--no-preflight"])

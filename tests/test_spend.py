@@ -21,8 +21,10 @@ def run(fake, tmp_path: Path, cap: str, *extra: str, rows: int = 20, out: str = 
     inputs = write_csv(tmp_path / "in.csv", [{"prompt": f"p{i}", "duration": "5"} for i in range(rows)])
     prices = tmp_path / "prices.toml"
     prices.write_text(PRICES)
+    # Unpaced unless a test says otherwise (a later --rate wins): the default 100/min made
+    # each run wait ~0.6 s a request, and the cap's point is what is sent, not how fast.
     return cli(["submit", str(inputs), "-o", str(tmp_path / out), "--base-url", fake.url, "--state",
-                str(tmp_path / "s.sqlite"), "--prices", str(prices), "--max-spend", cap, *extra])
+                str(tmp_path / "s.sqlite"), "--prices", str(prices), "--max-spend", cap, "--rate", "0", *extra])
 
 
 def counts(path: Path) -> dict[str, int]:

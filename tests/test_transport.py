@@ -169,3 +169,19 @@ def test_an_untrusted_certificate_is_one_line_naming_the_host_and_the_option(tls
     assert res.exit_code == 0, res.output
     res = run(fake, tmp_path, "--ca-bundle", str(tmp_path / "missing.pem"))
     assert res.exit_code == 2 and "--ca-bundle" in error_line(res.stderr)
+
+
+def test_one_ssl_context_per_trust_setting_and_an_edited_bundle_is_read_again(tmp_path: Path) -> None:
+    """Loading the system's authorities costs 20-90 ms; a run asked three times (and the
+    suite's in-process runs paid it ~2,000 times). An edited bundle is still read again."""
+    from batch.client import Transport
+
+    bundle = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(bundle))
+    first = Transport(ca_bundle=str(bundle)).ssl_context()
+    assert Transport(ca_bundle=str(bundle)).ssl_context() is first
+    assert Transport().ssl_context() is not first  # another trust setting, another context
+    trusted = len(first.get_ca_certs())
+    trustme.CA().cert_pem.write_to_path(str(bundle), append=True)
+    again = Transport(ca_bundle=str(bundle)).ssl_context()
+    assert again is not first and len(again.get_ca_certs()) == trusted + 1
