@@ -219,6 +219,14 @@ class PgLocation:
             conn = psycopg.connect(self.conninfo, autocommit=True, application_name=f"seedance-batch {purpose}",
                                    **KEEPALIVE)
             conn.execute("SET synchronous_commit = on")
+            # A server (or database, or role) default must not end a session of ours: the
+            # lock's session is idle all night, and the writer's waits on the rate. An idle
+            # session ended under a run would free its lock for a second host. A transaction
+            # of ours is never idle (none spans a wait), so one idle for a minute is a hung
+            # process: ending it frees the rows (the shared rate budget) it holds.
+            conn.execute("SET idle_in_transaction_session_timeout = '60s'")
+            if conn.info.server_version >= 140000:  # the setting is new in 14
+                conn.execute("SET idle_session_timeout = 0")
             # The server's side of the same socket: a host that vanishes (power, network)
             # without closing its session is noticed by the server after ~25 s of silence
             # (10 s idle, 3 probes 5 s apart), which ends the session and frees its lock.
@@ -250,6 +258,7 @@ class PgLedger(LedgerStore):
         self.readonly = readonly
         self.write_errors = (psycopg.Error, OSError)
         self._lock_conn: Any = None
+        self._lock_held: tuple[str, int, int, int] | None = None  # kind, its session's pid, key, guard
         self.db = location.connect("ledger")
         try:
             self._open()
@@ -314,7 +323,35 @@ class PgLedger(LedgerStore):
         if not got:
             conn.close()
             raise LockedError(f"another {kind} run is using ledger {self.location}; nothing sent")
+        try:
+            # A run whose lock session ended may be inside a claim that checked the lock just
+            # before we took it: wait for that transaction (it holds the guard) to end, so
+            # what this run reads (the night's spend) includes its claims.
+            guard = _lock_key(self.location.schema, f"{kind} guard")
+            conn.execute("SELECT pg_advisory_lock(%s), pg_advisory_unlock(%s)", (guard, guard))
+        except psycopg.Error as exc:
+            conn.close()
+            raise StateError(f"{self.location}: cannot lock the ledger ({self.location.scrub(str(exc))})") from None
         self._lock_conn = conn
+        self._lock_held = (kind, conn.info.backend_pid, _lock_key(self.location.schema, kind) & (2**64 - 1), guard)
+
+    def _check_lock(self, cur: Any) -> None:
+        """Claims only while this run's lock session still holds the lock: an admin, a
+        proxy or a timeout may end that session, and then a second host may take the lock
+        and spend the same night. In the claim's transaction: take the guard (a second run
+        that takes the lock waits for it, see :meth:`lock`), then look the lock up in
+        ``pg_locks``; so a claim either commits before the next holder reads the ledger, or
+        is refused (:class:`LockLostError`: the run stops sending)."""
+        assert self._lock_held is not None
+        kind, pid, key, guard = self._lock_held
+        held = cur.execute(
+            "SELECT pg_advisory_xact_lock(%s), EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+            "AND granted AND pid = %s AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1)",
+            (guard, pid, key >> 32, key & 0xFFFFFFFF)).fetchone()[1]
+        if not held:
+            raise LockLostError(f"the {kind} lock on ledger {self.location} was lost (its database session ended: "
+                                f"an administrator, a proxy or a timeout); nothing more is sent")
 
     @property
     def where(self) -> str:
@@ -330,6 +367,7 @@ class PgLedger(LedgerStore):
             with contextlib.suppress(Exception):
                 self._lock_conn.close()
             self._lock_conn = None
+            self._lock_held = None
 
     # -- writes ------------------------------------------------------------------------
     def commit(self, sending: Sequence[Mark], outcomes: Sequence[tuple[Any, ...]],
@@ -342,6 +380,8 @@ class PgLedger(LedgerStore):
             if outcomes:
                 cur.executemany(pg(SQL_OUTCOME), [(*o[:-2], now, self.api, o[-2], o[-1]) for o in outcomes])
             marks = list({m.request_id: m for m in sending}.values())
+            if marks and self._lock_held is not None:
+                self._check_lock(cur)
             if marks:
                 values = ", ".join(["(%s, %s, 'sending', %s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s)"] * len(marks))
                 params: list[Any] = []
@@ -465,6 +505,10 @@ class PgLedger(LedgerStore):
             cur.executemany(f"INSERT INTO {table}({', '.join(f'{chr(34)}{c}{chr(34)}' for c in cols)}) "
                             f"VALUES ({', '.join(['%s'] * len(cols))})",
                             [tuple(_int(v) if i == row_at else v for i, v in enumerate(r)) for r in rows])
+
+
+class LockLostError(StateError):
+    """The session holding this run's writer lock ended: another run may hold it now."""
 
 
 class _NoLedger(Exception):
