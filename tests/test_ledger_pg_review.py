@@ -6,8 +6,6 @@ Real server (the suite's), real processes, hostile servers written here."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import signal
 import socket
 import struct
 import subprocess
@@ -21,7 +19,6 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import (
-    KEY,
     PgServer,
     accepted_twice,
     error_line,
@@ -117,3 +114,179 @@ def test_a_server_idle_session_timeout_ends_neither_the_lock_nor_the_writer(star
     assert second.returncode == 3, second.stderr
     assert first.returncode == 0, err_a
     assert len(fake.state.submissions()) == 4
+
+
+# -- 3: the database password never appears, whatever form it comes in -------------------
+
+class EchoingServer:
+    """A hostile "PostgreSQL" on loopback: it refuses TLS and GSS, asks for the password in
+    clear (AuthenticationCleartextPassword) and sends it back in its FATAL ErrorResponse."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.passwords: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read(conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError
+            data += chunk
+        return data
+
+    def _talk(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, ConnectionError), conn:
+            while True:  # SSLRequest / GSSENCRequest, then the StartupMessage
+                size, code = struct.unpack("!ii", self._read(conn, 8))
+                self._read(conn, size - 8)
+                if code in (80877103, 80877104):
+                    conn.sendall(b"N")
+                    continue
+                break
+            conn.sendall(b"R" + struct.pack("!ii", 8, 3))
+            _kind, size = struct.unpack("!ci", self._read(conn, 5))
+            password = self._read(conn, size - 4).rstrip(b"\0").decode(errors="replace")
+            self.passwords.append(password)
+            fields = b"".join(k + v.encode() + b"\0" for k, v in (
+                (b"S", "FATAL"), (b"V", "FATAL"), (b"C", "28P01"),
+                (b"M", f"password authentication failed: you sent '{password}'")))
+            conn.sendall(b"E" + struct.pack("!i", 4 + len(fields) + 1) + fields + b"\0")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def echoing() -> Iterator[EchoingServer]:
+    server = EchoingServer()
+    yield server
+    server.close()
+
+
+# (URL's user:password part, extra environment, files to write, the password pieces that must never show,
+#  whether the server is reached: a URL libpq would misread is refused before any connection)
+FORMS = {
+    "encoded specials": ("postgres:S3cr%25et%40PW%2F%3F%2399x@", {}, {}, ["S3cr%et@PW/?#99x", "et@PW"], True),
+    "raw percent": ("postgres:S3cr%41etPW%zz@", {}, {}, ["S3cr%41etPW%zz", "S3crAetPW", "etPW"], False),
+    "raw at": ("postgres:S3cr@etPW77@", {}, {}, ["S3cr", "etPW77"], False),
+    "raw slash": ("postgres:S3cr/etPW77@", {}, {}, ["S3cr", "etPW77"], False),
+    "raw question": ("postgres:S3cr?etPW77@", {}, {}, ["S3cr", "etPW77"], False),
+    "raw hash": ("postgres:S3cr#etPW77@", {}, {}, ["S3cr", "etPW77"], False),
+    "PGPASSWORD": ("postgres@", {"PGPASSWORD": "EnvPw98765"}, {}, ["EnvPw98765"], True),
+    "PGPASSFILE": ("postgres@", {"PGPASSFILE": "pgpass"}, {"pgpass": "*:*:*:*:Pass\\:FilePw555\n"},
+                   ["Pass:FilePw555", "FilePw555"], True),
+    "service file": ("", {"PGSERVICEFILE": "services.conf"}, {}, ["SvcPw31337"], True),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_database_password_never_appears(form: str, echoing: EchoingServer, fake, tmp_path: Path) -> None:
+    userinfo, extra, files, pieces, reached = FORMS[form]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o600)
+    env_extra = {k: str(tmp_path / v) if k.endswith("FILE") else v for k, v in extra.items()}
+    if form == "service file":
+        (tmp_path / "services.conf").write_text(
+            f"[night]\nhost=127.0.0.1\nport={echoing.port}\ndbname=teamdb\nuser=postgres\npassword=SvcPw31337\n")
+        url = "postgresql://?service=night&ledger=t1"
+    else:
+        url = f"postgresql://{userinfo}127.0.0.1:{echoing.port}/teamdb?ledger=t1"
+    sheet = write_csv(tmp_path / "in.csv", prompts(2))
+    commands = {
+        "submit": ["submit", str(sheet), "-o", str(tmp_path / "r.csv"), "--base-url", fake.url, "--rate", "0"],
+        "dry run": ["submit", str(sheet), "-o", str(tmp_path / "d.csv"), "--base-url", fake.url, "--dry-run"],
+        "validate": ["validate", str(sheet), "--base-url", fake.url],
+        "collect": ["collect", "--base-url", fake.url],
+        "state copy": ["state", "copy", url, str(tmp_path / "copy.sqlite")],
+        "state backup": ["state", "backup", str(tmp_path / "backup.sqlite")],
+    }
+    env = subprocess_env(SEEDANCE_BATCH_STATE=url, **env_extra)
+    procs = {name: subprocess.Popen([sys.executable, "-m", "batch", *args], cwd=tmp_path, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, args in commands.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err, (name, err)
+        for piece in pieces:
+            assert piece not in out + err, (name, piece, err)
+        if reached and name in ("dry run", "validate"):  # an estimate without the ledger, said so
+            assert proc.returncode == 0 and "cannot connect" in err, (name, err)
+            continue
+        assert proc.returncode == 2, (name, err)
+        line = error_line(err)
+        if name != "state backup":  # refuses a PostgreSQL ledger before it connects
+            assert ("cannot connect" in line) == reached, (name, line)
+    for name in ("r.csv", "r.csv.summary.json", "d.csv", "copy.sqlite", "backup.sqlite"):
+        if (tmp_path / name).exists():
+            assert not any(p.encode() in (tmp_path / name).read_bytes() for p in pieces)
+    assert fake.state.submissions() == []
+    if reached:
+        assert echoing.passwords and set(echoing.passwords) == {pieces[0]}  # the server did get (and echo) it
+    else:
+        assert echoing.passwords == []
+
+
+# -- 9: URLs without a host (libpq's environment, a service) ------------------------------
+
+def test_urls_without_a_host_reach_the_same_ledger(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """``postgresql:///db`` (PGHOST/PGPORT), ``postgresql://?service=NAME`` and
+    ``postgresql:///?service=NAME`` are what libpq makes of them: one ledger, sent once."""
+    (tmp_path / "services.conf").write_text(f"[prod]\nhost=127.0.0.1\nport={pg_server.port}\ndbname=postgres\n")
+    env = subprocess_env(PGHOST="127.0.0.1", PGPORT=str(pg_server.port), PGUSER="postgres",
+                         PGSERVICEFILE=str(tmp_path / "services.conf"))
+    ledger = "nohost" + uuid.uuid4().hex[:8]
+    sheet = write_csv(tmp_path / "in.csv", prompts(3))
+    for i, url in enumerate([f"postgresql:///postgres?ledger={ledger}", f"postgresql://?service=prod&ledger={ledger}",
+                             f"postgresql:///?service=prod&ledger={ledger}", f"postgres:///?ledger={ledger}"]):
+        proc = run_cli_process(["submit", str(sheet), "-o", str(tmp_path / f"r{i}.csv"), "--base-url", fake.url,
+                                "--rate", "0", "--state", url], env=env)
+        assert proc.returncode == 0, (url, proc.stderr)
+        assert len(fake.state.submissions()) == 3, url
+        if i:
+            assert (tmp_path / f"r{i}.csv").read_text().count(",skipped,") == 3, url
+
+
+# -- 4: one ledger name, one schema; the shared schema is no ledger ----------------------
+
+@pytest.mark.parametrize(("first", "second"), [("t1", "T1"), ("a-b", "a_b"), ("Nightly", "nightly")])
+def test_ledger_names_that_meet_in_one_schema_are_refused(first: str, second: str, fake, pg_server: PgServer,
+                                                          tmp_path: Path) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    sheet = write_csv(tmp_path / "in.csv", prompts(3))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0"]
+    ok = run_cli_process([*args, "-o", str(tmp_path / "a.csv"), "--state", pg_server.url(first + suffix)])
+    assert ok.returncode == 0, ok.stderr
+    other = run_cli_process([*args, "-o", str(tmp_path / "b.csv"), "--state", pg_server.url(second + suffix)])
+    assert other.returncode == 2, other.stderr
+    assert "ledger" in error_line(other.stderr) and first + suffix in error_line(other.stderr)
+    assert len(fake.state.submissions()) == 3
+    again = run_cli_process([*args, "-o", str(tmp_path / "c.csv"), "--state", pg_server.url(first + suffix)])
+    assert again.returncode == 0, again.stderr  # the name that made it keeps working
+
+
+@pytest.mark.parametrize("name", ["shared", "SHARED", "Shared"])
+def test_the_shared_schema_is_no_ledger(name: str, fake, pg_server: PgServer, tmp_path: Path) -> None:
+    sheet = write_csv(tmp_path / "in.csv", prompts(1))
+    proc = run_cli_process(["submit", str(sheet), "-o", str(tmp_path / "a.csv"), "--base-url", fake.url,
+                            "--state", pg_server.url(name)])
+    assert proc.returncode == 2, proc.stderr
+    assert "reserved" in error_line(proc.stderr)
+    with psycopg.connect(pg_server.base_url()) as db:
+        assert db.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'seedance_shared' "
+                          "AND tablename <> 'rate_budgets'").fetchone()[0] == 0
+    assert fake.state.submissions() == []

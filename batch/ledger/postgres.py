@@ -37,8 +37,9 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
+from batch import logs
 from batch.api import FAKE_API
 from batch.errors import LockedError, StateError
 from batch.ledger.base import (
@@ -163,31 +164,57 @@ def pg(sql: str) -> str:
 class PgLocation:
     """A ledger in PostgreSQL: ``postgresql://[user[:password]@][host][:port]/[db][?ledger=NAME&...]``.
 
-    The rest of the query (``sslmode``, ``service``...) goes to libpq as given; what the
-    URL leaves out comes from libpq's environment (``PGHOST``, ``PGPASSWORD``...),
-    ``~/.pgpass`` or a service file. ``str()`` never shows the password."""
+    The rest of the query (``sslmode``, ``service``...) goes to libpq as given (the URL is
+    edited, never rebuilt: ``postgresql:///db`` and ``postgresql://?service=NAME`` keep
+    their form); what the URL leaves out comes from libpq's environment (``PGHOST``,
+    ``PGPASSWORD``...), ``~/.pgpass`` or a service file. ``str()`` never shows the password,
+    and :meth:`scrub` removes every password the tool can know at start (the URL's, in
+    either encoding; ``PGPASSWORD``'s; the pgpass and service files'). A URL libpq would
+    misread (an unencoded ``@ / ? # %`` in the password) is refused without quoting it."""
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        names = [v for k, v in query if k == "ledger"]
+        from psycopg.conninfo import conninfo_to_dict
+
+        scheme, _, rest = url.partition("://")
+        raw_password = _check_url(rest)  # StateError (quoting nothing) for a URL libpq would misread
+        base, _, query = rest.partition("?")
+        items = [item for item in query.split("&") if item] if query else []
+        names = [unquote(item.partition("=")[2]) for item in items if unquote(item.partition("=")[0]) == "ledger"]
+        kept = [item for item in items if unquote(item.partition("=")[0]) != "ledger"]
+        self.conninfo = f"{scheme}://{base}" + ("?" + "&".join(kept) if kept else "")
+        secrets = _known_passwords()
+        if raw_password:
+            secrets += [raw_password, unquote(raw_password)]
+        try:
+            params = conninfo_to_dict(self.conninfo)
+        except Exception as exc:  # libpq's own reading of the URL (a bad option, an encoding)
+            raise StateError(f"--state: not a valid PostgreSQL URL ({_scrub(str(exc).strip(), secrets)})") from None
+        if params.get("password"):
+            secrets.append(str(params["password"]))
+        self._secrets = sorted({p for p in secrets if len(p) >= MIN_PASSWORD}, key=len, reverse=True)
+        logs.add_plain_secrets(self._secrets)
         name = names[-1] if names else "default"
         if not LEDGER_NAME.fullmatch(name):
             raise StateError(f"--state: ledger={name!r}: use letters, digits, - and _ (at most 48)")
         self.ledger = name
         self.schema = "seedance_" + name.replace("-", "_").lower()
-        self._password = unquote(parts.password) if parts.password else None
-        rest = [(k, v) for k, v in query if k != "ledger"]
-        self.conninfo = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
-        netloc = parts.netloc
-        if parts.password is not None:
-            user = parts.username or ""
-            netloc = f"{quote(unquote(user), safe='')}:***@" + netloc.rpartition("@")[2]
-        self.display = urlunsplit((parts.scheme, netloc, parts.path,
-                                   urlencode([*[(k, v) for k, v in rest if "pass" not in k.lower()],
-                                              ("ledger", name)]), ""))
-        # The local files (the rescue file) of this ledger on this host.
-        ident = hashlib.sha256(f"{parts.hostname}:{parts.port}:{parts.path}:{name}".encode()).hexdigest()[:16]
+        if self.schema == SHARED_SCHEMA:
+            raise StateError(f"--state: ledger={name!r} is reserved (its schema holds every team's rate budgets); "
+                             "choose another name")
+        netloc = base.split("/", 1)[0]
+        if raw_password is not None:
+            netloc = netloc.split(":", 1)[0] + ":***@" + netloc.partition("@")[2]
+        path = base[len(base.split("/", 1)[0]):]
+        shown = [item for item in kept if "pass" not in unquote(item.partition("=")[0]).lower()]
+        self.display = f"{scheme}://{netloc}{path}?" + "&".join([*shown, urlencode([("ledger", name)])])
+        # The local files (the rescue file) of this ledger on this host: named as before
+        # (a rescue file left by an earlier version must still be found).
+        try:
+            parts = urlsplit(url)
+            where = f"{parts.hostname}:{parts.port}:{parts.path}"
+        except ValueError:
+            where = f"{params.get('host')}:{params.get('port')}:/{params.get('dbname')}"
+        ident = hashlib.sha256(f"{where}:{name}".encode()).hexdigest()[:16]
         self.local = state_home() / "postgres" / f"{name}-{ident}"
 
     def __str__(self) -> str:
@@ -206,9 +233,7 @@ class PgLocation:
         return self.local.with_name(f"{self.local.name}.{suffix}")
 
     def scrub(self, text: str) -> str:
-        if self._password:
-            text = text.replace(self._password, "***").replace(quote(self._password, safe=""), "***")
-        return text
+        return _scrub(text, self._secrets)
 
     def connect(self, purpose: str) -> Any:
         """A new autocommit connection with ``synchronous_commit=on`` and the keepalives;
@@ -238,6 +263,85 @@ class PgLocation:
                              f"({self.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)});"
                              f" nothing sent") from None
         return conn
+
+
+# A shorter "password" is no secret, and replacing it would garble every message.
+MIN_PASSWORD = 4
+SHARED_SCHEMA = "seedance_shared"
+_MALFORMED = ("--state: the PostgreSQL URL cannot be read as libpq would (an unencoded @ / ? # or % in the "
+              "user, password or a parameter?); percent-encode them (%40 %2F %3F %23 %25) or give the password "
+              "through PGPASSWORD or ~/.pgpass")
+
+
+def _check_url(rest: str) -> str | None:
+    """The password of a ``postgresql://`` URL as written (``rest`` follows the ``//``),
+    or ``None``; a :class:`StateError` that quotes nothing of the URL when libpq would read
+    it otherwise than meant: it would then print (or resolve as a host name) a piece of
+    the password."""
+    if "#" in rest or re.search(r"%(?![0-9A-Fa-f]{2})", rest):
+        raise StateError(_MALFORMED)
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    path, _, query = tail.partition("?")
+    if "@" in path or any("=" not in item for item in query.split("&") if item):
+        raise StateError(_MALFORMED)  # a password's tail after an unencoded / or ?
+    if "@" not in authority:
+        # No user part: whatever follows a ':' is a port (or a list of them).
+        for hostport in authority.split(","):
+            port = hostport.rpartition("]")[2].rpartition(":")[2] if ":" in hostport.rpartition("]")[2] else ""
+            if port and not port.isdigit():
+                raise StateError(_MALFORMED)  # "user:pass/..." read as host "user", port "pass"
+        return None
+    userinfo, _, hosts = authority.partition("@")
+    if "@" in hosts:
+        raise StateError(_MALFORMED)  # an unencoded @ in the password: its tail would be a host name
+    return userinfo.partition(":")[2] if ":" in userinfo else None
+
+
+def _scrub(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret in text or quote(secret, safe="") in text or quote(secret) in text:
+            text = text.replace(secret, "***").replace(quote(secret, safe=""), "***").replace(quote(secret), "***")
+    return text
+
+
+def _bounded_text(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return ""
+
+
+def _known_passwords() -> list[str]:
+    """Every database password libpq may send that the tool can know at start: PGPASSWORD,
+    the pgpass file (PGPASSFILE, else ~/.pgpass) and the service files (PGSERVICEFILE or
+    ~/.pg_service.conf, and PGSYSCONFDIR's pg_service.conf). A hostile or confused server
+    may echo it in an error; these are scrubbed from every message."""
+    found = [os.environ.get("PGPASSWORD") or ""]
+    home = Path(os.path.expanduser("~"))
+    for line in _bounded_text(Path(os.environ.get("PGPASSFILE") or home / ".pgpass")).splitlines():
+        fields, field, escaped = [], "", False
+        for char in line:
+            if escaped:
+                field, escaped = field + char, False
+            elif char == "\\":
+                escaped = True
+            elif char == ":" and len(fields) < 4:
+                fields, field = [*fields, field], ""
+            else:
+                field += char
+        if len(fields) == 4 and not line.lstrip().startswith("#"):
+            found.append(field)
+    services = [Path(os.environ.get("PGSERVICEFILE") or home / ".pg_service.conf")]
+    if os.environ.get("PGSYSCONFDIR"):
+        services.append(Path(os.environ["PGSYSCONFDIR"]) / "pg_service.conf")
+    for service in services:
+        for line in _bounded_text(service).splitlines():
+            key, eq, value = line.strip().partition("=")
+            if eq and key.strip().lower() == "password":
+                found.append(value.strip())
+    return [p for p in found if p]
 
 
 def _lock_key(schema: str, kind: str) -> int:
@@ -299,6 +403,20 @@ class PgLedger(LedgerStore):
                 self.db.execute("INSERT INTO migrations VALUES (2, 'retry columns, task_expiry', %s) "
                                 "ON CONFLICT DO NOTHING", (utcnow(),))
         self._v2 = version >= 2 or not self.readonly
+        self._check_name()
+
+    def _check_name(self) -> None:
+        """One ledger name per schema: names that differ only in case or in ``-`` vs ``_``
+        land in one schema, so the first name used (recorded in ``meta``) owns it and any
+        other is refused: two teams must not share requests, spend caps and locks unawares."""
+        name = self.location.ledger
+        if not self.readonly:
+            self.db.execute("INSERT INTO meta VALUES ('ledger_name', %s) ON CONFLICT DO NOTHING", (name,))
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'ledger_name'").fetchone()
+        if row is not None and row[0] != name:
+            raise StateError(f"--state: ledger={name!r} would use the schema {self.location.schema}, which is "
+                             f"ledger {row[0]!r}'s (names differing only in case or in - and _ share one); "
+                             f"write ledger={row[0]} for that ledger, or choose another name")
 
     def _has_tables(self) -> bool:
         return self.db.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename IN "
