@@ -6,6 +6,8 @@ Real server (the suite's), real processes, hostile servers written here."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import signal
 import socket
 import struct
 import subprocess
@@ -290,3 +292,86 @@ def test_the_shared_schema_is_no_ledger(name: str, fake, pg_server: PgServer, tm
         assert db.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'seedance_shared' "
                           "AND tablename <> 'rate_budgets'").fetchone()[0] == 0
     assert fake.state.submissions() == []
+
+
+# -- 8: a damaged shared budget row neither stalls, spins nor crashes a run --------------
+
+DAMAGE = {
+    "NaN": "next = 'NaN', resume_at = 'NaN', starts = '{}'",
+    "infinity": "next = 'Infinity', resume_at = '-Infinity', starts = '{NaN,Infinity}'",
+    "resume far ahead": "resume_at = extract(epoch FROM clock_timestamp()) + 100000",
+    "next far ahead": "next = extract(epoch FROM clock_timestamp()) + 100000",
+    "starts in the future": "starts = array_fill(extract(epoch FROM clock_timestamp())::float8 + 100000, ARRAY[50])",
+}
+
+
+def damage_budget(pg_server: PgServer, key: str, change: str | None) -> None:
+    """Give ``key`` a budget row, then damage it as another team could (``None``: delete it)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    with psycopg.connect(pg_server.base_url(), autocommit=True) as db:
+        db.execute("CREATE SCHEMA IF NOT EXISTS seedance_shared")
+        db.execute("CREATE TABLE IF NOT EXISTS seedance_shared.rate_budgets (key TEXT PRIMARY KEY, "
+                   "next DOUBLE PRECISION NOT NULL, resume_at DOUBLE PRECISION NOT NULL, "
+                   "starts DOUBLE PRECISION[] NOT NULL)")
+        db.execute("INSERT INTO seedance_shared.rate_budgets VALUES (%s, 0, 0, '{}') ON CONFLICT DO NOTHING",
+                   (digest,))
+        if change is None:
+            db.execute("DELETE FROM seedance_shared.rate_budgets WHERE key = %s", (digest,))
+        else:
+            db.execute(f"UPDATE seedance_shared.rate_budgets SET {change} WHERE key = %s", (digest,))
+
+
+def peak_in_one_second(times: list[float]) -> int:
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times)), default=0)
+
+
+@pytest.mark.parametrize("form", DAMAGE)
+def test_a_damaged_budget_row_is_ignored_with_a_warning(form: str, fake, pg_server: PgServer,
+                                                        tmp_path: Path) -> None:
+    key = f"sk-test-damaged-{uuid.uuid4().hex}"
+    damage_budget(pg_server, key, DAMAGE[form])
+    sheet = write_csv(tmp_path / "in.csv", prompts(8))
+    started = time.monotonic()
+    proc = run_cli_process(["submit", str(sheet), "-o", str(tmp_path / "r.csv"), "--base-url", fake.url,
+                            "--rate", "5/s", "--no-preflight", "--state", pg_server.url()],
+                           env=subprocess_env(SEEDANCE_API_KEY=key), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started < 30
+    assert "rate_budget_damaged" in proc.stderr
+    starts = [r.t for r in fake.state.submissions()]
+    assert len(starts) == 8 and peak_in_one_second(starts) <= 5
+
+
+def test_a_budget_row_deleted_mid_run_is_recreated(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    key = f"sk-test-deleted-{uuid.uuid4().hex}"
+    sheet = write_csv(tmp_path / "in.csv", prompts(12))
+    proc = popen(["submit", str(sheet), "-o", str(tmp_path / "r.csv"), "--base-url", fake.url, "--rate", "4/s",
+                  "--no-preflight", "--state", pg_server.url()], tmp_path, env=subprocess_env(SEEDANCE_API_KEY=key))
+    wait_for(lambda: len(fake.state.submissions()) >= 3)
+    damage_budget(pg_server, key, None)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "rate_budget_damaged" in err and "deleted" in err
+    starts = [r.t for r in fake.state.submissions()]
+    assert len(starts) == 12 and peak_in_one_second(starts) <= 4
+
+
+@pytest.mark.parametrize("form", ["NaN", "resume far ahead"])
+def test_sigterm_ends_a_run_waiting_on_a_damaged_budget(form: str, fake, pg_server: PgServer,
+                                                        tmp_path: Path) -> None:
+    key = f"sk-test-sigterm-{uuid.uuid4().hex}"
+    damage_budget(pg_server, key, DAMAGE[form])
+    sheet = write_csv(tmp_path / "in.csv", prompts(40))
+    proc = popen(["submit", str(sheet), "-o", str(tmp_path / "r.csv"), "--base-url", fake.url, "--rate", "1/s",
+                  "--no-preflight", "--state", pg_server.url()], tmp_path, env=subprocess_env(SEEDANCE_API_KEY=key))
+    wait_for(lambda: len(fake.state.submissions()) >= 2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:  # it ignored the signal: end it, then fail
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 4, err
+    assert 2 <= len(fake.state.submissions()) < 40

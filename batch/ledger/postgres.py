@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -678,6 +679,7 @@ class PgBudget:
         self.digest = hashlib.sha256(key.encode()).hexdigest()[:16]  # names the key, cannot reveal it
         self.capacity = capacity
         self._fallback: _LocalBudget | None = None
+        self._warned: set[str] = set()
         self._local_budget = lambda: _LocalBudget(capacity)
         self.db = location.connect("rate budget")
         try:
@@ -715,16 +717,25 @@ class PgBudget:
         try:
             tx = self.db.transaction()
             tx.__enter__()
-            t0 = time.monotonic()
-            *row, server = self.db.execute(
-                "SELECT next, resume_at, starts, extract(epoch FROM clock_timestamp())::float8 "
-                "FROM seedance_shared.rate_budgets WHERE key = %s FOR UPDATE", (self.digest,)).fetchone()
+            found = None
+            for _ in range(2):
+                t0 = time.monotonic()
+                found = self.db.execute(_BUDGET_ROW, (_RING, self.digest)).fetchone()
+                if found is not None:
+                    break
+                # Deleted under us (another team's cleanup): recreate it, then lock it.
+                self._damage("the key's row was deleted; recreated")
+                self.db.execute("INSERT INTO seedance_shared.rate_budgets VALUES (%s, 0, 0, '{}') "
+                                "ON CONFLICT DO NOTHING", (self.digest,))
+            if found is None:
+                raise psycopg.DataError("the key's rate budget row cannot be recreated")
+            *row, server = found
             self._sample(server, t0, time.monotonic())
         except psycopg.Error as exc:
             self._give_up(exc)
             yield self._fallback
             return
-        view = _BudgetView((row[0], row[1], row[2]), self.offset, self.capacity)
+        view = _BudgetView((row[0], row[1], row[2] or []), self.offset, self.capacity, self._damage)
         try:
             yield view
             self.db.execute("UPDATE seedance_shared.rate_budgets SET next=%s, resume_at=%s, starts=%s WHERE key=%s",
@@ -736,6 +747,15 @@ class PgBudget:
             with contextlib.suppress(psycopg.Error):
                 tx.__exit__(type(exc), exc, exc.__traceback__)
             raise
+
+    def _damage(self, what: str) -> None:
+        """Say once per kind that the shared row was damaged (it is data another team can write)."""
+        if what not in self._warned:
+            import structlog
+
+            self._warned.add(what)
+            structlog.get_logger("batch").warning("rate_budget_damaged", state=str(self.location), damage=what,
+                                                  consequence="ignored; pacing goes on from now")
 
     def _give_up(self, exc: BaseException) -> None:
         import structlog
@@ -750,17 +770,46 @@ class PgBudget:
             self.db.close()
 
 
-class _BudgetView:
-    """A key's budget row while its row lock is held, in this process's monotonic time."""
+# The row of a key, locked; its starts bounded to the ring a local budget keeps (a row
+# another team filled with millions of entries costs one bounded read).
+_BUDGET_ROW = ("SELECT next, resume_at, starts[greatest(1, cardinality(starts) - %s + 1):], "
+               "extract(epoch FROM clock_timestamp())::float8 FROM seedance_shared.rate_budgets "
+               "WHERE key = %s FOR UPDATE")
+_RING = 1 << 16
+# How far ahead of the server's clock a stored time may be: a slot or a pause (a
+# Retry-After) an hour ahead is damage (or a server clock stepped back), and a start is
+# recorded as "now", so one more than a few seconds ahead is damage too.
+HORIZON = 3600.0
+START_SKEW = 5.0
 
-    def __init__(self, row: tuple[float, float, list[float]], offset: float, capacity: int) -> None:
+
+class _BudgetView:
+    """A key's budget row while its row lock is held, in this process's monotonic time.
+    The row is data another team can write: a time that is not a finite number, or lies
+    beyond :data:`HORIZON` (a start beyond :data:`START_SKEW`), is dropped with a warning,
+    so a damaged row can neither stall the key's runs nor make a waiter spin."""
+
+    def __init__(self, row: tuple[Any, Any, Sequence[Any]], offset: float, capacity: int,
+                 damaged: Any = None) -> None:
         nxt, resume, starts = row
         now = time.monotonic()
-        self.next, self.resume_at = nxt - offset, resume - offset
-        self._starts = [s - offset for s in starts]
-        self._offset, self._keep = offset, max(capacity, len(starts))
-        if self.next > now + 3600:  # a slot an hour ahead is damage
-            self.next, self.resume_at, self._starts = 0.0, 0.0, []
+        say = damaged or (lambda _what: None)
+        self.next = self._sane(nxt, offset, now + HORIZON, "next", say)
+        self.resume_at = self._sane(resume, offset, now + HORIZON, "resume_at", say)
+        kept = [t for t in (self._sane(s, offset, now + START_SKEW, "starts", say, None) for s in starts)
+                if t is not None]
+        self._starts = sorted(kept)
+        self._offset, self._keep = offset, max(capacity, len(self._starts))
+
+    @staticmethod
+    def _sane(value: Any, offset: float, limit: float, field: str, say: Any, instead: Any = 0.0) -> Any:
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            say(f"{field} is not a finite number")
+            return instead
+        if value - offset > limit:
+            say(f"{field} lies ahead of the server's clock beyond the horizon")
+            return instead
+        return value - offset
 
     def nth_last_start(self, n: int) -> float | None:
         return self._starts[-n] if len(self._starts) >= n else None
