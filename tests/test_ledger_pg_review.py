@@ -375,3 +375,48 @@ def test_sigterm_ends_a_run_waiting_on_a_damaged_budget(form: str, fake, pg_serv
             proc.communicate()
     assert proc.returncode == 4, err
     assert 2 <= len(fake.state.submissions()) < 40
+
+
+LIMITER = """
+import asyncio, sys, time
+from pathlib import Path
+from batch import ratelimit
+budget = ratelimit.SharedBudget(Path(sys.argv[1]), "sk-test-local-budget-key")
+limiter = ratelimit.SmoothLimiter(ratelimit.parse_rate("5/s"), shared=budget)
+async def three():
+    for _ in range(3):
+        await limiter.acquire()
+t0 = time.monotonic()
+asyncio.run(three())
+print(time.monotonic() - t0)
+"""
+
+
+@pytest.mark.parametrize("damage", ["NaN", "resume far ahead", "start far ahead"])
+def test_a_damaged_local_budget_file_neither_stalls_nor_spins(damage: str, tmp_path: Path) -> None:
+    """The sibling on one machine: the per-key budget file under the state directory
+    (another process of the user, a bit flip) holding a NaN or a far-future time. A
+    process paces with it (the budget is per boot, so monotonic times are shared)."""
+    import math
+
+    from batch import ratelimit
+
+    budget = ratelimit.SharedBudget(tmp_path, "sk-test-local-budget-key")
+    now = time.monotonic()
+    nxt, resume, start = {"NaN": (math.nan, math.nan, math.nan), "resume far ahead": (0.0, now + 1e5, None),
+                          "start far ahead": (0.0, 0.0, now + 1e5)}[damage]
+    magic, boot, *_ = ratelimit._HEAD.unpack_from(budget._map, 0)
+    count = 0
+    if start is not None:
+        for i in range(5):
+            struct.pack_into("<d", budget._map, ratelimit._HEAD.size + 8 * i, start)
+        count = 5
+    ratelimit._HEAD.pack_into(budget._map, 0, magic, boot, nxt, resume, count, count % (1 << 16))
+    budget.close()
+    try:
+        proc = subprocess.run([sys.executable, "-c", LIMITER, str(tmp_path)], capture_output=True, text=True,
+                              env=subprocess_env(), timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("three starts at 5/s did not come within 20 s")
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 2
