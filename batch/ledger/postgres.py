@@ -192,6 +192,8 @@ class PgLocation:
             raise StateError(f"--state: not a valid PostgreSQL URL ({_scrub(str(exc).strip(), secrets)})") from None
         if params.get("password"):
             secrets.append(str(params["password"]))
+        if params.get("passfile"):  # ?passfile=... names another pgpass file
+            secrets += _known_passwords(Path(str(params["passfile"])))
         self._secrets = sorted({p for p in secrets if len(p) >= MIN_PASSWORD}, key=len, reverse=True)
         logs.add_plain_secrets(self._secrets)
         name = names[-1] if names else "default"
@@ -307,21 +309,24 @@ def _scrub(text: str, secrets: Sequence[str]) -> str:
 
 
 def _bounded_text(path: Path) -> str:
+    """A credentials file's first MiB; nothing from a FIFO or device planted there."""
     try:
+        if not path.is_file():
+            return ""
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read(1 << 20)
     except OSError:
         return ""
 
 
-def _known_passwords() -> list[str]:
+def _known_passwords(passfile: Path | None = None) -> list[str]:
     """Every database password libpq may send that the tool can know at start: PGPASSWORD,
     the pgpass file (PGPASSFILE, else ~/.pgpass) and the service files (PGSERVICEFILE or
     ~/.pg_service.conf, and PGSYSCONFDIR's pg_service.conf). A hostile or confused server
     may echo it in an error; these are scrubbed from every message."""
     found = [os.environ.get("PGPASSWORD") or ""]
     home = Path(os.path.expanduser("~"))
-    for line in _bounded_text(Path(os.environ.get("PGPASSFILE") or home / ".pgpass")).splitlines():
+    for line in _bounded_text(passfile or Path(os.environ.get("PGPASSFILE") or home / ".pgpass")).splitlines():
         fields, field, escaped = [], "", False
         for char in line:
             if escaped:
