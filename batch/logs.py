@@ -29,13 +29,31 @@ def known_secrets() -> list[str]:
 
 
 _keys: list[Secret] = []  # the process's keys, as configure() was given them
+# Other secrets met at start (a database password: batch.ledger.postgres), replaced as
+# written and percent-encoded; kept across configure() calls.
+_plain: list[str] = []
+
+
+def add_plain_secrets(values: list[str]) -> None:
+    """Scrub ``values`` too from every event and error from now on (longest first)."""
+    _plain.extend(v for v in values if v and v not in _plain)
+    _plain.sort(key=len, reverse=True)
+
+
+def _scrub_plain(text: str) -> str:
+    from urllib.parse import quote
+
+    for secret in _plain:
+        for form in (secret, quote(secret, safe=""), quote(secret)):
+            text = text.replace(form, "***")
+    return text
 
 
 def scrub(text: str) -> str:
     """``text`` with this process's keys scrubbed (:meth:`batch.client.Secret.scrub`)."""
     for secret in _keys:
         text = secret.scrub(text)
-    return text
+    return _scrub_plain(text)
 
 
 def _scrubbed(value: Any, keys: list[Secret]) -> Any:
@@ -44,7 +62,7 @@ def _scrubbed(value: Any, keys: list[Secret]) -> Any:
     if isinstance(value, str):
         for secret in keys:
             value = secret.scrub(value)
-        return value
+        return _scrub_plain(value)
     if isinstance(value, dict):
         return {k: _scrubbed(v, keys) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

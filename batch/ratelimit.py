@@ -113,6 +113,7 @@ class _LocalBudget:
 _MAGIC = b"SDBUDG02"
 _HEAD = struct.Struct("<8s36sdd i i")  # magic, boot id, next, resume_at, count, head
 _RING = 1 << 16  # starts remembered: enough for 65,536 per window
+HORIZON = 3600.0  # a slot or a pause further ahead than this is damage
 
 
 def _boot_id() -> bytes:
@@ -147,7 +148,7 @@ class SharedBudget:
             now = time.monotonic()
             self._boot = _boot_id()
             # Another boot's monotonic times mean nothing now; a slot an hour ahead is damage.
-            if magic != _MAGIC or boot != self._boot or nxt > now + 3600:
+            if magic != _MAGIC or boot != self._boot or not nxt <= now + HORIZON:
                 self._map[:] = bytes(size)
                 _HEAD.pack_into(self._map, 0, _MAGIC, self._boot, 0.0, 0.0, 0, 0)
         finally:
@@ -174,13 +175,21 @@ class _SharedView:
     def __init__(self, buf: mmap.mmap, boot: bytes) -> None:
         self._buf = buf
         self._boot = boot
-        _m, _b, self.next, self.resume_at, self._count, self._head = _HEAD.unpack_from(buf, 0)
+        _m, _b, nxt, resume, count, head = _HEAD.unpack_from(buf, 0)
+        # The file is data another process wrote: a time that is no finite number, or one
+        # beyond the horizon, would make every waiter spin (NaN compares false) or stall.
+        self._now = time.monotonic()
+        self.next = nxt if math.isfinite(nxt) and nxt <= self._now + HORIZON else 0.0
+        self.resume_at = resume if math.isfinite(resume) and resume <= self._now + HORIZON else 0.0
+        self._count, self._head = min(max(count, 0), _RING), head % _RING
 
     def nth_last_start(self, n: int) -> float | None:
         if n > min(self._count, _RING):
             return None
         index = (self._head - n) % _RING
-        return struct.unpack_from("<d", self._buf, _HEAD.size + 8 * index)[0]
+        start = struct.unpack_from("<d", self._buf, _HEAD.size + 8 * index)[0]
+        # A start is recorded as "now": one not finite or ahead of now is damage, no start.
+        return start if math.isfinite(start) and start <= self._now + 1.0 else None
 
     def add_start(self, t: float) -> None:
         struct.pack_into("<d", self._buf, _HEAD.size + 8 * self._head, t)
@@ -254,7 +263,9 @@ class SmoothLimiter:
             with self._state.locked() as s:
                 if time.monotonic() >= s.resume_at:
                     return
-            # a 429 arrived while this caller waited: take a new slot
+            # a 429 arrived while this caller waited: take a new slot (after one turn of
+            # the loop at least, so that a signal is always heard)
+            await asyncio.sleep(0)
 
     def admit_now(self) -> bool:
         """Record a start now if the window has room (never waits)."""

@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
+from batch import logs
 from batch.errors import LockedError, StateError
 from batch.ledger.base import (
     LEDGER_COLUMNS,
@@ -181,42 +183,60 @@ def pg(sql: str) -> str:
 class PgLocation:
     """A ledger in PostgreSQL: ``postgresql://[user[:password]@][host][:port]/[db][?ledger=NAME&...]``.
 
-    The rest of the query (``sslmode``, ``service``...) goes to libpq as given; what the
-    URL leaves out comes from libpq's environment (``PGHOST``, ``PGPASSWORD``...),
-    ``~/.pgpass`` or a service file. ``str()`` never shows the password."""
+    The rest of the query (``sslmode``, ``service``...) goes to libpq as given (the URL is
+    edited, never rebuilt: ``postgresql:///db`` and ``postgresql://?service=NAME`` keep
+    their form); what the URL leaves out comes from libpq's environment (``PGHOST``,
+    ``PGPASSWORD``...), ``~/.pgpass`` or a service file. ``str()`` never shows the password,
+    and :meth:`scrub` removes every password the tool can know at start (the URL's, in
+    either encoding; ``PGPASSWORD``'s; the pgpass and service files'). A URL libpq would
+    misread (an unencoded ``@ / ? # %`` in the password) is refused without quoting it."""
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        names = [v for k, v in query if k == "ledger"]
+        from psycopg.conninfo import conninfo_to_dict
+
+        scheme, _, rest = url.partition("://")
+        raw_password = _check_url(rest)  # StateError (quoting nothing) for a URL libpq would misread
+        base, _, query = rest.partition("?")
+        items = [item for item in query.split("&") if item] if query else []
+        names = [unquote(item.partition("=")[2]) for item in items if unquote(item.partition("=")[0]) == "ledger"]
+        kept = [item for item in items if unquote(item.partition("=")[0]) != "ledger"]
+        self.conninfo = f"{scheme}://{base}" + ("?" + "&".join(kept) if kept else "")
+        secrets = _known_passwords()
+        if raw_password:
+            secrets += [raw_password, unquote(raw_password)]
+        try:
+            params = conninfo_to_dict(self.conninfo)
+        except Exception as exc:  # libpq's own reading of the URL (a bad option, an encoding)
+            raise StateError(f"--state: not a valid PostgreSQL URL ({_scrub(str(exc).strip(), secrets)})") from None
+        if params.get("password"):
+            secrets.append(str(params["password"]))
+        if params.get("passfile"):  # ?passfile=... names another pgpass file
+            secrets += _known_passwords(Path(str(params["passfile"])))
+        self._secrets = sorted({p for p in secrets if len(p) >= MIN_PASSWORD}, key=len, reverse=True)
+        logs.add_plain_secrets(self._secrets)
         name = names[-1] if names else "default"
         if not LEDGER_NAME.fullmatch(name):
             shown = repr(name) if len(name) <= 60 else repr(name[:57]) + "..."
             raise StateError(f"--state: ledger={shown}: use letters, digits, - and _ (at most 48)")
         self.ledger = name
         self.schema = "seedance_" + name.replace("-", "_").lower()
-        rest = [(k, v) for k, v in query if k != "ledger"]
-        # The user and password are split off here, at the last "@" (as urlsplit does), and
-        # the password goes to libpq as a parameter of its own: libpq's URI parser splits a
-        # password typed with a raw "@" elsewhere and would show its tail as a host name.
-        userinfo, _, hostport = parts.netloc.rpartition("@")
-        user, colon, typed = userinfo.partition(":")
-        self._password = unquote(typed) if colon and typed else None
-        self._secrets = {s for s in (typed, self._password, *(v for k, v in rest if k == "password"),
-                                     os.environ.get("PGPASSWORD")) if s and len(s) >= 3}
-        netloc = f"{quote(unquote(user), safe='')}@{hostport}" if user else hostport
-        self.conninfo = urlunsplit((parts.scheme, netloc, parts.path, urlencode(rest), ""))
-        if colon:
-            netloc = f"{quote(unquote(user), safe='')}:***@{hostport}"
-        self.display = urlunsplit((parts.scheme, netloc, parts.path,
-                                   urlencode([*[(k, v) for k, v in rest if "pass" not in k.lower()],
-                                              ("ledger", name)]), ""))
-        # The local files (the rescue file) of this ledger on this host.
+        if self.schema == SHARED_SCHEMA:
+            raise StateError(f"--state: ledger={name!r} is reserved (its schema holds every team's rate budgets); "
+                             "choose another name")
+        netloc = base.split("/", 1)[0]
+        if raw_password is not None:
+            netloc = netloc.split(":", 1)[0] + ":***@" + netloc.partition("@")[2]
+        path = base[len(base.split("/", 1)[0]):]
+        shown = [item for item in kept if "pass" not in unquote(item.partition("=")[0]).lower()]
+        self.display = f"{scheme}://{netloc}{path}?" + "&".join([*shown, urlencode([("ledger", name)])])
+        # The local files (the rescue file) of this ledger on this host: named as before
+        # (a rescue file left by an earlier version must still be found).
         try:
-            port = parts.port
+            parts = urlsplit(url)
+            where = f"{parts.hostname}:{parts.port}:{parts.path}"
         except ValueError:
-            raise StateError(f"--state {self.display}: the port is not a number") from None
-        ident = hashlib.sha256(f"{parts.hostname}:{port}:{parts.path}:{name}".encode()).hexdigest()[:16]
+            where = f"{params.get('host')}:{params.get('port')}:/{params.get('dbname')}"
+        ident = hashlib.sha256(f"{where}:{name}".encode()).hexdigest()[:16]
         self.local = state_home() / "postgres" / f"{name}-{ident}"
 
     def __str__(self) -> str:
@@ -235,9 +255,7 @@ class PgLocation:
         return self.local.with_name(f"{self.local.name}.{suffix}")
 
     def scrub(self, text: str) -> str:
-        for secret in sorted(self._secrets, key=len, reverse=True):  # a password, as given and as encoded
-            text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
-        return text
+        return _scrub(text, self._secrets)
 
     def connect(self, purpose: str) -> Any:
         """A new autocommit connection with ``synchronous_commit=on`` and the keepalives;
@@ -245,10 +263,17 @@ class PgLocation:
         import psycopg
 
         try:
-            extra = {"password": self._password} if self._password is not None else {}
             conn = psycopg.connect(self.conninfo, autocommit=True, application_name=f"seedance-batch {purpose}",
-                                   **KEEPALIVE, **extra)
+                                   **KEEPALIVE)
             conn.execute("SET synchronous_commit = on")
+            # A server (or database, or role) default must not end a session of ours: the
+            # lock's session is idle all night, and the writer's waits on the rate. An idle
+            # session ended under a run would free its lock for a second host. A transaction
+            # of ours is never idle (none spans a wait), so one idle for a minute is a hung
+            # process: ending it frees the rows (the shared rate budget) it holds.
+            conn.execute("SET idle_in_transaction_session_timeout = '60s'")
+            if conn.info.server_version >= 140000:  # the setting is new in 14
+                conn.execute("SET idle_session_timeout = 0")
             # The server's side of the same socket: a host that vanishes (power, network)
             # without closing its session is noticed by the server after ~25 s of silence
             # (10 s idle, 3 probes 5 s apart), which ends the session and frees its lock.
@@ -260,6 +285,88 @@ class PgLocation:
                              f"({self.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)});"
                              f" nothing sent") from None
         return conn
+
+
+# A shorter "password" is no secret, and replacing it would garble every message.
+MIN_PASSWORD = 4
+SHARED_SCHEMA = "seedance_shared"
+_MALFORMED = ("--state: the PostgreSQL URL cannot be read as libpq would (an unencoded @ / ? # or % in the "
+              "user, password or a parameter?); percent-encode them (%40 %2F %3F %23 %25) or give the password "
+              "through PGPASSWORD or ~/.pgpass")
+
+
+def _check_url(rest: str) -> str | None:
+    """The password of a ``postgresql://`` URL as written (``rest`` follows the ``//``),
+    or ``None``; a :class:`StateError` that quotes nothing of the URL when libpq would read
+    it otherwise than meant: it would then print (or resolve as a host name) a piece of
+    the password."""
+    if "#" in rest or re.search(r"%(?![0-9A-Fa-f]{2})", rest):
+        raise StateError(_MALFORMED)
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    path, _, query = tail.partition("?")
+    if "@" in path or any("=" not in item for item in query.split("&") if item):
+        raise StateError(_MALFORMED)  # a password's tail after an unencoded / or ?
+    if "@" not in authority:
+        # No user part: whatever follows a ':' is a port (or a list of them).
+        for hostport in authority.split(","):
+            port = hostport.rpartition("]")[2].rpartition(":")[2] if ":" in hostport.rpartition("]")[2] else ""
+            if port and not port.isdigit():
+                raise StateError(_MALFORMED)  # "user:pass/..." read as host "user", port "pass"
+        return None
+    userinfo, _, hosts = authority.partition("@")
+    if "@" in hosts:
+        raise StateError(_MALFORMED)  # an unencoded @ in the password: its tail would be a host name
+    return userinfo.partition(":")[2] if ":" in userinfo else None
+
+
+def _scrub(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret in text or quote(secret, safe="") in text or quote(secret) in text:
+            text = text.replace(secret, "***").replace(quote(secret, safe=""), "***").replace(quote(secret), "***")
+    return text
+
+
+def _bounded_text(path: Path) -> str:
+    """A credentials file's first MiB; nothing from a FIFO or device planted there."""
+    try:
+        if not path.is_file():
+            return ""
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return ""
+
+
+def _known_passwords(passfile: Path | None = None) -> list[str]:
+    """Every database password libpq may send that the tool can know at start: PGPASSWORD,
+    the pgpass file (PGPASSFILE, else ~/.pgpass) and the service files (PGSERVICEFILE or
+    ~/.pg_service.conf, and PGSYSCONFDIR's pg_service.conf). A hostile or confused server
+    may echo it in an error; these are scrubbed from every message."""
+    found = [os.environ.get("PGPASSWORD") or ""]
+    home = Path(os.path.expanduser("~"))
+    for line in _bounded_text(passfile or Path(os.environ.get("PGPASSFILE") or home / ".pgpass")).splitlines():
+        fields, field, escaped = [], "", False
+        for char in line:
+            if escaped:
+                field, escaped = field + char, False
+            elif char == "\\":
+                escaped = True
+            elif char == ":" and len(fields) < 4:
+                fields, field = [*fields, field], ""
+            else:
+                field += char
+        if len(fields) == 4 and not line.lstrip().startswith("#"):
+            found.append(field)
+    services = [Path(os.environ.get("PGSERVICEFILE") or home / ".pg_service.conf")]
+    if os.environ.get("PGSYSCONFDIR"):
+        services.append(Path(os.environ["PGSYSCONFDIR"]) / "pg_service.conf")
+    for service in services:
+        for line in _bounded_text(service).splitlines():
+            key, eq, value = line.strip().partition("=")
+            if eq and key.strip().lower() == "password":
+                found.append(value.strip())
+    return [p for p in found if p]
 
 
 def _lock_key(schema: str, kind: str) -> int:
@@ -281,6 +388,7 @@ class PgLedger(LedgerStore):
         self.write_errors = (psycopg.Error, OSError)
         self._lock_conn: Any = None
         self._known_columns: dict[str, frozenset[str]] = {}
+        self._lock_held: tuple[str, int, int, int] | None = None  # kind, its session's pid, key, guard
         self.db = location.connect("ledger")
         try:
             self._open()
@@ -322,6 +430,20 @@ class PgLedger(LedgerStore):
                             self.db.execute(statement)
                         self.db.execute("INSERT INTO migrations VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
                                         (number, name, utcnow()))
+        self._check_name()
+
+    def _check_name(self) -> None:
+        """One ledger name per schema: names that differ only in case or in ``-`` vs ``_``
+        land in one schema, so the first name used (recorded in ``meta``) owns it and any
+        other is refused: two teams must not share requests, spend caps and locks unawares."""
+        name = self.location.ledger
+        if not self.readonly:
+            self.db.execute("INSERT INTO meta VALUES ('ledger_name', %s) ON CONFLICT DO NOTHING", (name,))
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'ledger_name'").fetchone()
+        if row is not None and row[0] != name:
+            raise StateError(f"--state: ledger={name!r} would use the schema {self.location.schema}, which is "
+                             f"ledger {row[0]!r}'s (names differing only in case or in - and _ share one); "
+                             f"write ledger={row[0]} for that ledger, or choose another name")
 
     def _has_tables(self) -> bool:
         return self.db.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename IN "
@@ -346,7 +468,35 @@ class PgLedger(LedgerStore):
         if not got:
             conn.close()
             raise LockedError(f"another {kind} run is using ledger {self.location}; nothing sent")
+        try:
+            # A run whose lock session ended may be inside a claim that checked the lock just
+            # before we took it: wait for that transaction (it holds the guard) to end, so
+            # what this run reads (the night's spend) includes its claims.
+            guard = _lock_key(self.location.schema, f"{kind} guard")
+            conn.execute("SELECT pg_advisory_lock(%s), pg_advisory_unlock(%s)", (guard, guard))
+        except psycopg.Error as exc:
+            conn.close()
+            raise StateError(f"{self.location}: cannot lock the ledger ({self.location.scrub(str(exc))})") from None
         self._lock_conn = conn
+        self._lock_held = (kind, conn.info.backend_pid, _lock_key(self.location.schema, kind) & (2**64 - 1), guard)
+
+    def _check_lock(self, cur: Any) -> None:
+        """Claims only while this run's lock session still holds the lock: an admin, a
+        proxy or a timeout may end that session, and then a second host may take the lock
+        and spend the same night. In the claim's transaction: take the guard (a second run
+        that takes the lock waits for it, see :meth:`lock`), then look the lock up in
+        ``pg_locks``; so a claim either commits before the next holder reads the ledger, or
+        is refused (:class:`LockLostError`: the run stops sending)."""
+        assert self._lock_held is not None
+        kind, pid, key, guard = self._lock_held
+        held = cur.execute(
+            "SELECT pg_advisory_xact_lock(%s), EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+            "AND granted AND pid = %s AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1)",
+            (guard, pid, key >> 32, key & 0xFFFFFFFF)).fetchone()[1]
+        if not held:
+            raise LockLostError(f"the {kind} lock on ledger {self.location} was lost (its database session ended: "
+                                f"an administrator, a proxy or a timeout); nothing more is sent")
 
     @property
     def where(self) -> str:
@@ -362,6 +512,7 @@ class PgLedger(LedgerStore):
             with contextlib.suppress(Exception):
                 self._lock_conn.close()
             self._lock_conn = None
+            self._lock_held = None
 
     # -- writes ------------------------------------------------------------------------
     def commit(self, sending: Sequence[Mark], outcomes: Sequence[tuple[Any, ...]],
@@ -374,6 +525,8 @@ class PgLedger(LedgerStore):
             if outcomes:
                 cur.executemany(pg(SQL_OUTCOME), [(*o[:-2], now, self.api, o[-2], o[-1]) for o in outcomes])
             marks = list({m.request_id: m for m in sending}.values())
+            if marks and self._lock_held is not None:
+                self._check_lock(cur)
             if marks:
                 values = ", ".join(["(%s, %s, 'sending', %s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s)"] * len(marks))
                 params: list[Any] = []
@@ -453,6 +606,10 @@ class PgLedger(LedgerStore):
             f"AND (task_status IS NULL OR NOT (task_status = ANY(%s))) ORDER BY submitted_at", (list(apis), done))]
 
 
+class LockLostError(StateError):
+    """The session holding this run's writer lock ended: another run may hold it now."""
+
+
 class _NoLedger(Exception):
     """A read-only open of a ledger not created yet."""
 
@@ -502,6 +659,7 @@ class PgBudget:
         self.digest = hashlib.sha256(key.encode()).hexdigest()[:16]  # names the key, cannot reveal it
         self.capacity = capacity
         self._fallback: _LocalBudget | None = None
+        self._warned: set[str] = set()
         self._local_budget = lambda: _LocalBudget(capacity)
         self.db = location.connect("rate budget")
         try:
@@ -539,16 +697,25 @@ class PgBudget:
         try:
             tx = self.db.transaction()
             tx.__enter__()
-            t0 = time.monotonic()
-            *row, server = self.db.execute(
-                "SELECT next, resume_at, starts, extract(epoch FROM clock_timestamp())::float8 "
-                "FROM seedance_shared.rate_budgets WHERE key = %s FOR UPDATE", (self.digest,)).fetchone()
+            found = None
+            for _ in range(2):
+                t0 = time.monotonic()
+                found = self.db.execute(_BUDGET_ROW, (_RING, self.digest)).fetchone()
+                if found is not None:
+                    break
+                # Deleted under us (another team's cleanup): recreate it, then lock it.
+                self._damage("the key's row was deleted; recreated")
+                self.db.execute("INSERT INTO seedance_shared.rate_budgets VALUES (%s, 0, 0, '{}') "
+                                "ON CONFLICT DO NOTHING", (self.digest,))
+            if found is None:
+                raise psycopg.DataError("the key's rate budget row cannot be recreated")
+            *row, server = found
             self._sample(server, t0, time.monotonic())
         except psycopg.Error as exc:
             self._give_up(exc)
             yield self._fallback
             return
-        view = _BudgetView((row[0], row[1], row[2]), self.offset, self.capacity)
+        view = _BudgetView((row[0], row[1], row[2] or []), self.offset, self.capacity, self._damage)
         try:
             yield view
             self.db.execute("UPDATE seedance_shared.rate_budgets SET next=%s, resume_at=%s, starts=%s WHERE key=%s",
@@ -560,6 +727,15 @@ class PgBudget:
             with contextlib.suppress(psycopg.Error):
                 tx.__exit__(type(exc), exc, exc.__traceback__)
             raise
+
+    def _damage(self, what: str) -> None:
+        """Say once per kind that the shared row was damaged (it is data another team can write)."""
+        if what not in self._warned:
+            import structlog
+
+            self._warned.add(what)
+            structlog.get_logger("batch").warning("rate_budget_damaged", state=str(self.location), damage=what,
+                                                  consequence="ignored; pacing goes on from now")
 
     def _give_up(self, exc: BaseException) -> None:
         import structlog
@@ -574,17 +750,46 @@ class PgBudget:
             self.db.close()
 
 
-class _BudgetView:
-    """A key's budget row while its row lock is held, in this process's monotonic time."""
+# The row of a key, locked; its starts bounded to the ring a local budget keeps (a row
+# another team filled with millions of entries costs one bounded read).
+_BUDGET_ROW = ("SELECT next, resume_at, starts[greatest(1, cardinality(starts) - %s + 1):], "
+               "extract(epoch FROM clock_timestamp())::float8 FROM seedance_shared.rate_budgets "
+               "WHERE key = %s FOR UPDATE")
+_RING = 1 << 16
+# How far ahead of the server's clock a stored time may be: a slot or a pause (a
+# Retry-After) an hour ahead is damage (or a server clock stepped back), and a start is
+# recorded as "now", so one more than a few seconds ahead is damage too.
+HORIZON = 3600.0
+START_SKEW = 5.0
 
-    def __init__(self, row: tuple[float, float, list[float]], offset: float, capacity: int) -> None:
+
+class _BudgetView:
+    """A key's budget row while its row lock is held, in this process's monotonic time.
+    The row is data another team can write: a time that is not a finite number, or lies
+    beyond :data:`HORIZON` (a start beyond :data:`START_SKEW`), is dropped with a warning,
+    so a damaged row can neither stall the key's runs nor make a waiter spin."""
+
+    def __init__(self, row: tuple[Any, Any, Sequence[Any]], offset: float, capacity: int,
+                 damaged: Any = None) -> None:
         nxt, resume, starts = row
         now = time.monotonic()
-        self.next, self.resume_at = nxt - offset, resume - offset
-        self._starts = [s - offset for s in starts]
-        self._offset, self._keep = offset, max(capacity, len(starts))
-        if self.next > now + 3600:  # a slot an hour ahead is damage
-            self.next, self.resume_at, self._starts = 0.0, 0.0, []
+        say = damaged or (lambda _what: None)
+        self.next = self._sane(nxt, offset, now + HORIZON, "next", say)
+        self.resume_at = self._sane(resume, offset, now + HORIZON, "resume_at", say)
+        kept = [t for t in (self._sane(s, offset, now + START_SKEW, "starts", say, None) for s in starts)
+                if t is not None]
+        self._starts = sorted(kept)
+        self._offset, self._keep = offset, max(capacity, len(self._starts))
+
+    @staticmethod
+    def _sane(value: Any, offset: float, limit: float, field: str, say: Any, instead: Any = 0.0) -> Any:
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            say(f"{field} is not a finite number")
+            return instead
+        if value - offset > limit:
+            say(f"{field} lies ahead of the server's clock beyond the horizon")
+            return instead
+        return value - offset
 
     def nth_last_start(self, n: int) -> float | None:
         return self._starts[-n] if len(self._starts) >= n else None
