@@ -327,9 +327,11 @@ def plan(opts: RunOptions, expander: Expander, output: Target | None,
         rows_of = ledger.outcome_rows if ledger is not None else None
         if ledger is not None and opts.retry_failed:
             rows_of = retried_as_pending(ledger, opts.retry_cap)
-        tally, _ = write_results(output, expander.frames(schema), schema, rows_of,
-                                 Resolution(None, dry_run=True, resend_unknown=opts.submit.resend_unknown),
-                                 tally=Tally(estimator=estimator), on_rows=on_rows)
+        tally, table_error = write_results(output, expander.frames(schema), schema, rows_of,
+                                           Resolution(None, dry_run=True, resend_unknown=opts.submit.resend_unknown),
+                                           tally=Tally(estimator=estimator), on_rows=on_rows, tolerate_io=True)
+        if table_error:  # nothing was sent: an output that cannot take the table (an earlier one stays whole)
+            raise ConfigError(f"{table_error}; nothing was sent")
         known = ledger.uploads() if ledger is not None else {}
         expander.images.planned = expander.images.totals(set(known))
     finally:

@@ -81,6 +81,24 @@ def test_output_disk_full_is_one_line_and_the_ledger_keeps_everything(fake, tmp_
     assert results(tmp_path / "out" / "r.parquet")["status"].unique().to_list() == ["skipped"]
 
 
+def test_a_dry_run_table_that_cannot_be_written_is_one_line_exit_2(fake, tmp_path: Path) -> None:
+    """Found from outside (#21 review): a traceback and exit 1 (the code of "some rows
+    invalid"); nothing was sent, so it is an output that cannot take the file: exit 2, and
+    an earlier table stays whole."""
+    rng = random.Random(2)
+    letters = (string.ascii_letters * 5).encode()[:256]
+    rows = [{"prompt": f"p{i} " + rng.randbytes(20_000).translate(letters).decode()} for i in range(300)]
+    path = write_csv(tmp_path / "in.csv", rows)
+    assert submit_process(fake, tmp_path, write_csv(tmp_path / "small.csv", prompts(3)), "--dry-run").returncode == 0
+    res = submit_process(fake, tmp_path, path, "--dry-run", limit=2_000_000)  # the table needs ~6 MB
+    assert res.returncode == 2, res.stderr
+    line = error_line(res.stderr)
+    assert "cannot write results table" in line and "File too large" in line and "nothing was sent" in line
+    assert results(tmp_path / "out" / "r.parquet").height == 3  # the earlier table, whole
+    assert [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name] == []
+    assert fake.state.submissions() == []
+
+
 def test_a_read_only_state_directory_is_one_line_exit_2(fake) -> None:
     """Reported: a traceback."""
     base = Path(tempfile.mkdtemp())
