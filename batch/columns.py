@@ -115,7 +115,7 @@ def _convert(f: FieldSpec, value: pl.Series, extra_rules: list[str]) -> tuple[pl
             out = pl.select(pl.when(ascii_ & low.is_in(list(_TRUE))).then(True)
                             .when(ascii_ & low.is_in(list(_FALSE))).then(False)).to_series()
             ok = out.is_not_null()
-        elif dtype.is_integer() or dtype.is_float():  # not a Decimal: the per-row to_bool refuses one
+        elif dtype.is_integer() or dtype.is_float():  # a Decimal goes per-row (to_bool's own reading)
             out = pl.select(pl.when(value == 1).then(True).when(value == 0).then(False)).to_series()
             ok = out.is_not_null()
         else:

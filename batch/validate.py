@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from decimal import Decimal
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -89,9 +90,10 @@ def to_int(name: str, rule: str, value: Any) -> int:
         raise RuleError(name, value, rule)
     if isinstance(value, int):
         return value
-    if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
-            return int(value)
+    if isinstance(value, (float, Decimal)):  # a DECIMAL column (databases, Spark) as a float does
+        if value.is_finite() if isinstance(value, Decimal) else math.isfinite(value):
+            if value == int(value):
+                return int(value)
         raise RuleError(name, value, rule)
     if isinstance(value, str):
         text = value.strip()
@@ -113,6 +115,8 @@ def to_bool(name: str, rule: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, Decimal) and value.is_finite() and value in (0, 1):  # sNaN would raise on ==
         return bool(value)
     if isinstance(value, str):
         text = value.strip().lower()

@@ -1,3 +1,5 @@
+from decimal import Decimal
+
 import pytest
 
 from batch.validate import RuleError, coerce
@@ -14,6 +16,9 @@ from batch.validate import RuleError, coerce
     ("ratio", "9:16", "9:16"), ("ratio", " adaptive ", "adaptive"), ("resolution", "1080p", "1080p"),
     ("service_tier", "flex", "flex"), ("service_tier", "default", "default"),
     ("prompt", "a" * 2000, "a" * 2000), ("prompt", "熊" * 2000, "熊" * 2000), ("prompt", "x", "x"),
+    # A database's or Spark's DECIMAL column (found from outside: "duration=5: must be an integer in [2, 12]")
+    ("duration", Decimal("5"), 5), ("seed", Decimal("42.00"), 42), ("camera_fixed", Decimal("1"), True),
+    ("camera_fixed", Decimal("0.0"), False),
 ])
 def test_valid_values_coerce_to_api_types(name: str, raw: object, expected: object) -> None:
     value = coerce(name, raw)
@@ -32,6 +37,8 @@ def test_valid_values_coerce_to_api_types(name: str, raw: object, expected: obje
     ("service_tier", "cheap", "one of"), ("ratio", 16, "one of"),
     ("prompt", "", "empty"), ("prompt", "   ", "empty"), ("prompt", "a" * 2001, "at most 2000 characters"),
     ("prompt", "熊" * 2001, "at most 2000 characters"), ("prompt", 42, "text"),
+    ("duration", Decimal("5.5"), "integer"), ("duration", Decimal("NaN"), "integer"), ("seed", Decimal("Infinity"), "integer"),
+    ("duration", Decimal("13"), "[2, 12]"), ("camera_fixed", Decimal("2"), "boolean"),
 ])
 def test_each_rule_names_field_value_and_rule(name: str, raw: object, rule: str) -> None:
     with pytest.raises(RuleError) as info:
