@@ -91,9 +91,8 @@ def to_int(name: str, rule: str, value: Any) -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, (float, Decimal)):  # a DECIMAL column (databases, Spark) as a float does
-        if value.is_finite() if isinstance(value, Decimal) else math.isfinite(value):
-            if value == int(value):
-                return int(value)
+        if (value.is_finite() if isinstance(value, Decimal) else math.isfinite(value)) and value == int(value):
+            return int(value)
         raise RuleError(name, value, rule)
     if isinstance(value, str):
         text = value.strip()
