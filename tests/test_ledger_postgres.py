@@ -679,3 +679,77 @@ def test_without_its_database_a_run_answers_from_what_it_saw(pg_server: PgServer
     assert "c" not in rows  # read, claimed in a batch that failed: not sent
     assert (rows["d"][1], rows["d"][5]) == ("unknown", NOT_READ)
     assert [p[0] for p in memo.run_places("run1")] == ["a", "b"]
+
+
+# -- the rescue file belongs to a ledger, not to a URL's spelling (review of #23) ----------
+
+def cut_night(fake, url: str, sheet: Path, table: Path, proxy: CutProxy, env: dict[str, str],
+              cwd: Path | None = None) -> str:
+    """Submit through ``proxy`` and cut it once a few requests are out: exit 6, a rescue file."""
+    proc = subprocess.Popen([sys.executable, "-m", "batch", "submit", str(sheet), "--base-url", fake.url, "--rate",
+                             "0", "--concurrency", "4", "--state", url, "-o", str(table)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+    deadline = time.monotonic() + 30
+    before = len(fake.state.submissions())
+    while len(fake.state.submissions()) < before + 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proxy.cut()
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 6, err
+    return err
+
+
+def ledger_task_ids(pg_server: PgServer, ledger: str, db: str = "postgres") -> set[str]:
+    with psycopg.connect(pg_server.base_url().rsplit("/", 1)[0] + "/" + db) as conn:
+        return {t for (t,) in conn.execute(f"SELECT task_id FROM seedance_{ledger}.requests "
+                                            f"WHERE task_id IS NOT NULL")}
+
+
+def test_the_rescue_file_follows_the_ledger_not_the_urls_spelling(start_fake, pg_server: PgServer,
+                                                                   tmp_path: Path) -> None:
+    """Two databases reached through two service entries with one ledger name (one URL
+    spelling): the night cut on "prod" leaves a rescue file that a run on "staging" names
+    and leaves alone; a run on prod spelled another way (localhost, the direct port
+    instead of the proxy's) replays it: every task id in prod's ledger, nothing paid twice."""
+    fake = start_fake(latency=0.3)
+    with psycopg.connect(pg_server.base_url(), autocommit=True) as conn:
+        staging_db = "staging" + uuid.uuid4().hex[:8]
+        conn.execute(f"CREATE DATABASE {staging_db}")
+    proxy = CutProxy(pg_server.port)
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[prod]\nhost=127.0.0.1\nport={proxy.port}\ndbname=postgres\nuser=postgres\n\n"
+                        f"[staging]\nhost=127.0.0.1\nport={pg_server.port}\ndbname={staging_db}\nuser=postgres\n")
+    env = subprocess_env(PGSERVICEFILE=str(services))
+    ledger = "n" + uuid.uuid4().hex[:10]
+    home = Path(env["XDG_STATE_HOME"]) / "seedance-batch" / "postgres"
+    try:
+        sheet = write_csv(tmp_path / "in.csv", prompts(40))
+        err = cut_night(fake, f"postgresql://postgres@/?service=prod&ledger={ledger}", sheet, tmp_path / "r.parquet",
+                        proxy, env)
+        rescue = sorted(home.glob(f"{ledger}-*.rescue.jsonl"))
+        assert len(rescue) == 1, (err, list(home.iterdir()))
+        held = {json.loads(line)["outcome"][1] for line in rescue[0].read_text().splitlines()}
+        assert held - {None}, "the cut left no task id in the rescue file"
+        other_rows = prompts(3, prefix="A storm over the sea")
+        other = write_csv(tmp_path / "other.csv", other_rows)
+        staging = run_cli_process(["submit", str(other), "--base-url", fake.url, "--rate", "0", "--state",
+                                   f"postgresql://postgres@/?service=staging&ledger={ledger}",
+                                   "-o", str(tmp_path / "s.parquet")], env=env)
+        assert staging.returncode == 0, staging.stderr
+        assert rescue[0].exists(), "staging consumed prod's rescue file"
+        warned = [e for e in map(json.loads, staging.stderr.splitlines()) if e.get("event") == "rescue_of_another_ledger"]
+        assert warned and str(rescue[0]) in json.dumps(warned), staging.stderr
+        assert ledger_task_ids(pg_server, ledger, staging_db) == {r.task_id for r in fake.state.submissions()
+                                                                  if r.body["prompt"] in {o["prompt"] for o in other_rows}}
+        # prod, spelled the other way: the server's own port and "localhost", another table
+        again = run_cli_process(["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--state",
+                                 f"postgresql://postgres@localhost:{pg_server.port}/postgres?ledger={ledger}",
+                                 "-o", str(tmp_path / "again.parquet")], env=env)
+        assert again.returncode in (0, 1), again.stderr
+        assert not rescue[0].exists()
+        mine = {o["prompt"] for o in prompts(40)}
+        accepted = {r.task_id for r in fake.state.submissions() if r.task_id and r.body["prompt"] in mine}
+        assert accepted == ledger_task_ids(pg_server, ledger)
+        assert accepted_twice(fake) == []
+    finally:
+        proxy.close()

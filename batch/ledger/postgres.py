@@ -37,6 +37,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from batch.ledger.base import (
     OUTCOME_COLUMNS,
     SQL_IMPORT_UPGRADE,
     SQL_OUTCOME,
+    SQL_REPLAY,
     Entry,
     LedgerStore,
     Mark,
@@ -196,13 +198,18 @@ class PgLocation:
         self.display = urlunsplit((parts.scheme, netloc, parts.path,
                                    urlencode([*[(k, v) for k, v in rest if "pass" not in k.lower()],
                                               ("ledger", name)]), ""))
-        # The local files (the rescue file) of this ledger on this host.
+        # Where this host keeps the ledger's rescue files. They are named by the ledger's id
+        # (stored in the ledger, see PgLedger.ledger_id), not by this URL: another spelling
+        # of the same database (localhost, a pooler's port, a service file) finds them, and
+        # another database with the same spelling does not. ``legacy`` is the name the
+        # tool used before (a hash of the spelling), still replayed.
         try:
             port = parts.port
         except ValueError:
             raise StateError(f"--state {self.display}: the port is not a number") from None
         ident = hashlib.sha256(f"{parts.hostname}:{port}:{parts.path}:{name}".encode()).hexdigest()[:16]
-        self.local = state_home() / "postgres" / f"{name}-{ident}"
+        self.home = state_home() / "postgres"
+        self.legacy = self.home / f"{name}-{ident}"
 
     def __str__(self) -> str:
         return self.display
@@ -216,8 +223,8 @@ class PgLocation:
     def exists(self) -> bool:
         return True  # the server says when it is opened
 
-    def companion(self, suffix: str) -> Path:
-        return self.local.with_name(f"{self.local.name}.{suffix}")
+    def rescue_file(self, ledger_id: str) -> Path:
+        return self.home / f"{self.ledger}-{ledger_id}.rescue.jsonl"
 
     def scrub(self, text: str) -> str:
         for secret in sorted(self._secrets, key=len, reverse=True):  # a password, as given and as encoded
@@ -294,6 +301,10 @@ class PgLedger(LedgerStore):
                                 (1, "create", utcnow()))
                 self.db.execute("INSERT INTO meta VALUES ('created_at', %s) ON CONFLICT DO NOTHING", (utcnow(),))
         self.db.execute(sql.SQL("SET search_path TO {}").format(schema))
+        if not self.readonly:  # the ledger's identity: names its rescue files on every host
+            self.db.execute("INSERT INTO meta VALUES ('ledger_id', %s) ON CONFLICT DO NOTHING", (str(uuid.uuid4()),))
+        found = self.db.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
+        self.ledger_id = found[0] if found else None
         version = self.db.execute("SELECT max(version) FROM migrations").fetchone()[0] or 0
         if version > SCHEMA_VERSION:
             raise StateError(f"{self.location}: ledger schema {version} is newer than this tool ({SCHEMA_VERSION})")
@@ -336,7 +347,15 @@ class PgLedger(LedgerStore):
         return str(self.location)
 
     def rescue_file(self) -> Path:
-        return self.location.companion("rescue.jsonl")
+        return self.location.rescue_file(self.ledger_id or "unknown")
+
+    def rescue_files(self) -> tuple[list[Path], list[Path]]:
+        mine = [self.rescue_file(), self.location.legacy.with_name(self.location.legacy.name + ".rescue.jsonl")]
+        try:
+            others = sorted(p for p in self.location.home.glob("*.rescue.jsonl") if p not in mine)
+        except OSError:
+            others = []
+        return mine, others
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -371,7 +390,7 @@ class PgLedger(LedgerStore):
     def replay_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
         now = utcnow()
         with self.db.transaction(), self.db.cursor() as cur:
-            cur.executemany(pg(SQL_OUTCOME), [(*o[:-2], now, api, o[-2], o[-1]) for api, *o in rows])
+            cur.executemany(pg(SQL_REPLAY), [(*o[:-2], now, api, o[-2], o[-1], o[1]) for api, *o in rows])
 
     def import_tasks(self, rows: Sequence[tuple[Any, ...]]) -> None:
         if not rows:

@@ -68,6 +68,7 @@ from batch.ledger.base import (
     OUTCOME_COLUMNS,
     SQL_IMPORT_UPGRADE,
     SQL_OUTCOME,
+    SQL_REPLAY,
     Entry,
     LedgerStore,
     Mark,
@@ -508,7 +509,7 @@ class Ledger(LedgerStore):
     def replay_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
         with transaction(self.db):
             for api, *o in rows:
-                self.db.execute(SQL_OUTCOME, (*o[:-2], utcnow(), api, o[-2], o[-1]))
+                self.db.execute(SQL_REPLAY, (*o[:-2], utcnow(), api, o[-2], o[-1], o[1]))
 
     def close(self) -> None:
         if not self.readonly:
