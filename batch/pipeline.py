@@ -442,6 +442,7 @@ def run_submit(opts: RunOptions) -> Summary:
         earlier = tables_to_adopt(opts)
 
     with locked_ledger(opts.state, opts.api) as ledger:  # local faults first, then the provider
+        conflicts = ledger.rescue_conflicts  # a replayed rescue file's outcomes kept aside
         settle_apis(ledger, opts.api, opts.moved_from)
         for target, frame in earlier:
             adopted = _import_from_table(ledger, frame, opts.api)
@@ -522,6 +523,8 @@ def run_submit(opts: RunOptions) -> Summary:
                                  f"remain in the ledger {opts.state}: collect follows them; give each night its "
                                  f"own table (-o 'results/{{date}}.parquet') to keep them in a table")
                 summary.extra["table_replaced"] = {"task_ids_dropped": dropped}
+        if conflicts is not None:
+            summary.extra["rescue_conflicts"] = str(conflicts)
         if not (outcome is not None and outcome.aborted):  # a second signal: leave at once, as before
             record_summary(opts.output, summary, opts, sent=summary.sent > 0)
         return summary

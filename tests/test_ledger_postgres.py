@@ -753,3 +753,41 @@ def test_the_rescue_file_follows_the_ledger_not_the_urls_spelling(start_fake, pg
         assert accepted_twice(fake) == []
     finally:
         proxy.close()
+
+
+def test_a_planted_rescue_file_is_refused_or_kept_aside(fake, store: str, tmp_path: Path) -> None:
+    """Attacker 10: a symlink at the rescue file's place is one line, exit 2, nothing sent; a
+    rescue file whose task id conflicts with the ledger's is kept aside (``.conflict``, the
+    summary's ``rescue_conflicts``), the ledger's task id stays."""
+    from batch.ledger import PgLocation, open_readonly
+
+    sheet = write_csv(tmp_path / "in.csv", prompts(3))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--state", store,
+            "-o", str(tmp_path / "r.parquet")]
+    assert run_cli_process(args).returncode == 0
+    first = results(tmp_path / "r.parquet").row(0, named=True)
+    state = PgLocation(store) if store.startswith("postgresql") else Path(store)
+    ledger = open_readonly(state, fake.url.rstrip("/"))
+    assert ledger is not None
+    api = next(iter(ledger.apis()))
+    ledger.close()
+    ledger = open_readonly(state, api)
+    assert ledger is not None
+    rescue = ledger.rescue_file()
+    run_id = ledger.lookup([first["request_id"]])[first["request_id"]].run_id
+    ledger.close()
+    planted = tmp_path / "planted.jsonl"
+    planted.write_text(json.dumps({"api": api, "outcome": ["submitted", "task-PLANTED", None, None, 200, 1, None,
+                                                           None, run_id, first["request_id"]]}) + "\n")
+    rescue.parent.mkdir(parents=True, exist_ok=True)
+    rescue.symlink_to(planted)
+    proc = run_cli_process(args)
+    assert proc.returncode == 2 and "rescue" in error_line(proc.stderr), proc.stderr
+    rescue.unlink()
+    shutil.copy(planted, rescue)
+    proc = run_cli_process(args)
+    assert proc.returncode == 0, proc.stderr
+    assert results(tmp_path / "r.parquet").row(0, named=True)["task_id"] == first["task_id"]
+    summary = json.loads((tmp_path / "r.parquet.summary.json").read_text())
+    assert "task-PLANTED" in Path(summary["rescue_conflicts"]).read_text()
+    assert len(fake.state.submissions()) == 3

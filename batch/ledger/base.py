@@ -411,8 +411,8 @@ def read_rescue(path: Path) -> str | None:
         what = "a symlink" if path.is_symlink() else f"unreadable ({exc.strerror})"
         raise StateError(f"{path}: the rescue file is {what}; move it away after checking where it points; "
                          f"nothing sent") from None
-    with open(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         what = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
                 f"a file with {st.st_nlink} names (hard links)" if st.st_nlink != 1 else
                 f"owned by another user (uid {st.st_uid})" if st.st_uid != os.geteuid() else
@@ -420,7 +420,10 @@ def read_rescue(path: Path) -> str | None:
         if what:
             raise StateError(f"{path}: the rescue file is {what}, not one this tool wrote; move it away after "
                              f"checking it; nothing sent")
-        return f.read(RESCUE_MAX_BYTES + 1).decode("utf-8", errors="replace")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(RESCUE_MAX_BYTES + 1).decode("utf-8", errors="replace")
+    finally:
+        os.close(fd)
 
 
 def _append_lines(path: Path, lines: Sequence[str]) -> None:
