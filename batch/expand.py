@@ -200,6 +200,19 @@ def as_typed(spec: FieldSpec | None, value: Any) -> Any:
     return value if isinstance(value, str) else None
 
 
+NUL_RULE = ("contains a NUL character (\\x00): no prompt, label or ledger can hold one (PostgreSQL refuses "
+            "it in text); remove it")
+
+
+def nul_errors(cells: tuple[Any, ...], named: list[tuple[int, str]]) -> list[str]:
+    """A NUL in any cell the tool sends or stores makes the row invalid, in every store alike
+    (SQLite would keep it, PostgreSQL refuses the whole write)."""
+    if not any(isinstance(c, str) and "\x00" in c for c in cells):
+        return []
+    return [str(RuleError(name, cells[i], NUL_RULE)) for i, name in named
+            if isinstance(cells[i], str) and "\x00" in cells[i]]
+
+
 def label_of(value: Any) -> str | None:
     """The row's id as a label: text, trimmed; ``None`` when empty."""
     if value is None:
@@ -584,6 +597,11 @@ class Expander:
         index = -1
         sheet = None if table.location and is_remote(table.location) else table.path.parent
         column_of = {f: c for f, _, c in field_idx}
+        # What each column is called in an invalid row's error (the field, id, model, its own name).
+        named = [(i, {**{c: c for c in columns}, **cmap.extra, **{c: f for c, f in cmap.fields.items()},
+                      **({cmap.id_column: "id"} if cmap.id_column else {}),
+                      **({cmap.model_column: "model"} if cmap.model_column else {})}.get(c, c))
+                 for i, c in enumerate(columns)]
         for chunk in df.iter_slices(10_000):
             for cells in chunk.iter_rows():
                 index += 1
@@ -604,6 +622,7 @@ class Expander:
                     prepared = self.model(default)
                     assert prepared is not None
                 fields = prepared.spec.fields
+                errors += nul_errors(cells, named)
                 if cell_checks:
                     for name, column in checked:
                         spec_field = fields.get(name)

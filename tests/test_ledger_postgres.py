@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import polars as pl
 import psycopg
 import pytest
 from conftest import (
@@ -791,3 +792,58 @@ def test_a_planted_rescue_file_is_refused_or_kept_aside(fake, store: str, tmp_pa
     summary = json.loads((tmp_path / "r.parquet.summary.json").read_text())
     assert "task-PLANTED" in Path(summary["rescue_conflicts"]).read_text()
     assert len(fake.state.submissions()) == 3
+
+
+def test_a_nul_in_a_cell_is_an_invalid_row_in_both_stores(fake, store: str, tmp_path: Path) -> None:
+    """Attacker 5: a NUL in an id, a prompt or a pass-through cell makes its row invalid
+    (field, value, rule), for SQLite and PostgreSQL alike; every other row is sent, and a
+    rerun sends nothing again."""
+    rows = [{"id": f"r{i}", "prompt": f"A quiet harbour {i}", "note": "ok"} for i in range(8)]
+    rows[2]["id"] = "r\x002"
+    rows[4]["prompt"] = "A quiet\x00 harbour"
+    rows[6]["note"] = "n\x00te"
+    sheet = write_csv(tmp_path / "in.csv", rows)
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--state", store,
+            "-o", str(tmp_path / "r.parquet")]
+    proc = run_cli_process(args)
+    assert proc.returncode == 1, proc.stderr
+    table = results(tmp_path / "r.parquet")
+    assert table["status"].to_list() == ["submitted"] * 2 + ["invalid"] + ["submitted"] + ["invalid"] + \
+        ["submitted"] + ["invalid"] + ["submitted"]
+    for error, field in zip(table.filter(pl.col("status") == "invalid")["error"].to_list(), ("id", "prompt", "note"),
+                            strict=True):
+        assert error.startswith(f"{field}=") and "NUL" in error, error
+    again = run_cli_process(args)
+    assert again.returncode == 1, again.stderr
+    assert len(fake.state.submissions()) == 5 and accepted_twice(fake) == []
+
+
+def test_text_with_a_nul_fits_the_postgres_ledger(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """Attacker 6 and its siblings: a SQLite ledger holding NUL text (written before inputs
+    refused it) copies into PostgreSQL whole, the NUL shown as U+FFFD; provider text with a
+    NUL (a reason, a URL) never makes a PostgreSQL write fail."""
+    import sqlite3
+
+    from batch.ledger import PgLocation, locked_ledger
+    from batch.ledger.base import Mark
+
+    sheet = write_csv(tmp_path / "in.csv", prompts(3))
+    assert cli(submit_args(fake, tmp_path, sheet)).exit_code == 0
+    with sqlite3.connect(tmp_path / "state.sqlite") as db:
+        db.execute("UPDATE requests SET label = ?, error = ?", ("r\x00bad", "why\x00not"))
+        db.execute("UPDATE runs SET command = ?", ("submit \x00",))
+    url = pg_server.url()
+    res = cli(["state", "copy", str(tmp_path / "state.sqlite"), url])
+    assert res.exit_code == 0, res.output
+    assert "3 requests copied" in res.output
+    location = PgLocation(url)
+    with psycopg.connect(pg_server.base_url()) as db:
+        labels = {r for (r,) in db.execute(f"SELECT label FROM {location.schema}.requests")}
+    assert labels == {"r\ufffdbad"}
+    with locked_ledger(location, "https://api.example") as ledger:
+        mark = Mark("n1", "run-n", "lab\x00el", "m", "/ep", "in.csv", 1, '{"prompt": "p"}')
+        assert ledger.commit([mark], [], [], False) == {"n1"}
+        ledger.commit([], [("failed", None, "bad\x00reason", 400, 400, 1, None, "http://x/\x00", "run-n", "n1")],
+                      [("UPDATE requests SET failure_reason = ? WHERE request_id = ?", ("r\x00", "n1"))], False)
+        entry = ledger.lookup(["n1"])["n1"]
+        assert (entry.error, entry.failure_reason, entry.label) == ("bad\ufffdreason", "r\ufffd", "lab\ufffdel")

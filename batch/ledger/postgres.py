@@ -254,6 +254,14 @@ class PgLocation:
         return conn
 
 
+def _fit(values: Iterable[Any]) -> tuple[Any, ...]:
+    """Parameters as PostgreSQL's text takes them: a NUL (which SQLite keeps and PostgreSQL
+    refuses, failing the whole transaction) becomes U+FFFD. Inputs refuse NUL cells
+    (batch.expand.nul_errors); this is for text from elsewhere: the provider's answers, an
+    older SQLite ledger being copied, a rescue file."""
+    return tuple(v.replace("\x00", "\ufffd") if type(v) is str and "\x00" in v else v for v in values)
+
+
 def _lock_key(schema: str, kind: str) -> int:
     digest = hashlib.sha256(f"seedance-batch:{schema}:{kind}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
@@ -372,9 +380,9 @@ class PgLedger(LedgerStore):
         now = utcnow()
         with self.db.transaction(), self.db.cursor() as cur:
             for statement, params in other:
-                cur.execute(pg(statement), params)
+                cur.execute(pg(statement), _fit(params))
             if outcomes:
-                cur.executemany(pg(SQL_OUTCOME), [(*o[:-2], now, self.api, o[-2], o[-1]) for o in outcomes])
+                cur.executemany(pg(SQL_OUTCOME), [_fit((*o[:-2], now, self.api, o[-2], o[-1])) for o in outcomes])
             marks = list({m.request_id: m for m in sending}.values())
             if marks:
                 values = ", ".join(["(%s, %s, 'sending', %s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s)"] * len(marks))
@@ -383,14 +391,14 @@ class PgLedger(LedgerStore):
                     params += [self.api, m.request_id, m.run_id, m.label, m.model, m.endpoint, m.source, m.row,
                                m.body, now, now, m.cost]
                 cur.execute(f"INSERT INTO requests({_CLAIM_COLUMNS}) VALUES {values}{_CLAIM_TAIL}",
-                            (*params, resend_unknown))
+                            _fit((*params, resend_unknown)))
                 claimed = {row[0] for row in cur.fetchall()}
         return claimed
 
     def replay_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
         now = utcnow()
         with self.db.transaction(), self.db.cursor() as cur:
-            cur.executemany(pg(SQL_REPLAY), [(*o[:-2], now, api, o[-2], o[-1], o[1]) for api, *o in rows])
+            cur.executemany(pg(SQL_REPLAY), [_fit((*o[:-2], now, api, o[-2], o[-1], o[1])) for api, *o in rows])
 
     def import_tasks(self, rows: Sequence[tuple[Any, ...]]) -> None:
         if not rows:
@@ -401,7 +409,7 @@ class PgLedger(LedgerStore):
                 "INSERT INTO requests(api, request_id, status, run_id, model, endpoint, source, \"row\", body, "
                 "task_id, submitted_at, updated_at) VALUES (%s, %s, CASE WHEN %s::text IS NULL THEN 'unknown' "
                 "ELSE 'submitted' END, 'imported', %s, %s, %s, %s, %s, %s, %s, %s) " + SQL_IMPORT_UPGRADE,
-                [(api, rid, task, model, endpoint, source, _int(row), body, task, submitted, now)
+                [_fit((api, rid, task, model, endpoint, source, _int(row), body, task, submitted, now))
                  for api, rid, task, model, endpoint, source, row, body, submitted in rows])
 
     def move_api(self, old: str, new: str) -> int:
@@ -414,7 +422,7 @@ class PgLedger(LedgerStore):
 
     def start_run(self, run_id: str, command: str, output: str | None = None, night: str | None = None) -> None:
         self.db.execute("INSERT INTO runs(run_id, started_at, command, api, output, night) VALUES (%s,%s,%s,%s,%s,%s)",
-                        (run_id, utcnow(), command, self.api, output, night or night_of()))
+                        _fit((run_id, utcnow(), command, self.api, output, night or night_of())))
 
     def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
         self.db.execute("UPDATE runs SET finished_at=%s, summary=%s WHERE run_id=%s",
@@ -498,7 +506,7 @@ class PgLedger(LedgerStore):
         with self.db.transaction(), self.db.cursor() as cur:
             cur.executemany(f"INSERT INTO {table}({', '.join(f'{chr(34)}{c}{chr(34)}' for c in cols)}) "
                             f"VALUES ({', '.join(['%s'] * len(cols))})",
-                            [tuple(_int(v) if i == row_at else v for i, v in enumerate(r)) for r in rows])
+                            [_fit(_int(v) if i == row_at else v for i, v in enumerate(r)) for r in rows])
 
 
 class _NoLedger(Exception):
