@@ -441,7 +441,10 @@ def run_submit(opts: RunOptions) -> Summary:
         estimate = planned_cost(opts, expander) if opts.preflight else None
         earlier = tables_to_adopt(opts)
 
-    with locked_ledger(opts.state, opts.api) as ledger:  # local faults first, then the provider
+    # A signal while the ledger is opened and read, before the loop takes signals over (a
+    # database that blocks a statement: a table locked by someone else): exit 4 at once,
+    # nothing sent (psycopg's wait is interrupted and the query cancelled with the session).
+    with interruptible(), locked_ledger(opts.state, opts.api) as ledger:  # local faults first, then the provider
         conflicts = ledger.rescue_conflicts  # a replayed rescue file's outcomes kept aside
         settle_apis(ledger, opts.api, opts.moved_from)
         for target, frame in earlier:
@@ -1073,7 +1076,7 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         raise InputError(f"{opts.results}: no such results table{_known_tables(opts)}")
     if opts.config.download_dir is not None:
         probe(opts.config.download_dir, "--download", directory=True)
-    with locked_ledger(opts.state, opts.api, "collect") as ledger:
+    with interruptible(), locked_ledger(opts.state, opts.api, "collect") as ledger:  # as submit's
         apis = [FAKE_API] if opts.fake_api else sorted(set(ledger.apis()) - {FAKE_API}) or [opts.api]
         tables = [(opts.results, table)] if opts.results is not None and table is not None else []
         for found in _run_tables(opts, ledger, apis, opts.results if table is not None else None):

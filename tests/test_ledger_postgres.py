@@ -847,3 +847,82 @@ def test_text_with_a_nul_fits_the_postgres_ledger(fake, pg_server: PgServer, tmp
                       [("UPDATE requests SET failure_reason = ? WHERE request_id = ?", ("r\x00", "n1"))], False)
         entry = ledger.lookup(["n1"])["n1"]
         assert (entry.error, entry.failure_reason, entry.label) == ("bad\ufffdreason", "r\ufffd", "lab\ufffdel")
+
+
+def test_a_blocked_database_does_not_hold_the_run_past_a_signal(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """Attacker 7: another session holds the requests table locked for a long time; SIGTERM
+    ends the run within seconds (the tool's statements give up waiting for a lock after
+    lock_timeout), nothing is sent, exit 4 as for any signal."""
+    url = pg_server.url()
+    sheet = write_csv(tmp_path / "in.csv", prompts(5))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--state", url,
+            "-o", str(tmp_path / "r.parquet")]
+    first = write_csv(tmp_path / "first.csv", prompts(1, prefix="Another"))
+    assert run_cli_process(["submit", str(first), *args[2:]]).returncode == 0  # the ledger exists
+    schema = "seedance_" + url.rsplit("=", 1)[1]
+    holder = psycopg.connect(pg_server.base_url())
+    try:
+        holder.execute(f"LOCK TABLE {schema}.requests IN ACCESS EXCLUSIVE MODE")  # held until rollback
+        proc = subprocess.Popen([sys.executable, "-m", "batch", *args], env=subprocess_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(4)
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        proc.send_signal(int(os.environ.get("SB_TEST_SIG", signal.SIGTERM)))
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"SIGTERM ignored while the table was locked: {err[-2000:]}")
+        waited = time.monotonic() - t0
+    finally:
+        holder.rollback()
+        holder.close()
+    assert waited < 15, waited
+    assert proc.returncode == 4, err
+    assert len(fake.state.submissions()) == 1
+
+
+def test_a_table_locked_mid_run_stops_the_run_within_lock_timeout(start_fake, pg_server: PgServer,
+                                                                   tmp_path: Path) -> None:
+    """Attacker 7, while sending: another session takes the requests table; the run's
+    statements give up after lock_timeout (10 s): SIGTERM and --deadline are answered then,
+    not when the lock is released; nothing is sent without its claim; no task id lost."""
+    fake = start_fake(latency=0.5)
+    url = pg_server.url()
+    sheet = write_csv(tmp_path / "in.csv", prompts(40))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--concurrency", "2", "--state", url,
+            "-o", str(tmp_path / "r.parquet")]
+    proc = subprocess.Popen([sys.executable, "-m", "batch", *args], env=subprocess_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while len(fake.state.submissions()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    schema = "seedance_" + url.rsplit("=", 1)[1]
+    holder = psycopg.connect(pg_server.base_url())
+    try:
+        holder.execute(f"LOCK TABLE {schema}.requests IN ACCESS EXCLUSIVE MODE")
+        locked_at = len(fake.state.submissions())
+        time.sleep(1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"the run waited for the lock: {err[-2000:]}")
+        waited = time.monotonic() - t0
+    finally:
+        holder.rollback()
+        holder.close()
+    assert waited < 25, (waited, err)
+    assert proc.returncode in (4, 6), err
+    assert len(fake.state.submissions()) <= locked_at + 2
+    again = run_cli_process(args)
+    assert again.returncode in (0, 1), again.stderr
+    accepted = {r.task_id for r in fake.state.submissions() if r.task_id}
+    with psycopg.connect(pg_server.base_url()) as db:
+        held = {t for (t,) in db.execute(f"SELECT task_id FROM {schema}.requests WHERE task_id IS NOT NULL")}
+    assert accepted == held and accepted_twice(fake) == []

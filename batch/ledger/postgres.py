@@ -75,6 +75,12 @@ _MIGRATION_2 = (
 # Dead-peer detection for the lock's session and the writer's (libpq parameters).
 KEEPALIVE = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
              "tcp_user_timeout": "20000", "connect_timeout": "10"}
+# The tool's own transactions hold row locks for milliseconds (a batch of claims), so a
+# 10-s wait for a lock means someone else holds the table (a DDL, a stuck session): the run
+# stops waiting, and a signal or --deadline is answered within that. Its longest statement
+# (state copy reading a whole ledger) takes seconds; 120 s bounds anything else.
+LOCK_TIMEOUT_S = 10
+STATEMENT_TIMEOUT_S = 120
 # A test switch (never set in production): run without the writer lock to show that the
 # conditional claim alone sends each request once.
 NO_LOCK_ENV = "SEEDANCE_BATCH_TEST_NO_PG_LOCK"
@@ -241,6 +247,12 @@ class PgLocation:
             conn = psycopg.connect(self.conninfo, autocommit=True, application_name=f"seedance-batch {purpose}",
                                    **KEEPALIVE, **extra)
             conn.execute("SET synchronous_commit = on")
+            # Bounded waits (see the module's note): a table locked by someone else, or a
+            # statement (a COMMIT waiting for a standby) that never returns, ends in an error
+            # the run handles (stop sending, keep the outcomes) instead of holding it and its
+            # signals and --deadline for as long as the block lasts.
+            conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_S}s'")
+            conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT_S}s'")
             # The server's side of the same socket: a host that vanishes (power, network)
             # without closing its session is noticed by the server after ~25 s of silence
             # (10 s idle, 3 probes 5 s apart), which ends the session and frees its lock.
