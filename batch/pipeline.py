@@ -62,6 +62,7 @@ from batch.ledger import (
     open_readonly,
     utcnow,
 )
+from batch.ledger.base import one_line
 from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
 from batch.mutant import mutant
@@ -894,7 +895,7 @@ def database_budget(state: PgLocation, key: Secret, rate: Rate) -> Any:
     try:
         return PgBudget(state, key.reveal(), min(1 << 16, max(1, math.floor(rate.count))))
     except Exception as exc:  # the ledger itself says whether the database is usable
-        log.warning("rate_budget_not_in_database", state=str(state), error=state.scrub(str(exc))[:200])
+        log.warning("rate_budget_not_in_database", state=str(state), error=state.scrub(one_line(exc, 200)))
         return None
 
 

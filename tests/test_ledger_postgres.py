@@ -926,3 +926,54 @@ def test_a_table_locked_mid_run_stops_the_run_within_lock_timeout(start_fake, pg
     with psycopg.connect(pg_server.base_url()) as db:
         held = {t for (t,) in db.execute(f"SELECT task_id FROM {schema}.requests WHERE task_id IS NOT NULL")}
     assert accepted == held and accepted_twice(fake) == []
+
+
+def test_a_role_without_rights_on_the_ledger_is_one_line(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """User 8b: a ledger created by one role, used by another without rights on its schema:
+    one line naming the schema and the missing right, exit 2, nothing sent."""
+    ledger = "t" + uuid.uuid4().hex[:12]
+    sheet = write_csv(tmp_path / "in.csv", prompts(2))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "-o", str(tmp_path / "r.parquet")]
+    assert run_cli_process([*args, "--state", pg_server.url(ledger)]).returncode == 0
+    with psycopg.connect(pg_server.base_url(), autocommit=True) as db:
+        if not db.execute("SELECT 1 FROM pg_roles WHERE rolname = 'norights'").fetchone():
+            db.execute("CREATE ROLE norights LOGIN")
+    url = pg_server.url(ledger).replace("postgres@", "norights@")
+    proc = run_cli_process([*args, "--state", url])
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc.stderr)
+    assert f"permission denied for schema seedance_{ledger}" in line and "\n" not in line, line
+    assert "LINE 1" not in line and "migrations" not in line, line
+    dry = run_cli_process([*args, "--dry-run", "--state", url])  # an estimate says it could not consult it
+    assert dry.returncode == 0, dry.stderr
+    warned = [e["reason"] for e in map(json.loads, dry.stderr.splitlines()) if e["event"] == "ledger_not_consulted"]
+    assert warned and f"permission denied for schema seedance_{ledger}" in warned[0], dry.stderr
+    assert len(fake.state.submissions()) == 2
+
+
+def test_libpq_messages_reach_the_user_on_one_line(start_fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """User 8e: the connection cut mid-run: the summary's stop reason and every stdout and
+    stderr line carry libpq's several-line message on one line."""
+    fake = start_fake(latency=0.3)
+    proxy = CutProxy(pg_server.port)
+    try:
+        url = pg_server.url(port=proxy.port)
+        env = subprocess_env()
+        proc = subprocess.Popen([sys.executable, "-m", "batch", "submit", str(write_csv(tmp_path / "in.csv",
+                                 prompts(30))), "--base-url", fake.url, "--rate", "0", "--concurrency", "4",
+                                 "--state", url, "-o", str(tmp_path / "r.parquet")], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while len(fake.state.submissions()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proxy.cut()
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proxy.close()
+    assert proc.returncode == 6, err
+    assert not [line for line in out.splitlines() if line.startswith(("\t", "before or while"))], out
+    summary = json.loads((tmp_path / "r.parquet.summary.json").read_text())
+    for key in ("stop_reason", "ledger_unreachable"):
+        assert "\n" not in str(summary.get(key)), summary
+    for event in map(json.loads, err.splitlines()):
+        assert all("\n" not in str(v) for v in event.values()), event

@@ -71,6 +71,19 @@ def night_of(now: datetime | None = None) -> str:
     return (now or datetime.now().astimezone()).strftime("%Y-%m-%d")
 
 
+def one_line(text: object, limit: int = 300) -> str:
+    """A driver's message on one line: libpq's continuation lines (tab-indented hints) joined,
+    the SQL it echoes (``LINE 1: ...`` and its caret) dropped. Every message that reaches
+    stdout, stderr or a summary from a store goes through this."""
+    kept = []
+    for line in str(text).splitlines():
+        if line.startswith("LINE ") and ":" in line:
+            break
+        kept.append(line.strip())
+    joined = " ".join(part for part in kept if part)
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
+
+
 def state_home() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "seedance-batch"
@@ -556,7 +569,7 @@ class AsyncLedger:
                     claimed = self._apply(sending, outcomes, other)
                 except Exception as exc:  # disk full, I/O error, read-only, the server gone; any other
                     # error too: the flusher must settle every waiter, or the run waits for it forever
-                    self.broken = StateError(f"state write failed ({exc})")
+                    self.broken = StateError(f"state write failed ({one_line(exc)})")
                     self._kept.extend(outcomes)
                     if fut is not None and not fut.done():
                         fut.set_exception(self.broken)

@@ -56,6 +56,7 @@ from batch.ledger.base import (
     LedgerStore,
     Mark,
     night_of,
+    one_line,
     state_home,
     utcnow,
 )
@@ -297,7 +298,7 @@ class PgLedger(LedgerStore):
             self._open()
         except psycopg.Error as exc:
             self.db.close()
-            raise StateError(f"{location}: cannot use the ledger ({location.scrub(str(exc).strip())})") from None
+            raise StateError(f"{location}: cannot use the ledger ({location.scrub(one_line(exc))})") from None
         except BaseException:
             self.db.close()
             raise
@@ -309,6 +310,12 @@ class PgLedger(LedgerStore):
         exists = self.db.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.location.schema,)).fetchone()
         if not exists and self.readonly:
             raise _NoLedger
+        if exists:  # another role's ledger: say which right is missing, not "relation does not exist"
+            usable = self.db.execute("SELECT has_schema_privilege(%s, 'USAGE')", (self.location.schema,)).fetchone()[0]
+            if not usable:
+                raise StateError(f"{self.location}: permission denied for schema {self.location.schema}: the "
+                                 f"ledger's owner must grant this role USAGE on it and SELECT, INSERT, UPDATE on "
+                                 f"its tables; nothing sent")
         if not exists or not self._has_tables():
             with self.db.transaction():
                 self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(self.location.schema, "create"),))
@@ -356,7 +363,8 @@ class PgLedger(LedgerStore):
             got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_lock_key(self.location.schema, kind),)).fetchone()[0]
         except psycopg.Error as exc:
             conn.close()
-            raise StateError(f"{self.location}: cannot lock the ledger ({self.location.scrub(str(exc))})") from None
+            raise StateError(f"{self.location}: cannot lock the ledger ({self.location.scrub(one_line(exc))})") \
+                from None
         if not got:
             conn.close()
             raise LockedError(f"another {kind} run is using ledger {self.location}; nothing sent")
@@ -633,7 +641,7 @@ class PgBudget:
         import structlog
 
         structlog.get_logger("batch").warning("rate_budget_not_shared", state=str(self.location),
-                                              error=self.location.scrub(str(exc).strip()[:200]),
+                                              error=self.location.scrub(one_line(exc, 200)),
                                               consequence="this process paces alone from now on")
         self._fallback = self._local_budget()
 
