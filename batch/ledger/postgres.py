@@ -390,6 +390,10 @@ class PgLedger(LedgerStore):
             self.db.close()
         if self._lock_conn is not None:
             with contextlib.suppress(Exception):
+                # Released before close returns: a closed session's backend frees its locks
+                # only when it gets round to exiting, and the next run (or a test) may ask first.
+                self._lock_conn.execute("SELECT pg_advisory_unlock_all()")
+            with contextlib.suppress(Exception):
                 self._lock_conn.close()
             self._lock_conn = None
 
