@@ -24,7 +24,13 @@ Keeps every guarantee of :mod:`batch.ledger.base`, and:
 * **The server gone mid-run stops sending at once.** A failed commit is one of
   :attr:`write_errors`: :class:`~batch.ledger.base.AsyncLedger` refuses every later
   claim and keeps the outcomes of requests already on the wire in a local rescue file,
-  which the next run on this host replays before it sends.
+  which the next run on this host replays before it sends. The file is named by the
+  ledger's id (a UUID in its ``meta`` table), never by the URL's spelling, so only runs on
+  that ledger replay it.
+* **No unbounded wait**: ``lock_timeout`` (10 s) and ``statement_timeout`` (120 s) on every
+  session: a table locked by someone else becomes a write error the run handles.
+* **Text fits**: a NUL (which PostgreSQL's text refuses) is replaced by U+FFFD in every
+  value written (:func:`_fit`); input cells holding one are invalid rows before this.
 * **The password never leaves**: :class:`PgLocation` prints the URL without it, hands
   it to libpq apart from the URL, and scrubs every driver message of each form of it.
 """
