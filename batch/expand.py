@@ -200,6 +200,19 @@ def as_typed(spec: FieldSpec | None, value: Any) -> Any:
     return value if isinstance(value, str) else None
 
 
+NUL_RULE = ("contains a NUL character (\\x00): no prompt, label or ledger can hold one (PostgreSQL refuses "
+            "it in text); remove it")
+
+
+def nul_errors(cells: tuple[Any, ...], named: list[tuple[int, str]]) -> list[str]:
+    """A NUL in any cell the tool sends or stores makes the row invalid, in every store alike
+    (SQLite would keep it, PostgreSQL refuses the whole write)."""
+    if not any(isinstance(c, str) and "\x00" in c for c in cells):
+        return []
+    return [str(RuleError(name, cells[i], NUL_RULE)) for i, name in named
+            if isinstance(cells[i], str) and "\x00" in cells[i]]
+
+
 def label_of(value: Any) -> str | None:
     """The row's id as a label: text, trimmed; ``None`` when empty."""
     if value is None:
@@ -433,6 +446,7 @@ class _Layout:
     checked: list[tuple[str, str]]
     cell_checks: bool
     column_of: dict[str, str]  # field -> its column (where a local image's cell is)
+    named: list[tuple[int, str]]  # what each column is called in an invalid row's error
 
     @classmethod
     def of(cls, table: Table, cmap: ColumnMap) -> _Layout:
@@ -441,10 +455,14 @@ class _Layout:
         tmpl_idx = [(p, columns.index(c), c) for p, c in cmap.template.items()]
         checked = [(f, c) for f, _, c in field_idx] + [("prompt_template", c) for _, _, c in tmpl_idx] + \
             [(n, c) for n, c in (("id", cmap.id_column), ("model", cmap.model_column)) if c]
+        names = {**{c: c for c in columns}, **cmap.extra, **cmap.fields,
+                 **({cmap.id_column: "id"} if cmap.id_column else {}),
+                 **({cmap.model_column: "model"} if cmap.model_column else {})}
         return cls(field_idx, [(out, columns.index(c)) for c, out in cmap.extra.items()],
                    columns.index(cmap.id_column) if cmap.id_column else None,
                    columns.index(cmap.model_column) if cmap.model_column else None,
-                   tmpl_idx, checked, bool(table.notes or table.kinds), {f: c for f, _, c in field_idx})
+                   tmpl_idx, checked, bool(table.notes or table.kinds), {f: c for f, _, c in field_idx},
+                   [(i, names.get(c, c)) for i, c in enumerate(columns)])
 
 
 class Expander:
@@ -650,6 +668,7 @@ class Expander:
             prepared = self.model(default)
             assert prepared is not None
         fields = prepared.spec.fields
+        errors += nul_errors(cells, at.named)
         if at.cell_checks:
             for name, column in at.checked:
                 spec_field = fields.get(name)

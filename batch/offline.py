@@ -19,7 +19,7 @@ from typing import Any
 
 from batch.errors import StateError
 from batch.ledger import Entry, LedgerStore
-from batch.ledger.base import OUTCOME_COLUMNS, Mark
+from batch.ledger.base import OUTCOME_COLUMNS, Mark, one_line
 
 NOT_READ = ("not confirmed: the ledger became unreachable before this run read this request's state (an "
             "earlier run may have sent it); a rerun with the ledger back writes its status")
@@ -51,7 +51,7 @@ class RememberingLedger:
         try:
             found = self.store.lookup(ids, apis)
         except self.store.write_errors as exc:
-            self.unreachable = self.unreachable or str(exc)
+            self.unreachable = self.unreachable or one_line(exc)
             raise
         if apis is None:
             self._seen.update(ids)
@@ -66,7 +66,7 @@ class RememberingLedger:
         try:
             claimed = self.store.commit(sending, outcomes, other, resend_unknown)
         except self.store.write_errors as exc:
-            self.unreachable = self.unreachable or str(exc)
+            self.unreachable = self.unreachable or one_line(exc)
             raise
         for o in outcomes:
             self._outcomes[o[-1]] = o

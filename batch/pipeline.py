@@ -62,6 +62,7 @@ from batch.ledger import (
     open_readonly,
     utcnow,
 )
+from batch.ledger.base import one_line
 from batch.load import ReadOptions, Skipped, Unreadable, header_name, load_inputs
 from batch.models import Catalog
 from batch.mutant import mutant
@@ -426,7 +427,11 @@ def run_submit(opts: RunOptions) -> Summary:
         estimate = planned_cost(opts, expander) if opts.preflight else None
         earlier = tables_to_adopt(opts)
 
-    with locked_ledger(opts.state, opts.api) as ledger:  # local faults first, then the provider
+    # A signal while the ledger is opened and read, before the loop takes signals over (a
+    # database that blocks a statement: a table locked by someone else): exit 4 at once,
+    # nothing sent (psycopg's wait is interrupted and the query cancelled with the session).
+    with interruptible(), locked_ledger(opts.state, opts.api) as ledger:  # local faults first, then the provider
+        conflicts = ledger.rescue_conflicts  # a replayed rescue file's outcomes kept aside
         settle_apis(ledger, opts.api, opts.moved_from)
         for target, frame in earlier:
             adopted = _import_from_table(ledger, frame, opts.api)
@@ -507,6 +512,8 @@ def run_submit(opts: RunOptions) -> Summary:
                                  f"remain in the ledger {opts.state}: collect follows them; give each night its "
                                  f"own table (-o 'results/{{date}}.parquet') to keep them in a table")
                 summary.extra["table_replaced"] = {"task_ids_dropped": dropped}
+        if conflicts is not None:
+            summary.extra["rescue_conflicts"] = str(conflicts)
         if not (outcome is not None and outcome.aborted):  # a second signal: leave at once, as before
             record_summary(opts.output, summary, opts, sent=summary.sent > 0)
         return summary
@@ -876,7 +883,7 @@ def database_budget(state: PgLocation, key: Secret, rate: Rate) -> Any:
     try:
         return PgBudget(state, key.reveal(), min(1 << 16, max(1, math.floor(rate.count))))
     except Exception as exc:  # the ledger itself says whether the database is usable
-        log.warning("rate_budget_not_in_database", state=str(state), error=state.scrub(str(exc))[:200])
+        log.warning("rate_budget_not_in_database", state=str(state), error=state.scrub(one_line(exc, 200)))
         return None
 
 
@@ -1059,7 +1066,7 @@ def run_collect(opts: CollectOptions) -> dict[str, Any]:
         raise InputError(f"{opts.results}: no such results table{_known_tables(opts)}")
     if opts.config.download_dir is not None:
         probe(opts.config.download_dir, "--download", directory=True)
-    with locked_ledger(opts.state, opts.api, "collect") as ledger:
+    with interruptible(), locked_ledger(opts.state, opts.api, "collect") as ledger:  # as submit's
         apis = [FAKE_API] if opts.fake_api else sorted(set(ledger.apis()) - {FAKE_API}) or [opts.api]
         tables = [(opts.results, table)] if opts.results is not None and table is not None else []
         for found in _run_tables(opts, ledger, apis, opts.results if table is not None else None):

@@ -5,6 +5,8 @@ subclasses only say how to make a store). Each test names the guarantee of
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -102,6 +104,48 @@ class LedgerContract:
             entry = again.lookup(["a"])["a"]
             assert (entry.status, entry.task_id) == ("submitted", "task-9")
             assert not path.exists()
+
+    def test_a_replayed_outcome_never_overwrites_a_task_id(self, opened) -> None:
+        """A rescue file (stale, planted) whose task id differs from the one the ledger holds
+        is kept aside in ``.conflict`` and named in a warning; the rest is replayed."""
+        with opened() as ledger:
+            claim(ledger, mark("a"), mark("b"), outcomes=[submitted("a", task="task-real")])
+            planted = ("submitted", "task-PLANTED", None, None, 200, 1, None, None, "run-1", "a")
+            kept = ("submitted", "task-b", None, None, 200, 1, None, None, "run-1", "b")
+            path = ledger.save_unsaved([planted, kept])
+        assert path is not None
+        with opened() as again:
+            entries = again.lookup(["a", "b"])
+            assert (entries["a"].status, entries["a"].task_id) == ("submitted", "task-real")
+            assert (entries["b"].status, entries["b"].task_id) == ("submitted", "task-b")
+            assert again.rescue_conflicts is not None and "task-PLANTED" in again.rescue_conflicts.read_text()
+            assert "task-real" in again.rescue_conflicts.read_text()
+        assert not path.exists()
+
+    @pytest.mark.parametrize("plant", ["directory", "symlink", "hard link"])
+    def test_a_rescue_file_that_is_not_this_tools_is_refused(self, opened, state: State, tmp_path, plant: str) -> None:
+        from batch.errors import StateError
+
+        with opened() as ledger:
+            claim(ledger, mark("a"), outcomes=[submitted("a", task="task-real")])
+            path = ledger.rescue_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        other = tmp_path / "planted.jsonl"
+        other.write_text(json.dumps({"api": API, "outcome": ["submitted", "task-PLANTED", None, None, 200, 1, None,
+                                                             None, "run-1", "a"]}) + "\n")
+        if plant == "directory":
+            path.mkdir()
+        elif plant == "symlink":
+            path.symlink_to(other)
+        else:
+            os.link(other, path)
+        try:
+            with pytest.raises(StateError, match="rescue"), opened():
+                pass
+        finally:
+            path.rmdir() if plant == "directory" else path.unlink()
+        with opened() as again:
+            assert again.lookup(["a"])["a"].task_id == "task-real"
 
     def test_imported_tasks_are_submitted_or_unknown_and_never_overwrite(self, ledger: LedgerStore) -> None:
         claim(ledger, mark("a"), outcomes=[submitted("a", task="mine")])

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import polars as pl
 import psycopg
 import pytest
 from conftest import (
@@ -815,3 +816,301 @@ def test_without_its_database_a_run_answers_from_what_it_saw(pg_server: PgServer
     assert "c" not in rows  # read, claimed in a batch that failed: not sent
     assert (rows["d"][1], rows["d"][5]) == ("unknown", NOT_READ)
     assert [p[0] for p in memo.run_places("run1")] == ["a", "b"]
+
+
+# -- the rescue file belongs to a ledger, not to a URL's spelling (review of #23) ----------
+
+def cut_night(fake, url: str, sheet: Path, table: Path, proxy: CutProxy, env: dict[str, str],
+              cwd: Path | None = None) -> str:
+    """Submit through ``proxy`` and cut it once a few requests are out: exit 6, a rescue file."""
+    proc = subprocess.Popen([sys.executable, "-m", "batch", "submit", str(sheet), "--base-url", fake.url, "--rate",
+                             "0", "--concurrency", "4", "--state", url, "-o", str(table)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+    deadline = time.monotonic() + 30
+    before = len(fake.state.submissions())
+    while len(fake.state.submissions()) < before + 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proxy.cut()
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 6, err
+    return err
+
+
+def ledger_task_ids(pg_server: PgServer, ledger: str, db: str = "postgres") -> set[str]:
+    with psycopg.connect(pg_server.base_url().rsplit("/", 1)[0] + "/" + db) as conn:
+        return {t for (t,) in conn.execute(f"SELECT task_id FROM seedance_{ledger}.requests "
+                                            f"WHERE task_id IS NOT NULL")}
+
+
+def test_the_rescue_file_follows_the_ledger_not_the_urls_spelling(start_fake, pg_server: PgServer,
+                                                                   tmp_path: Path) -> None:
+    """Two databases reached through two service entries with one ledger name (one URL
+    spelling): the night cut on "prod" leaves a rescue file that a run on "staging" names
+    and leaves alone; a run on prod spelled another way (localhost, the direct port
+    instead of the proxy's) replays it: every task id in prod's ledger, nothing paid twice."""
+    fake = start_fake(latency=0.3)
+    with psycopg.connect(pg_server.base_url(), autocommit=True) as conn:
+        staging_db = "staging" + uuid.uuid4().hex[:8]
+        conn.execute(f"CREATE DATABASE {staging_db}")
+    proxy = CutProxy(pg_server.port)
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[prod]\nhost=127.0.0.1\nport={proxy.port}\ndbname=postgres\nuser=postgres\n\n"
+                        f"[staging]\nhost=127.0.0.1\nport={pg_server.port}\ndbname={staging_db}\nuser=postgres\n")
+    env = subprocess_env(PGSERVICEFILE=str(services))
+    ledger = "n" + uuid.uuid4().hex[:10]
+    home = Path(env["XDG_STATE_HOME"]) / "seedance-batch" / "postgres"
+    try:
+        sheet = write_csv(tmp_path / "in.csv", prompts(40))
+        err = cut_night(fake, f"postgresql://postgres@/?service=prod&ledger={ledger}", sheet, tmp_path / "r.parquet",
+                        proxy, env)
+        rescue = sorted(home.glob(f"{ledger}-*.rescue.jsonl"))
+        assert len(rescue) == 1, (err, list(home.iterdir()))
+        held = {json.loads(line)["outcome"][1] for line in rescue[0].read_text().splitlines()}
+        assert held - {None}, "the cut left no task id in the rescue file"
+        other_rows = prompts(3, prefix="A storm over the sea")
+        other = write_csv(tmp_path / "other.csv", other_rows)
+        staging = run_cli_process(["submit", str(other), "--base-url", fake.url, "--rate", "0", "--state",
+                                   f"postgresql://postgres@/?service=staging&ledger={ledger}",
+                                   "-o", str(tmp_path / "s.parquet")], env=env)
+        assert staging.returncode == 0, staging.stderr
+        assert rescue[0].exists(), "staging consumed prod's rescue file"
+        warned = [e for e in map(json.loads, staging.stderr.splitlines()) if e.get("event") == "rescue_of_another_ledger"]
+        assert warned and str(rescue[0]) in json.dumps(warned), staging.stderr
+        assert ledger_task_ids(pg_server, ledger, staging_db) == {r.task_id for r in fake.state.submissions()
+                                                                  if r.body["prompt"] in {o["prompt"] for o in other_rows}}
+        # prod, spelled the other way: the server's own port and "localhost", another table
+        again = run_cli_process(["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--state",
+                                 f"postgresql://postgres@localhost:{pg_server.port}/postgres?ledger={ledger}",
+                                 "-o", str(tmp_path / "again.parquet")], env=env)
+        assert again.returncode in (0, 1), again.stderr
+        assert not rescue[0].exists()
+        mine = {o["prompt"] for o in prompts(40)}
+        accepted = {r.task_id for r in fake.state.submissions() if r.task_id and r.body["prompt"] in mine}
+        assert accepted == ledger_task_ids(pg_server, ledger)
+        assert accepted_twice(fake) == []
+    finally:
+        proxy.close()
+
+
+def test_a_planted_rescue_file_is_refused_or_kept_aside(fake, store: str, tmp_path: Path) -> None:
+    """Attacker 10: a symlink at the rescue file's place is one line, exit 2, nothing sent; a
+    rescue file whose task id conflicts with the ledger's is kept aside (``.conflict``, the
+    summary's ``rescue_conflicts``), the ledger's task id stays."""
+    from batch.ledger import PgLocation, open_readonly
+
+    sheet = write_csv(tmp_path / "in.csv", prompts(3))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--state", store,
+            "-o", str(tmp_path / "r.parquet")]
+    assert run_cli_process(args).returncode == 0
+    first = results(tmp_path / "r.parquet").row(0, named=True)
+    state = PgLocation(store) if store.startswith("postgresql") else Path(store)
+    ledger = open_readonly(state, fake.url.rstrip("/"))
+    assert ledger is not None
+    api = next(iter(ledger.apis()))
+    ledger.close()
+    ledger = open_readonly(state, api)
+    assert ledger is not None
+    rescue = ledger.rescue_file()
+    run_id = ledger.lookup([first["request_id"]])[first["request_id"]].run_id
+    ledger.close()
+    planted = tmp_path / "planted.jsonl"
+    planted.write_text(json.dumps({"api": api, "outcome": ["submitted", "task-PLANTED", None, None, 200, 1, None,
+                                                           None, run_id, first["request_id"]]}) + "\n")
+    rescue.parent.mkdir(parents=True, exist_ok=True)
+    rescue.symlink_to(planted)
+    proc = run_cli_process(args)
+    assert proc.returncode == 2 and "rescue" in error_line(proc.stderr), proc.stderr
+    rescue.unlink()
+    shutil.copy(planted, rescue)
+    proc = run_cli_process(args)
+    assert proc.returncode == 0, proc.stderr
+    assert results(tmp_path / "r.parquet").row(0, named=True)["task_id"] == first["task_id"]
+    summary = json.loads((tmp_path / "r.parquet.summary.json").read_text())
+    assert "task-PLANTED" in Path(summary["rescue_conflicts"]).read_text()
+    assert len(fake.state.submissions()) == 3
+
+
+def test_a_nul_in_a_cell_is_an_invalid_row_in_both_stores(fake, store: str, tmp_path: Path) -> None:
+    """Attacker 5: a NUL in an id, a prompt or a pass-through cell makes its row invalid
+    (field, value, rule), for SQLite and PostgreSQL alike; every other row is sent, and a
+    rerun sends nothing again."""
+    rows = [{"id": f"r{i}", "prompt": f"A quiet harbour {i}", "note": "ok"} for i in range(8)]
+    rows[2]["id"] = "r\x002"
+    rows[4]["prompt"] = "A quiet\x00 harbour"
+    rows[6]["note"] = "n\x00te"
+    sheet = write_csv(tmp_path / "in.csv", rows)
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--state", store,
+            "-o", str(tmp_path / "r.parquet")]
+    proc = run_cli_process(args)
+    assert proc.returncode == 1, proc.stderr
+    table = results(tmp_path / "r.parquet")
+    assert table["status"].to_list() == ["submitted"] * 2 + ["invalid"] + ["submitted"] + ["invalid"] + \
+        ["submitted"] + ["invalid"] + ["submitted"]
+    for error, field in zip(table.filter(pl.col("status") == "invalid")["error"].to_list(), ("id", "prompt", "note"),
+                            strict=True):
+        assert error.startswith(f"{field}=") and "NUL" in error, error
+    again = run_cli_process(args)
+    assert again.returncode == 1, again.stderr
+    assert len(fake.state.submissions()) == 5 and accepted_twice(fake) == []
+
+
+def test_text_with_a_nul_fits_the_postgres_ledger(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """Attacker 6 and its siblings: a SQLite ledger holding NUL text (written before inputs
+    refused it) copies into PostgreSQL whole, the NUL shown as U+FFFD; provider text with a
+    NUL (a reason, a URL) never makes a PostgreSQL write fail."""
+    import sqlite3
+
+    from batch.ledger import PgLocation, locked_ledger
+    from batch.ledger.base import Mark
+
+    sheet = write_csv(tmp_path / "in.csv", prompts(3))
+    assert cli(submit_args(fake, tmp_path, sheet)).exit_code == 0
+    with sqlite3.connect(tmp_path / "state.sqlite") as db:
+        db.execute("UPDATE requests SET label = ?, error = ?", ("r\x00bad", "why\x00not"))
+        db.execute("UPDATE runs SET command = ?", ("submit \x00",))
+    url = pg_server.url()
+    res = cli(["state", "copy", str(tmp_path / "state.sqlite"), url])
+    assert res.exit_code == 0, res.output
+    assert "3 requests copied" in res.output
+    location = PgLocation(url)
+    with psycopg.connect(pg_server.base_url()) as db:
+        labels = {r for (r,) in db.execute(f"SELECT label FROM {location.schema}.requests")}
+    assert labels == {"r\ufffdbad"}
+    with locked_ledger(location, "https://api.example") as ledger:
+        mark = Mark("n1", "run-n", "lab\x00el", "m", "/ep", "in.csv", 1, '{"prompt": "p"}')
+        assert ledger.commit([mark], [], [], False) == {"n1"}
+        ledger.commit([], [("failed", None, "bad\x00reason", 400, 400, 1, None, "http://x/\x00", "run-n", "n1")],
+                      [("UPDATE requests SET failure_reason = ? WHERE request_id = ?", ("r\x00", "n1"))], False)
+        entry = ledger.lookup(["n1"])["n1"]
+        assert (entry.error, entry.failure_reason, entry.label) == ("bad\ufffdreason", "r\ufffd", "lab\ufffdel")
+
+
+def test_a_blocked_database_does_not_hold_the_run_past_a_signal(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """Attacker 7: another session holds the requests table locked for a long time; SIGTERM
+    ends the run within seconds (the tool's statements give up waiting for a lock after
+    lock_timeout), nothing is sent, exit 4 as for any signal."""
+    url = pg_server.url()
+    sheet = write_csv(tmp_path / "in.csv", prompts(5))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--state", url,
+            "-o", str(tmp_path / "r.parquet")]
+    first = write_csv(tmp_path / "first.csv", prompts(1, prefix="Another"))
+    assert run_cli_process(["submit", str(first), *args[2:]]).returncode == 0  # the ledger exists
+    schema = "seedance_" + url.rsplit("=", 1)[1]
+    holder = psycopg.connect(pg_server.base_url())
+    try:
+        holder.execute(f"LOCK TABLE {schema}.requests IN ACCESS EXCLUSIVE MODE")  # held until rollback
+        proc = subprocess.Popen([sys.executable, "-m", "batch", *args], env=subprocess_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(4)
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        proc.send_signal(int(os.environ.get("SB_TEST_SIG", signal.SIGTERM)))
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"SIGTERM ignored while the table was locked: {err[-2000:]}")
+        waited = time.monotonic() - t0
+    finally:
+        holder.rollback()
+        holder.close()
+    assert waited < 15, waited
+    assert proc.returncode == 4, err
+    assert len(fake.state.submissions()) == 1
+
+
+def test_a_table_locked_mid_run_stops_the_run_within_lock_timeout(start_fake, pg_server: PgServer,
+                                                                   tmp_path: Path) -> None:
+    """Attacker 7, while sending: another session takes the requests table; the run's
+    statements give up after lock_timeout (10 s): SIGTERM and --deadline are answered then,
+    not when the lock is released; nothing is sent without its claim; no task id lost."""
+    fake = start_fake(latency=0.5)
+    url = pg_server.url()
+    sheet = write_csv(tmp_path / "in.csv", prompts(40))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--concurrency", "2", "--state", url,
+            "-o", str(tmp_path / "r.parquet")]
+    proc = subprocess.Popen([sys.executable, "-m", "batch", *args], env=subprocess_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while len(fake.state.submissions()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    schema = "seedance_" + url.rsplit("=", 1)[1]
+    holder = psycopg.connect(pg_server.base_url())
+    try:
+        holder.execute(f"LOCK TABLE {schema}.requests IN ACCESS EXCLUSIVE MODE")
+        locked_at = len(fake.state.submissions())
+        time.sleep(1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"the run waited for the lock: {err[-2000:]}")
+        waited = time.monotonic() - t0
+    finally:
+        holder.rollback()
+        holder.close()
+    assert waited < 25, (waited, err)
+    assert proc.returncode == 6, err  # the rescue file needs a look more than the signal does
+    assert "lock timeout" in error_line(err)
+    assert len(fake.state.submissions()) <= locked_at + 2
+    again = run_cli_process(args)
+    assert again.returncode in (0, 1), again.stderr
+    accepted = {r.task_id for r in fake.state.submissions() if r.task_id}
+    with psycopg.connect(pg_server.base_url()) as db:
+        held = {t for (t,) in db.execute(f"SELECT task_id FROM {schema}.requests WHERE task_id IS NOT NULL")}
+    assert accepted == held and accepted_twice(fake) == []
+
+
+def test_a_role_without_rights_on_the_ledger_is_one_line(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """User 8b: a ledger created by one role, used by another without rights on its schema:
+    one line naming the schema and the missing right, exit 2, nothing sent."""
+    ledger = "t" + uuid.uuid4().hex[:12]
+    sheet = write_csv(tmp_path / "in.csv", prompts(2))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "-o", str(tmp_path / "r.parquet")]
+    assert run_cli_process([*args, "--state", pg_server.url(ledger)]).returncode == 0
+    with psycopg.connect(pg_server.base_url(), autocommit=True) as db:
+        if not db.execute("SELECT 1 FROM pg_roles WHERE rolname = 'norights'").fetchone():
+            db.execute("CREATE ROLE norights LOGIN")
+    url = pg_server.url(ledger).replace("postgres@", "norights@")
+    proc = run_cli_process([*args, "--state", url])
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc.stderr)
+    assert f"permission denied for schema seedance_{ledger}" in line and "\n" not in line, line
+    assert "LINE 1" not in line and "migrations" not in line, line
+    dry = run_cli_process([*args, "--dry-run", "--state", url])  # an estimate says it could not consult it
+    assert dry.returncode == 0, dry.stderr
+    warned = [e["reason"] for e in map(json.loads, dry.stderr.splitlines()) if e["event"] == "ledger_not_consulted"]
+    assert warned and f"permission denied for schema seedance_{ledger}" in warned[0], dry.stderr
+    assert len(fake.state.submissions()) == 2
+
+
+def test_libpq_messages_reach_the_user_on_one_line(start_fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """User 8e: the connection cut mid-run: the summary's stop reason and every stdout and
+    stderr line carry libpq's several-line message on one line."""
+    fake = start_fake(latency=0.3)
+    proxy = CutProxy(pg_server.port)
+    try:
+        url = pg_server.url(port=proxy.port)
+        env = subprocess_env()
+        proc = subprocess.Popen([sys.executable, "-m", "batch", "submit", str(write_csv(tmp_path / "in.csv",
+                                 prompts(30))), "--base-url", fake.url, "--rate", "0", "--concurrency", "4",
+                                 "--state", url, "-o", str(tmp_path / "r.parquet")], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while len(fake.state.submissions()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proxy.cut()
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proxy.close()
+    assert proc.returncode == 6, err
+    assert not [line for line in out.splitlines() if line.startswith(("\t", "before or while"))], out
+    summary = json.loads((tmp_path / "r.parquet.summary.json").read_text())
+    for key in ("stop_reason", "ledger_unreachable"):
+        assert "\n" not in str(summary.get(key)), summary
+    for event in map(json.loads, err.splitlines()):
+        assert all("\n" not in str(v) for v in event.values()), event

@@ -89,6 +89,19 @@ def night_of(now: datetime | None = None) -> str:
     return (now or datetime.now().astimezone()).strftime("%Y-%m-%d")
 
 
+def one_line(text: object, limit: int = 300) -> str:
+    """A driver's message on one line: libpq's continuation lines (tab-indented hints) joined,
+    the SQL it echoes (``LINE 1: ...`` and its caret) dropped. Every message that reaches
+    stdout, stderr or a summary from a store goes through this."""
+    kept = []
+    for line in str(text).splitlines():
+        if line.startswith("LINE ") and ":" in line:
+            break
+        kept.append(line.strip())
+    joined = " ".join(part for part in kept if part)
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
+
+
 def state_home() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "seedance-batch"
@@ -142,6 +155,12 @@ SQL_OUTCOME = (
     "WHERE api=? AND run_id=? AND request_id=?"
 )
 OUTCOME_FIELDS = 10
+# A replayed outcome (from a rescue file) fills a row only where the run that wrote it left
+# the row waiting for it: ``sending``/``unknown`` with no task id, or the same one. A file
+# that is stale, planted or another ledger's never overwrites a task id the ledger holds.
+SQL_REPLAY = SQL_OUTCOME + " AND status IN ('sending', 'unknown') AND (task_id IS NULL OR task_id = ?)"
+# A rescue file is a night's outcomes (~400 bytes each): 256 MiB is far beyond any night.
+RESCUE_MAX_BYTES = 256 << 20
 
 def _table(name: str) -> str:
     """A table a copy or a count may name (never text from outside into SQL)."""
@@ -160,8 +179,12 @@ class LedgerStore(abc.ABC):
     #: server gone): :class:`AsyncLedger` stops sending and keeps the outcomes.
     write_errors: tuple[type[BaseException], ...] = (OSError,)
 
+    #: What a rescue file names its ledger by (PostgreSQL: the id stored in the ledger).
+    ledger_id: str | None = None
+
     def __init__(self) -> None:
         self.unsaved: dict[str, tuple[Any, ...]] = {}  # outcomes that could not be committed
+        self.rescue_conflicts: Path | None = None  # outcomes a replay kept aside (see _replay_rescue)
 
     @property
     @abc.abstractmethod
@@ -171,6 +194,11 @@ class LedgerStore(abc.ABC):
     @abc.abstractmethod
     def rescue_file(self) -> Path:
         """The local file that takes outcomes the store could not commit."""
+
+    def rescue_files(self) -> tuple[list[Path], list[Path]]:
+        """The rescue files this ledger replays, and those of other ledgers seen beside them
+        (named in a warning, never touched)."""
+        return [self.rescue_file()], []
 
     @abc.abstractmethod
     def commit(self, sending: Sequence[Mark], outcomes: Sequence[tuple[Any, ...]],
@@ -249,9 +277,10 @@ class LedgerStore(abc.ABC):
 
     # -- written once for every store (the statements of batch.ledger.queries) -------------
     def replay_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Commit ``(api, *outcome)`` rows read back from a rescue file, in one transaction."""
+        """Commit ``(api, *outcome)`` rows read back from a rescue file, in one transaction,
+        each with :data:`SQL_REPLAY`'s condition (never over another task id)."""
         now = utcnow()
-        self._atomic([(SQL_OUTCOME, [(*o[:-2], now, api, o[-2], o[-1]) for api, *o in rows])])
+        self._atomic([(SQL_REPLAY, [(*o[:-2], now, api, o[-2], o[-1], o[1]) for api, *o in rows])])
 
     def apis(self) -> dict[str, int]:
         """Requests per API this ledger holds."""
@@ -441,7 +470,7 @@ class LedgerStore(abc.ABC):
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with open(fd, "a", encoding="utf-8") as f:
                 for o in rows:
-                    f.write(json.dumps({"api": self.api, "outcome": list(o)}) + "\n")
+                    f.write(json.dumps({"api": self.api, "ledger": self.ledger_id, "outcome": list(o)}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         except OSError:
@@ -449,25 +478,103 @@ class LedgerStore(abc.ABC):
         return path
 
     def _replay_rescue(self) -> None:
-        """Before anything is sent: commit the outcomes an earlier run could not, then
-        rename the rescue file out of the way."""
-        path = self.rescue_file()
-        if not path.exists():
-            return
-        rows = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                item = json.loads(line)
-                outcome = list(item["outcome"])
-                if len(outcome) == OUTCOME_FIELDS - 1:  # written before outcomes carried poll_url
-                    outcome.insert(7, None)
-                if len(outcome) != OUTCOME_FIELDS:
-                    continue
-                rows.append((item["api"], *outcome))
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line: the rest still counts
-        self.replay_outcomes(rows)
-        path.rename(path.with_name(path.name + f".replayed-{datetime.now(UTC):%Y%m%dT%H%M%S}"))
+        """Before anything is sent: commit the outcomes an earlier run could not (each only
+        where its row still waits for it), then rename the rescue file out of the way. A task
+        id that conflicts with the one the ledger holds is kept aside in ``<file>.conflict``
+        and named in a warning: never written over the ledger's, never lost."""
+        import structlog
+
+        mine, others = self.rescue_files()
+        log = structlog.get_logger("batch")
+        if others:
+            log.warning("rescue_of_another_ledger", files=[str(p) for p in others], ledger=self.where,
+                        consequence="left untouched: a run on the ledger it belongs to replays it")
+        for path in mine:
+            text = read_rescue(path)
+            if text is None:
+                continue
+            rows, foreign = [], 0
+            for line in text.splitlines():
+                try:
+                    item = json.loads(line)
+                    if item.get("ledger") not in (None, self.ledger_id):
+                        foreign += 1
+                        continue
+                    outcome = list(item["outcome"])
+                    if len(outcome) == OUTCOME_FIELDS - 1:  # written before outcomes carried poll_url
+                        outcome.insert(7, None)
+                    if len(outcome) != OUTCOME_FIELDS:
+                        continue
+                    rows.append((item["api"], *outcome))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue  # a torn last line: the rest still counts
+            if foreign:
+                raise StateError(f"{path}: the rescue file holds {foreign} outcomes of another ledger (not "
+                                 f"{self.where}); move it away after checking which ledger it belongs to; nothing sent")
+            conflicts = self._rescue_conflicts(rows)
+            if conflicts:
+                kept = path.with_name(path.name + ".conflict")
+                _append_lines(kept, [json.dumps({"api": r[0], "ledger": self.ledger_id, "outcome": list(r[1:]),
+                                                 "ledger_task_id": held}) for r, held in conflicts])
+                log.warning("rescue_conflict", file=str(kept), outcomes=len(conflicts), ledger=self.where,
+                            consequence="the ledger's task ids are kept; these outcomes were not replayed")
+                self.rescue_conflicts = kept
+                skip = {id(r) for r, _ in conflicts}
+                rows = [r for r in rows if id(r) not in skip]
+            self.replay_outcomes(rows)
+            path.rename(path.with_name(path.name + f".replayed-{datetime.now(UTC):%Y%m%dT%H%M%S}"))
+
+    def _rescue_conflicts(self, rows: Sequence[tuple[Any, ...]]) -> list[tuple[tuple[Any, ...], str]]:
+        """Replayed outcomes whose task id differs from the one the ledger holds for the row."""
+        found = []
+        by_api: dict[str, list[tuple[Any, ...]]] = {}
+        for r in rows:
+            if r[2]:  # (api, status, task_id, ...): only an outcome with a task id can conflict
+                by_api.setdefault(r[0], []).append(r)
+        for api, group in by_api.items():
+            held = self.task_states([r[-1] for r in group], [api])
+            for r in group:
+                state = held.get(r[-1])
+                if state is not None and state[2] and state[2] != r[2]:
+                    found.append((r, state[2]))
+        return found
+
+
+def read_rescue(path: Path) -> str | None:
+    """A rescue file's text, opened as the ledger's own files are: not through a symlink,
+    a regular file with one name, owned by this user, of a bounded size (a planted or
+    foreign file must not put outcomes into the ledger). ``None`` when there is none."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        what = "a symlink" if path.is_symlink() else f"unreadable ({exc.strerror})"
+        raise StateError(f"{path}: the rescue file is {what}; move it away after checking where it points; "
+                         f"nothing sent") from None
+    try:
+        st = os.fstat(fd)
+        what = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
+                f"a file with {st.st_nlink} names (hard links)" if st.st_nlink != 1 else
+                f"owned by another user (uid {st.st_uid})" if st.st_uid != os.geteuid() else
+                f"{st.st_size} bytes (more than {RESCUE_MAX_BYTES})" if st.st_size > RESCUE_MAX_BYTES else "")
+        if what:
+            raise StateError(f"{path}: the rescue file is {what}, not one this tool wrote; move it away after "
+                             f"checking it; nothing sent")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(RESCUE_MAX_BYTES + 1).decode("utf-8", errors="replace")
+    finally:
+        os.close(fd)
+
+
+def _append_lines(path: Path, lines: Sequence[str]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass(frozen=True, slots=True)
@@ -645,7 +752,7 @@ class AsyncLedger:
                         claimed = await self._apply_in_writer(sending, outcomes, other)
                 except Exception as exc:  # disk full, I/O error, read-only, the server gone; any other
                     # error too: the flusher must settle every waiter, or the run waits for it forever
-                    self.broken = StateError(f"state write failed ({exc})")
+                    self.broken = StateError(f"state write failed ({one_line(exc)})")
                     self._kept.extend(outcomes)
                     if fut is not None and not fut.done():
                         fut.set_exception(self.broken)

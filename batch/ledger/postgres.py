@@ -25,7 +25,13 @@ Keeps every guarantee of :mod:`batch.ledger.base`, and:
 * **The server gone mid-run stops sending at once.** A failed commit is one of
   :attr:`write_errors`: :class:`~batch.ledger.base.AsyncLedger` refuses every later
   claim and keeps the outcomes of requests already on the wire in a local rescue file,
-  which the next run on this host replays before it sends.
+  which the next run on this host replays before it sends. The file is named by the
+  ledger's id (a UUID in its ``meta`` table), never by the URL's spelling, so only runs on
+  that ledger replay it.
+* **No unbounded wait**: ``lock_timeout`` (10 s) and ``statement_timeout`` (120 s) on every
+  session: a table locked by someone else becomes a write error the run handles.
+* **Text fits**: a NUL (which PostgreSQL's text refuses) is replaced by U+FFFD in every
+  value written (:func:`_fit`); input cells holding one are invalid rows before this.
 * **The password never leaves**: :class:`PgLocation` prints the URL without it, hands
   it to libpq apart from the URL, and scrubs every driver message of each form of it.
 """
@@ -38,6 +44,7 @@ import math
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +59,7 @@ from batch.ledger.base import (
     Entry,
     LedgerStore,
     Mark,
+    one_line,
     state_home,
     utcnow,
 )
@@ -90,6 +98,12 @@ _INTEGERS = frozenset({"row", "error_code", "http_status", "attempts", "polls", 
 # Dead-peer detection for the lock's session and the writer's (libpq parameters).
 KEEPALIVE = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
              "tcp_user_timeout": "20000", "connect_timeout": "10"}
+# The tool's own transactions hold row locks for milliseconds (a batch of claims), so a
+# 10-s wait for a lock means someone else holds the table (a DDL, a stuck session): the run
+# stops waiting, and a signal or --deadline is answered within that. Its longest statement
+# (state copy reading a whole ledger) takes seconds; 120 s bounds anything else.
+LOCK_TIMEOUT_S = 10
+STATEMENT_TIMEOUT_S = 120
 # A test switch (never set in production): run without the writer lock to show that the
 # conditional claim alone sends each request once.
 NO_LOCK_ENV = "SEEDANCE_BATCH_TEST_NO_PG_LOCK"
@@ -229,15 +243,19 @@ class PgLocation:
         path = base[len(base.split("/", 1)[0]):]
         shown = [item for item in kept if "pass" not in unquote(item.partition("=")[0]).lower()]
         self.display = f"{scheme}://{netloc}{path}?" + "&".join([*shown, urlencode([("ledger", name)])])
-        # The local files (the rescue file) of this ledger on this host: named as before
-        # (a rescue file left by an earlier version must still be found).
+        # Where this host keeps the ledger's rescue files. They are named by the ledger's id
+        # (stored in the ledger, see PgLedger.ledger_id), not by this URL: another spelling
+        # of the same database (localhost, a pooler's port, a service file) finds them, and
+        # another database with the same spelling does not. ``legacy`` is the name the
+        # tool used before (a hash of the spelling), still replayed.
         try:
             parts = urlsplit(url)
             where = f"{parts.hostname}:{parts.port}:{parts.path}"
         except ValueError:
             where = f"{params.get('host')}:{params.get('port')}:/{params.get('dbname')}"
         ident = hashlib.sha256(f"{where}:{name}".encode()).hexdigest()[:16]
-        self.local = state_home() / "postgres" / f"{name}-{ident}"
+        self.home = state_home() / "postgres"
+        self.legacy = self.home / f"{name}-{ident}"
 
     def __str__(self) -> str:
         return self.display
@@ -251,8 +269,8 @@ class PgLocation:
     def exists(self) -> bool:
         return True  # the server says when it is opened
 
-    def companion(self, suffix: str) -> Path:
-        return self.local.with_name(f"{self.local.name}.{suffix}")
+    def rescue_file(self, ledger_id: str) -> Path:
+        return self.home / f"{self.ledger}-{ledger_id}.rescue.jsonl"
 
     def scrub(self, text: str) -> str:
         return _scrub(text, self._secrets)
@@ -274,6 +292,12 @@ class PgLocation:
             conn.execute("SET idle_in_transaction_session_timeout = '60s'")
             if conn.info.server_version >= 140000:  # the setting is new in 14
                 conn.execute("SET idle_session_timeout = 0")
+            # Bounded waits (see the module's note): a table locked by someone else, or a
+            # statement (a COMMIT waiting for a standby) that never returns, ends in an error
+            # the run handles (stop sending, keep the outcomes) instead of holding it and its
+            # signals and --deadline for as long as the block lasts.
+            conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_S}s'")
+            conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT_S}s'")
             # The server's side of the same socket: a host that vanishes (power, network)
             # without closing its session is noticed by the server after ~25 s of silence
             # (10 s idle, 3 probes 5 s apart), which ends the session and frees its lock.
@@ -369,6 +393,14 @@ def _known_passwords(passfile: Path | None = None) -> list[str]:
     return [p for p in found if p]
 
 
+def _fit(values: Iterable[Any]) -> tuple[Any, ...]:
+    """Parameters as PostgreSQL's text takes them: a NUL (which SQLite keeps and PostgreSQL
+    refuses, failing the whole transaction) becomes U+FFFD. Inputs refuse NUL cells
+    (batch.expand.nul_errors); this is for text from elsewhere: the provider's answers, an
+    older SQLite ledger being copied, a rescue file."""
+    return tuple(v.replace("\x00", "\ufffd") if type(v) is str and "\x00" in v else v for v in values)
+
+
 def _lock_key(schema: str, kind: str) -> int:
     digest = hashlib.sha256(f"seedance-batch:{schema}:{kind}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
@@ -394,7 +426,7 @@ class PgLedger(LedgerStore):
             self._open()
         except psycopg.Error as exc:
             self.db.close()
-            raise StateError(f"{location}: cannot use the ledger ({location.scrub(str(exc).strip())})") from None
+            raise StateError(f"{location}: cannot use the ledger ({location.scrub(one_line(exc))})") from None
         except BaseException:
             self.db.close()
             raise
@@ -406,6 +438,12 @@ class PgLedger(LedgerStore):
         exists = self.db.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.location.schema,)).fetchone()
         if not exists and self.readonly:
             raise _NoLedger
+        if exists:  # another role's ledger: say which right is missing, not "relation does not exist"
+            usable = self.db.execute("SELECT has_schema_privilege(%s, 'USAGE')", (self.location.schema,)).fetchone()[0]
+            if not usable:
+                raise StateError(f"{self.location}: permission denied for schema {self.location.schema}: the "
+                                 f"ledger's owner must grant this role USAGE on it and SELECT, INSERT, UPDATE on "
+                                 f"its tables; nothing sent")
         if not exists or not self._has_tables():
             with self.db.transaction():
                 self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(self.location.schema, "create"),))
@@ -418,6 +456,10 @@ class PgLedger(LedgerStore):
                                 (1, "create", utcnow()))
                 self.db.execute("INSERT INTO meta VALUES ('created_at', %s) ON CONFLICT DO NOTHING", (utcnow(),))
         self.db.execute(sql.SQL("SET search_path TO {}").format(schema))
+        if not self.readonly:  # the ledger's identity: names its rescue files on every host
+            self.db.execute("INSERT INTO meta VALUES ('ledger_id', %s) ON CONFLICT DO NOTHING", (str(uuid.uuid4()),))
+        found = self.db.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
+        self.ledger_id = found[0] if found else None
         version = self.db.execute("SELECT max(version) FROM migrations").fetchone()[0] or 0
         if version > SCHEMA_VERSION:
             raise StateError(f"{self.location}: ledger schema {version} is newer than this tool ({SCHEMA_VERSION})")
@@ -464,7 +506,8 @@ class PgLedger(LedgerStore):
             got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_lock_key(self.location.schema, kind),)).fetchone()[0]
         except psycopg.Error as exc:
             conn.close()
-            raise StateError(f"{self.location}: cannot lock the ledger ({self.location.scrub(str(exc))})") from None
+            raise StateError(f"{self.location}: cannot lock the ledger ({self.location.scrub(one_line(exc))})") \
+                from None
         if not got:
             conn.close()
             raise LockedError(f"another {kind} run is using ledger {self.location}; nothing sent")
@@ -503,12 +546,24 @@ class PgLedger(LedgerStore):
         return str(self.location)
 
     def rescue_file(self) -> Path:
-        return self.location.companion("rescue.jsonl")
+        return self.location.rescue_file(self.ledger_id or "unknown")
+
+    def rescue_files(self) -> tuple[list[Path], list[Path]]:
+        mine = [self.rescue_file(), self.location.legacy.with_name(self.location.legacy.name + ".rescue.jsonl")]
+        try:
+            others = sorted(p for p in self.location.home.glob("*.rescue.jsonl") if p not in mine)
+        except OSError:
+            others = []
+        return mine, others
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.db.close()
         if self._lock_conn is not None:
+            with contextlib.suppress(Exception):
+                # Released before close returns: a closed session's backend frees its locks
+                # only when it gets round to exiting, and the next run (or a test) may ask first.
+                self._lock_conn.execute("SELECT pg_advisory_unlock_all()")
             with contextlib.suppress(Exception):
                 self._lock_conn.close()
             self._lock_conn = None
@@ -521,9 +576,9 @@ class PgLedger(LedgerStore):
         now = utcnow()
         with self.db.transaction(), self.db.cursor() as cur:
             for statement, params in other:
-                cur.execute(pg(statement), params)
+                cur.execute(pg(statement), _fit(params))
             if outcomes:
-                cur.executemany(pg(SQL_OUTCOME), [(*o[:-2], now, self.api, o[-2], o[-1]) for o in outcomes])
+                cur.executemany(pg(SQL_OUTCOME), [_fit((*o[:-2], now, self.api, o[-2], o[-1])) for o in outcomes])
             marks = list({m.request_id: m for m in sending}.values())
             if marks and self._lock_held is not None:
                 self._check_lock(cur)
@@ -534,20 +589,20 @@ class PgLedger(LedgerStore):
                     params += [self.api, m.request_id, m.run_id, m.label, m.model, m.endpoint, m.source, m.row,
                                m.body, now, now, m.cost]
                 cur.execute(f"INSERT INTO requests({_CLAIM_COLUMNS}) VALUES {values}{_CLAIM_TAIL}",
-                            (*params, resend_unknown))
+                            _fit((*params, resend_unknown)))
                 claimed = {row[0] for row in cur.fetchall()}
         return claimed
 
     # -- the statements of batch.ledger.queries, in PostgreSQL ----------------------------
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self.db.execute(pg(sql), tuple(params)).fetchall()
+        return self.db.execute(pg(sql), _fit(params)).fetchall()
 
     def _atomic(self, batches: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> list[int]:
         changed = []
         with self.db.transaction(), self.db.cursor() as cur:
             for sql, rows in batches:
                 if rows:
-                    cur.executemany(pg(sql), rows)
+                    cur.executemany(pg(sql), [_fit(r) for r in rows])
                 changed.append(cur.rowcount if rows else 0)
         return changed
 
@@ -741,7 +796,7 @@ class PgBudget:
         import structlog
 
         structlog.get_logger("batch").warning("rate_budget_not_shared", state=str(self.location),
-                                              error=self.location.scrub(str(exc).strip()[:200]),
+                                              error=self.location.scrub(one_line(exc, 200)),
                                               consequence="this process paces alone from now on")
         self._fallback = self._local_budget()
 
