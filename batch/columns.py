@@ -277,13 +277,16 @@ def _fast_frame(expander: Expander, table: Table, cmap: ColumnMap, plan: _Plan |
     if plan is None or not plan.ok:
         return None, list(range(start, start + height))
     blank = _same(True, height)
+    nul = _same(False, height)  # a NUL in any text cell makes the row invalid (expand.nul_errors)
     for c in chunk.columns:
         col = chunk[c]
         blank &= col.is_null() | ((col == "").fill_null(False) if col.dtype == pl.String else False)
+        if col.dtype == pl.String or isinstance(col.dtype, (pl.Categorical, pl.Enum)):
+            nul |= col.cast(pl.String).str.contains("\x00", literal=True).fill_null(False)
     pos = pl.Series(_POS, range(start, start + height), dtype=pl.Int64)
     prepared = plan.prepared
     fields = prepared.spec.fields
-    ok = ~blank
+    ok = ~blank & ~nul
     if marked:
         ok &= ~pos.is_in(marked)
     values: dict[str, pl.Series] = {}

@@ -26,18 +26,18 @@ def mostly(valid: list[object], odd: list[object]) -> st.SearchStrategy[object]:
 
 PROMPTS = mostly(["A paper boat", "  A paper boat ", "a | b", "[Scene 1] a cat", "quote \" and \\ back\nslash\t",
                   "é ü 😀 \u2028", "\u3000wide\u3000", "\x01ctrl", "İstanbul", "A cat"],
-                 ['["a cat", "a dog"]', "", " ", None, "\x1ca boat\x1f", "x" * 2001, "[1, 2]"])
+                 ['["a cat", "a dog"]', "", " ", None, "\x1ca boat\x1f", "x" * 2001, "[1, 2]", "a \x00 boat"])
 DURATIONS = mostly(["5", " 5 ", "5.0", "5.", "+5", "12", "0005", None, ""],
                    ["5_0", "5.5", "13", "1", "x", "[3, 5]", "3|5", "٥", "-0", "1e1"])
 RATIOS = mostly(["16:9", " 9:16 ", "ADAPTIVE", None], ["16:9|1:1", "16/9", "", "１:1"])
 BOOLS = mostly(["yes", "No", "TRUE", "1", "0", " t ", None], ["2", "ja", "", "yes|no"])
 SEEDS = mostly(["7", "-1", None, "2147483647"], ["-2", "2147483648", "3.7", "", "99999999999999999999"])
 FRAMES = mostly(["29", "33", "289", None, "29.0"], ["30", "293", ""])
-IDS = mostly(["a1", " a2 ", "", None, "7"], ["\x1cid"])
+IDS = mostly(["a1", " a2 ", "", None, "7"], ["\x1cid", "x\x00y"])
 
 ODD_ROW = st.fixed_dictionaries({"id": IDS, "prompt": PROMPTS, "duration": DURATIONS, "ratio": RATIOS,
                                  "camera_fixed": BOOLS, "seed": SEEDS, "frames": FRAMES,
-                                 "notes": st.sampled_from(["n", "", None])})
+                                 "notes": st.sampled_from(["n", "", None, "n\x00"])})
 # Rows valid as written (padded, spelt in other cases, empty cells), some of them identical.
 PLAIN_ROW = st.fixed_dictionaries({
     "id": st.sampled_from(["a1", " a2 ", None, "7"]),
@@ -100,6 +100,18 @@ def test_marked_cells_and_list_cells_take_the_row_path(column_path_everywhere: N
     fast, slow = _frames_both([marked], ExpandSpec())
     assert_frame_equal(fast, slow)
     assert fast.height == 4 and fast["__invalid"].null_count() == 3
+
+
+def test_a_nul_in_any_cell_takes_the_row_path(column_path_everywhere: None) -> None:
+    """A NUL makes a row invalid (the per-row rule, for PostgreSQL's sake): the column path
+    called such rows valid, in the prompt, the id and a pass-through column alike."""
+    n = 20
+    df = pl.DataFrame({"id": [f"i{i}" if i != 5 else "i\x005" for i in range(n)],
+                       "prompt": [f"a calm lake {i}" if i != 3 else "a \x00 lake" for i in range(n)],
+                       "notes": ["n" if i != 9 else "z\x00" for i in range(n)]})
+    fast, slow = _frames_both([Table("p.parquet", Path("p.parquet"), df)], ExpandSpec(passthrough=("notes",)))
+    assert_frame_equal(fast, slow)
+    assert fast["__invalid"].null_count() == n - 3
 
 
 def test_large_table_takes_the_column_path(monkeypatch: pytest.MonkeyPatch) -> None:
