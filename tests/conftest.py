@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -103,6 +104,25 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDANCE")}
     env.update({"SEEDANCE_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}, **extra)
     return env
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> None:
+    """Poll ``predicate`` every 20 ms until it holds; fail the test after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.02)
+
+
+def host_dir(tmp: Path, name: str) -> Path:
+    """A "host": its own working directory and state home, nothing shared but the database."""
+    d = tmp / name
+    (d / "xdg").mkdir(parents=True)
+    return d
+
+
+def host_env(d: Path, **extra: str) -> dict[str, str]:
+    return subprocess_env(XDG_STATE_HOME=str(d / "xdg"), **extra)
 
 
 def run_cli_process(args: list[str], env: dict[str, str] | None = None, timeout: float = 60,

@@ -15,14 +15,14 @@ from pathlib import Path
 from batch.expand import Expander, ExpandSpec, chunks
 from batch.load import load_table
 from batch.progress import Progress
-from tests.conftest import cli, prompts, submit_args, subprocess_env, write_csv
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.02)
+from tests.conftest import (
+    cli,
+    prompts,
+    submit_args,
+    subprocess_env,
+    wait_for,
+    write_csv,
+)
 
 
 def test_a_double_ctrl_c_summary_counts_what_the_ledger_holds(start_fake, tmp_path: Path) -> None:

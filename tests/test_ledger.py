@@ -10,7 +10,17 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import accepted_twice, cli, error_line, prompts, results, submit_args, subprocess_env, write_csv
+from conftest import (
+    accepted_twice,
+    cli,
+    error_line,
+    prompts,
+    results,
+    submit_args,
+    subprocess_env,
+    wait_for,
+    write_csv,
+)
 
 
 def statuses(path: Path) -> dict[str, int]:
@@ -129,14 +139,6 @@ def start_run(fake, tmp_path: Path, path: Path, state: str | None, *extra: str) 
     args = submit_args(fake, tmp_path, path, extra=list(extra), state=state)
     return subprocess.Popen([sys.executable, "-m", "batch", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=subprocess_env())
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
 
 
 def run_until_sent(fake, tmp_path: Path, state: str | None, rows: int, sent: int,

@@ -24,34 +24,19 @@ from conftest import (
     PgServer,
     accepted_twice,
     error_line,
+    host_dir,
+    host_env,
     prompts,
     run_cli_process,
     subprocess_env,
+    wait_for,
     write_csv,
 )
-
-
-def host_dir(tmp: Path, name: str) -> Path:
-    """A "host": its own working directory and state home, nothing shared but the database."""
-    d = tmp / name
-    (d / "xdg").mkdir(parents=True)
-    return d
-
-
-def host_env(d: Path, **extra: str) -> dict[str, str]:
-    return subprocess_env(XDG_STATE_HOME=str(d / "xdg"), **extra)
 
 
 def popen(args: list[str], d: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "batch", *args], cwd=d, env=env or host_env(d),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(check, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.fixture

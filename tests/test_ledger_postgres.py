@@ -24,6 +24,8 @@ from conftest import (
     accepted_twice,
     cli,
     error_line,
+    host_dir,
+    host_env,
     json_lines,
     prompts,
     results,
@@ -36,17 +38,6 @@ from conftest import (
 from batch.errors import StateError
 from batch.ledger import PgLocation, queries
 from batch.ledger.postgres import SCHEMA_VERSION
-
-
-def host_dir(tmp: Path, name: str) -> Path:
-    """A "host": its own working directory and state home, nothing shared but the database."""
-    d = tmp / name
-    (d / "xdg").mkdir(parents=True)
-    return d
-
-
-def host_env(d: Path, **extra: str) -> dict[str, str]:
-    return subprocess_env(XDG_STATE_HOME=str(d / "xdg"), **extra)
 
 
 def test_rerun_from_another_host_sends_nothing_twice(fake, pg_server: PgServer, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from conftest import (
     run_cli_process,
     submit_args,
     subprocess_env,
+    wait_for,
     write_csv,
 )
 
@@ -46,13 +47,6 @@ def popen(fake, tmp_path: Path, inputs: Path, state: Path, *extra: str, cwd: Pat
             "--state", str(state), "--rate", "0", *extra]
     return subprocess.Popen([sys.executable, "-m", "batch", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=subprocess_env(), cwd=cwd)
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.02)
 
 
 # -- item 1: one ledger, one run, whatever path names it -------------------------------
