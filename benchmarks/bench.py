@@ -449,10 +449,14 @@ def variant_env(root: Path) -> dict[str, str]:
 
 
 def make_workbook(path: Path, n: int) -> Path:
-    """An ``.xlsx`` as people make them: a header row, text and number cells."""
+    """An ``.xlsx`` as people make them: a header row, text and number cells, and a model
+    column mixing two models (as the README's examples do) with empty cells (the default)."""
+    models = ["bytedance/seedance-1.0-lite-t2v", "bytedance/seedance-1.5-pro-t2v", None]
     pl.DataFrame({"id": [f"b{i:07d}" for i in range(n)],
                   "prompt": [f"A paper boat drifting down a rainy street, take {i}" for i in range(n)],
-                  "duration": [5] * n}).write_excel(path, autofit=False)
+                  "model": [models[i % 3] for i in range(n)],
+                  "duration": [5] * n, "ratio": [("16:9", "9:16")[i % 2] for i in range(n)]}).write_excel(
+        path, autofit=False)
     return path
 
 
