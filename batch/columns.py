@@ -3,12 +3,12 @@
 Guarantee: :func:`request_frames` yields exactly the rows that
 ``results.request_frame(list(expander))`` would (the same request ids, values, errors,
 in input order); only chunk boundaries may differ. Most rows of a night hold one value a
-cell, valid; those rows are converted, validated and keyed column by column in polars,
-a sheet with a model column one model's rows at a time (each against its own spec).
-Every other row (a list or ``|`` cell, a template, several job-level values, a model
-cell naming no known model or holding no text, a cell a workbook marked, an image that is not an http(s) URL (a local file must be
-checked and becomes its content's placeholder, :mod:`batch.upload`), anything a
-vectorised check is not sure of, every invalid row)
+cell, valid; those rows are converted, validated and keyed column by column in polars, a
+sheet with a model column one model's rows at a time, each against its own spec. Every
+other row (a list or ``|`` cell, a template, several job-level values, a model cell that
+names no known model or holds no text, a cell a workbook marked, an image that is not an
+http(s) URL (a local file must be checked and becomes its content's placeholder,
+:mod:`batch.upload`), anything a vectorised check is not sure of, every invalid row)
 goes through the per-row code of :class:`batch.expand.Expander`, so every error message
 is the per-row code's own. The vectorised checks are conservative by design: a row they
 cannot prove valid takes the per-row path, never the other way round.

@@ -280,6 +280,24 @@ def test_image_fields_equal_row_path(column_path_everywhere: None, sheet_dir: Pa
 
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(IMAGE_ROW, st.sampled_from(["bytedance/seedance-1.5-pro-i2v", "BYTEDANCE/seedance-2.0-fast-i2v",
+                                                      "bytedance/seedance-1.5-pro-t2v", "bytedance/seedance-2.0-v2v",
+                                                      None, "i2v"])), min_size=1, max_size=30))
+def test_image_fields_with_a_model_column_equal_row_path(column_path_everywhere: None, sheet_dir: Path,
+                                                         rows: list[tuple[dict[str, object], object]]) -> None:
+    """Image and URL columns in a sheet mixing image models with a text-only one (whose
+    rows are valid only where those cells are empty) and one that requires video_urls."""
+    local = f"file://{sheet_dir / 'refs' / 'a.png'}"
+    records = [{**{k: (local if v == "file://LOCAL" else v) for k, v in r.items()}, "model": m} for r, m in rows]
+    df = pl.DataFrame(records, schema={k: pl.String for k in [*IMAGE_ROW_KEYS, "model"]})
+    if not df["model"].str.contains("2.0", literal=True).any():
+        df = df.drop("reference_images", "audio_urls")  # no model in use has them: a usage error for both
+    table = Table("sheet.csv", sheet_dir / "sheet.csv", df)
+    fast, slow = _both_with_images([table], ExpandSpec(model="bytedance/seedance-1.5-pro-i2v"))
+    assert_frame_equal(fast, slow)
+
+
 def test_local_images_take_the_row_path(column_path_everywhere: None, sheet_dir: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A local image becomes its content placeholder and counts for upload; a bad one makes
