@@ -3,11 +3,12 @@
 Guarantee: :func:`request_frames` yields exactly the rows that
 ``results.request_frame(list(expander))`` would (the same request ids, values, errors,
 in input order); only chunk boundaries may differ. Most rows of a night hold one value a
-cell, valid; those rows are converted, validated and keyed column by column in polars.
-Every other row (a list or ``|`` cell, a template, several models or job-level values,
-a cell a workbook marked, an image that is not an http(s) URL (a local file must be
-checked and becomes its content's placeholder, :mod:`batch.upload`), anything a
-vectorised check is not sure of, every invalid row)
+cell, valid; those rows are converted, validated and keyed column by column in polars, a
+sheet with a model column one model's rows at a time, each against its own spec. Every
+other row (a list or ``|`` cell, a template, several job-level values, a model cell that
+names no known model or holds no text, a cell a workbook marked, an image that is not an
+http(s) URL (a local file must be checked and becomes its content's placeholder,
+:mod:`batch.upload`), anything a vectorised check is not sure of, every invalid row)
 goes through the per-row code of :class:`batch.expand.Expander`, so every error message
 is the per-row code's own. The vectorised checks are conservative by design: a row they
 cannot prove valid takes the per-row path, never the other way round.
@@ -174,19 +175,17 @@ def _json_pieces(frame: pl.DataFrame, names: list[str]) -> pl.Expr:
 
 
 class _Plan:
-    """What the column path needs of one table, or why it does not apply (``None``)."""
+    """What the column path needs to take one model's rows of a table, or why it cannot
+    (``ok`` false: all of them go row by row)."""
 
-    def __init__(self, expander: Expander, table: Table, cmap: ColumnMap) -> None:
+    def __init__(self, prepared: _Model | None, cmap: ColumnMap) -> None:
         self.ok = False
-        spec = expander.spec
-        if cmap.template or spec.prompt_template is not None or cmap.model_column is not None:
-            return
-        prepared = expander.model(spec.model)
         if prepared is None or any(len(v) != 1 for v in prepared.params.values()):
             return
         fields = prepared.spec.fields
-        if any(f not in fields for f in cmap.fields.values()):
-            return
+        # A column of a field this model lacks: fine where its cell is empty (the per-row
+        # code sends nothing), the row's error otherwise (per row, for its message).
+        self.absent = {c for c, f in cmap.fields.items() if f not in fields}
         rules = prepared.validator.spec.rules
         field_rules: dict[str, list[str]] = {}
         for rule in rules:
@@ -210,6 +209,43 @@ class _Plan:
         self.ok = True
 
 
+class _Plans:
+    """The column plans of one table: one per model its rows name, made when first named.
+    A row's model is the one :meth:`batch.expand.Expander._row` reads from its model
+    cell (``str(cell).strip().lower()``, the default model when that is empty); rows of
+    an unknown model, or of a cell that is no text, go row by row."""
+
+    def __init__(self, expander: Expander, cmap: ColumnMap) -> None:
+        self.expander, self.cmap = expander, cmap
+        self.ok = not (cmap.template or expander.spec.prompt_template is not None)
+        default = expander.model(expander.spec.model)
+        self.default = default.spec.slug if default is not None else None
+        self._plans: dict[str, _Plan] = {}
+
+    def plan(self, slug: str) -> _Plan:
+        if slug not in self._plans:
+            self._plans[slug] = _Plan(self.expander.model(slug), self.cmap)
+        return self._plans[slug]
+
+    def _slug(self, value: Any) -> str | None:
+        """The model slug of a non-null model cell, as the per-row code resolves it."""
+        text = str(value).strip()
+        prepared = self.expander.model(text.lower() if text else self.expander.spec.model)
+        return prepared.spec.slug if prepared is not None else None
+
+    def slugs(self, column: pl.Series) -> pl.Series:
+        """Each row's model slug; null where the row goes row by row. Python's own
+        ``str``/``strip``/``lower`` decide, once per distinct cell of the slice."""
+        if isinstance(column.dtype, (pl.Categorical, pl.Enum)):
+            column = column.cast(pl.String)
+        if column.dtype == pl.String:
+            found = {v: self._slug(v) for v in column.unique().to_list() if v is not None}
+            resolved = column.replace_strict(found, default=None, return_dtype=pl.String)
+        else:  # a number or a boolean names no model (slugs are text with a '/'): per row
+            resolved = _same(None, column.len(), pl.String())
+        return pl.select(pl.when(column.is_null()).then(pl.lit(self.default, pl.String)).otherwise(resolved)).to_series()
+
+
 def request_frames(expander: Expander, schema: dict[str, pl.DataType]) -> Iterator[pl.DataFrame]:
     """Request frames of the whole expansion, in input order (see the module docstring)."""
     from batch.results import request_frame
@@ -217,12 +253,12 @@ def request_frames(expander: Expander, schema: dict[str, pl.DataType]) -> Iterat
     expander.rows_seen = 0
     seen = pl.Series(_KEY, [], dtype=pl.UInt64)  # the content keys of every request so far
     for table, cmap in zip(expander.tables, expander.maps, strict=True):
-        plan = _Plan(expander, table, cmap) if table.df.height >= SMALL else None
+        plans = _Plans(expander, cmap) if table.df.height >= SMALL else None
         marked = _marked_rows(expander, table, cmap)
         for start in range(0, table.df.height, SLICE):
             chunk = table.df.slice(start, SLICE)
             expander.rows_seen += chunk.height
-            fast, slow_rows = _fast_frame(expander, table, cmap, plan, chunk, start, marked, schema)
+            fast, slow_rows = _fast_frame(table, cmap, plans, chunk, start, marked, schema)
             slow = list(expander.rows_at(table, cmap, slow_rows)) if slow_rows else []
             parts = [fast] if fast is not None and fast.height else []
             if slow:
@@ -246,10 +282,12 @@ def _marked_rows(expander: Expander, table: Table, cmap: ColumnMap) -> list[int]
     if not (table.notes or table.kinds):
         return []
     checked = set(cmap.fields) | set(cmap.template.values()) | {cmap.id_column, cmap.model_column}
-    prepared = expander.model(expander.spec.model)
-    fields = prepared.spec.fields if prepared is not None else {}
+    # A field is text for the row's model; a sheet with a model column is read as if each
+    # field were text where any of its models says so (more rows go per row, never fewer).
+    specs = [p.spec for m in {expander.spec.model, *cmap.models} if (p := expander.model(m)) is not None]
     named = [*((f, c) for c, f in cmap.fields.items()), ("id", cmap.id_column), ("model", cmap.model_column)]
-    text = {c for f, c in named if f in fields and fields[f].is_text} | set(cmap.template.values())
+    text = {c for f, c in named if any(f in m.fields and m.fields[f].is_text for m in specs)} | \
+        set(cmap.template.values())
     rows = {i for i, c in table.notes if c in checked} | {i for i, c in table.kinds if c in text}
     return sorted(rows)
 
@@ -270,11 +308,12 @@ def _repeat_ids(frame: pl.DataFrame, seen: pl.Series) -> tuple[pl.DataFrame, pl.
     return frame.with_columns(ids.alias("request_id")), pl.concat([seen, raw])
 
 
-def _fast_frame(expander: Expander, table: Table, cmap: ColumnMap, plan: _Plan | None, chunk: pl.DataFrame, start: int,
+def _fast_frame(table: Table, cmap: ColumnMap, plans: _Plans | None, chunk: pl.DataFrame, start: int,
                 marked: list[int], schema: dict[str, pl.DataType]) -> tuple[pl.DataFrame | None, list[int]]:
-    """The frame of the rows the column path takes, and the positions of the others."""
+    """The frame of the rows the column path takes (in input order), and the positions of
+    the others. With a model column each model's rows are taken by that model's plan."""
     height = chunk.height
-    if plan is None or not plan.ok:
+    if plans is None or not plans.ok:
         return None, list(range(start, start + height))
     blank = _same(True, height)
     nul = _same(False, height)  # a NUL in any text cell makes the row invalid (expand.nul_errors)
@@ -284,14 +323,43 @@ def _fast_frame(expander: Expander, table: Table, cmap: ColumnMap, plan: _Plan |
         if col.dtype == pl.String or isinstance(col.dtype, (pl.Categorical, pl.Enum)):
             nul |= col.cast(pl.String).str.contains("\x00", literal=True).fill_null(False)
     pos = pl.Series(_POS, range(start, start + height), dtype=pl.Int64)
-    prepared = plan.prepared
-    fields = prepared.spec.fields
     ok = ~blank & ~nul
     if marked:
         ok &= ~pos.is_in(marked)
+    parts: list[pl.DataFrame] = []
+    if cmap.model_column is None:
+        plan = plans.plan(plans.default) if plans.default is not None else None
+        if plan is not None and plan.ok:
+            parts.append(_model_frame(table, cmap, plan, chunk, pos, ok, schema))
+    else:
+        slugs = plans.slugs(chunk[cmap.model_column])
+        for slug in slugs.filter(ok).drop_nulls().unique().sort().to_list():
+            plan = plans.plan(slug)
+            if plan.ok:
+                rows = ok & (slugs == slug).fill_null(False)
+                parts.append(_model_frame(table, cmap, plan, chunk.filter(rows), pos.filter(rows), ok.filter(rows),
+                                          schema))
+    parts = [p for p in parts if p.height]
+    if not parts:
+        return None, pos.filter(~blank).to_list()
+    frame = pl.concat(parts, how="vertical").sort(_POS) if len(parts) > 1 else parts[0]
+    slow = pos.filter(~blank & ~pos.is_in(frame[_POS].implode())).to_list()
+    return frame, slow
+
+
+def _model_frame(table: Table, cmap: ColumnMap, plan: _Plan, chunk: pl.DataFrame, pos: pl.Series, ok: pl.Series,
+                 schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """The rows of ``chunk`` (of one model, at positions ``pos``) that ``ok`` allows and
+    the column checks of ``plan`` prove valid, as request rows with ``_POS`` and ``_KEY``."""
+    height = chunk.height
+    prepared = plan.prepared
+    fields = prepared.spec.fields
     values: dict[str, pl.Series] = {}
     for column, name in cmap.fields.items():
         value, sure = _cell(chunk[column], name, name in prepared.arrays)
+        if column in plan.absent:  # not this model's field: only an empty cell is no error
+            ok &= sure & value.is_null()
+            continue
         if name in IMAGE_FIELDS | URL_FIELDS:  # anything but a URL may be a local file: per row
             sure &= value.is_null() | _urls(value)
         converted = _convert(fields[name], value, plan.field_rules.get(name, []))
@@ -313,10 +381,9 @@ def _fast_frame(expander: Expander, table: Table, cmap: ColumnMap, plan: _Plan |
     for rule in plan.body_rules:
         ok &= rule(present)
     ok = ok.fill_null(False)
-    slow = pos.filter(~blank & ~ok).to_list()
     frame = pl.DataFrame({name: v.rename(name) for name, v in values.items()}).with_columns(pos).filter(ok)
     if not frame.height:
-        return None, slow
+        return frame
     src = chunk.filter(ok)
     slug = prepared.spec.slug
     identity = [n for n in values if n not in NON_IDENTITY_FIELDS]
@@ -342,7 +409,7 @@ def _fast_frame(expander: Expander, table: Table, cmap: ColumnMap, plan: _Plan |
     columns[LABEL] = _labels(src[cmap.id_column]) if cmap.id_column else columns[INVALID]
     out = pl.DataFrame({k: (v.rename(k) if isinstance(v, pl.Series) else v) for k, v in columns.items()})
     out = out.cast(schema, strict=False) if out.schema != pl.Schema(schema) else out  # type: ignore[arg-type]
-    return out.with_columns(frame[_POS], frame[_KEY]), slow
+    return out.with_columns(frame[_POS], frame[_KEY])
 
 
 def _labels(ids: pl.Series) -> pl.Series:

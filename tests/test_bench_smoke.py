@@ -80,6 +80,8 @@ def test_target_rows_of_the_dry_run_alone(tmp_path: Path) -> None:
     rows = bench.targets(tmp_path, None, rows=500, xlsx_rows=50, submit=False)
     assert [r["phase"] for r in rows] == ["dry run, 500 Parquet rows", "dry run, 50 .xlsx rows"], rows
     assert all(r["ok"] and "peak_rss_mib after" in r for r in rows), rows
+    floor = [float(v) for v in rows[1]["cpu_s after: imports/+load/+expand"].split("/")]
+    assert len(floor) == 3 and all(v > 0 for v in floor), rows  # each stage ran (a failing one raises)
 
 
 def test_a_variant_runs_its_own_checkout(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

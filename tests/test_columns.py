@@ -50,6 +50,7 @@ PLAIN_ROW = st.fixed_dictionaries({
     "frames": st.sampled_from(["29", "33", "289", None, "29.0"]),
     "notes": st.sampled_from(["n", "", None])})
 ROW = st.one_of(PLAIN_ROW, ODD_ROW)
+ROW_KEYS = ["id", "prompt", "duration", "ratio", "camera_fixed", "seed", "frames", "notes"]
 
 
 def _frames_both(tables: list[Table], spec: ExpandSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -145,6 +146,88 @@ def test_workbook_kinds_mark_only_text_fields(column_path_everywhere: None) -> N
     assert "must be text" in fast["__invalid"][2]
 
 
+
+# Model cells as sheets hold them: known models of different specs (fields, enums, rules)
+# in any case and padding, whitespace only Python strips, names that are no model (a bare
+# name, a typo, a dotted-İ lower case that is no ASCII), empty cells (the default model),
+# numbers. The per-row path reads a cell as str(cell).strip().lower().
+MODELS = st.sampled_from(["bytedance/seedance-1.0-lite-t2v", "BYTEDANCE/Seedance-1.5-Pro-T2V",
+                          " bytedance/seedance-2.0-mini-t2v ", "bytedance/seedance-1.0-pro-fast-t2v",
+                          "bytedance/seedance-1.5-pro-i2v", "\x1cbytedance/seedance-1.5-pro-t2v\u3000",
+                          "seedance-1.5-pro-t2v", "bytedance/seedance-9", "BYTEDANCE/SEEDANCE-1.0-LİTE-T2V",
+                          "", " ", None, "5", "1.5"])
+
+
+# Each row with some cells emptied: a model with fewer fields (2.0-mini: a prompt only)
+# has valid rows only where the others are empty.
+MODEL_ROW = st.tuples(ROW, MODELS, st.sets(st.sampled_from(ROW_KEYS[2:])))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(MODEL_ROW, min_size=1, max_size=40), st.lists(MODEL_ROW, max_size=10),
+       st.sampled_from([{}, {"params": {"resolution": "720p"}}, {"params": {"seed": "5"}}, {"tier": "flex"},
+                        {"model": "bytedance/seedance-1.5-pro-t2v"}, {"params": {"duration": "12"}}]))
+def test_model_column_equals_row_path(column_path_everywhere: None, rows: list[tuple[dict[str, object], object, set[str]]],
+                                      more: list[tuple[dict[str, object], object, set[str]]],
+                                      spec: dict[str, object]) -> None:
+    """A model column: each row's model decides its fields, converters and rules, an
+    unknown or odd one makes the row invalid, an empty cell means the default model."""
+    def table(name: str, cells: list[tuple[dict[str, object], object, set[str]]], first_row: int) -> Table:
+        records = [{**{k: (None if k in empty else v) for k, v in row.items()}, "Model": model}
+                   for row, model, empty in cells]
+        df = pl.DataFrame(records, schema={k: pl.String for k in [*ROW_KEYS, "Model"]})
+        if spec.get("model") and not df["Model"].is_in(["bytedance/seedance-1.0-lite-t2v",
+                                                        "bytedance/seedance-1.0-pro-fast-t2v"]).any():
+            df = df.drop("frames")  # no model in use has the field: a usage error for both paths
+        return Table(name, Path(name), df, first_row=first_row)
+
+    fast, slow = _frames_both([table("a.csv", rows, 2), table("b.csv", more, 5)], ExpandSpec(**spec))  # type: ignore[arg-type]
+    assert_frame_equal(fast, slow)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from([pl.Int64, pl.Float64, pl.Boolean, pl.Categorical, pl.Null]), st.data())
+def test_typed_model_column_equals_row_path(column_path_everywhere: None, dtype: pl.DataType,
+                                            data: st.DataObject) -> None:
+    """A model column a DataFrame or Parquet file types: numbers, booleans, categories."""
+    values = {pl.Int64: st.integers(-2, 2), pl.Float64: st.sampled_from([1.5, 0.0, float("nan")]),
+              pl.Boolean: st.booleans(), pl.Null: st.none(),
+              pl.Categorical: st.sampled_from(["bytedance/seedance-1.5-pro-t2v", " BYTEDANCE/seedance-2.0-mini-t2v",
+                                               "x", ""])}[dtype]
+    cells = data.draw(st.lists(st.one_of(st.none(), values), min_size=1, max_size=25))
+    df = pl.DataFrame({"prompt": [f"boat {i % 3}" for i in range(len(cells))],
+                       "duration": [str(4 + i % 3) for i in range(len(cells))],
+                       "model": pl.Series(cells, dtype=pl.Null if dtype == pl.Null else None).cast(dtype)})
+    fast, slow = _frames_both([Table("p.parquet", Path("p.parquet"), df)], ExpandSpec())
+    assert_frame_equal(fast, slow)
+
+
+def test_a_model_column_takes_the_column_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the default thresholds, a sheet mixing three models (of different fields and
+    duration ranges), empty model cells and one unknown name: only the rows the per-row
+    code must judge (the unknown model, an invalid duration) go row by row."""
+    n = 6_000
+    models = ["bytedance/seedance-1.0-lite-t2v", " BYTEDANCE/Seedance-1.5-Pro-T2V", "", None,
+              "bytedance/seedance-2.0-mini-t2v"]
+    df = pl.DataFrame({"id": [f"r{i}" for i in range(n)], "prompt": [f"boat {i % 1000}" for i in range(n)],
+                       "model": [("seedance-lite" if i % 1000 == 7 else models[i % 5]) for i in range(n)],
+                       "duration": [("3" if i % 5 == 1 else None if i % 5 == 4 else "5") for i in range(n)]})
+    per_row: list[int] = []
+    real = Expander.rows_at
+
+    def counted(self: Expander, table: Table, cmap: object, positions: list[int]):  # type: ignore[no-untyped-def]
+        per_row.extend(positions)
+        return real(self, table, cmap, positions)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Expander, "rows_at", counted)
+    fast, slow = _frames_both([Table("mixed.csv", Path("mixed.csv"), df)], ExpandSpec())
+    assert_frame_equal(fast, slow)
+    # i % 5 == 1: 1.5-pro-t2v with duration 3 (below its 4): invalid; i % 1000 == 7: unknown model.
+    assert sorted(per_row) == sorted({i for i in range(n) if i % 5 == 1 or i % 1000 == 7})
+    assert set(fast["model"].unique()) == {"bytedance/seedance-1.0-lite-t2v", "bytedance/seedance-1.5-pro-t2v",
+                                           "bytedance/seedance-2.0-mini-t2v", "seedance-lite"}
+
+
 # Image fields: URLs pass the column path; every value that names a local file (or might:
 # Base64, data:, file://, a bucket, another scheme, odd case or spaces) must be checked and
 # replaced by its content placeholder exactly as the per-row path does (batch.upload).
@@ -207,6 +290,24 @@ def test_image_fields_equal_row_path(column_path_everywhere: None, sheet_dir: Pa
     fast, slow = _both_with_images([table], ExpandSpec(model=model, params=params))
     assert_frame_equal(fast, slow)
 
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(IMAGE_ROW, st.sampled_from(["bytedance/seedance-1.5-pro-i2v", "BYTEDANCE/seedance-2.0-fast-i2v",
+                                                      "bytedance/seedance-1.5-pro-t2v", "bytedance/seedance-2.0-v2v",
+                                                      None, "i2v"])), min_size=1, max_size=30))
+def test_image_fields_with_a_model_column_equal_row_path(column_path_everywhere: None, sheet_dir: Path,
+                                                         rows: list[tuple[dict[str, object], object]]) -> None:
+    """Image and URL columns in a sheet mixing image models with a text-only one (whose
+    rows are valid only where those cells are empty) and one that requires video_urls."""
+    local = f"file://{sheet_dir / 'refs' / 'a.png'}"
+    records = [{**{k: (local if v == "file://LOCAL" else v) for k, v in r.items()}, "model": m} for r, m in rows]
+    df = pl.DataFrame(records, schema={k: pl.String for k in [*IMAGE_ROW_KEYS, "model"]})
+    if not df["model"].str.contains("2.0", literal=True).any():
+        df = df.drop("reference_images", "audio_urls")  # no model in use has them: a usage error for both
+    table = Table("sheet.csv", sheet_dir / "sheet.csv", df)
+    fast, slow = _both_with_images([table], ExpandSpec(model="bytedance/seedance-1.5-pro-i2v"))
+    assert_frame_equal(fast, slow)
 
 
 def test_local_images_take_the_row_path(column_path_everywhere: None, sheet_dir: Path,
