@@ -56,6 +56,7 @@ MAX_CELLS = 1_048_576 * 8
 # Each shared string costs calamine ~60 bytes besides its text (20,000,000 one-letter
 # strings, 340 MB of XML, took 1.2 GB): at most ~125 MiB of that.
 MAX_SHARED_STRINGS = 1 << 21
+_NEAR_ROWS = 299_999  # the largest row a cell may be at without the scan measuring the range
 MARKER = "\ue000seedance-batch: oversized cell of "  # private-use char: never in real text
 _NS = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
 _REL_NS = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}"
@@ -335,7 +336,7 @@ def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int,
             _scan_block(scan, text, facts, date_styles, cap, trust_cached, _typed_only(scan, facts, cap))
             carry = data[end:]
             if not block:
-                if maybe_far:
+                if maybe_far or _NEAR_ROWS * 26 > MAX_CELLS:
                     _far(scan, *_far_cell(zf, part))
                 return scan
 
@@ -362,8 +363,8 @@ def _block_facts(text: str, cap: int) -> dict[str, Any]:
         # A cell or row whose first attribute is not r (as no common program writes it): it
         # may have none, and then is placed by its position.
         t.str.contains(r"<(?:c|row)(?:[/>]|\s+[^r\s]|\s+r[^=])").alias("odd_ref"),
-        # Cells past Z or past row 299,999: the range up to them may be over MAX_CELLS
-        # (300,000 x 26 is not), so _far_cell measures it exactly.
+        # Cells past Z or past row _NEAR_ROWS: the range up to them may be over MAX_CELLS
+        # (_NEAR_ROWS x 26 is not), so _far_cell measures it exactly.
         t.str.contains(r'r="(?:[A-Z]{2}|[A-Z]{1,3}(?:[3-9]\d{5}|\d{7}))').alias("far"),
         t.str.count_matches(r' t="[si]').alias("si_kinds"),
         t.str.count_matches(r' t="(?:s|str|inlineStr)"').alias("text_kinds"),

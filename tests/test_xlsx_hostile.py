@@ -86,6 +86,7 @@ def test_a_formula_cell_without_a_reference_is_placed_after_the_previous_cell(tm
                                         r'<row spans="1:3"><c t="s"><v>\1</v></c><c><f>1+1</f></c>'}))
     assert "B30 is a formula without a saved value" in table.notes[(30 - table.first_row, "duration")]
     assert "B31 is a formula without a saved value" in table.notes[(31 - table.first_row, "duration")]
+    assert table.df["prompt"][31 - table.first_row] == "xlsx prompt 30"  # fastexcel places the row so too
 
 
 def _load_in_child(path: Path) -> subprocess.CompletedProcess[str]:
