@@ -355,31 +355,40 @@ def _block_facts(text: str, cap: int) -> dict[str, Any]:
         .alias("unusual"),
         t.str.contains(r"<f[\s/>]").alias("formula"),
         *(t.str.contains(mark, literal=True).alias(name) for name, mark in (
-            ("cdata", "<![CDATA["), ("merge", "<mergeCell"), ("cells", "<c"), ("inline", "<is"), ("entity", "&"))),
+            ("cdata", "<![CDATA["), ("merge", "<mergeCell"), ("inline", "<is"), ("entity", "&"))),
         t.str.extract_all(r'<row\s[^>]*?\br="\d+"').list.eval(pl.element().str.extract(r'(\d+)"$').cast(pl.Int64))
         .alias("rows"),
-        t.str.count_matches(r"<row[\s/>]").alias("row_tags"),
-        t.str.count_matches(r"<c[\s/>]").alias("c_tags"),
-        # A cell or row whose first attribute is not r (as no common program writes it): it
-        # may have none, and then is placed by its position.
-        t.str.contains(r"<(?:c|row)(?:[/>]|\s+[^r\s]|\s+r[^=])").alias("odd_ref"),
-        # Cells past Z or past row _NEAR_ROWS: the range up to them may be over MAX_CELLS
-        # (_NEAR_ROWS x 26 is not), so _far_cell measures it exactly.
-        t.str.contains(r'r="(?:[A-Z]{2}|[A-Z]{1,3}(?:[3-9]\d{5}|\d{7}))').alias("far"),
+        # Tags as every common program writes them ("<c r="): others are counted below.
+        t.str.count_matches("<row ", literal=True).alias("row_tags"),
+        t.str.count_matches("<c ", literal=True).alias("c_tags"),
+        # A cell or row whose first attribute is not r (_ODD_REF), or a cell past Z or past
+        # row _NEAR_ROWS (_FAR): one pass for both, as most sheets have neither.
+        t.str.contains(_ODD_REF + "|" + _FAR).alias("odd_or_far"),
         t.str.count_matches(r' t="[si]').alias("si_kinds"),
         t.str.count_matches(r' t="(?:s|str|inlineStr)"').alias("text_kinds"),
     ).row(0, named=True)
     # A cell runs from one '<c' to the next: the longest such run bounds every inline
     # string in the block (each one or rich-text run of it).
     facts["longest"] = _longest(text, r"(?:[^<]|<[^c])", cap) if facts["inline"] else 0
-    facts["c_refs"], facts["row_refs"] = facts["c_tags"], facts["row_tags"]
-    if facts["odd_ref"]:  # rare: count the cells and rows with an r
-        facts["c_refs"], facts["row_refs"] = pl.DataFrame({"t": [text]}).select(
-            t.str.count_matches(r'<c\s(?:[^>]*?\s)?r="'), t.str.count_matches(r'<row\s(?:[^>]*?\s)?r="').alias("r"),
+    facts["c_refs"], facts["row_refs"], facts["far"] = facts["c_tags"], facts["row_tags"], False
+    if facts["odd_or_far"]:  # rare: which one, and count the cells and rows with an r
+        facts["far"], facts["c_tags"], facts["row_tags"], facts["c_refs"], facts["row_refs"] = pl.DataFrame(
+                {"t": [text]}).select(
+            t.str.contains(_FAR), t.str.count_matches(r"<c[\s/>]").alias("ct"),
+            t.str.count_matches(r"<row[\s/>]").alias("rt"),
+            t.str.count_matches(r'<c\s(?:[^>]*?\s)?r="').alias("c"),
+            t.str.count_matches(r'<row\s(?:[^>]*?\s)?r="').alias("r"),
         ).row(0)
+    facts["cells"] = facts["c_tags"] > 0
     return facts
 
 
+# A cell or row whose first attribute is not r (as no common program writes it): it may
+# have none, and then is placed by its position.
+_ODD_REF = r"<(?:c|row)(?:[/>\t\r\n]| +[^ r]| +r[^=])"
+# A cell past Z or past row _NEAR_ROWS: the range up to it may be over MAX_CELLS
+# (_NEAR_ROWS x 26 is not), so _far_cell measures it exactly.
+_FAR = r'r="(?:[A-Z]{2}|[A-Z]{1,3}(?:[3-9]\d{5}|\d{7}))'
 _FAR_REF = r'<c\s(?:[^>]*?\s)?r="[A-Z]{1,3}\d+"'
 
 
