@@ -17,7 +17,11 @@ the API's defaults or a wrong prompt without a word. So, besides fastexcel:
   :func:`sanitized_copy` replaces those over the cell cap with a marker, so a workbook
   whose XML expands to gigabytes is read in bounded memory (a 926 KB file of 5 MiB
   cells took 6.4 GB and 16 s before; now it is refused or marked in well under a second
-  of work per 100 MB of XML).
+  of work per 100 MB of XML);
+* the scans note the cells a sheet has and its farthest cell when calamine's range up to it
+  would pass :data:`MAX_CELLS`, and :func:`shared_strings` refuses more than
+  :data:`MAX_SHARED_STRINGS`: fastexcel is never handed a sheet that takes more memory than
+  those caps (a cell at XFD1048576 made it ask for 512 GiB and abort the process).
 
 Measured on a 100,000-row, 4-column sheet (16 MB of XML, xlsxwriter), CPU: fastexcel 0.2 s,
 the streaming scan 1.4-1.9 s, the block scan 0.4 s.
@@ -48,6 +52,10 @@ BLOCK = 8 << 20  # bytes of a sheet's XML taken apart at once (whole rows)
 FIRST_BLOCK = 64 << 10  # the head is usually in it; the blocks after it need their typed cells only
 MAX_ROW_BYTES = 16 << 20  # a longer row (or shared string) is read by expat, streaming: bounded memory
 MAX_PART_BYTES = 512 << 20  # uncompressed XML of one part; a 100k-row prompt sheet is ~25 MB
+# Parts parsed whole into a tree (~10 times their size in memory); Excel's limit of
+# 64,000 cell styles is ~10 MB of styles.xml.
+MAX_SMALL_PART_BYTES = 32 << 20
+_SMALL_PARTS = frozenset({"xl/workbook.xml", "xl/_rels/workbook.xml.rels", "xl/styles.xml"})
 # calamine holds a sheet as a dense range of ~32-byte values, rows x columns from A1 to its
 # farthest cell (one cell at XFD1048576 asked for 512 GiB and aborted the process), and each
 # <c> element once more while reading: both are capped at a full-height sheet of 8 columns
@@ -93,6 +101,11 @@ def open_workbook(path: Path) -> zipfile.ZipFile:
     except (zipfile.BadZipFile, OSError) as exc:
         raise InputError(f"{path}: not an .xlsx workbook ({exc})") from None
     for info in zf.infolist():
+        if info.filename in _SMALL_PARTS and info.file_size > MAX_SMALL_PART_BYTES:
+            zf.close()
+            raise InputError(f"{path}: {info.filename} expands to {info.file_size / (1 << 20):.1f} MiB of XML, more "
+                             f"than the {MAX_SMALL_PART_BYTES >> 20} MiB read as a whole; save the workbook again "
+                             "from Excel or export it as CSV")
         if info.filename.endswith(".xml") and info.file_size > MAX_PART_BYTES:
             zf.close()
             raise InputError(f"{path}: {info.filename} expands to {info.file_size >> 20} MiB of XML, more than the "

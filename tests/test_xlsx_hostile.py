@@ -130,3 +130,19 @@ def test_too_many_shared_strings_are_refused(tmp_path: Path, monkeypatch: pytest
     path = _book(tmp_path, 5, strings=strings)
     with pytest.raises(InputError, match="shared strings"):
         load.load_tables(path, load.ReadOptions())
+
+
+def test_a_huge_styles_part_is_refused_not_built_as_a_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """styles.xml, workbook.xml and its relations are parsed whole (ElementTree: ~10 times the
+    XML in memory), so they have their own cap, below the 512 MiB of a sheet read in a stream."""
+    monkeypatch.setattr(xlsx, "MAX_SMALL_PART_BYTES", 4096, raising=False)
+    path = _book(tmp_path, 5)
+    padded = tmp_path / "padded.xlsx"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(padded, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "xl/styles.xml":
+                data = data.replace(b"</styleSheet>", b"<!--" + b"x" * 8192 + b"--></styleSheet>")
+            dst.writestr(info.filename, data)
+    with pytest.raises(InputError, match=r"xl/styles.xml.*MiB"):
+        load.load_tables(padded, load.ReadOptions())
