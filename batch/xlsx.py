@@ -219,6 +219,9 @@ def _check_string_count(count: int) -> None:
                          "are read from one workbook; split it or export it as CSV")
 
 
+_PREFIXED_SI = re.compile(r"<[\w.-]+:si[\s/>]")
+
+
 def _strings_may_exceed(zf: zipfile.ZipFile, cap: int) -> tuple[bool, int]:
     """Whether a shared string may be longer than ``cap`` characters: one runs from its
     ``<si`` to the next, so the longest such run in bytes bounds them all (a CDATA section,
@@ -241,7 +244,7 @@ def _strings_may_exceed(zf: zipfile.ZipFile, cap: int) -> tuple[bool, int]:
                 text = data[:end].decode()
             except UnicodeDecodeError:
                 return True, count
-            if "<![CDATA[" in text or ":si" in text or _longest(text, r"(?:[^<]|<[^s]|<s[^i])", cap) > cap:
+            if "<![CDATA[" in text or _PREFIXED_SI.search(text) or _longest(text, r"(?:[^<]|<[^s]|<s[^i])", cap) > cap:
                 return True, count
             count += text.count("<si")
             carry = data[end:]

@@ -146,3 +146,10 @@ def test_a_huge_styles_part_is_refused_not_built_as_a_tree(tmp_path: Path, monke
             dst.writestr(info.filename, data)
     with pytest.raises(InputError, match=r"xl/styles.xml.*MiB"):
         load.load_tables(padded, load.ReadOptions())
+
+
+def test_a_prefixed_formula_cell_is_a_formula_cell(tmp_path: Path) -> None:
+    """calamine reads <x:c> (the main namespace under a prefix) as a cell; so do the scans."""
+    ns = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+    table = _table(_book(tmp_path, 40, {'<c r="B30"><v>10</v></c>': f'<x:c xmlns:x="{ns}" r="B30"><x:f>2+3</x:f></x:c>'}))
+    assert "B30 is a formula without a saved value" in table.notes[(30 - table.first_row, "duration")]

@@ -312,3 +312,15 @@ def test_a_cell_without_r_is_placed_after_the_previous_one(tmp_path: Path) -> No
         for scan in (xlsx.scan_sheet(zf, "xl/worksheets/sheet1.xml", set(), CAP),
                      xlsx.scan_sheet_streaming(zf, "xl/worksheets/sheet1.xml", set(), CAP)):
             assert scan.formulas == [(5, 3), (6, 0), (6, 1)] and scan.cells == 5
+
+
+def test_prefixed_shared_strings_are_counted_as_calamine_counts_them(tmp_path: Path) -> None:
+    """A prefixed <x:si> is a shared string to calamine: the count and the indices include it
+    (and a prompt that merely says ':si' costs no slower walk)."""
+    path = tmp_path / "s.xlsx"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("xl/sharedStrings.xml", '<x:sst xmlns:x="http://schemas.openxmlformats.org/spreadsheetml/2006/main">'
+                    "<x:si><x:t>prompt</x:t></x:si><x:si><x:t>photo:silhouette</x:t></x:si></x:sst>")
+    with zipfile.ZipFile(path) as zf:
+        assert xlsx.shared_strings(zf, CAP, {0, 1}) == ({}, {0: "prompt", 1: "photo:silhouette"})
+    assert not xlsx._PREFIXED_SI.search("<si><t>photo:silhouette</t></si>")
