@@ -416,7 +416,8 @@ def _far_cell(zf: zipfile.ZipFile, part: str) -> tuple[int, int]:
         while True:
             block = stream.read(BLOCK)
             data = carry + block
-            end = len(data) if not block else max(data.rfind(b"</row>") + len(b"</row>"), 0)
+            cut = data.rfind(b"</row>")
+            end = len(data) if not block else cut + len(b"</row>") if cut >= 0 else 0
             refs = (pl.Series([data[:end].decode()]).str.extract_all(_FAR_REF).explode().drop_nulls()
                     .str.extract(r'"([A-Z]+\d+)"$'))
             rows = refs.str.strip_chars_start(string.ascii_uppercase).cast(pl.Int64).max()

@@ -324,3 +324,18 @@ def test_prefixed_shared_strings_are_counted_as_calamine_counts_them(tmp_path: P
     with zipfile.ZipFile(path) as zf:
         assert xlsx.shared_strings(zf, CAP, {0, 1}) == ({}, {0: "prompt", 1: "photo:silhouette"})
     assert not xlsx._PREFIXED_SI.search("<si><t>photo:silhouette</t></si>")
+
+
+@pytest.mark.parametrize("block", [64, 5000])
+def test_the_farthest_cell_is_measured_across_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     block: int) -> None:
+    """Past row 299,999 or column Z the range is measured exactly, in blocks cut at rows
+    (a block with no row end is carried whole to the next)."""
+    monkeypatch.setattr(xlsx, "BLOCK", block)
+    monkeypatch.setattr(xlsx, "FIRST_BLOCK", block)
+    long_row = "".join(f'<c r="{xlsx.column_letters(c)}7"><v>{c}</v></c>' for c in range(40))  # > 64 bytes
+    path = _odd_sheet(tmp_path, [(7, [(0, long_row, "")]), (8, [(1, '<c r="B400000"><v>1</v></c>', "")])], "")
+    with zipfile.ZipFile(path) as zf:
+        for scan in (xlsx.scan_sheet(zf, "xl/worksheets/sheet1.xml", set(), CAP),
+                     xlsx.scan_sheet_streaming(zf, "xl/worksheets/sheet1.xml", set(), CAP)):
+            assert scan.far == (400_000, 39) and scan.cells == 41
