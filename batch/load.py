@@ -643,7 +643,10 @@ def _read_workbook(path: Path, options: ReadOptions) -> tuple[list[Table], list[
         trusted = not xlsx.values_are_placeholders(zf)
         scans = {s.name: xlsx.scan_sheet(zf, s.part, styles, CELL_CHARS, trusted) for s in candidates}
         wanted_strings = set().union(*(sc.header_strings() for sc in scans.values()))
-        oversized, texts = xlsx.shared_strings(zf, CELL_CHARS, wanted_strings)
+        try:
+            oversized, texts = xlsx.shared_strings(zf, CELL_CHARS, wanted_strings)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
         headers = {name: _find_header(sc, texts, options) for name, sc in scans.items()}
         with_prompt = [s for s in candidates if headers[s.name] is not None and options.prompt_names
                        and any(header_name(t) in options.prompt_names
@@ -678,6 +681,7 @@ def _read_workbook(path: Path, options: ReadOptions) -> tuple[list[Table], list[
                 raise InputError(f"{path}[{info.name}]: --header-row {header}: that row is empty or not among the "
                                  f"first {HEAD_ROWS} rows with values")
             duplicate_header(f"{path}[{info.name}]", scans[info.name].row_texts(header, texts).values())
+            _check_extent(f"{path}[{info.name}]", scans[info.name])
         readable = xlsx.sanitized_copy(zf, oversized) if oversized else path
     try:
         reader = fastexcel.read_excel(readable)
@@ -687,6 +691,20 @@ def _read_workbook(path: Path, options: ReadOptions) -> tuple[list[Table], list[
         if readable != path:
             readable.unlink(missing_ok=True)
     return tables, passed
+
+
+def _check_extent(where: str, scan: xlsx.SheetScan) -> None:
+    """Refuse a sheet fastexcel would read into more than :data:`xlsx.MAX_CELLS` cells
+    (calamine holds every cell from A1 to the farthest one): that file only, before it can
+    take the process's memory (one cell at XFD1048576 aborted the run)."""
+    if scan.far is not None:
+        row, col = scan.far
+        raise InputError(f"{where}: a cell at {xlsx.column_letters(col)}{row} makes the sheet {row:,} rows x "
+                         f"{col + 1:,} columns, more than the {xlsx.MAX_CELLS:,} cells read from one sheet; delete "
+                         "what is below and right of the table, or export it as CSV")
+    if scan.cells > xlsx.MAX_CELLS:
+        raise InputError(f"{where}: {scan.cells:,} cells, more than the {xlsx.MAX_CELLS:,} cells read from one "
+                         "sheet; split it or export it as CSV")
 
 
 def _sheet_table(path: Path, reader: fastexcel.ExcelReader, index: int, info: xlsx.SheetInfo,

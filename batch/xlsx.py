@@ -17,7 +17,11 @@ the API's defaults or a wrong prompt without a word. So, besides fastexcel:
   :func:`sanitized_copy` replaces those over the cell cap with a marker, so a workbook
   whose XML expands to gigabytes is read in bounded memory (a 926 KB file of 5 MiB
   cells took 6.4 GB and 16 s before; now it is refused or marked in well under a second
-  of work per 100 MB of XML).
+  of work per 100 MB of XML);
+* the scans note the cells a sheet has and its farthest cell when calamine's range up to it
+  would pass :data:`MAX_CELLS`, and :func:`shared_strings` refuses more than
+  :data:`MAX_SHARED_STRINGS`: fastexcel is never handed a sheet that takes more memory than
+  those caps (a cell at XFD1048576 made it ask for 512 GiB and abort the process).
 
 Measured on a 100,000-row, 4-column sheet (16 MB of XML, xlsxwriter), CPU: fastexcel 0.2 s,
 the streaming scan 1.4-1.9 s, the block scan 0.4 s.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import string
 import tempfile
 import xml.parsers.expat
 import zipfile
@@ -47,6 +52,19 @@ BLOCK = 8 << 20  # bytes of a sheet's XML taken apart at once (whole rows)
 FIRST_BLOCK = 64 << 10  # the head is usually in it; the blocks after it need their typed cells only
 MAX_ROW_BYTES = 16 << 20  # a longer row (or shared string) is read by expat, streaming: bounded memory
 MAX_PART_BYTES = 512 << 20  # uncompressed XML of one part; a 100k-row prompt sheet is ~25 MB
+# Parts parsed whole into a tree (~10 times their size in memory); Excel's limit of
+# 64,000 cell styles is ~10 MB of styles.xml.
+MAX_SMALL_PART_BYTES = 32 << 20
+_SMALL_PARTS = frozenset({"xl/workbook.xml", "xl/_rels/workbook.xml.rels", "xl/styles.xml"})
+# calamine holds a sheet as a dense range of ~32-byte values, rows x columns from A1 to its
+# farthest cell (one cell at XFD1048576 asked for 512 GiB and aborted the process), and each
+# <c> element once more while reading: both are capped at a full-height sheet of 8 columns
+# (~256 MiB of range), 80 times a 100,000-row sheet of 4 columns.
+MAX_CELLS = 1_048_576 * 8
+# Each shared string costs calamine ~60 bytes besides its text (20,000,000 one-letter
+# strings, 340 MB of XML, took 1.2 GB): at most ~125 MiB of that.
+MAX_SHARED_STRINGS = 1 << 21
+_NEAR_ROWS = 299_999  # the largest row a cell may be at without the scan measuring the range
 MARKER = "\ue000seedance-batch: oversized cell of "  # private-use char: never in real text
 _NS = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
 _REL_NS = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}"
@@ -83,6 +101,11 @@ def open_workbook(path: Path) -> zipfile.ZipFile:
     except (zipfile.BadZipFile, OSError) as exc:
         raise InputError(f"{path}: not an .xlsx workbook ({exc})") from None
     for info in zf.infolist():
+        if info.filename in _SMALL_PARTS and info.file_size > MAX_SMALL_PART_BYTES:
+            zf.close()
+            raise InputError(f"{path}: {info.filename} expands to {info.file_size / (1 << 20):.1f} MiB of XML, more "
+                             f"than the {MAX_SMALL_PART_BYTES >> 20} MiB read as a whole; save the workbook again "
+                             "from Excel or export it as CSV")
         if info.filename.endswith(".xml") and info.file_size > MAX_PART_BYTES:
             zf.close()
             raise InputError(f"{path}: {info.filename} expands to {info.file_size >> 20} MiB of XML, more than the "
@@ -127,6 +150,7 @@ def _walk_strings(stream: Any, keep: Callable[[int], bool], cap: int | None,
 
     def start(name: str, _attrs: dict[str, str]) -> None:
         nonlocal index, length, depth_t
+        name = name.rpartition(":")[2]  # a prefixed name is the same element to calamine
         if name == "si":
             index += 1
             length = 0
@@ -136,6 +160,7 @@ def _walk_strings(stream: Any, keep: Callable[[int], bool], cap: int | None,
 
     def end(name: str) -> None:
         nonlocal depth_t
+        name = name.rpartition(":")[2]
         if name == "t":
             depth_t -= 1
         elif name == "si":
@@ -167,10 +192,14 @@ def shared_strings(zf: zipfile.ZipFile, cap: int, wanted: set[int]) -> tuple[dic
         return {}, {}
     found: dict[int, int] = {}
     texts: dict[int, str] = {}
-    whole = _strings_may_exceed(zf, cap)
+    whole, count = _strings_may_exceed(zf, cap)
     last = max(wanted, default=-1)
+    if not whole:
+        _check_string_count(count)
 
     def on_string(index: int, length: int, text: str | None) -> None:
+        if whole:
+            _check_string_count(index + 1)
         if length > cap:
             found[index] = length
         elif text is not None:
@@ -184,10 +213,22 @@ def shared_strings(zf: zipfile.ZipFile, cap: int, wanted: set[int]) -> tuple[dic
     return found, texts
 
 
-def _strings_may_exceed(zf: zipfile.ZipFile, cap: int) -> bool:
+def _check_string_count(count: int) -> None:
+    if count > MAX_SHARED_STRINGS:
+        raise InputError(f"xl/sharedStrings.xml holds more than {MAX_SHARED_STRINGS:,} shared strings, more than "
+                         "are read from one workbook; split it or export it as CSV")
+
+
+_PREFIXED_SI = re.compile(r"<[\w.-]+:si[\s/>]")
+
+
+def _strings_may_exceed(zf: zipfile.ZipFile, cap: int) -> tuple[bool, int]:
     """Whether a shared string may be longer than ``cap`` characters: one runs from its
     ``<si`` to the next, so the longest such run in bytes bounds them all (a CDATA section,
-    whose text may hold '<si', or XML not in UTF-8 leave the question open)."""
+    whose text may hold '<si', a prefixed name, or XML not in UTF-8 leave the question
+    open); and, when it is answered, how many strings there may be (every '<si': at
+    least as many as there are)."""
+    count = 0
     with zf.open("xl/sharedStrings.xml") as stream:
         carry = b""
         while True:
@@ -196,18 +237,19 @@ def _strings_may_exceed(zf: zipfile.ZipFile, cap: int) -> bool:
             end = len(data) if not block else data.rfind(b"</si>") + len(b"</si>")
             if end < len(b"</si>"):
                 if len(data) > MAX_ROW_BYTES:
-                    return True
+                    return True, count
                 carry = data
                 continue
             try:
                 text = data[:end].decode()
             except UnicodeDecodeError:
-                return True
-            if "<![CDATA[" in text or _longest(text, r"(?:[^<]|<[^s]|<s[^i])", cap) > cap:
-                return True
+                return True, count
+            if "<![CDATA[" in text or _PREFIXED_SI.search(text) or _longest(text, r"(?:[^<]|<[^s]|<s[^i])", cap) > cap:
+                return True, count
+            count += text.count("<si")
             carry = data[end:]
             if not block:
-                return False
+                return False, count
 
 
 def sanitized_copy(zf: zipfile.ZipFile, oversized: dict[int, int]) -> Path:
@@ -247,6 +289,10 @@ class SheetScan:
     merged: list[tuple[int, int, int, int, str]] = field(default_factory=list)  # r1, c1, r2, c2, "A2:A4"
     types: dict[tuple[int, int], str] = field(default_factory=dict)  # (row, col) -> n (number), b, d, e, date
     inline_oversized: dict[tuple[int, int], int] = field(default_factory=dict)
+    cells: int = 0  # <c> elements
+    # The farthest row and column (0-based) of the cells, when the range from A1 to it holds
+    # more than MAX_CELLS cells: calamine would allocate all of them.
+    far: tuple[int, int] | None = None
     # The first HEAD_ROWS rows holding values: row -> col -> (t, raw value); the header is one of them.
     head: dict[int, dict[int, tuple[str, str]]] = field(default_factory=dict)
 
@@ -279,6 +325,7 @@ def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int,
     saved value. A row longer than :data:`MAX_ROW_BYTES` or a part that is not UTF-8 is read
     by :func:`scan_sheet_streaming` instead, so memory stays bounded on any workbook."""
     scan = SheetScan()
+    maybe_far = False
     with zf.open(part) as stream:
         carry, size = b"", FIRST_BLOCK
         while True:
@@ -296,11 +343,17 @@ def scan_sheet(zf: zipfile.ZipFile, part: str, date_styles: set[int], cap: int,
             except UnicodeDecodeError:  # another encoding declared: expat reads it
                 return scan_sheet_streaming(zf, part, date_styles, cap, trust_cached)
             facts = _block_facts(text, cap)
-            if facts["unusual"]:  # the regexes read name="value" only
+            if (facts["unusual"] or facts["c_tags"] != facts["c_refs"] or facts["row_tags"] != facts["row_refs"]):
+                # XML the regexes do not read (or would misread), or a cell or row placed
+                # by its position (no r): expat reads the whole sheet.
                 return scan_sheet_streaming(zf, part, date_styles, cap, trust_cached)
+            scan.cells += facts["c_tags"]
+            maybe_far = maybe_far or facts["far"]
             _scan_block(scan, text, facts, date_styles, cap, trust_cached, _typed_only(scan, facts, cap))
             carry = data[end:]
             if not block:
+                if maybe_far or _NEAR_ROWS * 26 > MAX_CELLS:
+                    _far(scan, *_far_cell(zf, part))
                 return scan
 
 
@@ -308,21 +361,77 @@ def _block_facts(text: str, cap: int) -> dict[str, Any]:
     """What decides how a block is read, found by polars' regexes in one pass each."""
     t = pl.col("t")
     facts = pl.DataFrame({"t": [text]}).select(
-        # Single quotes or blanks around '=': valid XML, written by no common program.
-        t.str.contains(r"""\s=|=\s|='""").alias("unusual"),
+        # Valid XML written by no common program, which the regexes would misread: single
+        # quotes or blanks around '=', comments, CDATA, DOCTYPE (<!), processing
+        # instructions, a blank before an end tag's '>', an entity or '>' in an attribute, a
+        # prefixed name of the elements read, a reference too long for an integer. (Each may
+        # also be in a cell's text, which then costs the slower scan only.)
+        t.str.contains(r"""\s=|=\s|='|<!|<\?(?:[^x]|x[^m]|xm[^l]|xml[^\s])|</[^>\s]*\s|<[^>]*&|="[^"<]*>"""
+                       r"""|</?[\w.-]+:(?:c|row|f|v|is|t|r|sheetData|mergeCell)[\s/>]|\sr="[A-Z]*\d{10}""")
+        .alias("unusual"),
         t.str.contains(r"<f[\s/>]").alias("formula"),
         *(t.str.contains(mark, literal=True).alias(name) for name, mark in (
-            ("cdata", "<![CDATA["), ("merge", "<mergeCell"), ("cells", "<c"), ("inline", "<is"), ("entity", "&"))),
+            ("cdata", "<![CDATA["), ("merge", "<mergeCell"), ("inline", "<is"), ("entity", "&"))),
         t.str.extract_all(r'<row\s[^>]*?\br="\d+"').list.eval(pl.element().str.extract(r'(\d+)"$').cast(pl.Int64))
         .alias("rows"),
-        t.str.count_matches("<row").alias("row_tags"),
+        # Tags as every common program writes them ("<c r="): others are counted below.
+        t.str.count_matches("<row ", literal=True).alias("row_tags"),
+        t.str.count_matches("<c ", literal=True).alias("c_tags"),
+        # A cell or row whose first attribute is not r (_ODD_REF), or a cell past Z or past
+        # row _NEAR_ROWS (_FAR): one pass for both, as most sheets have neither.
+        t.str.contains(_ODD_REF + "|" + _FAR).alias("odd_or_far"),
         t.str.count_matches(r' t="[si]').alias("si_kinds"),
         t.str.count_matches(r' t="(?:s|str|inlineStr)"').alias("text_kinds"),
     ).row(0, named=True)
     # A cell runs from one '<c' to the next: the longest such run bounds every inline
     # string in the block (each one or rich-text run of it).
     facts["longest"] = _longest(text, r"(?:[^<]|<[^c])", cap) if facts["inline"] else 0
+    facts["c_refs"], facts["row_refs"], facts["far"] = facts["c_tags"], facts["row_tags"], False
+    if facts["odd_or_far"]:  # rare: which one, and count the cells and rows with an r
+        facts["far"], facts["c_tags"], facts["row_tags"], facts["c_refs"], facts["row_refs"] = pl.DataFrame(
+                {"t": [text]}).select(
+            t.str.contains(_FAR), t.str.count_matches(r"<c[\s/>]").alias("ct"),
+            t.str.count_matches(r"<row[\s/>]").alias("rt"),
+            t.str.count_matches(r'<c\s(?:[^>]*?\s)?r="').alias("c"),
+            t.str.count_matches(r'<row\s(?:[^>]*?\s)?r="').alias("r"),
+        ).row(0)
+    facts["cells"] = facts["c_tags"] > 0
     return facts
+
+
+# A cell or row whose first attribute is not r (as no common program writes it): it may
+# have none, and then is placed by its position.
+_ODD_REF = r"<(?:c|row)(?:[/>\t\r\n]| +[^ r]| +r[^=])"
+# A cell past Z or past row _NEAR_ROWS: the range up to it may be over MAX_CELLS
+# (_NEAR_ROWS x 26 is not), so _far_cell measures it exactly.
+_FAR = r'r="(?:[A-Z]{2}|[A-Z]{1,3}(?:[3-9]\d{5}|\d{7}))'
+_FAR_REF = r'<c\s(?:[^>]*?\s)?r="[A-Z]{1,3}\d+"'
+
+
+def _far_cell(zf: zipfile.ZipFile, part: str) -> tuple[int, int]:
+    """The largest row number and column index of the cells of a sheet the regexes read."""
+    last_row, last_col = 0, -1
+    with zf.open(part) as stream:
+        carry = b""
+        while True:
+            block = stream.read(BLOCK)
+            data = carry + block
+            cut = data.rfind(b"</row>")
+            end = len(data) if not block else cut + len(b"</row>") if cut >= 0 else 0
+            refs = (pl.Series([data[:end].decode()]).str.extract_all(_FAR_REF).explode().drop_nulls()
+                    .str.extract(r'"([A-Z]+\d+)"$'))
+            rows = refs.str.strip_chars_start(string.ascii_uppercase).cast(pl.Int64).max()
+            last_row = max(last_row, int(rows or 0))  # type: ignore[arg-type]
+            last_col = max([last_col, *map(column_index, refs.str.strip_chars_end(string.digits).unique())])
+            carry = data[end:]
+            if not block:
+                return last_row, last_col
+
+
+def _far(scan: SheetScan, last_row: int, last_col: int) -> None:
+    """Note the farthest cell when the range up to it is over :data:`MAX_CELLS` cells."""
+    if last_row * (last_col + 1) > MAX_CELLS:
+        scan.far = (last_row, last_col)
 
 
 def _longest(text: str, unit: str, cap: int) -> int:
@@ -488,15 +597,29 @@ def scan_sheet_streaming(zf: zipfile.ZipFile, part: str, date_styles: set[int], 
     cell: list[object] = [None, None, None, False, False, 0]  # row, col, t, has_f, has_v, inline length
     in_v = in_is = False
     value: list[str] = []  # text of the current cell, kept for the head rows only
+    place = [0, -1]  # the current row and the previous cell's column: where a cell without r goes
+    far = [0, -1]  # the largest row and column of the cells
 
     def in_head(row: object) -> bool:
         return isinstance(row, int) and (row in scan.head or len(scan.head) < HEAD_ROWS)
 
     def start(name: str, attrs: dict[str, str]) -> None:
         nonlocal in_v, in_is
-        if name == "c":
-            match = _REF.fullmatch(attrs.get("r", ""))
-            row, col = (int(match.group(2)), column_index(match.group(1))) if match else (None, None)
+        name = name.rpartition(":")[2]  # a prefixed name is the same element to calamine
+        if name == "row":
+            # r is optional (ECMA-376 18.3.1.73): without it, the row after the previous one.
+            r = attrs.get("r")
+            place[:] = [int(r) if r is not None and r.strip().isdigit() else place[0] + 1, -1]
+        elif name == "c":
+            scan.cells += 1
+            r = attrs.get("r")
+            match = _REF.fullmatch(r) if r is not None else None
+            # r is optional (18.3.1.4): without it, the column after the previous cell's.
+            row, col = ((int(match.group(2)), column_index(match.group(1))) if match
+                        else (place[0], place[1] + 1) if r is None else (None, None))
+            if col is not None:
+                place[1] = col
+                far[:] = [max(far[0], int(row)), max(far[1], col)]  # type: ignore[arg-type]
             style = attrs.get("s")
             kind = attrs.get("t", "n")
             if kind == "n" and style is not None and style.isdigit() and int(style) in date_styles:
@@ -528,6 +651,7 @@ def scan_sheet_streaming(zf: zipfile.ZipFile, part: str, date_styles: set[int], 
 
     def end(name: str) -> None:
         nonlocal in_v, in_is
+        name = name.rpartition(":")[2]
         if name == "v":
             in_v = False
         elif name == "is":
@@ -553,6 +677,7 @@ def scan_sheet_streaming(zf: zipfile.ZipFile, part: str, date_styles: set[int], 
     parser.buffer_text = True
     with zf.open(part) as stream:
         parser.ParseFile(stream)
+    _far(scan, *far)
     return scan
 
 

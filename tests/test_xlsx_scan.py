@@ -251,3 +251,91 @@ def test_a_big_plain_sheet_costs_no_python_call_per_cell(tmp_path: Path, monkeyp
     assert len(scan.types) == 3000 and len(scan.head) == xlsx.HEAD_ROWS
     assert calls["cell"] == 3 * xlsx.HEAD_ROWS
     assert calls["typed"] >= 5
+
+
+# XML a program may write, or an attacker hand-edit, that the regexes must read as expat
+# does or leave to it: comments, processing instructions, CDATA, entities, prefixed names,
+# attributes in any order and quoting, blanks, cells and rows placed by position (no r).
+_ODD_CELLS = [
+    '<c r="{ref}" t="s"><!-- <c r="E30"><f>1</f></c> --><v>{i}</v></c>',
+    '<c r="{ref}"><?pi <c r="E30"><f>1</f></c> ?><f>1</f></c>',
+    "<c r='{ref}' t='n'><v>3</v></c>",
+    '<c  s="1"\n r="{ref}" ><v >4</v ></c >',
+    '<c\tr="{ref}"\tt="b"><v>1</v></c>',
+    '<x:c xmlns:x="http://schemas.openxmlformats.org/spreadsheetml/2006/main" r="{ref}"><x:f>1</x:f></x:c>',
+    '<c r="{ref}"><v>&#x35;</v></c>',
+    '<c r="{ref}" t="str"><f>"a"&amp;"b"</f><v><![CDATA[<c r="E30"><f>1</f></c>]]></v></c>',
+    '<c r="{ref}" t="&#115;"><v>{i}</v></c>',
+    '<c t="s" r="{ref}" foo="a>b"><v>{i}</v></c>',
+    "<c><f>2+3</f></c>",  # no r: the column after the previous cell
+    '<c t="s"><v>{i}</v></c>',
+    "<c/>",
+    '<c r="{ref}"/>',
+]
+_BETWEEN = ["", "", "", '<!-- <c r="C12"><f>1</f></c> -->', '<?pi <row r="9"><c r="B9"><f>1</f></c></row> ?>', "\n  "]
+
+
+def _odd_sheet(tmp_path: Path, rows: list[tuple[int | None, list[tuple[int, str, str]]]], tail: str) -> Path:
+    body = []
+    for n, (row, cells) in enumerate(rows):
+        shown = row if row is not None else n + 1
+        cols = "".join(between + template.format(ref=f"{xlsx.column_letters(col)}{shown}", i=n)
+                       for col, template, between in cells)
+        body.append(f'<row r="{row}">{cols}</row>' if row is not None else f"<row>{cols}</row>")
+    sheet = ('<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
+             '<worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><sheetData>'
+             f'{"".join(body)}</sheetData>{tail}</worksheet>')
+    path = tmp_path / "odd.xlsx"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("xl/worksheets/sheet1.xml", sheet)
+    return path
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.one_of(st.none(), st.integers(1, 60)),
+                               st.lists(st.tuples(st.integers(0, 30), st.sampled_from(_TEMPLATES + _ODD_CELLS),
+                                                  st.sampled_from(_BETWEEN)), max_size=5)), max_size=30),
+       tail=st.sampled_from(["", '<!-- <c r="C12"><f>1</f></c> -->', '<?pi <c r="C12"><f>1</f></c> ?>',
+                             '<mergeCells count="1"><mergeCell ref="A2:B3"/></mergeCells>']),
+       block=st.sampled_from([64, 300, 5000]), max_cells=st.sampled_from([200, 8_388_608]))
+def test_odd_xml_reads_as_expat_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: list, tail: str,
+                                         block: int, max_cells: int) -> None:
+    monkeypatch.setattr(xlsx, "MAX_CELLS", max_cells)  # small: the farthest cell is measured and noted
+    _assert_same_hand(_odd_sheet(tmp_path, rows, tail), monkeypatch, block)
+
+
+def test_a_cell_without_r_is_placed_after_the_previous_one(tmp_path: Path) -> None:
+    path = _odd_sheet(tmp_path, [(None, [(0, '<c r="{ref}" t="s"><v>0</v></c>', "")]),
+                                 (5, [(2, '<c r="{ref}"><v>1</v></c>', ""), (0, "<c><f>2+3</f></c>", "")]),
+                                 (None, [(0, "<c><f>1</f></c>", ""), (0, "<c><f>1</f></c>", "")])], "")
+    with zipfile.ZipFile(path) as zf:
+        for scan in (xlsx.scan_sheet(zf, "xl/worksheets/sheet1.xml", set(), CAP),
+                     xlsx.scan_sheet_streaming(zf, "xl/worksheets/sheet1.xml", set(), CAP)):
+            assert scan.formulas == [(5, 3), (6, 0), (6, 1)] and scan.cells == 5
+
+
+def test_prefixed_shared_strings_are_counted_as_calamine_counts_them(tmp_path: Path) -> None:
+    """A prefixed <x:si> is a shared string to calamine: the count and the indices include it
+    (and a prompt that merely says ':si' costs no slower walk)."""
+    path = tmp_path / "s.xlsx"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("xl/sharedStrings.xml", '<x:sst xmlns:x="http://schemas.openxmlformats.org/spreadsheetml/2006/main">'
+                    "<x:si><x:t>prompt</x:t></x:si><x:si><x:t>photo:silhouette</x:t></x:si></x:sst>")
+    with zipfile.ZipFile(path) as zf:
+        assert xlsx.shared_strings(zf, CAP, {0, 1}) == ({}, {0: "prompt", 1: "photo:silhouette"})
+    assert not xlsx._PREFIXED_SI.search("<si><t>photo:silhouette</t></si>")
+
+
+@pytest.mark.parametrize("block", [64, 5000])
+def test_the_farthest_cell_is_measured_across_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     block: int) -> None:
+    """Past row 299,999 or column Z the range is measured exactly, in blocks cut at rows
+    (a block with no row end is carried whole to the next)."""
+    monkeypatch.setattr(xlsx, "BLOCK", block)
+    monkeypatch.setattr(xlsx, "FIRST_BLOCK", block)
+    long_row = "".join(f'<c r="{xlsx.column_letters(c)}7"><v>{c}</v></c>' for c in range(40))  # > 64 bytes
+    path = _odd_sheet(tmp_path, [(7, [(0, long_row, "")]), (8, [(1, '<c r="B400000"><v>1</v></c>', "")])], "")
+    with zipfile.ZipFile(path) as zf:
+        for scan in (xlsx.scan_sheet(zf, "xl/worksheets/sheet1.xml", set(), CAP),
+                     xlsx.scan_sheet_streaming(zf, "xl/worksheets/sheet1.xml", set(), CAP)):
+            assert scan.far == (400_000, 39) and scan.cells == 41
