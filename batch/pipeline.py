@@ -431,22 +431,28 @@ def run_submit(opts: RunOptions) -> Summary:
     # database that blocks a statement: a table locked by someone else): exit 4 at once,
     # nothing sent (psycopg's wait is interrupted and the query cancelled with the session).
     with interruptible(), locked_ledger(opts.state, opts.api) as ledger:  # local faults first, then the provider
-        conflicts = ledger.rescue_conflicts  # a replayed rescue file's outcomes kept aside
-        settle_apis(ledger, opts.api, opts.moved_from)
-        for target, frame in earlier:
-            adopted = _import_from_table(ledger, frame, opts.api)
-            if adopted.imported:
-                log.warning("task_ids_adopted", results=str(target), imported=adopted.imported,
-                            unknown=adopted.unknown, state=str(opts.state),
-                            reason="the table holds task ids this ledger did not know; they are not sent again")
-        night = night_of()
-        cap = opts.submit.spend_cap
-        if cap is not None:  # under the lock: no other submit run spends meanwhile
-            cap = replace(cap, night=night, earlier=0.0 if mutant("spend_cap_per_run") else night_spend(ledger, cap, night))
-            opts = replace(opts, submit=replace(opts.submit, spend_cap=cap))
-        if opts.submit.max_requests is not None:  # the night's, as the spend cap
-            opts = replace(opts, submit=replace(opts.submit, night=night,
-                                                night_requests=len(ledger.night_requests(night))))
+        try:  # the ledger read before sending: a database that blocks or fails is one line, nothing sent
+            conflicts = ledger.rescue_conflicts  # a replayed rescue file's outcomes kept aside
+            settle_apis(ledger, opts.api, opts.moved_from)
+            for target, frame in earlier:
+                adopted = _import_from_table(ledger, frame, opts.api)
+                if adopted.imported:
+                    log.warning("task_ids_adopted", results=str(target), imported=adopted.imported,
+                                unknown=adopted.unknown, state=str(opts.state),
+                                reason="the table holds task ids this ledger did not know; they are not sent again")
+            night = night_of()
+            cap = opts.submit.spend_cap
+            if cap is not None:  # under the lock: no other submit run spends meanwhile
+                cap = replace(cap, night=night, earlier=0.0 if mutant("spend_cap_per_run") else night_spend(ledger, cap, night))
+                opts = replace(opts, submit=replace(opts.submit, spend_cap=cap))
+            if opts.submit.max_requests is not None:  # the night's, as the spend cap
+                opts = replace(opts, submit=replace(opts.submit, night=night,
+                                                    night_requests=len(ledger.night_requests(night))))
+        except ledger.write_errors as exc:
+            why = one_line(exc)
+            raise StateError(f"{opts.state}: cannot read the ledger "
+                             f"({opts.state.scrub(why) if isinstance(opts.state, PgLocation) else why}); "
+                             "nothing sent") from None
         if opts.preflight and not opts.fake_api:
             asyncio.run(preflight(opts, expander.models_in_use, estimate))
         try:

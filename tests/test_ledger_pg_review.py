@@ -405,3 +405,24 @@ def test_a_damaged_local_budget_file_neither_stalls_nor_spins(damage: str, tmp_p
         pytest.fail("three starts at 5/s did not come within 20 s")
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout) < 2
+
+
+def test_a_restored_copy_of_a_ledger_has_rescue_files_of_its_own(pg_server: PgServer, database: str,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found on the second review: a ledger restored with pg_dump into another database (as
+    README advises for backups) keeps its ledger id, so a run on the copy consumed the
+    original's rescue file and the original's task ids never reached it. The rescue file is
+    the ledger's in its database."""
+    from batch.ledger import PgLocation, locked_ledger
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    original, copy = pg_server.url("nightly"), f"{database}?ledger=nightly"
+    with locked_ledger(PgLocation(original), "") as ledger:
+        first_id, first_file = ledger.ledger_id, ledger.rescue_file()
+    with locked_ledger(PgLocation(copy), ""):
+        pass
+    with psycopg.connect(database, autocommit=True) as db:  # what pg_dump | psql carries over
+        db.execute("UPDATE seedance_nightly.meta SET value = %s WHERE key = 'ledger_id'", (first_id,))
+    with locked_ledger(PgLocation(copy), "") as ledger:
+        assert ledger.rescue_file() != first_file

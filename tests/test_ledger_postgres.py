@@ -976,6 +976,29 @@ def test_text_with_a_nul_fits_the_postgres_ledger(fake, pg_server: PgServer, tmp
         assert (entry.error, entry.failure_reason, entry.label) == ("bad\ufffdreason", "r\ufffd", "lab\ufffdel")
 
 
+def test_a_database_blocked_at_start_is_one_line_exit_2(fake, pg_server: PgServer, tmp_path: Path) -> None:
+    """Found on the second review: with the requests table locked by another session and no
+    signal, the first read gave up at lock_timeout with a traceback (exit 1) from
+    settle_apis; nothing was sent, so it is a state error: one line, exit 2."""
+    url = pg_server.url()
+    sheet = write_csv(tmp_path / "in.csv", prompts(3))
+    args = ["submit", str(sheet), "--base-url", fake.url, "--rate", "0", "--state", url,
+            "-o", str(tmp_path / "r.parquet")]
+    first = write_csv(tmp_path / "first.csv", prompts(1, prefix="Another"))
+    assert run_cli_process(["submit", str(first), *args[2:]]).returncode == 0  # the ledger exists
+    schema = "seedance_" + url.rsplit("=", 1)[1]
+    holder = psycopg.connect(pg_server.base_url())
+    try:
+        holder.execute(f"LOCK TABLE {schema}.requests IN ACCESS EXCLUSIVE MODE")  # held until rollback
+        proc = run_cli_process(args, timeout=60)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert proc.returncode == 2, proc.stderr
+    assert "lock timeout" in error_line(proc.stderr) and "nothing sent" in error_line(proc.stderr)
+    assert len(fake.state.submissions()) == 1
+
+
 def test_a_blocked_database_does_not_hold_the_run_past_a_signal(fake, pg_server: PgServer, tmp_path: Path) -> None:
     """Attacker 7: another session holds the requests table locked for a long time; SIGTERM
     ends the run within seconds (the tool's statements give up waiting for a lock after

@@ -458,8 +458,10 @@ class PgLedger(LedgerStore):
         self.db.execute(sql.SQL("SET search_path TO {}").format(schema))
         if not self.readonly:  # the ledger's identity: names its rescue files on every host
             self.db.execute("INSERT INTO meta VALUES ('ledger_id', %s) ON CONFLICT DO NOTHING", (str(uuid.uuid4()),))
-        found = self.db.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
-        self.ledger_id = found[0] if found else None
+        found = self.db.execute("SELECT value, current_database() FROM meta WHERE key = 'ledger_id'").fetchone()
+        # The id travels with a pg_dump of the schema; the database it lives in does not: a
+        # restored copy in another database must not take the original's rescue files.
+        self.ledger_id = f"{found[0]}.{hashlib.sha256(found[1].encode()).hexdigest()[:8]}" if found else None
         version = self.db.execute("SELECT max(version) FROM migrations").fetchone()[0] or 0
         if version > SCHEMA_VERSION:
             raise StateError(f"{self.location}: ledger schema {version} is newer than this tool ({SCHEMA_VERSION})")
