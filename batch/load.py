@@ -365,6 +365,10 @@ def _checked(table: Table, location: str) -> Table:
     not a table this tool wrote, headers trimmed, unnamed columns dropped, cells capped."""
     if (kind := results_kind(table.df)) is not None:
         raise OwnOutputError(table.source, kind)
+    for i, name in enumerate(table.df.columns):  # Arrow's C interface (writing any table) panics on one
+        if "\x00" in name:
+            raise InputError(f"{table.source}: column {i + 1}'s header {name[:40]!r} holds a NUL character; "
+                             "rename it")
     df = table.df.rename({c: c.strip() for c in table.df.columns if c != c.strip()})
     df = drop_unnamed(table, df)
     df, notes = cap_cells(df, table)

@@ -374,3 +374,19 @@ def test_a_sheet_whose_prompt_header_is_a_synonym_is_the_prompt_sheet(fake: Fake
     assert result.exit_code == 0, result.output
     assert [b["prompt"] for b in fake.state.accepted_bodies()] == ["a lighthouse in fog"]
     assert [b.get("duration") for b in fake.state.accepted_bodies()] == [5]
+
+
+@pytest.mark.parametrize("command", ["submit", "validate"])
+def test_a_nul_in_a_header_is_one_line_exit_2(fake: FakeServer, tmp_path: Path, command: str) -> None:
+    """Found on the second review of #23: a NUL in a column's name passed `validate` and
+    crashed `submit` with a polars panic (exit 1, no table, a leftover .runmark)."""
+    path = tmp_path / "hdr.csv"
+    path.write_bytes(b"id,prompt,no\x00te\nh1,a calm lake,n1\n")
+    args = [command, str(path), "--base-url", fake.url, "--rate", "0", "--no-preflight",
+            "--state", str(tmp_path / "s.sqlite")] + (["-o", str(tmp_path / "r.csv")] if command == "submit" else [])
+    proc = run_cli_process(args)
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc.stderr)
+    assert "hdr.csv" in line and "NUL" in line, line
+    assert fake.state.submissions() == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hdr.csv"]
