@@ -426,3 +426,13 @@ def test_a_restored_copy_of_a_ledger_has_rescue_files_of_its_own(pg_server: PgSe
         db.execute("UPDATE seedance_nightly.meta SET value = %s WHERE key = 'ledger_id'", (first_id,))
     with locked_ledger(PgLocation(copy), "") as ledger:
         assert ledger.rescue_file() != first_file
+
+
+def test_a_url_naming_two_ledgers_is_refused(pg_server: PgServer) -> None:
+    """Second review: `?ledger=mh&ledger=other` was accepted, the last one silently winning."""
+    from batch.errors import StateError
+    from batch.ledger import PgLocation
+
+    with pytest.raises(StateError, match="more than one ledger"):
+        PgLocation(f"{pg_server.base_url()}?ledger=mh&ledger=other")
+    assert PgLocation(f"{pg_server.base_url()}?ledger=mh&ledger=mh").ledger == "mh"

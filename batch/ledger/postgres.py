@@ -228,6 +228,8 @@ class PgLocation:
             secrets += _known_passwords(Path(str(params["passfile"])))
         self._secrets = sorted({p for p in secrets if len(p) >= MIN_PASSWORD}, key=len, reverse=True)
         logs.add_plain_secrets(self._secrets)
+        if len(set(names)) > 1:  # which one is meant? the last silently winning names another team's
+            raise StateError("--state: the URL names more than one ledger (ledger= given twice); keep one")
         name = names[-1] if names else "default"
         if not LEDGER_NAME.fullmatch(name):
             shown = repr(name) if len(name) <= 60 else repr(name[:57]) + "..."
