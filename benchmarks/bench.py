@@ -204,6 +204,20 @@ def statuses(path: Path) -> dict[str, int]:
     return dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
 
 
+def bare_cmd(tmp: Path, n: int, url: str, concurrency: int) -> list[str]:
+    """The bare aiohttp loop posting ``n`` bodies to ``url``'s submit route (what our client
+    is compared with): its script and bodies written under ``tmp`` once, then reused."""
+    bodies, script = tmp / f"bare-bodies-{n}.json", tmp / "bare.py"
+    if not bodies.exists():
+        bodies.write_text(json.dumps([
+            {"prompt": f"A paper boat drifting down a rainy street, take {i}", "duration": 5, "service_tier": "flex"}
+            for i in range(n)]))
+    if not script.exists():
+        script.write_text(BARE_LOOP)
+    return [PY, str(script), f"{url}/api/v1/text-to-video/bytedance/seedance-1.0-lite-t2v/async", str(bodies),
+            str(concurrency)]
+
+
 # -- phases -------------------------------------------------------------------------
 
 def overhead(tmp: Path, n: int, concurrency: int = 64, repeats: int = 2) -> dict[str, Any]:
@@ -214,21 +228,13 @@ def overhead(tmp: Path, n: int, concurrency: int = 64, repeats: int = 2) -> dict
     ratio is bounded by the CPU our client needs per request over what the bare one needs.
     """
     inp = make_input(tmp / "overhead.csv", n)
-    bodies = tmp / "bodies.json"
-    bodies.write_text(json.dumps([
-        {"prompt": f"A paper boat drifting down a rainy street, take {i}", "duration": 5, "service_tier": "flex"}
-        for i in range(n)
-    ]))
-    bare_script = tmp / "bare.py"
-    bare_script.write_text(BARE_LOOP)
     ours: list[tuple[Measured, float]] = []
     bare: list[tuple[Measured, float]] = []
     ok = True
     for k in range(repeats):
         with fake_api() as fake:
             before = fake.cpu_seconds()
-            m = run_measured([PY, str(bare_script), f"{fake.url}/api/v1/text-to-video/bytedance/"
-                              "seedance-1.0-lite-t2v/async", str(bodies), str(concurrency)])
+            m = run_measured(bare_cmd(tmp, n, fake.url, concurrency))
             bare.append((m, fake.cpu_seconds() - before))
             ok &= m.rc == 0
         with fake_api() as fake:
@@ -261,13 +267,6 @@ def overhead_postgres(tmp: Path, n: int, concurrency: int = 64) -> dict[str, Any
     from benchmarks.pgserver import PgServer
 
     inp = make_input(tmp / "overhead-pg.csv", n)
-    bodies = tmp / "bodies-pg.json"
-    bodies.write_text(json.dumps([
-        {"prompt": f"A paper boat drifting down a rainy street, take {i}", "duration": 5, "service_tier": "flex"}
-        for i in range(n)
-    ]))
-    bare_script = tmp / "bare.py"
-    bare_script.write_text(BARE_LOOP)
     server = PgServer()
     try:
         runs: dict[str, Measured] = {}
@@ -275,8 +274,7 @@ def overhead_postgres(tmp: Path, n: int, concurrency: int = 64) -> dict[str, Any
         for name in ("bare", "sqlite", "postgres"):
             with fake_api() as fake:
                 if name == "bare":
-                    m = run_measured([PY, str(bare_script), f"{fake.url}/api/v1/text-to-video/bytedance/"
-                                      "seedance-1.0-lite-t2v/async", str(bodies), str(concurrency)])
+                    m = run_measured(bare_cmd(tmp, n, fake.url, concurrency))
                 else:
                     out = f"overhead-{name}.parquet"
                     state = ["--state", server.url()] if name == "postgres" else []
@@ -512,6 +510,21 @@ def _mib(values: list[int]) -> str:
     return "/".join(str(v) for v in values)
 
 
+def dry_row(tmp: Path, variants: dict[str, Path], inp: Path, tag: str, n: int,
+            kind: str) -> tuple[dict[str, Any], dict[str, Measured]]:
+    """A dry run of ``inp`` by each variant, back to back: the row of the targets table
+    (ok when every variant wrote the same ``n`` request ids) and the measurements."""
+    dry = {v: run_measured(submit_cmd(inp, tmp, "http://127.0.0.1:9", "--dry-run", out=f"{tag}_{v}.parquet"),
+                           variant_env(root)) for v, root in variants.items()}
+    ok = all(m.rc == 0 for m in dry.values())
+    ids = [pl.read_parquet(tmp / f"{tag}_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
+    ok &= ids[0].len() == n and all(i.equals(ids[0]) for i in ids)
+    return {"phase": f"dry run, {n:,} {kind} rows",
+            **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
+            **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
+            **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()}, "ok": ok}, dry
+
+
 def targets(tmp: Path, baseline: Path | None, rows: int = 1_000_000, xlsx_rows: int = 100_000,
             submit_n: int = 20_000, rss_sizes: tuple[int, ...] = (20_000, 100_000),
             concurrency: int = 64, submit: bool = True) -> list[dict[str, Any]]:
@@ -530,44 +543,21 @@ def targets(tmp: Path, baseline: Path | None, rows: int = 1_000_000, xlsx_rows: 
 
     if rows:  # 0: skip (--submit-only)
         parquet = make_input(tmp / "t_dry.parquet", rows, fmt="parquet")
-        dry = {v: run_measured(submit_cmd(parquet, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_dry_{v}.parquet"),
-                               variant_env(root)) for v, root in variants.items()}
-        ok = all(m.rc == 0 for m in dry.values())
-        ids = [pl.read_parquet(tmp / f"t_dry_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
-        ok &= ids[0].len() == rows and all(i.equals(ids[0]) for i in ids)
+        row, dry = dry_row(tmp, variants, parquet, "t_dry", rows, "Parquet")
         a = dry["after"]
-        out.append({"phase": f"dry run, {rows:,} Parquet rows",
-                    **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
-                    **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
-                    **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
-                    "ok": ok, "target": "<= 5 s, <= 400 MiB", "met": a.wall <= 5 and a.rss_mib <= 400})
+        out.append({**row, "target": "<= 5 s, <= 400 MiB", "met": a.wall <= 5 and a.rss_mib <= 400})
 
     if xlsx_rows:
         book = make_workbook(tmp / "t_dry.xlsx", xlsx_rows)
-        dry = {v: run_measured(submit_cmd(book, tmp, "http://127.0.0.1:9", "--dry-run", out=f"t_xl_{v}.parquet"),
-                               variant_env(root)) for v, root in variants.items()}
-        ok = all(m.rc == 0 for m in dry.values())
-        ids = [pl.read_parquet(tmp / f"t_xl_{v}.parquet", columns=["request_id"])["request_id"] for v in variants]
-        ok &= ids[0].len() == xlsx_rows and all(i.equals(ids[0]) for i in ids)
-        out.append({"phase": f"dry run, {xlsx_rows:,} .xlsx rows",
-                    **{f"wall_s {v}": round(m.wall, 2) for v, m in dry.items()},
-                    **{f"cpu_s {v}": round(m.cpu, 2) for v, m in dry.items()},
-                    **{f"peak_rss_mib {v}": m.rss_mib for v, m in dry.items()},
-                    "cpu_s after: imports/+load/+expand": "/".join(str(v) for v in floor_cpu(book, ROOT).values()),
-                    "ok": ok, "target": "<= 2.5 s", "met": dry["after"].wall <= 2.5})
+        row, dry = dry_row(tmp, variants, book, "t_xl", xlsx_rows, ".xlsx")
+        out.append({**row, "cpu_s after: imports/+load/+expand": "/".join(str(v) for v in floor_cpu(book, ROOT).values()),
+                    "target": "<= 2.5 s", "met": dry["after"].wall <= 2.5})
     if not submit:
         return out
 
     inp = make_input(tmp / "t_submit.csv", submit_n)
-    bodies = tmp / "t_bodies.json"
-    bodies.write_text(json.dumps([
-        {"prompt": f"A paper boat drifting down a rainy street, take {i}", "duration": 5, "service_tier": "flex"}
-        for i in range(submit_n)]))
-    bare_script = tmp / "bare.py"
-    bare_script.write_text(BARE_LOOP)
     with fake_api() as fake:
-        bare = run_measured([PY, str(bare_script), f"{fake.url}/api/v1/text-to-video/bytedance/"
-                             "seedance-1.0-lite-t2v/async", str(bodies), str(concurrency)])
+        bare = run_measured(bare_cmd(tmp, submit_n, fake.url, concurrency))
     ok = bare.rc == 0
     cpu: dict[str, float] = {}
     p99: dict[str, Any] = {}
